@@ -1,0 +1,22 @@
+// Schemas of the compiled pixcon ops (namespace `pixcon`, a fragment: the Python layer registers
+// further ops in the same namespace with torch.library.custom_op).
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+namespace pixcon {
+bool with_cuda() {
+#ifdef WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+}  // namespace pixcon
+
+TORCH_LIBRARY_FRAGMENT(pixcon, m) {
+  // Philox4x32-10 (pixcon.reference.rng.philox4x32): counter (c, stream, 0, 0), key = (seed low
+  // 32 bits, seed high 32 bits). counters: int64 tensor of values in [0, 2^32). Returns
+  // counters.shape + (4,) int64 values in [0, 2^32).
+  m.def("philox4x32(Tensor counters, int seed, int stream=0) -> Tensor");
+  m.def("with_cuda() -> bool", &pixcon::with_cuda);
+}

@@ -1,0 +1,8 @@
+"""pixcon's public functional API. Every op validates its arguments, picks a backend and calls
+an autograd-aware fused path or the pure-PyTorch reference."""
+from .primitives import (class_means, philox, sample_hard_queries, sample_negatives,
+                         sparse_infonce)
+from .reco import reco_inputs_from_official, reco_loss
+
+__all__ = ["reco_loss", "reco_inputs_from_official", "class_means", "philox",
+           "sample_hard_queries", "sample_negatives", "sparse_infonce"]

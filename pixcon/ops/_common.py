@@ -1,0 +1,139 @@
+"""Argument validation and backend choice shared by every public op."""
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+BACKENDS = ("auto", "reference", "triton", "cuda")
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+INT_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+
+
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def triton_usable(device: torch.device) -> tuple[bool, str]:
+    if not triton_available():
+        return False, "triton is not installed (pip install 'triton>=3.6')"
+    if device.type == "cuda":
+        return True, ""
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
+        return True, ""
+    return False, (f"Triton kernels need CUDA tensors (got {device.type}); on CPU they run only "
+                   "under the interpreter (TRITON_INTERPRET=1 set before triton is imported)")
+
+
+def resolve_backend(backend: str | None, device: torch.device, op: str,
+                    implemented=("reference", "triton")) -> str:
+    """'auto' (or None) means $PIXCON_BACKEND if set, else fused Triton kernels for CUDA tensors
+    and the reference otherwise. A forced backend that cannot run raises; it never falls back."""
+    if backend is None or backend == "auto":
+        env = os.environ.get("PIXCON_BACKEND", "auto")
+        if env not in BACKENDS:
+            raise ValueError(f"PIXCON_BACKEND must be one of {BACKENDS}, got {env!r}")
+        backend = env
+    if backend == "auto":
+        return "triton" if device.type == "cuda" and triton_available() else "reference"
+    if backend not in BACKENDS:
+        raise ValueError(f"{op}: backend must be one of {BACKENDS}, got {backend!r}")
+    if backend not in implemented:
+        raise NotImplementedError(
+            f"{op}: backend {backend!r} is not implemented for this op; available: "
+            f"{', '.join(implemented)}")
+    if backend == "triton":
+        ok, why = triton_usable(device)
+        if not ok:
+            raise RuntimeError(f"{op}: backend 'triton' cannot run: {why}")
+    return backend
+
+
+def want_value_checks(check_values: bool | None, device: torch.device) -> bool:
+    """Value checks (NaN, label range, probability range) read data back to the host, so they
+    default to on for CPU tensors and off for CUDA tensors; PIXCON_CHECK_VALUES=1/0 overrides."""
+    if check_values is not None:
+        return bool(check_values)
+    env = os.environ.get("PIXCON_CHECK_VALUES")
+    if env is not None:
+        return env.lower() in ("1", "true", "yes", "on")
+    return device.type != "cuda"
+
+
+def check_tensor(name: str, t, *, ndim=None, dtypes=None, device=None, kind: str = ""):
+    if not torch.is_tensor(t):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None and t.dim() not in (ndim if isinstance(ndim, tuple) else (ndim,)):
+        raise ValueError(f"{name} must have {ndim} dimensions {kind}, got shape {tuple(t.shape)}")
+    if dtypes is not None and t.dtype not in dtypes:
+        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{name} must have dtype in ({names}), got {t.dtype}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name} is on {t.device} but emb is on {device}: all tensors must be on "
+                         "the same device")
+
+
+def check_positive_int(name: str, v, upper: int | None = None):
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise ValueError(f"{name} must be a positive int, got {v!r}")
+    if upper is not None and v > upper:
+        raise ValueError(f"{name} must be at most {upper}, got {v}")
+
+
+def check_positive_float(name: str, v):
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0 or v != v:
+        raise ValueError(f"{name} must be a positive number, got {v!r}")
+
+
+def check_pixel_inputs(op: str, emb, labels, probs=None, mask=None):
+    """Shapes, dtypes and devices of the common (emb, labels, probs, mask) arguments."""
+    check_tensor("emb", emb, ndim=4, dtypes=FLOAT_DTYPES, kind="(B, D, h, w)")
+    dev = emb.device
+    B, D, h, w = emb.shape
+    if B == 0 or D == 0 or h == 0 or w == 0:
+        raise ValueError(f"{op}: emb must be non-empty, got shape {tuple(emb.shape)}")
+    check_tensor("labels", labels, ndim=3, dtypes=INT_DTYPES, device=dev, kind="(B, H, W)")
+    if labels.shape[0] != B:
+        raise ValueError(f"{op}: labels has batch size {labels.shape[0]} but emb has {B}")
+    if labels.shape[1] < h or labels.shape[2] < w:
+        raise ValueError(f"{op}: labels spatial size {tuple(labels.shape[1:])} is smaller than "
+                         f"emb's ({h}, {w}); give labels at image or feature resolution")
+    if probs is not None:
+        check_tensor("probs", probs, ndim=4, dtypes=FLOAT_DTYPES, device=dev, kind="(B, C, h, w)")
+        if probs.shape[0] != B or probs.shape[2:] != emb.shape[2:]:
+            raise ValueError(f"{op}: probs must have shape (B, C, h, w) = ({B}, C, {h}, {w}) to "
+                             f"match emb, got {tuple(probs.shape)}")
+        if probs.shape[1] < 1:
+            raise ValueError(f"{op}: probs must have at least one class")
+    if mask is not None:
+        check_tensor("mask", mask, device=dev)
+        if mask.dim() == 4 and mask.shape[1] == 1:
+            mask = mask[:, 0]
+        if mask.dim() != 3 or mask.shape[0] != B:
+            raise ValueError(f"{op}: mask must have shape (B, H, W) or (B, 1, H, W) with B = {B}, "
+                             f"got {tuple(mask.shape)}")
+        if mask.shape[1] < h or mask.shape[2] < w:
+            raise ValueError(f"{op}: mask spatial size {tuple(mask.shape[1:])} is smaller than "
+                             f"emb's ({h}, {w})")
+        if mask.dtype != torch.bool:
+            if mask.dtype not in FLOAT_DTYPES + INT_DTYPES:
+                raise TypeError(f"mask must be bool (or 0/1 numbers), got {mask.dtype}")
+            mask = mask != 0
+    return mask
+
+
+def check_pixel_values(op: str, emb, labels, num_classes: int, ignore_index: int, probs=None):
+    """Data checks (host sync): finite embeddings, labels in [0, C) or ignore_index, probs in
+    [0, 1]."""
+    if not bool(torch.isfinite(emb).all()):
+        raise ValueError(f"{op}: emb contains NaN or Inf")
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= num_classes))
+    if bool(bad.any()):
+        v = int(labels[bad][0])
+        raise ValueError(f"{op}: labels must be in [0, {num_classes}) or ignore_index="
+                         f"{ignore_index}; found {v}")
+    if probs is not None:
+        if not bool(((probs >= 0) & (probs <= 1)).all()):
+            raise ValueError(f"{op}: probs must be probabilities in [0, 1] (softmax output), "
+                             "found values outside or NaN")

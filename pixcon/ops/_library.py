@@ -1,0 +1,124 @@
+"""The fused primitives registered as ``pixcon::`` custom ops (torch.library), so torch.compile
+traces them without graph breaks and opcheck can test their schemas, fake kernels and autograd.
+Each op launches Triton kernels from pixcon_kernels (imported lazily: TRITON_INTERPRET must be
+set before triton is imported, and pixcon must import without triton)."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def _acc(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _pool_size(pool: Tensor):
+    if pool.dim() == 2:
+        return pool.shape[0], pool.shape[1]
+    B, D, h, w = pool.shape
+    return B * h * w, D
+
+
+# --- class sums ------------------------------------------------------------------------------
+@torch.library.custom_op("pixcon::class_sums", mutates_args=())
+def class_sums(x: Tensor, labels: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:
+    from pixcon_kernels.segment import class_sums as launch
+    return launch(x, labels, num_classes)
+
+
+@class_sums.register_fake
+def _(x, labels, num_classes):
+    _, D = _pool_size(x)
+    return (x.new_empty(num_classes, D, dtype=_acc(x.dtype)),
+            x.new_empty(num_classes, dtype=torch.int64))
+
+
+# --- samplers --------------------------------------------------------------------------------
+@torch.library.custom_op("pixcon::sample_in_groups", mutates_args=())
+def sample_in_groups(order: Tensor, offsets: Tensor, counts: Tensor, row_group: Tensor,
+                     per_row: int, seed: int, stream: int) -> Tensor:
+    from pixcon_kernels.sampling import sample_in_groups as launch
+    return launch(order, offsets, counts, row_group, per_row, seed, stream)
+
+
+@sample_in_groups.register_fake
+def _(order, offsets, counts, row_group, per_row, seed, stream):
+    return order.new_empty(row_group.numel(), per_row, dtype=torch.int32)
+
+
+@torch.library.custom_op("pixcon::sample_negatives", mutates_args=())
+def sample_negatives(row_class: Tensor, cdf: Tensor, order: Tensor, offsets: Tensor,
+                     counts: Tensor, per_row: int, seed: int, stream: int) -> Tensor:
+    from pixcon_kernels.sampling import sample_negatives as launch
+    return launch(row_class, cdf, order, offsets, counts, per_row, seed, stream)
+
+
+@sample_negatives.register_fake
+def _(row_class, cdf, order, offsets, counts, per_row, seed, stream):
+    return order.new_empty(row_class.numel(), per_row, dtype=torch.int32)
+
+
+# --- sparse InfoNCE --------------------------------------------------------------------------
+@torch.library.custom_op("pixcon::sparse_infonce", mutates_args=())
+def sparse_infonce(pool: Tensor, pos_pool: Tensor, q_idx: Tensor, pos_idx: Tensor,
+                   neg_idx: Tensor, temperature: float, key_grad: bool) -> tuple[Tensor, Tensor]:
+    from pixcon_kernels.infonce import infonce_forward
+    return infonce_forward(pool, pos_pool, q_idx, pos_idx, neg_idx, temperature)
+
+
+@sparse_infonce.register_fake
+def _(pool, pos_pool, q_idx, pos_idx, neg_idx, temperature, key_grad):
+    M = neg_idx.shape[0]
+    return (pool.new_empty(M, dtype=_acc(pool.dtype)), pool.new_empty(M, dtype=_acc(pool.dtype)))
+
+
+@torch.library.custom_op("pixcon::sparse_infonce_backward", mutates_args=())
+def sparse_infonce_backward(grad: Tensor, pool: Tensor, pos_pool: Tensor, q_idx: Tensor,
+                            pos_idx: Tensor, neg_idx: Tensor, lse: Tensor, temperature: float,
+                            key_grad: bool) -> tuple[Tensor, Tensor]:
+    """Gradients of sum_m grad[m] * loss[m] w.r.t. pool (pool's shape and dtype) and pos_pool
+    (zeros unless key_grad)."""
+    from pixcon_kernels.infonce import infonce_backward
+    dq, dk, dpos = infonce_backward(grad, pool, pos_pool, q_idx, pos_idx, neg_idx, lse,
+                                    temperature, key_grad)
+    dpool = dk if key_grad else torch.zeros(pool.shape, dtype=dq.dtype, device=pool.device)
+    rows = dpool.permute(0, 2, 3, 1) if dpool.dim() == 4 else dpool   # (.., D) view of the rows
+    valid = q_idx >= 0
+    p = q_idx.clamp(min=0).to(torch.int64)
+    dq = dq * valid[:, None]
+    if dpool.dim() == 4:
+        h, w = dpool.shape[2:]
+        index = (p // (h * w), (p // w) % h, p % w)
+    else:
+        index = (p,)
+    rows.index_put_(index, dq, accumulate=True)
+    if dpos is None:
+        dpos = torch.zeros(pos_pool.shape, dtype=pos_pool.dtype, device=pos_pool.device)
+    return dpool.to(pool.dtype), dpos.to(pos_pool.dtype)
+
+
+@sparse_infonce_backward.register_fake
+def _(grad, pool, pos_pool, q_idx, pos_idx, neg_idx, lse, temperature, key_grad):
+    return torch.empty_like(pool, memory_format=torch.contiguous_format), torch.empty_like(pos_pool)
+
+
+def _setup_context(ctx, inputs, output):
+    pool, pos_pool, q_idx, pos_idx, neg_idx, temperature, key_grad = inputs
+    _, lse = output
+    ctx.save_for_backward(pool, pos_pool, q_idx, pos_idx, neg_idx, lse)
+    ctx.temperature = temperature
+    ctx.key_grad = key_grad
+
+
+def _backward(ctx, grad_loss, grad_lse):
+    pool, pos_pool, q_idx, pos_idx, neg_idx, lse = ctx.saved_tensors
+    if grad_loss is None:
+        grad_loss = torch.zeros_like(lse)
+    dpool, dpos = sparse_infonce_backward(grad_loss, pool, pos_pool, q_idx, pos_idx, neg_idx, lse,
+                                          ctx.temperature, ctx.key_grad)
+    if not ctx.key_grad:
+        dpos = None
+    return dpool, dpos, None, None, None, None, None
+
+
+torch.library.register_autograd("pixcon::sparse_infonce", _backward, setup_context=_setup_context)

@@ -1,0 +1,130 @@
+"""Shared primitives, public: every method's op is a short sequence of these.
+
+Each takes ``backend`` ("auto", "reference", "triton"); the reference versions are the plain
+torch definitions the Triton kernels are tested against.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..reference import common as cm
+from ..reference.rng import STREAM_NEGATIVE, STREAM_QUERY, draw_seed, philox4x32
+from ._common import resolve_backend
+
+
+def _lib():
+    from . import _library
+    return _library
+
+
+def philox(counter: torch.Tensor, seed: int, stream: int = 0, *, backend: str = "auto"):
+    """Philox4x32-10 words for counters (counter, stream, 0, 0) under key ``seed``:
+    ``counter.shape + (4,)`` int64 in [0, 2^32). Identical on every backend ("reference": torch
+    integer ops; "triton": the in-kernel generator; "cuda": the compiled extension, C++ on CPU tensors)."""
+    be = resolve_backend(backend, counter.device, "philox", ("reference", "triton", "cuda"))
+    if be == "triton":
+        from pixcon_kernels.rng import philox as launch
+        return launch(counter, seed, stream)
+    if be == "cuda":
+        import pixcon
+        if not pixcon.HAS_C:
+            raise RuntimeError("philox: backend 'cuda' needs the compiled extension pixcon._C "
+                               "(pip install -e . --no-build-isolation)")
+        return torch.ops.pixcon.philox4x32(counter.to(torch.int64) & (cm.TWO32 - 1), seed, stream)
+    return philox4x32(counter, seed, stream)
+
+
+def class_means(emb: torch.Tensor, labels: torch.Tensor, num_classes: int, *,
+                backend: str = "auto"):
+    """Class sums, counts and means of pixel embeddings (no gradient: statistics).
+
+    emb: (B, D, h, w) map or (P, D) rows; labels: (P,) int class per row, -1 = ignored.
+    Returns (sums (C, D), counts (C,) int64, means (C, D)) in float32 (float64 for float64 emb);
+    the mean of an absent class is zero. Deterministic on every backend."""
+    be = resolve_backend(backend, emb.device, "class_means")
+    with torch.no_grad():
+        if be == "triton":
+            sums, counts = _lib().class_sums(emb.detach(), labels, num_classes)
+        else:
+            rows = emb if emb.dim() == 2 else cm.pixel_rows(emb)
+            rows = rows.detach().to(torch.promote_types(emb.dtype, torch.float32))
+            sums, counts = cm.class_sums(rows, labels, num_classes)
+        return sums, counts, cm.class_means_from_sums(sums, counts)
+
+
+def sample_hard_queries(lab: torch.Tensor, hard: torch.Tensor, num_classes: int,
+                        num_queries: int, seed: int, *, backend: str = "auto"):
+    """Confidence-based hard queries: for every class c, ``num_queries`` pixels uniform with
+    replacement among the pixels of class c marked hard (query (c, q) uses counter c*Q + q of
+    stream STREAM_QUERY). Returns (C, Q) int32 pixel indices, -1 for classes without hard pixels."""
+    be = resolve_backend(backend, lab.device, "sample_hard_queries")
+    order, offsets, counts = cm.group_by_class(torch.where(hard, lab, -1), num_classes)
+    rows = torch.arange(num_classes, device=lab.device)
+    if be == "triton":
+        return _lib().sample_in_groups(order, offsets, counts, rows, num_queries, seed,
+                                       STREAM_QUERY)
+    Q = num_queries
+    r = philox4x32(rows[:, None] * Q + torch.arange(Q, device=lab.device), seed, STREAM_QUERY)
+    cls = rows[:, None].expand(-1, Q)
+    pix = cm.pick_in_class(order, offsets, counts, cls, r[..., 0])
+    return torch.where(counts[cls] > 0, pix, -1).to(torch.int32)
+
+
+def sample_negatives(row_class: torch.Tensor, cdf: torch.Tensor, lab: torch.Tensor,
+                     num_negatives: int, seed: int, *, backend: str = "auto"):
+    """Relation-weighted negatives: for row r of class c = row_class[r] (-1: none) draw
+    ``num_negatives`` pixels; each one's class j ~ cdf row c (pixcon.reference.common.relation_cdf)
+    and the pixel uniform with replacement within class j (counter r*N + n of stream
+    STREAM_NEGATIVE, word 0 for the class and word 1 for the pixel). Returns (R, N) int32,
+    -1 where the row has no class or no possible negative."""
+    be = resolve_backend(backend, lab.device, "sample_negatives")
+    C = cdf.shape[0]
+    order, offsets, counts = cm.group_by_class(lab, C)
+    if be == "triton":
+        return _lib().sample_negatives(row_class, cdf, order, offsets, counts, num_negatives,
+                                       seed, STREAM_NEGATIVE)
+    R, N = row_class.numel(), num_negatives
+    r = philox4x32(torch.arange(R, device=lab.device)[:, None] * N
+                   + torch.arange(N, device=lab.device), seed, STREAM_NEGATIVE)
+    c = row_class.to(torch.int64).clamp(min=0)
+    j = torch.searchsorted(cdf[c].contiguous(), r[..., 0].contiguous(), right=True)  # (R, N)
+    ok = (row_class[:, None] >= 0) & (j < C)
+    j = j.clamp(max=C - 1)
+    ok &= counts[j] > 0
+    pix = cm.pick_in_class(order, offsets, counts, j, r[..., 1])
+    return torch.where(ok, pix, -1).to(torch.int32)
+
+
+def sparse_infonce(pool: torch.Tensor, q_idx: torch.Tensor, pos_idx: torch.Tensor,
+                   neg_idx: torch.Tensor, *, temperature: float, pos_pool: torch.Tensor | None = None,
+                   key_grad: bool = False, backend: str = "auto"):
+    """Per-query InfoNCE with cosine logits over index sets, never an M x N x D tensor.
+
+    pool: (P, D) rows or a (B, D, h, w) map whose rows are its pixels; queries q_idx (M,) and
+    negatives neg_idx (M, N) are rows of pool (-1 = absent), positives pos_idx (M,) are rows of
+    pos_pool (default: pool). loss_m = logsumexp([s_pos, s_neg...]) - s_pos with
+    s = cos / temperature; 0 where q_idx is -1. Gradients reach the queries only unless
+    key_grad=True, which also sends them to the negatives and positives (the keys).
+    Returns (M,) float32 (float64 for float64 pool)."""
+    if pos_pool is None:
+        pos_pool = pool if pool.dim() == 2 else cm.pixel_rows(pool)
+    be = resolve_backend(backend, pool.device, "sparse_infonce")
+    if be == "triton":
+        loss, _ = _lib().sparse_infonce(pool, pos_pool, q_idx, pos_idx, neg_idx,
+                                        float(temperature), bool(key_grad))
+        return loss
+    dt = torch.promote_types(pool.dtype, torch.float32)
+    rows = (pool if pool.dim() == 2 else cm.pixel_rows(pool)).to(dt)
+    keys = rows if key_grad else rows.detach()
+    pos = pos_pool.to(dt) if key_grad else pos_pool.detach().to(dt)
+    a = cm.normalize(rows[q_idx.long().clamp(min=0)])
+    p = cm.normalize(pos[pos_idx.long().clamp(min=0)])
+    k = cm.normalize(keys[neg_idx.long().clamp(min=0)])
+    s_neg = torch.einsum("md,mnd->mn", a, k).masked_fill(neg_idx < 0, float("-inf"))
+    logits = torch.cat([(a * p).sum(-1, keepdim=True), s_neg], dim=1) / temperature
+    loss = torch.logsumexp(logits, dim=1) - logits[:, 0]
+    return torch.where(q_idx >= 0, loss, 0.0)
+
+
+__all__ = ["philox", "class_means", "sample_hard_queries", "sample_negatives", "sparse_infonce",
+           "draw_seed"]

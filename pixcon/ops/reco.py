@@ -1,0 +1,117 @@
+"""ReCo: regional contrast (Liu et al., ICLR 2022), specs/reco.md §1.
+
+The fused path is the method's steps as primitive calls, no host sync and no Python loop over
+classes or queries; what it saves for backward is int32 indices, the (C, D) class means and one
+log-sum-exp per query (never queries x negatives x D keys).
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import reference
+from ..reference import common as cm
+from ..reference.rng import draw_seed
+from . import _common as chk
+from . import primitives as prim
+
+
+def reco_loss(emb, labels, probs, *, mask=None, ignore_index: int = 255,
+              strong_threshold: float = 0.97, temperature: float = 0.5, num_queries: int = 256,
+              num_negatives: int = 512, seed: int | None = None, backend: str = "auto",
+              relation_temperature: float | None = None, reduction: str = "mean",
+              check_values: bool | None = None):
+    """ReCo loss with the official ``compute_reco_loss`` semantics.
+
+    Args:
+        emb: (B, D, h, w) float32/bfloat16/float16/float64 representation (not normalised;
+            cosine similarity normalises inside). Gradients reach it through the queries only.
+        labels: (B, H, W) integer class map at image or feature resolution (ground truth or
+            pseudo-labels); nearest-downsampled to (h, w) as F.interpolate(mode="nearest").
+        probs: (B, C, h, w) class probabilities (the student's softmax at feature resolution);
+            C fixes the number of classes. A pixel is *hard* when its probability of its own
+            label is strictly below ``strong_threshold`` (official ``<``; the paper writes <=).
+        mask: optional (B, H, W) or (B, 1, H, W) validity mask (e.g. a confidence mask for
+            pseudo-labels); False pixels are ignored, like ``ignore_index``.
+        ignore_index: label value to ignore (default 255; any int, e.g. -1).
+        strong_threshold, temperature, num_queries, num_negatives: the official training
+            settings by default (0.97, 0.5, 256, 512).
+        seed: int, or None to draw one from torch's default generator (torch.manual_seed
+            controls it). The same seed gives the same samples on every backend.
+        backend: "auto" (Triton kernels for CUDA tensors, the reference otherwise; env
+            PIXCON_BACKEND overrides), "reference" or "triton".
+        relation_temperature: temperature of the negative-class softmax (official: the same
+            ``temperature``, the default None).
+        reduction: "mean" (the official scalar) or "none" ((C, Q) per-query losses, zero rows
+            for classes without queries).
+        check_values: check for NaN embeddings, labels out of range and probs outside [0, 1]
+            (a host sync). Default: on for CPU tensors, off for CUDA (env PIXCON_CHECK_VALUES).
+
+    Returns the scalar loss (float32; float64 for float64 emb). With at most one class present,
+    or no hard pixel, it is a zero connected to ``emb``'s graph (the official code returns a
+    graph-less CPU zero, which breaks DDP; see reco #27). The divisor counts every present class,
+    also those without hard pixels (official behaviour).
+    """
+    op = "reco_loss"
+    mask = chk.check_pixel_inputs(op, emb, labels, probs, mask)
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"{op}: ignore_index must be an int, got {ignore_index!r}")
+    chk.check_positive_float("strong_threshold", strong_threshold)
+    chk.check_positive_float("temperature", temperature)
+    if relation_temperature is not None:
+        chk.check_positive_float("relation_temperature", relation_temperature)
+    chk.check_positive_int("num_queries", num_queries)
+    chk.check_positive_int("num_negatives", num_negatives)
+    if reduction not in ("mean", "none"):
+        raise ValueError(f"{op}: reduction must be 'mean' or 'none', got {reduction!r}")
+    C = probs.shape[1]
+    if C * num_queries * num_negatives >= 2**31:
+        raise ValueError(f"{op}: classes x num_queries x num_negatives must be below 2^31 "
+                         f"(counter space), got {C} x {num_queries} x {num_negatives}")
+    if chk.want_value_checks(check_values, emb.device):
+        chk.check_pixel_values(op, emb, labels, C, ignore_index, probs)
+    seed = draw_seed(seed)
+    be = chk.resolve_backend(backend, emb.device, op)
+    kw = dict(ignore_index=ignore_index, strong_threshold=strong_threshold,
+              temperature=temperature, num_queries=num_queries, num_negatives=num_negatives,
+              seed=seed, relation_temperature=relation_temperature, reduction=reduction)
+    if be == "reference":
+        return reference.reco_loss(emb, labels, probs, mask, **kw)
+    return _reco_fused(emb, labels, probs, mask, **kw)
+
+
+def _reco_fused(emb, labels, probs, mask, *, ignore_index, strong_threshold, temperature,
+                num_queries, num_negatives, seed, relation_temperature, reduction):
+    B, D, h, w = emb.shape
+    C, Q = probs.shape[1], num_queries
+    rel_t = temperature if relation_temperature is None else relation_temperature
+    kb = dict(backend="triton")
+
+    lab = cm.pixel_labels(labels, (h, w), C, ignore_index, mask)          # (P,), -1 = invalid
+    hard = cm.hard_pixels(probs, lab, strong_threshold)                   # prob(own) < threshold
+    _, counts, means = prim.class_means(emb, lab, C, **kb)                 # detached class means
+    present = counts > 0
+    cdf = cm.relation_cdf(means, present, rel_t)                           # P(j | c) thresholds
+    queries = prim.sample_hard_queries(lab, hard, C, Q, seed, **kb)        # (C, Q), -1 = none
+    cls = torch.arange(C, device=emb.device)[:, None].expand(C, Q)
+    row_class = torch.where(queries >= 0, cls, -1).reshape(-1)
+    negatives = prim.sample_negatives(row_class, cdf, lab, num_negatives, seed, **kb)
+    per_query = prim.sparse_infonce(emb, queries.reshape(-1), row_class.clamp(min=0), negatives,
+                                    temperature=temperature, pos_pool=means, **kb).view(C, Q)
+    if reduction == "none":
+        return per_query
+    K = present.sum()
+    weight = (K >= 2).to(per_query.dtype) / (Q * K.clamp(min=1))          # 1 / (Q |K|)
+    return per_query.sum() * weight
+
+
+def reco_inputs_from_official(label: torch.Tensor, mask: torch.Tensor, ignore_index: int = 255):
+    """Adapter for the official calling form ``compute_reco_loss(rep, label, mask, prob, ...)``:
+    label (B, C, h, w) one-hot float, mask (B, 1, h, w) {0, 1}. Returns (labels, mask) for
+    reco_loss: labels (B, h, w) int64 (argmax of the one-hot, ``ignore_index`` where it is all
+    zero) and mask (B, h, w) bool."""
+    chk.check_tensor("label", label, ndim=4, kind="(B, C, h, w) one-hot")
+    chk.check_tensor("mask", mask, ndim=(3, 4), device=label.device)
+    lab = label.argmax(dim=1)
+    lab = torch.where(label.sum(dim=1) > 0, lab, ignore_index)
+    m = mask[:, 0] if mask.dim() == 4 else mask
+    return lab, m != 0

@@ -1,0 +1,40 @@
+"""Launcher helpers shared by the kernels."""
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def acc_dtype(dtype: torch.dtype):
+    """Triton accumulation type: float64 for float64 inputs, float32 otherwise."""
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def torch_acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def pool_layout(pool: torch.Tensor):
+    """Describe a pool of D-vectors for pointer arithmetic: row p lives at
+    base + (p // HW) * s_b + (p % HW) * s_s and its element d at + d * s_d.
+
+    pool: (P, D) rows, or a (B, D, h, w) feature map whose rows are its pixels (any memory
+    format in which h and w merge, e.g. contiguous or channels_last). Returns (pool, P, D, HW,
+    s_b, s_s, s_d); pool is made contiguous only if h and w do not merge."""
+    if pool.dim() == 2:
+        P, D = pool.shape
+        return pool, P, D, max(P, 1), 0, pool.stride(0), pool.stride(1)
+    B, D, h, w = pool.shape
+    if h > 1 and pool.stride(2) != w * pool.stride(3):
+        pool = pool.contiguous()
+    s_s = pool.stride(3) if w > 1 else pool.stride(2)
+    return pool, B * h * w, D, max(h * w, 1), pool.stride(0), s_s, pool.stride(1)
+
+
+def next_pow2(n: int, lo: int = 16) -> int:
+    return max(lo, triton.next_power_of_2(max(int(n), 1)))
