@@ -1,7 +1,15 @@
 // Schemas of the compiled pixcon ops (namespace `pixcon`, a fragment: the Python layer registers
 // further ops in the same namespace with torch.library.custom_op).
+#include <Python.h>
 #include <ATen/ATen.h>
 #include <torch/library.h>
+
+// A bare Python module: `import pixcon._C` loads the library and runs the registrations below
+// (no pybind11, which would triple the compile time).
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&def);
+}
 
 namespace pixcon {
 bool with_cuda() {

@@ -38,3 +38,10 @@ def pool_layout(pool: torch.Tensor):
 
 def next_pow2(n: int, lo: int = 16) -> int:
     return max(lo, triton.next_power_of_2(max(int(n), 1)))
+
+
+def as_i32(v: int) -> int:
+    """A value in [0, 2^32) as the int32 with the same bits (Triton types Python ints >= 2^31
+    as int64, which would change the kernel's integer width)."""
+    v &= 0xFFFFFFFF
+    return v - (1 << 32) if v >= (1 << 31) else v

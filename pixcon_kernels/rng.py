@@ -5,6 +5,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._utils import as_i32
+
 
 @triton.jit
 def philox4x32(seed, c0, c1):
@@ -54,5 +56,5 @@ def philox(counter: torch.Tensor, seed: int, stream: int = 0, block: int = 1024)
     out = torch.empty(c.shape + (4,), dtype=torch.int64, device=c.device)
     n = c.numel()
     if n:
-        _philox_kernel[(triton.cdiv(n, block),)](c, out, n, seed, stream, BLOCK=block)
+        _philox_kernel[(triton.cdiv(n, block),)](c, out, n, seed, as_i32(stream), BLOCK=block)
     return out

@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import interpreting, next_pow2
+from ._utils import as_i32, interpreting, next_pow2
 from .rng import philox4x32, uniform_index
 
 
@@ -37,7 +37,7 @@ def sample_in_groups(order, offsets, counts, row_group, per_row: int, seed: int,
         block = 1024 if interpreting() else 256
         _sample_in_groups_kernel[(triton.cdiv(total, block),)](
             order.to(torch.int32), offsets.to(torch.int32), counts.to(torch.int32),
-            row_group.to(torch.int32).contiguous(), out, total, per_row, seed, stream, BLOCK=block)
+            row_group.to(torch.int32).contiguous(), out, total, per_row, seed, as_i32(stream), BLOCK=block)
     return out
 
 
@@ -78,5 +78,5 @@ def sample_negatives(row_class, cdf, order, offsets, counts, per_row: int, seed:
         _sample_negatives_kernel[(triton.cdiv(total, block),)](
             row_class.to(torch.int32).contiguous(), cdf.to(torch.int64).contiguous(),
             order.to(torch.int32), offsets.to(torch.int32), counts.to(torch.int32), out, total,
-            per_row, C, seed, stream, BLOCK=block, BLOCK_C=BLOCK_C)
+            per_row, C, seed, as_i32(stream), BLOCK=block, BLOCK_C=BLOCK_C)
     return out

@@ -93,7 +93,7 @@ def _reco_fused(emb, labels, probs, mask, *, ignore_index, strong_threshold, tem
     cdf = cm.relation_cdf(means, present, rel_t)                           # P(j | c) thresholds
     queries = prim.sample_hard_queries(lab, hard, C, Q, seed, **kb)        # (C, Q), -1 = none
     cls = torch.arange(C, device=emb.device)[:, None].expand(C, Q)
-    row_class = torch.where(queries >= 0, cls, -1).reshape(-1)
+    row_class = torch.where(queries >= 0, cls, -1).reshape(-1).to(torch.int32)
     negatives = prim.sample_negatives(row_class, cdf, lab, num_negatives, seed, **kb)
     per_query = prim.sparse_infonce(emb, queries.reshape(-1), row_class.clamp(min=0), negatives,
                                     temperature=temperature, pos_pool=means, **kb).view(C, Q)

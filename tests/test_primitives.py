@@ -1,0 +1,223 @@
+"""Shared primitives: Triton kernels against the torch reference (bit-exact for the samplers and
+counts, float tolerances for sums and InfoNCE), statistical checks of the sampling
+distributions, float64 gradcheck, and torch.library.opcheck of the registered ops."""
+import math
+
+import pytest
+import torch
+
+from pixcon.ops import _library as lib
+from pixcon.ops import class_means, sample_hard_queries, sample_negatives, sparse_infonce
+from pixcon.reference import common as cm
+
+from .conftest import assert_close, triton_device
+
+DEV = triton_device()
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+
+
+def _labels(P, C, p_invalid=0.2, gen=None):
+    lab = torch.randint(0, C, (P,), generator=gen)
+    lab[torch.rand(P, generator=gen) < p_invalid] = -1
+    return lab
+
+
+# --- class sums / means ----------------------------------------------------------------------
+@pytest.mark.interpret
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,C", [((2, 37, 9, 11), 5), ((1, 3, 1, 7), 1), ((3, 70, 5, 5), 21)])
+def test_class_means_matches_reference(dtype, shape, C):
+    emb = torch.randn(shape).to(dtype)
+    B, D, h, w = shape
+    lab = _labels(B * h * w, C)
+    s_ref, n_ref, m_ref = class_means(emb, lab, C, backend="reference")
+    for x in (emb, emb.to(memory_format=torch.channels_last), cm.pixel_rows(emb)):
+        s, n, m = class_means(x.to(DEV), lab.to(DEV), C, backend="triton")
+        assert torch.equal(n.cpu(), n_ref)
+        # float32 sums of <= 100 terms of |x| < 5 in another order: |error| < 100 * 5 * 6e-8
+        tol = 1e-12 if dtype == torch.float64 else 3e-5
+        assert_close(s, s_ref, rtol=tol, atol=tol, what="sums")
+        assert_close(m, m_ref, rtol=tol, atol=tol, what="means")
+
+
+@pytest.mark.interpret
+def test_class_means_all_ignored_and_deterministic():
+    emb = torch.randn(2, 8, 4, 4, device=DEV)
+    lab = torch.full((32,), -1, device=DEV)
+    s, n, m = class_means(emb, lab, 3, backend="triton")
+    assert n.sum() == 0 and s.abs().sum() == 0 and m.abs().sum() == 0
+    lab = torch.randint(0, 3, (32,), device=DEV)
+    a = class_means(emb, lab, 3, backend="triton")[0]
+    b = class_means(emb, lab, 3, backend="triton")[0]
+    assert torch.equal(a, b)  # no float atomics: bitwise reproducible
+
+
+# --- samplers --------------------------------------------------------------------------------
+@pytest.mark.interpret
+@pytest.mark.parametrize("seed", [0, 7, 2**40 + 3])
+def test_hard_query_sampler_bit_identical(seed):
+    C, P, Q = 6, 300, 37
+    lab = _labels(P, C)
+    lab[lab == 4] = -1                               # an absent class
+    hard = torch.rand(P) < 0.5
+    hard[lab == 2] = False                           # a present class without hard pixels
+    ref = sample_hard_queries(lab, hard, C, Q, seed, backend="reference")
+    got = sample_hard_queries(lab.to(DEV), hard.to(DEV), C, Q, seed, backend="triton").cpu()
+    assert torch.equal(got, ref)
+    assert (ref[2] == -1).all() and (ref[4] == -1).all()
+    for c in (0, 1, 3, 5):
+        assert bool((lab[ref[c].long()] == c).all() and hard[ref[c].long()].all())
+
+
+def test_hard_query_sampler_is_uniform():
+    """Queries are uniform with replacement over the hard pixels of their class: chi-square over
+    the 40 hard pixels of class 1 (39 dof, critical value 72.05 at p = 0.001, fixed seed)."""
+    C, P, Q = 3, 200, 20000
+    lab = torch.arange(P) % C
+    hard = torch.zeros(P, dtype=torch.bool)
+    hard[(lab == 1).nonzero()[:40, 0]] = True
+    q = sample_hard_queries(lab, hard, C, Q, 11, backend="reference")[1].long()
+    counts = torch.bincount(q, minlength=P)[hard].double()
+    assert counts.sum() == Q and counts.numel() == 40
+    chi2 = ((counts - Q / 40) ** 2 / (Q / 40)).sum().item()
+    assert chi2 < 72.05
+    assert len(torch.unique(q)) == 40            # with replacement, all 40 seen
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("seed", [1, 99])
+def test_negative_sampler_bit_identical(seed):
+    C, P, N = 7, 400, 45
+    lab = _labels(P, C)
+    lab[lab == 5] = -1
+    means = torch.randn(C, 6)
+    cdf = cm.relation_cdf(means, torch.bincount(lab[lab >= 0], minlength=C) > 0, 0.5)
+    row_class = torch.tensor([0, 1, 2, 3, -1, 5, 6, 0, 2])
+    ref = sample_negatives(row_class, cdf, lab, N, seed, backend="reference")
+    got = sample_negatives(row_class.to(DEV), cdf.to(DEV), lab.to(DEV), N, seed,
+                           backend="triton").cpu()
+    assert torch.equal(got, ref)
+    assert (ref[4] == -1).all() and (ref[5] == -1).all()        # no class / absent class
+    for r, c in enumerate(row_class.tolist()):
+        if c in (0, 1, 2, 3, 6):
+            cls = lab[ref[r].long()]
+            assert bool((cls >= 0).all() and (cls != c).all() and (cls != 5).all())
+
+
+def test_negative_class_frequencies_follow_relation_softmax():
+    """Negative classes ~ softmax_{j != c}(cos(m_c, m_j) / t): chi-square of 200k draws against
+    the exact probabilities (4 dof, critical value 18.47 at p = 0.001, fixed seed); pixels
+    uniform within a class (chi-square over class 3's 60 pixels, 59 dof, 98.32 at p = 0.001)."""
+    C, t = 5, 0.5
+    lab = torch.arange(300) % C
+    means = torch.tensor([[1.0, 0.0], [0.8, 0.6], [0.0, 1.0], [-1.0, 0.1], [0.3, -1.0]])
+    cdf = cm.relation_cdf(means, torch.ones(C, dtype=torch.bool), t)
+    R, N = 400, 500
+    neg = sample_negatives(torch.zeros(R, dtype=torch.long), cdf, lab, N, 5,
+                           backend="reference").long().flatten()
+    freq = torch.bincount(lab[neg], minlength=C).double()
+    mn = cm.normalize(means.double())
+    p = torch.softmax((mn[0] @ mn[1:].T) / t, dim=0)
+    assert freq[0] == 0
+    expected = p * R * N
+    chi2 = ((freq[1:] - expected) ** 2 / expected).sum().item()
+    assert chi2 < 18.47
+    pix3 = neg[lab[neg] == 3]
+    counts = torch.bincount(pix3, minlength=300)[lab == 3].double()
+    chi2 = ((counts - counts.mean()) ** 2 / counts.mean()).sum().item()
+    assert chi2 < 98.32
+
+
+def test_relation_cdf_edge_cases():
+    means = torch.randn(4, 3)
+    # one present class: no negatives at all
+    cdf = cm.relation_cdf(means, torch.tensor([True, False, False, False]), 0.5)
+    assert (cdf == 0).all()
+    # two present classes: all mass on the other one
+    cdf = cm.relation_cdf(means, torch.tensor([True, False, True, False]), 0.5)
+    assert cdf[0].tolist() == [0, 0, 2**32, 2**32] and cdf[2].tolist() == [2**32] * 4
+    assert (cdf[1] == 0).all()
+
+
+# --- sparse InfoNCE --------------------------------------------------------------------------
+def _infonce_case(dtype, M=9, N=70, shape=(2, 37, 5, 7), R=4, gen_seed=0):
+    g = torch.Generator().manual_seed(gen_seed)
+    B, D, h, w = shape
+    P = B * h * w
+    emb = torch.randn(shape, generator=g).to(dtype)
+    pos = torch.randn(R, D, generator=g, dtype=torch.promote_types(dtype, torch.float32))
+    q = torch.randint(0, P, (M,), generator=g)
+    q[M // 2] = -1
+    p = torch.randint(0, R, (M,), generator=g)
+    neg = torch.randint(-1, P, (M, N), generator=g)
+    neg[0] = -1                                  # a query with no negative at all
+    return emb, pos, q, p, neg
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("key_grad", [False, True])
+def test_sparse_infonce_matches_reference(dtype, key_grad):
+    emb, pos, q, p, neg = _infonce_case(dtype)
+    gout = torch.randn(q.shape[0], dtype=pos.dtype)
+    res = {}
+    for be, dev in (("reference", "cpu"), ("triton", DEV)):
+        e = emb.to(dev).requires_grad_()
+        ps = pos.to(dev).requires_grad_()
+        loss = sparse_infonce(e, q.to(dev), p.to(dev), neg.to(dev), temperature=0.3,
+                              pos_pool=ps, key_grad=key_grad, backend=be)
+        grads = torch.autograd.grad(loss, [e, ps], gout.to(dev), allow_unused=True)
+        res[be] = loss, grads
+    (l_ref, (ge_ref, gp_ref)), (l, (ge, gp)) = res["reference"], res["triton"]
+    # both compute in float32 (float64) from the same input values; the tolerances cover the
+    # summation order of D = 37 products and one exp/log (fp32: ~1e-6 relative)
+    tol = 1e-10 if dtype == torch.float64 else 2e-5
+    assert_close(l, l_ref, rtol=tol, atol=tol, what="loss")
+    assert l_ref[q.shape[0] // 2] == 0 and l[q.shape[0] // 2] == 0
+    # the gradient is rounded to emb's dtype at the end: one rounding of half/bfloat16
+    gtol = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}.get(dtype, tol)
+    assert_close(ge, ge_ref, rtol=gtol, atol=gtol * 0.1, what="d emb")
+    if key_grad:
+        assert_close(gp, gp_ref, rtol=tol, atol=tol, what="d pos")
+    else:
+        assert gp is None or gp.abs().sum() == 0
+
+
+@pytest.mark.interpret
+def test_sparse_infonce_float64_gradcheck():
+    emb, pos, q, p, neg = _infonce_case(torch.float64, M=4, N=5, shape=(1, 3, 2, 3), R=2)
+    emb = emb.to(DEV).requires_grad_()
+    pos = pos.to(DEV).requires_grad_()
+    for be in ("reference", "triton"):
+        def f(e, ps):
+            return sparse_infonce(e, q.to(DEV), p.to(DEV), neg.to(DEV), temperature=0.5,
+                                  pos_pool=ps, key_grad=True, backend=be)
+        assert torch.autograd.gradcheck(f, (emb, pos), fast_mode=True)
+
+
+@pytest.mark.interpret
+def test_opcheck_registered_ops():
+    emb, pos, q, p, neg = _infonce_case(torch.float64, M=4, N=6, shape=(1, 5, 3, 3))
+    emb, pos, q, p, neg = (t.to(DEV) for t in (emb, pos, q, p, neg))
+    torch.library.opcheck(lib.sparse_infonce,
+                          (emb.requires_grad_(), pos, q, p, neg, 0.5, False))
+    torch.library.opcheck(lib.sparse_infonce,
+                          (emb, pos.requires_grad_(), q, p, neg, 0.5, True))
+    lab = torch.randint(-1, 3, (9,), device=DEV)
+    torch.library.opcheck(lib.class_sums, (emb.detach(), lab, 3))
+    order, off, cnt = cm.group_by_class(lab, 3)
+    torch.library.opcheck(lib.sample_in_groups, (order, off, cnt, torch.arange(3, device=DEV),
+                                                 5, 11, 1))
+    cdf = cm.relation_cdf(torch.randn(3, 2, device=DEV), cnt > 0, 0.5)
+    torch.library.opcheck(lib.sample_negatives, (torch.tensor([0, 2, -1], device=DEV), cdf,
+                                                 order, off, cnt, 4, 11, 2))
+
+
+def test_sparse_infonce_loss_value_by_hand():
+    # query (1, 0); positive (2, 0): cos 1; negatives (0, 3) and (-1, 0): cos 0 and -1; t = 0.5
+    pool = torch.tensor([[1.0, 0.0], [0.0, 3.0], [-1.0, 0.0]])
+    pos = torch.tensor([[2.0, 0.0]])
+    loss = sparse_infonce(pool, torch.tensor([0]), torch.tensor([0]), torch.tensor([[1, 2]]),
+                          temperature=0.5, pos_pool=pos, backend="reference")
+    want = math.log(math.exp(2) + math.exp(0) + math.exp(-2)) - 2
+    assert abs(loss.item() - want) < 1e-6
