@@ -1,0 +1,136 @@
+"""reco_loss benchmark: official-style vs reference vs fused, forward+backward time and memory.
+
+    python benchmarks/bench_reco.py                 # GPU: the VOC setting; CPU: a reduced one
+    python benchmarks/bench_reco.py --size voc --providers fused reference
+    python benchmarks/bench_reco.py --size tiny     # seconds; what CI runs (tests/test_bench.py)
+
+Setting "voc" is specs/reco.md §6: emb 20x256x81x81 fp32, 21 classes with 10 and 21 present,
+256 queries, 512 negatives. Writes <out>/<date>-<device>-reco.{json,md}.
+
+Metrics: fwd_bwd_ms (median, CUDA events on GPU); peak_extra_mib (CUDA: peak allocated during
+forward+backward minus what was allocated before; includes the gradient of emb, which any loss
+must produce, reported separately as grad_mib); saved_mib (what autograd keeps for backward
+beyond the inputs, measured on every device).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+
+import torch
+
+import pixcon.bench as pb
+from pixcon.ops import reco_loss
+from pixcon.reference import official_reco
+from pixcon.synthetic import reco_batch
+
+SIZES = {  # B, D, h, w, C, present list, Q, N
+    "voc": (20, 256, 81, 81, 21, (10, 21), 256, 512),
+    "cpu": (4, 64, 41, 41, 21, (10,), 64, 128),
+    "tiny": (2, 8, 9, 9, 5, (4,), 4, 8),
+}
+PROVIDERS = ("official-style", "reference", "fused")
+
+
+def make_step(provider, emb, labels, probs, Q, N, seed=0):
+    if provider == "official-style":
+        onehot, mask = official_reco.official_inputs(labels, probs)
+
+        def loss_fn():
+            return official_reco.compute_reco_loss(emb, onehot, mask, probs, 0.97, 0.5, Q, N)
+    else:
+        backend = "triton" if provider == "fused" else "reference"
+
+        def loss_fn():
+            return reco_loss(emb, labels, probs, num_queries=Q, num_negatives=N, seed=seed,
+                             backend=backend, check_values=False)
+
+    def step():
+        emb.grad = None
+        loss = loss_fn()
+        loss.backward()
+        return loss
+
+    return loss_fn, step
+
+
+def run(size="cpu", providers=PROVIDERS, device=None, reps=3, out=None, verbose=True):
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    B, D, h, w, C, presents, Q, N = SIZES[size]
+    meta = pb.metadata(device)
+    rows = []
+    for present in presents:
+        emb, labels, probs = reco_batch(B, D, h, w, num_classes=C, present=present,
+                                        device=device, seed=present)
+        emb.requires_grad_()
+        for provider in providers:
+            if provider == "fused" and device.type == "cpu" and not meta["triton_interpret"]:
+                continue   # Triton on CPU needs the interpreter
+            if verbose:
+                print(f"[{size} K={present}] {provider} ...", file=sys.stderr, flush=True)
+            loss_fn, step = make_step(provider, emb, labels, probs, Q, N)
+            ms = pb.time_ms(step, device, warmup=1, reps=reps)
+            peak = pb.peak_extra_bytes(step, device)
+            saved = pb.saved_bytes(loss_fn, [emb, labels, probs])
+            rows.append({
+                "op": "reco_loss", "provider": provider, "size": size, "present_classes": present,
+                "shape": [B, D, h, w], "num_classes": C, "num_queries": Q, "num_negatives": N,
+                "loss": float(step().detach()), "fwd_bwd_ms": round(ms, 3),
+                "peak_extra_mib": None if peak is None else round(peak / 2**20, 2),
+                "grad_mib": round(emb.numel() * emb.element_size() / 2**20, 2),
+                "saved_mib": round(saved / 2**20, 3), **meta})
+    if out:
+        write(rows, out)
+    return rows
+
+
+def markdown(rows) -> str:
+    if not rows:
+        return "(no rows)\n"
+    m = rows[0]
+    lines = [f"reco_loss on {m['device']} | torch {m['torch']} | triton {m['triton']} | "
+             f"commit {m['commit']} | {m['date']}", "",
+             "| size | K present | provider | fwd+bwd ms | speed-up vs official | peak extra MiB "
+             "(incl. grad) | grad MiB | saved for bwd MiB | loss |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        base = next((x["fwd_bwd_ms"] for x in rows if x["provider"] == "official-style"
+                     and x["present_classes"] == r["present_classes"]), None)
+        sp = f"{base / r['fwd_bwd_ms']:.1f}x" if base else "-"
+        peak = "-" if r["peak_extra_mib"] is None else f"{r['peak_extra_mib']:.1f}"
+        lines.append(f"| {r['size']} {tuple(r['shape'])} | {r['present_classes']} | "
+                     f"{r['provider']} | {r['fwd_bwd_ms']:.2f} | {sp} | {peak} | "
+                     f"{r['grad_mib']:.1f} | {r['saved_mib']:.2f} | {r['loss']:.4f} |")
+    return "\n".join(lines) + "\n"
+
+
+def write(rows, out):
+    os.makedirs(out, exist_ok=True)
+    m = rows[0]
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", m["device"]).strip("-").lower()[:40]
+    stem = os.path.join(out, f"{m['date'][:10]}-{slug}-reco-{m['size']}")
+    with open(stem + ".json", "w") as f:
+        json.dump(rows, f, indent=1)
+    with open(stem + ".md", "w") as f:
+        f.write(markdown(rows))
+    return stem
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--size", choices=SIZES, default=None,
+                    help="voc (GPU default), cpu (CPU default) or tiny")
+    ap.add_argument("--providers", nargs="+", choices=PROVIDERS, default=list(PROVIDERS))
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    a = ap.parse_args(argv)
+    size = a.size or ("voc" if torch.cuda.is_available() else "cpu")
+    rows = run(size, a.providers, reps=a.reps, out=a.out)
+    print(markdown(rows))
+
+
+if __name__ == "__main__":
+    main()

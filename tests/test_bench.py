@@ -1,0 +1,45 @@
+"""The benchmark suite itself runs (tiny size; the fused provider under the interpreter on CPU)
+and writes its JSON and Markdown; pytest-benchmark drives one fused step."""
+import importlib.util
+import json
+import os
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _bench_module():
+    spec = importlib.util.spec_from_file_location(
+        "bench_reco", os.path.join(ROOT, "benchmarks", "bench_reco.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.interpret
+def test_bench_reco_tiny_writes_results(tmp_path):
+    mod = _bench_module()
+    rows = mod.run("tiny", device="cpu", reps=1, out=str(tmp_path), verbose=False)
+    assert [r["provider"] for r in rows] == ["official-style", "reference", "fused"]
+    by = {r["provider"]: r for r in rows}
+    assert by["fused"]["loss"] == pytest.approx(by["reference"]["loss"], rel=1e-5)
+    assert all(r["fwd_bwd_ms"] > 0 and r["saved_mib"] >= 0 for r in rows)
+    files = sorted(os.listdir(tmp_path))
+    assert len(files) == 2 and files[0].endswith(".json") and files[1].endswith(".md")
+    data = json.load(open(tmp_path / files[0]))
+    assert data[0]["torch"] == torch.__version__ and data[0]["commit"]
+    md = open(tmp_path / files[1]).read()
+    assert "| fused |" in md and "| official-style |" in md
+
+
+@pytest.mark.interpret
+def test_fused_step_under_pytest_benchmark(benchmark):
+    mod = _bench_module()
+    from pixcon.synthetic import reco_batch
+    emb, labels, probs = reco_batch(2, 8, 9, 9, num_classes=5, present=4)
+    emb.requires_grad_()
+    _, step = mod.make_step("fused", emb, labels, probs, 4, 8)
+    loss = benchmark.pedantic(step, rounds=1, iterations=1)
+    assert loss.item() > 0 and emb.grad is not None
