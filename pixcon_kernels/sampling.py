@@ -37,7 +37,8 @@ def sample_in_groups(order, offsets, counts, row_group, per_row: int, seed: int,
         block = 1024 if interpreting() else 256
         _sample_in_groups_kernel[(triton.cdiv(total, block),)](
             order.to(torch.int32), offsets.to(torch.int32), counts.to(torch.int32),
-            row_group.to(torch.int32).contiguous(), out, total, per_row, seed, as_i32(stream), BLOCK=block)
+            row_group.to(torch.int32).contiguous(), out, total, per_row, seed, as_i32(stream),
+            BLOCK=block)
     return out
 
 
@@ -74,7 +75,8 @@ def sample_negatives(row_class, cdf, order, offsets, counts, per_row: int, seed:
     out = torch.empty(R, per_row, dtype=torch.int32, device=order.device)
     if total:
         BLOCK_C = next_pow2(C, lo=2)
-        block = max(16, min(1024 if interpreting() else 256, 8192 // BLOCK_C))
+        # the (BLOCK, BLOCK_C) int64 CDF tile lives in registers on a GPU: keep it <= 2048
+        block = 1024 if interpreting() else max(16, min(256, 2048 // BLOCK_C))
         _sample_negatives_kernel[(triton.cdiv(total, block),)](
             row_class.to(torch.int32).contiguous(), cdf.to(torch.int64).contiguous(),
             order.to(torch.int32), offsets.to(torch.int32), counts.to(torch.int32), out, total,

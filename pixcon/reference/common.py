@@ -52,8 +52,9 @@ def pixel_rows(x: torch.Tensor) -> torch.Tensor:
 
 def own_class_prob(probs: torch.Tensor, lab: torch.Tensor) -> torch.Tensor:
     """Probability of each pixel's own label: probs (B, C, h, w), lab (P,) -> (P,) (any value
-    where lab is -1)."""
-    return pixel_rows(probs).gather(1, lab.clamp(min=0)[:, None])[:, 0]
+    where lab is -1). A gather along C, no copy of probs."""
+    B, _, h, w = probs.shape
+    return probs.gather(1, lab.clamp(min=0).view(B, 1, h, w)).reshape(-1)
 
 
 def hard_pixels(probs: torch.Tensor, lab: torch.Tensor, threshold: float) -> torch.Tensor:
