@@ -221,3 +221,50 @@ def test_sparse_infonce_loss_value_by_hand():
                           temperature=0.5, pos_pool=pos, backend="reference")
     want = math.log(math.exp(2) + math.exp(0) + math.exp(-2)) - 2
     assert abs(loss.item() - want) < 1e-6
+
+
+# --- bad input -------------------------------------------------------------------------------
+def _si_args():
+    emb, pos, q, p, neg = _infonce_case(torch.float32)
+    return dict(pool=emb, q_idx=q, pos_idx=p, neg_idx=neg, temperature=0.5, pos_pool=pos)
+
+
+PRIM_BAD = [
+    ("pool rank", lambda a: a.update(pool=a["pool"][0]), ValueError, "pool must have"),
+    ("pool dtype", lambda a: a.update(pool=a["pool"].long()), TypeError, "pool must have dtype"),
+    ("q_idx dtype", lambda a: a.update(q_idx=a["q_idx"].float()), TypeError, "q_idx must have dtype"),
+    ("neg rank", lambda a: a.update(neg_idx=a["neg_idx"][0]), ValueError, "neg_idx must have 2"),
+    ("rows", lambda a: a.update(pos_idx=a["pos_idx"][:3]), ValueError, "same number of rows"),
+    ("pos D", lambda a: a.update(pos_pool=a["pos_pool"][:, :5]), ValueError, "pos_pool rows must"),
+    ("temperature", lambda a: a.update(temperature=-1.0), ValueError, "temperature must be"),
+    ("device", lambda a: a.update(q_idx=torch.empty(9, dtype=torch.long, device="meta")),
+     ValueError, "q_idx is on meta"),
+]
+
+
+@pytest.mark.parametrize("name,edit,exc,msg", PRIM_BAD, ids=[b[0] for b in PRIM_BAD])
+def test_sparse_infonce_bad_input(name, edit, exc, msg):
+    a = _si_args()
+    edit(a)
+    pool = a.pop("pool")
+    with pytest.raises(exc, match=msg):
+        sparse_infonce(pool, a.pop("q_idx"), a.pop("pos_idx"), a.pop("neg_idx"),
+                       backend="reference", **a)
+
+
+def test_other_primitives_bad_input():
+    emb = torch.randn(2, 4, 3, 3)
+    with pytest.raises(ValueError, match=r"labels must have one entry per pixel row \(18\)"):
+        class_means(emb, torch.zeros(17, dtype=torch.long), 3)
+    with pytest.raises(ValueError, match="num_classes must be a positive int"):
+        class_means(emb, torch.zeros(18, dtype=torch.long), 0)
+    lab = torch.zeros(18, dtype=torch.long)
+    with pytest.raises(ValueError, match="hard must have the shape of lab"):
+        sample_hard_queries(lab, torch.ones(17, dtype=torch.bool), 3, 4, 0)
+    with pytest.raises(TypeError, match="hard must have dtype"):
+        sample_hard_queries(lab, torch.ones(18), 3, 4, 0)
+    with pytest.raises(ValueError, match="cdf must be square"):
+        sample_negatives(torch.zeros(2, dtype=torch.long), torch.zeros(3, 2, dtype=torch.long),
+                         lab, 4, 0)
+    with pytest.raises(TypeError, match="cdf must have dtype"):
+        sample_negatives(torch.zeros(2, dtype=torch.long), torch.zeros(3, 3), lab, 4, 0)

@@ -9,7 +9,21 @@ import torch
 
 from ..reference import common as cm
 from ..reference.rng import STREAM_NEGATIVE, STREAM_QUERY, draw_seed, philox4x32
-from ._common import resolve_backend
+from ._common import FLOAT_DTYPES, INT_DTYPES, check_positive_float, check_positive_int, \
+    check_tensor, resolve_backend
+
+IDX = (torch.int32, torch.int64)
+
+
+def _check_pool(name, pool):
+    check_tensor(name, pool, ndim=(2, 4), dtypes=FLOAT_DTYPES, kind="(P, D) or (B, D, h, w)")
+    return pool.shape[0] if pool.dim() == 2 else pool.shape[0] * pool.shape[2] * pool.shape[3]
+
+
+def _check_labels(lab, rows, device, name="labels"):
+    check_tensor(name, lab, ndim=1, dtypes=INT_DTYPES, device=device, kind="(P,)")
+    if lab.shape[0] != rows:
+        raise ValueError(f"{name} must have one entry per pixel row ({rows}), got {lab.shape[0]}")
 
 
 def _lib():
@@ -41,6 +55,9 @@ def class_means(emb: torch.Tensor, labels: torch.Tensor, num_classes: int, *,
     emb: (B, D, h, w) map or (P, D) rows; labels: (P,) int class per row, -1 = ignored.
     Returns (sums (C, D), counts (C,) int64, means (C, D)) in float32 (float64 for float64 emb);
     the mean of an absent class is zero. Deterministic on every backend."""
+    P = _check_pool("emb", emb)
+    _check_labels(labels, P, emb.device)
+    check_positive_int("num_classes", num_classes)
     be = resolve_backend(backend, emb.device, "class_means")
     with torch.no_grad():
         if be == "triton":
@@ -57,6 +74,15 @@ def sample_hard_queries(lab: torch.Tensor, hard: torch.Tensor, num_classes: int,
     """Confidence-based hard queries: for every class c, ``num_queries`` pixels uniform with
     replacement among the pixels of class c marked hard (query (c, q) uses counter c*Q + q of
     stream STREAM_QUERY). Returns (C, Q) int32 pixel indices, -1 for classes without hard pixels."""
+    check_tensor("lab", lab, ndim=1, dtypes=INT_DTYPES, kind="(P,)")
+    check_tensor("hard", hard, ndim=1, dtypes=(torch.bool,), device=lab.device, kind="(P,)")
+    if hard.shape != lab.shape:
+        raise ValueError(f"hard must have the shape of lab {tuple(lab.shape)}, got "
+                         f"{tuple(hard.shape)}")
+    check_positive_int("num_classes", num_classes)
+    check_positive_int("num_queries", num_queries)
+    if num_classes * num_queries >= 2**31:
+        raise ValueError("num_classes x num_queries must be below 2^31 (counter space)")
     be = resolve_backend(backend, lab.device, "sample_hard_queries")
     order, offsets, counts = cm.group_by_class(torch.where(hard, lab, -1), num_classes)
     rows = torch.arange(num_classes, device=lab.device)
@@ -77,6 +103,14 @@ def sample_negatives(row_class: torch.Tensor, cdf: torch.Tensor, lab: torch.Tens
     and the pixel uniform with replacement within class j (counter r*N + n of stream
     STREAM_NEGATIVE, word 0 for the class and word 1 for the pixel). Returns (R, N) int32,
     -1 where the row has no class or no possible negative."""
+    check_tensor("lab", lab, ndim=1, dtypes=INT_DTYPES, kind="(P,)")
+    check_tensor("row_class", row_class, ndim=1, dtypes=INT_DTYPES, device=lab.device, kind="(R,)")
+    check_tensor("cdf", cdf, ndim=2, dtypes=(torch.int64,), device=lab.device, kind="(C, C)")
+    if cdf.shape[0] != cdf.shape[1]:
+        raise ValueError(f"cdf must be square (C, C), got {tuple(cdf.shape)}")
+    check_positive_int("num_negatives", num_negatives)
+    if row_class.numel() * num_negatives >= 2**31:
+        raise ValueError("rows x num_negatives must be below 2^31 (counter space)")
     be = resolve_backend(backend, lab.device, "sample_negatives")
     C = cdf.shape[0]
     order, offsets, counts = cm.group_by_class(lab, C)
@@ -106,9 +140,26 @@ def sparse_infonce(pool: torch.Tensor, q_idx: torch.Tensor, pos_idx: torch.Tenso
     s = cos / temperature; 0 where q_idx is -1. Gradients reach the queries only unless
     key_grad=True, which also sends them to the negatives and positives (the keys).
     Returns (M,) float32 (float64 for float64 pool)."""
+    P = _check_pool("pool", pool)
+    D = pool.shape[1]
+    dev = pool.device
+    check_tensor("q_idx", q_idx, ndim=1, dtypes=IDX, device=dev, kind="(M,)")
+    M = q_idx.shape[0]
+    check_tensor("pos_idx", pos_idx, ndim=1, dtypes=IDX, device=dev, kind="(M,)")
+    check_tensor("neg_idx", neg_idx, ndim=2, dtypes=IDX, device=dev, kind="(M, N)")
+    if pos_idx.shape[0] != M or neg_idx.shape[0] != M:
+        raise ValueError(f"q_idx, pos_idx and neg_idx must have the same number of rows M, got "
+                         f"{M}, {pos_idx.shape[0]}, {neg_idx.shape[0]}")
+    check_positive_float("temperature", temperature)
     if pos_pool is None:
         pos_pool = pool if pool.dim() == 2 else cm.pixel_rows(pool)
-    be = resolve_backend(backend, pool.device, "sparse_infonce")
+    else:
+        check_tensor("pos_pool", pos_pool, ndim=2, dtypes=FLOAT_DTYPES, device=dev, kind="(R, D)")
+        if pos_pool.shape[1] != D:
+            raise ValueError(f"pos_pool rows must have D = {D} like pool, got {pos_pool.shape[1]}")
+    if P >= 2**31:
+        raise ValueError(f"pool has {P} rows; int32 indices need fewer than 2^31")
+    be = resolve_backend(backend, dev, "sparse_infonce")
     if be == "triton":
         loss, _ = _lib().sparse_infonce(pool, pos_pool, q_idx, pos_idx, neg_idx,
                                         float(temperature), bool(key_grad))
