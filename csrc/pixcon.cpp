@@ -26,5 +26,9 @@ TORCH_LIBRARY_FRAGMENT(pixcon, m) {
   // 32 bits, seed high 32 bits). counters: int64 tensor of values in [0, 2^32). Returns
   // counters.shape + (4,) int64 values in [0, 2^32).
   m.def("philox4x32(Tensor counters, int seed, int stream=0) -> Tensor");
+  // Exact Euclidean distance transform of (..., H, W) labels: 0 where labels == background,
+  // else the distance to the nearest pixel with a different label (+inf if none); squared
+  // distances are exact integers (as float32).
+  m.def("distance_transform(Tensor labels, int background, bool squared) -> Tensor");
   m.def("with_cuda() -> bool", &pixcon::with_cuda);
 }

@@ -6,3 +6,6 @@ from .reco import reco_inputs_from_official, reco_loss
 
 __all__ = ["reco_loss", "reco_inputs_from_official", "class_means", "philox",
            "sample_hard_queries", "sample_negatives", "sparse_infonce"]
+from .edt import distance_transform  # noqa: E402
+
+__all__ += ["distance_transform"]
