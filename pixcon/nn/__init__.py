@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from ..ops import reco_loss
+from ..ops import pixel_anchor_loss, reco_loss
 
 
 class ReCoLoss(torch.nn.Module):
@@ -28,3 +28,34 @@ class ReCoLoss(torch.nn.Module):
 
 
 __all__ = ["ReCoLoss"]
+
+
+class ContextrastLoss(torch.nn.Module):
+    """Contextrast's contextual contrastive loss with its per-layer projection heads.
+
+    One head per encoder stage (1x1 conv C->C, BN, ReLU, 1x1 conv C->dim; with HRNetV2-W48's
+    48/96/192/384 channels this adds the 0.38 M parameters Contextrast++ reports), then
+    :func:`pixcon.ops.pixel_anchor_loss` on the projected embeddings. Training only.
+
+    >>> crit = ContextrastLoss(in_channels=(48, 96, 192, 384))
+    >>> loss = ce + 0.1 * crit(features, labels, logits)
+    """
+
+    def __init__(self, in_channels=(48, 96, 192, 384), dim=256, **kwargs):
+        super().__init__()
+        self.heads = torch.nn.ModuleList(
+            torch.nn.Sequential(torch.nn.Conv2d(c, c, 1), torch.nn.BatchNorm2d(c),
+                                torch.nn.ReLU(inplace=True), torch.nn.Conv2d(c, dim, 1))
+            for c in in_channels)
+        kwargs.setdefault("layer_weights", (0.1, 0.3, 0.7, 1.0)[-len(in_channels):])
+        self.kwargs = kwargs
+
+    def forward(self, features, labels, pred):
+        if len(features) != len(self.heads):
+            raise ValueError(f"ContextrastLoss: {len(features)} feature maps for "
+                             f"{len(self.heads)} heads")
+        embs = [head(f) for head, f in zip(self.heads, features)]
+        return pixel_anchor_loss(embs, labels, pred, **self.kwargs)
+
+
+__all__ += ["ContextrastLoss"]

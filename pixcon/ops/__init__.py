@@ -9,3 +9,6 @@ __all__ = ["reco_loss", "reco_inputs_from_official", "class_means", "philox",
 from .edt import distance_transform  # noqa: E402
 
 __all__ += ["distance_transform"]
+from .contextrast import bane_negatives, pixel_anchor_loss  # noqa: E402
+
+__all__ += ["bane_negatives", "pixel_anchor_loss"]

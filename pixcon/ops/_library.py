@@ -122,3 +122,74 @@ def _backward(ctx, grad_loss, grad_lse):
 
 
 torch.library.register_autograd("pixcon::sparse_infonce", _backward, setup_context=_setup_context)
+
+
+# --- class sums: gradient (anchors that are not detached) ------------------------------------
+def _class_sums_setup(ctx, inputs, output):
+    x, labels, num_classes = inputs
+    ctx.save_for_backward(labels)
+    ctx.x_shape = x.shape
+    ctx.x_dtype = x.dtype
+
+
+def _class_sums_backward(ctx, grad_sums, grad_counts):
+    (labels,) = ctx.saved_tensors
+    valid = (labels >= 0) & (labels < grad_sums.shape[0])
+    g = grad_sums[labels.clamp(min=0, max=grad_sums.shape[0] - 1).long()] * valid[:, None]
+    if len(ctx.x_shape) == 4:                       # (B, D, h, w) map: rows are its pixels
+        B, D, h, w = ctx.x_shape
+        g = g.view(B, h, w, D).permute(0, 3, 1, 2)
+    return g.to(ctx.x_dtype), None, None
+
+
+torch.library.register_autograd("pixcon::class_sums", _class_sums_backward,
+                                setup_context=_class_sums_setup)
+
+
+# --- pixel x anchor contrast (Contextrast L_PA) ----------------------------------------------
+@torch.library.custom_op("pixcon::anchor_contrast", mutates_args=())
+def anchor_contrast(z: Tensor, anchors: Tensor, gt: Tensor, negcls: Tensor, temperature: float,
+                    only_own: bool) -> tuple[Tensor, Tensor, Tensor]:
+    from pixcon_kernels.anchor import anchor_forward
+    return anchor_forward(z, anchors, gt, negcls, temperature, only_own)
+
+
+@anchor_contrast.register_fake
+def _(z, anchors, gt, negcls, temperature, only_own):
+    C = anchors.shape[0]
+    dt = _acc(z.dtype)
+    return z.new_empty(C, dtype=dt), z.new_empty(C, dtype=dt), z.new_empty(C, dtype=dt)
+
+
+@torch.library.custom_op("pixcon::anchor_contrast_backward", mutates_args=())
+def anchor_contrast_backward(grad: Tensor, z: Tensor, anchors: Tensor, gt: Tensor,
+                             negcls: Tensor, nl: Tensor, sigsum: Tensor, temperature: float,
+                             only_own: bool) -> tuple[Tensor, Tensor]:
+    from pixcon_kernels.anchor import anchor_backward
+    dz, da = anchor_backward(grad, z, anchors, gt, negcls, nl, sigsum, temperature, only_own)
+    return dz.to(z.dtype), da.to(anchors.dtype)
+
+
+@anchor_contrast_backward.register_fake
+def _(grad, z, anchors, gt, negcls, nl, sigsum, temperature, only_own):
+    return torch.empty_like(z, memory_format=torch.contiguous_format), torch.empty_like(anchors)
+
+
+def _anchor_setup(ctx, inputs, output):
+    z, anchors, gt, negcls, temperature, only_own = inputs
+    _, nl, sigsum = output
+    ctx.save_for_backward(z, anchors, gt, negcls, nl, sigsum)
+    ctx.temperature, ctx.only_own = temperature, only_own
+
+
+def _anchor_backward(ctx, grad_loss, grad_nl, grad_sig):
+    z, anchors, gt, negcls, nl, sigsum = ctx.saved_tensors
+    if grad_loss is None:
+        grad_loss = torch.zeros_like(nl)
+    dz, da = anchor_contrast_backward(grad_loss, z, anchors, gt, negcls, nl, sigsum,
+                                      ctx.temperature, ctx.only_own)
+    return dz, da, None, None, None, None
+
+
+torch.library.register_autograd("pixcon::anchor_contrast", _anchor_backward,
+                                setup_context=_anchor_setup)

@@ -1,0 +1,188 @@
+"""Contextrast (CVPR 2024): multi-level class anchors with boundary-aware negatives (BANE),
+specs/contextrast.md. The fused path: Triton multi-label EDT, sort-based percentile selection,
+anchors from the class-sums primitive, pixel x anchor logits with a segmented log-sum-exp."""
+from __future__ import annotations
+
+import torch
+
+from ..reference import common as cm
+from ..reference import contextrast as ref
+from . import _common as chk
+from . import primitives as prim
+from .edt import distance_transform
+
+READINGS = ("R1", "R2")
+
+
+def _pred_labels(pred, num_classes, op):
+    """(B, C, H, W) scores -> argmax labels; (B, H, W) integer labels pass through."""
+    if pred.dim() == 4:
+        if pred.shape[1] != num_classes:
+            raise ValueError(f"{op}: pred has {pred.shape[1]} classes, expected {num_classes}")
+        return pred.argmax(dim=1)
+    return pred.to(torch.int64)
+
+
+def select_lowest(err: torch.Tensor, d2: torch.Tensor, num_classes: int, ks: float,
+                  dmax: int):
+    """Sort-based, no host sync: per error class the ceil(ks * count) pixels of smallest d2,
+    ties by flat index; d2 = inf never kept. Same result as the reference's per-class loop.
+    dmax: a bound above every finite d2 (h^2 + w^2). One int64 key (class, d2, index)."""
+    P = err.numel()
+    if (num_classes + 1) * dmax * P >= 2**63:
+        raise ValueError("bane_negatives: classes x (h^2 + w^2) x pixels exceeds the int64 key")
+    cand = (err >= 0) & torch.isfinite(d2)
+    d = torch.where(cand, d2, 0).to(torch.int64)
+    cls = torch.where(cand, err, num_classes).to(torch.int64)
+    key = (cls * dmax + d) * P + torch.arange(P, device=err.device)
+    skey, order = torch.sort(key)
+    scls = skey // (dmax * P)
+    bounds = torch.searchsorted(scls, torch.arange(num_classes + 1, device=err.device))
+    count = bounds[1:] - bounds[:-1]
+    take = torch.ceil(ks * count.to(torch.float64)).to(torch.int64)
+    rank = torch.arange(P, device=err.device) - bounds[scls.clamp(max=num_classes - 1)]
+    keep_sorted = (scls < num_classes) & (rank < take[scls.clamp(max=num_classes - 1)])
+    return torch.zeros(P, dtype=torch.bool, device=err.device).scatter(0, order, keep_sorted)
+
+
+def bane_negatives(labels, pred, num_classes: int, *, ks: float = 0.5, reading: str = "R1",
+                   ignore_index: int = 255, backend: str = "auto"):
+    """BANE (boundary-aware negatives) for one layer.
+
+    Args:
+        labels: (B, h, w) ground truth at the layer's resolution (``ignore_index`` ignored).
+        pred: (B, h, w) predicted labels or (B, C, h, w) scores (argmax taken).
+        ks: fraction kept per error class (0.5 in the paper).
+        reading: "R1" (default; eq. 13 literal: error maps are false negatives, a kept pixel of
+            class m's map is a negative of every other anchor) or "R2" (false-positive maps: a
+            kept pixel predicted n with GT != n is a negative of anchor n). The pixel sets are the
+            same; which anchor sees a pixel and which region its distance is measured in differ.
+
+    Returns (selected (B, h, w) bool, err (B, h, w) int64: the error class of each pixel, -1
+    where it is no error). One multi-label EDT per image replaces C binary ones; the distance is
+    to the nearest pixel outside the pixel's error region (SciPy convention, border is not a
+    boundary); a region without outside pixel is never selected. Within a class the ceil(ks *
+    count) smallest distances are kept, ties broken by flat index (b, y, x), pooled over the
+    batch."""
+    op = "bane_negatives"
+    chk.check_tensor("labels", labels, ndim=3, dtypes=chk.INT_DTYPES, kind="(B, h, w)")
+    chk.check_tensor("pred", pred, ndim=(3, 4), device=labels.device, kind="(B, h, w) or (B, C, h, w)")
+    if pred.shape[0] != labels.shape[0] or pred.shape[-2:] != labels.shape[-2:]:
+        raise ValueError(f"{op}: pred {tuple(pred.shape)} does not match labels "
+                         f"{tuple(labels.shape)} in batch or spatial size")
+    chk.check_positive_int("num_classes", num_classes)
+    if not 0 < ks <= 1:
+        raise ValueError(f"{op}: ks must be in (0, 1], got {ks!r}")
+    if reading not in READINGS:
+        raise ValueError(f"{op}: reading must be 'R1' or 'R2', got {reading!r}")
+    be = chk.resolve_backend(backend, labels.device, op)
+    C = num_classes
+    gt = labels.to(torch.int64)
+    gt = torch.where((gt >= 0) & (gt < C) & (gt != ignore_index), gt, -1)
+    pr = _pred_labels(pred, C, op)
+    if be == "reference":
+        sel, err = ref.bane_negatives(gt, pr, C, ks=ks, reading=reading)
+        return sel.view(gt.shape), err.view(gt.shape)
+    err = ref.error_map(gt, pr, reading)
+    d2 = distance_transform(err, labels=True, background=-1, squared=True, backend="triton")
+    h, w = gt.shape[-2:]
+    sel = select_lowest(err.reshape(-1), d2.reshape(-1), C, ks, h * h + w * w + 1)
+    return sel.view(gt.shape), err
+
+
+def pixel_anchor_loss(embs, labels, pred, *, num_classes: int | None = None,
+                      w_low: float = 0.5, w_high: float = 0.5,
+                      layer_weights=(0.1, 0.3, 0.7, 1.0), temperature: float = 0.1,
+                      ks: float = 0.5, ignore_index: int = 255, normalize: bool = True,
+                      detach_anchors: bool = False, reading: str = "R1",
+                      backend: str = "auto", check_values: bool | None = None):
+    """Contextrast's pixel-anchor loss L_PA with BANE negatives (specs/contextrast.md §2-5).
+
+    Args:
+        embs: sequence of I (B, D, h_i, w_i) embeddings, shallow to deep (the last is the
+            deepest layer I, whose anchors are fused into every other layer's).
+        labels: (B, H, W) ground truth (nearest-downsampled to each layer; ``ignore_index``).
+        pred: (B, C, H', W') final prediction scores (argmax, then nearest-downsampled to each
+            layer for the error maps) or (B, H', W') predicted labels (then give num_classes).
+        w_low, w_high: static fusion â_i = w_low a_i + w_high a_I for classes present at layer
+            I (must sum to 1; the paper's values were not recovered: 0.5/0.5 is our choice).
+        layer_weights: lambda_i, one per layer (Contextrast++: 0.1, 0.3, 0.7, 1.0).
+        temperature: tau (not recovered; 0.1 as ContrastiveSeg).
+        ks: fraction of each class's error pixels kept as negatives, nearest the boundary (0.5).
+        normalize: L2-normalise pixel embeddings first (ContrastiveSeg-style head; default).
+        detach_anchors: stop gradients through the anchors (default False: they couple layers).
+        reading: BANE reading "R1" (default) or "R2", see :func:`bane_negatives`.
+
+    Returns the scalar L_PA (weight it with alpha = 0.1 in the total loss). Classes without
+    negatives contribute 0; a layer without valid pixels contributes 0; the result is always
+    connected to every embedding's graph.
+    """
+    op = "pixel_anchor_loss"
+    if not isinstance(embs, (list, tuple)) or len(embs) == 0:
+        raise TypeError(f"{op}: embs must be a non-empty list of (B, D, h, w) tensors")
+    for i, e in enumerate(embs):
+        chk.check_tensor(f"embs[{i}]", e, ndim=4, dtypes=chk.FLOAT_DTYPES,
+                         device=embs[0].device, kind="(B, D, h, w)")
+        if e.shape[:2] != embs[0].shape[:2]:
+            raise ValueError(f"{op}: embs[{i}] has (B, D) = {tuple(e.shape[:2])}, embs[0] has "
+                             f"{tuple(embs[0].shape[:2])}")
+    chk.check_pixel_inputs(op, embs[0], labels)
+    chk.check_tensor("pred", pred, ndim=(3, 4), device=embs[0].device,
+                     kind="(B, C, H, W) scores or (B, H, W) labels")
+    if pred.shape[0] != embs[0].shape[0]:
+        raise ValueError(f"{op}: pred has batch size {pred.shape[0]}, embs {embs[0].shape[0]}")
+    if pred.dim() == 4:
+        C = pred.shape[1]
+        if num_classes is not None and num_classes != C:
+            raise ValueError(f"{op}: num_classes={num_classes} but pred has {C} classes")
+    elif num_classes is None:
+        raise ValueError(f"{op}: give num_classes when pred holds labels")
+    else:
+        C = num_classes
+    chk.check_positive_int("num_classes", C)
+    if len(layer_weights) != len(embs):
+        raise ValueError(f"{op}: layer_weights has {len(layer_weights)} entries for "
+                         f"{len(embs)} layers")
+    if abs(w_low + w_high - 1.0) > 1e-6:
+        raise ValueError(f"{op}: w_low + w_high must be 1, got {w_low} + {w_high}")
+    chk.check_positive_float("temperature", temperature)
+    if not 0 < ks <= 1:
+        raise ValueError(f"{op}: ks must be in (0, 1], got {ks!r}")
+    if reading not in READINGS:
+        raise ValueError(f"{op}: reading must be 'R1' or 'R2', got {reading!r}")
+    if chk.want_value_checks(check_values, embs[0].device):
+        for e in embs:
+            chk.check_pixel_values(op, e, labels, C, ignore_index)
+    be = chk.resolve_backend(backend, embs[0].device, op)
+    pred_labels = _pred_labels(pred, C, op)
+    kw = dict(w_low=w_low, w_high=w_high, layer_weights=layer_weights, temperature=temperature,
+              ks=ks, ignore_index=ignore_index, normalize=normalize,
+              detach_anchors=detach_anchors, reading=reading)
+    if be == "reference":
+        return ref.pixel_anchor_loss(list(embs), labels, pred_labels, C, **kw)
+    return _pa_fused(list(embs), labels, pred_labels, C, **kw)
+
+
+def _pa_fused(embs, labels, pred_labels, C, *, w_low, w_high, layer_weights, temperature, ks,
+              ignore_index, normalize, detach_anchors, reading):
+    from . import _library as lib
+    layers, anchors, present = [], [], []
+    for emb in embs:
+        z, gt, pr = ref.layer_inputs(emb, labels, pred_labels, C, ignore_index, normalize)
+        sums, counts = lib.class_sums(z, gt, C)                        # anchors keep their grad
+        a = sums / counts.clamp(min=1).to(sums.dtype)[:, None]
+        anchors.append(a.detach() if detach_anchors else a)
+        present.append(counts > 0)
+        layers.append((z, gt, pr, counts, emb.shape))
+    fused = ref.fuse_anchors(anchors, present, w_low, w_high)
+    total = sum(0.0 * emb.sum() for emb in embs)                       # graph-connected zero
+    for (z, gt, pr, counts, shape), a_hat, pres, lam in zip(layers, fused, present, layer_weights):
+        B, _, h, w = shape
+        sel, err = bane_negatives(gt.view(B, h, w), pr.view(B, h, w), C, ks=ks,
+                                  reading=reading, ignore_index=-1, backend="triton")
+        negcls = torch.where(sel, err, -1).reshape(-1)
+        loss_sum, _, _ = lib.anchor_contrast(z, a_hat, gt, negcls, float(temperature),
+                                             reading == "R2")
+        per_class = loss_sum / counts.clamp(min=1).to(loss_sum.dtype)
+        total = total + lam * per_class.sum() / pres.sum().clamp(min=1)
+    return total

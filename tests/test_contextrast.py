@@ -1,0 +1,207 @@
+"""Contextrast: BANE selection against a brute-force SciPy reference, the fused loss against the
+reference (whole loss and gradients through the anchors), hand-computed and degenerate cases,
+opcheck, bad input."""
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+
+from pixcon.nn import ContextrastLoss
+from pixcon.ops import _library as lib
+from pixcon.ops import bane_negatives, pixel_anchor_loss
+from pixcon.reference import contextrast as ref
+
+from .conftest import assert_close, triton_device
+
+DEV = triton_device()
+BACKENDS = ["reference", pytest.param("triton", marks=pytest.mark.interpret)]
+
+
+def _scene(B=2, C=5, H=32, W=48, p_err=0.3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    coarse = torch.randint(0, C, (B, 1, 4, 6), generator=g).float()
+    labels = torch.nn.functional.interpolate(coarse, size=(H, W)).long()[:, 0]
+    labels[torch.rand(B, H, W, generator=g) < 0.05] = 255
+    noise = torch.randint(0, C, (B, H, W), generator=g)
+    pred = torch.where(torch.rand(B, H, W, generator=g) < p_err, noise, labels.clamp(max=C - 1))
+    return labels, pred
+
+
+def brute_force_bane(gt, pred, C, ks, reading):
+    """Per image and class: SciPy's EDT of that class's own error mask; pooled per class over
+    the batch; sorted by (d^2, flat index); first ceil(ks * count) kept."""
+    gt, pred = gt.numpy(), pred.numpy()
+    err = np.where((gt >= 0) & (pred != gt), gt if reading == "R1" else pred, -1)
+    d2 = np.full(err.shape, np.inf)
+    for b in range(err.shape[0]):
+        for c in range(C):
+            m = err[b] == c
+            if m.any() and not m.all():
+                d2[b][m] = np.rint(ndimage.distance_transform_edt(m) ** 2)[m]
+    keep = np.zeros(err.size, bool)
+    flat_err, flat_d2 = err.ravel(), d2.ravel()
+    for c in range(C):
+        idx = [i for i in range(err.size) if flat_err[i] == c and np.isfinite(flat_d2[i])]
+        idx.sort(key=lambda i: (flat_d2[i], i))
+        keep[idx[:math.ceil(ks * len(idx))]] = True
+    return keep.reshape(err.shape), err
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reading", ["R1", "R2"])
+@pytest.mark.parametrize("ks", [0.5, 0.2, 1.0])
+def test_bane_matches_brute_force(backend, reading, ks):
+    labels, pred = _scene(seed=int(ks * 10))
+    C = 5
+    gt = torch.where(labels == 255, -1, labels)
+    want_sel, want_err = brute_force_bane(gt, pred, C, ks, reading)
+    sel, err = bane_negatives(labels.to(DEV) if backend == "triton" else labels,
+                              pred.to(DEV) if backend == "triton" else pred, C, ks=ks,
+                              reading=reading, backend=backend)
+    assert np.array_equal(err.cpu().numpy(), want_err)
+    assert np.array_equal(sel.cpu().numpy(), want_sel)
+    assert sel.sum() > 0
+
+
+def test_bane_scores_input_and_region_covering_image():
+    C = 3
+    labels = torch.zeros(1, 6, 7, dtype=torch.long)
+    scores = torch.zeros(1, C, 6, 7)
+    scores[:, 2] = 1.0                         # everything predicted 2: one error region = image
+    sel, err = bane_negatives(labels, scores, C)
+    assert (err == 0).all() and not sel.any()  # no outside pixel: d = inf, never selected
+
+
+def _embs(dtype, B=2, D=16, sizes=(16, 8, 4, 2), seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(B, D, s, 2 * s, generator=g).to(dtype) for s in sizes]
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+@pytest.mark.parametrize("reading", ["R1", "R2"])
+@pytest.mark.parametrize("detach", [False, True])
+def test_fused_loss_matches_reference(dtype, reading, detach):
+    labels, pred = _scene()
+    embs = _embs(dtype)
+    out = []
+    for be, dev in (("reference", "cpu"), ("triton", DEV)):
+        es = [e.to(dev).requires_grad_() for e in embs]
+        loss = pixel_anchor_loss(es, labels.to(dev), pred.to(dev), num_classes=5, backend=be,
+                                 reading=reading, detach_anchors=detach)
+        out.append((loss.detach().cpu(), [g.cpu() for g in torch.autograd.grad(loss * 1.5, es)]))
+    # same selection (exact integers), same math in fp32 (fp64): summation order only
+    tol = 1e-10 if dtype == torch.float64 else 1e-5
+    assert_close(out[1][0], out[0][0], rtol=tol, atol=tol, what="loss")
+    gtol = 2e-3 if dtype == torch.float16 else tol
+    for i, (a, b) in enumerate(zip(out[1][1], out[0][1])):
+        assert_close(a, b, rtol=gtol, atol=gtol * 1e-2, what=f"d embs[{i}]")
+    assert out[0][0].item() > 0
+
+
+def test_hand_computed_single_layer():
+    # class 0 pixels = (1, 0), class 1 pixels = (0, 1); one class-1 pixel predicted 0 (an error
+    # whose distance to its region's edge is 1). R1: it is a negative of anchor 0 only.
+    # loss = lambda * (softplus(NL_0 - s+) + 0) / 2 with s+ = 1/t, NL_0 = 0/t = 0.
+    labels = torch.tensor([[[0, 0, 0, 1, 1, 1]]])
+    emb = torch.tensor([[1.0, 1, 1, 0, 0, 0], [0, 0, 0, 1, 1, 1]]).view(1, 2, 1, 6)
+    pred = labels.clone()
+    pred[0, 0, 4] = 0
+    loss = pixel_anchor_loss([emb], labels, pred, num_classes=2, layer_weights=(1.0,),
+                             temperature=0.1, backend="reference")
+    assert abs(loss.item() - math.log1p(math.exp(-10)) / 2) < 1e-9
+
+
+def test_anchor_fusion_uses_deep_anchor_only_where_present():
+    a_shallow = torch.tensor([[1.0, 0], [0, 1], [1, 1]])
+    a_deep = torch.tensor([[3.0, 0], [0, 0], [0, 0]])
+    fused = ref.fuse_anchors([a_shallow, a_deep], [torch.ones(3, dtype=torch.bool),
+                                                   torch.tensor([True, False, False])], 0.3, 0.7)
+    assert torch.allclose(fused[0], torch.tensor([[2.4, 0], [0, 1], [1, 1]]))
+    assert torch.equal(fused[1], a_deep)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", ["no_errors", "class_absent_deep", "all_wrong_deep"])
+def test_degenerate_layers(backend, case):
+    labels, pred = _scene()
+    if case == "no_errors":
+        pred = labels.clamp(max=4)             # no error pixel: no negative: loss 0
+    elif case == "class_absent_deep":
+        labels[labels == 4] = 3
+        labels[:, 1:3] = 4                     # rows 1-2 only: seen at 16x32, gone at 8x16 and below
+    embs = [e.to(DEV if backend == "triton" else "cpu").requires_grad_() for e in
+            _embs(torch.float32)]
+    dev = embs[0].device
+    kw = dict(num_classes=5, backend=backend)
+    if case == "all_wrong_deep":
+        loss = pixel_anchor_loss(embs, labels.to(dev), torch.full_like(pred, 4).to(dev), **kw)
+    else:
+        loss = pixel_anchor_loss(embs, labels.to(dev), pred.to(dev), **kw)
+    if case == "class_absent_deep":
+        from pixcon.reference.common import pixel_labels
+        assert (pixel_labels(labels, (16, 32), 5, 255) == 4).any()
+        assert not (pixel_labels(labels, (2, 4), 5, 255) == 4).any()
+    grads = torch.autograd.grad(loss, embs)
+    assert torch.isfinite(loss) and all(torch.isfinite(g).all() for g in grads)
+    assert loss.grad_fn is not None
+    if case == "no_errors":
+        assert loss.item() == 0.0
+
+
+@pytest.mark.interpret
+def test_opcheck_anchor_ops():
+    g = torch.Generator().manual_seed(0)
+    z = torch.nn.functional.normalize(torch.randn(40, 6, dtype=torch.float64, generator=g), dim=1)
+    a = torch.randn(3, 6, dtype=torch.float64, generator=g)
+    gt = torch.randint(-1, 3, (40,), generator=g)
+    neg = torch.where(torch.rand(40, generator=g) < 0.4, torch.randint(0, 3, (40,), generator=g), -1)
+    z, a, gt, neg = (t.to(DEV) for t in (z, a, gt, neg))
+    torch.library.opcheck(lib.anchor_contrast, (z.requires_grad_(), a.requires_grad_(), gt, neg,
+                                                0.1, False))
+    torch.library.opcheck(lib.class_sums, (z, gt, 3))
+
+
+@pytest.mark.interpret
+def test_fused_float64_gradcheck():
+    labels, pred = _scene(B=1, C=3, H=8, W=8)
+    embs = [e.to(DEV).requires_grad_() for e in
+            _embs(torch.float64, B=1, D=3, sizes=(4, 2), seed=3)]
+    # BANE selection and anchors' class membership do not move under finite differences
+    assert torch.autograd.gradcheck(
+        lambda a, b: pixel_anchor_loss([a, b], labels.to(DEV), pred.to(DEV), num_classes=3,
+                                       layer_weights=(0.5, 1.0), backend="triton"),
+        tuple(embs), fast_mode=True)
+
+
+def test_module_heads():
+    crit = ContextrastLoss(in_channels=(4, 8), dim=16, num_classes=5, backend="reference")
+    feats = [torch.randn(2, 4, 16, 32), torch.randn(2, 8, 8, 16)]
+    labels, pred = _scene()
+    loss = crit(feats, labels, pred)
+    loss.backward()
+    assert all(p.grad is not None for p in crit.parameters())
+
+
+BAD = [
+    (dict(embs=torch.randn(2, 4, 4, 4)), TypeError, "embs must be a non-empty list"),
+    (dict(w_low=0.3), ValueError, "w_low \\+ w_high must be 1"),
+    (dict(layer_weights=(1.0,)), ValueError, "layer_weights has 1 entries for 2 layers"),
+    (dict(reading="R3"), ValueError, "reading must be 'R1' or 'R2'"),
+    (dict(ks=0.0), ValueError, "ks must be in"),
+    (dict(num_classes=None), ValueError, "give num_classes"),
+    (dict(pred=torch.zeros(1, 32, 48, dtype=torch.long)), ValueError, "pred has batch size 1"),
+    (dict(temperature=-1), ValueError, "temperature must be a positive number"),
+]
+
+
+@pytest.mark.parametrize("kw,exc,msg", BAD, ids=[b[2][:20] for b in BAD])
+def test_bad_input(kw, exc, msg):
+    labels, pred = _scene()
+    args = dict(embs=[torch.randn(2, 4, 16, 32), torch.randn(2, 4, 8, 16)], labels=labels,
+                pred=pred, num_classes=5, layer_weights=(0.5, 1.0), backend="reference")
+    args.update(kw)
+    with pytest.raises(exc, match=msg):
+        pixel_anchor_loss(args.pop("embs"), args.pop("labels"), args.pop("pred"), **args)
