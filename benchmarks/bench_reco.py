@@ -15,9 +15,7 @@ beyond the inputs, measured on every device).
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import re
 import sys
 
 import torch
@@ -108,15 +106,7 @@ def markdown(rows) -> str:
 
 
 def write(rows, out):
-    os.makedirs(out, exist_ok=True)
-    m = rows[0]
-    slug = re.sub(r"[^A-Za-z0-9]+", "-", m["device"]).strip("-").lower()[:40]
-    stem = os.path.join(out, f"{m['date'][:10]}-{slug}-reco-{m['size']}")
-    with open(stem + ".json", "w") as f:
-        json.dump(rows, f, indent=1)
-    with open(stem + ".md", "w") as f:
-        f.write(markdown(rows))
-    return stem
+    return pb.write_results(rows, out, f"reco-{rows[0]['size']}", markdown(rows))
 
 
 def main(argv=None):

@@ -3,8 +3,10 @@ time, peak extra device memory, bytes autograd saves for backward, and run metad
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import time
@@ -89,3 +91,16 @@ def metadata(device: torch.device) -> dict:
             "commit": commit or "unknown",
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "triton_interpret": os.environ.get("TRITON_INTERPRET") == "1"}
+
+
+def write_results(rows, out: str, name: str, markdown: str) -> str:
+    """Write rows as <out>/<date>-<device>-<name>.json and the table as .md; returns the stem."""
+    os.makedirs(out, exist_ok=True)
+    m = rows[0]
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", m["device"]).strip("-").lower()[:40]
+    stem = os.path.join(out, f"{m['date'][:10]}-{slug}-{name}")
+    with open(stem + ".json", "w") as f:
+        json.dump(rows, f, indent=1)
+    with open(stem + ".md", "w") as f:
+        f.write(markdown)
+    return stem

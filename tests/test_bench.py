@@ -10,9 +10,9 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _bench_module():
+def _bench_module(name="bench_reco"):
     spec = importlib.util.spec_from_file_location(
-        "bench_reco", os.path.join(ROOT, "benchmarks", "bench_reco.py"))
+        name, os.path.join(ROOT, "benchmarks", f"{name}.py"))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -43,3 +43,22 @@ def test_fused_step_under_pytest_benchmark(benchmark):
     _, step = mod.make_step("fused", emb, labels, probs, 4, 8)
     loss = benchmark.pedantic(step, rounds=1, iterations=1)
     assert loss.item() > 0 and emb.grad is not None
+
+
+def test_bench_edt_tiny_writes_results(tmp_path):
+    mod = _bench_module("bench_edt")
+    rows = mod.run("tiny", device="cpu", reps=1, out=str(tmp_path), verbose=False)
+    names = [r["provider"] for r in rows]
+    assert names[0].startswith("scipy") and any("C++" in n for n in names)
+    assert all(r["ms"] > 0 and r["speedup_vs_scipy"] > 0 for r in rows)
+    assert sorted(p.suffix for p in tmp_path.iterdir()) == [".json", ".md"]
+
+
+@pytest.mark.interpret
+def test_bench_contextrast_tiny_writes_results(tmp_path):
+    mod = _bench_module("bench_contextrast")
+    rows = mod.run("tiny", device="cpu", reps=1, out=str(tmp_path), verbose=False)
+    by = {r["provider"]: r for r in rows}
+    assert set(by) == {"reference", "fused"}
+    assert by["fused"]["loss"] == pytest.approx(by["reference"]["loss"], rel=1e-5)
+    assert sorted(p.suffix for p in tmp_path.iterdir()) == [".json", ".md"]

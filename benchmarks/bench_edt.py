@@ -1,0 +1,141 @@
+"""distance_transform benchmark: pixcon (C++ on CPU, Triton on GPU) vs SciPy (per image, per
+class, as users call it today) and CuPy's distance_transform_edt (per image, where installed).
+
+    python benchmarks/bench_edt.py                  # all sizes that fit the device
+    python benchmarks/bench_edt.py --size tiny      # seconds; what CI runs
+
+Sizes: "bane" 8x128x256 multi-label (19 classes + background, the Contextrast layer-1 error map),
+"pyramid" the HRNet BANE pyramid (8 x {128x256, 64x128, 32x64, 16x32}, multi-label), "large"
+8x1024x2048 binary. SciPy/CuPy need one binary call per (image, class); pixcon does one
+multi-label call for the whole batch. Rows report ms per batch and the speed-up over SciPy.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import numpy as np
+import torch
+
+import pixcon.bench as pb
+from pixcon.ops import distance_transform
+
+SIZES = {
+    "tiny": [(2, 16, 32, 4)],
+    "bane": [(8, 128, 256, 19)],
+    "pyramid": [(8, 128, 256, 19), (8, 64, 128, 19), (8, 32, 64, 19), (8, 16, 32, 19)],
+    "large": [(8, 1024, 2048, 0)],
+}
+
+
+def make_maps(B, H, W, C, seed=0):
+    """Multi-label error-like maps (C > 0: blobs of classes with -1 = background) or binary
+    speckle-with-blobs masks (C = 0)."""
+    g = torch.Generator().manual_seed(seed)
+    if C == 0:
+        coarse = torch.rand(B, 1, H // 32, W // 32, generator=g) < 0.6
+        m = torch.nn.functional.interpolate(coarse.float(), size=(H, W)).bool()[:, 0]
+        return m & (torch.rand(B, H, W, generator=g) > 0.01)
+    coarse = torch.randint(-1, C, (B, 1, max(H // 8, 1), max(W // 8, 1)), generator=g)
+    lab = torch.nn.functional.interpolate(coarse.float(), size=(H, W)).long()[:, 0]
+    lab[torch.rand(B, H, W, generator=g) < 0.3] = -1
+    return lab
+
+
+def scipy_batch(maps, C):
+    from scipy import ndimage
+    a = maps.cpu().numpy()
+    for b in range(a.shape[0]):
+        if C == 0:
+            ndimage.distance_transform_edt(a[b])
+        else:
+            for c in range(C):
+                m = a[b] == c
+                if m.any():
+                    ndimage.distance_transform_edt(m)
+
+
+def cupy_batch(maps, C):
+    import cupy
+    from cupyx.scipy import ndimage as cnd
+    a = cupy.asarray(maps)
+    for b in range(a.shape[0]):
+        if C == 0:
+            cnd.distance_transform_edt(a[b])
+        else:
+            for c in range(C):
+                cnd.distance_transform_edt(a[b] == c)
+
+
+def run(size="pyramid", device=None, reps=5, out=None, threads=None, verbose=True):
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    meta = pb.metadata(device)
+    rows = []
+    for B, H, W, C in SIZES[size]:
+        maps = make_maps(B, H, W, C)
+        kw = dict(labels=True, background=-1) if C else {}
+        providers = {"scipy (CPU, per image/class)": lambda: scipy_batch(maps, C)}
+        if device.type == "cuda":
+            dm = maps.to(device)
+            providers["pixcon triton"] = lambda: distance_transform(dm, backend="triton", **kw)
+            try:
+                import cupy  # noqa: F401
+                providers["cupy (per image/class)"] = lambda: cupy_batch(dm, C)
+            except ImportError:
+                pass
+        else:
+            providers["pixcon C++ (1 thread)"] = "1"
+            providers["pixcon C++ (all threads)"] = "all"
+        for name, fn in providers.items():
+            if verbose:
+                print(f"[{size} {B}x{H}x{W} C={C}] {name} ...", file=sys.stderr, flush=True)
+            old = torch.get_num_threads()
+            if isinstance(fn, str):
+                torch.set_num_threads(1 if fn == "1" else (threads or os.cpu_count()))
+                fn = (lambda: distance_transform(maps, backend="cuda", **kw))
+            dev = device if "triton" in name or "cupy" in name else torch.device("cpu")
+            ms = pb.time_ms(fn, dev, warmup=1, reps=reps)
+            torch.set_num_threads(old)
+            rows.append({"op": "distance_transform", "size": size, "shape": [B, H, W],
+                         "classes": C, "provider": name, "ms": round(ms, 4),
+                         "threads": torch.get_num_threads() if "all" in name else 1, **meta})
+    base = {}
+    for r in rows:
+        if r["provider"].startswith("scipy"):
+            base[tuple(r["shape"])] = r["ms"]
+    for r in rows:
+        r["speedup_vs_scipy"] = round(base[tuple(r["shape"])] / r["ms"], 2)
+    if out:
+        pb.write_results(rows, out, f"edt-{size}", markdown(rows))
+    return rows
+
+
+def markdown(rows) -> str:
+    m = rows[0]
+    lines = [f"distance_transform on {m['device']} | torch {m['torch']} | triton {m['triton']} | "
+             f"commit {m['commit']} | {m['date']}", "",
+             "| shape | classes | provider | ms per batch | speed-up vs SciPy |", "|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {'x'.join(map(str, r['shape']))} | {r['classes'] or 'binary'} | "
+                     f"{r['provider']} | {r['ms']:.3f} | {r['speedup_vs_scipy']:.1f}x |")
+    total = {}
+    for r in rows:
+        total[r["provider"]] = total.get(r["provider"], 0.0) + r["ms"]
+    if len({tuple(r["shape"]) for r in rows}) > 1:
+        lines += ["", "Whole set: " + ", ".join(f"{k} {v:.3f} ms" for k, v in total.items())]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--size", choices=SIZES, nargs="+", default=["bane", "pyramid", "large"])
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    a = ap.parse_args(argv)
+    for size in a.size:
+        print(markdown(run(size, reps=a.reps, out=a.out)))
+
+
+if __name__ == "__main__":
+    main()
