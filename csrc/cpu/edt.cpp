@@ -72,22 +72,26 @@ void edt_impl(const T* lab, int64_t N, int64_t H, int64_t W, T bg, int32_t* gcol
       const int64_t n = i / nblk, x0 = (i % nblk) * kCols, nx = std::min(W, x0 + kCols) - x0;
       const T* L = lab + n * H * W + x0;
       int32_t* G = gcol + n * H * W + x0;
+      int32_t* __restrict__ bl = below.data();
       for (int64_t x = 0; x < nx; ++x) G[x] = kFar;
-      for (int64_t y = 1; y < H; ++y) {
-        const T* l = L + y * W;
-        int32_t* g = G + y * W;
-        const int32_t* ga = g - W;
+      for (int64_t y = 1; y < H; ++y) {   // restrict: labels and G never alias (vectorises)
+        const T* __restrict__ l = L + y * W;
+        const T* __restrict__ la = l - W;
+        int32_t* __restrict__ g = G + y * W;
+        const int32_t* __restrict__ ga = g - W;
         for (int64_t x = 0; x < nx; ++x)
-          g[x] = l[x] != l[x - W] ? 1 : std::min(ga[x] + 1, kFar);
+          g[x] = l[x] != la[x] ? 1 : std::min(ga[x] + 1, kFar);
       }
-      for (int64_t x = 0; x < nx; ++x) below[x] = kFar;
+      for (int64_t x = 0; x < nx; ++x) bl[x] = kFar;
       for (int64_t y = H - 1; y >= 0; --y) {
-        const T* l = L + y * W;
-        int32_t* g = G + y * W;
-        for (int64_t x = 0; x < nx; ++x) {
-          if (y < H - 1) below[x] = l[x] != l[x + W] ? 1 : std::min(below[x] + 1, kFar);
-          g[x] = l[x] == bg ? 0 : std::min(g[x], below[x]);
+        const T* __restrict__ l = L + y * W;
+        int32_t* __restrict__ g = G + y * W;
+        if (y < H - 1) {
+          const T* __restrict__ lb = l + W;
+          for (int64_t x = 0; x < nx; ++x)
+            bl[x] = l[x] != lb[x] ? 1 : std::min(bl[x] + 1, kFar);
         }
+        for (int64_t x = 0; x < nx; ++x) g[x] = l[x] == bg ? 0 : std::min(g[x], bl[x]);
       }
     }
   });
@@ -125,9 +129,14 @@ void edt_impl(const T* lab, int64_t N, int64_t H, int64_t W, T bg, int32_t* gcol
         }
         x = e + 1;
       }
-      for (int64_t t = 0; t < W; ++t) {
-        if (d2[t] >= kInf) o[t] = std::numeric_limits<float>::infinity();
-        else o[t] = squared ? static_cast<float>(d2[t]) : std::sqrt(static_cast<float>(d2[t]));
+      const int64_t* __restrict__ dd = d2.data();
+      float* __restrict__ oo = o;
+      const float inf = std::numeric_limits<float>::infinity();
+      if (squared) {
+        for (int64_t t = 0; t < W; ++t) oo[t] = dd[t] >= kInf ? inf : static_cast<float>(dd[t]);
+      } else {
+        for (int64_t t = 0; t < W; ++t)
+          oo[t] = dd[t] >= kInf ? inf : std::sqrt(static_cast<float>(dd[t]));
       }
     }
   });
