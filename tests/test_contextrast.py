@@ -205,3 +205,38 @@ def test_bad_input(kw, exc, msg):
     args.update(kw)
     with pytest.raises(exc, match=msg):
         pixel_anchor_loss(args.pop("embs"), args.pop("labels"), args.pop("pred"), **args)
+
+
+@pytest.mark.interpret
+def test_fused_path_makes_no_host_sync(monkeypatch):
+    labels, pred = _scene()
+    embs = [e.to(DEV).requires_grad_() for e in _embs(torch.float32)]
+
+    def boom(*a, **k):
+        raise AssertionError("host sync in the fused path")
+
+    for name in ("item", "tolist", "__bool__", "__int__", "__float__"):
+        monkeypatch.setattr(torch.Tensor, name, boom)
+    loss = pixel_anchor_loss(embs, labels.to(DEV), pred.to(DEV), num_classes=5, backend="triton",
+                             check_values=False)
+    loss.backward()
+    monkeypatch.undo()
+    assert loss.item() > 0
+
+
+BANE_BAD = [
+    (dict(labels=torch.zeros(2, 4, dtype=torch.long)), ValueError, "labels must have 3"),
+    (dict(pred=torch.zeros(2, 5, 6, dtype=torch.long)), ValueError, "does not match labels"),
+    (dict(ks=1.5), ValueError, "ks must be in"),
+    (dict(reading="FP"), ValueError, "reading must be 'R1' or 'R2'"),
+    (dict(pred=torch.zeros(2, 3, 4, 6)), ValueError, "pred has 3 classes, expected 5"),
+]
+
+
+@pytest.mark.parametrize("kw,exc,msg", BANE_BAD, ids=[b[2][:20] for b in BANE_BAD])
+def test_bane_bad_input(kw, exc, msg):
+    args = dict(labels=torch.zeros(2, 4, 6, dtype=torch.long),
+                pred=torch.zeros(2, 4, 6, dtype=torch.long), num_classes=5)
+    args.update(kw)
+    with pytest.raises(exc, match=msg):
+        bane_negatives(args.pop("labels"), args.pop("pred"), args.pop("num_classes"), **args)
