@@ -50,12 +50,13 @@ class ContextrastLoss(torch.nn.Module):
         kwargs.setdefault("layer_weights", (0.1, 0.3, 0.7, 1.0)[-len(in_channels):])
         self.kwargs = kwargs
 
-    def forward(self, features, labels, pred):
+    def forward(self, features, labels, pred, **overrides):
+        """``overrides`` replace stored keyword arguments for this call (e.g. backend=...)."""
         if len(features) != len(self.heads):
             raise ValueError(f"ContextrastLoss: {len(features)} feature maps for "
                              f"{len(self.heads)} heads")
         embs = [head(f) for head, f in zip(self.heads, features)]
-        return pixel_anchor_loss(embs, labels, pred, **self.kwargs)
+        return pixel_anchor_loss(embs, labels, pred, **{**self.kwargs, **overrides})
 
 
 __all__ += ["ContextrastLoss"]

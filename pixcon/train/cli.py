@@ -1,0 +1,111 @@
+"""Command line of pixcon.train (also the ``pixcon`` console script).
+
+    python -m pixcon.train                          # compare: sup CE / semi CE / semi CE + ReCo
+    python -m pixcon.train run --mode semi --loss reco --num-labels 20 --out runs/reco
+    python -m pixcon.train run ... --out runs/reco --resume     # continue from its checkpoint
+    python -m pixcon.train parity --loss reco --tiny            # reference vs fused backend
+    python -m pixcon.train run --dataset voc:/data/VOC2012 --backbone resnet101 --crop 321
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+
+import torch
+
+if not torch.cuda.is_available():
+    # Triton kernels on CPU run only under the interpreter, which must be chosen before triton
+    # is imported (the parity mode's fused backend needs it).
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from .loop import LOSSES, Config, compare, parity, train  # noqa: E402
+
+# a tiny configuration: a few seconds a step even for the fused path under the Triton interpreter
+TINY = dict(scene_size=32, train_length=32, val_length=16, batch_size=2, crop=32, steps=30,
+            eval_every=10, num_labels=8, num_queries=8, num_negatives=16)
+
+
+def _add_config_args(p):
+    d = Config()
+    p.add_argument("--dataset", default=d.dataset,
+                   help="scenes (embedded, default), voc:ROOT, cityscapes:ROOT or sun:ROOT")
+    p.add_argument("--num-labels", type=int, default=d.num_labels,
+                   help="labelled images, picked class-balanced (0 = all)")
+    p.add_argument("--partial", choices=["p0", "p1", "p5", "p25"], default=None,
+                   help="sparse labels on every image instead of a few labelled images")
+    p.add_argument("--min-classes", type=int, default=d.min_classes)
+    p.add_argument("--steps", type=int, default=d.steps)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--crop", type=int, default=d.crop)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--loss-weight", type=float, default=None,
+                   help="weight of the contrastive loss (default 1 for reco, 0.1 for contextrast)")
+    p.add_argument("--num-queries", type=int, default=d.num_queries)
+    p.add_argument("--num-negatives", type=int, default=d.num_negatives)
+    p.add_argument("--backbone", default=d.backbone, help="small, resnet50, resnet101")
+    p.add_argument("--eval-every", type=int, default=d.eval_every)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", default=None, help="folder for checkpoints and reports")
+    p.add_argument("--tiny", action="store_true", help="a tiny configuration (tests, interpreter)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _config(a, **over) -> Config:
+    fields = {f.name for f in dataclasses.fields(Config)}
+    kw = {k: v for k, v in vars(a).items() if k in fields}
+    cfg = Config(**kw, progress=not a.quiet, **over)
+    if a.tiny:
+        # explicit flags that differ from the defaults win over the tiny preset
+        d = Config()
+        cfg = dataclasses.replace(cfg, **{k: v for k, v in TINY.items()
+                                          if getattr(cfg, k) == getattr(d, k)})
+    return cfg
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="pixcon", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd")
+    p_cmp = sub.add_parser("compare", help="sup CE / semi CE / semi CE + ReCo, mIoU per row "
+                           "(the default)")
+    _add_config_args(p_cmp)
+    p_run = sub.add_parser("run", help="train one configuration")
+    _add_config_args(p_run)
+    p_run.add_argument("--mode", choices=["sup", "semi"], default="semi")
+    p_run.add_argument("--loss", choices=LOSSES, default="none")
+    p_run.add_argument("--backend", default="auto", help="auto, reference, triton")
+    p_run.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    p_run.add_argument("--stop-at", type=int, default=None,
+                       help="stop after this step, leaving a checkpoint")
+    p_par = sub.add_parser("parity", help="the same run with the reference and fused backends")
+    _add_config_args(p_par)
+    p_par.add_argument("--mode", choices=["sup", "semi"], default="semi")
+    p_par.add_argument("--loss", choices=LOSSES[1:], default="reco")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in ("compare", "run", "parity", "-h", "--help"):
+        argv = ["compare"] + argv
+    a = ap.parse_args(argv)
+
+    if a.cmd == "compare":
+        res = compare(_config(a))
+        print("\n" + res["table"])
+    elif a.cmd == "run":
+        rep = train(_config(a))
+        best = rep["best_miou"]
+        print(f"\n{rep['config']['mode']} + {rep['config']['loss']}: final mIoU "
+              f"{100 * rep['final_miou']:.2f}%, best {100 * best:.2f}% at step {rep['best_step']}"
+              if best is not None else "\nno evaluation ran")
+        if a.out:
+            print(f"report: {os.path.join(a.out, 'report.md')}")
+    else:
+        res = parity(_config(a))
+        print(json.dumps({k: v for k, v in res.items() if k != "config"}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
