@@ -39,7 +39,7 @@ class Config:
     num_labels: int = 20               # labelled images (class-balanced pick); 0 = all
     partial: str | None = None         # "p0", "p1", "p5", "p25": sparse labels on every image
     min_classes: int = 3               # T of the partial-dataset protocol
-    steps: int = 400
+    steps: int = 800
     batch_size: int = 8                # labelled and unlabelled images per step (sup: 2x labelled)
     crop: int = 64
     scale: tuple = (0.75, 1.25)        # random rescale of the labelled and the strong view
