@@ -1,5 +1,6 @@
-"""pixcon's main job until the trainer lands: ReCo on a synthetic batch at a realistic size,
-forward + backward through every available backend, with loss, time and memory per backend.
+"""The ReCo loss alone on a synthetic batch at a realistic size: forward + backward through every
+available backend, with loss, time and memory per backend. (The main job, ``./dev demo``, is the
+trainer comparison ``python -m pixcon.train``.)
 
     python -m pixcon.demo                  # VOC semi-supervised setting, 10 classes present
     python -m pixcon.demo --size small     # a quick look
