@@ -451,3 +451,27 @@ def test_console_script_is_installed():
     from importlib.metadata import entry_points
     eps = {e.name: e.value for e in entry_points(group="console_scripts")}
     assert eps.get("pixcon") == "pixcon.train.cli:main", "re-run ./dev setup (pip install -e .)"
+
+
+def test_training_on_a_voc_folder_with_mixed_sizes(tmp_path):
+    """Folder data end to end: images of different sizes are cropped per image for training and
+    evaluated in same-size groups; labels with void borders, class-balanced labelled pick."""
+    lists = tmp_path / "ImageSets" / "Segmentation"
+    lists.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    names = [f"im{i}" for i in range(6)]
+    for k, n in enumerate(names):
+        h, w = (40, 48) if k % 2 else (36, 30)
+        _png(tmp_path / "JPEGImages" / f"{n}.jpg", rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
+        lab = np.zeros((h, w), dtype=np.uint8)
+        lab[: h // 2] = 1 + k % 3
+        lab[h // 2:, : w // 2] = 4 + k % 2
+        lab[0] = 255
+        _png(tmp_path / "SegmentationClassAug" / f"{n}.png", lab)
+    (lists / "train_aug.txt").write_text("\n".join(names[:4]) + "\n")
+    (lists / "val.txt").write_text("\n".join(names[4:]) + "\n")
+    rep = train(Config(dataset=f"voc:{tmp_path}", mode="semi", loss="reco", steps=2,
+                       eval_every=2, batch_size=2, crop=32, num_labels=2, num_queries=8,
+                       num_negatives=16, progress=False))
+    assert rep["num_labelled"] == 2 and rep["steps_done"] == 2
+    assert len(rep["class_names"]) == 21 and 0 <= rep["final_miou"] <= 1

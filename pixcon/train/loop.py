@@ -106,7 +106,8 @@ class Splits:
         n, self.sparse = len(ds), None
         if cfg.partial is not None:
             self.labelled = self.unlabelled = list(range(n))
-            labels = [ds[i][1] for i in range(n)]
+            load = getattr(ds, "load_label", None)       # folders: no image decoding
+            labels = [load(i) if load else ds[i][1] for i in range(n)]
             maps = protocols.partial_labels(ds.ids, labels, cfg.partial,
                                             num_classes=ds.num_classes, seed=cfg.seed)
             self.sparse = [torch.as_tensor(m) for m in maps]
@@ -154,17 +155,21 @@ def evaluate(model, ds, device, batch: int = 50) -> dict:
     was = model.training
     model.eval()
     conf = torch.zeros(ds.num_classes, ds.num_classes, dtype=torch.int64)
-    i = 0
-    while i < len(ds):
-        items = [ds[i]]
-        while i + len(items) < len(ds) and len(items) < batch and \
-                ds[i + len(items)][0].shape == items[0][0].shape:
-            items.append(ds[i + len(items)])
+
+    def flush(items):
         x = torch.stack([it[0] for it in items]).to(device)
         y = torch.stack([it[1] for it in items])
         logits = upsample(model(ss.normalize_images(x)).logits, y.shape[-2:])
-        conf += metrics.confusion_matrix(logits.argmax(1).cpu(), y, ds.num_classes)
-        i += len(items)
+        conf.add_(metrics.confusion_matrix(logits.argmax(1).cpu(), y, ds.num_classes))
+
+    items = []                                  # consecutive images of one size, batched
+    for i in range(len(ds)):
+        it = ds[i]
+        if items and (len(items) == batch or it[0].shape != items[0][0].shape):
+            flush(items)
+            items = []
+        items.append(it)
+    flush(items)
     model.train(was)
     iou = metrics.iou_per_class(conf)
     return {"miou": metrics.mean_iou(conf), "iou": [None if math.isnan(v) else v
