@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .ops import class_means
+from .train.loop import same_size_batches
 from .train.semisup import normalize_images
 
 
@@ -39,10 +40,8 @@ def class_relation(model, dataset, device="cpu", batch: int = 50):
     model.eval()
     C = dataset.num_classes
     sums = counts = None
-    for start in range(0, len(dataset), batch):
-        items = [dataset[i] for i in range(start, min(start + batch, len(dataset)))]
-        x = torch.stack([it[0] for it in items]).to(device)
-        y = torch.stack([it[1] for it in items]).to(device)
+    for x, y in same_size_batches(dataset, batch):
+        x, y = x.to(device), y.to(device)
         rep = model(normalize_images(x)).rep
         y = F.interpolate(y[:, None].float(), size=rep.shape[-2:], mode="nearest")[:, 0].long()
         lab = torch.where((y >= 0) & (y < C), y, -1).reshape(-1)

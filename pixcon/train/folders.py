@@ -25,6 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .protocols import image_classes
+
 VOC_CLASSES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car",
                "cat", "chair", "cow", "diningtable", "dog", "horse", "motorbike", "person",
                "pottedplant", "sheep", "sofa", "train", "tvmonitor")
@@ -89,8 +91,7 @@ class FolderDataset(torch.utils.data.Dataset):
     def classes_of(self, i) -> set[int]:
         """Classes in image i (index), cached; used by the partial-dataset protocol."""
         if i not in self._classes:
-            v = np.unique(self.load_label(i))
-            self._classes[i] = {int(c) for c in v if c < self.num_classes}
+            self._classes[i] = image_classes(self.load_label(i), self.num_classes)
         return self._classes[i]
 
 

@@ -121,22 +121,25 @@ class Splits:
             self.labelled = [pos[k] for k in lab]
             self.unlabelled = [pos[k] for k in unl]
 
-    def fetch(self, ds, idx, *, sparse: bool):
+    def fetch(self, ds, idx):
+        """Images and labels (the sparse maps in partial mode) of ``idx``, as lists."""
         items = [ds[i] for i in idx]
-        labels = [self.sparse[i] if (sparse and self.sparse is not None) else it[1]
-                  for i, it in zip(idx, items)]
+        labels = [it[1] if self.sparse is None else self.sparse[i] for i, it in zip(idx, items)]
         return [it[0] for it in items], labels
 
 
-def _crop_batch(images, labels, cfg, scale, g, ignore):
-    """Rescale + crop each image to cfg.crop (images may differ in size), then stack."""
-    out_i, out_l = [], []
-    for im, lb in zip(images, labels):
-        i, l, _ = ss.rescale_crop(im[None], lb[None], crop=(cfg.crop, cfg.crop), scale=scale,
-                                  ignore_index=ignore, generator=g)
-        out_i.append(i)
-        out_l.append(l)
-    return torch.cat(out_i), torch.cat(out_l)
+def same_size_batches(ds, batch: int):
+    """(images (b, 3, H, W), labels (b, H, W)) over ``ds`` in order, each batch at most
+    ``batch`` consecutive images of one size (folder datasets mix sizes)."""
+    items = []
+    for i in range(len(ds)):
+        it = ds[i]
+        if items and (len(items) == batch or it[0].shape != items[0][0].shape):
+            yield torch.stack([t[0] for t in items]), torch.stack([t[1] for t in items])
+            items = []
+        items.append(it)
+    if items:
+        yield torch.stack([t[0] for t in items]), torch.stack([t[1] for t in items])
 
 
 def step_generator(seed: int, step: int) -> torch.Generator:
@@ -155,21 +158,9 @@ def evaluate(model, ds, device, batch: int = 50) -> dict:
     was = model.training
     model.eval()
     conf = torch.zeros(ds.num_classes, ds.num_classes, dtype=torch.int64)
-
-    def flush(items):
-        x = torch.stack([it[0] for it in items]).to(device)
-        y = torch.stack([it[1] for it in items])
-        logits = upsample(model(ss.normalize_images(x)).logits, y.shape[-2:])
-        conf.add_(metrics.confusion_matrix(logits.argmax(1).cpu(), y, ds.num_classes))
-
-    items = []                                  # consecutive images of one size, batched
-    for i in range(len(ds)):
-        it = ds[i]
-        if items and (len(items) == batch or it[0].shape != items[0][0].shape):
-            flush(items)
-            items = []
-        items.append(it)
-    flush(items)
+    for x, y in same_size_batches(ds, batch):
+        logits = upsample(model(ss.normalize_images(x.to(device))).logits, y.shape[-2:])
+        conf += metrics.confusion_matrix(logits.argmax(1).cpu(), y, ds.num_classes)
     model.train(was)
     iou = metrics.iou_per_class(conf)
     return {"miou": metrics.mean_iou(conf), "iou": [None if math.isnan(v) else v
@@ -264,8 +255,8 @@ class Trainer:
         nl = cfg.batch_size * (2 if cfg.mode == "sup" else 1)
         il = [self.splits.labelled[int(k)] for k in
               torch.randint(len(self.splits.labelled), (nl,), generator=g)]
-        xl, yl = _crop_batch(*self.splits.fetch(self.train_ds, il, sparse=True), cfg, cfg.scale,
-                             g, ignore)
+        xl, yl, _ = ss.rescale_crop(*self.splits.fetch(self.train_ds, il), crop=crop,
+                                    scale=cfg.scale, ignore_index=ignore, generator=g)
         xl, yl, _ = ss.photometric(xl, yl, generator=g)
         xl, yl = xl.to(dev), yl.to(dev)
         for pg in self.opt.param_groups:
@@ -277,8 +268,8 @@ class Trainer:
         if cfg.mode == "semi":
             iu = [self.splits.unlabelled[int(k)] for k in
                   torch.randint(len(self.splits.unlabelled), (cfg.batch_size,), generator=g)]
-            xu, gu = _crop_batch(*self.splits.fetch(self.train_ds, iu, sparse=True), cfg,
-                                 (1.0, 1.0), g, ignore)
+            xu, gu, _ = ss.rescale_crop(*self.splits.fetch(self.train_ds, iu), crop=crop,
+                                        ignore_index=ignore, generator=g)
             xu = xu.to(dev)
             with torch.no_grad():                                       # teacher in train mode
                 self.teacher.model.train()

@@ -23,6 +23,8 @@ import zlib
 import numpy as np
 import torch
 
+from .protocols import image_classes
+
 IGNORE = 255
 CLASSES = ("background", "disc", "square", "triangle", "ring", "cross", "bar", "kite", "ball")
 NUM_CLASSES = len(CLASSES)
@@ -139,5 +141,4 @@ class SceneDataset(torch.utils.data.Dataset):
 
     def classes_of(self, i) -> set[int]:
         """Classes in image i (void dropped), for the label protocols."""
-        v = torch.unique(self.labels[i])
-        return {int(c) for c in v if c < NUM_CLASSES}
+        return image_classes(self.labels[i].numpy(), NUM_CLASSES)

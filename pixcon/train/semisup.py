@@ -69,15 +69,16 @@ def rescale_crop(image, label, conf=None, *, crop, scale=(1.0, 1.0), ignore_inde
     """Official ``transform`` without colour: per image, resize by s ~ U(scale) (image bilinear,
     label and confidence nearest), pad right/bottom when smaller than ``crop`` (image reflect,
     label ``ignore_index``, confidence 0), then a random crop. image (B, 3, H, W) in [0, 1],
-    label (B, H, W), conf (B, H, W) or None."""
+    label (B, H, W), conf (B, H, W) or None; or lists of (3, H_b, W_b) / (H_b, W_b) tensors of
+    different sizes. Returns stacked (B, 3, *crop), (B, *crop) int64, (B, *crop) or None."""
     out_i, out_l, out_c = [], [], []
-    for b in range(image.shape[0]):
+    for b in range(len(image)):
         s = uniform(generator, *scale)
-        H, W = image.shape[-2:]
+        H, W = image[b].shape[-2:]
         size = (max(int(H * s), 1), max(int(W * s), 1))
-        im = F.interpolate(image[b:b + 1], size=size, mode="bilinear", align_corners=False)
-        lb = F.interpolate(label[b:b + 1, None].float(), size=size, mode="nearest")
-        cf = None if conf is None else F.interpolate(conf[b:b + 1, None], size=size, mode="nearest")
+        im = F.interpolate(image[b][None], size=size, mode="bilinear", align_corners=False)
+        lb = F.interpolate(label[b][None, None].float(), size=size, mode="nearest")
+        cf = None if conf is None else F.interpolate(conf[b][None, None], size=size, mode="nearest")
         ph, pw = max(crop[0] - size[0], 0), max(crop[1] - size[1], 0)
         if ph or pw:
             im = F.pad(im, (0, pw, 0, ph), mode="reflect" if ph < size[0] and pw < size[1]
