@@ -10,6 +10,22 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def gpu_config() -> bool:
+    """Whether launchers choose the block sizes, warps and grids of a GPU launch.
+
+    Always on a GPU. Under the interpreter the default is a CPU-friendly configuration (few large
+    programs, since the interpreter's cost is per program); ``PIXCON_LAUNCH_CONFIG=gpu`` makes it
+    choose exactly what a GPU would, so that every code path a GPU takes (partial sums over many
+    programs, small tiles, class blocks) runs and is compared with the reference on CPU
+    (tests/test_gpu_config.py). Read at each launch, so tests can switch it."""
+    if not interpreting():
+        return True
+    mode = os.environ.get("PIXCON_LAUNCH_CONFIG", "interpreter")
+    if mode not in ("interpreter", "gpu"):
+        raise ValueError(f"PIXCON_LAUNCH_CONFIG must be 'interpreter' or 'gpu', got {mode!r}")
+    return mode == "gpu"
+
+
 def acc_dtype(dtype: torch.dtype):
     """Triton accumulation type: float64 for float64 inputs, float32 otherwise."""
     return tl.float64 if dtype == torch.float64 else tl.float32

@@ -12,9 +12,11 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import interpreting, next_pow2
+from ._utils import gpu_config, next_pow2
 
-FAR = 1 << 30          # "no differing pixel along this column"
+# "no differing pixel along this column": a constexpr, since a plain module global read inside
+# @triton.jit compiles only under the interpreter (the compiler raises NameError)
+FAR = tl.constexpr(1 << 30)
 MAX_SIDE = 32767       # G^2 + W^2 must stay below 2^31
 
 
@@ -88,12 +90,12 @@ def distance_transform(labels: torch.Tensor, background: int, squared: bool) -> 
         return out
     lab = labels.reshape(N, H, W).to(torch.int32).contiguous()
     g = torch.empty(N, H, W, dtype=torch.int32, device=labels.device)
-    BLOCK_W = min(next_pow2(W), 1024 if interpreting() else 128)
+    BLOCK_W = min(next_pow2(W), 128 if gpu_config() else 1024)
     _edt_cols_kernel[(N, triton.cdiv(W, BLOCK_W))](lab, g, H, W, background, BLOCK_W=BLOCK_W)
     # interpreter: many rows per program (cost is per program); GPU: one row, a [64, 64] tile
     BLOCK_X = min(next_pow2(W), 64)
-    BLOCK_S = min(next_pow2(W), 64 if interpreting() else 32)
-    BLOCK_R = max(1, 32768 // (BLOCK_X * BLOCK_S)) if interpreting() else 1
+    BLOCK_S = min(next_pow2(W), 32 if gpu_config() else 64)
+    BLOCK_R = 1 if gpu_config() else max(1, 32768 // (BLOCK_X * BLOCK_S))
     R = N * H
     _edt_rows_kernel[(triton.cdiv(R, BLOCK_R), triton.cdiv(W, BLOCK_X))](
         lab, g, out, R, W, background, SQUARED=squared, BLOCK_R=BLOCK_R, BLOCK_X=BLOCK_X,

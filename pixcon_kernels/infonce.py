@@ -14,32 +14,36 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import acc_dtype, interpreting, next_pow2, pool_layout, torch_acc_dtype
+from ._utils import acc_dtype, gpu_config, next_pow2, pool_layout, torch_acc_dtype
 
 
 @triton.jit
 def _row(p, HW, s_b, s_s):
-    p64 = p.to(tl.int64)
-    return (p64 // HW) * s_b + (p64 % HW) * s_s
+    """Element offset of row p >= 0 (int32: pools have fewer than 2^31 rows, checked by the op;
+    a 32-bit division is a few instructions where a 64-bit one is a long subroutine)."""
+    return (p // HW).to(tl.int64) * s_b + (p % HW).to(tl.int64) * s_s
 
 
 @triton.jit
-def _sq_norm(ptr, base, s_d, D, ok, ACC: tl.constexpr, BLOCK_D: tl.constexpr):
+def _sq_norm(ptr, base, s_d, Dv, ACC: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Squared norm of the first Dv elements (Dv = D for a valid row, 0 for an absent one:
+    masks are then plain comparisons, never a scalar bool combined into a block mask, which
+    the Triton 3.9 interpreter rejects)."""
     acc = tl.zeros([BLOCK_D], dtype=ACC)
-    for d0 in range(0, D, BLOCK_D):
+    for d0 in range(0, Dv, BLOCK_D):
         d = d0 + tl.arange(0, BLOCK_D)
-        v = tl.load(ptr + base + d.to(tl.int64) * s_d, mask=ok & (d < D), other=0.0).to(ACC)
+        v = tl.load(ptr + base + d.to(tl.int64) * s_d, mask=d < Dv, other=0.0).to(ACC)
         acc += v * v
     return tl.sum(acc, axis=0)
 
 
 @triton.jit
-def _dot(a_ptr, a_base, a_sd, b_ptr, b_base, b_sd, D, ok, ACC: tl.constexpr,
+def _dot(a_ptr, a_base, a_sd, b_ptr, b_base, b_sd, Dv, ACC: tl.constexpr,
          BLOCK_D: tl.constexpr):
     acc = tl.zeros([BLOCK_D], dtype=ACC)
-    for d0 in range(0, D, BLOCK_D):
+    for d0 in range(0, Dv, BLOCK_D):
         d = d0 + tl.arange(0, BLOCK_D)
-        dm = ok & (d < D)
+        dm = d < Dv
         a = tl.load(a_ptr + a_base + d.to(tl.int64) * a_sd, mask=dm, other=0.0).to(ACC)
         b = tl.load(b_ptr + b_base + d.to(tl.int64) * b_sd, mask=dm, other=0.0).to(ACC)
         acc += a * b
@@ -71,18 +75,20 @@ def _infonce_fwd_kernel(q_ptr, k_ptr, pos_ptr, qidx_ptr, pidx_ptr, nidx_ptr, los
     m = tl.program_id(0)
     qi = tl.load(qidx_ptr + m)
     ok = qi >= 0
+    Dv = tl.where(ok, D, 0)                 # valid lengths: D, N for a query, 0 for none
+    Nv = tl.where(ok, N, 0)
     pi = tl.load(pidx_ptr + m)
     q_base = _row(tl.maximum(qi, 0), q_HW, q_sb, q_ss)
     p_base = tl.maximum(pi, 0).to(tl.int64) * p_sr
-    a_inv = 1.0 / tl.maximum(tl.sqrt(_sq_norm(q_ptr, q_base, q_sd, D, ok, ACC, BLOCK_D)), eps)
-    p_inv = 1.0 / tl.maximum(tl.sqrt(_sq_norm(pos_ptr, p_base, p_sd, D, ok, ACC, BLOCK_D)), eps)
-    s_pos = _dot(q_ptr, q_base, q_sd, pos_ptr, p_base, p_sd, D, ok, ACC, BLOCK_D) \
+    a_inv = 1.0 / tl.maximum(tl.sqrt(_sq_norm(q_ptr, q_base, q_sd, Dv, ACC, BLOCK_D)), eps)
+    p_inv = 1.0 / tl.maximum(tl.sqrt(_sq_norm(pos_ptr, p_base, p_sd, Dv, ACC, BLOCK_D)), eps)
+    s_pos = _dot(q_ptr, q_base, q_sd, pos_ptr, p_base, p_sd, Dv, ACC, BLOCK_D) \
         * a_inv * p_inv * inv_t
     m_run = s_pos
     l_run = s_pos * 0.0 + 1.0
     for n0 in range(0, N, BLOCK_N):
         n = n0 + tl.arange(0, BLOCK_N)
-        kidx = tl.load(nidx_ptr + m.to(tl.int64) * N + n, mask=ok & (n < N), other=-1)
+        kidx = tl.load(nidx_ptr + m.to(tl.int64) * N + n, mask=n < Nv, other=-1)
         k_ok = kidx >= 0
         dot, ksq = _neg_block(q_ptr, q_base, q_sd, k_ptr, _row(tl.maximum(kidx, 0), k_HW, k_sb,
                               k_ss), k_sd, k_ok, D, ACC, BLOCK_N, BLOCK_D)
@@ -105,6 +111,8 @@ def _infonce_bwd_kernel(q_ptr, k_ptr, pos_ptr, qidx_ptr, pidx_ptr, nidx_ptr, lse
     m = tl.program_id(0)
     qi = tl.load(qidx_ptr + m)
     ok = qi >= 0
+    Dv = tl.where(ok, D, 0)                 # valid lengths: D, N for a query, 0 for none
+    Nv = tl.where(ok, N, 0)
     pi = tl.load(pidx_ptr + m)
     g = tl.load(g_ptr + m).to(ACC)
     g = tl.where(ok, g, 0.0)
@@ -112,25 +120,25 @@ def _infonce_bwd_kernel(q_ptr, k_ptr, pos_ptr, qidx_ptr, pidx_ptr, nidx_ptr, lse
     q_base = _row(tl.maximum(qi, 0), q_HW, q_sb, q_ss)
     p_base = tl.maximum(pi, 0).to(tl.int64) * p_sr
     dq_row = dq_ptr + m.to(tl.int64) * D
-    a_inv = 1.0 / tl.maximum(tl.sqrt(_sq_norm(q_ptr, q_base, q_sd, D, ok, ACC, BLOCK_D)), eps)
-    p_inv = 1.0 / tl.maximum(tl.sqrt(_sq_norm(pos_ptr, p_base, p_sd, D, ok, ACC, BLOCK_D)), eps)
-    cos_pos = _dot(q_ptr, q_base, q_sd, pos_ptr, p_base, p_sd, D, ok, ACC, BLOCK_D) * a_inv * p_inv
+    a_inv = 1.0 / tl.maximum(tl.sqrt(_sq_norm(q_ptr, q_base, q_sd, Dv, ACC, BLOCK_D)), eps)
+    p_inv = 1.0 / tl.maximum(tl.sqrt(_sq_norm(pos_ptr, p_base, p_sd, Dv, ACC, BLOCK_D)), eps)
+    cos_pos = _dot(q_ptr, q_base, q_sd, pos_ptr, p_base, p_sd, Dv, ACC, BLOCK_D) * a_inv * p_inv
     w_pos = g * (tl.exp(cos_pos * inv_t - lse) - 1.0)
     coef = w_pos * cos_pos                                  # sum_j w_j cos_j
     # dq <- w_pos * p^ (then += sum_j w_j k^_j over the negatives)
     for d0 in range(0, D, BLOCK_D):
         d = d0 + tl.arange(0, BLOCK_D)
         dm = d < D
-        pv = tl.load(pos_ptr + p_base + d.to(tl.int64) * p_sd, mask=ok & dm, other=0.0).to(ACC)
+        pv = tl.load(pos_ptr + p_base + d.to(tl.int64) * p_sd, mask=d < Dv, other=0.0).to(ACC)
         tl.store(dq_row + d, w_pos * pv * p_inv, mask=dm)
         if KEY_GRAD:
-            a = tl.load(q_ptr + q_base + d.to(tl.int64) * q_sd, mask=ok & dm, other=0.0).to(ACC)
+            a = tl.load(q_ptr + q_base + d.to(tl.int64) * q_sd, mask=d < Dv, other=0.0).to(ACC)
             tl.atomic_add(dpos_ptr + p_base + d.to(tl.int64) * p_sd,
                           w_pos * inv_t * p_inv * (a * a_inv - cos_pos * pv * p_inv),
-                          mask=ok & dm)
+                          mask=d < Dv)
     for n0 in range(0, N, BLOCK_N):
         n = n0 + tl.arange(0, BLOCK_N)
-        kidx = tl.load(nidx_ptr + m.to(tl.int64) * N + n, mask=ok & (n < N), other=-1)
+        kidx = tl.load(nidx_ptr + m.to(tl.int64) * N + n, mask=n < Nv, other=-1)
         k_ok = kidx >= 0
         k_rows = _row(tl.maximum(kidx, 0), k_HW, k_sb, k_ss)
         dot, ksq = _neg_block(q_ptr, q_base, q_sd, k_ptr, k_rows, k_sd, k_ok, D, ACC, BLOCK_N,
@@ -157,15 +165,21 @@ def _infonce_bwd_kernel(q_ptr, k_ptr, pos_ptr, qidx_ptr, pidx_ptr, nidx_ptr, lse
     for d0 in range(0, D, BLOCK_D):
         d = d0 + tl.arange(0, BLOCK_D)
         dm = d < D
-        a = tl.load(q_ptr + q_base + d.to(tl.int64) * q_sd, mask=ok & dm, other=0.0).to(ACC)
+        a = tl.load(q_ptr + q_base + d.to(tl.int64) * q_sd, mask=d < Dv, other=0.0).to(ACC)
         acc = tl.load(dq_row + d, mask=dm, other=0.0)
         tl.store(dq_row + d, (acc - coef * a * a_inv) * a_inv * inv_t, mask=dm)
 
 
-def _blocks(D: int):
-    BLOCK_D = min(next_pow2(D), 128 if interpreting() else 64)
-    BLOCK_N = 64 if interpreting() else 32
-    return BLOCK_N, BLOCK_D
+def _blocks(D: int, dtype: torch.dtype):
+    # GPU: 16 x 32 key tiles (fewer than 72 registers, no spill on sm_80/sm_90 with triton 3.6-3.9;
+    # wider tiles spilled a few bytes on sm_80/sm_90 under 3.6)
+    BLOCK_D = min(next_pow2(D), 32 if gpu_config() else 128)
+    BLOCK_N = 16 if gpu_config() else 64
+    if gpu_config() and dtype == torch.float64:
+        BLOCK_D = min(BLOCK_D, 16)              # fp64 values take two registers each
+    # maxnreg: without a bound ptxas sometimes settles on 64 registers and spills a few bytes
+    opts = dict(maxnreg=255) if gpu_config() else {}
+    return BLOCK_N, BLOCK_D, opts
 
 
 def infonce_forward(pool, pos_pool, q_idx, pos_idx, neg_idx, temperature: float, eps=1e-8):
@@ -179,12 +193,13 @@ def infonce_forward(pool, pos_pool, q_idx, pos_idx, neg_idx, temperature: float,
     lse = torch.empty(M, dtype=dt, device=pool.device)
     if M == 0:
         return loss, lse
-    BLOCK_N, BLOCK_D = _blocks(D)
+    BLOCK_N, BLOCK_D, opts = _blocks(D, pool.dtype)
     _infonce_fwd_kernel[(M,)](
         pool, pool, pos_pool, q_idx.to(torch.int32).contiguous(),
         pos_idx.to(torch.int32).contiguous(), neg_idx.to(torch.int32).contiguous(), loss, lse,
         N, D, HW, s_b, s_s, s_d, HW, s_b, s_s, s_d, pos_pool.stride(0), pos_pool.stride(1),
-        1.0 / temperature, eps, ACC=acc_dtype(pool.dtype), BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D)
+        1.0 / temperature, eps, ACC=acc_dtype(pool.dtype), BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
+        **opts)
     return loss, lse
 
 
@@ -207,12 +222,12 @@ def infonce_backward(grad, pool, pos_pool, q_idx, pos_idx, neg_idx, lse, tempera
         dk_HW, dk_sb, dk_ss, dk_sd = 1, 0, 0, 0
     if M == 0:
         return dq, (dk if key_grad else None), (dpos if key_grad else None)
-    BLOCK_N, BLOCK_D = _blocks(D)
+    BLOCK_N, BLOCK_D, opts = _blocks(D, pool.dtype)
     _infonce_bwd_kernel[(M,)](
         pool, pool, pos_pool, q_idx.to(torch.int32).contiguous(),
         pos_idx.to(torch.int32).contiguous(), neg_idx.to(torch.int32).contiguous(),
         lse.contiguous(), grad.contiguous(), dq, dk, dpos,
         N, D, HW, s_b, s_s, s_d, HW, s_b, s_s, s_d, pos_pool.stride(0), pos_pool.stride(1),
         dk_HW, dk_sb, dk_ss, dk_sd, 1.0 / temperature, eps, ACC=acc_dtype(pool.dtype),
-        KEY_GRAD=key_grad, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D)
+        KEY_GRAD=key_grad, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, **opts)
     return dq, (dk if key_grad else None), (dpos if key_grad else None)

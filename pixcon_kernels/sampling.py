@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import as_i32, interpreting, next_pow2
+from ._utils import as_i32, gpu_config
 from .rng import philox4x32, uniform_index
 
 
@@ -34,7 +34,7 @@ def sample_in_groups(order, offsets, counts, row_group, per_row: int, seed: int,
     total = R * per_row
     out = torch.empty(R, per_row, dtype=torch.int32, device=order.device)
     if total:
-        block = 1024 if interpreting() else 256
+        block = 256 if gpu_config() else 1024
         _sample_in_groups_kernel[(triton.cdiv(total, block),)](
             order.to(torch.int32), offsets.to(torch.int32), counts.to(torch.int32),
             row_group.to(torch.int32).contiguous(), out, total, per_row, seed, as_i32(stream),
@@ -44,18 +44,26 @@ def sample_in_groups(order, offsets, counts, row_group, per_row: int, seed: int,
 
 @triton.jit(do_not_specialize=["seed", "stream"])
 def _sample_negatives_kernel(row_cls_ptr, cdf_ptr, order_ptr, off_ptr, cnt_ptr, out_ptr, total,
-                             per_row, C, seed, stream, BLOCK: tl.constexpr,
-                             BLOCK_C: tl.constexpr):
+                             per_row, C, n_steps, seed, stream, BLOCK: tl.constexpr):
     i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     m = i < total
     c = tl.load(row_cls_ptr + i // per_row, mask=m, other=-1)
     ok = m & (c >= 0)
     r0, r1, _, _ = philox4x32(seed, i, i * 0 + stream)
-    k = tl.arange(0, BLOCK_C)
-    cdf = tl.load(cdf_ptr + c[:, None] * C + k[None, :], mask=ok[:, None] & (k[None, :] < C),
-                  other=1 << 40)
     r64 = r0.to(tl.int64) & 0xFFFFFFFF
-    j = tl.sum((cdf <= r64[:, None]).to(tl.int32), axis=1)         # class = #{k: cdf_k <= r}
+    # class j = #{k: cdf[c, k] <= r}: binary search in the nondecreasing row (n_steps =
+    # ceil(log2(C + 1)) halvings), O(log C) loads per draw and no C-wide tile in registers
+    row = cdf_ptr + tl.maximum(c, 0).to(tl.int64) * C
+    lo = tl.zeros([BLOCK], dtype=tl.int32)
+    hi = tl.zeros([BLOCK], dtype=tl.int32) + C
+    for _ in range(n_steps):
+        active = lo < hi
+        mid = (lo + hi) // 2
+        v = tl.load(row + mid, mask=ok & active, other=0)
+        below = v <= r64
+        lo = tl.where(active & below, mid + 1, lo)
+        hi = tl.where(active & (v > r64), mid, hi)
+    j = lo
     ok = ok & (j < C)
     n = tl.load(cnt_ptr + j, mask=ok, other=0)
     ok = ok & (n > 0)
@@ -68,17 +76,15 @@ def sample_negatives(row_class, cdf, order, offsets, counts, per_row: int, seed:
     """Relation-weighted negatives: for row r of class c = row_class[r] (-1: none) and k < per_row,
     counter i = r * per_row + k draws (w0, w1); the class is j = #{k: cdf[c, k] <= w0} and the
     pixel is uniform within j by w1. -1 where the row has no class or cdf row c is empty.
-    cdf: (C, C) int64 thresholds in [0, 2^32]. Returns (R, per_row) int32."""
+    cdf: (C, C) int64 nondecreasing thresholds in [0, 2^32]. Returns (R, per_row) int32."""
     R = row_class.numel()
     C = cdf.shape[0]
     total = R * per_row
     out = torch.empty(R, per_row, dtype=torch.int32, device=order.device)
     if total:
-        BLOCK_C = next_pow2(C, lo=2)
-        # the (BLOCK, BLOCK_C) int64 CDF tile lives in registers on a GPU: keep it <= 2048
-        block = 1024 if interpreting() else max(16, min(256, 2048 // BLOCK_C))
+        block = 256 if gpu_config() else 1024
         _sample_negatives_kernel[(triton.cdiv(total, block),)](
             row_class.to(torch.int32).contiguous(), cdf.to(torch.int64).contiguous(),
             order.to(torch.int32), offsets.to(torch.int32), counts.to(torch.int32), out, total,
-            per_row, C, seed, as_i32(stream), BLOCK=block, BLOCK_C=BLOCK_C)
+            per_row, C, max(C, 1).bit_length(), seed, as_i32(stream), BLOCK=block)
     return out

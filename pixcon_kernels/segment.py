@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import acc_dtype, interpreting, next_pow2, pool_layout, torch_acc_dtype
+from ._utils import acc_dtype, gpu_config, next_pow2, pool_layout, torch_acc_dtype
 
 
 @triton.jit
@@ -55,9 +55,14 @@ def class_sums(x: torch.Tensor, lab: torch.Tensor, num_classes: int):
     lab = lab.to(torch.int32).contiguous()
     BLOCK_C = min(next_pow2(C), 64)
     BLOCK_D = min(next_pow2(D), 64)
-    BLOCK_P = 64 if interpreting() else 128
+    # GPU: 32-pixel steps, no software pipelining (num_stages=1): the exact-fp32 FMA dot keeps
+    # whole K-slices of both operands in registers, and deeper pipelining or longer steps spill
+    # (sm_80/sm_90: 255 registers and kilobytes of spills at 128 pixels, 3 stages; 80-95
+    # registers here, see pixcon_kernels/RESOURCES.md)
+    gpu = gpu_config()
+    BLOCK_P = 32 if gpu else 64
     n_blocks = triton.cdiv(max(P, 1), BLOCK_P)
-    max_progs = 4 if interpreting() else 512
+    max_progs = 512 if gpu else 4
     # partials: G x C x D floats; keep them under ~32 MiB
     G = max(1, min(n_blocks, max_progs, (8 << 20) // max(C * D, 1)))
     pix_per_prog = triton.cdiv(n_blocks, G) * BLOCK_P
@@ -68,5 +73,5 @@ def class_sums(x: torch.Tensor, lab: torch.Tensor, num_classes: int):
     grid = (G, triton.cdiv(C, BLOCK_C), triton.cdiv(D, BLOCK_D))
     _class_sums_kernel[grid](x, lab, part, cnt, P, D, C, HW, s_b, s_s, s_d, pix_per_prog,
                              ACC=acc_dtype(x.dtype), BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C,
-                             BLOCK_D=BLOCK_D)
+                             BLOCK_D=BLOCK_D, num_stages=1)
     return part.sum(0), cnt.sum(0, dtype=torch.int64)
