@@ -57,8 +57,8 @@ def class_sums(x: torch.Tensor, lab: torch.Tensor, num_classes: int):
     BLOCK_D = min(next_pow2(D), 64)
     # GPU: 32-pixel steps, no software pipelining (num_stages=1): the exact-fp32 FMA dot keeps
     # whole K-slices of both operands in registers, and deeper pipelining or longer steps spill
-    # (sm_80/sm_90: 255 registers and kilobytes of spills at 128 pixels, 3 stages; 80-95
-    # registers here, see pixcon_kernels/RESOURCES.md)
+    # (sm_80/sm_90: 255 registers and kilobytes of spills at 128 pixels, 3 stages; at most
+    # about 120 here, see pixcon_kernels/RESOURCES.md)
     gpu = gpu_config()
     BLOCK_P = 32 if gpu else 64
     n_blocks = triton.cdiv(max(P, 1), BLOCK_P)
