@@ -63,14 +63,21 @@ def test_low_precision_on_device(dtype):
     assert_close(res["triton"][1], res["reference"][1], rtol=gtol, atol=1e-6, what="grad")
 
 
-def test_fused_no_host_sync():
+@pytest.mark.parametrize("resolution", ["feature", "image"])
+def test_fused_no_host_sync(resolution):
     emb, labels, probs = reco_batch(4, 64, 33, 33, num_classes=21, present=8, device="cuda")
+    mask = None
+    if resolution == "image":      # 129 -> 33 is not a multiple: the nearest-index mapping
+        labels = torch.nn.functional.interpolate(labels[:, None].float(), size=(129, 129),
+                                                 mode="nearest")[:, 0].long()
+        mask = torch.rand(4, 129, 129, device="cuda") > 0.2
     emb.requires_grad_()
-    reco_loss(emb, labels, probs, seed=1, backend="triton").backward()   # compile first
+    reco_loss(emb, labels, probs, mask=mask, seed=1, backend="triton").backward()  # compile
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        loss = reco_loss(emb, labels, probs, seed=1, backend="triton", check_values=False)
+        loss = reco_loss(emb, labels, probs, mask=mask, seed=1, backend="triton",
+                         check_values=False)
         loss.backward()
     finally:
         torch.cuda.set_sync_debug_mode("default")

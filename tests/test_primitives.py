@@ -239,6 +239,12 @@ PRIM_BAD = [
     ("temperature", lambda a: a.update(temperature=-1.0), ValueError, "temperature must be"),
     ("device", lambda a: a.update(q_idx=torch.empty(9, dtype=torch.long, device="meta")),
      ValueError, "q_idx is on meta"),
+    ("q range", lambda a: a["q_idx"].__setitem__(0, a["pool"].numel()), ValueError,
+     r"q_idx must hold row indices of pool in \[-1, \d+\)"),
+    ("neg range", lambda a: a["neg_idx"].__setitem__((1, 2), -2), ValueError,
+     r"neg_idx must hold row indices of pool .* found -2"),
+    ("pos range", lambda a: a["pos_idx"].__setitem__(0, a["pos_pool"].shape[0]), ValueError,
+     r"pos_idx must hold row indices of pos_pool"),
 ]
 
 
@@ -268,3 +274,14 @@ def test_other_primitives_bad_input():
                          lab, 4, 0)
     with pytest.raises(TypeError, match="cdf must have dtype"):
         sample_negatives(torch.zeros(2, dtype=torch.long), torch.zeros(3, 3), lab, 4, 0)
+
+
+def test_sparse_infonce_range_check_is_a_value_check():
+    """The index range check is a host sync: skipped with check_values=False (the default on
+    CUDA tensors), where the reference then fails inside torch's own gather."""
+    a = _si_args()
+    a["q_idx"][0] = 10**6
+    pool = a.pop("pool")
+    with pytest.raises(IndexError):
+        sparse_infonce(pool, a.pop("q_idx"), a.pop("pos_idx"), a.pop("neg_idx"),
+                       backend="reference", check_values=False, **a)

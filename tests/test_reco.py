@@ -15,7 +15,7 @@ from pixcon.reference import common as cm
 from pixcon.reference import official_reco
 from pixcon.synthetic import reco_batch
 
-from .conftest import assert_close, triton_device
+from .conftest import assert_close, forbid_host_syncs, triton_device
 
 DEV = triton_device()
 SMALL = dict(num_queries=8, num_negatives=24)
@@ -260,23 +260,31 @@ def test_fused_saves_only_indices_and_statistics():
 
 
 @pytest.mark.interpret
-def test_fused_path_makes_no_host_sync(monkeypatch):
-    """No .item()/.tolist()/bool()/int()/float() of a tensor inside the fused path."""
+@pytest.mark.parametrize("resolution", ["feature", "image"])
+def test_fused_path_makes_no_host_sync(monkeypatch, resolution):
+    """No value read back and no tensor built from host data inside the fused path, forward and
+    backward; labels at feature resolution, and at an image resolution that is not a multiple
+    of it (the nearest-index mapping) with a mask."""
     emb, labels, probs = reco_batch(2, 8, 6, 6, num_classes=4, present=4, seed=1)
-    args = (emb.to(DEV), labels.to(DEV), probs.to(DEV))
-
-    def boom(*a, **k):
-        raise AssertionError("host sync in the fused path")
+    mask = None
+    if resolution == "image":
+        labels = torch.nn.functional.interpolate(labels[:, None].float(), size=(13, 15),
+                                                 mode="nearest")[:, 0].long()
+        mask = torch.rand(2, 13, 15, generator=torch.Generator().manual_seed(0)) > 0.2
+        mask = mask.to(DEV)
+    emb = emb.to(DEV).requires_grad_()
+    args = (emb, labels.to(DEV), probs.to(DEV))
 
     from pixcon.ops import reco as reco_mod
     real = reco_mod._reco_fused
-    for name in ("item", "tolist", "__bool__", "__int__", "__float__"):
-        monkeypatch.setattr(torch.Tensor, name, boom)
-    loss = real(*args, None, ignore_index=255, strong_threshold=0.97, temperature=0.5,
+    forbid_host_syncs(monkeypatch)
+    loss = real(*args, mask, ignore_index=255, strong_threshold=0.97, temperature=0.5,
                 num_queries=4, num_negatives=8, seed=1, relation_temperature=None,
                 reduction="mean")
+    loss.backward()
     monkeypatch.undo()
     assert loss.item() > 0
+    assert emb.grad.abs().sum().item() > 0
 
 
 @pytest.mark.interpret

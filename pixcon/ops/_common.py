@@ -137,3 +137,15 @@ def check_pixel_values(op: str, emb, labels, num_classes: int, ignore_index: int
         if not bool(((probs >= 0) & (probs <= 1)).all()):
             raise ValueError(f"{op}: probs must be probabilities in [0, 1] (softmax output), "
                              "found values outside or NaN")
+
+
+def check_index_range(name: str, idx, upper: int, what: str):
+    """Data check (host sync): every entry of idx in [-1, upper) (-1 = absent). An index out of
+    range would make a GPU gather read other memory silently."""
+    if idx.numel() == 0:
+        return
+    lo, hi = int(idx.min()), int(idx.max())
+    if lo < -1 or hi >= upper:
+        bad = lo if lo < -1 else hi
+        raise ValueError(f"{name} must hold row indices of {what} in [-1, {upper}) (-1 = absent); "
+                         f"found {bad}")

@@ -9,8 +9,8 @@ import torch
 
 from ..reference import common as cm
 from ..reference.rng import STREAM_NEGATIVE, STREAM_QUERY, draw_seed, philox4x32
-from ._common import FLOAT_DTYPES, INT_DTYPES, check_positive_float, check_positive_int, \
-    check_tensor, resolve_backend
+from ._common import FLOAT_DTYPES, INT_DTYPES, check_index_range, check_positive_float, \
+    check_positive_int, check_tensor, resolve_backend, want_value_checks
 
 IDX = (torch.int32, torch.int64)
 
@@ -131,7 +131,7 @@ def sample_negatives(row_class: torch.Tensor, cdf: torch.Tensor, lab: torch.Tens
 
 def sparse_infonce(pool: torch.Tensor, q_idx: torch.Tensor, pos_idx: torch.Tensor,
                    neg_idx: torch.Tensor, *, temperature: float, pos_pool: torch.Tensor | None = None,
-                   key_grad: bool = False, backend: str = "auto"):
+                   key_grad: bool = False, backend: str = "auto", check_values: bool | None = None):
     """Per-query InfoNCE with cosine logits over index sets, never an M x N x D tensor.
 
     pool: (P, D) rows or a (B, D, h, w) map whose rows are its pixels; queries q_idx (M,) and
@@ -139,6 +139,8 @@ def sparse_infonce(pool: torch.Tensor, q_idx: torch.Tensor, pos_idx: torch.Tenso
     pos_pool (default: pool). loss_m = logsumexp([s_pos, s_neg...]) - s_pos with
     s = cos / temperature; 0 where q_idx is -1. Gradients reach the queries only unless
     key_grad=True, which also sends them to the negatives and positives (the keys).
+    check_values: check that every index is in range (a host sync; default on for CPU tensors,
+    off for CUDA, env PIXCON_CHECK_VALUES): an out-of-range gather on a GPU reads other memory.
     Returns (M,) float32 (float64 for float64 pool)."""
     P = _check_pool("pool", pool)
     D = pool.shape[1]
@@ -159,6 +161,10 @@ def sparse_infonce(pool: torch.Tensor, q_idx: torch.Tensor, pos_idx: torch.Tenso
             raise ValueError(f"pos_pool rows must have D = {D} like pool, got {pos_pool.shape[1]}")
     if P >= 2**31:
         raise ValueError(f"pool has {P} rows; int32 indices need fewer than 2^31")
+    if want_value_checks(check_values, dev):
+        check_index_range("q_idx", q_idx, P, "pool")
+        check_index_range("neg_idx", neg_idx, P, "pool")
+        check_index_range("pos_idx", pos_idx, pos_pool.shape[0], "pos_pool")
     be = resolve_backend(backend, dev, "sparse_infonce")
     if be == "triton":
         loss, _ = _lib().sparse_infonce(pool, pos_pool, q_idx, pos_idx, neg_idx,

@@ -3,6 +3,7 @@ for the cheap O(P) / O(C^2) steps, so that both paths see identical labels, hard
 relation tables)."""
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from .rng import uniform_index
@@ -18,8 +19,11 @@ def nearest_indices(in_size: int, out_size: int, device=None) -> torch.Tensor:
         return dst
     if out_size == 2 * in_size:
         return dst >> 1
-    scale = torch.tensor(in_size / out_size, dtype=torch.float32)
-    src = torch.floor(dst.to(torch.float32) * scale.to(device)).to(torch.int64)
+    # ATen: float scale = (float)in / out; src = floorf(dst * scale). The scale is rounded to
+    # float32 on the host (numpy, no tensor) and multiplies a float32 tensor: a float32 product,
+    # with no host-to-device copy (a stream sync on a GPU)
+    scale = float(np.float32(in_size / out_size))
+    src = torch.floor(dst.to(torch.float32) * scale).to(torch.int64)
     return src.clamp(max=in_size - 1)
 
 
