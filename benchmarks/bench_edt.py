@@ -93,7 +93,7 @@ def run(size="pyramid", device=None, reps=5, out=None, threads=None, verbose=Tru
             old = torch.get_num_threads()
             if isinstance(fn, str):
                 torch.set_num_threads(1 if fn == "1" else (threads or os.cpu_count()))
-                fn = (lambda: distance_transform(maps, backend="cuda", **kw))
+                fn = (lambda: distance_transform(maps, backend="native", **kw))
             dev = device if "triton" in name or "cupy" in name else torch.device("cpu")
             ms = pb.time_ms(fn, dev, warmup=1, reps=reps)
             torch.set_num_threads(old)

@@ -1,4 +1,5 @@
-"""reco_loss benchmark: official-style vs reference vs fused, forward+backward time and memory.
+"""reco_loss benchmark: official-style vs reference vs native (compiled CPU kernels) vs fused
+(Triton), forward+backward time and memory.
 
     python benchmarks/bench_reco.py                 # GPU: the VOC setting; CPU: a reduced one
     python benchmarks/bench_reco.py --size voc --providers fused reference
@@ -20,6 +21,7 @@ import sys
 
 import torch
 
+import pixcon
 import pixcon.bench as pb
 from pixcon.ops import reco_loss
 from pixcon.reference import official_reco
@@ -30,7 +32,7 @@ SIZES = {  # B, D, h, w, C, present list, Q, N
     "cpu": (4, 64, 41, 41, 21, (10,), 64, 128),
     "tiny": (2, 8, 9, 9, 5, (4,), 4, 8),
 }
-PROVIDERS = ("official-style", "reference", "fused")
+PROVIDERS = ("official-style", "reference", "native", "fused")
 
 
 def make_step(provider, emb, labels, probs, Q, N, seed=0):
@@ -40,7 +42,7 @@ def make_step(provider, emb, labels, probs, Q, N, seed=0):
         def loss_fn():
             return official_reco.compute_reco_loss(emb, onehot, mask, probs, 0.97, 0.5, Q, N)
     else:
-        backend = "triton" if provider == "fused" else "reference"
+        backend = {"fused": "triton", "native": "native"}.get(provider, "reference")
 
         def loss_fn():
             return reco_loss(emb, labels, probs, num_queries=Q, num_negatives=N, seed=seed,
@@ -67,6 +69,8 @@ def run(size="cpu", providers=PROVIDERS, device=None, reps=3, out=None, verbose=
         for provider in providers:
             if provider == "fused" and device.type == "cpu" and not meta["triton_interpret"]:
                 continue   # Triton on CPU needs the interpreter
+            if provider == "native" and (device.type != "cpu" or not pixcon.HAS_C):
+                continue   # the compiled CPU kernels: CPU tensors, extension built
             if verbose:
                 print(f"[{size} K={present}] {provider} ...", file=sys.stderr, flush=True)
             loss_fn, step = make_step(provider, emb, labels, probs, Q, N)

@@ -31,4 +31,16 @@ TORCH_LIBRARY_FRAGMENT(pixcon, m) {
   // distances are exact integers (as float32).
   m.def("distance_transform(Tensor labels, int background, bool squared) -> Tensor");
   m.def("with_cuda() -> bool", &pixcon::with_cuda);
+  // The compiled CPU kernels of the fused primitives (backend "native"; pixcon.ops.primitives
+  // documents each; the same samples as the reference and Triton for the same seed).
+  m.def("class_sums_native(Tensor x, Tensor labels, int num_classes) -> (Tensor, Tensor)");
+  m.def("sample_in_groups_native(Tensor order, Tensor offsets, Tensor counts, Tensor row_group, "
+        "int per_row, int seed, int stream) -> Tensor");
+  m.def("sample_negatives_native(Tensor row_class, Tensor cdf, Tensor order, Tensor offsets, "
+        "Tensor counts, int per_row, int seed, int stream) -> Tensor");
+  m.def("infonce_fwd_native(Tensor pool, Tensor pos_pool, Tensor q_idx, Tensor pos_idx, "
+        "Tensor neg_idx, float temperature, bool key_grad, float eps) -> (Tensor, Tensor)");
+  m.def("infonce_bwd_native(Tensor grad, Tensor pool, Tensor pos_pool, Tensor q_idx, "
+        "Tensor pos_idx, Tensor neg_idx, Tensor lse, float temperature, bool key_grad, "
+        "float eps) -> (Tensor, Tensor, Tensor)");
 }

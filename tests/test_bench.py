@@ -22,9 +22,10 @@ def _bench_module(name="bench_reco"):
 def test_bench_reco_tiny_writes_results(tmp_path):
     mod = _bench_module()
     rows = mod.run("tiny", device="cpu", reps=1, out=str(tmp_path), verbose=False)
-    assert [r["provider"] for r in rows] == ["official-style", "reference", "fused"]
+    assert [r["provider"] for r in rows] == ["official-style", "reference", "native", "fused"]
     by = {r["provider"]: r for r in rows}
     assert by["fused"]["loss"] == pytest.approx(by["reference"]["loss"], rel=1e-5)
+    assert by["native"]["loss"] == pytest.approx(by["reference"]["loss"], rel=1e-5)
     assert all(r["fwd_bwd_ms"] > 0 and r["saved_mib"] >= 0 for r in rows)
     files = sorted(os.listdir(tmp_path))
     assert len(files) == 2 and files[0].endswith(".json") and files[1].endswith(".md")

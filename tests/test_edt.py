@@ -1,4 +1,4 @@
-"""Exact distance transform against SciPy: C++ (backend "cuda" on CPU tensors), Triton (the
+"""Exact distance transform against SciPy: C++ (backend "native" on CPU tensors), Triton (the
 interpreter on CPU) and the torch reference, on the spec's generators (specs/edt.md §5).
 Squared distances must be equal exactly; the no-boundary case is +inf by convention."""
 import numpy as np
@@ -12,7 +12,7 @@ from pixcon.ops import distance_transform
 from .conftest import triton_device
 
 BACKENDS = [
-    pytest.param("cuda", marks=pytest.mark.skipif(not pixcon.HAS_C, reason="not built")),
+    pytest.param("native", marks=pytest.mark.skipif(not pixcon.HAS_C, reason="not built")),
     pytest.param("triton", marks=pytest.mark.interpret),
     "reference",
 ]
@@ -77,7 +77,7 @@ PYRAMID = [(16, 32), (32, 64), (64, 128), (128, 256)]
 @pytest.mark.parametrize("backend", BACKENDS[:2])
 def test_hrnet_pyramid_sizes(backend):
     rng = np.random.default_rng(0)
-    for H, W in PYRAMID + ([(256, 512)] if backend == "cuda" else []):
+    for H, W in PYRAMID + ([(256, 512)] if backend == "native" else []):
         m = np.stack([rng.random((H, W)) < 0.7,
                       np.kron(rng.random((H // 8, W // 8)) < 0.5, np.ones((8, 8), bool))])
         got = run(torch.from_numpy(m), backend, squared=True).numpy()

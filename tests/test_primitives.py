@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+import pixcon
 from pixcon.ops import _library as lib
 from pixcon.ops import class_means, sample_hard_queries, sample_negatives, sparse_infonce
 from pixcon.reference import common as cm
@@ -154,21 +155,26 @@ def _infonce_case(dtype, M=9, N=70, shape=(2, 37, 5, 7), R=4, gen_seed=0):
     return emb, pos, q, p, neg
 
 
-@pytest.mark.interpret
+FUSED = [pytest.param("triton", marks=pytest.mark.interpret),
+         pytest.param("native", marks=pytest.mark.skipif(not pixcon.HAS_C, reason="not built"))]
+
+
+@pytest.mark.parametrize("fused", FUSED)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("key_grad", [False, True])
-def test_sparse_infonce_matches_reference(dtype, key_grad):
+def test_sparse_infonce_matches_reference(dtype, key_grad, fused):
+    """Triton kernels (GPU, or the interpreter) and the compiled CPU kernels ("native")."""
     emb, pos, q, p, neg = _infonce_case(dtype)
     gout = torch.randn(q.shape[0], dtype=pos.dtype)
     res = {}
-    for be, dev in (("reference", "cpu"), ("triton", DEV)):
+    for be, dev in (("reference", "cpu"), (fused, DEV if fused == "triton" else "cpu")):
         e = emb.to(dev).requires_grad_()
         ps = pos.to(dev).requires_grad_()
         loss = sparse_infonce(e, q.to(dev), p.to(dev), neg.to(dev), temperature=0.3,
                               pos_pool=ps, key_grad=key_grad, backend=be)
         grads = torch.autograd.grad(loss, [e, ps], gout.to(dev), allow_unused=True)
         res[be] = loss, grads
-    (l_ref, (ge_ref, gp_ref)), (l, (ge, gp)) = res["reference"], res["triton"]
+    (l_ref, (ge_ref, gp_ref)), (l, (ge, gp)) = res["reference"], res[fused]
     # both compute in float32 (float64) from the same input values; the tolerances cover the
     # summation order of D = 37 products and one exp/log (fp32: ~1e-6 relative)
     tol = 1e-10 if dtype == torch.float64 else 2e-5

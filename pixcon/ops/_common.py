@@ -6,7 +6,10 @@ import os
 
 import torch
 
-BACKENDS = ("auto", "reference", "triton", "cuda")
+BACKENDS = ("auto", "reference", "triton", "native", "cuda")
+# "cuda" was the first name of the compiled extension's backend, which also runs on CPU tensors;
+# accepted for one release as an alias of "native", with a DeprecationWarning.
+DEPRECATED = {"cuda": "native"}
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INT_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 
@@ -26,17 +29,34 @@ def triton_usable(device: torch.device) -> tuple[bool, str]:
                    "under the interpreter (TRITON_INTERPRET=1 set before triton is imported)")
 
 
+def native_available() -> bool:
+    import pixcon
+    return pixcon.HAS_C
+
+
 def resolve_backend(backend: str | None, device: torch.device, op: str,
                     implemented=("reference", "triton")) -> str:
-    """'auto' (or None) means $PIXCON_BACKEND if set, else fused Triton kernels for CUDA tensors
-    and the reference otherwise. A forced backend that cannot run raises; it never falls back."""
+    """'auto' (or None) means $PIXCON_BACKEND if set, else the fused Triton kernels for CUDA
+    tensors, the compiled CPU kernels ("native", pixcon._C) for CPU tensors where the op has
+    them and the extension is built, and the reference otherwise. A forced backend that cannot
+    run raises; it never falls back."""
     if backend is None or backend == "auto":
         env = os.environ.get("PIXCON_BACKEND", "auto")
         if env not in BACKENDS:
             raise ValueError(f"PIXCON_BACKEND must be one of {BACKENDS}, got {env!r}")
         backend = env
+    if backend in DEPRECATED:
+        import warnings
+        warnings.warn(f"{op}: backend {backend!r} is renamed {DEPRECATED[backend]!r} (the compiled "
+                      "extension pixcon._C, which runs on CPU tensors too); the old name goes in "
+                      "the next release", DeprecationWarning, stacklevel=3)
+        backend = DEPRECATED[backend]
     if backend == "auto":
-        return "triton" if device.type == "cuda" and triton_available() else "reference"
+        if device.type == "cuda" and triton_available():
+            return "triton"
+        if device.type == "cpu" and "native" in implemented and native_available():
+            return "native"
+        return "reference"
     if backend not in BACKENDS:
         raise ValueError(f"{op}: backend must be one of {BACKENDS}, got {backend!r}")
     if backend not in implemented:
@@ -47,6 +67,9 @@ def resolve_backend(backend: str | None, device: torch.device, op: str,
         ok, why = triton_usable(device)
         if not ok:
             raise RuntimeError(f"{op}: backend 'triton' cannot run: {why}")
+    if backend == "native" and not native_available():
+        raise RuntimeError(f"{op}: backend 'native' needs the compiled extension pixcon._C "
+                           "(pip install -e . --no-build-isolation)")
     return backend
 
 

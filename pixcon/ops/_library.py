@@ -81,7 +81,17 @@ def sparse_infonce_backward(grad: Tensor, pool: Tensor, pos_pool: Tensor, q_idx:
     from pixcon_kernels.infonce import infonce_backward
     dq, dk, dpos = infonce_backward(grad, pool, pos_pool, q_idx, pos_idx, neg_idx, lse,
                                     temperature, key_grad)
-    dpool = dk if key_grad else torch.zeros(pool.shape, dtype=dq.dtype, device=pool.device)
+    dpool = _add_query_grads(dk if key_grad else None, dq, q_idx, pool)
+    if dpos is None:
+        dpos = torch.zeros(pos_pool.shape, dtype=pos_pool.dtype, device=pos_pool.device)
+    return dpool.to(pool.dtype), dpos.to(pos_pool.dtype)
+
+
+def _add_query_grads(dpool, dq, q_idx, pool):
+    """dpool (or zeros of pool's shape) plus each query's gradient row dq[m] at row q_idx[m]
+    (-1 rows skipped); rows of a (B, D, h, w) pool are its pixels."""
+    if dpool is None:
+        dpool = torch.zeros(pool.shape, dtype=dq.dtype, device=pool.device)
     rows = dpool.permute(0, 2, 3, 1) if dpool.dim() == 4 else dpool   # (.., D) view of the rows
     valid = q_idx >= 0
     p = q_idx.clamp(min=0).to(torch.int64)
@@ -92,9 +102,7 @@ def sparse_infonce_backward(grad: Tensor, pool: Tensor, pos_pool: Tensor, q_idx:
     else:
         index = (p,)
     rows.index_put_(index, dq, accumulate=True)
-    if dpos is None:
-        dpos = torch.zeros(pos_pool.shape, dtype=pos_pool.dtype, device=pos_pool.device)
-    return dpool.to(pool.dtype), dpos.to(pos_pool.dtype)
+    return dpool
 
 
 @sparse_infonce_backward.register_fake
@@ -193,3 +201,59 @@ def _anchor_backward(ctx, grad_loss, grad_nl, grad_sig):
 
 torch.library.register_autograd("pixcon::anchor_contrast", _anchor_backward,
                                 setup_context=_anchor_setup)
+
+
+# --- the compiled CPU kernels (backend "native", csrc/cpu): fake kernels and autograd ---------
+try:
+    import pixcon as _pixcon
+    _HAS_C = _pixcon.HAS_C
+except ImportError:  # pragma: no cover
+    _HAS_C = False
+
+if _HAS_C:
+    @torch.library.register_fake("pixcon::class_sums_native")
+    def _(x, labels, num_classes):
+        _, D = _pool_size(x)
+        return (x.new_empty(num_classes, D, dtype=_acc(x.dtype)),
+                x.new_empty(num_classes, dtype=torch.int64))
+
+    @torch.library.register_fake("pixcon::sample_in_groups_native")
+    def _(order, offsets, counts, row_group, per_row, seed, stream):
+        return order.new_empty(row_group.numel(), per_row, dtype=torch.int32)
+
+    @torch.library.register_fake("pixcon::sample_negatives_native")
+    def _(row_class, cdf, order, offsets, counts, per_row, seed, stream):
+        return order.new_empty(row_class.numel(), per_row, dtype=torch.int32)
+
+    @torch.library.register_fake("pixcon::infonce_fwd_native")
+    def _(pool, pos_pool, q_idx, pos_idx, neg_idx, temperature, key_grad, eps):
+        M = neg_idx.shape[0]
+        return (pool.new_empty(M, dtype=_acc(pool.dtype)), pool.new_empty(M, dtype=_acc(pool.dtype)))
+
+    @torch.library.register_fake("pixcon::infonce_bwd_native")
+    def _(grad, pool, pos_pool, q_idx, pos_idx, neg_idx, lse, temperature, key_grad, eps):
+        M, D = neg_idx.shape[0], pool.shape[1]
+        dt = _acc(pool.dtype)
+        shape_k = pool.shape if key_grad else (0,)
+        shape_p = pos_pool.shape if key_grad else (0,)
+        return (pool.new_empty(M, D, dtype=dt), pool.new_empty(shape_k, dtype=dt),
+                pool.new_empty(shape_p, dtype=dt))
+
+    def _native_setup(ctx, inputs, output):
+        pool, pos_pool, q_idx, pos_idx, neg_idx, temperature, key_grad, eps = inputs
+        ctx.save_for_backward(pool, pos_pool, q_idx, pos_idx, neg_idx, output[1])
+        ctx.temperature, ctx.key_grad, ctx.eps = temperature, key_grad, eps
+
+    def _native_backward(ctx, grad_loss, grad_lse):
+        pool, pos_pool, q_idx, pos_idx, neg_idx, lse = ctx.saved_tensors
+        if grad_loss is None:
+            grad_loss = torch.zeros_like(lse)
+        dq, dk, dpos = torch.ops.pixcon.infonce_bwd_native(
+            grad_loss, pool, pos_pool, q_idx, pos_idx, neg_idx, lse, ctx.temperature,
+            ctx.key_grad, ctx.eps)
+        dpool = _add_query_grads(dk if ctx.key_grad else None, dq, q_idx, pool)
+        dpos = dpos.to(pos_pool.dtype) if ctx.key_grad else None
+        return dpool.to(pool.dtype), dpos, None, None, None, None, None, None
+
+    torch.library.register_autograd("pixcon::infonce_fwd_native", _native_backward,
+                                    setup_context=_native_setup)

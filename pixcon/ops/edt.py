@@ -21,9 +21,9 @@ def distance_transform(x: torch.Tensor, *, squared: bool = False, labels: bool =
             the binary transform of each label's own mask -- one call instead of C.
         background: the value that counts as background in multi-label mode (default 0; BANE
             uses -1).
-        backend: "auto" (Triton for CUDA tensors; the compiled C++ op -- backend "cuda", i.e.
+        backend: "auto" (Triton for CUDA tensors; the compiled C++ op -- backend "native", i.e.
             pixcon._C -- for CPU tensors, or the reference if the extension is not built),
-            "reference", "triton", "cuda".
+            "reference", "triton", "native" ("cuda": its deprecated old name).
 
     Returns float32 distances of x's shape: 0 on background, +inf for a pixel whose map has no
     boundary for it at all (SciPy returns distances to a phantom pixel there). The image border
@@ -39,21 +39,14 @@ def distance_transform(x: torch.Tensor, *, squared: bool = False, labels: bool =
     else:
         lab = (x != 0).to(torch.uint8)
         bg = 0
-    if backend in (None, "auto") and x.device.type == "cpu":
-        import pixcon
-        backend = "cuda" if pixcon.HAS_C else "reference"
     be = chk.resolve_backend(backend, x.device, "distance_transform",
-                             ("reference", "triton", "cuda"))
+                             ("reference", "triton", "native"))
     if be == "triton":
         from pixcon_kernels.edt import distance_transform as launch
         if not -(2**31) <= bg < 2**31:
             raise ValueError("distance_transform: background must fit in int32 on triton")
         return launch(lab, bg, squared)   # labels are read as int32 (values must fit)
-    if be == "cuda":
-        import pixcon
-        if not pixcon.HAS_C:
-            raise RuntimeError("distance_transform: backend 'cuda' needs the compiled extension "
-                               "pixcon._C (pip install -e . --no-build-isolation)")
+    if be == "native":
         if x.device.type != "cpu" and not torch.ops.pixcon.with_cuda():
             raise RuntimeError("distance_transform: pixcon._C was built without CUDA; use "
                                "backend='triton' for CUDA tensors")

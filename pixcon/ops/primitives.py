@@ -13,6 +13,7 @@ from ._common import FLOAT_DTYPES, INT_DTYPES, check_index_range, check_positive
     check_positive_int, check_tensor, resolve_backend, want_value_checks
 
 IDX = (torch.int32, torch.int64)
+NATIVE = ("reference", "triton", "native")   # primitives with compiled CPU kernels
 
 
 def _check_pool(name, pool):
@@ -34,16 +35,13 @@ def _lib():
 def philox(counter: torch.Tensor, seed: int, stream: int = 0, *, backend: str = "auto"):
     """Philox4x32-10 words for counters (counter, stream, 0, 0) under key ``seed``:
     ``counter.shape + (4,)`` int64 in [0, 2^32). Identical on every backend ("reference": torch
-    integer ops; "triton": the in-kernel generator; "cuda": the compiled extension, C++ on CPU tensors)."""
-    be = resolve_backend(backend, counter.device, "philox", ("reference", "triton", "cuda"))
+    integer ops; "triton": the in-kernel generator; "native": the compiled extension, C++ on CPU
+    tensors)."""
+    be = resolve_backend(backend, counter.device, "philox", ("reference", "triton", "native"))
     if be == "triton":
         from pixcon_kernels.rng import philox as launch
         return launch(counter, seed, stream)
-    if be == "cuda":
-        import pixcon
-        if not pixcon.HAS_C:
-            raise RuntimeError("philox: backend 'cuda' needs the compiled extension pixcon._C "
-                               "(pip install -e . --no-build-isolation)")
+    if be == "native":
         return torch.ops.pixcon.philox4x32(counter.to(torch.int64) & (cm.TWO32 - 1), seed, stream)
     return philox4x32(counter, seed, stream)
 
@@ -58,10 +56,12 @@ def class_means(emb: torch.Tensor, labels: torch.Tensor, num_classes: int, *,
     P = _check_pool("emb", emb)
     _check_labels(labels, P, emb.device)
     check_positive_int("num_classes", num_classes)
-    be = resolve_backend(backend, emb.device, "class_means")
+    be = resolve_backend(backend, emb.device, "class_means", NATIVE)
     with torch.no_grad():
         if be == "triton":
             sums, counts = _lib().class_sums(emb.detach(), labels, num_classes)
+        elif be == "native":
+            sums, counts = torch.ops.pixcon.class_sums_native(emb.detach(), labels, num_classes)
         else:
             rows = emb if emb.dim() == 2 else cm.pixel_rows(emb)
             rows = rows.detach().to(torch.promote_types(emb.dtype, torch.float32))
@@ -83,12 +83,15 @@ def sample_hard_queries(lab: torch.Tensor, hard: torch.Tensor, num_classes: int,
     check_positive_int("num_queries", num_queries)
     if num_classes * num_queries >= 2**31:
         raise ValueError("num_classes x num_queries must be below 2^31 (counter space)")
-    be = resolve_backend(backend, lab.device, "sample_hard_queries")
+    be = resolve_backend(backend, lab.device, "sample_hard_queries", NATIVE)
     order, offsets, counts = cm.group_by_class(torch.where(hard, lab, -1), num_classes)
     rows = torch.arange(num_classes, device=lab.device)
     if be == "triton":
         return _lib().sample_in_groups(order, offsets, counts, rows, num_queries, seed,
                                        STREAM_QUERY)
+    if be == "native":
+        return torch.ops.pixcon.sample_in_groups_native(order, offsets, counts, rows,
+                                                        num_queries, seed, STREAM_QUERY)
     Q = num_queries
     r = philox4x32(rows[:, None] * Q + torch.arange(Q, device=lab.device), seed, STREAM_QUERY)
     cls = rows[:, None].expand(-1, Q)
@@ -111,12 +114,15 @@ def sample_negatives(row_class: torch.Tensor, cdf: torch.Tensor, lab: torch.Tens
     check_positive_int("num_negatives", num_negatives)
     if row_class.numel() * num_negatives >= 2**31:
         raise ValueError("rows x num_negatives must be below 2^31 (counter space)")
-    be = resolve_backend(backend, lab.device, "sample_negatives")
+    be = resolve_backend(backend, lab.device, "sample_negatives", NATIVE)
     C = cdf.shape[0]
     order, offsets, counts = cm.group_by_class(lab, C)
     if be == "triton":
         return _lib().sample_negatives(row_class, cdf, order, offsets, counts, num_negatives,
                                        seed, STREAM_NEGATIVE)
+    if be == "native":
+        return torch.ops.pixcon.sample_negatives_native(row_class, cdf, order, offsets, counts,
+                                                        num_negatives, seed, STREAM_NEGATIVE)
     R, N = row_class.numel(), num_negatives
     r = philox4x32(torch.arange(R, device=lab.device)[:, None] * N
                    + torch.arange(N, device=lab.device), seed, STREAM_NEGATIVE)
@@ -165,10 +171,15 @@ def sparse_infonce(pool: torch.Tensor, q_idx: torch.Tensor, pos_idx: torch.Tenso
         check_index_range("q_idx", q_idx, P, "pool")
         check_index_range("neg_idx", neg_idx, P, "pool")
         check_index_range("pos_idx", pos_idx, pos_pool.shape[0], "pos_pool")
-    be = resolve_backend(backend, dev, "sparse_infonce")
+    be = resolve_backend(backend, dev, "sparse_infonce", NATIVE)
     if be == "triton":
         loss, _ = _lib().sparse_infonce(pool, pos_pool, q_idx, pos_idx, neg_idx,
                                         float(temperature), bool(key_grad))
+        return loss
+    if be == "native":
+        _lib()                                   # registers the native op's autograd
+        loss, _ = torch.ops.pixcon.infonce_fwd_native(pool, pos_pool, q_idx, pos_idx, neg_idx,
+                                                      float(temperature), bool(key_grad), cm.EPS)
         return loss
     dt = torch.promote_types(pool.dtype, torch.float32)
     rows = (pool if pool.dim() == 2 else cm.pixel_rows(pool)).to(dt)

@@ -37,8 +37,10 @@ def reco_loss(emb, labels, probs, *, mask=None, ignore_index: int = 255,
             settings by default (0.97, 0.5, 256, 512).
         seed: int, or None to draw one from torch's default generator (torch.manual_seed
             controls it). The same seed gives the same samples on every backend.
-        backend: "auto" (Triton kernels for CUDA tensors, the reference otherwise; env
-            PIXCON_BACKEND overrides), "reference" or "triton".
+        backend: "auto" (Triton kernels for CUDA tensors, the compiled CPU kernels for CPU
+            tensors where pixcon._C is built, else the reference; env PIXCON_BACKEND
+            overrides), "reference", "triton" or "native" (compiled CPU kernels: the fused
+            design's memory profile, indices and one log-sum-exp per query saved).
         relation_temperature: temperature of the negative-class softmax (official: the same
             ``temperature``, the default None).
         reduction: "mean" (the official scalar) or "none" ((C, Q) per-query losses, zero rows
@@ -70,21 +72,24 @@ def reco_loss(emb, labels, probs, *, mask=None, ignore_index: int = 255,
     if chk.want_value_checks(check_values, emb.device):
         chk.check_pixel_values(op, emb, labels, C, ignore_index, probs)
     seed = draw_seed(seed)
-    be = chk.resolve_backend(backend, emb.device, op)
+    be = chk.resolve_backend(backend, emb.device, op, ("reference", "triton", "native"))
     kw = dict(ignore_index=ignore_index, strong_threshold=strong_threshold,
               temperature=temperature, num_queries=num_queries, num_negatives=num_negatives,
               seed=seed, relation_temperature=relation_temperature, reduction=reduction)
     if be == "reference":
         return reference.reco_loss(emb, labels, probs, mask, **kw)
-    return _reco_fused(emb, labels, probs, mask, **kw)
+    return _reco_fused(emb, labels, probs, mask, backend=be, **kw)
 
 
 def _reco_fused(emb, labels, probs, mask, *, ignore_index, strong_threshold, temperature,
-                num_queries, num_negatives, seed, relation_temperature, reduction):
+                num_queries, num_negatives, seed, relation_temperature, reduction,
+                backend="triton"):
+    """The fused path; ``backend`` "triton" (GPU kernels) or "native" (compiled CPU kernels):
+    the same primitive calls, the same samples."""
     B, D, h, w = emb.shape
     C, Q = probs.shape[1], num_queries
     rel_t = temperature if relation_temperature is None else relation_temperature
-    kb = dict(backend="triton")
+    kb = dict(backend=backend)
 
     lab = cm.pixel_labels(labels, (h, w), C, ignore_index, mask)          # (P,), -1 = invalid
     hard = cm.hard_pixels(probs, lab, strong_threshold)                   # prob(own) < threshold

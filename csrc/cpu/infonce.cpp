@@ -1,0 +1,194 @@
+// Sparse InfoNCE on the CPU, the same contract as pixcon_kernels.infonce: per query m, cosine
+// logits s_j = cos(a_m, k_j) / t against one positive (a row of pos_pool) and N negatives (rows of
+// pool, -1 = absent), an online log-sum-exp; the forward keeps (loss, lse) per query and the
+// backward recomputes the logits from the indices. Nothing of size M x N is stored.
+//   dL/da   = g / (t |a|) * (sum_j w_j k^_j - (sum_j w_j cos_j) a^),  w_j = softmax_j - [j = 0]
+//   dL/dk_j = g w_j / (t |k_j|) * (a^ - cos_j k^_j)                   (key_grad only)
+// Queries run in parallel; key gradients (scattered into shared rows) are accumulated by one
+// thread in query order, so every result is independent of the thread count.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+#include "pool.h"
+
+namespace pixcon {
+namespace {
+
+template <typename A, typename T, typename U>
+A dot(const T* a, int64_t sa, const U* b, int64_t sb, int64_t D) {
+  A acc = 0;
+  for (int64_t d = 0; d < D; ++d) acc += static_cast<A>(a[d * sa]) * static_cast<A>(b[d * sb]);
+  return acc;
+}
+
+template <typename A>
+A inv_norm(A sq, double eps) { return A(1) / std::max(std::sqrt(sq), static_cast<A>(eps)); }
+
+std::tuple<at::Tensor, at::Tensor> infonce_fwd_cpu(const at::Tensor& pool_in,
+                                                   const at::Tensor& pos_pool,
+                                                   const at::Tensor& q_idx,
+                                                   const at::Tensor& pos_idx,
+                                                   const at::Tensor& neg_idx, double temperature,
+                                                   bool /*key_grad: for the backward*/,
+                                                   double eps) {
+  const Pool pool(pool_in);
+  const int64_t M = neg_idx.size(0), N = neg_idx.size(1), D = pool.D;
+  auto q = q_idx.to(at::kLong).contiguous(), pi = pos_idx.to(at::kLong).contiguous(),
+       ni = neg_idx.to(at::kLong).contiguous();
+  auto acc_type = pool_in.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  auto loss = at::empty({M}, pool_in.options().dtype(acc_type));
+  auto lse = at::empty({M}, pool_in.options().dtype(acc_type));
+  auto pos = pos_pool.to(acc_type);   // positives (R x D, small) in the accumulation type
+  const int64_t ps_r = pos.stride(0), ps_d = pos.stride(1);
+  const double inv_t = 1.0 / temperature;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pool_in.scalar_type(), "infonce_fwd",
+                                  [&] {
+    using A = at::opmath_type<scalar_t>;
+    const scalar_t* x = pool.t.data_ptr<scalar_t>();
+    const A* pp = pos.data_ptr<A>();
+    const int64_t *qp = q.data_ptr<int64_t>(), *pip = pi.data_ptr<int64_t>(),
+                  *np = ni.data_ptr<int64_t>();
+    A *lp = loss.data_ptr<A>(), *ep = lse.data_ptr<A>();
+    at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
+      for (int64_t m = m0; m < m1; ++m) {
+        if (qp[m] < 0) { lp[m] = 0; ep[m] = 0; continue; }
+        const scalar_t* a = x + pool.row(qp[m]);
+        const A* p = pp + std::max<int64_t>(pip[m], 0) * ps_r;
+        const A a_inv = inv_norm(dot<A>(a, pool.s_d, a, pool.s_d, D), eps);
+        const A p_inv = inv_norm(dot<A>(p, ps_d, p, ps_d, D), eps);
+        const A s_pos = dot<A>(a, pool.s_d, p, ps_d, D) * a_inv * p_inv * A(inv_t);
+        A mx = s_pos, l = 1;
+        for (int64_t j = 0; j < N; ++j) {
+          const int64_t k_idx = np[m * N + j];
+          if (k_idx < 0) continue;
+          const scalar_t* k = x + pool.row(k_idx);
+          const A s = dot<A>(a, pool.s_d, k, pool.s_d, D) * a_inv *
+                      inv_norm(dot<A>(k, pool.s_d, k, pool.s_d, D), eps) * A(inv_t);
+          if (s > mx) { l = l * std::exp(mx - s) + 1; mx = s; } else { l += std::exp(s - mx); }
+        }
+        ep[m] = mx + std::log(l);
+        lp[m] = ep[m] - s_pos;
+      }
+    });
+  });
+  return {loss, lse};
+}
+
+// Returns (dq (M, D), dkeys (pool's logical shape, contiguous), dpos (pos_pool's shape)) in the
+// accumulation dtype; dkeys and dpos are zero-size unless key_grad.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> infonce_bwd_cpu(
+    const at::Tensor& grad, const at::Tensor& pool_in, const at::Tensor& pos_pool,
+    const at::Tensor& q_idx, const at::Tensor& pos_idx, const at::Tensor& neg_idx,
+    const at::Tensor& lse_in, double temperature, bool key_grad, double eps) {
+  const Pool pool(pool_in);
+  const int64_t M = neg_idx.size(0), N = neg_idx.size(1), D = pool.D;
+  auto q = q_idx.to(at::kLong).contiguous(), pi = pos_idx.to(at::kLong).contiguous(),
+       ni = neg_idx.to(at::kLong).contiguous();
+  auto acc_type = pool_in.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  auto opts = pool_in.options().dtype(acc_type);
+  auto g_t = grad.to(acc_type).contiguous(), lse = lse_in.to(acc_type).contiguous();
+  auto pos = pos_pool.to(acc_type);   // positives (R x D, small) in the accumulation type
+  const int64_t ps_r = pos.stride(0), ps_d = pos.stride(1);
+  auto dq = at::zeros({M, D}, opts);
+  at::Tensor dk = key_grad ? at::zeros(pool_in.sizes(), opts) : at::empty({0}, opts);
+  at::Tensor dpos = key_grad ? at::zeros(pos_pool.sizes(), opts) : at::empty({0}, opts);
+  const double inv_t = 1.0 / temperature;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pool_in.scalar_type(), "infonce_bwd",
+                                  [&] {
+    using A = at::opmath_type<scalar_t>;
+    const scalar_t* x = pool.t.data_ptr<scalar_t>();
+    const A* pp = pos.data_ptr<A>();
+    const int64_t *qp = q.data_ptr<int64_t>(), *pip = pi.data_ptr<int64_t>(),
+                  *np = ni.data_ptr<int64_t>();
+    const A *gp = g_t.data_ptr<A>(), *lp = lse.data_ptr<A>();
+    A* dqp = dq.data_ptr<A>();
+    // per query: the weights of its keys (w_0 for the positive, then the negatives)
+    auto query = [&](int64_t m, std::vector<A>& w, std::vector<A>& cosv, A& a_inv, A& p_inv) {
+      const scalar_t* a = x + pool.row(qp[m]);
+      const A* p = pp + std::max<int64_t>(pip[m], 0) * ps_r;
+      a_inv = inv_norm(dot<A>(a, pool.s_d, a, pool.s_d, D), eps);
+      p_inv = inv_norm(dot<A>(p, ps_d, p, ps_d, D), eps);
+      const A g = gp[m], l = lp[m];
+      cosv[0] = dot<A>(a, pool.s_d, p, ps_d, D) * a_inv * p_inv;
+      w[0] = g * (std::exp(cosv[0] * A(inv_t) - l) - 1);
+      for (int64_t j = 0; j < N; ++j) {
+        const int64_t k_idx = np[m * N + j];
+        if (k_idx < 0) { w[j + 1] = 0; cosv[j + 1] = 0; continue; }
+        const scalar_t* k = x + pool.row(k_idx);
+        const A k_inv = inv_norm(dot<A>(k, pool.s_d, k, pool.s_d, D), eps);
+        cosv[j + 1] = dot<A>(a, pool.s_d, k, pool.s_d, D) * a_inv * k_inv;
+        w[j + 1] = g * std::exp(cosv[j + 1] * A(inv_t) - l);
+      }
+    };
+    at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
+      std::vector<A> w(N + 1), cosv(N + 1);
+      for (int64_t m = m0; m < m1; ++m) {
+        if (qp[m] < 0) continue;
+        A a_inv, p_inv;
+        query(m, w, cosv, a_inv, p_inv);
+        const scalar_t* a = x + pool.row(qp[m]);
+        const A* p = pp + std::max<int64_t>(pip[m], 0) * ps_r;
+        A* out = dqp + m * D;
+        A coef = w[0] * cosv[0];
+        for (int64_t d = 0; d < D; ++d) out[d] = w[0] * p_inv * static_cast<A>(p[d * ps_d]);
+        for (int64_t j = 0; j < N; ++j) {
+          const int64_t k_idx = np[m * N + j];
+          if (k_idx < 0) continue;
+          const scalar_t* k = x + pool.row(k_idx);
+          const A k_inv = inv_norm(dot<A>(k, pool.s_d, k, pool.s_d, D), eps);
+          coef += w[j + 1] * cosv[j + 1];
+          for (int64_t d = 0; d < D; ++d) out[d] += w[j + 1] * k_inv * static_cast<A>(k[d * pool.s_d]);
+        }
+        for (int64_t d = 0; d < D; ++d)
+          out[d] = (out[d] - coef * a_inv * static_cast<A>(a[d * pool.s_d])) * a_inv * A(inv_t);
+      }
+    });
+    if (key_grad) {                       // one thread, query order: deterministic scatter
+      const Pool dpool(dk);
+      A* dkp = dk.data_ptr<A>();
+      A* dpp = dpos.data_ptr<A>();
+      const int64_t dps_r = dpos.stride(0), dps_d = dpos.stride(1);
+      std::vector<A> w(N + 1), cosv(N + 1);
+      for (int64_t m = 0; m < M; ++m) {
+        if (qp[m] < 0) continue;
+        A a_inv, p_inv;
+        query(m, w, cosv, a_inv, p_inv);
+        const scalar_t* a = x + pool.row(qp[m]);
+        const int64_t prow = std::max<int64_t>(pip[m], 0);
+        const A* p = pp + prow * ps_r;
+        for (int64_t d = 0; d < D; ++d)
+          dpp[prow * dps_r + d * dps_d] += w[0] * A(inv_t) * p_inv *
+              (static_cast<A>(a[d * pool.s_d]) * a_inv - cosv[0] * static_cast<A>(p[d * ps_d]) * p_inv);
+        for (int64_t j = 0; j < N; ++j) {
+          const int64_t k_idx = np[m * N + j];
+          if (k_idx < 0) continue;
+          const scalar_t* k = x + pool.row(k_idx);
+          const A k_inv = inv_norm(dot<A>(k, pool.s_d, k, pool.s_d, D), eps);
+          A* dst = dkp + dpool.row(k_idx);
+          for (int64_t d = 0; d < D; ++d)
+            dst[d * dpool.s_d] += w[j + 1] * A(inv_t) * k_inv *
+                (static_cast<A>(a[d * pool.s_d]) * a_inv - cosv[j + 1] * static_cast<A>(k[d * pool.s_d]) * k_inv);
+        }
+      }
+    }
+  });
+  return {dq, dk, dpos};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pixcon, CPU, m) {
+  m.impl("infonce_fwd_native", &infonce_fwd_cpu);
+  m.impl("infonce_bwd_native", &infonce_bwd_cpu);
+}
+
+}  // namespace pixcon
