@@ -5,7 +5,8 @@
 //   dL/da   = g / (t |a|) * (sum_j w_j k^_j - (sum_j w_j cos_j) a^),  w_j = softmax_j - [j = 0]
 //   dL/dk_j = g w_j / (t |k_j|) * (a^ - cos_j k^_j)                   (key_grad only)
 // Queries run in parallel; key gradients (scattered into shared rows) are accumulated by one
-// thread in query order, so every result is independent of the thread count.
+// thread in query order, so every result is independent of the thread count. Bottleneck: the
+// gathered rows (M x (N + 1) x D reads, from cache for pools of a few hundred MB at most).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -30,8 +31,42 @@ A dot(const T* a, int64_t sa, const U* b, int64_t sb, int64_t D) {
   return acc;
 }
 
+// Dot product of two contiguous rows: four partial sums (a fixed order, so the same bits on any
+// thread count) that the compiler can keep in vector registers.
+template <typename A, typename T, typename U>
+A dot_rows(const T* a, const U* b, int64_t D) {
+  A s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+  int64_t d = 0;
+  for (; d + 4 <= D; d += 4) {
+    s0 += static_cast<A>(a[d]) * static_cast<A>(b[d]);
+    s1 += static_cast<A>(a[d + 1]) * static_cast<A>(b[d + 1]);
+    s2 += static_cast<A>(a[d + 2]) * static_cast<A>(b[d + 2]);
+    s3 += static_cast<A>(a[d + 3]) * static_cast<A>(b[d + 3]);
+  }
+  for (; d < D; ++d) s0 += static_cast<A>(a[d]) * static_cast<A>(b[d]);
+  return (s0 + s1) + (s2 + s3);
+}
+
 template <typename A>
 A inv_norm(A sq, double eps) { return A(1) / std::max(std::sqrt(sq), static_cast<A>(eps)); }
+
+// The pool as contiguous (P, D) rows (a channels-first map's rows are strided by h*w: every
+// gathered row would touch D cache lines) -- a transient copy, never saved -- and the inverse
+// norm 1 / max(|row|, eps) of every row, computed once instead of once per use.
+template <typename T, typename A>
+std::pair<at::Tensor, at::Tensor> rows_and_inv_norms(const at::Tensor& pool, double eps) {
+  const int64_t D = pool.size(1);
+  at::Tensor rows = pool.dim() == 4 ? pool.permute({0, 2, 3, 1}).reshape({-1, D}) : pool;
+  rows = rows.contiguous();
+  const int64_t P = rows.size(0);
+  auto inv = at::empty({P}, pool.options().dtype(c10::CppTypeToScalarType<A>::value));
+  const T* x = rows.template data_ptr<T>();
+  A* ip = inv.template data_ptr<A>();
+  at::parallel_for(0, P, 256, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) ip[p] = inv_norm(dot_rows<A>(x + p * D, x + p * D, D), eps);
+  });
+  return {rows, inv};
+}
 
 std::tuple<at::Tensor, at::Tensor> infonce_fwd_cpu(const at::Tensor& pool_in,
                                                    const at::Tensor& pos_pool,
@@ -40,8 +75,7 @@ std::tuple<at::Tensor, at::Tensor> infonce_fwd_cpu(const at::Tensor& pool_in,
                                                    const at::Tensor& neg_idx, double temperature,
                                                    bool /*key_grad: for the backward*/,
                                                    double eps) {
-  const Pool pool(pool_in);
-  const int64_t M = neg_idx.size(0), N = neg_idx.size(1), D = pool.D;
+  const int64_t M = neg_idx.size(0), N = neg_idx.size(1), D = pool_in.size(1);
   auto q = q_idx.to(at::kLong).contiguous(), pi = pos_idx.to(at::kLong).contiguous(),
        ni = neg_idx.to(at::kLong).contiguous();
   auto acc_type = pool_in.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
@@ -53,7 +87,9 @@ std::tuple<at::Tensor, at::Tensor> infonce_fwd_cpu(const at::Tensor& pool_in,
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pool_in.scalar_type(), "infonce_fwd",
                                   [&] {
     using A = at::opmath_type<scalar_t>;
-    const scalar_t* x = pool.t.data_ptr<scalar_t>();
+    auto [rows, inv] = rows_and_inv_norms<scalar_t, A>(pool_in, eps);
+    const scalar_t* x = rows.data_ptr<scalar_t>();
+    const A* kinv = inv.data_ptr<A>();
     const A* pp = pos.data_ptr<A>();
     const int64_t *qp = q.data_ptr<int64_t>(), *pip = pi.data_ptr<int64_t>(),
                   *np = ni.data_ptr<int64_t>();
@@ -61,18 +97,16 @@ std::tuple<at::Tensor, at::Tensor> infonce_fwd_cpu(const at::Tensor& pool_in,
     at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
       for (int64_t m = m0; m < m1; ++m) {
         if (qp[m] < 0) { lp[m] = 0; ep[m] = 0; continue; }
-        const scalar_t* a = x + pool.row(qp[m]);
+        const scalar_t* a = x + qp[m] * D;
         const A* p = pp + std::max<int64_t>(pip[m], 0) * ps_r;
-        const A a_inv = inv_norm(dot<A>(a, pool.s_d, a, pool.s_d, D), eps);
+        const A a_inv = kinv[qp[m]];
         const A p_inv = inv_norm(dot<A>(p, ps_d, p, ps_d, D), eps);
-        const A s_pos = dot<A>(a, pool.s_d, p, ps_d, D) * a_inv * p_inv * A(inv_t);
+        const A s_pos = dot<A>(a, 1, p, ps_d, D) * a_inv * p_inv * A(inv_t);
         A mx = s_pos, l = 1;
         for (int64_t j = 0; j < N; ++j) {
           const int64_t k_idx = np[m * N + j];
           if (k_idx < 0) continue;
-          const scalar_t* k = x + pool.row(k_idx);
-          const A s = dot<A>(a, pool.s_d, k, pool.s_d, D) * a_inv *
-                      inv_norm(dot<A>(k, pool.s_d, k, pool.s_d, D), eps) * A(inv_t);
+          const A s = dot_rows<A>(a, x + k_idx * D, D) * a_inv * kinv[k_idx] * A(inv_t);
           if (s > mx) { l = l * std::exp(mx - s) + 1; mx = s; } else { l += std::exp(s - mx); }
         }
         ep[m] = mx + std::log(l);
@@ -89,8 +123,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> infonce_bwd_cpu(
     const at::Tensor& grad, const at::Tensor& pool_in, const at::Tensor& pos_pool,
     const at::Tensor& q_idx, const at::Tensor& pos_idx, const at::Tensor& neg_idx,
     const at::Tensor& lse_in, double temperature, bool key_grad, double eps) {
-  const Pool pool(pool_in);
-  const int64_t M = neg_idx.size(0), N = neg_idx.size(1), D = pool.D;
+  const int64_t M = neg_idx.size(0), N = neg_idx.size(1), D = pool_in.size(1);
   auto q = q_idx.to(at::kLong).contiguous(), pi = pos_idx.to(at::kLong).contiguous(),
        ni = neg_idx.to(at::kLong).contiguous();
   auto acc_type = pool_in.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
@@ -105,7 +138,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> infonce_bwd_cpu(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pool_in.scalar_type(), "infonce_bwd",
                                   [&] {
     using A = at::opmath_type<scalar_t>;
-    const scalar_t* x = pool.t.data_ptr<scalar_t>();
+    auto [rows, inv] = rows_and_inv_norms<scalar_t, A>(pool_in, eps);
+    const scalar_t* x = rows.data_ptr<scalar_t>();
+    const A* kinv = inv.data_ptr<A>();
     const A* pp = pos.data_ptr<A>();
     const int64_t *qp = q.data_ptr<int64_t>(), *pip = pi.data_ptr<int64_t>(),
                   *np = ni.data_ptr<int64_t>();
@@ -113,19 +148,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> infonce_bwd_cpu(
     A* dqp = dq.data_ptr<A>();
     // per query: the weights of its keys (w_0 for the positive, then the negatives)
     auto query = [&](int64_t m, std::vector<A>& w, std::vector<A>& cosv, A& a_inv, A& p_inv) {
-      const scalar_t* a = x + pool.row(qp[m]);
+      const scalar_t* a = x + qp[m] * D;
       const A* p = pp + std::max<int64_t>(pip[m], 0) * ps_r;
-      a_inv = inv_norm(dot<A>(a, pool.s_d, a, pool.s_d, D), eps);
+      a_inv = kinv[qp[m]];
       p_inv = inv_norm(dot<A>(p, ps_d, p, ps_d, D), eps);
       const A g = gp[m], l = lp[m];
-      cosv[0] = dot<A>(a, pool.s_d, p, ps_d, D) * a_inv * p_inv;
+      cosv[0] = dot<A>(a, 1, p, ps_d, D) * a_inv * p_inv;
       w[0] = g * (std::exp(cosv[0] * A(inv_t) - l) - 1);
       for (int64_t j = 0; j < N; ++j) {
         const int64_t k_idx = np[m * N + j];
         if (k_idx < 0) { w[j + 1] = 0; cosv[j + 1] = 0; continue; }
-        const scalar_t* k = x + pool.row(k_idx);
-        const A k_inv = inv_norm(dot<A>(k, pool.s_d, k, pool.s_d, D), eps);
-        cosv[j + 1] = dot<A>(a, pool.s_d, k, pool.s_d, D) * a_inv * k_inv;
+        cosv[j + 1] = dot_rows<A>(a, x + k_idx * D, D) * a_inv * kinv[k_idx];
         w[j + 1] = g * std::exp(cosv[j + 1] * A(inv_t) - l);
       }
     };
@@ -135,21 +168,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> infonce_bwd_cpu(
         if (qp[m] < 0) continue;
         A a_inv, p_inv;
         query(m, w, cosv, a_inv, p_inv);
-        const scalar_t* a = x + pool.row(qp[m]);
+        const scalar_t* a = x + qp[m] * D;
         const A* p = pp + std::max<int64_t>(pip[m], 0) * ps_r;
         A* out = dqp + m * D;
         A coef = w[0] * cosv[0];
-        for (int64_t d = 0; d < D; ++d) out[d] = w[0] * p_inv * static_cast<A>(p[d * ps_d]);
+        for (int64_t d = 0; d < D; ++d) out[d] = w[0] * p_inv * p[d * ps_d];
         for (int64_t j = 0; j < N; ++j) {
           const int64_t k_idx = np[m * N + j];
           if (k_idx < 0) continue;
-          const scalar_t* k = x + pool.row(k_idx);
-          const A k_inv = inv_norm(dot<A>(k, pool.s_d, k, pool.s_d, D), eps);
+          const scalar_t* k = x + k_idx * D;
+          const A c = w[j + 1] * kinv[k_idx];
           coef += w[j + 1] * cosv[j + 1];
-          for (int64_t d = 0; d < D; ++d) out[d] += w[j + 1] * k_inv * static_cast<A>(k[d * pool.s_d]);
+          for (int64_t d = 0; d < D; ++d) out[d] += c * static_cast<A>(k[d]);
         }
         for (int64_t d = 0; d < D; ++d)
-          out[d] = (out[d] - coef * a_inv * static_cast<A>(a[d * pool.s_d])) * a_inv * A(inv_t);
+          out[d] = (out[d] - coef * a_inv * static_cast<A>(a[d])) * a_inv * A(inv_t);
       }
     });
     if (key_grad) {                       // one thread, query order: deterministic scatter
@@ -162,21 +195,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> infonce_bwd_cpu(
         if (qp[m] < 0) continue;
         A a_inv, p_inv;
         query(m, w, cosv, a_inv, p_inv);
-        const scalar_t* a = x + pool.row(qp[m]);
+        const scalar_t* a = x + qp[m] * D;
         const int64_t prow = std::max<int64_t>(pip[m], 0);
         const A* p = pp + prow * ps_r;
         for (int64_t d = 0; d < D; ++d)
           dpp[prow * dps_r + d * dps_d] += w[0] * A(inv_t) * p_inv *
-              (static_cast<A>(a[d * pool.s_d]) * a_inv - cosv[0] * static_cast<A>(p[d * ps_d]) * p_inv);
+              (static_cast<A>(a[d]) * a_inv - cosv[0] * p[d * ps_d] * p_inv);
         for (int64_t j = 0; j < N; ++j) {
           const int64_t k_idx = np[m * N + j];
           if (k_idx < 0) continue;
-          const scalar_t* k = x + pool.row(k_idx);
-          const A k_inv = inv_norm(dot<A>(k, pool.s_d, k, pool.s_d, D), eps);
+          const scalar_t* k = x + k_idx * D;
+          const A k_inv = kinv[k_idx];
           A* dst = dkp + dpool.row(k_idx);
           for (int64_t d = 0; d < D; ++d)
             dst[d * dpool.s_d] += w[j + 1] * A(inv_t) * k_inv *
-                (static_cast<A>(a[d * pool.s_d]) * a_inv - cosv[j + 1] * static_cast<A>(k[d * pool.s_d]) * k_inv);
+                (static_cast<A>(a[d]) * a_inv - cosv[j + 1] * static_cast<A>(k[d]) * k_inv);
         }
       }
     }
