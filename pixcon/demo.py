@@ -51,6 +51,10 @@ def main(argv=None):
             emb, onehot, mask, probs, 0.97, 0.5, a.queries, a.negatives)))
     kw = dict(num_queries=a.queries, num_negatives=a.negatives, seed=0, check_values=False)
     runs.append(("reference", lambda: reco_loss(emb, labels, probs, backend="reference", **kw)))
+    import pixcon
+    if device.type == "cpu" and pixcon.HAS_C:
+        runs.append(("native (C++)", lambda: reco_loss(emb, labels, probs, backend="native",
+                                                       **kw)))
     ok, why = triton_usable(device)
     interp_too_big = device.type == "cpu" and a.size != "small"
     if ok and not interp_too_big:
