@@ -47,6 +47,18 @@ A dot_rows(const T* a, const U* b, int64_t D) {
   return (s0 + s1) + (s2 + s3);
 }
 
+// The index tensors as contiguous int64 and the positives (R x D, small) in the accumulation
+// type, shared by the forward and the backward.
+struct Inputs {
+  at::ScalarType acc;
+  at::Tensor q, pi, ni, pos;
+  Inputs(const at::Tensor& pool, const at::Tensor& pos_pool, const at::Tensor& q_idx,
+         const at::Tensor& pos_idx, const at::Tensor& neg_idx)
+      : acc(pool.scalar_type() == at::kDouble ? at::kDouble : at::kFloat),
+        q(q_idx.to(at::kLong).contiguous()), pi(pos_idx.to(at::kLong).contiguous()),
+        ni(neg_idx.to(at::kLong).contiguous()), pos(pos_pool.to(acc)) {}
+};
+
 template <typename A>
 A inv_norm(A sq, double eps) { return A(1) / std::max(std::sqrt(sq), static_cast<A>(eps)); }
 
@@ -76,12 +88,10 @@ std::tuple<at::Tensor, at::Tensor> infonce_fwd_cpu(const at::Tensor& pool_in,
                                                    bool /*key_grad: for the backward*/,
                                                    double eps) {
   const int64_t M = neg_idx.size(0), N = neg_idx.size(1), D = pool_in.size(1);
-  auto q = q_idx.to(at::kLong).contiguous(), pi = pos_idx.to(at::kLong).contiguous(),
-       ni = neg_idx.to(at::kLong).contiguous();
-  auto acc_type = pool_in.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  auto loss = at::empty({M}, pool_in.options().dtype(acc_type));
-  auto lse = at::empty({M}, pool_in.options().dtype(acc_type));
-  auto pos = pos_pool.to(acc_type);   // positives (R x D, small) in the accumulation type
+  const Inputs in(pool_in, pos_pool, q_idx, pos_idx, neg_idx);
+  const auto &q = in.q, &pi = in.pi, &ni = in.ni, &pos = in.pos;
+  auto loss = at::empty({M}, pool_in.options().dtype(in.acc));
+  auto lse = at::empty({M}, pool_in.options().dtype(in.acc));
   const int64_t ps_r = pos.stride(0), ps_d = pos.stride(1);
   const double inv_t = 1.0 / temperature;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pool_in.scalar_type(), "infonce_fwd",
@@ -124,12 +134,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> infonce_bwd_cpu(
     const at::Tensor& q_idx, const at::Tensor& pos_idx, const at::Tensor& neg_idx,
     const at::Tensor& lse_in, double temperature, bool key_grad, double eps) {
   const int64_t M = neg_idx.size(0), N = neg_idx.size(1), D = pool_in.size(1);
-  auto q = q_idx.to(at::kLong).contiguous(), pi = pos_idx.to(at::kLong).contiguous(),
-       ni = neg_idx.to(at::kLong).contiguous();
-  auto acc_type = pool_in.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  auto opts = pool_in.options().dtype(acc_type);
-  auto g_t = grad.to(acc_type).contiguous(), lse = lse_in.to(acc_type).contiguous();
-  auto pos = pos_pool.to(acc_type);   // positives (R x D, small) in the accumulation type
+  const Inputs in(pool_in, pos_pool, q_idx, pos_idx, neg_idx);
+  const auto &q = in.q, &pi = in.pi, &ni = in.ni, &pos = in.pos;
+  auto opts = pool_in.options().dtype(in.acc);
+  auto g_t = grad.to(in.acc).contiguous(), lse = lse_in.to(in.acc).contiguous();
   const int64_t ps_r = pos.stride(0), ps_d = pos.stride(1);
   auto dq = at::zeros({M, D}, opts);
   at::Tensor dk = key_grad ? at::zeros(pool_in.sizes(), opts) : at::empty({0}, opts);

@@ -31,6 +31,17 @@ inline void philox_key(int64_t seed, uint32_t* k0, uint32_t* k1) {
   *k1 = static_cast<uint32_t>(s >> 32);
 }
 
+// One sampler's stream of draws under one seed: draw(i) is Philox of counter (i, stream).
+struct DrawStream {
+  uint32_t k0, k1, c1;
+  DrawStream(int64_t seed, int64_t stream) : c1(static_cast<uint32_t>(stream)) {
+    philox_key(seed, &k0, &k1);
+  }
+  void draw(int64_t i, uint32_t w[4]) const {
+    philox4x32_10(static_cast<uint32_t>(i), c1, k0, k1, w);
+  }
+};
+
 // (r * n) >> 32: a 32-bit draw mapped to [0, n).
 inline int64_t uniform_index(uint32_t r, int64_t n) {
   return static_cast<int64_t>((static_cast<uint64_t>(r) * static_cast<uint64_t>(n)) >> 32);

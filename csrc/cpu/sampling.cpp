@@ -27,15 +27,13 @@ at::Tensor sample_in_groups_cpu(const at::Tensor& order, const at::Tensor& offse
   const int64_t *o = ord.data_ptr<int64_t>(), *of = off.data_ptr<int64_t>(),
                 *n = cnt.data_ptr<int64_t>(), *g = grp.data_ptr<int64_t>();
   int32_t* y = out.data_ptr<int32_t>();
-  uint32_t k0, k1;
-  philox_key(seed, &k0, &k1);
-  const uint32_t c1 = static_cast<uint32_t>(stream);
+  const DrawStream rng(seed, stream);
   at::parallel_for(0, total, kGrain, [&](int64_t begin, int64_t end) {
     uint32_t w[4];
     for (int64_t i = begin; i < end; ++i) {
       const int64_t grp_i = g[i / per_row];
       if (grp_i < 0 || n[grp_i] <= 0) { y[i] = -1; continue; }
-      philox4x32_10(static_cast<uint32_t>(i), c1, k0, k1, w);
+      rng.draw(i, w);
       y[i] = static_cast<int32_t>(o[of[grp_i] + uniform_index(w[0], n[grp_i])]);
     }
   });
@@ -56,15 +54,13 @@ at::Tensor sample_negatives_cpu(const at::Tensor& row_class, const at::Tensor& c
                 *o = ord.data_ptr<int64_t>(), *of = off.data_ptr<int64_t>(),
                 *n = cnt.data_ptr<int64_t>();
   int32_t* y = out.data_ptr<int32_t>();
-  uint32_t k0, k1;
-  philox_key(seed, &k0, &k1);
-  const uint32_t c1 = static_cast<uint32_t>(stream);
+  const DrawStream rng(seed, stream);
   at::parallel_for(0, total, kGrain, [&](int64_t begin, int64_t end) {
     uint32_t w[4];
     for (int64_t i = begin; i < end; ++i) {
       const int64_t cls = c[i / per_row];
       if (cls < 0) { y[i] = -1; continue; }
-      philox4x32_10(static_cast<uint32_t>(i), c1, k0, k1, w);
+      rng.draw(i, w);
       const int64_t r = static_cast<int64_t>(w[0]);
       const int64_t* row = t + cls * C;
       int64_t lo = 0, hi = C;                       // first k with row[k] > r
