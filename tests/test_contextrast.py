@@ -8,6 +8,7 @@ import pytest
 import torch
 from scipy import ndimage
 
+import pixcon
 from pixcon.nn import ContextrastLoss
 from pixcon.ops import _library as lib
 from pixcon.ops import bane_negatives, pixel_anchor_loss
@@ -49,7 +50,8 @@ def brute_force_bane(gt, pred, C, ks, reading):
     return keep.reshape(err.shape), err
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS + [pytest.param(
+    "native", marks=pytest.mark.skipif(not pixcon.HAS_C, reason="pixcon._C not built"))])
 @pytest.mark.parametrize("reading", ["R1", "R2"])
 @pytest.mark.parametrize("ks", [0.5, 0.2, 1.0])
 def test_bane_matches_brute_force(backend, reading, ks):

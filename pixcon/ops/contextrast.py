@@ -63,7 +63,10 @@ def bane_negatives(labels, pred, num_classes: int, *, ks: float = 0.5, reading: 
     to the nearest pixel outside the pixel's error region (SciPy convention, border is not a
     boundary); a region without outside pixel is never selected. Within a class the ceil(ks *
     count) smallest distances are kept, ties broken by flat index (b, y, x), pooled over the
-    batch."""
+    batch.
+
+    backend: "auto" (Triton for CUDA tensors, the compiled C++ EDT -- "native" -- for CPU
+    tensors where pixcon._C is built, else the reference), "reference", "triton", "native"."""
     op = "bane_negatives"
     chk.check_tensor("labels", labels, ndim=3, dtypes=chk.INT_DTYPES, kind="(B, h, w)")
     chk.check_tensor("pred", pred, ndim=(3, 4), device=labels.device, kind="(B, h, w) or (B, C, h, w)")
@@ -75,7 +78,7 @@ def bane_negatives(labels, pred, num_classes: int, *, ks: float = 0.5, reading: 
         raise ValueError(f"{op}: ks must be in (0, 1], got {ks!r}")
     if reading not in READINGS:
         raise ValueError(f"{op}: reading must be 'R1' or 'R2', got {reading!r}")
-    be = chk.resolve_backend(backend, labels.device, op)
+    be = chk.resolve_backend(backend, labels.device, op, ("reference", "triton", "native"))
     C = num_classes
     gt = labels.to(torch.int64)
     gt = torch.where((gt >= 0) & (gt < C) & (gt != ignore_index), gt, -1)
@@ -83,8 +86,8 @@ def bane_negatives(labels, pred, num_classes: int, *, ks: float = 0.5, reading: 
     if be == "reference":
         sel, err = ref.bane_negatives(gt, pr, C, ks=ks, reading=reading)
         return sel.view(gt.shape), err.view(gt.shape)
-    err = ref.error_map(gt, pr, reading)
-    d2 = distance_transform(err, labels=True, background=-1, squared=True, backend="triton")
+    err = ref.error_map(gt, pr, reading)          # one multi-label EDT: Triton or compiled C++
+    d2 = distance_transform(err, labels=True, background=-1, squared=True, backend=be)
     h, w = gt.shape[-2:]
     sel = select_lowest(err.reshape(-1), d2.reshape(-1), C, ks, h * h + w * w + 1)
     return sel.view(gt.shape), err
