@@ -80,6 +80,25 @@ std::pair<at::Tensor, at::Tensor> rows_and_inv_norms(const at::Tensor& pool, dou
   return {rows, inv};
 }
 
+// What both passes read, as pointers: the pool's contiguous rows and their inverse norms (see
+// rows_and_inv_norms), the positives, and the query / positive / negative indices.
+template <typename T, typename A>
+struct Views {
+  at::Tensor rows, inv;           // owners of x and kinv
+  const T* x;
+  const A *kinv, *pp;
+  const int64_t *qp, *pip, *np;
+};
+
+template <typename T, typename A>
+Views<T, A> views(const Inputs& in, const at::Tensor& pool, double eps) {
+  auto [rows, inv] = rows_and_inv_norms<T, A>(pool, eps);
+  const T* x = rows.template data_ptr<T>();
+  const A* kinv = inv.template data_ptr<A>();
+  return {rows, inv, x, kinv, in.pos.template data_ptr<A>(), in.q.data_ptr<int64_t>(),
+          in.pi.data_ptr<int64_t>(), in.ni.data_ptr<int64_t>()};
+}
+
 std::tuple<at::Tensor, at::Tensor> infonce_fwd_cpu(const at::Tensor& pool_in,
                                                    const at::Tensor& pos_pool,
                                                    const at::Tensor& q_idx,
@@ -89,7 +108,7 @@ std::tuple<at::Tensor, at::Tensor> infonce_fwd_cpu(const at::Tensor& pool_in,
                                                    double eps) {
   const int64_t M = neg_idx.size(0), N = neg_idx.size(1), D = pool_in.size(1);
   const Inputs in(pool_in, pos_pool, q_idx, pos_idx, neg_idx);
-  const auto &q = in.q, &pi = in.pi, &ni = in.ni, &pos = in.pos;
+  const auto& pos = in.pos;
   auto loss = at::empty({M}, pool_in.options().dtype(in.acc));
   auto lse = at::empty({M}, pool_in.options().dtype(in.acc));
   const int64_t ps_r = pos.stride(0), ps_d = pos.stride(1);
@@ -97,12 +116,10 @@ std::tuple<at::Tensor, at::Tensor> infonce_fwd_cpu(const at::Tensor& pool_in,
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pool_in.scalar_type(), "infonce_fwd",
                                   [&] {
     using A = at::opmath_type<scalar_t>;
-    auto [rows, inv] = rows_and_inv_norms<scalar_t, A>(pool_in, eps);
-    const scalar_t* x = rows.data_ptr<scalar_t>();
-    const A* kinv = inv.data_ptr<A>();
-    const A* pp = pos.data_ptr<A>();
-    const int64_t *qp = q.data_ptr<int64_t>(), *pip = pi.data_ptr<int64_t>(),
-                  *np = ni.data_ptr<int64_t>();
+    const auto v = views<scalar_t, A>(in, pool_in, eps);
+    const scalar_t* x = v.x;
+    const A *kinv = v.kinv, *pp = v.pp;
+    const int64_t *qp = v.qp, *pip = v.pip, *np = v.np;
     A *lp = loss.data_ptr<A>(), *ep = lse.data_ptr<A>();
     at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
       for (int64_t m = m0; m < m1; ++m) {
@@ -135,7 +152,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> infonce_bwd_cpu(
     const at::Tensor& lse_in, double temperature, bool key_grad, double eps) {
   const int64_t M = neg_idx.size(0), N = neg_idx.size(1), D = pool_in.size(1);
   const Inputs in(pool_in, pos_pool, q_idx, pos_idx, neg_idx);
-  const auto &q = in.q, &pi = in.pi, &ni = in.ni, &pos = in.pos;
+  const auto& pos = in.pos;
   auto opts = pool_in.options().dtype(in.acc);
   auto g_t = grad.to(in.acc).contiguous(), lse = lse_in.to(in.acc).contiguous();
   const int64_t ps_r = pos.stride(0), ps_d = pos.stride(1);
@@ -146,12 +163,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> infonce_bwd_cpu(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pool_in.scalar_type(), "infonce_bwd",
                                   [&] {
     using A = at::opmath_type<scalar_t>;
-    auto [rows, inv] = rows_and_inv_norms<scalar_t, A>(pool_in, eps);
-    const scalar_t* x = rows.data_ptr<scalar_t>();
-    const A* kinv = inv.data_ptr<A>();
-    const A* pp = pos.data_ptr<A>();
-    const int64_t *qp = q.data_ptr<int64_t>(), *pip = pi.data_ptr<int64_t>(),
-                  *np = ni.data_ptr<int64_t>();
+    const auto v = views<scalar_t, A>(in, pool_in, eps);
+    const scalar_t* x = v.x;
+    const A *kinv = v.kinv, *pp = v.pp;
+    const int64_t *qp = v.qp, *pip = v.pip, *np = v.np;
     const A *gp = g_t.data_ptr<A>(), *lp = lse.data_ptr<A>();
     A* dqp = dq.data_ptr<A>();
     // per query: the weights of its keys (w_0 for the positive, then the negatives)
