@@ -174,6 +174,20 @@ def _contextrast(rec, B, D, sizes, C, dtype, tag):
             anchor.anchor_backward(torch.ones(C), z, a, gt, negcls, nl, sig, 0.1, only_own)
 
 
+def _tiled(rec, M, N, D, C, dtype, tag):
+    """The tiled contrast at M anchors x N keys (N None: in-batch, keys = anchors)."""
+    from . import tiled
+    gen = torch.Generator().manual_seed(0)
+    rec.setting = tag
+    a = torch.randn(M, D, generator=gen).to(dtype)
+    ya = _labels(M, C, gen)
+    in_batch = N is None
+    k, yk = (a, ya) if in_batch else (torch.randn(N, D, generator=gen).to(dtype),
+                                      _labels(N, C, gen))
+    _, npos, nl, w = tiled.tiled_forward(a, ya, k, yk, 0.1, in_batch)
+    tiled.tiled_backward(torch.ones(M), a, ya, k, yk, nl, w, npos, 0.1, in_batch, not in_batch)
+
+
 def _edt(rec, shape, tag):
     from . import edt
     rec.setting = tag
@@ -218,6 +232,17 @@ def scenarios(quick: bool = False):
         ("odd D", lambda r: (_reco(r, 2, 40, 17, 19, 21, 64, 128, torch.float32, "ReCo D=40"),
                              _contextrast(r, 2, 24, [(16, 32)], 40, torch.float32,
                                           "Contextrast D=24 C=40"))),
+        ("ContrastiveSeg Cityscapes 1024 anchors", lambda r: [
+            _tiled(r, 1024, None, 256, 19, dt, f"ContrastiveSeg in-batch 1024 {n}")
+            for dt, n in ((torch.float32, "fp32"), (torch.bfloat16, "bf16"),
+                          (torch.float16, "fp16"))]),
+        ("ContrastiveSeg bank 19x10000", lambda r: _tiled(
+            r, 1024, 190000, 256, 19, torch.float32, "ContrastiveSeg bank 1024x190000")),
+        ("dense 131k", lambda r: [_tiled(r, 131072, None, 256, 19, dt, f"dense 131072 {n}")
+                                  for dt, n in ((torch.float32, "fp32"), (torch.bfloat16, "bf16"))]),
+        ("tiled fp64 / odd D", lambda r: (
+            _tiled(r, 256, None, 64, 19, torch.float64, "tiled fp64"),
+            _tiled(r, 300, 700, 40, 19, torch.float32, "tiled D=40 bank"))),
         ("EDT 512x512", lambda r: _edt(r, (8, 512, 512), "EDT 8x512x512")),
         ("EDT BANE pyramid", lambda r: _edt(r, (8, 16, 32), "EDT 8x16x32")),
         ("philox", lambda r: _philox(r, 1 << 20, "philox 2^20")),

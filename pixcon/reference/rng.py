@@ -21,6 +21,7 @@ ROUND_A, ROUND_B = 0xD2511F53, 0xCD9E8D57
 # Streams (counter word c1) of the samplers. Fixed numbers: changing one changes every sample.
 STREAM_QUERY = 1       # hard-query sampling
 STREAM_NEGATIVE = 2    # negative class (word 0) and negative pixel (word 1)
+STREAM_ANCHOR = 3      # ContrastiveSeg anchors: one sort key per pixel (word 0)
 
 
 def _mulhilo(a: torch.Tensor, b: int) -> tuple[torch.Tensor, torch.Tensor]:

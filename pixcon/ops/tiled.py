@@ -1,0 +1,206 @@
+"""The tiled supervised contrast shared by ContrastiveSeg, the dense mode and CAC: anchors x keys
+in tiles with an online log-sum-exp (specs/fused_infonce.md §1, §6), never an anchors x keys
+matrix in forward or backward.
+
+For anchor r (label y_r) and keys k (labels), s_rk = a_r . k_k / t:
+
+    NL_r    = LSE_{k : label_k != y_r} s_rk                      (pass 1: negative mass, online)
+    term_r  = 1/|P(r)| sum_{p in P(r)} softplus(NL_r - s_rp)      (pass 2: per-positive terms)
+    W_r     = sum_{p in P(r)} sigmoid(NL_r - s_rp)                (saved for backward)
+
+P(r) = keys with label y_r (in-batch, keys = anchors: except r). Labels -1 mark absent rows. Saved
+for backward: the inputs (no copies) and three numbers per anchor (NL, W, |P|). Backward
+recomputes each tile:
+
+    dterm_r / ds_rn = W_r e^{s_rn - NL_r} / |P(r)|        (negatives)
+    dterm_r / ds_rp = -sigmoid(NL_r - s_rp) / |P(r)|      (positives)
+
+CPU ("native"): anchors and keys sorted by label, tiles of BLAS matmuls driven from Python, tile
+pairs without a negative or a positive skipped, each positive tile's logits computed once.
+GPU ("triton"): pixcon_kernels.tiled, the same passes on tensor cores.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..reference import contrastiveseg as ref
+from ._common import FLOAT_DTYPES, INT_DTYPES, check_positive_float, check_tensor, resolve_backend
+
+BLOCK_M, BLOCK_N = 512, 2048     # CPU tiles: 4 MiB of fp32 logits, a few BLAS calls per tile
+
+
+def supervised_contrast(anchors, anchor_labels, keys=None, key_labels=None, *, temperature,
+                        backend="auto", block=(BLOCK_M, BLOCK_N)):
+    """Per-anchor terms (M,) and positive counts (M,) int64 of the per-positive contrast above.
+
+    anchors (M, D) float, anchor_labels (M,) int (-1 = absent); keys (K, D) and key_labels (K,),
+    or None for the in-batch form (keys = anchors, gradient through both sides). Terms are 0 for
+    anchors without a label or a positive. Float32 (float64 for float64 anchors)."""
+    check_tensor("anchors", anchors, ndim=2, dtypes=FLOAT_DTYPES, kind="(M, D)")
+    dev = anchors.device
+    check_tensor("anchor_labels", anchor_labels, ndim=1, dtypes=INT_DTYPES, device=dev,
+                 kind="(M,)")
+    if anchor_labels.shape[0] != anchors.shape[0]:
+        raise ValueError(f"anchor_labels must have one entry per anchor ({anchors.shape[0]}), "
+                         f"got {anchor_labels.shape[0]}")
+    if (keys is None) != (key_labels is None):
+        raise ValueError("keys and key_labels go together: give both or neither")
+    if keys is not None:
+        check_tensor("keys", keys, ndim=2, dtypes=FLOAT_DTYPES, device=dev, kind="(K, D)")
+        check_tensor("key_labels", key_labels, ndim=1, dtypes=INT_DTYPES, device=dev, kind="(K,)")
+        if keys.shape[1] != anchors.shape[1]:
+            raise ValueError(f"keys must have D = {anchors.shape[1]} like anchors, got "
+                             f"{keys.shape[1]}")
+        if key_labels.shape[0] != keys.shape[0]:
+            raise ValueError(f"key_labels must have one entry per key ({keys.shape[0]}), got "
+                             f"{key_labels.shape[0]}")
+    check_positive_float("temperature", temperature)
+    be = resolve_backend(backend, dev, "supervised_contrast", ("reference", "native", "triton"),
+                         needs_extension=False)
+    acc = torch.promote_types(anchors.dtype, torch.float32)
+    ya = anchor_labels.to(torch.int64)
+    yk = None if key_labels is None else key_labels.to(torch.int64)
+    if be == "reference":
+        k = None if keys is None else keys.to(acc)
+        return ref.contrast_terms(anchors.to(acc), ya, k, yk, temperature=temperature)
+    if be == "triton":
+        from . import _library
+        return _library.tiled_contrast(anchors, ya, keys, yk, float(temperature))
+    return _TiledCPU.apply(anchors, ya, keys, yk, float(temperature), tuple(block))
+
+
+# --- CPU tiles --------------------------------------------------------------------------------
+def _spans(n, b):
+    return [(i, min(i + b, n)) for i in range(0, n, b)]
+
+
+def _label_ranges(y_sorted, spans):
+    """(min, max) label of each tile of a sorted label vector (host ints: CPU tensors)."""
+    return [(int(y_sorted[i0]), int(y_sorted[i1 - 1])) for i0, i1 in spans]
+
+
+class _Plan:
+    """Anchors and keys sorted by label, their tiles and which tile pairs hold a negative or a
+    positive (labels sorted: a tile pair whose label ranges miss each other has no positive, one
+    with a single shared label has no negative)."""
+
+    def __init__(self, ya, yk, in_batch, block):
+        self.pa = torch.sort(ya, stable=True).indices
+        self.pk = self.pa if in_batch else torch.sort(yk, stable=True).indices
+        self.ya, self.yk = ya[self.pa], (ya if in_batch else yk)[self.pk]
+        self.ta, self.tk = _spans(len(self.ya), block[0]), _spans(len(self.yk), block[1])
+        ra, rk = _label_ranges(self.ya, self.ta), _label_ranges(self.yk, self.tk)
+        self.pairs = []
+        for i, (alo, ahi) in enumerate(ra):
+            row = []
+            for j, (klo, khi) in enumerate(rk):
+                if ahi < 0 or khi < 0:
+                    continue                                   # only absent rows on one side
+                has_pos = max(alo, klo, 0) <= min(ahi, khi)
+                has_neg = not (alo == ahi == klo == khi)
+                row.append((j, has_neg, has_pos))
+            self.pairs.append(row)
+        self.in_batch = in_batch
+
+    def masks(self, i, j, has_neg, has_pos):
+        (i0, i1), (j0, j1) = self.ta[i], self.tk[j]
+        ya, yk = self.ya[i0:i1, None], self.yk[None, j0:j1]
+        valid = (ya >= 0) & (yk >= 0)
+        same = (ya == yk) & valid
+        neg = valid & ~same if has_neg else None
+        pos = same if has_pos else None
+        if has_pos and self.in_batch and i0 < j1 and j0 < i1:     # r is not its own positive
+            r = torch.arange(i0, i1)[:, None]
+            pos = pos & (r != torch.arange(j0, j1)[None, :])
+        return neg, pos
+
+
+def _pure(mask):
+    """None when the mask is all true (no masking needed), else the mask."""
+    return None if bool(mask.all()) else mask
+
+
+class _TiledCPU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, a, ya, k, yk, t, block):
+        in_batch = k is None
+        acc = torch.promote_types(a.dtype, torch.float32)
+        plan = _Plan(ya, yk, in_batch, block)
+        A = a.detach().to(acc)[plan.pa]
+        K = A if in_batch else k.detach().to(acc)[plan.pk]
+        M = A.shape[0]
+        NL = torch.full((M,), float("-inf"), dtype=acc)
+        S_pos = torch.zeros(M, dtype=acc)
+        W = torch.zeros(M, dtype=acc)
+        npos = torch.zeros(M, dtype=torch.int64)
+        for i, (i0, i1) in enumerate(plan.ta):
+            a_i, cached = A[i0:i1], []
+            lse = NL[i0:i1]
+            for j, has_neg, has_pos in plan.pairs[i]:
+                j0, j1 = plan.tk[j]
+                s = (a_i @ K[j0:j1].T).div_(t)
+                neg, pos = plan.masks(i, j, has_neg, has_pos)
+                if neg is not None and bool(neg.any()):
+                    m = _pure(neg)
+                    lse = torch.logaddexp(lse, torch.logsumexp(
+                        s if m is None else s.masked_fill(~m, float("-inf")), dim=1))
+                if pos is not None:
+                    cached.append((s, pos))
+            NL[i0:i1] = lse
+            for s, pos in cached:                                 # pass 2 on the kept tiles
+                x = lse[:, None] - s
+                S_pos[i0:i1] += torch.where(pos, F.softplus(x), 0.0).sum(dim=1)
+                W[i0:i1] += torch.where(pos, torch.sigmoid(x), 0.0).sum(dim=1)
+                npos[i0:i1] += pos.sum(dim=1)
+        terms = S_pos / npos.clamp(min=1)
+        out_t, out_n = torch.empty_like(terms), torch.empty_like(npos)
+        out_t[plan.pa], out_n[plan.pa] = terms, npos
+        ctx.save_for_backward(a, k, NL, W, npos)
+        ctx.plan, ctx.t = plan, t
+        ctx.mark_non_differentiable(out_n)
+        return out_t, out_n
+
+    @staticmethod
+    def backward(ctx, g, _gn):
+        a, k, NL, W, npos = ctx.saved_tensors
+        plan, t = ctx.plan, ctx.t
+        in_batch = k is None
+        acc = NL.dtype
+        A = a.detach().to(acc)[plan.pa]
+        K = A if in_batch else k.detach().to(acc)[plan.pk]
+        coef = g.to(acc)[plan.pa] / npos.clamp(min=1)
+        coef = torch.where(npos > 0, coef, 0.0)
+        dA = torch.zeros_like(A)
+        need_k = in_batch or ctx.needs_input_grad[2]
+        dK = torch.zeros_like(K) if need_k else None
+        for i, (i0, i1) in enumerate(plan.ta):
+            c = coef[i0:i1]
+            if not bool((c != 0).any()):
+                continue
+            a_i, nl, cw = A[i0:i1], NL[i0:i1, None], (c * W[i0:i1])[:, None]
+            for j, has_neg, has_pos in plan.pairs[i]:
+                j0, j1 = plan.tk[j]
+                k_j = K[j0:j1]
+                s = a_i @ k_j.T / t
+                neg, pos = plan.masks(i, j, has_neg, has_pos)
+                dS = torch.zeros_like(s)
+                if neg is not None:
+                    e = torch.exp(s - nl).mul_(cw)
+                    dS = e if _pure(neg) is None else torch.where(neg, e, 0.0)
+                if pos is not None:
+                    dS = dS - torch.where(pos, torch.sigmoid(nl - s), 0.0) * c[:, None]
+                dA[i0:i1] += dS @ k_j
+                if dK is not None:
+                    dK[j0:j1] += dS.T @ a_i
+        ga = torch.empty_like(dA)
+        if in_batch:
+            ga[plan.pa] = (dA + dK) / t
+            return ga.to(a.dtype), None, None, None, None, None
+        ga[plan.pa] = dA / t
+        gk = None
+        if dK is not None:
+            gk = torch.empty_like(dK)
+            gk[plan.pk] = dK / t
+            gk = gk.to(k.dtype)
+        return ga.to(a.dtype), None, gk, None, None, None
