@@ -12,3 +12,7 @@ __all__ += ["distance_transform"]
 from .contextrast import bane_negatives, pixel_anchor_loss  # noqa: E402
 
 __all__ += ["bane_negatives", "pixel_anchor_loss"]
+from .contrastiveseg import dense_contrast_loss, pixel_contrast_loss  # noqa: E402
+from .tiled import supervised_contrast  # noqa: E402
+
+__all__ += ["pixel_contrast_loss", "dense_contrast_loss", "supervised_contrast"]

@@ -1,0 +1,248 @@
+"""ContrastiveSeg (Wang et al., ICCV 2021): cross-image pixel contrast, specs/contrastiveseg.md,
+and its dense mode (every valid pixel an anchor, no sampling).
+
+    anchors = sample_anchors(labels, predict)        segmentation-aware hard anchors (sort, no sync)
+    terms   = supervised_contrast(z, y, keys)        tiled: NL_r, then softplus(NL_r - s_rp) per positive
+    loss    = (t / t_b) * mean over anchors with a positive
+
+The fused path has no host sync and no Python loop over classes or anchors; it saves the inputs
+and three numbers per anchor, never an anchors x keys matrix.
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import reference
+from ..reference import common as cm
+from ..reference import contrastiveseg as ref
+from ..reference.rng import STREAM_ANCHOR, draw_seed
+from . import _common as chk
+from . import primitives as prim
+from .tiled import supervised_contrast
+
+BACKENDS = ("reference", "native", "triton")
+LABEL_LIMIT = 2**31        # class values above this are not classes (they would overflow the sort keys)
+
+
+def _backend(backend, device, op):
+    return chk.resolve_backend(backend, device, op, BACKENDS, needs_extension=False)
+
+
+def _rng_backend(be):
+    """Backend of the Philox draws: the in-kernel generator on GPU, the compiled one on CPU when
+    pixcon._C is built, else torch integer ops (all bit-identical)."""
+    if be == "triton":
+        return "triton"
+    return "native" if be == "native" and chk.native_available() else "reference"
+
+
+def _predictions(op, predict, B, h, w):
+    """(B, h, w) integer predictions: predict as given (integer map at feature or image
+    resolution) or the argmax over classes of (B, C, h, w) logits/probabilities."""
+    chk.check_tensor("predict", predict, ndim=(3, 4), dtypes=chk.INT_DTYPES + chk.FLOAT_DTYPES)
+    if predict.dim() == 4:
+        if predict.dtype not in chk.FLOAT_DTYPES or predict.shape[2:] != (h, w):
+            raise ValueError(f"{op}: a 4-D predict must be (B, C, h, w) = ({B}, C, {h}, {w}) "
+                             f"float logits or probabilities, got {tuple(predict.shape)} "
+                             f"{predict.dtype}")
+        predict = predict.detach().argmax(dim=1)
+    elif predict.dtype not in chk.INT_DTYPES:
+        raise TypeError(f"{op}: a 3-D predict must be an integer class map (the argmax of the "
+                        f"segmentation logits), got {predict.dtype}")
+    if predict.shape[0] != B or predict.shape[1] < h or predict.shape[2] < w:
+        raise ValueError(f"{op}: predict must be (B, h, w) = ({B}, {h}, {w}) or larger, got "
+                         f"{tuple(predict.shape)}")
+    return cm.resize_nearest(predict, (h, w))
+
+
+def sample_anchors(gt, pred, *, max_samples: int, max_views: int, seed: int, backend="auto"):
+    """Segmentation-aware hard anchors, vectorised (one sort by key, one by group; no sync).
+
+    gt, pred: (B, h, w) at feature resolution, gt -1 = ignored. Returns (index (max_samples,)
+    flat pixel indices, -1 in unused slots; labels (max_samples,), -1 unused; T; n_view) with T
+    and n_view 0-d tensors, rows in the official view-major order (slot v*T + t). The same
+    samples as pixcon.reference.contrastiveseg.sample_anchors."""
+    B = gt.shape[0]
+    g, p = gt.reshape(-1).to(torch.int64), pred.reshape(-1).to(torch.int64)
+    P, dev = g.numel(), g.device
+    pix = torch.arange(P, device=dev)
+    key = prim.philox(pix, seed, STREAM_ANCHOR, backend=_rng_backend(backend))[:, 0]
+    valid = (g >= 0) & (g < LABEL_LIMIT)
+    easy = (p == g).to(torch.int64)
+    # sort by (image, class, hard before easy, key): stable sorts by key, then by group
+    group = torch.where(valid, ((pix // (P // B)) << 33) | (g << 1) | easy, torch.iinfo(torch.int64).max)
+    by_key = torch.sort(key, stable=True).indices
+    order = by_key[torch.sort(group[by_key], stable=True).indices]
+    gs = group[order]
+    first = torch.ones(P, dtype=torch.bool, device=dev)
+    first[1:] = (gs[1:] >> 1) != (gs[:-1] >> 1)
+    gid = torch.cumsum(first, 0) - 1                                   # dense (image, class) id
+    vs = valid[order].to(torch.int64)
+    n_tot = torch.zeros(P, dtype=torch.int64, device=dev).index_add_(0, gid, vs)
+    n_easy = torch.zeros_like(n_tot).index_add_(0, gid, vs * (gs & 1))
+    n_hard = n_tot - n_easy
+    start = torch.zeros_like(n_tot).index_add_(0, gid, torch.where(first, pix, 0))
+    kept = n_tot > max_views
+    T = kept.sum()
+    n_view = torch.clamp(max_samples // T.clamp(min=1), max=max_views)
+    hard_ok, easy_ok = 2 * n_hard >= n_view, 2 * n_easy >= n_view      # >= n_view / 2
+    keep_h = torch.where(hard_ok & easy_ok, n_view // 2,
+                         torch.where(hard_ok, n_view - n_easy, n_hard))
+    rank = torch.cumsum(kept, 0) - 1
+    M = max_samples
+    pairs = torch.zeros(M + 1, dtype=torch.int64, device=dev).scatter_(
+        0, torch.where(kept & (rank < M), rank, M), pix)               # kept group of pair t
+    slot = torch.arange(M, device=dev)
+    t, v = slot % T.clamp(min=1), slot // T.clamp(min=1)
+    used = slot < T * n_view
+    grp = pairs[t]
+    kh = keep_h[grp]
+    pos = start[grp] + torch.where(v < kh, v, n_hard[grp] + v - kh)
+    index = torch.where(used, order[pos.clamp(0, P - 1)], -1)
+    labels = torch.where(used, g[index.clamp(min=0)], -1)
+    return index, labels, T, n_view
+
+
+def _check_views(op, T, max_samples, max_views, device, check_values):
+    """n_view = 0 (more kept pairs than max_samples) is an error, as a clear message where the
+    count can be read (CPU, or value checks on) and a device assertion otherwise."""
+    msg = (f"{op}: more (image, class) pairs with over max_views={max_views} pixels than "
+           f"max_samples={max_samples} anchors allow (n_view = max_samples // T = 0); raise "
+           "max_samples")
+    if chk.want_value_checks(check_values, device):
+        if int(T) > max_samples:
+            raise ValueError(msg + f" to at least {int(T)}")
+    else:
+        torch._assert_async(T <= max_samples, msg)
+
+
+def _memory_keys(op, memory, D, device):
+    """(keys (K, D), key_labels (K,)) from a PixelMemoryBank (anything with .keys()) or a pair."""
+    if hasattr(memory, "keys") and callable(memory.keys):
+        memory = memory.keys()
+    if not (isinstance(memory, (tuple, list)) and len(memory) == 2):
+        raise TypeError(f"{op}: memory must be a pixcon.nn.PixelMemoryBank or a (keys (K, D), "
+                        f"key_labels (K,)) pair, got {type(memory).__name__}")
+    keys, key_labels = memory
+    chk.check_tensor("memory keys", keys, ndim=2, dtypes=chk.FLOAT_DTYPES, device=device,
+                     kind="(K, D)")
+    chk.check_tensor("memory key_labels", key_labels, ndim=1, dtypes=chk.INT_DTYPES,
+                     device=device, kind="(K,)")
+    if keys.shape[1] != D or key_labels.shape[0] != keys.shape[0]:
+        raise ValueError(f"{op}: memory keys must be (K, {D}) with K key labels, got keys "
+                         f"{tuple(keys.shape)} and labels {tuple(key_labels.shape)}")
+    return keys.detach(), key_labels.to(torch.int64)
+
+
+def _check_common(op, emb, labels, ignore_index, temperature, base_temperature):
+    chk.check_pixel_inputs(op, emb, labels)
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"{op}: ignore_index must be an int, got {ignore_index!r}")
+    chk.check_positive_float("temperature", temperature)
+    chk.check_positive_float("base_temperature", base_temperature)
+
+
+def _check_values(op, emb, labels, ignore_index):
+    """Data checks (host sync): finite embeddings, labels in [0, 2^31) or ignore_index."""
+    if not bool(torch.isfinite(emb).all()):
+        raise ValueError(f"{op}: emb contains NaN or Inf")
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= LABEL_LIMIT))
+    if bool(bad.any()):
+        raise ValueError(f"{op}: labels must be class indices in [0, 2^31) or ignore_index="
+                         f"{ignore_index}; found {int(labels[bad][0])}")
+
+
+def pixel_contrast_loss(emb, labels, predict, *, ignore_index: int = 255, max_samples: int = 1024,
+                        max_views: int = 100, temperature: float = 0.1,
+                        base_temperature: float = 0.07, memory=None, seed: int | None = None,
+                        backend: str = "auto", check_values: bool | None = None):
+    """ContrastiveSeg's pixel contrast loss (the official in-batch ``PixelContrastLoss``, and its
+    memory-bank form), with the official sampler and per-positive denominator.
+
+    Args:
+        emb: (B, D, h, w) float embeddings, used as given (the official projection head
+            L2-normalises them; pixcon.nn.ProjectionHead does too).
+        labels: (B, H, W) integer ground truth at image or feature resolution, nearest-
+            downsampled to (h, w); ``ignore_index`` (default 255, e.g. -1 for openseg) ignored.
+        predict: (B, h, w) integer predictions at feature resolution (the argmax of the
+            segmentation logits before upsampling), or the (B, C, h, w) logits themselves.
+        max_samples: anchors in total (M); max_views: per class and image (V). A class of an
+            image is kept when it has more than V pixels; n_view = min(M // T, V) for T kept
+            pairs; hard anchors (ground truth c, predicted not c) and easy ones split by the
+            official rule, chosen uniformly without replacement.
+        temperature, base_temperature: t and t_b; the loss carries the factor t / t_b.
+        memory: None (anchors contrasted with each other, the default and the README's runs),
+            a pixcon.nn.PixelMemoryBank, or a (keys (K, D), key_labels (K,)) pair: anchors are
+            then contrasted with the bank only (official memory variant); keys get no gradient.
+        seed: int or None (drawn from torch's generator); the same seed gives the same anchors
+            on every backend.
+        backend: "auto" (Triton on CUDA tensors, CPU tiles on CPU tensors), "reference",
+            "native" (CPU tiles: BLAS matmuls, recompute in backward) or "triton".
+        check_values: NaN and label checks and the n_view = 0 check as a clear error (a host
+            sync; default on for CPU tensors, off for CUDA, where n_view = 0 is a device assert).
+
+    Returns the scalar loss (float32; float64 for float64 emb). Defined where the official code
+    fails: no kept class gives a zero connected to emb's graph (official: crash on None);
+    anchors without a positive (n_view = 1 and a class in one image) are left out of the mean
+    (official: NaN); n_view = 0 (T > max_samples) raises, suggesting a larger max_samples.
+    """
+    op = "pixel_contrast_loss"
+    _check_common(op, emb, labels, ignore_index, temperature, base_temperature)
+    chk.check_positive_int("max_samples", max_samples, upper=2**24)
+    chk.check_positive_int("max_views", max_views)
+    B, D, h, w = emb.shape
+    pred = _predictions(op, predict, B, h, w)
+    if pred.device != emb.device:
+        raise ValueError(f"predict is on {pred.device} but emb is on {emb.device}")
+    seed = draw_seed(seed)
+    be = _backend(backend, emb.device, op)
+    mem = None if memory is None else _memory_keys(op, memory, D, emb.device)
+    gt = cm.pixel_labels(labels, (h, w), LABEL_LIMIT, ignore_index).view(B, h, w)
+    if chk.want_value_checks(check_values, emb.device):
+        _check_values(op, emb, labels, ignore_index)
+    if be == "reference":
+        return reference.contrastiveseg.pixel_contrast_loss(
+            emb, labels, pred, ignore_index=ignore_index, max_samples=max_samples,
+            max_views=max_views, temperature=temperature, base_temperature=base_temperature,
+            memory=mem, seed=seed)
+    index, y, T, _ = sample_anchors(gt, pred, max_samples=max_samples, max_views=max_views,
+                                    seed=seed, backend=be)
+    _check_views(op, T, max_samples, max_views, emb.device, check_values)
+    p = index.clamp(min=0)
+    z = emb[p // (h * w), :, (p // w) % h, p % w]                   # (M, D) gather, with grad
+    if be == "native":
+        z = z.to(torch.promote_types(emb.dtype, torch.float32))
+    keys, key_labels = (None, None) if mem is None else (mem[0].to(z.dtype), mem[1])
+    terms, npos = supervised_contrast(z, y, keys, key_labels, temperature=temperature,
+                                      backend=be)
+    return ref.mean_over_anchors(terms, npos, y, temperature / base_temperature)
+
+
+def dense_contrast_loss(emb, labels, *, ignore_index: int = 255, temperature: float = 0.1,
+                        base_temperature: float = 0.07, backend: str = "auto",
+                        check_values: bool | None = None):
+    """ContrastiveSeg's per-positive supervised contrast over every valid pixel of the batch: no
+    sampling, anchors = keys = all pixels, O(N D) memory in forward and backward (tiles,
+    recompute; never N x N).
+
+    Arguments as :func:`pixel_contrast_loss`. The "reference" backend builds N x N matrices and
+    refuses above pixcon.reference.contrastiveseg.DENSE_LIMIT pixel pairs (8192^2); "native"
+    (CPU) and "triton" (GPU) run any N whose N x D fits in memory: 131,072 pixels at D = 256
+    (8 x 128 x 128) take minutes on 2 CPU cores. Returns the scalar loss (zero, connected to
+    emb's graph, when no pixel has a positive)."""
+    op = "dense_contrast_loss"
+    _check_common(op, emb, labels, ignore_index, temperature, base_temperature)
+    B, D, h, w = emb.shape
+    be = _backend(backend, emb.device, op)
+    lab = cm.pixel_labels(labels, (h, w), LABEL_LIMIT, ignore_index)
+    if chk.want_value_checks(check_values, emb.device):
+        _check_values(op, emb, labels, ignore_index)
+    if be == "reference":
+        return reference.contrastiveseg.dense_contrast_loss(
+            emb, labels, ignore_index=ignore_index, temperature=temperature,
+            base_temperature=base_temperature)
+    z = cm.pixel_rows(emb)
+    if be == "native":
+        z = z.to(torch.promote_types(emb.dtype, torch.float32))
+    terms, npos = supervised_contrast(z, lab, temperature=temperature, backend=be)
+    return ref.mean_over_anchors(terms, npos, lab, temperature / base_temperature)
