@@ -60,3 +60,7 @@ class ContextrastLoss(torch.nn.Module):
 
 
 __all__ += ["ContextrastLoss"]
+
+from .memory import PixelMemoryBank  # noqa: E402
+
+__all__ += ["PixelMemoryBank"]

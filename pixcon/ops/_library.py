@@ -19,6 +19,18 @@ def _pool_size(pool: Tensor):
     return B * h * w, D
 
 
+# --- counter-based random numbers ------------------------------------------------------------
+@torch.library.custom_op("pixcon::philox", mutates_args=())
+def philox(counter: Tensor, seed: int, stream: int) -> Tensor:
+    from pixcon_kernels.rng import philox as launch
+    return launch(counter, seed, stream)
+
+
+@philox.register_fake
+def _(counter, seed, stream):
+    return counter.new_empty(counter.shape + (4,), dtype=torch.int64)
+
+
 # --- class sums ------------------------------------------------------------------------------
 @torch.library.custom_op("pixcon::class_sums", mutates_args=())
 def class_sums(x: Tensor, labels: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:

@@ -39,8 +39,7 @@ def philox(counter: torch.Tensor, seed: int, stream: int = 0, *, backend: str = 
     tensors)."""
     be = resolve_backend(backend, counter.device, "philox", ("reference", "triton", "native"))
     if be == "triton":
-        from pixcon_kernels.rng import philox as launch
-        return launch(counter, seed, stream)
+        return _lib().philox(counter, seed, stream)
     if be == "native":
         return torch.ops.pixcon.philox4x32(counter.to(torch.int64) & (cm.TWO32 - 1), seed, stream)
     return philox4x32(counter, seed, stream)

@@ -92,6 +92,8 @@ def contrast_terms(z, y, keys=None, key_labels=None, *, temperature: float):
         raise ValueError(f"the reference contrast builds {z.shape[0]} x {keys.shape[0]} matrices, "
                          f"above its limit of {DENSE_LIMIT} entries; use backend='native' (CPU "
                          "tiles) or 'triton'")
+    if z.shape[0] == 0 or keys.shape[0] == 0:
+        return z.sum(dim=1) * 0, torch.zeros(z.shape[0], dtype=torch.int64, device=z.device)
     s = z @ keys.T / temperature
     valid = (y[:, None] >= 0) & (key_labels[None, :] >= 0)
     same = (y[:, None] == key_labels[None, :]) & valid
