@@ -93,8 +93,7 @@ def markdown(rows) -> str:
     if not rows:
         return "(no rows)\n"
     m = rows[0]
-    lines = [f"reco_loss on {m['device']} | torch {m['torch']} | triton {m['triton']} | "
-             f"commit {m['commit']} | {m['date']}", "",
+    lines = [pb.title("reco_loss", m), "",
              "| size | K present | provider | fwd+bwd ms | speed-up vs official | peak extra MiB "
              "(incl. grad) | grad MiB | saved for bwd MiB | loss |",
              "|---|---|---|---|---|---|---|---|---|"]

@@ -39,11 +39,51 @@ def time_ms(fn, device: torch.device, *, warmup: int = 1, reps: int = 3) -> floa
     return statistics.median(times)
 
 
+class _LiveTensorBytes:
+    """Counts the bytes of the tensor storages created while active and still alive: a
+    TorchDispatchMode sees every ATen op (forward and the autograd engine's backward on this
+    thread) and its outputs; a storage counts once, from the op that created it (outputs that
+    share storage with an input are views or in-place results) until it is freed. Temporaries
+    inside one compiled op (pixcon._C, BLAS workspaces) are not seen."""
+
+    def __init__(self):
+        from torch.multiprocessing.reductions import StorageWeakRef
+        from torch.utils._python_dispatch import TorchDispatchMode
+        from torch.utils._pytree import tree_leaves
+        counter = self
+        self.live, self.current, self.peak = {}, 0, 0
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                seen = {t.untyped_storage()._cdata for t in tree_leaves((args, kwargs))
+                        if isinstance(t, torch.Tensor)}
+                for key in [k for k, (ref, _) in counter.live.items() if ref.expired()]:
+                    counter.current -= counter.live.pop(key)[1]
+                for t in tree_leaves(out):
+                    if isinstance(t, torch.Tensor) and t.device.type == "cpu":
+                        st = t.untyped_storage()
+                        if st._cdata not in seen and st._cdata not in counter.live:
+                            counter.live[st._cdata] = (StorageWeakRef(st), st.nbytes())
+                            counter.current += st.nbytes()
+                counter.peak = max(counter.peak, counter.current)
+                return out
+
+        self.mode = Mode()
+
+
 def peak_extra_bytes(fn, device: torch.device) -> int | None:
-    """Peak device memory allocated during fn() above what was allocated before it (CUDA only;
-    None on CPU, where the allocator keeps no such statistic)."""
+    """Peak memory during fn() above what was in use before it.
+
+    CUDA: the caching allocator's peak of allocated bytes. CPU: the peak of live tensor bytes
+    created during fn() (every ATen op's new storages, until freed), counted exactly rather than
+    read from the process's resident size, whose untouched zero pages and allocator caches make
+    it unreliable at the MiB scale."""
     if device.type != "cuda":
-        return None
+        counter = _LiveTensorBytes()
+        with counter.mode:
+            fn()
+        return counter.peak
     sync(device)
     torch.cuda.empty_cache()
     base = torch.cuda.memory_allocated(device)
@@ -51,6 +91,23 @@ def peak_extra_bytes(fn, device: torch.device) -> int | None:
     fn()
     sync(device)
     return torch.cuda.max_memory_allocated(device) - base
+
+
+def fwd_bwd_step(param: torch.Tensor, loss_fn):
+    """A step that clears param's gradient, evaluates loss_fn() and backpropagates; returns the
+    loss."""
+    def step():
+        param.grad = None
+        loss = loss_fn()
+        loss.backward()
+        return loss
+    return step
+
+
+def title(op: str, m: dict) -> str:
+    """First line of a results table: op, device, versions, commit, date."""
+    return (f"{op} on {m['device']} | torch {m['torch']} | triton {m['triton']} | "
+            f"commit {m['commit']} | {m['date']}")
 
 
 def saved_bytes(fn, inputs) -> int:

@@ -63,3 +63,37 @@ def test_bench_contextrast_tiny_writes_results(tmp_path):
     assert set(by) == {"reference", "fused"}
     assert by["fused"]["loss"] == pytest.approx(by["reference"]["loss"], rel=1e-5)
     assert sorted(p.suffix for p in tmp_path.iterdir()) == [".json", ".md"]
+
+
+def test_contrastiveseg_official_style_baseline_has_the_method_value():
+    """With one embedding per class (so that which pixels are sampled does not matter) the
+    official-style baseline gives the reference's loss: it computes the method, at its cost."""
+    import torch.nn.functional as F
+
+    from pixcon.reference import contrastiveseg as ref
+    base = _bench_module("baselines")
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 4, (2, 10, 12), generator=g)
+    labels[0, :2] = 255
+    centroids = F.normalize(torch.randn(5, 8, generator=g, dtype=torch.float64), dim=1)
+    emb = centroids[labels.clamp(max=4)].permute(0, 3, 1, 2)
+    pred = torch.where(torch.rand(2, 10, 12, generator=g) < 0.7, labels.clamp(max=3), 0)
+    want = ref.pixel_contrast_loss(emb, labels, pred, max_samples=30, max_views=5, seed=0)
+    got = base.contrastiveseg_official_style(emb, labels, pred, max_samples=30, max_views=5)
+    assert got.item() == pytest.approx(want.item(), rel=1e-10)
+
+
+@pytest.mark.interpret
+def test_bench_contrastiveseg_tiny_writes_results(tmp_path):
+    mod = _bench_module("bench_contrastiveseg")
+    rows = mod.run("tiny", device="cpu", reps=1, out=str(tmp_path), verbose=False)
+    assert [r["provider"] for r in rows] == list(mod.PROVIDERS) * 2
+    for bank in ("none", "4x20"):
+        by = {r["provider"]: r for r in rows if r["bank"] == bank}
+        assert by["native"]["loss"] == pytest.approx(by["reference"]["loss"], rel=1e-5)
+        assert by["fused"]["loss"] == pytest.approx(by["reference"]["loss"], rel=1e-5)
+    assert all(r["fwd_bwd_ms"] > 0 and r["peak_extra_mib"] is not None for r in rows)
+    dense = mod.run_dense([300], device="cpu", out=str(tmp_path), verbose=False, D=8, C=4)
+    assert [r["provider"] for r in dense] == ["native", "fused"]
+    assert dense[0]["loss"] == pytest.approx(dense[1]["loss"], rel=1e-5)
+    assert sorted(p.suffix for p in tmp_path.iterdir()) == [".json", ".json", ".md", ".md"]

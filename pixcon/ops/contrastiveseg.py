@@ -208,8 +208,7 @@ def pixel_contrast_loss(emb, labels, predict, *, ignore_index: int = 255, max_sa
     index, y, T, _ = sample_anchors(gt, pred, max_samples=max_samples, max_views=max_views,
                                     seed=seed, backend=be)
     _check_views(op, T, max_samples, max_views, emb.device, check_values)
-    p = index.clamp(min=0)
-    z = emb[p // (h * w), :, (p // w) % h, p % w]                   # (M, D) gather, with grad
+    z = prim.pixel_rows_at(emb, index)                              # (M, D), with grad
     if be == "native":
         z = z.to(torch.promote_types(emb.dtype, torch.float32))
     keys, key_labels = (None, None) if mem is None else (mem[0].to(z.dtype), mem[1])
@@ -241,7 +240,8 @@ def dense_contrast_loss(emb, labels, *, ignore_index: int = 255, temperature: fl
         return reference.contrastiveseg.dense_contrast_loss(
             emb, labels, ignore_index=ignore_index, temperature=temperature,
             base_temperature=base_temperature)
-    z = cm.pixel_rows(emb)
+    lab, order = torch.sort(lab, stable=True)          # rows by class: the tiles skip without copies
+    z = prim.pixel_rows_at(emb, order)
     if be == "native":
         z = z.to(torch.promote_types(emb.dtype, torch.float32))
     terms, npos = supervised_contrast(z, lab, temperature=temperature, backend=be)

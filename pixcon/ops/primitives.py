@@ -32,6 +32,31 @@ def _lib():
     return _library
 
 
+class _PixelRows(torch.autograd.Function):
+    """Rows of a (B, D, h, w) map at flat pixel indices; backward writes the rows' gradients
+    into one zero map (autograd's own index backward builds a zero map and then an
+    out-of-place copy of it: twice the map's size)."""
+
+    @staticmethod
+    def forward(ctx, emb, index):
+        ctx.save_for_backward(emb, index)
+        B, D, h, w = emb.shape
+        p = index.clamp(min=0)
+        return emb[p // (h * w), :, (p // w) % h, p % w]
+
+    @staticmethod
+    def backward(ctx, g):
+        emb, index = ctx.saved_tensors
+        dmap = torch.zeros_like(emb, dtype=g.dtype)           # emb's strides: AccumulateGrad keeps it
+        return _lib()._add_query_grads(dmap, g, index, emb).to(emb.dtype), None
+
+
+def pixel_rows_at(emb: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """(M, D) rows of the (B, D, h, w) map ``emb`` at flat pixel indices ``index`` (M,) (-1 rows
+    read pixel 0 and get no gradient), differentiable; no copy of the map."""
+    return _PixelRows.apply(emb, index)
+
+
 def philox(counter: torch.Tensor, seed: int, stream: int = 0, *, backend: str = "auto"):
     """Philox4x32-10 words for counters (counter, stream, 0, 0) under key ``seed``:
     ``counter.shape + (4,)`` int64 in [0, 2^32). Identical on every backend ("reference": torch
@@ -193,5 +218,5 @@ def sparse_infonce(pool: torch.Tensor, q_idx: torch.Tensor, pos_idx: torch.Tenso
     return torch.where(q_idx >= 0, loss, 0.0)
 
 
-__all__ = ["philox", "class_means", "sample_hard_queries", "sample_negatives", "sparse_infonce",
+__all__ = ["pixel_rows_at", "philox", "class_means", "sample_hard_queries", "sample_negatives", "sparse_infonce",
            "draw_seed"]

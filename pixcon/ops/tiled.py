@@ -86,9 +86,10 @@ class _Plan:
     with a single shared label has no negative)."""
 
     def __init__(self, ya, yk, in_batch, block):
-        self.pa = torch.sort(ya, stable=True).indices
-        self.pk = self.pa if in_batch else torch.sort(yk, stable=True).indices
-        self.ya, self.yk = ya[self.pa], (ya if in_batch else yk)[self.pk]
+        self.pa = _order(ya)
+        self.pk = self.pa if in_batch else _order(yk)
+        self.ya = _take(ya, self.pa)
+        self.yk = self.ya if in_batch else _take(yk, self.pk)
         self.ta, self.tk = _spans(len(self.ya), block[0]), _spans(len(self.yk), block[1])
         ra, rk = _label_ranges(self.ya, self.ta), _label_ranges(self.yk, self.tk)
         self.pairs = []
@@ -116,46 +117,82 @@ class _Plan:
         return neg, pos
 
 
+def _order(y):
+    """The stable sort of labels y, or None when y is sorted already (a bank, or a caller that
+    sorted its rows): no permuted copy of the rows is made then."""
+    if len(y) < 2 or bool((y[1:] >= y[:-1]).all()):
+        return None
+    return torch.sort(y, stable=True).indices
+
+
+def _take(x, perm):
+    return x if perm is None else x[perm]
+
+
+def _put(x, perm):
+    """x in sorted order back to the callers' order."""
+    if perm is None:
+        return x
+    out = torch.empty_like(x)
+    out[perm] = x
+    return out
+
+
 def _pure(mask):
     """None when the mask is all true (no masking needed), else the mask."""
     return None if bool(mask.all()) else mask
 
 
+CACHE_BYTES = 8 << 20    # positive tiles' logits kept from pass 1 for pass 2 (beyond: recompute)
+
+
+def _masked_sum(x, mask):
+    """Row sums of x where mask (x is consumed)."""
+    return (x if mask is None else x.masked_fill_(~mask, 0.0)).sum(dim=1)
+
+
 class _TiledCPU(torch.autograd.Function):
+    """Tiles of at most BLOCK_M x BLOCK_N logits; each tile's temporaries are made in place, so a
+    tile costs two or three BLOCK_M x BLOCK_N buffers at a time."""
+
     @staticmethod
     def forward(ctx, a, ya, k, yk, t, block):
         in_batch = k is None
         acc = torch.promote_types(a.dtype, torch.float32)
         plan = _Plan(ya, yk, in_batch, block)
-        A = a.detach().to(acc)[plan.pa]
-        K = A if in_batch else k.detach().to(acc)[plan.pk]
+        A = _take(a.detach().to(acc), plan.pa)
+        K = A if in_batch else _take(k.detach().to(acc), plan.pk)
         M = A.shape[0]
         NL = torch.full((M,), float("-inf"), dtype=acc)
         S_pos = torch.zeros(M, dtype=acc)
         W = torch.zeros(M, dtype=acc)
         npos = torch.zeros(M, dtype=torch.int64)
         for i, (i0, i1) in enumerate(plan.ta):
-            a_i, cached = A[i0:i1], []
+            a_i, later, budget = A[i0:i1], [], CACHE_BYTES
             lse = NL[i0:i1]
-            for j, has_neg, has_pos in plan.pairs[i]:
+            for j, has_neg, has_pos in plan.pairs[i]:                # pass 1: negatives
                 j0, j1 = plan.tk[j]
-                s = (a_i @ K[j0:j1].T).div_(t)
+                s = torch.mm(a_i, K[j0:j1].T).div_(t)
                 neg, pos = plan.masks(i, j, has_neg, has_pos)
+                if pos is not None:
+                    keep = s.nbytes <= budget
+                    budget -= s.nbytes if keep else 0
+                    later.append((j, s.clone() if keep and neg is not None else
+                                  (s if keep else None), pos))
                 if neg is not None and bool(neg.any()):
                     m = _pure(neg)
                     lse = torch.logaddexp(lse, torch.logsumexp(
-                        s if m is None else s.masked_fill(~m, float("-inf")), dim=1))
-                if pos is not None:
-                    cached.append((s, pos))
+                        s if m is None else s.masked_fill_(~m, float("-inf")), dim=1))
             NL[i0:i1] = lse
-            for s, pos in cached:                                 # pass 2 on the kept tiles
-                x = lse[:, None] - s
-                S_pos[i0:i1] += torch.where(pos, F.softplus(x), 0.0).sum(dim=1)
-                W[i0:i1] += torch.where(pos, torch.sigmoid(x), 0.0).sum(dim=1)
+            for j, s, pos in later:                                   # pass 2: positives
+                if s is None:
+                    j0, j1 = plan.tk[j]
+                    s = torch.mm(a_i, K[j0:j1].T).div_(t)
+                x = s.neg_().add_(lse[:, None])                         # NL - s
+                S_pos[i0:i1] += _masked_sum(F.softplus(x), pos)
+                W[i0:i1] += _masked_sum(x.sigmoid_(), pos)
                 npos[i0:i1] += pos.sum(dim=1)
-        terms = S_pos / npos.clamp(min=1)
-        out_t, out_n = torch.empty_like(terms), torch.empty_like(npos)
-        out_t[plan.pa], out_n[plan.pa] = terms, npos
+        out_t, out_n = _put(S_pos / npos.clamp(min=1), plan.pa), _put(npos, plan.pa)
         ctx.save_for_backward(a, k, NL, W, npos)
         ctx.plan, ctx.t = plan, t
         ctx.mark_non_differentiable(out_n)
@@ -167,9 +204,9 @@ class _TiledCPU(torch.autograd.Function):
         plan, t = ctx.plan, ctx.t
         in_batch = k is None
         acc = NL.dtype
-        A = a.detach().to(acc)[plan.pa]
-        K = A if in_batch else k.detach().to(acc)[plan.pk]
-        coef = g.to(acc)[plan.pa] / npos.clamp(min=1)
+        A = _take(a.detach().to(acc), plan.pa)
+        K = A if in_batch else _take(k.detach().to(acc), plan.pk)
+        coef = _take(g.to(acc), plan.pa) / npos.clamp(min=1)
         coef = torch.where(npos > 0, coef, 0.0)
         dA = torch.zeros_like(A)
         need_k = in_batch or ctx.needs_input_grad[2]
@@ -182,25 +219,24 @@ class _TiledCPU(torch.autograd.Function):
             for j, has_neg, has_pos in plan.pairs[i]:
                 j0, j1 = plan.tk[j]
                 k_j = K[j0:j1]
-                s = a_i @ k_j.T / t
+                s = torch.mm(a_i, k_j.T).div_(t)
                 neg, pos = plan.masks(i, j, has_neg, has_pos)
-                dS = torch.zeros_like(s)
-                if neg is not None:
-                    e = torch.exp(s - nl).mul_(cw)
-                    dS = e if _pure(neg) is None else torch.where(neg, e, 0.0)
-                if pos is not None:
-                    dS = dS - torch.where(pos, torch.sigmoid(nl - s), 0.0) * c[:, None]
-                dA[i0:i1] += dS @ k_j
+                if neg is not None:                      # c W e^{s - NL} on the negatives
+                    dS = torch.sub(s, nl).exp_().mul_(cw)
+                    m = _pure(neg)
+                    if m is not None:
+                        dS.masked_fill_(~m, 0.0)
+                else:
+                    dS = torch.zeros_like(s)
+                if pos is not None:                      # - c sigmoid(NL - s) on the positives
+                    p = s.neg_().add_(nl).sigmoid_().mul_(c[:, None]).masked_fill_(~pos, 0.0)
+                    dS.sub_(p)
+                dA[i0:i1].addmm_(dS, k_j)
                 if dK is not None:
-                    dK[j0:j1] += dS.T @ a_i
-        ga = torch.empty_like(dA)
+                    dK[j0:j1].addmm_(dS.T, a_i)
         if in_batch:
-            ga[plan.pa] = (dA + dK) / t
-            return ga.to(a.dtype), None, None, None, None, None
-        ga[plan.pa] = dA / t
-        gk = None
-        if dK is not None:
-            gk = torch.empty_like(dK)
-            gk[plan.pk] = dK / t
-            gk = gk.to(k.dtype)
-        return ga.to(a.dtype), None, gk, None, None, None
+            dA += dK
+            dK = None
+        ga = _put(dA.div_(t), plan.pa).to(a.dtype)
+        gk = None if dK is None else _put(dK.div_(t), plan.pk).to(k.dtype)
+        return ga, None, gk, None, None, None

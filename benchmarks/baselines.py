@@ -1,0 +1,84 @@
+"""Official-style baselines: pixcon's own code with the cost structure of the official
+implementations as the specs describe it (Python loops over images and classes, host syncs,
+full-size copies, materialised matrices), so that benchmarks compare pixcon with what users run
+today. Written here from the specs' descriptions; no official code is copied. Results are the
+methods' values (checked against pixcon's references in tests/test_bench.py), the cost is the
+official one.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+# --- ContrastiveSeg (specs/contrastiveseg.md §2-§4, §6.3, cost profile §9) ------------------
+def _official_split(n_hard: int, n_easy: int, n_view: int) -> tuple[int, int]:
+    if n_hard >= n_view / 2 and n_easy >= n_view / 2:
+        return n_view // 2, n_view - n_view // 2
+    if n_hard >= n_view / 2:
+        return n_view - n_easy, n_easy
+    return n_hard, n_view - n_hard
+
+
+def contrastiveseg_official_style(emb, labels, predict, *, ignore_index=255, max_samples=1024,
+                                  max_views=100, temperature=0.1, base_temperature=0.07,
+                                  queue=None):
+    """ContrastiveSeg's pixel contrast with the official cost structure.
+
+    Labels resized by F.interpolate on a float copy; the whole embedding permuted into a
+    contiguous (B, h*w, D) copy; per image a unique() and per class a count read back to the
+    host; per kept class two nonzero() and two randperm() on the global CPU generator and a row
+    copy into a zero (T, n_view, D) buffer; then the anchors x keys logits, masks and
+    exponentials all materialised (keys: the anchors, or with ``queue`` (C, R2, D) the queue
+    concatenated and copied into a flat key buffer, class 0 skipped as in the official code).
+    Returns the loss (0 when no class is kept)."""
+    B, D, h, w = emb.shape
+    lab = F.interpolate(labels[:, None].float(), size=(h, w), mode="nearest")[:, 0].long()
+    lab, pred = lab.reshape(B, -1), predict.reshape(B, -1)
+    feats = emb.permute(0, 2, 3, 1).contiguous().reshape(B, h * w, D)
+
+    kept = []
+    for b in range(B):
+        for c in torch.unique(lab[b]).tolist():
+            if c != ignore_index and int((lab[b] == c).sum()) > max_views:
+                kept.append((b, c))
+    if not kept:
+        return emb.sum() * 0.0
+    n_view = min(max_samples // len(kept), max_views)
+    anchors = torch.zeros(len(kept), n_view, D, dtype=emb.dtype, device=emb.device)
+    anchor_y = torch.zeros(len(kept), device=emb.device)
+    for t, (b, c) in enumerate(kept):
+        hard = ((lab[b] == c) & (pred[b] != c)).nonzero()
+        easy = ((lab[b] == c) & (pred[b] == c)).nonzero()
+        kh, ke = _official_split(hard.shape[0], easy.shape[0], n_view)
+        hard = hard[torch.randperm(hard.shape[0])[:kh]]
+        easy = easy[torch.randperm(easy.shape[0])[:ke]]
+        anchors[t] = feats[b, torch.cat([hard, easy])[:, 0]]
+        anchor_y[t] = c
+
+    z = torch.cat(torch.unbind(anchors, dim=1))                          # view-major (N, D)
+    y = anchor_y.repeat(n_view)
+    N = z.shape[0]
+    if queue is None:
+        keys, key_y = z, y
+    else:
+        C, R2, _ = queue.shape
+        flat = torch.zeros(C * R2, D, dtype=queue.dtype, device=queue.device)
+        key_y = torch.zeros(C * R2, device=queue.device)
+        at = 0
+        for c in range(1, C):                                               # class 0 skipped
+            flat[at:at + R2] = queue[c]
+            key_y[at:at + R2] = c
+            at += R2
+        keys = flat
+    logits = z @ keys.T / temperature
+    logits = logits - logits.max(dim=1, keepdim=True)[0].detach()
+    same = (y[:, None] == key_y[None, :]).float()
+    negatives = 1.0 - same
+    not_self = torch.ones_like(same).scatter_(1, torch.arange(N, device=z.device)[:, None], 0)
+    positives = same * not_self
+    exp_logits = torch.exp(logits)
+    neg_mass = (exp_logits * negatives).sum(dim=1, keepdim=True)
+    log_prob = logits - torch.log(exp_logits + neg_mass)
+    mean_pos = (positives * log_prob).sum(dim=1) / positives.sum(dim=1)
+    return -(temperature / base_temperature) * mean_pos.mean()
