@@ -6,7 +6,7 @@ on tensor cores and never stored:
     pass 1: NL_r = online log-sum-exp of s_rk over keys of another label
     pass 2: term_r = mean over keys of the same label (r itself excluded in-batch) of
             softplus(NL_r - s_rp); W_r = the sum of sigmoid(NL_r - s_rp)
-  backward: ds_rk = c_r W_r e^{s_rk - NL_r} (negatives), -c_r sigmoid(NL_r - s_rk) (positives),
+  backward: ds_rk = (c_r W_r + g_r) e^{s_rk - NL_r} (negatives; g the gradient of NL itself), -c_r sigmoid(NL_r - s_rk) (positives),
             c_r = grad_r / |P(r)|; da = ds k / t (one program per anchor tile, looping over key
             tiles), dk = ds^T a / t (one program per key tile, looping over anchor tiles): two
             kernels, no atomics, deterministic.
@@ -62,8 +62,9 @@ def _softplus(x):
 
 @triton.jit
 def _tiled_fwd_kernel(a_ptr, ya_ptr, k_ptr, yk_ptr, nl_ptr, term_ptr, w_ptr, npos_ptr, M, N, D,
-                      inv_t, IN_BATCH: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                      inv_t, IN_BATCH: tl.constexpr, POSITIVES: tl.constexpr, ACC: tl.constexpr,
+                      PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_D: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     ya = tl.load(ya_ptr + rows, mask=rows < M, other=-1)
     m = tl.full([BLOCK_M], float("-inf"), ACC)
@@ -86,17 +87,18 @@ def _tiled_fwd_kernel(a_ptr, ya_ptr, k_ptr, yk_ptr, nl_ptr, term_ptr, w_ptr, npo
     sp = tl.zeros([BLOCK_M], dtype=ACC)
     w = tl.zeros([BLOCK_M], dtype=ACC)
     cnt = tl.zeros([BLOCK_M], dtype=tl.int32)
-    for n0 in range(0, N, BLOCK_N):                                   # pass 2: positives
-        cols = n0 + tl.arange(0, BLOCK_N)
-        yk = tl.load(yk_ptr + cols, mask=cols < N, other=-1)
-        _, pos = _masks(ya, yk, rows, cols, IN_BATCH)
-        if tl.max(pos.to(tl.int32)) > 0:
-            s = _logits(a_ptr, k_ptr, rows, cols, M, N, D, inv_t, ACC, PREC, BLOCK_M,
-                        BLOCK_N, BLOCK_D)
-            x = nl[:, None] - s
-            sp += tl.sum(tl.where(pos, _softplus(x), 0.0), axis=1)
-            w += tl.sum(tl.where(pos, 1.0 / (1.0 + tl.exp(-x)), 0.0), axis=1)
-            cnt += tl.sum(pos.to(tl.int32), axis=1)
+    if POSITIVES:
+        for n0 in range(0, N, BLOCK_N):                               # pass 2: positives
+            cols = n0 + tl.arange(0, BLOCK_N)
+            yk = tl.load(yk_ptr + cols, mask=cols < N, other=-1)
+            _, pos = _masks(ya, yk, rows, cols, IN_BATCH)
+            if tl.max(pos.to(tl.int32)) > 0:
+                s = _logits(a_ptr, k_ptr, rows, cols, M, N, D, inv_t, ACC, PREC, BLOCK_M,
+                            BLOCK_N, BLOCK_D)
+                x = nl[:, None] - s
+                sp += tl.sum(tl.where(pos, _softplus(x), 0.0), axis=1)
+                w += tl.sum(tl.where(pos, 1.0 / (1.0 + tl.exp(-x)), 0.0), axis=1)
+                cnt += tl.sum(pos.to(tl.int32), axis=1)
     rm = rows < M
     tl.store(nl_ptr + rows, nl, mask=rm)
     tl.store(term_ptr + rows, sp / tl.maximum(cnt, 1).to(ACC), mask=rm)
@@ -129,7 +131,7 @@ def _tiled_bwd_da_kernel(a_ptr, ya_ptr, k_ptr, yk_ptr, nl_ptr, cw_ptr, c_ptr, da
         cols = n0 + tl.arange(0, BLOCK_N)
         yk = tl.load(yk_ptr + cols, mask=cols < N, other=-1)
         neg, pos = _masks(ya, yk, rows, cols, IN_BATCH)
-        live = (neg | pos) & (c != 0.0)[:, None]
+        live = (neg & (cw != 0.0)[:, None]) | (pos & (c != 0.0)[:, None])
         if tl.max(live.to(tl.int32)) > 0:
             s = _logits(a_ptr, k_ptr, rows, cols, M, N, D, inv_t, ACC, PREC, BLOCK_M,
                         BLOCK_N, BLOCK_D)
@@ -157,11 +159,11 @@ def _tiled_bwd_dk_kernel(a_ptr, ya_ptr, k_ptr, yk_ptr, nl_ptr, cw_ptr, c_ptr, dk
         rm = rows < M
         ya = tl.load(ya_ptr + rows, mask=rm, other=-1)
         c = tl.load(c_ptr + rows, mask=rm, other=0.0)
+        cw = tl.load(cw_ptr + rows, mask=rm, other=0.0)
         neg, pos = _masks(ya, yk, rows, cols, IN_BATCH)
-        live = (neg | pos) & (c != 0.0)[:, None]
+        live = (neg & (cw != 0.0)[:, None]) | (pos & (c != 0.0)[:, None])
         if tl.max(live.to(tl.int32)) > 0:
             nl = tl.load(nl_ptr + rows, mask=rm, other=0.0)
-            cw = tl.load(cw_ptr + rows, mask=rm, other=0.0)
             s = _logits(a_ptr, k_ptr, rows, cols, M, N, D, inv_t, ACC, PREC, BLOCK_M,
                         BLOCK_N, BLOCK_D)
             ds = _dlogits(s, neg, pos, nl, cw, c)
@@ -196,9 +198,9 @@ def _config(D, dtype, backward):
     return 64, 32, 32, 4
 
 
-def tiled_forward(a, ya, k, yk, temperature, in_batch):
+def tiled_forward(a, ya, k, yk, temperature, in_batch, positives=True):
     """a (M, D), k (N, D) contiguous, labels int32 (M,), (N,); k is a when in_batch.
-    Returns (terms, npos int32, nl, w)."""
+    Returns (terms, npos int32, nl, w); positives=False skips pass 2 (terms, npos, w zero)."""
     a, k = a.contiguous(), k.contiguous()
     M, D = a.shape
     N = k.shape[0]
@@ -211,20 +213,22 @@ def tiled_forward(a, ya, k, yk, temperature, in_batch):
     bm, bn, bd, nw = _config(D, a.dtype, False)
     _tiled_fwd_kernel[(triton.cdiv(M, bm),)](
         a, ya.to(torch.int32), k, yk.to(torch.int32), nl, term, w, npos, M, N, D,
-        1.0 / temperature, IN_BATCH=in_batch, ACC=acc_dtype(a.dtype), PREC=_precision(a.dtype),
+        1.0 / temperature, IN_BATCH=in_batch, POSITIVES=positives, ACC=acc_dtype(a.dtype), PREC=_precision(a.dtype),
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, num_warps=nw, num_stages=1, maxnreg=255)
     return term, npos, nl, w
 
 
-def tiled_backward(grad, a, ya, k, yk, nl, w, npos, temperature, in_batch, key_grad):
-    """Gradients (da, dk) in the accumulation dtype; dk is None unless key_grad (in-batch: da
-    already holds both sides)."""
+def tiled_backward(grad, a, ya, k, yk, nl, w, npos, temperature, in_batch, key_grad,
+                   grad_nl=None):
+    """Gradients (da, dk) of sum(grad * terms + grad_nl * nl) in the accumulation dtype; dk is
+    None unless key_grad (in-batch: da already holds both sides)."""
     a, k = a.contiguous(), k.contiguous()
     M, D = a.shape
     N = k.shape[0]
     acc = torch_acc_dtype(a.dtype)
     c = torch.where(npos > 0, grad.to(acc) / npos.clamp(min=1).to(acc), 0.0).contiguous()
-    cw = (c * w).contiguous()
+    cw = c * w if grad_nl is None else c * w + grad_nl.to(acc)      # weight of e^{s - NL}
+    cw = cw.contiguous()
     da = torch.zeros(M, D, dtype=acc, device=a.device)
     dk = torch.zeros(N, D, dtype=acc, device=a.device) if (key_grad or in_batch) else None
     if M == 0 or N == 0:

@@ -302,8 +302,10 @@ def test_triton_op_opcheck():
     y = torch.randint(-1, 3, (20,), device=DEV)
     k = F.normalize(torch.randn(30, 8), dim=1).to(DEV)
     yk = torch.randint(0, 3, (30,), device=DEV)
-    torch.library.opcheck(_library.tiled_contrast_op, (a.requires_grad_(), y, k, yk, 0.1, False))
-    torch.library.opcheck(_library.tiled_contrast_op, (a, y, a, y, 0.1, True))
+    torch.library.opcheck(_library.tiled_contrast_op,
+                          (a.requires_grad_(), y, k, yk, 0.1, False, True))
+    torch.library.opcheck(_library.tiled_contrast_op, (a, y, a, y, 0.1, True, True))
+    torch.library.opcheck(_library.tiled_contrast_op, (a, y, k, yk, 0.1, False, False))
 
 
 @pytest.mark.interpret

@@ -218,38 +218,40 @@ torch.library.register_autograd("pixcon::anchor_contrast", _anchor_backward,
 # --- tiled supervised contrast (ContrastiveSeg, dense, CAC) -----------------------------------
 @torch.library.custom_op("pixcon::tiled_contrast", mutates_args=())
 def tiled_contrast_op(a: Tensor, ya: Tensor, k: Tensor, yk: Tensor, temperature: float,
-                      in_batch: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(terms, npos, nl, w); in_batch: k is a (same rows), r is not its own positive."""
+                      in_batch: bool, positives: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(terms, npos, nl, w); in_batch: k is a (same rows), r is not its own positive;
+    positives=False: only nl (the negatives' log-sum-exp, differentiable)."""
     from pixcon_kernels.tiled import tiled_forward
-    return tiled_forward(a, ya, k, yk, temperature, in_batch)
+    return tiled_forward(a, ya, k, yk, temperature, in_batch, positives)
 
 
 @tiled_contrast_op.register_fake
-def _(a, ya, k, yk, temperature, in_batch):
+def _(a, ya, k, yk, temperature, in_batch, positives):
     M, dt = a.shape[0], _acc(a.dtype)
     return (a.new_empty(M, dtype=dt), a.new_empty(M, dtype=torch.int32),
             a.new_empty(M, dtype=dt), a.new_empty(M, dtype=dt))
 
 
 @torch.library.custom_op("pixcon::tiled_contrast_backward", mutates_args=())
-def tiled_contrast_backward(grad: Tensor, a: Tensor, ya: Tensor, k: Tensor, yk: Tensor,
-                            nl: Tensor, w: Tensor, npos: Tensor, temperature: float,
+def tiled_contrast_backward(grad: Tensor, grad_nl: Tensor, a: Tensor, ya: Tensor, k: Tensor,
+                            yk: Tensor, nl: Tensor, w: Tensor, npos: Tensor, temperature: float,
                             in_batch: bool, key_grad: bool) -> tuple[Tensor, Tensor]:
     """(da, dk): dk is empty unless key_grad (in-batch, da holds both sides)."""
     from pixcon_kernels.tiled import tiled_backward
-    da, dk = tiled_backward(grad, a, ya, k, yk, nl, w, npos, temperature, in_batch, key_grad)
+    da, dk = tiled_backward(grad, a, ya, k, yk, nl, w, npos, temperature, in_batch, key_grad,
+                            grad_nl)
     dk = k.new_empty(0) if dk is None else dk.to(k.dtype)
     return da.to(a.dtype), dk
 
 
 @tiled_contrast_backward.register_fake
-def _(grad, a, ya, k, yk, nl, w, npos, temperature, in_batch, key_grad):
+def _(grad, grad_nl, a, ya, k, yk, nl, w, npos, temperature, in_batch, key_grad):
     return torch.empty_like(a), (torch.empty_like(k) if key_grad and not in_batch
                                  else k.new_empty(0))
 
 
 def _tiled_setup(ctx, inputs, output):
-    a, ya, k, yk, temperature, in_batch = inputs
+    a, ya, k, yk, temperature, in_batch, positives = inputs
     _, npos, nl, w = output
     ctx.save_for_backward(a, ya, k, yk, nl, w, npos)
     ctx.temperature, ctx.in_batch = temperature, in_batch
@@ -259,31 +261,33 @@ def _tiled_backward(ctx, g_terms, g_npos, g_nl, g_w):
     a, ya, k, yk, nl, w, npos = ctx.saved_tensors
     if g_terms is None:
         g_terms = torch.zeros_like(nl)
+    if g_nl is None:
+        g_nl = torch.zeros_like(nl)
     key_grad = ctx.needs_input_grad[2] and not ctx.in_batch
-    da, dk = tiled_contrast_backward(g_terms, a, ya, k, yk, nl, w, npos, ctx.temperature,
+    da, dk = tiled_contrast_backward(g_terms, g_nl, a, ya, k, yk, nl, w, npos, ctx.temperature,
                                      ctx.in_batch, key_grad)
-    return da, None, (dk if key_grad else None), None, None, None
+    return da, None, (dk if key_grad else None), None, None, None, None
 
 
 torch.library.register_autograd("pixcon::tiled_contrast", _tiled_backward,
                                 setup_context=_tiled_setup)
 
 
-def tiled_contrast(a, ya, k, yk, temperature):
-    """Sort anchors and keys by label (pass 2 then touches only each tile's own classes), run the
-    kernels, return (terms, npos int64) in the callers' row order."""
+def tiled_contrast(a, ya, k, yk, temperature, positives=True):
+    """Sort anchors and keys by label (tiles without a negative or a positive are then skipped
+    from their labels), run the kernels, return (terms, npos int64, nl) in the callers' row
+    order (nl differentiable)."""
     in_batch = k is None
     pa = torch.sort(ya, stable=True).indices
     a_s, ya_s = a[pa], ya[pa]
     if in_batch:
-        out = tiled_contrast_op(a_s, ya_s, a_s, ya_s, temperature, True)
+        out = tiled_contrast_op(a_s, ya_s, a_s, ya_s, temperature, True, positives)
     else:
         pk = torch.sort(yk, stable=True).indices
-        out = tiled_contrast_op(a_s, ya_s, k[pk], yk[pk], temperature, False)
-    terms, npos = out[0], out[1].to(torch.int64)
+        out = tiled_contrast_op(a_s, ya_s, k[pk], yk[pk], temperature, False, positives)
     inv = torch.empty_like(pa)
     inv[pa] = torch.arange(len(pa), device=pa.device)
-    return terms[inv], npos[inv]
+    return out[0][inv], out[1].to(torch.int64)[inv], out[2][inv]
 
 
 # --- the compiled CPU kernels (backend "native", csrc/cpu): fake kernels and autograd ---------

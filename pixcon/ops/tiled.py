@@ -30,6 +30,48 @@ from ._common import FLOAT_DTYPES, INT_DTYPES, check_positive_float, check_tenso
 BLOCK_M, BLOCK_N = 512, 2048     # CPU tiles: 4 MiB of fp32 logits, a few BLAS calls per tile
 
 
+def _check(anchors, anchor_labels, keys, key_labels, temperature, op):
+    check_tensor("anchors", anchors, ndim=2, dtypes=FLOAT_DTYPES, kind="(M, D)")
+    dev = anchors.device
+    check_tensor("anchor_labels", anchor_labels, ndim=1, dtypes=INT_DTYPES, device=dev,
+                 kind="(M,)")
+    if anchor_labels.shape[0] != anchors.shape[0]:
+        raise ValueError(f"{op}: anchor_labels must have one entry per anchor "
+                         f"({anchors.shape[0]}), got {anchor_labels.shape[0]}")
+    if (keys is None) != (key_labels is None):
+        raise ValueError(f"{op}: keys and key_labels go together: give both or neither")
+    if keys is not None:
+        check_tensor("keys", keys, ndim=2, dtypes=FLOAT_DTYPES, device=dev, kind="(K, D)")
+        check_tensor("key_labels", key_labels, ndim=1, dtypes=INT_DTYPES, device=dev, kind="(K,)")
+        if keys.shape[1] != anchors.shape[1]:
+            raise ValueError(f"{op}: keys must have D = {anchors.shape[1]} like anchors, got "
+                             f"{keys.shape[1]}")
+        if key_labels.shape[0] != keys.shape[0]:
+            raise ValueError(f"{op}: key_labels must have one entry per key ({keys.shape[0]}), "
+                             f"got {key_labels.shape[0]}")
+    check_positive_float("temperature", temperature)
+
+
+def _run(anchors, anchor_labels, keys, key_labels, temperature, backend, block, positives, op):
+    """(terms, npos, nl) on the chosen backend; nl differentiable."""
+    _check(anchors, anchor_labels, keys, key_labels, temperature, op)
+    be = resolve_backend(backend, anchors.device, op, ("reference", "native", "triton"),
+                         needs_extension=False)
+    acc = torch.promote_types(anchors.dtype, torch.float32)
+    ya = anchor_labels.to(torch.int64)
+    yk = None if key_labels is None else key_labels.to(torch.int64)
+    if be == "reference":
+        k = None if keys is None else keys.to(acc)
+        nl = ref.negative_lse(anchors.to(acc), ya, k, yk, temperature=temperature)
+        if not positives:
+            return None, None, nl
+        return (*ref.contrast_terms(anchors.to(acc), ya, k, yk, temperature=temperature), nl)
+    if be == "triton":
+        from . import _library
+        return _library.tiled_contrast(anchors, ya, keys, yk, float(temperature), positives)
+    return _TiledCPU.apply(anchors, ya, keys, yk, float(temperature), tuple(block), positives)
+
+
 def supervised_contrast(anchors, anchor_labels, keys=None, key_labels=None, *, temperature,
                         backend="auto", block=(BLOCK_M, BLOCK_N)):
     """Per-anchor terms (M,) and positive counts (M,) int64 of the per-positive contrast above.
@@ -37,37 +79,21 @@ def supervised_contrast(anchors, anchor_labels, keys=None, key_labels=None, *, t
     anchors (M, D) float, anchor_labels (M,) int (-1 = absent); keys (K, D) and key_labels (K,),
     or None for the in-batch form (keys = anchors, gradient through both sides). Terms are 0 for
     anchors without a label or a positive. Float32 (float64 for float64 anchors)."""
-    check_tensor("anchors", anchors, ndim=2, dtypes=FLOAT_DTYPES, kind="(M, D)")
-    dev = anchors.device
-    check_tensor("anchor_labels", anchor_labels, ndim=1, dtypes=INT_DTYPES, device=dev,
-                 kind="(M,)")
-    if anchor_labels.shape[0] != anchors.shape[0]:
-        raise ValueError(f"anchor_labels must have one entry per anchor ({anchors.shape[0]}), "
-                         f"got {anchor_labels.shape[0]}")
-    if (keys is None) != (key_labels is None):
-        raise ValueError("keys and key_labels go together: give both or neither")
-    if keys is not None:
-        check_tensor("keys", keys, ndim=2, dtypes=FLOAT_DTYPES, device=dev, kind="(K, D)")
-        check_tensor("key_labels", key_labels, ndim=1, dtypes=INT_DTYPES, device=dev, kind="(K,)")
-        if keys.shape[1] != anchors.shape[1]:
-            raise ValueError(f"keys must have D = {anchors.shape[1]} like anchors, got "
-                             f"{keys.shape[1]}")
-        if key_labels.shape[0] != keys.shape[0]:
-            raise ValueError(f"key_labels must have one entry per key ({keys.shape[0]}), got "
-                             f"{key_labels.shape[0]}")
-    check_positive_float("temperature", temperature)
-    be = resolve_backend(backend, dev, "supervised_contrast", ("reference", "native", "triton"),
-                         needs_extension=False)
-    acc = torch.promote_types(anchors.dtype, torch.float32)
-    ya = anchor_labels.to(torch.int64)
-    yk = None if key_labels is None else key_labels.to(torch.int64)
-    if be == "reference":
-        k = None if keys is None else keys.to(acc)
-        return ref.contrast_terms(anchors.to(acc), ya, k, yk, temperature=temperature)
-    if be == "triton":
-        from . import _library
-        return _library.tiled_contrast(anchors, ya, keys, yk, float(temperature))
-    return _TiledCPU.apply(anchors, ya, keys, yk, float(temperature), tuple(block))
+    terms, npos, _ = _run(anchors, anchor_labels, keys, key_labels, temperature, backend, block,
+                          True, "supervised_contrast")
+    return terms, npos
+
+
+def negative_logsumexp(anchors, anchor_labels, keys, key_labels, *, temperature, backend="auto",
+                       block=(BLOCK_M, BLOCK_N)):
+    """NL_r = log sum over keys whose label differs from anchor r's of exp(a_r . k / t): (M,),
+    -inf where there is no such key or the anchor's label is -1; differentiable w.r.t. anchors
+    (and keys when they require grad). Pass 1 of the tiled contrast alone, in O((M + K) D)
+    memory: the denominator of CAC's loss."""
+    if keys is None:
+        raise ValueError("negative_logsumexp: keys are required")
+    return _run(anchors, anchor_labels, keys, key_labels, temperature, backend, block, False,
+                "negative_logsumexp")[2]
 
 
 # --- CPU tiles --------------------------------------------------------------------------------
@@ -152,11 +178,11 @@ def _masked_sum(x, mask):
 
 
 class _TiledCPU(torch.autograd.Function):
-    """Tiles of at most BLOCK_M x BLOCK_N logits; each tile's temporaries are made in place, so a
+    """Outputs (terms, npos, NL), NL differentiable too. Tiles of at most BLOCK_M x BLOCK_N logits; each tile's temporaries are made in place, so a
     tile costs two or three BLOCK_M x BLOCK_N buffers at a time."""
 
     @staticmethod
-    def forward(ctx, a, ya, k, yk, t, block):
+    def forward(ctx, a, ya, k, yk, t, block, positives):
         in_batch = k is None
         acc = torch.promote_types(a.dtype, torch.float32)
         plan = _Plan(ya, yk, in_batch, block)
@@ -171,9 +197,11 @@ class _TiledCPU(torch.autograd.Function):
             a_i, later, budget = A[i0:i1], [], CACHE_BYTES
             lse = NL[i0:i1]
             for j, has_neg, has_pos in plan.pairs[i]:                # pass 1: negatives
+                if not (has_neg or (has_pos and positives)):
+                    continue
                 j0, j1 = plan.tk[j]
                 s = torch.mm(a_i, K[j0:j1].T).div_(t)
-                neg, pos = plan.masks(i, j, has_neg, has_pos)
+                neg, pos = plan.masks(i, j, has_neg, has_pos and positives)
                 if pos is not None:
                     keep = s.nbytes <= budget
                     budget -= s.nbytes if keep else 0
@@ -196,27 +224,33 @@ class _TiledCPU(torch.autograd.Function):
         ctx.save_for_backward(a, k, NL, W, npos)
         ctx.plan, ctx.t = plan, t
         ctx.mark_non_differentiable(out_n)
-        return out_t, out_n
+        return out_t, out_n, _put(NL, plan.pa)
 
     @staticmethod
-    def backward(ctx, g, _gn):
+    def backward(ctx, g, _gn, g_nl):
         a, k, NL, W, npos = ctx.saved_tensors
         plan, t = ctx.plan, ctx.t
         in_batch = k is None
         acc = NL.dtype
         A = _take(a.detach().to(acc), plan.pa)
         K = A if in_batch else _take(k.detach().to(acc), plan.pk)
-        coef = _take(g.to(acc), plan.pa) / npos.clamp(min=1)
-        coef = torch.where(npos > 0, coef, 0.0)
+        g = torch.zeros_like(NL) if g is None else _take(g.to(acc), plan.pa)
+        coef = torch.where(npos > 0, g / npos.clamp(min=1), 0.0)
+        g_nl = torch.zeros_like(NL) if g_nl is None else _take(g_nl.to(acc), plan.pa)
         dA = torch.zeros_like(A)
         need_k = in_batch or ctx.needs_input_grad[2]
         dK = torch.zeros_like(K) if need_k else None
         for i, (i0, i1) in enumerate(plan.ta):
             c = coef[i0:i1]
-            if not bool((c != 0).any()):
+            cw = (c * W[i0:i1] + g_nl[i0:i1])[:, None]            # weight of e^{s - NL}
+            has_c = bool((c != 0).any())
+            if not (has_c or bool((cw != 0).any())):
                 continue
-            a_i, nl, cw = A[i0:i1], NL[i0:i1, None], (c * W[i0:i1])[:, None]
+            a_i, nl = A[i0:i1], NL[i0:i1, None]
             for j, has_neg, has_pos in plan.pairs[i]:
+                has_pos = has_pos and has_c
+                if not (has_neg or has_pos):
+                    continue
                 j0, j1 = plan.tk[j]
                 k_j = K[j0:j1]
                 s = torch.mm(a_i, k_j.T).div_(t)
@@ -239,4 +273,4 @@ class _TiledCPU(torch.autograd.Function):
             dK = None
         ga = _put(dA.div_(t), plan.pa).to(a.dtype)
         gk = None if dK is None else _put(dK.div_(t), plan.pk).to(k.dtype)
-        return ga, None, gk, None, None, None
+        return ga, None, gk, None, None, None, None

@@ -110,6 +110,16 @@ def contrast_terms(z, y, keys=None, key_labels=None, *, temperature: float):
     return -a, npos
 
 
+def negative_lse(z, y, keys=None, key_labels=None, *, temperature: float):
+    """NL_r = logsumexp over the keys of another label of z_r . k / t (-inf without any): the
+    negatives' term of every loss here (CAC's denominator too)."""
+    if keys is None:
+        keys, key_labels = z, y
+    s = z @ keys.T / temperature
+    neg = (y[:, None] >= 0) & (key_labels[None, :] >= 0) & (y[:, None] != key_labels[None, :])
+    return torch.logsumexp(s.masked_fill(~neg, float("-inf")), dim=1)
+
+
 def mean_over_anchors(terms, npos, y, factor: float):
     """(t / t_b) * mean of the per-anchor terms over anchors with a label and a positive."""
     used = (y >= 0) & (npos > 0)
