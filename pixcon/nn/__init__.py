@@ -64,3 +64,6 @@ __all__ += ["ContextrastLoss"]
 from .memory import PixelMemoryBank  # noqa: E402
 
 __all__ += ["PixelMemoryBank"]
+from .cac import DirectionalContrastLoss, NegativeBank  # noqa: E402
+
+__all__ += ["DirectionalContrastLoss", "NegativeBank"]

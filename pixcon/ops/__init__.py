@@ -13,6 +13,8 @@ from .contextrast import bane_negatives, pixel_anchor_loss  # noqa: E402
 
 __all__ += ["bane_negatives", "pixel_anchor_loss"]
 from .contrastiveseg import dense_contrast_loss, pixel_contrast_loss  # noqa: E402
-from .tiled import supervised_contrast  # noqa: E402
+from .tiled import negative_logsumexp, supervised_contrast  # noqa: E402
+from .cac import directional_contrast_loss, overlap_rows  # noqa: E402
 
-__all__ += ["pixel_contrast_loss", "dense_contrast_loss", "supervised_contrast"]
+__all__ += ["pixel_contrast_loss", "dense_contrast_loss", "supervised_contrast",
+            "negative_logsumexp", "directional_contrast_loss", "overlap_rows"]

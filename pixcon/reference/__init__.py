@@ -1,6 +1,6 @@
 """Pure-PyTorch references, one module per method, written to read like the method's equations.
 They never import kernels; they are the ground truth of the tests and a benchmark provider."""
-from . import common, contrastiveseg, rng
+from . import cac, common, contrastiveseg, rng
 from .reco import reco_loss
 
-__all__ = ["common", "contrastiveseg", "rng", "reco_loss"]
+__all__ = ["cac", "common", "contrastiveseg", "rng", "reco_loss"]

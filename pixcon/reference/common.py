@@ -131,3 +131,13 @@ def pick_in_class(order, offsets, counts, cls, r):
     order[offsets[cls] + (r * counts[cls]) >> 32] (clamped into order for empty classes,
     whose picks the caller discards)."""
     return order[(offsets[cls] + uniform_index(r, counts[cls])).clamp(max=max(len(order) - 1, 0))]
+
+
+def negative_lse(z, y, keys=None, key_labels=None, *, temperature: float):
+    """NL_r = logsumexp over the keys of another label of z_r . k / t (-inf without any): the
+    negatives' term of every loss here (CAC's denominator too)."""
+    if keys is None:
+        keys, key_labels = z, y
+    s = z @ keys.T / temperature
+    neg = (y[:, None] >= 0) & (key_labels[None, :] >= 0) & (y[:, None] != key_labels[None, :])
+    return torch.logsumexp(s.masked_fill(~neg, float("-inf")), dim=1)

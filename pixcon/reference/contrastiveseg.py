@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 
 from . import common as cm
+from .common import negative_lse  # noqa: F401  (the shared negatives' term)
 from .rng import STREAM_ANCHOR, philox4x32
 
 # The plain reference builds anchors x keys matrices (about eight temporaries of that size);
@@ -108,16 +109,6 @@ def contrast_terms(z, y, keys=None, key_labels=None, *, temperature: float):
     npos = pos.sum(dim=1)
     a = torch.where(pos, ell, 0.0).sum(dim=1) / npos.clamp(min=1)
     return -a, npos
-
-
-def negative_lse(z, y, keys=None, key_labels=None, *, temperature: float):
-    """NL_r = logsumexp over the keys of another label of z_r . k / t (-inf without any): the
-    negatives' term of every loss here (CAC's denominator too)."""
-    if keys is None:
-        keys, key_labels = z, y
-    s = z @ keys.T / temperature
-    neg = (y[:, None] >= 0) & (key_labels[None, :] >= 0) & (y[:, None] != key_labels[None, :])
-    return torch.logsumexp(s.masked_fill(~neg, float("-inf")), dim=1)
 
 
 def mean_over_anchors(terms, npos, y, factor: float):

@@ -1,0 +1,144 @@
+"""CAC's modules (specs/cac.md §1, §4, §8): the negative bank and the projector + loss."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..ops import _common as chk
+from ..ops import directional_contrast_loss, overlap_rows
+from ..reference.rng import draw_seed, philox4x32
+
+STREAM_NEGATIVE_BANK = 5     # Philox stream of the bank's subsample
+
+
+class NegativeBank(torch.nn.Module):
+    """Features and pseudo-labels of both views of the last ``step_save`` + 1 steps (the
+    official bank keeps the current step and ``step_save`` before it), oldest first.
+
+    ``update`` takes both views' full projected maps and pseudo-labels, keeps ``selected_num``
+    pixels per view (uniform without replacement; None = all, which is what the shipped configs
+    amount to), detaches them and, when torch.distributed is initialised, all-gathers them so
+    every rank holds the same bank (the official code requires a process group; this one works
+    without). Everything is checked before the bank changes. ``state_dict()`` holds the entries;
+    ``.to()`` moves them.
+
+    >>> bank = NegativeBank(step_save=1)
+    >>> loss = directional_contrast_loss(f1, f2, lg1, lg2, *bank.negatives(), ...)  # after update
+    """
+
+    def __init__(self, step_save: int = 1, selected_num: int | None = None):
+        super().__init__()
+        if isinstance(step_save, bool) or not isinstance(step_save, int) or step_save < 0:
+            raise ValueError(f"NegativeBank: step_save must be an int >= 0, got {step_save!r}")
+        if selected_num is not None:
+            chk.check_positive_int("selected_num", selected_num)
+        self.step_save, self.selected_num = step_save, selected_num
+        self.entries: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def __len__(self):
+        return len(self.entries)
+
+    def negatives(self):
+        """(features (N, D), pseudo-labels (N,)), oldest step first; raises when empty."""
+        if not self.entries:
+            raise RuntimeError("NegativeBank is empty: call update() first")
+        return (torch.cat([f for f, _ in self.entries]), torch.cat([y for _, y in self.entries]))
+
+    def _rows(self, name, feat, labels):
+        chk.check_tensor(name, feat, ndim=(2, 4), dtypes=chk.FLOAT_DTYPES,
+                         kind="(B, D, h, w) or (P, D)")
+        rows = feat.permute(0, 2, 3, 1).reshape(-1, feat.shape[1]) if feat.dim() == 4 else feat
+        lab_name = name.replace("feat", "labels")
+        chk.check_tensor(lab_name, labels, dtypes=chk.INT_DTYPES, device=feat.device)
+        if labels.numel() != rows.shape[0]:
+            raise ValueError(f"NegativeBank.update: {lab_name} must have one pseudo-label per "
+                             f"pixel of {name} ({rows.shape[0]}), got {labels.numel()}")
+        if self.selected_num is not None and self.selected_num > rows.shape[0]:
+            raise ValueError(f"NegativeBank.update: selected_num = {self.selected_num} is more "
+                             f"than the {rows.shape[0]} pixels of {name}")
+        return rows, labels.reshape(-1)
+
+    @torch.no_grad()
+    def update(self, feat1, feat2, labels1, labels2, *, seed: int | None = None):
+        """Add one step: feat1/feat2 (B, D, h, w) full projected maps (or (P, D) rows) of the
+        two views, labels1/labels2 their pseudo-labels (B, h, w) (or (P,))."""
+        r1, y1 = self._rows("feat1", feat1, labels1)
+        r2, y2 = self._rows("feat2", feat2, labels2)
+        if r1.shape[1] != r2.shape[1] or r1.device != r2.device:
+            raise ValueError("NegativeBank.update: feat1 and feat2 must have the same D and device")
+        if self.entries and self.entries[0][0].shape[1] != r1.shape[1]:
+            raise ValueError(f"NegativeBank.update: features have D = {r1.shape[1]}, the bank "
+                             f"{self.entries[0][0].shape[1]}")
+        parts = []
+        if self.selected_num is not None:
+            seed = draw_seed(seed)
+        for v, (r, y) in enumerate(((r1, y1), (r2, y2))):
+            if self.selected_num is not None:          # smallest Philox keys: without replacement
+                counter = torch.arange(r.shape[0], device=r.device) + v * r.shape[0]
+                key = philox4x32(counter, seed, STREAM_NEGATIVE_BANK)[:, 0]
+                pick = torch.sort(key, stable=True).indices[:self.selected_num]
+                r, y = r[pick], y[pick]
+            parts.append((r.detach(), y.to(torch.int64)))
+        feats = torch.cat([p[0] for p in parts])
+        labels = torch.cat([p[1] for p in parts])
+        feats, labels = _all_gather(feats), _all_gather(labels)
+        self.entries.append((feats, labels))
+        del self.entries[:-(self.step_save + 1)]
+
+    def get_extra_state(self):
+        return {"step_save": self.step_save, "selected_num": self.selected_num,
+                "entries": [(f.clone(), y.clone()) for f, y in self.entries]}
+
+    def set_extra_state(self, state):
+        self.step_save, self.selected_num = state["step_save"], state["selected_num"]
+        self.entries = [(f, y) for f, y in state["entries"]]
+
+    def _apply(self, fn, *args, **kwargs):
+        self.entries = [(fn(f), fn(y)) for f, y in self.entries]
+        return super()._apply(fn, *args, **kwargs)
+
+
+def _all_gather(x):
+    """All ranks' x concatenated in rank order (x itself without a process group)."""
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, x.contiguous())
+    return torch.cat(out)
+
+
+class DirectionalContrastLoss(torch.nn.Module):
+    """CAC's projector (conv1x1 C->C, ReLU, conv1x1 C->dim, no BN, then L2 normalisation) and
+    its directional loss, weighted by ``weight`` (0.1: the official ``weight_unsup``; the
+    ``unsupervised_w = 30`` in the official configs is a dead key that no code reads).
+
+    >>> crit, bank = DirectionalContrastLoss(in_channels=256), NegativeBank(step_save=1)
+    >>> loss = ce + crit(enc1, enc2, logits1, logits2, crops.box1, crops.box2, flip1, flip2, bank)
+    """
+
+    def __init__(self, in_channels: int = 256, dim: int = 128, *, weight: float = 0.1,
+                 stride: int = 8, **kwargs):
+        super().__init__()
+        self.projector = torch.nn.Sequential(
+            torch.nn.Conv2d(in_channels, in_channels, 1), torch.nn.ReLU(inplace=True),
+            torch.nn.Conv2d(in_channels, dim, 1))
+        self.weight, self.stride, self.kwargs = weight, stride, kwargs
+
+    def project(self, enc):
+        return F.normalize(self.projector(enc), dim=1)
+
+    def forward(self, enc1, enc2, logits1, logits2, boxes1, boxes2, flips1, flips2, bank,
+                update_bank=True, seed=None):
+        """enc_i (B, C, h, w) encoder features of the two crops at ``stride``, logits_i (B, K,
+        h, w) the classifier on them; the bank is updated with both full projected maps first
+        (the official order: the current step's features are negatives too), then the loss on
+        the overlap rows is returned times ``weight``."""
+        phi1, phi2 = self.project(enc1), self.project(enc2)
+        if update_bank:
+            bank.update(phi1, phi2, logits1.argmax(1), logits2.argmax(1), seed=seed)
+        (f1, g1), (f2, g2) = overlap_rows([phi1, logits1], [phi2, logits2], boxes1, boxes2,
+                                          flips1, flips2, stride=self.stride)
+        negatives, labels = bank.negatives()
+        return self.weight * directional_contrast_loss(f1, f2, g1, g2, negatives, labels,
+                                                       **self.kwargs)

@@ -1,0 +1,140 @@
+"""CAC (Lai et al., CVPR 2021): directional context-aware consistency, specs/cac.md.
+
+    c, y    = confidence(logits)                       max softmax, argmax (detached)
+    D1      = directional_mask(c1, c2)                 view 1 pulled where view 2 is surer
+    NL1     = negative_logsumexp(f1, y1 or -1, bank)   tiled: the bank's other pseudo-labels
+    L1      = mean over D1 of softplus(NL1 - f1 . sg(f2) / t),   L = L1 + L2
+
+Anchors outside the directional mask get label -1, so the tiles skip them; nothing of size
+n x N is ever formed (the official code chunks it by 8000 columns under checkpointing).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .. import reference
+from ..reference import cac as ref
+from . import _common as chk
+from .tiled import negative_logsumexp
+
+BACKENDS = ("reference", "native", "triton")
+
+
+def directional_contrast_loss(feat1, feat2, logits1, logits2, negatives, negative_labels, *,
+                              pos_threshold: float = 0.75, temperature: float = 0.1,
+                              reduction: str = "mean", backend: str = "auto",
+                              official_numerics: bool = False):
+    """CAC's directional contrastive loss L1 + L2 (official ``loss1 + loss2``).
+
+    Args:
+        feat1, feat2: (n, D) projected features of the two views at the same image pixels (row
+            j of each is the same pixel of the overlap; see :func:`overlap_rows`), used as given
+            (the official projector L2-normalises them). Gradients reach each view through its
+            own term only: the target of a term is stop-gradient.
+        logits1, logits2: (n, C) classifier logits at those pixels; confidence = max softmax,
+            pseudo-label = argmax, both detached.
+        negatives: (N, D) bank features (detached inside); negative_labels: (N,) their
+            pseudo-labels. Term 1 uses the negatives whose label differs from y1 (the anchor's).
+        pos_threshold: gamma; term 1 covers pixels with c2 > gamma and c1 < c2 (ties: neither).
+        temperature: t of the dot products (0.1).
+        reduction: "mean" (the official scalar: each term averaged over its selected pixels) or
+            "none" ((2, n) per-pixel terms, zero outside the directional masks).
+        backend: "auto" (Triton on CUDA tensors, CPU tiles on CPU tensors), "reference",
+            "native" or "triton".
+        official_numerics: the official arithmetic (first-chunk stabiliser, 1e-8 inside and
+            outside the log; reference backend only). By default the loss is exact: the
+            official value differs by about 1e-3 on random unit features, saturates near 18.4
+            per pixel (-log 1e-8) where the exact loss is larger, and overflows to inf in fp32
+            when a bank column beyond the first 8000 exceeds their maximum by more than ~88
+            (see tests/test_cac.py).
+
+    Returns the scalar loss (float32; float64 for float64 features); nothing selected gives a
+    zero connected to both features' graphs.
+    """
+    op = "directional_contrast_loss"
+    chk.check_tensor("feat1", feat1, ndim=2, dtypes=chk.FLOAT_DTYPES, kind="(n, D)")
+    n, D = feat1.shape
+    dev = feat1.device
+    chk.check_tensor("feat2", feat2, ndim=2, dtypes=chk.FLOAT_DTYPES, device=dev, kind="(n, D)")
+    if feat2.shape != feat1.shape:
+        raise ValueError(f"{op}: feat2 must have feat1's shape {tuple(feat1.shape)} (the same "
+                         f"overlap pixels), got {tuple(feat2.shape)}")
+    for name, x in (("logits1", logits1), ("logits2", logits2)):
+        chk.check_tensor(name, x, ndim=2, dtypes=chk.FLOAT_DTYPES, device=dev, kind="(n, C)")
+        if x.shape[0] != n:
+            raise ValueError(f"{op}: {name} must have n = {n} rows like feat1, got {x.shape[0]}")
+    if logits2.shape[1] != logits1.shape[1]:
+        raise ValueError(f"{op}: logits1 and logits2 must have the same number of classes")
+    chk.check_tensor("negatives", negatives, ndim=2, dtypes=chk.FLOAT_DTYPES, device=dev,
+                     kind="(N, D)")
+    if negatives.shape[1] != D:
+        raise ValueError(f"{op}: negatives must have D = {D} like feat1, got {negatives.shape[1]}")
+    chk.check_tensor("negative_labels", negative_labels, ndim=1, dtypes=chk.INT_DTYPES,
+                     device=dev, kind="(N,)")
+    if negative_labels.shape[0] != negatives.shape[0]:
+        raise ValueError(f"{op}: negative_labels must have one entry per negative "
+                         f"({negatives.shape[0]}), got {negative_labels.shape[0]}")
+    if isinstance(pos_threshold, bool) or not isinstance(pos_threshold, (int, float)) \
+            or not 0 <= pos_threshold < 1:
+        raise ValueError(f"{op}: pos_threshold must be in [0, 1), got {pos_threshold!r}")
+    chk.check_positive_float("temperature", temperature)
+    if reduction not in ("mean", "none"):
+        raise ValueError(f"{op}: reduction must be 'mean' or 'none', got {reduction!r}")
+    be = chk.resolve_backend(backend, dev, op, BACKENDS, needs_extension=False)
+    kw = dict(pos_threshold=pos_threshold, temperature=temperature, reduction=reduction)
+    if official_numerics or be == "reference":
+        if official_numerics and backend not in ("auto", "reference", None):
+            raise NotImplementedError(f"{op}: official_numerics runs on the reference backend "
+                                      f"only, got backend={backend!r}")
+        return reference.cac.directional_contrast_loss(
+            feat1, feat2, logits1, logits2, negatives, negative_labels,
+            official_numerics=official_numerics, **kw)
+    c1, y1 = ref.confidence(logits1)
+    c2, y2 = ref.confidence(logits2)
+    bank = negatives.detach()
+    dt = torch.promote_types(feat1.dtype, torch.float32)
+    out = []
+    for fa, ft, ca, ct, ya in ((feat1, feat2, c1, c2, y1), (feat2, feat1, c2, c1, y2)):
+        d = ref.directional_mask(ca, ct, pos_threshold)
+        a = fa.to(dt) if be == "native" else fa
+        k = bank.to(a.dtype)
+        nl = negative_logsumexp(a, torch.where(d, ya, -1), k, negative_labels,
+                                temperature=temperature, backend=be)
+        pos = (fa.to(dt) * ft.detach().to(dt)).sum(dim=1) / temperature
+        ell = torch.where(d, F.softplus(nl - pos), 0.0)
+        out.append(ell if reduction == "none" else ell.sum() / (d.sum() + 1e-12))
+    return torch.stack(out) if reduction == "none" else out[0] + out[1]
+
+
+def overlap_rows(maps1, maps2, boxes1, boxes2, flips1=None, flips2=None, *, stride: int = 8):
+    """Cut the aligned overlap rows out of two views' full maps.
+
+    maps1, maps2: a (B, X, h, w) map or a list of them per view (features, logits, ...) at
+        feature stride ``stride``; boxes1, boxes2: (B, 4) integer overlap boxes (top, left,
+        bottom, right) in each crop's own pixel coordinates, multiples of ``stride`` (as
+        :func:`pixcon.data.overlapping_crops` gives them, computed before flipping); flips1,
+        flips2: (B,) bool, True where that crop was flipped horizontally (undone on the maps
+        before cutting). Returns, per view, a list of (n, X) rows (one per map), row j of view
+        1 and of view 2 being the same image pixel. Boxes are read on the host (they come from
+        the data loader)."""
+    single = torch.is_tensor(maps1)
+    maps1 = [maps1] if single else list(maps1)
+    maps2 = [maps2] if single else list(maps2)
+    B = maps1[0].shape[0]
+    boxes = [torch.as_tensor(b).reshape(B, 4).tolist() for b in (boxes1, boxes2)]
+    flips = [[False] * B if f is None else torch.as_tensor(f).reshape(B).tolist()
+             for f in (flips1, flips2)]
+    rows = ([], [])
+    for v, maps in enumerate((maps1, maps2)):
+        for m in maps:
+            chk.check_tensor(f"maps{v + 1}", m, ndim=4, kind="(B, X, h, w)")
+            parts = []
+            for b in range(B):
+                t, l, btm, r = (x // stride for x in boxes[v][b])
+                x = m[b].flip(-1) if flips[v][b] else m[b]
+                parts.append(x[:, t:btm, l:r].reshape(x.shape[0], -1).T)
+            rows[v].append(torch.cat(parts))
+    if [r.shape[0] for r in rows[0]] != [r.shape[0] for r in rows[1]]:
+        raise ValueError("overlap_rows: the two views' boxes cover different pixel counts")
+    return (rows[0][0], rows[1][0]) if single else rows

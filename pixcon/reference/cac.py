@@ -1,0 +1,78 @@
+"""CAC (Lai et al., CVPR 2021): directional context-aware consistency, pure PyTorch, read off
+specs/cac.md §3-§6.
+
+Overlap pixel j of two crops, unit features f1_j, f2_j, confidences c and pseudo-labels y (max
+and argmax of the softmax, detached), a bank of detached negatives k with pseudo-labels:
+
+    l1_j = -log( e^{f1_j . sg(f2_j) / t} / ( e^{f1_j . sg(f2_j) / t} + sum_{k : y_k != y1_j} e^{f1_j . k / t} ) )
+         = softplus( NL1_j - f1_j . sg(f2_j) / t ),     NL1_j = LSE_{k : y_k != y1_j} f1_j . k / t
+    D1_j = [c2_j > gamma] [c1_j < c2_j]            (only the less confident view is pulled)
+    L1   = sum_j D1_j l1_j / (sum_j D1_j + 1e-12)
+
+and L2 with 1 and 2 swapped; the loss is L1 + L2. ``official_numerics`` reproduces the official
+arithmetic instead (specs/cac.md §6): every row stabilised by the maximum over its positive and
+the first 8000 bank columns (masked ones included) and 1e-8 added inside and outside the log,
+which caps a pixel's loss near -log(1e-8) = 18.4 and overflows when a later column exceeds the
+first chunk's maximum by more than about 88 (fp32).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .common import negative_lse
+
+OFFICIAL_CHUNK = 8000
+OFFICIAL_EPS = 1e-8
+
+
+def confidence(logits):
+    """(max softmax probability, argmax) per row, detached, computed in float32 or wider."""
+    p = torch.softmax(logits.detach().to(torch.promote_types(logits.dtype, torch.float32)), 1)
+    return p.max(dim=1)
+
+
+def directional_mask(c_anchor, c_target, pos_threshold):
+    """Pixels whose anchor view is pulled toward the target: the target is confident (above
+    the threshold) and strictly more confident than the anchor; ties pull neither."""
+    return (c_target > pos_threshold) & (c_anchor < c_target)
+
+
+def pixel_terms(f_anchor, f_target, y_anchor, negatives, negative_labels, temperature):
+    """l_j (n,): one positive (the other view, stop-gradient) against the bank's negatives of
+    another pseudo-label than the anchor's."""
+    pos = (f_anchor * f_target.detach()).sum(dim=1) / temperature
+    nl = negative_lse(f_anchor, y_anchor, negatives, negative_labels, temperature=temperature)
+    return F.softplus(nl - pos)
+
+
+def official_pixel_terms(f_anchor, f_target, y_anchor, negatives, negative_labels, temperature,
+                         chunk=OFFICIAL_CHUNK):
+    """The official arithmetic of l_j: stabiliser m_j = max(pos_j, max of the first ``chunk``
+    logits, masked included), eps 1e-8 inside and outside the log."""
+    pos = (f_anchor * f_target.detach()).sum(dim=1) / temperature
+    logits = f_anchor @ negatives.T / temperature
+    m = torch.maximum(pos, logits[:, :chunk].max(dim=1).values)
+    keep = negative_labels[None, :] != y_anchor[:, None]
+    den = torch.exp(pos - m) + (torch.exp(logits - m[:, None]) * keep).sum(dim=1)
+    return -torch.log(torch.exp(pos - m) / (den + OFFICIAL_EPS) + OFFICIAL_EPS)
+
+
+def directional_contrast_loss(feat1, feat2, logits1, logits2, negatives, negative_labels, *,
+                              pos_threshold=0.75, temperature=0.1, reduction="mean",
+                              official_numerics=False):
+    """Reference CAC loss L1 + L2 (arguments as pixcon.ops.directional_contrast_loss). Computes
+    in float32 (float64 for float64 features). reduction "none": (2, n) per-pixel terms, zero
+    where the directional mask is off."""
+    dt = torch.promote_types(feat1.dtype, torch.float32)
+    f1, f2, bank = feat1.to(dt), feat2.to(dt), negatives.detach().to(dt)
+    c1, y1 = confidence(logits1)
+    c2, y2 = confidence(logits2)
+    terms = official_pixel_terms if official_numerics else pixel_terms
+    l1 = terms(f1, f2, y1, bank, negative_labels, temperature)
+    l2 = terms(f2, f1, y2, bank, negative_labels, temperature)
+    d1 = directional_mask(c1, c2, pos_threshold).to(dt)
+    d2 = directional_mask(c2, c1, pos_threshold).to(dt)
+    if reduction == "none":
+        return torch.stack([l1 * d1, l2 * d2])
+    return (l1 * d1).sum() / (d1.sum() + 1e-12) + (l2 * d2).sum() / (d2.sum() + 1e-12)
