@@ -174,8 +174,9 @@ def _contextrast(rec, B, D, sizes, C, dtype, tag):
             anchor.anchor_backward(torch.ones(C), z, a, gt, negcls, nl, sig, 0.1, only_own)
 
 
-def _tiled(rec, M, N, D, C, dtype, tag):
-    """The tiled contrast at M anchors x N keys (N None: in-batch, keys = anchors)."""
+def _tiled(rec, M, N, D, C, dtype, tag, positives=True):
+    """The tiled contrast at M anchors x N keys (N None: in-batch, keys = anchors); positives
+    False: the negatives' log-sum-exp alone (CAC)."""
     from . import tiled
     gen = torch.Generator().manual_seed(0)
     rec.setting = tag
@@ -184,8 +185,9 @@ def _tiled(rec, M, N, D, C, dtype, tag):
     in_batch = N is None
     k, yk = (a, ya) if in_batch else (torch.randn(N, D, generator=gen).to(dtype),
                                       _labels(N, C, gen))
-    _, npos, nl, w = tiled.tiled_forward(a, ya, k, yk, 0.1, in_batch)
-    tiled.tiled_backward(torch.ones(M), a, ya, k, yk, nl, w, npos, 0.1, in_batch, not in_batch)
+    _, npos, nl, w = tiled.tiled_forward(a, ya, k, yk, 0.1, in_batch, positives)
+    tiled.tiled_backward(torch.ones(M), a, ya, k, yk, nl, w, npos, 0.1, in_batch,
+                         not in_batch, None if positives else torch.ones(M))
 
 
 def _edt(rec, shape, tag):
@@ -240,6 +242,9 @@ def scenarios(quick: bool = False):
             r, 1024, 190000, 256, 19, torch.float32, "ContrastiveSeg bank 1024x190000")),
         ("dense 131k", lambda r: [_tiled(r, 131072, None, 256, 19, dt, f"dense 131072 {n}")
                                   for dt, n in ((torch.float32, "fp32"), (torch.bfloat16, "bf16"))]),
+        ("CAC Cityscapes 8100 x 129600, D=128", lambda r: [
+            _tiled(r, 8100, 129600, 128, 19, dt, f"CAC Cityscapes {n}", positives=False)
+            for dt, n in ((torch.float32, "fp32"), (torch.bfloat16, "bf16"))]),
         ("tiled fp64 / odd D", lambda r: (
             _tiled(r, 256, None, 64, 19, torch.float64, "tiled fp64"),
             _tiled(r, 300, 700, 40, 19, torch.float32, "tiled D=40 bank"))),

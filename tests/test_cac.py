@@ -1,0 +1,304 @@
+"""CAC: the directional loss against hand-computed cases and the official arithmetic, fused (CPU
+tiles, Triton) vs reference, stop-gradients, the crop geometry, the overlap cut, the bank.
+
+Tolerances: float64 1e-10 (same formula, other summation order); float32 1e-5 relative. The
+official numerics differ from the exact loss by the eps terms (about 1e-3 on random unit
+features, stated in specs/cac.md §6)."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pixcon.data import overlapping_crops
+from pixcon.nn import DirectionalContrastLoss, NegativeBank
+from pixcon.ops import directional_contrast_loss, overlap_rows
+from pixcon.reference import cac as ref
+
+from .conftest import assert_close, triton_device
+
+DEV = triton_device()
+TRITON = pytest.param("triton", marks=pytest.mark.interpret)
+
+
+def case(n=40, N=300, D=16, C=5, seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    f1 = F.normalize(torch.randn(n, D, generator=g, dtype=torch.float64), dim=1).to(dtype)
+    f2 = F.normalize(torch.randn(n, D, generator=g, dtype=torch.float64), dim=1).to(dtype)
+    l1 = 3 * torch.randn(n, C, generator=g)
+    l2 = 3 * torch.randn(n, C, generator=g)
+    bank = F.normalize(torch.randn(N, D, generator=g, dtype=torch.float64), dim=1).to(dtype)
+    return f1, f2, l1, l2, bank, torch.randint(0, C, (N,), generator=g)
+
+
+def run(backend, f1, f2, *rest, **kw):
+    dev = DEV if backend == "triton" else torch.device("cpu")
+    a, b = f1.to(dev).requires_grad_(), f2.to(dev).requires_grad_()
+    loss = directional_contrast_loss(a, b, *[r.to(dev) for r in rest], backend=backend, **kw)
+    ga, gb = torch.autograd.grad(loss, [a, b])
+    return loss.detach().cpu(), ga.cpu(), gb.cpu()
+
+
+def test_hand_computed_two_pixels():
+    """Pixel 0: view 2 confident (0.9 > 0.75) and surer than view 1 -> term 1; pixel 1: view 1
+    surer -> term 2. Negatives of the anchor's own pseudo-label are filtered out."""
+    f1 = torch.tensor([[1.0, 0.0], [0.0, 1.0]], dtype=torch.float64)
+    f2 = torch.tensor([[0.6, 0.8], [0.8, 0.6]], dtype=torch.float64)
+    p = torch.log(torch.tensor([[0.6, 0.4], [0.95, 0.05]]))          # view 1: c = 0.6, 0.95
+    q = torch.log(torch.tensor([[0.9, 0.1], [0.2, 0.8]]))            # view 2: c = 0.9, 0.8
+    bank = torch.tensor([[0.0, 1.0], [1.0, 0.0], [-1.0, 0.0]], dtype=torch.float64)
+    lab = torch.tensor([1, 0, 1])
+    t = 0.5
+    # term 1, pixel 0: anchor f1_0 (label 0), positive f2_0, negatives of label != 0: rows 0, 2
+    s_pos, s_neg = 0.6 / t, torch.tensor([0.0, -1.0]) / t
+    l1 = -(s_pos - torch.logsumexp(torch.cat([torch.tensor([s_pos]), s_neg]), 0))
+    # term 2, pixel 1: anchor f2_1 (label 1), positive f1_1, negatives label != 1: row 1
+    s_pos2, s_neg2 = 0.6 / t, torch.tensor([0.8]) / t
+    l2 = -(s_pos2 - torch.logsumexp(torch.cat([torch.tensor([s_pos2]), s_neg2]), 0))
+    for be in ("reference", "native"):
+        loss = directional_contrast_loss(f1, f2, p, q, bank, lab, temperature=t, backend=be)
+        assert abs(loss.item() - (l1 + l2).item()) < 1e-6            # expected built in fp32
+        per = directional_contrast_loss(f1, f2, p, q, bank, lab, temperature=t, backend=be,
+                                        reduction="none")
+        assert per[0, 1] == 0 and per[1, 0] == 0                   # masks: one term each
+
+
+def test_directional_mask_rules():
+    c = torch.tensor([0.8, 0.8, 0.7, 0.9])
+    other = torch.tensor([0.9, 0.8, 0.74, 0.76])
+    assert ref.directional_mask(c, other, 0.75).tolist() == [True, False, False, False]
+
+
+def test_negative_filter_uses_the_anchors_label():
+    f1, f2, l1, l2, bank, lab = case(seed=1)
+    base = directional_contrast_loss(f1, f2, l1, l2, bank, lab, backend="reference",
+                                     reduction="none")
+    swapped = directional_contrast_loss(f1, f2, l1, l2 + 0.0, bank, lab, backend="reference",
+                                        reduction="none", pos_threshold=0.75)
+    assert torch.equal(base, swapped)
+    # give view 1's logits a different argmax but the same maximum: term 1 changes
+    l1b = l1.clone()
+    i = l1b.argmax(1)
+    l1b[torch.arange(len(i)), (i + 1) % l1.shape[1]] = l1b.max(1).values
+    l1b[torch.arange(len(i)), i] = l1b.min(1).values - 1
+    changed = directional_contrast_loss(f1, f2, l1b, l2, bank, lab, backend="reference",
+                                        reduction="none")
+    sel = base[0] != 0
+    assert sel.any() and not torch.allclose(changed[0][sel], base[0][sel])
+
+
+@pytest.mark.parametrize("backend", ["native", TRITON])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("shape", [(40, 300, 16, 5), (7, 1000, 24, 3), (65, 90, 8, 21)], ids=str)
+def test_fused_matches_reference(backend, dtype, shape):
+    n, N, D, C = shape
+    data = case(n, N, D, C, seed=sum(shape), dtype=dtype)
+    want = run("reference", *data, pos_threshold=0.5)
+    got = run(backend, *data, pos_threshold=0.5)
+    tol = 1e-10 if dtype == torch.float64 else 1e-5
+    for a, b, what in zip(got, want, ("loss", "grad f1", "grad f2")):
+        assert_close(a, b, rtol=tol, atol=tol, what=what)
+
+
+def test_gradients_reach_only_the_anchor_side():
+    """Term 1 sends no gradient to f2 (stop-gradient target), term 2 none to f1; the bank gets
+    none."""
+    f1, f2, l1, l2, bank, lab = case(seed=3)
+    f1.requires_grad_()
+    f2.requires_grad_()
+    bank.requires_grad_()
+    for be in ("reference", "native"):
+        per = directional_contrast_loss(f1, f2, l1, l2, bank, lab, backend=be, reduction="none",
+                                        pos_threshold=0.5)
+        g1 = torch.autograd.grad(per[0].sum(), [f1, f2, bank], allow_unused=True,
+                                 retain_graph=True)
+        assert g1[0].abs().sum() > 0 and g1[1].abs().sum() == 0
+        assert g1[2] is None or g1[2].abs().sum() == 0
+        g2 = torch.autograd.grad(per[1].sum(), [f1, f2], allow_unused=True)
+        assert g2[0].abs().sum() == 0 and g2[1].abs().sum() > 0
+
+
+@pytest.mark.parametrize("backend", ["reference", "native"])
+def test_gradcheck_term_of_each_view(backend):
+    """With the target held fixed (it is stop-gradient), each term's autograd gradient is its
+    true derivative w.r.t. its anchor view."""
+    f1, f2, l1, l2, bank, lab = case(6, 20, 3, 3, seed=4)
+    assert torch.autograd.gradcheck(
+        lambda a: directional_contrast_loss(a, f2, l1, l2, bank, lab, backend=backend,
+                                            pos_threshold=0.4, reduction="none")[0],
+        (f1.clone().requires_grad_(),))
+    assert torch.autograd.gradcheck(
+        lambda b: directional_contrast_loss(f1, b, l1, l2, bank, lab, backend=backend,
+                                            pos_threshold=0.4, reduction="none")[1],
+        (f2.clone().requires_grad_(),))
+
+
+def test_official_numerics_close_on_random_features_and_where_they_differ():
+    """Random unit features: the official arithmetic is within 5e-2 of the exact loss (the eps
+    terms matter as a pixel's loss nears 18.4; 0.028 on this case). Constructed cases where it matters: (1) an anchor
+    anti-aligned with its positive and aligned with its negatives at t = 0.05: the exact pixel
+    loss is about 40, the official one saturates at -log(1e-8) = 18.4; (2) at t = 0.01 a bank
+    column past the first 8000 far above their maximum: the official value overflows to inf in
+    fp32, the exact one is finite."""
+    f1, f2, l1, l2, bank, lab = case(200, 9000, 16, 5, seed=5, dtype=torch.float32)
+    exact = directional_contrast_loss(f1, f2, l1, l2, bank, lab)
+    official = directional_contrast_loss(f1, f2, l1, l2, bank, lab, official_numerics=True)
+    assert abs(exact.item() - official.item()) < 5e-2
+    sure = torch.tensor([[0.0, 5.0], [0.0, 5.0]])
+    unsure = torch.zeros(2, 2)
+    e = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    bank = torch.tensor([[1.0, 0.0]] * 10)
+    labels = torch.ones(10, dtype=torch.long)       # the anchors' label is 0 (argmax of a tie)
+    kw = dict(temperature=0.05)
+    exact = directional_contrast_loss(e, -e, unsure, sure, bank, labels, **kw)
+    official = directional_contrast_loss(e, -e, unsure, sure, bank, labels,
+                                         official_numerics=True, **kw)
+    want = -(-20.0 - math.log(math.exp(-20.0) + 10 * math.exp(20.0)))
+    assert abs(exact.item() - want) < 1e-4 and exact.item() > 40
+    assert abs(official.item() + math.log(1e-8)) < 1e-3
+    bank = torch.cat([torch.tensor([[-1.0, 0.0]] * 8000), torch.tensor([[1.0, 0.0]])])
+    labels = torch.ones(8001, dtype=torch.long)
+    kw = dict(temperature=0.01)
+    exact = directional_contrast_loss(-e, e, unsure, sure, bank, labels, **kw)
+    official = directional_contrast_loss(-e, e, unsure, sure, bank, labels,
+                                         official_numerics=True, **kw)
+    assert torch.isfinite(exact) and not torch.isfinite(official)
+
+
+@pytest.mark.parametrize("backend", ["reference", "native", TRITON])
+def test_nothing_selected_is_connected_zero(backend):
+    f1, f2, l1, l2, bank, lab = case(seed=6)
+    loss, g1, g2 = run(backend, f1, f2, l1, l2, bank, lab, pos_threshold=0.999999)
+    assert loss.item() == 0.0 and g1.abs().sum() == 0 and g2.abs().sum() == 0
+    a = f1.clone().requires_grad_()
+    out = directional_contrast_loss(a, f2, l1, l2, bank, lab, pos_threshold=0.999999,
+                                    backend="native" if backend != "reference" else backend)
+    assert out.requires_grad
+
+
+BAD = [
+    ("feat2 shape", dict(feat2=torch.zeros(3, 16, dtype=torch.float64)), ValueError, "feat2"),
+    ("logits rows", dict(logits1=torch.zeros(3, 5)), ValueError, "logits1"),
+    ("bank D", dict(negatives=torch.zeros(9, 4, dtype=torch.float64),
+                    negative_labels=torch.zeros(9, dtype=torch.long)), ValueError, "negatives"),
+    ("labels len", dict(negative_labels=torch.zeros(2, dtype=torch.long)), ValueError,
+     "negative_labels"),
+    ("labels dtype", dict(negative_labels=torch.zeros(300)), TypeError, "negative_labels"),
+    ("threshold", dict(pos_threshold=1.5), ValueError, "pos_threshold"),
+    ("reduction", dict(reduction="sum"), ValueError, "reduction"),
+    ("official fused", dict(official_numerics=True, backend="native"), NotImplementedError,
+     "official_numerics"),
+]
+
+
+@pytest.mark.parametrize("name,override,exc,msg", BAD, ids=[b[0] for b in BAD])
+def test_bad_input_messages(name, override, exc, msg):
+    f1, f2, l1, l2, bank, lab = case()
+    kw = dict(feat1=f1, feat2=f2, logits1=l1, logits2=l2, negatives=bank, negative_labels=lab)
+    kw.update(override)
+    args = [kw.pop(k) for k in ("feat1", "feat2", "logits1", "logits2", "negatives",
+                                "negative_labels")]
+    with pytest.raises(exc, match=msg):
+        directional_contrast_loss(*args, **kw)
+
+
+# --- geometry ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("size", [(375, 500, 320), (1024, 2048, 720), (200, 250, 320)])
+def test_crops_geometry(size):
+    """Offsets on the stride grid, IoU in bounds (or the fallback crop 2 = crop 1), boxes of
+    equal size on the stride grid, mapping to the same image pixels, inside the unpadded image."""
+    h, w, crop = size
+    for seed in range(200):
+        c = overlapping_crops(h, w, crop, seed=seed)
+        assert c == overlapping_crops(h, w, crop, seed=seed)          # deterministic
+        (y1, x1), (y2, x2) = c.origin1, c.origin2
+        assert (y2 - y1) % 8 == 0 and (x2 - x1) % 8 == 0
+        assert 0.1 <= c.iou <= 1.0
+        t1, l1, b1, r1 = c.box1
+        t2, l2, b2, r2 = c.box2
+        assert all(v % 8 == 0 for v in c.box1 + c.box2)
+        assert (b1 - t1, r1 - l1) == (b2 - t2, r2 - l2) and b1 > t1 and r1 > l1
+        assert (y1 + t1, x1 + l1) == (y2 + t2, x2 + l2)                # same image pixel
+        assert y1 + b1 <= max(h, crop) and x1 + r1 <= max(w, crop)
+        assert y1 + b1 <= (h // 8) * 8 or h >= crop
+
+
+def test_crops_fallback_and_errors():
+    c = overlapping_crops(400, 400, 320, iou_bound=(0.99, 0.995), max_tries=3, seed=0)
+    if c.origin1 != c.origin2:
+        assert 0.99 <= c.iou <= 0.995
+    else:
+        assert c.iou == 1.0
+    with pytest.raises(ValueError, match="multiple of stride"):
+        overlapping_crops(400, 400, 321)
+    with pytest.raises(ValueError, match="iou_bound"):
+        overlapping_crops(400, 400, 320, iou_bound=(0.5, 0.2))
+
+
+def test_overlap_rows_map_the_same_pixels_with_flips():
+    """A coordinate image: each feature holds its image (row, col); after cutting, row j of
+    both views holds the same image pixel, flips undone."""
+    crop, stride = 64, 8
+    for seed in range(20):
+        c = overlapping_crops(100, 120, crop, stride=stride, seed=seed)
+        maps, flips = [], [bool(seed % 2), bool(seed % 3 == 0)]
+        for (oy, ox), flip in zip((c.origin1, c.origin2), flips):
+            ys = torch.arange(0, crop, stride) + oy
+            xs = torch.arange(0, crop, stride) + ox
+            m = torch.stack(torch.meshgrid(ys, xs, indexing="ij")).float()[None]
+            maps.append(m.flip(-1) if flip else m)
+        r1, r2 = overlap_rows(maps[0], maps[1], torch.tensor([c.box1]), torch.tensor([c.box2]),
+                              torch.tensor([flips[0]]), torch.tensor([flips[1]]), stride=stride)
+        assert r1.shape[0] > 0 and torch.equal(r1, r2)
+
+
+# --- bank and module --------------------------------------------------------------------------
+def test_negative_bank_keeps_last_steps_oldest_first():
+    bank = NegativeBank(step_save=1)
+    with pytest.raises(RuntimeError, match="empty"):
+        bank.negatives()
+    for step in range(3):
+        f = torch.full((1, 4, 2, 3), float(step))
+        bank.update(f, f + 0.5, torch.zeros(1, 2, 3, dtype=torch.long),
+                    torch.ones(1, 2, 3, dtype=torch.long))
+    feats, labels = bank.negatives()
+    assert len(bank) == 2 and feats.shape == (24, 4)
+    assert feats[:, 0].tolist() == [1.0] * 6 + [1.5] * 6 + [2.0] * 6 + [2.5] * 6
+    assert labels.tolist() == ([0] * 6 + [1] * 6) * 2
+    other = NegativeBank(step_save=5)
+    other.load_state_dict(bank.state_dict())
+    assert other.step_save == 1 and torch.equal(other.negatives()[0], feats)
+
+
+def test_negative_bank_subsample_and_validation():
+    bank = NegativeBank(step_save=0, selected_num=4)
+    f = torch.randn(1, 3, 2, 3)
+    lab = torch.arange(6).view(1, 2, 3)
+    bank.update(f, f, lab, lab, seed=1)
+    feats, labels = bank.negatives()
+    rows = f.permute(0, 2, 3, 1).reshape(6, 3)
+    assert feats.shape == (8, 3) and len(set(labels[:4].tolist())) == 4
+    assert torch.equal(feats[:4], rows[labels[:4]])                   # rows keep their labels
+    before = [t.clone() for t in bank.negatives()]
+    for bad in ((f, f, lab[:, :1], lab), (f, f[:, :2], lab, lab)):
+        with pytest.raises((ValueError, TypeError)):
+            bank.update(*bad)
+        assert all(torch.equal(a, b) for a, b in zip(bank.negatives(), before))
+    with pytest.raises(ValueError, match="selected_num"):
+        NegativeBank(selected_num=10).update(f, f, lab, lab)
+
+
+def test_module_end_to_end_backward():
+    torch.manual_seed(0)
+    crit, bank = DirectionalContrastLoss(16, 8, pos_threshold=0.3), NegativeBank(1)
+    enc1 = torch.randn(2, 16, 8, 8, requires_grad=True)
+    enc2 = torch.randn(2, 16, 8, 8, requires_grad=True)
+    lg1, lg2 = torch.randn(2, 4, 8, 8) * 3, torch.randn(2, 4, 8, 8) * 3
+    crops = [overlapping_crops(80, 90, 64, seed=s) for s in range(2)]
+    loss = crit(enc1, enc2, lg1, lg2, torch.tensor([c.box1 for c in crops]),
+                torch.tensor([c.box2 for c in crops]), torch.tensor([True, False]),
+                torch.tensor([False, True]), bank)
+    loss.backward()
+    assert loss.item() > 0 and enc1.grad.abs().sum() > 0 and enc2.grad.abs().sum() > 0
+    assert len(bank) == 1 and bank.negatives()[0].shape == (2 * 2 * 64, 8)
+    assert crit.weight == 0.1
