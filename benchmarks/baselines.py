@@ -82,3 +82,47 @@ def contrastiveseg_official_style(emb, labels, predict, *, ignore_index=255, max
     log_prob = logits - torch.log(exp_logits + neg_mass)
     mean_pos = (positives * log_prob).sum(dim=1) / positives.sum(dim=1)
     return -(temperature / base_temperature) * mean_pos.mean()
+
+
+# --- CAC (specs/cac.md §5-§7, cost profile §11) ----------------------------------------------
+def _cac_chunk_sums(anchor, keys, key_labels, anchor_labels, pos, stabiliser, temperature):
+    """One bank chunk: masked exp-sum of the logits under the given stabiliser (a float mask of
+    the chunk's size, as the official code builds it)."""
+    logits = anchor @ keys.T / temperature
+    mask = (key_labels[None, :] != anchor_labels[:, None]).float()
+    return (torch.exp(logits - stabiliser[:, None]) * mask).sum(dim=1)
+
+
+def _cac_first_chunk(anchor, keys, key_labels, anchor_labels, pos, temperature):
+    logits = anchor @ keys.T / temperature
+    full = torch.cat([pos[:, None], logits], dim=1)
+    m = full.max(dim=1).values
+    mask = torch.cat([torch.ones_like(pos)[:, None],
+                      (key_labels[None, :] != anchor_labels[:, None]).float()], dim=1)
+    return (torch.exp(full - m[:, None]) * mask).sum(dim=1), m
+
+
+def cac_official_style(feat1, feat2, logits1, logits2, negatives, negative_labels, *,
+                       pos_threshold=0.75, temperature=0.1, chunk=8000):
+    """CAC's loss with the official cost structure: for each direction, the bank streamed in
+    ``chunk``-column blocks, each block's logits, float mask and exponentials materialised
+    inside torch.utils.checkpoint (recomputed in backward), the first block's maximum as the
+    stabiliser, 1e-8 inside and outside the log."""
+    from torch.utils.checkpoint import checkpoint
+    p1, p2 = torch.softmax(logits1.detach(), 1), torch.softmax(logits2.detach(), 1)
+    c1, y1 = p1.max(dim=1)
+    c2, y2 = p2.max(dim=1)
+    bank = negatives.detach()
+    total = 0.0
+    for fa, ft, ya, ca, ct in ((feat1, feat2, y1, c1, c2), (feat2, feat1, y2, c2, c1)):
+        pos = (fa * ft.detach()).sum(dim=1) / temperature
+        den, m = checkpoint(_cac_first_chunk, fa, bank[:chunk], negative_labels[:chunk], ya,
+                            pos, temperature, use_reentrant=False)
+        for s in range(chunk, bank.shape[0], chunk):
+            den = den + checkpoint(_cac_chunk_sums, fa, bank[s:s + chunk],
+                                   negative_labels[s:s + chunk], ya, pos, m, temperature,
+                                   use_reentrant=False)
+        ell = -torch.log(torch.exp(pos - m) / (den + 1e-8) + 1e-8)
+        d = ((ct > pos_threshold) & (ca < ct)).float()
+        total = total + (ell * d).sum() / (d.sum() + 1e-12)
+    return total

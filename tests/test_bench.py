@@ -97,3 +97,42 @@ def test_bench_contrastiveseg_tiny_writes_results(tmp_path):
     assert [r["provider"] for r in dense] == ["native", "fused"]
     assert dense[0]["loss"] == pytest.approx(dense[1]["loss"], rel=1e-5)
     assert sorted(p.suffix for p in tmp_path.iterdir()) == [".json", ".json", ".md", ".md"]
+
+
+def test_cac_official_style_baseline_is_the_official_arithmetic():
+    """The chunked, checkpointed baseline equals the reference with official_numerics (one chunk
+    of 8000 and several of 300), and its gradients too."""
+    import torch.nn.functional as F
+
+    from pixcon.reference import cac as ref
+    base = _bench_module("baselines")
+    g = torch.Generator().manual_seed(1)
+    f1 = F.normalize(torch.randn(30, 8, generator=g, dtype=torch.float64), dim=1)
+    f2 = F.normalize(torch.randn(30, 8, generator=g, dtype=torch.float64), dim=1)
+    l1, l2 = 3 * torch.randn(30, 4, generator=g), 3 * torch.randn(30, 4, generator=g)
+    bank = F.normalize(torch.randn(1000, 8, generator=g, dtype=torch.float64), dim=1)
+    lab = torch.randint(0, 4, (1000,), generator=g)
+    for chunk in (8000, 300):
+        a, b = f1.clone().requires_grad_(), f2.clone().requires_grad_()
+        want = ref.directional_contrast_loss(a, b, l1, l2, bank, lab, pos_threshold=0.5,
+                                             official_numerics=True) if chunk == 8000 else None
+        got = base.cac_official_style(a, b, l1, l2, bank, lab, pos_threshold=0.5, chunk=chunk)
+        if want is not None:
+            assert got.item() == pytest.approx(want.item(), rel=1e-12)
+            ga = torch.autograd.grad(got, [a, b])
+            gw = torch.autograd.grad(want, [a, b])
+            assert all(torch.allclose(x, y, atol=1e-12) for x, y in zip(ga, gw))
+        else:     # smaller chunks only change the stabiliser: the value within eps effects
+            assert got.item() == pytest.approx(want_8000, rel=1e-3)
+        want_8000 = got.item()
+
+
+@pytest.mark.interpret
+def test_bench_cac_tiny_writes_results(tmp_path):
+    mod = _bench_module("bench_cac")
+    rows = mod.run("tiny", device="cpu", reps=1, out=str(tmp_path), verbose=False)
+    by = {r["provider"]: r for r in rows}
+    assert list(by) == list(mod.PROVIDERS)
+    assert by["native"]["loss"] == pytest.approx(by["reference"]["loss"], rel=1e-5)
+    assert by["fused"]["loss"] == pytest.approx(by["reference"]["loss"], rel=1e-5)
+    assert sorted(p.suffix for p in tmp_path.iterdir()) == [".json", ".md"]
