@@ -550,8 +550,9 @@ def main(argv=None) -> int:
                f"for errors only (no GPU runs them). Spill B = ptxas spill stores + loads. "
                f"Occupancy is theoretical (registers, shared memory, warps). `16-B loads`: "
                f"ld.global.v4 of 32-bit or .v2 of 64-bit words in the PTX. fp32 dots are exact "
-               f"(`input_precision=\"ieee\"`, FMA units, never TF32); only fp64 dots use "
-               f"tensor cores (the fp64 `mma`).")
+               f"(`input_precision=\"ieee\"`, FMA units, never TF32) in the ReCo and "
+               f"Contextrast kernels; the tiled contrast (`tiled.py`) uses tensor cores, fp32 "
+               f"through 3xTF32.")
         with open(a.table, "w") as f:
             f.write(markdown(rows, hdr))
     if a.json:
