@@ -302,3 +302,29 @@ def test_module_end_to_end_backward():
     assert loss.item() > 0 and enc1.grad.abs().sum() > 0 and enc2.grad.abs().sum() > 0
     assert len(bank) == 1 and bank.negatives()[0].shape == (2 * 2 * 64, 8)
     assert crit.weight == 0.1
+
+
+def _bank_worker(rank, world, init, out):
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        bank = NegativeBank(step_save=0)
+        f = torch.full((1, 2, 2, 2), float(rank))
+        lab = torch.full((1, 2, 2), rank, dtype=torch.long)
+        bank.update(f, f + 10, lab, lab + 10)
+        feats, labels = bank.negatives()
+        torch.save((feats, labels), f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_negative_bank_all_gathers_across_ranks(tmp_path):
+    """Two gloo processes: both hold the same bank, rank 0's rows first, then rank 1's."""
+    import torch.multiprocessing as mp
+    init = f"file://{tmp_path / 'init'}"
+    out = str(tmp_path / "bank")
+    mp.spawn(_bank_worker, args=(2, init, out), nprocs=2, join=True)
+    b0, b1 = torch.load(f"{out}.0"), torch.load(f"{out}.1")
+    assert torch.equal(b0[0], b1[0]) and torch.equal(b0[1], b1[1])
+    assert b0[0][:, 0].tolist() == [0.0] * 4 + [10.0] * 4 + [1.0] * 4 + [11.0] * 4
+    assert b0[1].tolist() == [0] * 4 + [10] * 4 + [1] * 4 + [11] * 4
