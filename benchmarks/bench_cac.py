@@ -62,15 +62,9 @@ def run(size="cpu", providers=PROVIDERS, device=None, reps=3, out=None, verbose=
             return directional_contrast_loss(f1, f2, l1, l2, bank, labels,
                                              backend=BACKEND[provider])
 
-        def step():
-            f1.grad = f2.grad = None
-            loss = loss_fn()
-            loss.backward()
-            return loss
-
-        ms = pb.time_ms(step, device, warmup=1, reps=reps)
-        peak = pb.peak_extra_bytes(step, device)
-        saved = pb.saved_bytes(loss_fn, [f1, f2, l1, l2, bank, labels])
+        step = pb.fwd_bwd_step((f1, f2), loss_fn)
+        ms, peak, saved = pb.measure(step, loss_fn, device, reps,
+                                     [f1, f2, l1, l2, bank, labels])
         rows.append({"op": "directional_contrast_loss", "provider": provider, "size": size,
                      "anchors": n, "negatives": N, "dim": D, "num_classes": C,
                      "loss": float(step().detach()), "fwd_bwd_ms": round(ms, 2),

@@ -82,13 +82,6 @@ def _usable(provider, device, meta):
     return True
 
 
-def measure(step, loss_fn, device, reps, grad_inputs):
-    ms = pb.time_ms(step, device, warmup=1, reps=reps)
-    peak = pb.peak_extra_bytes(step, device)
-    saved = pb.saved_bytes(loss_fn, grad_inputs)
-    return ms, peak, saved
-
-
 def run(size="cpu", providers=PROVIDERS, device=None, reps=3, out=None, verbose=True,
         bank=(False, True)):
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -103,7 +96,7 @@ def run(size="cpu", providers=PROVIDERS, device=None, reps=3, out=None, verbose=
             if verbose:
                 print(f"[{size} bank={use_bank}] {provider} ...", file=sys.stderr, flush=True)
             loss_fn, step = make_step(provider, emb, labels, pred, queue, M, V, use_bank)
-            ms, peak, saved = measure(step, loss_fn, device, reps, [emb, labels, pred, queue])
+            ms, peak, saved = pb.measure(step, loss_fn, device, reps, [emb, labels, pred, queue])
             rows.append({
                 "op": "pixel_contrast_loss", "provider": provider, "size": size,
                 "bank": f"{C}x{2 * R}" if use_bank else "none", "shape": [B, D, h, w],

@@ -93,15 +93,24 @@ def peak_extra_bytes(fn, device: torch.device) -> int | None:
     return torch.cuda.max_memory_allocated(device) - base
 
 
-def fwd_bwd_step(param: torch.Tensor, loss_fn):
-    """A step that clears param's gradient, evaluates loss_fn() and backpropagates; returns the
-    loss."""
+def fwd_bwd_step(params, loss_fn):
+    """A step that clears the gradients of params (a tensor or a sequence of them), evaluates
+    loss_fn() and backpropagates; returns the loss."""
+    params = [params] if torch.is_tensor(params) else list(params)
+
     def step():
-        param.grad = None
+        for p in params:
+            p.grad = None
         loss = loss_fn()
         loss.backward()
         return loss
     return step
+
+
+def measure(step, loss_fn, device: torch.device, reps: int, inputs):
+    """(median fwd+bwd ms, peak extra bytes, bytes saved for backward beyond ``inputs``)."""
+    return (time_ms(step, device, warmup=1, reps=reps), peak_extra_bytes(step, device),
+            saved_bytes(loss_fn, inputs))
 
 
 def title(op: str, m: dict) -> str:
