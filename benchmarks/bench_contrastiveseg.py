@@ -64,7 +64,8 @@ def make_step(provider, emb, labels, pred, queue, M, V, use_bank, seed=0):
     else:
         memory = None
         if use_bank:
-            memory = (queue.reshape(-1, D), torch.arange(C, device=queue.device).repeat_interleave(R2))
+            labels_k = torch.arange(C, device=queue.device).repeat_interleave(R2)
+            memory = (queue.reshape(-1, D), labels_k)
 
         def loss_fn():
             return pixel_contrast_loss(emb, labels, pred, max_samples=M, max_views=V,
