@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .. import distributed as dist
 from ..ops import _common as chk
 from ..ops import directional_contrast_loss, overlap_rows
 from ..reference.rng import draw_seed, philox4x32
@@ -18,16 +19,21 @@ class NegativeBank(torch.nn.Module):
     ``update`` takes both views' full projected maps and pseudo-labels, keeps ``selected_num``
     pixels per view (uniform without replacement; None = all, which is what the shipped configs
     amount to), detaches them and, when torch.distributed is initialised, all-gathers them so
-    every rank holds the same bank (the official code requires a process group; this one works
-    without). Everything is checked before the bank changes. ``state_dict()`` holds the entries;
+    every rank holds the same bank, rank 0's rows first (``cross_rank=True``, the default: the
+    official code gathers too, and requires a process group; this one works without;
+    ``cross_rank=False`` keeps each rank's own rows; ``group``: the process group, default the
+    world). Everything is checked before the bank changes, on every rank together: bad input on
+    one rank raises on all of them instead of leaving them waiting in the gather. ``state_dict()`` holds the entries;
     ``.to()`` moves them.
 
     >>> bank = NegativeBank(step_save=1)
     >>> loss = directional_contrast_loss(f1, f2, lg1, lg2, *bank.negatives(), ...)  # after update
     """
 
-    def __init__(self, step_save: int = 1, selected_num: int | None = None):
+    def __init__(self, step_save: int = 1, selected_num: int | None = None, *,
+                 cross_rank: bool = True, group=None):
         super().__init__()
+        self.cross_rank, self.group = bool(cross_rank), group
         if isinstance(step_save, bool) or not isinstance(step_save, int) or step_save < 0:
             raise ValueError(f"NegativeBank: step_save must be an int >= 0, got {step_save!r}")
         if selected_num is not None:
@@ -58,10 +64,8 @@ class NegativeBank(torch.nn.Module):
                              f"than the {rows.shape[0]} pixels of {name}")
         return rows, labels.reshape(-1)
 
-    @torch.no_grad()
-    def update(self, feat1, feat2, labels1, labels2, *, seed: int | None = None):
-        """Add one step: feat1/feat2 (B, D, h, w) full projected maps (or (P, D) rows) of the
-        two views, labels1/labels2 their pseudo-labels (B, h, w) (or (P,))."""
+    def _check_update(self, feat1, feat2, labels1, labels2):
+        """Validated rows; the shapes every rank must share."""
         r1, y1 = self._rows("feat1", feat1, labels1)
         r2, y2 = self._rows("feat2", feat2, labels2)
         if r1.shape[1] != r2.shape[1] or r1.device != r2.device:
@@ -69,10 +73,28 @@ class NegativeBank(torch.nn.Module):
         if self.entries and self.entries[0][0].shape[1] != r1.shape[1]:
             raise ValueError(f"NegativeBank.update: features have D = {r1.shape[1]}, the bank "
                              f"{self.entries[0][0].shape[1]}")
+        return (r1, y1), (r2, y2)
+
+    @torch.no_grad()
+    def update(self, feat1, feat2, labels1, labels2, *, seed: int | None = None):
+        """Add one step: feat1/feat2 (B, D, h, w) full projected maps (or (P, D) rows) of the
+        two views, labels1/labels2 their pseudo-labels (B, h, w) (or (P,)). Under
+        torch.distributed every rank must call it with the same shapes; bad input on one rank
+        raises on every rank (pixcon.distributed.agree) before anything is gathered."""
+        views = []
+
+        def check():
+            views[:] = self._check_update(feat1, feat2, labels1, labels2)
+            return (*views[0][0].shape, *views[1][0].shape)
+
+        if self.cross_rank:
+            dist.checked("NegativeBank.update", check, group=self.group)
+        else:
+            check()
         parts = []
         if self.selected_num is not None:
             seed = draw_seed(seed)
-        for v, (r, y) in enumerate(((r1, y1), (r2, y2))):
+        for v, (r, y) in enumerate(views):
             if self.selected_num is not None:          # smallest Philox keys: without replacement
                 counter = torch.arange(r.shape[0], device=r.device) + v * r.shape[0]
                 key = philox4x32(counter, seed, STREAM_NEGATIVE_BANK)[:, 0]
@@ -81,7 +103,8 @@ class NegativeBank(torch.nn.Module):
             parts.append((r.detach(), y.to(torch.int64)))
         feats = torch.cat([p[0] for p in parts])
         labels = torch.cat([p[1] for p in parts])
-        feats, labels = _all_gather(feats), _all_gather(labels)
+        if self.cross_rank:
+            feats, labels = dist.gather_many(feats, labels, group=self.group)
         self.entries.append((feats, labels))
         del self.entries[:-(self.step_save + 1)]
 
@@ -96,16 +119,6 @@ class NegativeBank(torch.nn.Module):
     def _apply(self, fn, *args, **kwargs):
         self.entries = [(fn(f), fn(y)) for f, y in self.entries]
         return super()._apply(fn, *args, **kwargs)
-
-
-def _all_gather(x):
-    """All ranks' x concatenated in rank order (x itself without a process group)."""
-    import torch.distributed as dist
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return x
-    out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-    dist.all_gather(out, x.contiguous())
-    return torch.cat(out)
 
 
 class DirectionalContrastLoss(torch.nn.Module):

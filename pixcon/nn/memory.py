@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .. import distributed as dist
 from ..ops import _common as chk
 from ..reference import common as cm
 from ..reference.rng import draw_seed, philox4x32
@@ -33,6 +34,13 @@ class PixelMemoryBank(torch.nn.Module):
     (as the official code does), with write pointers (C,). Buffers: moves with ``.to()``, saved
     in ``state_dict()``. Keys carry no gradient.
 
+    Under torch.distributed (``cross_rank=True``, the default) ``update`` all-gathers the keys
+    and labels of every rank and enqueues the global batch in rank order, with a seed agreed
+    across ranks, so every rank holds the same bank (the official code keeps only what each
+    rank writes itself, and its ranks drift apart); ``cross_rank=False`` enqueues each rank's
+    own batch. ``group``: the process group (default the world). Without a process group both are
+    the single-process bank.
+
     >>> bank = PixelMemoryBank(num_classes=19, dim=256, memory_size=5000)
     >>> loss = pixel_contrast_loss(emb, labels, pred, memory=bank, max_views=1)
     >>> bank.update(emb.detach(), labels)          # after the loss, before the next step
@@ -40,8 +48,11 @@ class PixelMemoryBank(torch.nn.Module):
 
     def __init__(self, num_classes: int, dim: int = 256, memory_size: int = 5000,
                  pixel_update_freq: int = 10, *, ignore_index: int = 255,
-                 label_stride: int | None = None, official=()):
+                 label_stride: int | None = None, official=(), cross_rank: bool = True,
+                 group=None):
         super().__init__()
+        self.cross_rank, self.group = bool(cross_rank), group
+        self._synced = False
         chk.check_positive_int("num_classes", num_classes)
         chk.check_positive_int("dim", dim)
         chk.check_positive_int("memory_size", memory_size)
@@ -102,27 +113,23 @@ class PixelMemoryBank(torch.nn.Module):
         checked before anything is written: a failing call leaves the bank unchanged (the
         queues are then written in place, no copy of the bank). A loop
         over the B images, vectorised over classes, with no host sync."""
-        chk.check_tensor("keys", keys, ndim=4, dtypes=chk.FLOAT_DTYPES, kind="(B, D, h, w)")
-        B, D, h, w = keys.shape
-        if D != self.dim:
-            raise ValueError(f"PixelMemoryBank.update: keys have D = {D}, the bank {self.dim}")
-        if keys.device != self.pixel_queue.device:
-            raise ValueError(f"PixelMemoryBank.update: keys are on {keys.device}, the bank on "
-                             f"{self.pixel_queue.device} (move it with .to())")
-        chk.check_tensor("labels", labels, ndim=3, dtypes=chk.INT_DTYPES, device=keys.device,
-                         kind="(B, H, W)")
-        if labels.shape[0] != B or labels.shape[1] < h or labels.shape[2] < w:
-            raise ValueError(f"PixelMemoryBank.update: labels must be (B, H, W) with B = {B} and "
-                             f"H, W at least ({h}, {w}), got {tuple(labels.shape)}")
-        R, freq, C = self.memory_size, self.pixel_update_freq, self.num_classes
-        if B * freq > R:
-            raise ValueError(f"PixelMemoryBank.update: a batch of {B} images may enqueue {B} x "
-                             f"pixel_update_freq = {B * freq} pixels per class, more than "
-                             f"memory_size = {R}")
-        if chk.want_value_checks(check_values, keys.device):
-            if not bool(torch.isfinite(keys).all()):
-                raise ValueError("PixelMemoryBank.update: keys contain NaN or Inf")
+        op = "PixelMemoryBank.update"
+
+        def check():
+            self._check_update(keys, labels, check_values)
+            return (*keys.shape, *labels.shape)
+
         seed = draw_seed(seed)
+        if self.cross_rank:                    # every rank enqueues the whole global batch
+            seed = dist.checked(op, check, seed=seed, group=self.group)
+            keys, labels = dist.gather_many(keys, labels, group=self.group)
+            if not self._synced:           # the random initial queues: rank 0's everywhere
+                dist.broadcast_state(self, group=self.group)
+                self._synced = True
+        else:
+            check()
+        B, D, h, w = keys.shape
+        R, freq, C = self.memory_size, self.pixel_update_freq, self.num_classes
         lab = self._labels(labels, B, h, w)                                  # (B, hw)
         x = keys.detach().permute(0, 2, 3, 1).reshape(B, h * w, D).to(self.pixel_queue.dtype)
         cls = torch.arange(C, device=keys.device)
@@ -158,6 +165,29 @@ class PixelMemoryBank(torch.nn.Module):
             pix_p = torch.where(K > 0, (pix_p + step) % R, pix_p)
         self.segment_ptr.copy_(seg_p)
         self.pixel_ptr.copy_(pix_p)
+
+    def _check_update(self, keys, labels, check_values):
+        chk.check_tensor("keys", keys, ndim=4, dtypes=chk.FLOAT_DTYPES, kind="(B, D, h, w)")
+        B, D, h, w = keys.shape
+        if D != self.dim:
+            raise ValueError(f"PixelMemoryBank.update: keys have D = {D}, the bank {self.dim}")
+        if keys.device != self.pixel_queue.device:
+            raise ValueError(f"PixelMemoryBank.update: keys are on {keys.device}, the bank on "
+                             f"{self.pixel_queue.device} (move it with .to())")
+        chk.check_tensor("labels", labels, ndim=3, dtypes=chk.INT_DTYPES, device=keys.device,
+                         kind="(B, H, W)")
+        if labels.shape[0] != B or labels.shape[1] < h or labels.shape[2] < w:
+            raise ValueError(f"PixelMemoryBank.update: labels must be (B, H, W) with B = {B} and "
+                             f"H, W at least ({h}, {w}), got {tuple(labels.shape)}")
+        R, freq = self.memory_size, self.pixel_update_freq
+        B *= dist.world_size(self.group) if self.cross_rank else 1    # gathered: the global batch
+        if B * freq > R:
+            raise ValueError(f"PixelMemoryBank.update: a batch of {B} images may enqueue {B} x "
+                             f"pixel_update_freq = {B * freq} pixels per class, more than "
+                             f"memory_size = {R}")
+        if chk.want_value_checks(check_values, keys.device):
+            if not bool(torch.isfinite(keys).all()):
+                raise ValueError("PixelMemoryBank.update: keys contain NaN or Inf")
 
     def _choose(self, lb, valid, counts, seed, b, hw):
         """(C, freq) positions in image b of the pixels to enqueue per class (-1 past K): the

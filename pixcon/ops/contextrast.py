@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import distributed as dist
 from ..reference import common as cm
 from ..reference import contextrast as ref
 from . import _common as chk
@@ -98,7 +99,8 @@ def pixel_anchor_loss(embs, labels, pred, *, num_classes: int | None = None,
                       layer_weights=(0.1, 0.3, 0.7, 1.0), temperature: float = 0.1,
                       ks: float = 0.5, ignore_index: int = 255, normalize: bool = True,
                       detach_anchors: bool = False, reading: str = "R1",
-                      backend: str = "auto", check_values: bool | None = None):
+                      cross_rank: bool = False, backend: str = "auto",
+                      check_values: bool | None = None):
     """Contextrast's pixel-anchor loss L_PA with BANE negatives (specs/contextrast.md §2-5).
 
     Args:
@@ -115,6 +117,11 @@ def pixel_anchor_loss(embs, labels, pred, *, num_classes: int | None = None,
         normalize: L2-normalise pixel embeddings first (ContrastiveSeg-style head; default).
         detach_anchors: stop gradients through the anchors (default False: they couple layers).
         reading: BANE reading "R1" (default) or "R2", see :func:`bane_negatives`.
+        cross_rank: under torch.distributed, each layer's anchors are the class means of the
+            concatenated batch of all ranks (sums and counts all-reduced; the gradient reaches
+            every rank's pixels), so a class seen on any rank has an anchor everywhere. The
+            negatives, the per-class means and the divisor stay this rank's. Off by default
+            (per-GPU anchors, as the official code); every rank must call the loss when on.
 
     Returns the scalar L_PA (weight it with alpha = 0.1 in the total loss). Classes without
     negatives contribute 0; a layer without valid pixels contributes 0; the result is always
@@ -160,26 +167,30 @@ def pixel_anchor_loss(embs, labels, pred, *, num_classes: int | None = None,
     pred_labels = _pred_labels(pred, C, op)
     kw = dict(w_low=w_low, w_high=w_high, layer_weights=layer_weights, temperature=temperature,
               ks=ks, ignore_index=ignore_index, normalize=normalize,
-              detach_anchors=detach_anchors, reading=reading)
+              detach_anchors=detach_anchors, reading=reading,
+              stats=dist.class_stats if cross_rank else None)
     if be == "reference":
         return ref.pixel_anchor_loss(list(embs), labels, pred_labels, C, **kw)
     return _pa_fused(list(embs), labels, pred_labels, C, **kw)
 
 
 def _pa_fused(embs, labels, pred_labels, C, *, w_low, w_high, layer_weights, temperature, ks,
-              ignore_index, normalize, detach_anchors, reading):
+              ignore_index, normalize, detach_anchors, reading, stats=None):
     from . import _library as lib
     layers, anchors, present = [], [], []
     for emb in embs:
         z, gt, pr = ref.layer_inputs(emb, labels, pred_labels, C, ignore_index, normalize)
         sums, counts = lib.class_sums(z, gt, C)                        # anchors keep their grad
+        layers.append((z, gt, pr, counts, emb.shape))
+        if stats is not None:                                          # over all ranks
+            sums, counts = stats(sums, counts)
         a = sums / counts.clamp(min=1).to(sums.dtype)[:, None]
         anchors.append(a.detach() if detach_anchors else a)
         present.append(counts > 0)
-        layers.append((z, gt, pr, counts, emb.shape))
     fused = ref.fuse_anchors(anchors, present, w_low, w_high)
     total = sum(0.0 * emb.sum() for emb in embs)                       # graph-connected zero
-    for (z, gt, pr, counts, shape), a_hat, pres, lam in zip(layers, fused, present, layer_weights):
+    for (z, gt, pr, counts, shape), a_hat, lam in zip(layers, fused, layer_weights):
+        pres = counts > 0
         B, _, h, w = shape
         sel, err = bane_negatives(gt.view(B, h, w), pr.view(B, h, w), C, ks=ks,
                                   reading=reading, ignore_index=-1, backend="triton")

@@ -11,7 +11,9 @@ and three numbers per anchor, never an anchors x keys matrix.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
+from .. import distributed as dist
 from .. import reference
 from ..reference import common as cm
 from ..reference import contrastiveseg as ref
@@ -218,8 +220,8 @@ def pixel_contrast_loss(emb, labels, predict, *, ignore_index: int = 255, max_sa
 
 
 def dense_contrast_loss(emb, labels, *, ignore_index: int = 255, temperature: float = 0.1,
-                        base_temperature: float = 0.07, backend: str = "auto",
-                        check_values: bool | None = None):
+                        base_temperature: float = 0.07, cross_rank: bool = False,
+                        backend: str = "auto", check_values: bool | None = None):
     """ContrastiveSeg's per-positive supervised contrast over every valid pixel of the batch: no
     sampling, anchors = keys = all pixels, O(N D) memory in forward and backward (tiles,
     recompute; never N x N).
@@ -228,13 +230,29 @@ def dense_contrast_loss(emb, labels, *, ignore_index: int = 255, temperature: fl
     refuses above pixcon.reference.contrastiveseg.DENSE_LIMIT pixel pairs (8192^2); "native"
     (CPU) and "triton" (GPU) run any N whose N x D fits in memory: 131,072 pixels at D = 256
     (8 x 128 x 128) take minutes on 2 CPU cores. Returns the scalar loss (zero, connected to
-    emb's graph, when no pixel has a positive)."""
+    emb's graph, when no pixel has a positive).
+
+    cross_rank: under torch.distributed, the keys are every rank's pixels (all-gathered, with
+    gradient), and the value, the same on every rank, is the loss over the concatenated batch:
+    under DDP the averaged gradient is exactly that loss's gradient. Every rank must pass the
+    same shapes (checked, on every rank together, with the value checks). Off by default (each
+    rank's own pixels)."""
     op = "dense_contrast_loss"
     _check_common(op, emb, labels, ignore_index, temperature, base_temperature)
     B, D, h, w = emb.shape
     be = _backend(backend, emb.device, op)
     lab = cm.pixel_labels(labels, (h, w), LABEL_LIMIT, ignore_index)
-    if chk.want_value_checks(check_values, emb.device):
+    checks = chk.want_value_checks(check_values, emb.device)
+    if cross_rank and dist.is_distributed():
+
+        def check():                      # on every rank together: a failure raises on all
+            _check_values(op, emb, labels, ignore_index)
+            return emb.shape
+
+        if checks:                        # a host sync: with the value checks only
+            dist.checked(op, check)
+        return _dense_cross_rank(emb, lab, temperature, base_temperature, be)
+    if checks:
         _check_values(op, emb, labels, ignore_index)
     if be == "reference":
         return reference.contrastiveseg.dense_contrast_loss(
@@ -246,3 +264,24 @@ def dense_contrast_loss(emb, labels, *, ignore_index: int = 255, temperature: fl
         z = z.to(torch.promote_types(emb.dtype, torch.float32))
     terms, npos = supervised_contrast(z, lab, temperature=temperature, backend=be)
     return ref.mean_over_anchors(terms, npos, lab, temperature / base_temperature)
+
+
+def _dense_cross_rank(emb, lab, temperature, base_temperature, be):
+    """This rank's pixels as anchors against all ranks' pixels as keys. The keys include each
+    anchor itself (a positive of its own label, never a negative): its term is taken out of
+    the per-positive sum afterwards, exactly, from the differentiable NL the primitive returns.
+    The mean's numerator and count are all-reduced, so every rank holds the global loss."""
+    acc = torch.promote_types(emb.dtype, torch.float32)
+    lab, order = torch.sort(lab, stable=True)
+    z = prim.pixel_rows_at(emb, order)
+    z = z.to(acc) if be in ("native", "reference") else z
+    keys, key_labels = dist.gather_rows(z), dist.gather_rows(lab)
+    terms, npos, nl = supervised_contrast(z, lab, keys, key_labels, temperature=temperature,
+                                          backend=be, with_lse=True)
+    self_term = F.softplus(nl - (z.to(acc) * z.to(acc)).sum(dim=1) / temperature)
+    npos = npos - (lab >= 0).to(npos.dtype)                      # the anchor's own key
+    terms = torch.where(npos > 0, (terms * (npos + 1) - self_term) / npos.clamp(min=1), 0.0)
+    used = (lab >= 0) & (npos > 0)
+    num = dist.all_reduce_sum(torch.where(used, terms, 0.0).sum())
+    count = dist.all_reduce_sum(used.sum())
+    return (temperature / base_temperature) * num / count.clamp(min=1)

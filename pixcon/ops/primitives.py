@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import distributed as dist
 from ..reference import common as cm
 from ..reference.rng import STREAM_NEGATIVE, STREAM_QUERY, draw_seed, philox4x32
 from ._common import FLOAT_DTYPES, INT_DTYPES, check_index_range, check_positive_float, \
@@ -71,8 +72,10 @@ def philox(counter: torch.Tensor, seed: int, stream: int = 0, *, backend: str = 
 
 
 def class_means(emb: torch.Tensor, labels: torch.Tensor, num_classes: int, *,
-                backend: str = "auto"):
+                backend: str = "auto", cross_rank: bool = False):
     """Class sums, counts and means of pixel embeddings (no gradient: statistics).
+    cross_rank: under torch.distributed, sums and counts all-reduced over the ranks (the
+    statistics of the concatenated batch, the same on every rank).
 
     emb: (B, D, h, w) map or (P, D) rows; labels: (P,) int class per row, -1 = ignored.
     Returns (sums (C, D), counts (C,) int64, means (C, D)) in float32 (float64 for float64 emb);
@@ -90,6 +93,8 @@ def class_means(emb: torch.Tensor, labels: torch.Tensor, num_classes: int, *,
             rows = emb if emb.dim() == 2 else cm.pixel_rows(emb)
             rows = rows.detach().to(torch.promote_types(emb.dtype, torch.float32))
             sums, counts = cm.class_sums(rows, labels, num_classes)
+        if cross_rank:
+            sums, counts = dist.class_stats(sums, counts)
         return sums, counts, cm.class_means_from_sums(sums, counts)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import distributed as dist
 from .. import reference
 from ..reference import common as cm
 from ..reference.rng import draw_seed
@@ -19,7 +20,7 @@ def reco_loss(emb, labels, probs, *, mask=None, ignore_index: int = 255,
               strong_threshold: float = 0.97, temperature: float = 0.5, num_queries: int = 256,
               num_negatives: int = 512, seed: int | None = None, backend: str = "auto",
               relation_temperature: float | None = None, reduction: str = "mean",
-              check_values: bool | None = None):
+              cross_rank: bool = False, check_values: bool | None = None):
     """ReCo loss with the official ``compute_reco_loss`` semantics.
 
     Args:
@@ -45,6 +46,11 @@ def reco_loss(emb, labels, probs, *, mask=None, ignore_index: int = 255,
             ``temperature``, the default None).
         reduction: "mean" (the official scalar) or "none" ((C, Q) per-query losses, zero rows
             for classes without queries).
+        cross_rank: under torch.distributed, the class means (the positive keys and the
+            relation graph) are those of the concatenated batch of all ranks, all-reduced as
+            sums and counts; queries, negatives and the divisor stay this rank's (negatives can
+            only come from classes present here). Off by default, as the official code; every
+            rank must call the loss when it is on.
         check_values: check for NaN embeddings, labels out of range and probs outside [0, 1]
             (a host sync). Default: on for CPU tensors, off for CUDA (env PIXCON_CHECK_VALUES).
 
@@ -75,14 +81,15 @@ def reco_loss(emb, labels, probs, *, mask=None, ignore_index: int = 255,
     be = chk.resolve_backend(backend, emb.device, op, ("reference", "triton", "native"))
     kw = dict(ignore_index=ignore_index, strong_threshold=strong_threshold,
               temperature=temperature, num_queries=num_queries, num_negatives=num_negatives,
-              seed=seed, relation_temperature=relation_temperature, reduction=reduction)
+              seed=seed, relation_temperature=relation_temperature, reduction=reduction,
+              stats=dist.class_stats if cross_rank else None)
     if be == "reference":
         return reference.reco_loss(emb, labels, probs, mask, **kw)
     return _reco_fused(emb, labels, probs, mask, backend=be, **kw)
 
 
 def _reco_fused(emb, labels, probs, mask, *, ignore_index, strong_threshold, temperature,
-                num_queries, num_negatives, seed, relation_temperature, reduction,
+                num_queries, num_negatives, seed, relation_temperature, reduction, stats=None,
                 backend="triton"):
     """The fused path; ``backend`` "triton" (GPU kernels) or "native" (compiled CPU kernels):
     the same primitive calls, the same samples."""
@@ -93,8 +100,10 @@ def _reco_fused(emb, labels, probs, mask, *, ignore_index, strong_threshold, tem
 
     lab = cm.pixel_labels(labels, (h, w), C, ignore_index, mask)          # (P,), -1 = invalid
     hard = cm.hard_pixels(probs, lab, strong_threshold)                   # prob(own) < threshold
-    _, counts, means = prim.class_means(emb, lab, C, **kb)                 # detached class means
+    sums, counts, means = prim.class_means(emb, lab, C, **kb)              # detached class means
     present = counts > 0
+    if stats is not None:                                                  # over all ranks
+        means = cm.class_means_from_sums(*stats(sums, counts))
     cdf = cm.relation_cdf(means, present, rel_t)                           # P(j | c) thresholds
     queries = prim.sample_hard_queries(lab, hard, C, Q, seed, **kb)        # (C, Q), -1 = none
     cls = torch.arange(C, device=emb.device)[:, None].expand(C, Q)

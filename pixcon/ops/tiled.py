@@ -73,15 +73,16 @@ def _run(anchors, anchor_labels, keys, key_labels, temperature, backend, block, 
 
 
 def supervised_contrast(anchors, anchor_labels, keys=None, key_labels=None, *, temperature,
-                        backend="auto", block=(BLOCK_M, BLOCK_N)):
+                        backend="auto", block=(BLOCK_M, BLOCK_N), with_lse=False):
     """Per-anchor terms (M,) and positive counts (M,) int64 of the per-positive contrast above.
 
     anchors (M, D) float, anchor_labels (M,) int (-1 = absent); keys (K, D) and key_labels (K,),
     or None for the in-batch form (keys = anchors, gradient through both sides). Terms are 0 for
-    anchors without a label or a positive. Float32 (float64 for float64 anchors)."""
-    terms, npos, _ = _run(anchors, anchor_labels, keys, key_labels, temperature, backend, block,
-                          True, "supervised_contrast")
-    return terms, npos
+    anchors without a label or a positive. Float32 (float64 for float64 anchors).
+    with_lse: also return NL (M,), differentiable (see :func:`negative_logsumexp`)."""
+    terms, npos, nl = _run(anchors, anchor_labels, keys, key_labels, temperature, backend, block,
+                           True, "supervised_contrast")
+    return (terms, npos, nl) if with_lse else (terms, npos)
 
 
 def negative_logsumexp(anchors, anchor_labels, keys, key_labels, *, temperature, backend="auto",

@@ -85,22 +85,29 @@ def layer_inputs(emb, labels, pred_labels, num_classes, ignore_index, normalize)
 
 def pixel_anchor_loss(embs, labels, pred_labels, num_classes, *, w_low=0.5, w_high=0.5,
                       layer_weights=(0.1, 0.3, 0.7, 1.0), temperature=0.1, ks=0.5,
-                      ignore_index=255, normalize=True, detach_anchors=False, reading="R1"):
+                      ignore_index=255, normalize=True, detach_anchors=False, reading="R1",
+                      stats=None):
     """Reference L_PA. embs: list of (B, D, h_i, w_i), deepest last; labels (B, H, W);
-    pred_labels (B, H', W') predicted classes. Returns the scalar loss."""
+    pred_labels (B, H', W') predicted classes. Returns the scalar loss.
+    stats: None, or a function (sums, counts) -> (sums, counts) giving the statistics the
+    anchors come from (pixcon.distributed.class_stats: over all ranks; sums keep their
+    gradient); which classes count in a layer's mean stays this batch's."""
     C = num_classes
-    zs, gts, anchors, present = [], [], [], []
+    zs, gts, anchors, present, here = [], [], [], [], []
     for emb in embs:
         z, gt, pr = layer_inputs(emb, labels, pred_labels, C, ignore_index, normalize)
         onehot = F.one_hot(gt.clamp(min=0), C).to(z.dtype) * (gt >= 0)[:, None].to(z.dtype)
-        count = onehot.sum(0)
-        a = (onehot.T @ z) / count.clamp(min=1)[:, None]                 # class means, (C, D)
+        sums, count = onehot.T @ z, onehot.sum(0)
+        here.append(count > 0)
+        if stats is not None:
+            sums, count = stats(sums, count)
+        a = sums / count.clamp(min=1)[:, None]                           # class means, (C, D)
         zs.append((z, gt, pr, emb.shape))
         anchors.append(a.detach() if detach_anchors else a)
         present.append(count > 0)
     fused = fuse_anchors(anchors, present, w_low, w_high)
     total = sum(0.0 * emb.sum() for emb in embs)                         # graph-connected zero
-    for (z, gt, pr, shape), a_hat, pres, lam in zip(zs, fused, present, layer_weights):
+    for (z, gt, pr, shape), a_hat, pres, lam in zip(zs, fused, here, layer_weights):
         B, _, h, w = shape
         sel, err = bane_negatives(gt.view(B, h, w), pr.view(B, h, w), C, ks=ks, reading=reading)
         neg = negative_mask(sel, err, C, reading)                        # (P, C)

@@ -22,18 +22,21 @@ from .rng import STREAM_NEGATIVE, STREAM_QUERY, philox4x32, uniform_index
 
 
 def reco_samples(x, lab, hard, num_classes, *, num_queries, num_negatives, seed,
-                 relation_temperature):
+                 relation_temperature, stats=None):
     """x (P, D) pixel rows, lab (P,) classes (-1 invalid), hard (P,) bool.
 
     Returns (queries (C, Q) pixel indices, -1 for classes without hard pixels or when fewer than
     two classes are present; negatives (C, Q, N); means (C, D); K = number of present classes).
     Query (c, q) uses counter c*Q + q of STREAM_QUERY; its negative n uses counter
-    (c*Q + q)*N + n of STREAM_NEGATIVE (word 0: class, word 1: pixel)."""
+    (c*Q + q)*N + n of STREAM_NEGATIVE (word 0: class, word 1: pixel).
+    stats: None, or a function (sums, counts) -> (sums, counts) giving the statistics the means
+    come from (pixcon.distributed.class_stats: over all ranks); presence stays this batch's."""
     C, Q, N = num_classes, num_queries, num_negatives
     dev = lab.device
     sums, counts = cm.class_sums(x.detach(), lab, C)
-    means = cm.class_means_from_sums(sums, counts)                      # m_c, detached
     present = counts > 0
+    means = cm.class_means_from_sums(*(stats(sums, counts) if stats is not None else
+                                       (sums, counts)))                 # m_c, detached
     K = int(present.sum())
     queries = torch.full((C, Q), -1, dtype=torch.int64, device=dev)
     negatives = torch.full((C, Q, N), -1, dtype=torch.int64, device=dev)
@@ -74,7 +77,7 @@ def reco_loss_from_samples(x, keys, queries, negatives, means, temperature):
 
 def reco_loss(emb, labels, probs, mask=None, *, ignore_index=255, strong_threshold=0.97,
               temperature=0.5, num_queries=256, num_negatives=512, seed=0,
-              relation_temperature=None, reduction="mean"):
+              relation_temperature=None, reduction="mean", stats=None):
     """Reference ReCo loss. Arguments as ``pixcon.ops.reco_loss`` (already validated, seed an int).
 
     Computes in float32 (float64 for float64 embeddings) whatever the input dtype.
@@ -87,7 +90,8 @@ def reco_loss(emb, labels, probs, mask=None, *, ignore_index=255, strong_thresho
     hard = cm.hard_pixels(probs, lab, strong_threshold)                 # (P,)
     queries, negatives, means, K = reco_samples(
         x, lab, hard, C, num_queries=num_queries, num_negatives=num_negatives, seed=seed,
-        relation_temperature=temperature if relation_temperature is None else relation_temperature)
+        relation_temperature=temperature if relation_temperature is None else relation_temperature,
+        stats=stats)
     per_query = reco_loss_from_samples(x, x.detach(), queries, negatives, means, temperature)
     if reduction == "none":
         return per_query

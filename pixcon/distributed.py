@@ -1,0 +1,213 @@
+"""pixcon on torch.distributed: the few collectives the losses and banks use, all no-ops (the
+single-process behaviour, bit for bit) when no process group is initialised or it has one rank.
+
+    gather_rows(x)          all ranks' rows concatenated in rank order (all_gather_single);
+                            differentiable: the backward all-reduces the gradient and keeps this
+                            rank's rows, so every rank's loss reaches every rank's rows
+    all_reduce_sum(x)       the sum over ranks (all_reduce); differentiable the same way
+    agree(op, error, ...)   one all_reduce(MAX) before a collective whose inputs may be bad on one
+                            rank: an error on any rank raises on every rank instead of leaving the
+                            others waiting in the gather; also agrees on a seed and on shapes
+
+Under DDP every rank's gradient is averaged, so a loss that is the same global value on every
+rank (sums and counts all-reduced through these functions) gives exactly the gradient of that
+loss over the concatenated batch.
+
+Collectives only from torch.distributed; gloo (CPU tensors) and NCCL (CUDA tensors) both work.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def _dist():
+    import torch.distributed as dist
+    return dist
+
+
+def is_distributed(group=None) -> bool:
+    """True when a process group is initialised and has more than one rank."""
+    dist = _dist()
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
+
+
+def world_size(group=None) -> int:
+    return _dist().get_world_size(group) if is_distributed(group) else 1
+
+
+def rank(group=None) -> int:
+    return _dist().get_rank(group) if is_distributed(group) else 0
+
+
+def init_from_env(device: str | torch.device = "cpu"):
+    """Under torchrun (WORLD_SIZE > 1 in the environment) initialise the default process group
+    unless it is already: NCCL for a CUDA device (one GPU per process: cuda:LOCAL_RANK), gloo
+    for the CPU. Returns (rank, world size, the device this process uses); (0, 1, device)
+    without torchrun."""
+    import os
+    device = torch.device(device)
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 and not is_distributed():
+        return 0, 1, device
+    dist = _dist()
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def broadcast_state(module: torch.nn.Module, src: int = 0, *, buffers_only: bool = True,
+                    group=None):
+    """Copy rank ``src``'s buffers (and parameters unless buffers_only) to every rank."""
+    if not is_distributed(group):
+        return
+    tensors = list(module.buffers()) if buffers_only else list(module.state_dict().values())
+    works = [_dist().broadcast(t.data, src, group=group, async_op=True) for t in tensors]
+    for w in works:
+        w.wait()
+
+
+def _flag_device(group=None):
+    """Where a small control tensor lives: NCCL only reduces CUDA tensors."""
+    if _dist().get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _gather_into(out, x, group, async_op=False):
+    dist = _dist()
+    fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    return fn(out, x, group=group, async_op=async_op)
+
+
+class _GatherRows(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        W = world_size(group)
+        out = x.new_empty((W * x.shape[0], *x.shape[1:]))
+        _gather_into(out, x.contiguous(), group)
+        ctx.group, ctx.rows, ctx.rank = group, x.shape[0], rank(group)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        g = g.contiguous().clone()
+        _dist().all_reduce(g, group=ctx.group)       # d(sum over ranks' losses) / d(all rows)
+        return g[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows], None
+
+
+class _AllReduceSum(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        y = x.contiguous().clone()
+        _dist().all_reduce(y, group=group)
+        ctx.group = group
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        g = g.contiguous().clone()
+        _dist().all_reduce(g, group=ctx.group)
+        return g, None
+
+
+def gather_rows(x: torch.Tensor, *, group=None) -> torch.Tensor:
+    """(W * n, ...) all ranks' x (n, ...) in rank order; x itself without a process group.
+    Every rank must pass the same shape (:func:`agree` checks it where inputs vary). The result
+    carries gradient to x when x requires it."""
+    if not is_distributed(group):
+        return x
+    if x.requires_grad and torch.is_grad_enabled():
+        return _GatherRows.apply(x, group)
+    return _GatherRows.forward(_Ctx(), x.detach(), group)
+
+
+def gather_many(*xs, group=None):
+    """gather_rows of several tensors without gradient, the gathers in flight together."""
+    if not is_distributed(group):
+        return xs
+    outs, works = [], []
+    for x in xs:
+        out = x.new_empty((world_size(group) * x.shape[0], *x.shape[1:]))
+        works.append(_gather_into(out, x.detach().contiguous(), group, async_op=True))
+        outs.append(out)
+    for w in works:
+        w.wait()
+    return tuple(outs)
+
+
+def all_reduce_sum(x: torch.Tensor, *, group=None) -> torch.Tensor:
+    """The sum of x over ranks (a new tensor); x itself without a process group. Carries
+    gradient to x when x requires it (the backward sums the gradients of every rank's use)."""
+    if not is_distributed(group):
+        return x
+    if x.requires_grad and torch.is_grad_enabled():
+        return _AllReduceSum.apply(x, group)
+    return _AllReduceSum.forward(_Ctx(), x.detach(), group)
+
+
+def class_stats(sums: torch.Tensor, counts: torch.Tensor, *, group=None):
+    """Per-class (sums (C, D), counts (C,)) summed over ranks: the statistics of the
+    concatenated batch (class means are sums / counts). Sums keep their gradient."""
+    return all_reduce_sum(sums, group=group), all_reduce_sum(counts, group=group)
+
+
+def local_stats(sums, counts):
+    """The single-process counterpart of :func:`class_stats`."""
+    return sums, counts
+
+
+class _Ctx:
+    """Stand-in for the autograd context when no graph is recorded."""
+
+
+class RankError(RuntimeError):
+    """Raised on every rank when another rank's input to a collective step was invalid."""
+
+
+SHAPE_SLOTS = 8
+
+
+def agree(op: str, error: BaseException | None = None, *, seed: int | None = None,
+          shape=(), group=None):
+    """Before a collective whose input may be invalid on one rank: one all_reduce(MAX) of
+    (error flag, failing rank, seed, shape, -shape). Raises ``error`` on the rank that had it and
+    :class:`RankError` on the others; raises on every rank when the shapes differ. Returns the
+    common seed (the largest of the ranks' seeds; ``seed`` itself without a process group).
+    ``shape``: up to SHAPE_SLOTS ints that must be equal on every rank."""
+    if not is_distributed(group):
+        if error is not None:
+            raise error
+        return seed
+    me = rank(group)
+    bad = error is not None
+    shape = [0] * SHAPE_SLOTS if bad else (
+        [int(s) for s in shape] + [0] * SHAPE_SLOTS)[:SHAPE_SLOTS]    # a fixed message size
+    msg = torch.tensor([int(bad), me if bad else -1, -1 if seed is None else int(seed),
+                        *shape, *[-s for s in shape]], dtype=torch.int64,
+                       device=_flag_device(group))
+    _dist().all_reduce(msg, op=_dist().ReduceOp.MAX, group=group)
+    got = msg.tolist()
+    if bad:
+        raise error
+    if got[0]:
+        raise RankError(f"{op}: the input on rank {got[1]} is invalid (its error is raised "
+                        f"there); nothing changed on rank {me} either")
+    n = SHAPE_SLOTS
+    hi, lo = got[3:3 + n], [-s for s in got[3 + n:]]
+    if hi != lo:
+        raise RankError(f"{op}: every rank must pass the same shapes; they range from {lo} to "
+                        f"{hi} (rank {me} has {shape})")
+    return None if seed is None else got[2]
+
+
+def checked(op: str, check, *, seed: int | None = None, group=None):
+    """Run ``check()`` (raising ValueError/TypeError on bad input, else returning the shapes
+    that must agree across ranks) and :func:`agree` on its outcome: every rank raises if any
+    rank's check failed. Returns the common seed."""
+    try:
+        shape, err = check() or (), None
+    except (ValueError, TypeError) as e:
+        shape, err = (), e
+    return agree(op, err, seed=seed, shape=shape, group=group)
