@@ -35,14 +35,16 @@ def _pil():
 @torch.no_grad()
 def class_relation(model, dataset, device="cpu", batch: int = 50):
     """(C, C) cosine similarity of the class-mean representations of ``model`` (its ``rep``
-    output) over ``dataset``, and the (C,) pixel counts. A class absent from the dataset has a
+    output; its logits when it has no representation head, as when trained without ReCo) over
+    ``dataset``, and the (C,) pixel counts. A class absent from the dataset has a
     zero mean and NaN similarities."""
     model.eval()
     C = dataset.num_classes
     sums = counts = None
     for x, y in same_size_batches(dataset, batch):
         x, y = x.to(device), y.to(device)
-        rep = model(normalize_images(x)).rep
+        out = model(normalize_images(x))
+        rep = out.rep if out.rep is not None else out.logits
         y = F.interpolate(y[:, None].float(), size=rep.shape[-2:], mode="nearest")[:, 0].long()
         lab = torch.where((y >= 0) & (y < C), y, -1).reshape(-1)
         s, n, _ = class_means(rep, lab, C)
@@ -142,9 +144,11 @@ def main(argv=None):
     state = torch.load(a.checkpoint, map_location=a.device, weights_only=False)
     cfg = Config(**state["config"])
     ds = load_dataset(cfg, "val")
-    model = DeepLabV3Plus(ds.num_classes, backbone=cfg.backbone, rep_dim=cfg.rep_dim).to(a.device)
     weights = state["teacher"]["model"] if (a.model == "teacher" and state["teacher"]) \
         else state["student"]
+    has_rep = any(k.startswith("representation.") for k in weights)
+    model = DeepLabV3Plus(ds.num_classes, backbone=cfg.backbone, rep_dim=cfg.rep_dim,
+                          representation=has_rep).to(a.device)
     model.load_state_dict(weights)
     sim, counts = class_relation(model, ds, a.device)
     out = Path(a.out or Path(a.checkpoint).parent / "viz")

@@ -5,6 +5,7 @@
     python -m pixcon.train run ... --out runs/reco --resume     # continue from its checkpoint
     python -m pixcon.train parity --loss reco --tiny            # reference vs fused backend
     python -m pixcon.train run --dataset voc:/data/VOC2012 --backbone resnet101 --crop 321
+    torchrun --nproc_per_node 2 -m pixcon.train run ...         # DDP: gloo on CPU, NCCL on GPUs
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ if not torch.cuda.is_available():
     # is imported (the parity mode's fused backend needs it).
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from .. import distributed as pdist  # noqa: E402
 from .loop import LOSSES, Config, compare, parity, train  # noqa: E402
 
 # a tiny configuration: a few seconds a step even for the fused path under the Triton interpreter
@@ -95,6 +97,8 @@ def main(argv=None):
         print("\n" + res["table"])
     elif a.cmd == "run":
         rep = train(_config(a))
+        if pdist.rank() != 0:                 # under torchrun: rank 0 reports
+            return 0
         best = rep["best_miou"]
         print(f"\n{rep['config']['mode']} + {rep['config']['loss']}: final mIoU "
               f"{100 * rep['final_miou']:.2f}%, best {100 * best:.2f}% at step {rep['best_step']}"

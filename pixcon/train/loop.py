@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .. import distributed as pdist
 from .. import ops
 from ..nn import ContextrastLoss
 from . import metrics, protocols
@@ -142,8 +143,9 @@ def same_size_batches(ds, batch: int):
         yield torch.stack([t[0] for t in items]), torch.stack([t[1] for t in items])
 
 
-def step_generator(seed: int, step: int) -> torch.Generator:
-    return torch.Generator().manual_seed((seed * 1_000_003 + step) % (2**63))
+def step_generator(seed: int, step: int, rank: int = 0) -> torch.Generator:
+    """The generator of step ``step`` on process ``rank`` (rank 0: the single-process run)."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + step + rank * 7_919_000_003) % (2**63))
 
 
 def upsample(x, size):
@@ -203,18 +205,23 @@ class Trainer:
     def __init__(self, cfg: Config, train_ds=None, val_ds=None, shadow_backend=None):
         cfg.validate()
         self.cfg, self.shadow_backend = cfg, shadow_backend
-        self.device = torch.device(cfg.device)
+        # under torchrun: one process per device, a process group, DDP below (batch_size per process)
+        self.rank, self.world, self.device = pdist.init_from_env(cfg.device)
+        if self.world > 1 and shadow_backend is not None:
+            raise ValueError("parity mode runs in one process, not under torchrun")
         self.train_ds = train_ds if train_ds is not None else load_dataset(cfg, "train")
         self.val_ds = val_ds if val_ds is not None else load_dataset(cfg, "val")
         self.splits = Splits(self.train_ds, cfg)
         C = self.train_ds.num_classes
         torch.manual_seed(cfg.seed)
-        self.student = DeepLabV3Plus(C, backbone=cfg.backbone, rep_dim=cfg.rep_dim).to(self.device)
+        self.student = DeepLabV3Plus(C, backbone=cfg.backbone, rep_dim=cfg.rep_dim,
+                                     representation=cfg.loss == "reco").to(self.device)
         self.extra = None
         if cfg.loss == "contextrast":
             self.extra = ContextrastLoss(in_channels=self.student.backbone.channels,
                                          dim=self.student.rep_dim,
                                          backend=cfg.backend).to(self.device)
+        self.net, self.extra_net = self._ddp(self.student), self._ddp(self.extra)
         params = list(self.student.parameters()) + \
             (list(self.extra.parameters()) if self.extra is not None else [])
         self.opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=True,
@@ -223,6 +230,18 @@ class Trainer:
         self.step, self.history, self.evals = 0, [], []
         if cfg.resume and os.path.isfile(self.ckpt_path):
             self.load(self.ckpt_path)
+
+    def _ddp(self, module):
+        """DistributedDataParallel under torchrun (no find_unused_parameters: every pixcon loss
+        stays connected to the graph), the module itself in one process."""
+        if module is None or self.world == 1:
+            return module
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return torch.nn.parallel.DistributedDataParallel(module, device_ids=ids)
+
+    @property
+    def main_process(self):
+        return self.rank == 0
 
     @property
     def ckpt_path(self):
@@ -245,11 +264,11 @@ class Trainer:
                                  temperature=cfg.temperature, num_queries=cfg.num_queries,
                                  num_negatives=cfg.num_negatives)
         lab = torch.where(mask, labels, self.train_ds.ignore_index)
-        return self.extra(out.features, lab, out.logits, backend=backend)
+        return self.extra_net(out.features, lab, out.logits, backend=backend)
 
     def train_step(self):
         cfg, dev, ignore = self.cfg, self.device, self.train_ds.ignore_index
-        g = step_generator(cfg.seed, self.step)
+        g = step_generator(cfg.seed, self.step, self.rank)
         seed = int(torch.randint(2**62, (), generator=g))            # the loss's sampling seed
         crop = (cfg.crop, cfg.crop)
         nl = cfg.batch_size * (2 if cfg.mode == "sup" else 1)
@@ -262,7 +281,7 @@ class Trainer:
         for pg in self.opt.param_groups:
             pg["lr"] = self.lr_at(self.step)
         self.student.train()
-        out_l = self.student(ss.normalize_images(xl))
+        out_l = self.net(ss.normalize_images(xl))
         sup = F.cross_entropy(upsample(out_l.logits, crop), yl, ignore_index=ignore)
         parts = {"sup": sup}
         if cfg.mode == "semi":
@@ -286,14 +305,14 @@ class Trainer:
             xu, pl, conf = ss.classmix(xu, pl, conf, generator=g)
             xu, pl, conf = ss.photometric(xu, pl, conf, generator=g)
             xu, pl, conf = xu.to(dev), pl.to(dev), conf.to(dev)
-            out_u = self.student(ss.normalize_images(xu))
+            out_u = self.net(ss.normalize_images(xu))
             parts["unsup"] = ss.unsupervised_loss(upsample(out_u.logits, crop), pl, conf,
                                                   strong_threshold=cfg.strong_threshold,
                                                   ignore_index=ignore)
             if cfg.loss != "none":
                 out = out_l._replace(
                     logits=torch.cat([out_l.logits, out_u.logits]),
-                    rep=torch.cat([out_l.rep, out_u.rep]),
+                    rep=None if out_l.rep is None else torch.cat([out_l.rep, out_u.rep]),
                     features=[torch.cat([a, b]) for a, b in zip(out_l.features, out_u.features)])
                 labels = torch.cat([yl, pl])
                 mask = torch.cat([yl != ignore, conf >= cfg.weak_threshold])
@@ -327,11 +346,11 @@ class Trainer:
         t0 = time.time()
         last = cfg.steps if cfg.stop_at is None else min(cfg.steps, cfg.stop_at)
         label = f"{cfg.mode}+{cfg.loss}" if cfg.loss != "none" else cfg.mode
-        bar = Progress(last, label, cfg.progress)
+        bar = Progress(last, label, cfg.progress and self.main_process)
         bar.update(self.step)
         while self.step < last:
             rec = self.train_step()
-            if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
+            if (self.step % cfg.eval_every == 0 or self.step == cfg.steps) and self.main_process:
                 ev = evaluate(self.eval_model, self.val_ds, self.device, cfg.eval_batch)
                 self.evals.append({"step": self.step, **ev})
                 if cfg.out:
@@ -339,17 +358,27 @@ class Trainer:
             miou = f"mIoU {100 * self.evals[-1]['miou']:.1f}" if self.evals else ""
             bar.update(self.step, f"loss {rec['loss']:.3f} {miou}")
         bar.close()
-        if cfg.out and self.step == last and (not self.evals or self.evals[-1]["step"] != last):
+        self.sync_buffers()
+        if cfg.out and self.main_process and self.step == last and \
+                (not self.evals or self.evals[-1]["step"] != last):
             self.save(self.ckpt_path)
         report = self.report(time.time() - t0)
-        if cfg.out:
+        if cfg.out and self.main_process:
             write_report(report, Path(cfg.out) / "report")
         return report
+
+    def sync_buffers(self):
+        """Rank 0's BatchNorm statistics everywhere (DDP broadcasts the student's at each forward,
+        so after the last one each rank holds its own; the teacher's accumulate per rank)."""
+        for m in (self.student, self.extra, self.eval_model):
+            if m is not None:
+                pdist.broadcast_state(m)
 
     def report(self, seconds) -> dict:
         final = self.evals[-1] if self.evals else None
         best = max(self.evals, key=lambda e: e["miou"]) if self.evals else None
         return {"config": dataclasses.asdict(self.cfg), "steps_done": self.step,
+                "world_size": self.world,
                 "seconds": seconds, "num_labelled": len(self.splits.labelled),
                 "final_miou": final["miou"] if final else None,
                 "best_miou": best["miou"] if best else None,

@@ -140,7 +140,7 @@ class DeepLabV3Plus(nn.Module):
     """
 
     def __init__(self, num_classes: int, *, backbone: str = "small", rep_dim: int | None = None,
-                 pretrained: bool = False):
+                 pretrained: bool = False, representation: bool = True):
         super().__init__()
         if backbone == "small":
             self.backbone = SmallBackbone()
@@ -156,7 +156,9 @@ class DeepLabV3Plus(nn.Module):
         self.aspp = ASPP(ch[-1], aspp_dim, self.backbone.rates)
         self.low = conv_bn(ch[self.backbone.low_index], low_dim, 1)
         self.classifier = head(aspp_dim + low_dim, head_dim, num_classes)
-        self.representation = head(aspp_dim + low_dim, head_dim, rep_dim)
+        # without it (losses that do not read rep) DDP finds no unused parameter
+        self.representation = head(aspp_dim + low_dim, head_dim, rep_dim) if representation \
+            else None
         self.num_classes, self.rep_dim = num_classes, rep_dim
 
     def forward(self, x) -> SegOutput:
@@ -165,4 +167,5 @@ class DeepLabV3Plus(nn.Module):
         high = F.interpolate(self.aspp(feats[-1]), size=low.shape[-2:], mode="bilinear",
                              align_corners=True)
         z = torch.cat([high, low], dim=1)
-        return SegOutput(self.classifier(z), self.representation(z), feats)
+        rep = self.representation(z) if self.representation is not None else None
+        return SegOutput(self.classifier(z), rep, feats)
