@@ -266,7 +266,8 @@ def _dense_ddp(rank, backend):
     return loss.detach(), [p.grad.clone() for p in model.parameters()]
 
 
-@pytest.mark.parametrize("backend", ["native", "reference"])
+@pytest.mark.parametrize("backend", ["native", "reference",
+                                     pytest.param("triton", marks=pytest.mark.interpret)])
 def test_dense_cross_rank_under_ddp_is_the_concatenated_batch(tmp_path, backend):
     """The math says they are equal: every rank's value is the global mean (numerator and count
     all-reduced), keys carry gradient back to their rank, DDP averages."""
