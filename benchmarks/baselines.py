@@ -11,6 +11,112 @@ import torch
 import torch.nn.functional as F
 
 
+# --- ReCo (specs/reco.md §1.2, cost profile §6) ----------------------------------------------
+def reco_official_style(emb, labels, probs, mask=None, *, ignore_index=255,
+                        strong_threshold=0.97, temperature=0.5, num_queries=256,
+                        num_negatives=512):
+    """ReCo's loss with the official cost structure, on pixcon's inputs (labels (B, h, w) at
+    feature resolution, optional bool mask).
+
+    Per class in ascending order: a validity count read back to the host, masked selects of the
+    class's pixels and hard pixels from the permuted embedding (copies, with gradient), the mean;
+    then per present class with hard pixels: queries from torch.randint on the CPU generator,
+    negative classes from torch.multinomial over the rotated relation softmax, and one numpy
+    randint per (query, negative class) with the count read from the device each time, into a
+    Python list of Q * N indices; the (Q, 1 + N, D) keys materialised and cosine similarities
+    taken over them. Returns the mean over present classes (a graph-less zero when fewer than
+    two are present, as the official code)."""
+    import numpy as np
+    B, D, h, w = emb.shape
+    C = probs.shape[1]
+    valid = (labels != ignore_index) & (labels >= 0) & (labels < C)
+    if mask is not None:
+        valid &= mask.bool()
+    pix = emb.permute(0, 2, 3, 1)                                         # (B, h, w, D) view
+    feats, hards, means = [], [], []
+    for c in range(C):
+        of_c = valid & (labels == c)
+        if int(of_c.sum()) == 0:                                          # host sync per class
+            continue
+        feats.append(pix[of_c])                                           # copy, with grad
+        hards.append(pix[of_c & (probs[:, c] < strong_threshold)])
+        means.append(feats[-1].mean(dim=0, keepdim=True))
+    K = len(feats)
+    if K <= 1:
+        return torch.tensor(0.0)
+    means = torch.cat(means)
+    loss = 0.0
+    Q, N = num_queries, num_negatives
+    for i in range(K):
+        if hards[i].shape[0] == 0:
+            continue                                                      # still counted in K
+        anchor = hards[i][torch.randint(hards[i].shape[0], (Q,))]         # (Q, D), with grad
+        with torch.no_grad():
+            order = list(range(i + 1, K)) + list(range(i))                # rotated negatives
+            sim = F.cosine_similarity(means[i:i + 1], means[order], dim=1)
+            p = torch.softmax(sim / temperature, dim=0)
+            draws = torch.multinomial(p, Q * N, replacement=True).view(Q, N)
+            per_class = torch.stack([(draws == j).sum(dim=1) for j in range(K - 1)], dim=1)
+            pool = torch.cat([feats[j] for j in order])
+            sizes = [feats[j].shape[0] for j in order]
+            index = []
+            for q in range(Q):
+                for j in range(K - 1):
+                    lo = sum(sizes[:j])
+                    index += np.random.randint(lo, lo + sizes[j],
+                                               size=int(per_class[q, j])).tolist()
+            neg = pool[index].reshape(Q, N, D)
+            keys = torch.cat([means[i].expand(Q, 1, D), neg], dim=1)       # (Q, 1 + N, D)
+        logits = F.cosine_similarity(anchor[:, None, :], keys, dim=2) / temperature
+        loss = loss + F.cross_entropy(logits, torch.zeros(Q, dtype=torch.long,
+                                                          device=emb.device))
+    return loss / K
+
+
+def reco_official_inputs(labels, probs, mask=None, ignore_index=255):
+    """pixcon's ReCo inputs in the official calling form: one-hot labels (B, C, h, w) float,
+    zero where a pixel is not valid, and the validity mask (B, 1, h, w) float."""
+    C = probs.shape[1]
+    valid = (labels != ignore_index) & (labels >= 0) & (labels < C)
+    if mask is not None:
+        valid &= mask.bool()
+    onehot = F.one_hot(labels.clamp(0, C - 1).long(), C).permute(0, 3, 1, 2) * valid[:, None]
+    return onehot.to(probs.dtype), valid[:, None].to(probs.dtype)
+
+
+# --- the real official code, from the user's own checkout ------------------------------------
+OFFICIAL_FILES = {"reco": "module_list.py"}     # where each method's loss lives in its repository
+
+
+def load_official(arg: str):
+    """``METHOD=PATH`` (e.g. ``reco=~/src/reco``): the official loss function loaded at run time
+    from the user's checkout of the official repository (never copied into pixcon), wrapped to
+    pixcon's calling form. Returns (method, fn)."""
+    import importlib.util
+    import os
+    import sys
+    method, sep, path = arg.partition("=")
+    if not sep or method not in OFFICIAL_FILES:
+        raise ValueError(f"--official wants METHOD=PATH with METHOD in {sorted(OFFICIAL_FILES)}, "
+                         f"got {arg!r}")
+    path = os.path.expanduser(path)
+    file = os.path.join(path, OFFICIAL_FILES[method])
+    if not os.path.isfile(file):
+        raise FileNotFoundError(f"--official {method}: no {OFFICIAL_FILES[method]} in {path} "
+                                f"(point it at a checkout of the official repository)")
+    sys.path.insert(0, path)                  # the file may import its siblings
+    spec = importlib.util.spec_from_file_location(f"official_{method}", file)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+
+    def reco(emb, labels, probs, *, num_queries, num_negatives, strong_threshold=0.97,
+             temperature=0.5):
+        onehot, mask = reco_official_inputs(labels, probs)
+        return mod.compute_reco_loss(emb, onehot, mask, probs, strong_threshold, temperature,
+                                     num_queries, num_negatives)
+    return method, {"reco": reco}[method]
+
+
 # --- ContrastiveSeg (specs/contrastiveseg.md §2-§4, §6.3, cost profile §9) ------------------
 def _official_split(n_hard: int, n_easy: int, n_view: int) -> tuple[int, int]:
     if n_hard >= n_view / 2 and n_easy >= n_view / 2:

@@ -4,6 +4,7 @@
     python benchmarks/bench_reco.py                 # GPU: the VOC setting; CPU: a reduced one
     python benchmarks/bench_reco.py --size voc --providers fused reference
     python benchmarks/bench_reco.py --size tiny     # seconds; what CI runs (tests/test_bench.py)
+    python benchmarks/bench_reco.py --official reco=~/src/reco   # + the real official code
 
 Setting "voc" is specs/reco.md §6: emb 20x256x81x81 fp32, 21 classes with 10 and 21 present,
 256 queries, 512 negatives. Writes <out>/<date>-<device>-reco.{json,md}.
@@ -24,8 +25,10 @@ import torch
 import pixcon
 import pixcon.bench as pb
 from pixcon.ops import reco_loss
-from pixcon.reference import official_reco
 from pixcon.synthetic import reco_batch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from baselines import load_official, reco_official_style  # noqa: E402
 
 SIZES = {  # B, D, h, w, C, present list, Q, N
     "voc": (20, 256, 81, 81, 21, (10, 21), 256, 512),
@@ -35,12 +38,13 @@ SIZES = {  # B, D, h, w, C, present list, Q, N
 PROVIDERS = ("official-style", "reference", "native", "fused")
 
 
-def make_step(provider, emb, labels, probs, Q, N, seed=0):
-    if provider == "official-style":
-        onehot, mask = official_reco.official_inputs(labels, probs)
+def make_step(provider, emb, labels, probs, Q, N, seed=0, official=None):
+    """official: the official loss loaded from the user's checkout (provider "official")."""
+    if provider in ("official-style", "official"):
+        fn = reco_official_style if provider == "official-style" else official
 
         def loss_fn():
-            return official_reco.compute_reco_loss(emb, onehot, mask, probs, 0.97, 0.5, Q, N)
+            return fn(emb, labels, probs, num_queries=Q, num_negatives=N)
     else:
         backend = {"fused": "triton", "native": "native"}.get(provider, "reference")
 
@@ -57,11 +61,13 @@ def make_step(provider, emb, labels, probs, Q, N, seed=0):
     return loss_fn, step
 
 
-def run(size="cpu", providers=PROVIDERS, device=None, reps=3, out=None, verbose=True):
+def run(size="cpu", providers=PROVIDERS, device=None, reps=3, out=None, verbose=True,
+        official=None):
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     B, D, h, w, C, presents, Q, N = SIZES[size]
     meta = pb.metadata(device)
     rows = []
+    providers = list(providers) + (["official"] if official is not None else [])
     for present in presents:
         emb, labels, probs = reco_batch(B, D, h, w, num_classes=C, present=present,
                                         device=device, seed=present)
@@ -73,7 +79,7 @@ def run(size="cpu", providers=PROVIDERS, device=None, reps=3, out=None, verbose=
                 continue   # the compiled CPU kernels: CPU tensors, extension built
             if verbose:
                 print(f"[{size} K={present}] {provider} ...", file=sys.stderr, flush=True)
-            loss_fn, step = make_step(provider, emb, labels, probs, Q, N)
+            loss_fn, step = make_step(provider, emb, labels, probs, Q, N, official=official)
             ms = pb.time_ms(step, device, warmup=1, reps=reps)
             peak = pb.peak_extra_bytes(step, device)
             saved = pb.saved_bytes(loss_fn, [emb, labels, probs])
@@ -119,9 +125,13 @@ def main(argv=None):
     ap.add_argument("--providers", nargs="+", choices=PROVIDERS, default=list(PROVIDERS))
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    ap.add_argument("--official", default=None, metavar="reco=PATH",
+                    help="also run the official compute_reco_loss from your checkout of "
+                         "github.com/lorenmt/reco (loaded at run time, provider 'official')")
     a = ap.parse_args(argv)
     size = a.size or ("voc" if torch.cuda.is_available() else "cpu")
-    rows = run(size, a.providers, reps=a.reps, out=a.out)
+    official = load_official(a.official)[1] if a.official else None
+    rows = run(size, a.providers, reps=a.reps, out=a.out, official=official)
     print(markdown(rows))
 
 

@@ -4,7 +4,7 @@ trainer comparison ``python -m pixcon.train``.)
 
     python -m pixcon.demo                  # VOC semi-supervised setting, 10 classes present
     python -m pixcon.demo --size small     # a quick look
-    python -m pixcon.demo --no-official    # skip the official code (slow on CPU)
+    python -m pixcon.demo --no-official    # skip the official-style baseline (slow on CPU)
 """
 from __future__ import annotations
 
@@ -17,10 +17,23 @@ import torch
 from . import bench as pb
 from .ops import reco_loss
 from .ops._common import triton_usable
-from .reference import official_reco
 from .synthetic import reco_batch
 
 SIZES = {"voc": (20, 256, 81, 81), "small": (4, 64, 41, 41)}
+
+
+def _official_style():
+    """benchmarks/baselines.py's official-style ReCo when run from a source checkout."""
+    import importlib.util
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                        "benchmarks", "baselines.py")
+    if not os.path.isfile(path):
+        print("  official-style: skipped (benchmarks/baselines.py is in the source tree only)")
+        return None
+    spec = importlib.util.spec_from_file_location("pixcon_baselines", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.reco_official_style
 
 
 def main(argv=None):
@@ -45,10 +58,10 @@ def main(argv=None):
           f"{a.queries} queries, {a.negatives} negatives")
 
     runs = []
-    if not a.no_official:
-        onehot, mask = official_reco.official_inputs(labels, probs)
-        runs.append(("official-style", lambda: official_reco.compute_reco_loss(
-            emb, onehot, mask, probs, 0.97, 0.5, a.queries, a.negatives)))
+    baseline = None if a.no_official else _official_style()
+    if baseline is not None:
+        runs.append(("official-style", lambda: baseline(
+            emb, labels, probs, num_queries=a.queries, num_negatives=a.negatives)))
     kw = dict(num_queries=a.queries, num_negatives=a.negatives, seed=0, check_values=False)
     runs.append(("reference", lambda: reco_loss(emb, labels, probs, backend="reference", **kw)))
     import pixcon
@@ -81,8 +94,8 @@ def main(argv=None):
         loss = float(fn().detach())
         peak_s = "-" if peak is None else f"{peak / 2**20:.1f}"
         print(f"{name:<16}{loss:>10.4f}{ms:>14.1f}{peak_s:>16}{saved / 2**20:>19.2f}")
-    print("\npeak extra: CUDA allocator peak during forward+backward above the inputs (includes "
-          "emb's gradient); CPU shows '-'.\nsaved for bwd: what autograd keeps between forward "
+    print("\npeak extra: the peak of live tensor bytes during forward+backward above the inputs "
+          "(CUDA allocator on GPU; includes emb's gradient).\nsaved for bwd: what autograd keeps between forward "
           "and backward beyond the inputs. Losses differ across backends only by sampling "
           "(different RNGs; same distribution).")
     return 0

@@ -91,3 +91,14 @@ def forbid_host_syncs(monkeypatch):
         monkeypatch.setattr(torch.Tensor, name, boom)
     monkeypatch.setattr(torch, "tensor", boom)
     monkeypatch.setattr(torch, "as_tensor", boom)
+
+
+def bench_module(name="bench_reco"):
+    """A module of benchmarks/ (not a package: loaded from its file)."""
+    import importlib.util
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location(
+        name, os.path.join(root, "benchmarks", f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod

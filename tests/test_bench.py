@@ -1,26 +1,19 @@
 """The benchmark suite itself runs (tiny size; the fused provider under the interpreter on CPU)
 and writes its JSON and Markdown; pytest-benchmark drives one fused step."""
-import importlib.util
 import json
 import os
 
 import pytest
 import torch
 
+from .conftest import bench_module
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _bench_module(name="bench_reco"):
-    spec = importlib.util.spec_from_file_location(
-        name, os.path.join(ROOT, "benchmarks", f"{name}.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 @pytest.mark.interpret
 def test_bench_reco_tiny_writes_results(tmp_path):
-    mod = _bench_module()
+    mod = bench_module()
     rows = mod.run("tiny", device="cpu", reps=1, out=str(tmp_path), verbose=False)
     assert [r["provider"] for r in rows] == ["official-style", "reference", "native", "fused"]
     by = {r["provider"]: r for r in rows}
@@ -37,7 +30,7 @@ def test_bench_reco_tiny_writes_results(tmp_path):
 
 @pytest.mark.interpret
 def test_fused_step_under_pytest_benchmark(benchmark):
-    mod = _bench_module()
+    mod = bench_module()
     from pixcon.synthetic import reco_batch
     emb, labels, probs = reco_batch(2, 8, 9, 9, num_classes=5, present=4)
     emb.requires_grad_()
@@ -47,7 +40,7 @@ def test_fused_step_under_pytest_benchmark(benchmark):
 
 
 def test_bench_edt_tiny_writes_results(tmp_path):
-    mod = _bench_module("bench_edt")
+    mod = bench_module("bench_edt")
     rows = mod.run("tiny", device="cpu", reps=1, out=str(tmp_path), verbose=False)
     names = [r["provider"] for r in rows]
     assert names[0].startswith("scipy") and any("C++" in n for n in names)
@@ -57,7 +50,7 @@ def test_bench_edt_tiny_writes_results(tmp_path):
 
 @pytest.mark.interpret
 def test_bench_contextrast_tiny_writes_results(tmp_path):
-    mod = _bench_module("bench_contextrast")
+    mod = bench_module("bench_contextrast")
     rows = mod.run("tiny", device="cpu", reps=1, out=str(tmp_path), verbose=False)
     by = {r["provider"]: r for r in rows}
     assert set(by) == {"reference", "fused"}
@@ -71,7 +64,7 @@ def test_contrastiveseg_official_style_baseline_has_the_method_value():
     import torch.nn.functional as F
 
     from pixcon.reference import contrastiveseg as ref
-    base = _bench_module("baselines")
+    base = bench_module("baselines")
     g = torch.Generator().manual_seed(0)
     labels = torch.randint(0, 4, (2, 10, 12), generator=g)
     labels[0, :2] = 255
@@ -85,7 +78,7 @@ def test_contrastiveseg_official_style_baseline_has_the_method_value():
 
 @pytest.mark.interpret
 def test_bench_contrastiveseg_tiny_writes_results(tmp_path):
-    mod = _bench_module("bench_contrastiveseg")
+    mod = bench_module("bench_contrastiveseg")
     rows = mod.run("tiny", device="cpu", reps=1, out=str(tmp_path), verbose=False)
     assert [r["provider"] for r in rows] == list(mod.PROVIDERS) * 2
     for bank in ("none", "4x20"):
@@ -105,7 +98,7 @@ def test_cac_official_style_baseline_is_the_official_arithmetic():
     import torch.nn.functional as F
 
     from pixcon.reference import cac as ref
-    base = _bench_module("baselines")
+    base = bench_module("baselines")
     g = torch.Generator().manual_seed(1)
     f1 = F.normalize(torch.randn(30, 8, generator=g, dtype=torch.float64), dim=1)
     f2 = F.normalize(torch.randn(30, 8, generator=g, dtype=torch.float64), dim=1)
@@ -129,10 +122,33 @@ def test_cac_official_style_baseline_is_the_official_arithmetic():
 
 @pytest.mark.interpret
 def test_bench_cac_tiny_writes_results(tmp_path):
-    mod = _bench_module("bench_cac")
+    mod = bench_module("bench_cac")
     rows = mod.run("tiny", device="cpu", reps=1, out=str(tmp_path), verbose=False)
     by = {r["provider"]: r for r in rows}
     assert list(by) == list(mod.PROVIDERS)
     assert by["native"]["loss"] == pytest.approx(by["reference"]["loss"], rel=1e-5)
     assert by["fused"]["loss"] == pytest.approx(by["reference"]["loss"], rel=1e-5)
     assert sorted(p.suffix for p in tmp_path.iterdir()) == [".json", ".md"]
+
+
+def test_official_code_loaded_from_a_checkout(tmp_path):
+    """--official reco=PATH loads compute_reco_loss from the user's checkout at run time and
+    calls it in the official form (here a stand-in checkout that records what it got)."""
+    (tmp_path / "helper.py").write_text("SCALE = 2.0\n")
+    (tmp_path / "module_list.py").write_text(
+        "import torch\nfrom helper import SCALE\n"
+        "def compute_reco_loss(rep, label, mask, prob, strong_threshold, temp, num_queries,"
+        " num_negatives):\n"
+        "    assert label.shape == prob.shape and mask.shape[1] == 1\n"
+        "    return SCALE * (rep.sum() * 0 + label.sum() + num_queries + num_negatives"
+        " + strong_threshold + temp)\n")
+    base = bench_module("baselines")
+    method, fn = base.load_official(f"reco={tmp_path}")
+    labels = torch.tensor([[[0, 1], [255, 2]]])
+    probs = torch.full((1, 3, 2, 2), 1 / 3)
+    out = fn(torch.zeros(1, 4, 2, 2), labels, probs, num_queries=5, num_negatives=7)
+    assert method == "reco" and out.item() == pytest.approx(2.0 * (3 + 5 + 7 + 0.97 + 0.5))
+    with pytest.raises(FileNotFoundError, match="module_list.py"):
+        base.load_official(f"reco={tmp_path / 'nowhere'}")
+    with pytest.raises(ValueError, match="METHOD=PATH"):
+        base.load_official("edt")
