@@ -57,6 +57,15 @@ def init_from_env(device: str | torch.device = "cpu"):
     return dist.get_rank(), dist.get_world_size(), device
 
 
+def shutdown():
+    """Destroy the default process group if one is initialised (at the end of a torchrun job:
+    a process that exits with gloo's threads still running aborts)."""
+    dist = _dist()
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def broadcast_state(module: torch.nn.Module, src: int = 0, *, buffers_only: bool = True,
                     group=None):
     """Copy rank ``src``'s buffers (and parameters unless buffers_only) to every rank."""

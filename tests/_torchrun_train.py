@@ -4,6 +4,7 @@ import sys
 
 import torch
 
+from pixcon import distributed as pdist
 from pixcon.train.cli import TINY
 from pixcon.train.loop import Config, Trainer
 
@@ -17,3 +18,4 @@ torch.save({"rank": trainer.rank, "world": trainer.world, "init": init,
             "teacher": trainer.teacher.model.state_dict(),
             "extra": trainer.extra.state_dict() if trainer.extra is not None else {},
             "losses": [h["loss"] for h in trainer.history]}, f"{out}/rank{trainer.rank}.pt")
+pdist.shutdown()

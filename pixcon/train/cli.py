@@ -97,7 +97,9 @@ def main(argv=None):
         print("\n" + res["table"])
     elif a.cmd == "run":
         rep = train(_config(a))
-        if pdist.rank() != 0:                 # under torchrun: rank 0 reports
+        rank = pdist.rank()
+        pdist.shutdown()                      # under torchrun: rank 0 reports
+        if rank != 0:
             return 0
         best = rep["best_miou"]
         print(f"\n{rep['config']['mode']} + {rep['config']['loss']}: final mIoU "
