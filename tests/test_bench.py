@@ -152,3 +152,25 @@ def test_official_code_loaded_from_a_checkout(tmp_path):
         base.load_official(f"reco={tmp_path / 'nowhere'}")
     with pytest.raises(ValueError, match="METHOD=PATH"):
         base.load_official("edt")
+
+
+def test_suite_ci_mode_runs_every_module_and_writes_json_markdown_plots(tmp_path):
+    """python -m benchmarks --mode ci: every module, one JSON with the tags, one Markdown table,
+    a time and a memory plot per op (EDT: time only, it reports no memory)."""
+    suite = bench_module("suite")
+    assert suite.main(["--mode", "ci", "--out", str(tmp_path), "--quiet"]) == 0
+    js, = tmp_path.glob("*-suite-ci.json")
+    rows = json.loads(js.read_text())
+    assert {r["module"] for r in rows} == set(suite.SUITE)
+    for r in rows:
+        for tag in ("device", "threads", "torch", "triton", "commit", "date", "x", "time_ms"):
+            assert r[tag] is not None, (r["module"], tag)
+    ops = {r["op"] for r in rows}
+    pngs = {p.name for p in tmp_path.glob("*.png")}
+    for op in ops:
+        assert any(n.endswith(f"-{op}-time.png") for n in pngs), op
+    assert len(pngs) == 2 * len(ops) - 1                     # EDT has no memory column
+    md, = tmp_path.glob("*-suite-ci.md")
+    assert all(op in md.read_text() for op in ops)
+    from PIL import Image
+    assert Image.open(next(tmp_path.glob("*.png"))).size == (760, 460)

@@ -1,0 +1,1 @@
+"""pixcon's benchmark suite: ``python -m benchmarks`` (see suite.py)."""

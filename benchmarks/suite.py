@@ -1,0 +1,151 @@
+"""The benchmark suite: every op's module at the sizes of a mode, one table, one JSON, plots.
+
+    python -m benchmarks                    # mode "cpu" on a CPU, "paper" on a GPU
+    python -m benchmarks --mode ci          # seconds: every module at its tiny size (CI runs it)
+    python -m benchmarks --mode paper       # the papers' settings
+    python -m benchmarks --only reco cac --official reco=~/src/reco
+    pytest benchmarks/ --benchmark-enable   # the same cases through pytest-benchmark
+
+Writes under --out (benchmarks/results): <date>-<device>-suite-<mode>.json (every row, tagged
+with device, threads, torch, triton, commit and date), .md (each module's table) and one PNG per
+op and metric (time and peak extra memory against problem size, a line per provider).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import math
+import os
+import sys
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+if HERE not in sys.path:        # the bench modules import their siblings (baselines, plot)
+    sys.path.insert(0, HERE)
+MODES = ("ci", "cpu", "paper")
+
+
+def _pixels(r):
+    s = r["shape"]
+    return s[0] * s[-2] * s[-1]
+
+
+# module: (sizes per mode, what the x axis counts, x of a row)
+SUITE = {
+    "reco": ({"ci": ["tiny"], "cpu": ["tiny", "cpu"], "paper": ["voc"]}, "pixels", _pixels),
+    "contrastiveseg": ({"ci": ["tiny"], "cpu": ["tiny", "cpu"], "paper": ["cityscapes"]},
+                       "pixels", _pixels),
+    "cac": ({"ci": ["tiny"], "cpu": ["tiny", "cpu"], "paper": ["cityscapes"]},
+            "anchors x negatives", lambda r: r["anchors"] * r["negatives"]),
+    "contextrast": ({"ci": ["tiny"], "cpu": ["tiny", "cpu"], "paper": ["hrnet"]},
+                    "pixels of the first layer",
+                    lambda r: r["batch"] * r["layers"][0][0] * r["layers"][0][1]),
+    "edt": ({"ci": ["tiny"], "cpu": ["tiny", "bane"], "paper": ["pyramid", "large"]},
+            "pixels", lambda r: math.prod(r["shape"])),
+}
+
+
+def load(name: str):
+    """benchmarks/bench_<name>.py as a module (benchmarks/ is a folder of scripts)."""
+    spec = importlib.util.spec_from_file_location(f"bench_{name}",
+                                                  os.path.join(HERE, f"bench_{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def run_module(name: str, size: str, *, device, reps: int, official=None):
+    """One module at one size: its rows, each with the common columns added."""
+    sizes, xlabel, x_of = SUITE[name]
+    mod = load(name)
+    kw = dict(device=device, reps=reps, verbose=False)
+    if name == "reco" and official is not None:
+        kw["official"] = official
+    rows = mod.run(size, **kw)
+    for r in rows:
+        r.update(module=name, x=x_of(r), x_label=xlabel, threads=torch.get_num_threads(),
+                 time_ms=r.get("fwd_bwd_ms", r.get("ms")))
+    return rows
+
+
+def run_suite(mode: str, *, device=None, reps=None, only=None, official=None, progress=True):
+    from pixcon.progress import Progress
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if reps is None:
+        reps = 1 if mode == "ci" or (mode == "paper" and device.type == "cpu") else 3
+    names = [n for n in SUITE if only is None or n in only]
+    jobs = [(n, s) for n in names for s in SUITE[n][0][mode]]
+    bar = Progress(len(jobs), f"benchmarks ({mode}, {device.type})", progress)
+    rows = []
+    for i, (name, size) in enumerate(jobs):
+        bar.update(i, f"{name} {size}")
+        rows += run_module(name, size, device=device, reps=reps, official=official)
+    bar.update(len(jobs), "done")
+    bar.close()
+    return rows
+
+
+def markdown(rows) -> str:
+    """Each module's own table per size, under one heading."""
+    parts = []
+    groups = {}
+    for r in rows:
+        groups.setdefault((r["module"], r["size"]), []).append(r)
+    for (name, size), rs in groups.items():
+        parts.append(load(name).markdown(rs))
+    return "\n".join(parts)
+
+
+def plots(rows, stem: str) -> list[str]:
+    """<stem>-<op>-time.png and -memory.png: one line per provider."""
+    from plot import line_plot
+    out = []
+    for op in dict.fromkeys(r["op"] for r in rows):
+        rs = [r for r in rows if r["op"] == op]
+        for metric, key, unit in (("time", "time_ms", "ms"), ("memory", "peak_extra_mib", "MiB")):
+            series = {}
+            for r in rs:
+                series.setdefault(r["provider"], []).append((r["x"], r.get(key)))
+            m = rs[0]
+            path = line_plot(series, f"{stem}-{op}-{metric}.png",
+                             title=f"{op}: {'forward+backward time' if metric == 'time' else 'peak extra memory'}"
+                                   f" on {m['device']} (torch {m['torch']}, {m['date']})",
+                             xlabel=m["x_label"], ylabel=f"{metric} ({unit})")
+            if path:
+                out.append(path)
+    return out
+
+
+def write(rows, out: str, mode: str) -> list[str]:
+    """JSON, Markdown and PNGs under ``out``; returns the paths written."""
+    import pixcon.bench as pb
+    stem = pb.write_results(rows, out, f"suite-{mode}", markdown(rows))
+    return [f"{stem}.json", f"{stem}.md"] + plots(rows, stem)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--mode", choices=MODES, default=None,
+                    help="ci (tiny sizes), cpu (tiny + reduced; the CPU default), paper (the "
+                         "papers' settings; the GPU default)")
+    ap.add_argument("--only", nargs="+", choices=list(SUITE), default=None)
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--reps", type=int, default=None)
+    ap.add_argument("--official", default=None, metavar="reco=PATH",
+                    help="add the official code from your checkout as a provider")
+    ap.add_argument("--out", default=os.path.join(HERE, "results"))
+    ap.add_argument("--quiet", action="store_true", help="no progress bar")
+    a = ap.parse_args(argv)
+    mode = a.mode or ("paper" if torch.cuda.is_available() else "cpu")
+    official = None
+    if a.official:
+        from baselines import load_official
+        official = load_official(a.official)[1]
+    rows = run_suite(mode, device=a.device, reps=a.reps, only=a.only, official=official,
+                     progress=not a.quiet)
+    paths = write(rows, a.out, mode)
+    print(markdown(rows))
+    print("wrote " + ", ".join(os.path.relpath(p) for p in paths))
+    return 0
