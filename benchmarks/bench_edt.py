@@ -1,5 +1,6 @@
 """distance_transform benchmark: pixcon (C++ on CPU, Triton on GPU) vs SciPy (per image, per
-class, as users call it today) and CuPy's distance_transform_edt (per image, where installed).
+class, as users call it today) and, where installed, OpenCV's exact mode (per image, per class),
+the ``edt`` package (multi-label, per image) and CuPy's distance_transform_edt (per image).
 
     python benchmarks/bench_edt.py                  # all sizes that fit the device
     python benchmarks/bench_edt.py --size tiny      # seconds; what CI runs
@@ -43,17 +44,56 @@ def make_maps(B, H, W, C, seed=0):
     return lab
 
 
-def scipy_batch(maps, C):
-    from scipy import ndimage
+def _per_class(maps, C, binary_dt):
+    """The whole (B, H, W) distance map from a binary transform called per image (binary maps)
+    or per (image, class) (multi-label: each class's pixels get their distance to the nearest
+    pixel outside the class), as users of the binary libraries do. Background stays 0."""
     a = maps.cpu().numpy()
+    out = np.zeros(a.shape, dtype=np.float64)
     for b in range(a.shape[0]):
         if C == 0:
-            ndimage.distance_transform_edt(a[b])
-        else:
-            for c in range(C):
-                m = a[b] == c
-                if m.any():
-                    ndimage.distance_transform_edt(m)
+            out[b] = binary_dt(a[b])
+            continue
+        for c in range(C):
+            m = a[b] == c
+            if m.any():
+                out[b][m] = binary_dt(m)[m]
+    return out
+
+
+def scipy_batch(maps, C):
+    from scipy import ndimage
+    return _per_class(maps, C, ndimage.distance_transform_edt)
+
+
+def opencv_batch(maps, C):
+    """OpenCV's exact mode (DIST_L2 with DIST_MASK_PRECISE) per image / class. OpenCV counts
+    the image border as far away, as SciPy does."""
+    import cv2
+    return _per_class(maps, C, lambda m: cv2.distanceTransform(
+        m.astype(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE))
+
+
+def edt_batch(maps, C):
+    """The ``edt`` package: multi-label in one call per image (labels shifted so that the
+    background is 0), border not a boundary (black_border=False)."""
+    import edt
+    a = maps.cpu().numpy()
+    lab = a.astype(np.uint32) if C == 0 else (a + 1).astype(np.uint32)
+    return np.stack([edt.edt(lab[b], black_border=False) for b in range(a.shape[0])])
+
+
+def peers(device):
+    """{name: fn(maps, C)} of the installed CPU peers (SciPy always)."""
+    out = {"scipy (CPU, per image/class)": scipy_batch}
+    for module, name, fn in (("cv2", "opencv exact (CPU, per image/class)", opencv_batch),
+                             ("edt", "edt package (CPU, per image)", edt_batch)):
+        try:
+            __import__(module)
+            out[name] = fn
+        except ImportError:
+            pass
+    return out
 
 
 def cupy_batch(maps, C):
@@ -75,7 +115,7 @@ def run(size="pyramid", device=None, reps=5, out=None, threads=None, verbose=Tru
     for B, H, W, C in SIZES[size]:
         maps = make_maps(B, H, W, C)
         kw = dict(labels=True, background=-1) if C else {}
-        providers = {"scipy (CPU, per image/class)": lambda: scipy_batch(maps, C)}
+        providers = {name: (lambda fn=fn: fn(maps, C)) for name, fn in peers(device).items()}
         if device.type == "cuda":
             dm = maps.to(device)
             providers["pixcon triton"] = lambda: distance_transform(dm, backend="triton", **kw)

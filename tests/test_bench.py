@@ -174,3 +174,20 @@ def test_suite_ci_mode_runs_every_module_and_writes_json_markdown_plots(tmp_path
     assert all(op in md.read_text() for op in ops)
     from PIL import Image
     assert Image.open(next(tmp_path.glob("*.png"))).size == (760, 460)
+
+
+@pytest.mark.parametrize("peer", ["scipy_batch", "opencv_batch", "edt_batch"])
+@pytest.mark.parametrize("C", [0, 4])
+def test_edt_peers_compute_what_pixcon_computes(peer, C):
+    """The benchmark's peers are the same transform (exact Euclidean, border not a boundary,
+    per class for multi-label maps): equal to pixcon's on the tiny maps; a peer that is not
+    installed is skipped."""
+    pytest.importorskip({"scipy_batch": "scipy", "opencv_batch": "cv2", "edt_batch": "edt"}[peer])
+    mod = bench_module("bench_edt")
+    from pixcon.ops import distance_transform
+    maps = mod.make_maps(2, 64, 96, C) if C == 0 else mod.make_maps(2, 16, 32, C)
+    kw = dict(labels=True, background=-1) if C else {}
+    ours = distance_transform(maps, backend="reference", **kw).double().numpy()
+    theirs = getattr(mod, peer)(maps, C)
+    tol = 1e-4 if peer == "opencv_batch" else 1e-6    # OpenCV returns float32
+    assert abs(theirs - ours).max() < tol * max(1.0, ours.max())
