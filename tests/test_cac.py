@@ -306,6 +306,8 @@ def test_module_end_to_end_backward():
 
 def _bank_worker(rank, world, init, out):
     import torch.distributed as dist
+
+    from pixcon import distributed as pdist
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     try:
         bank = NegativeBank(step_save=0)
@@ -315,7 +317,7 @@ def _bank_worker(rank, world, init, out):
         feats, labels = bank.negatives()
         torch.save((feats, labels), f"{out}.{rank}")
     finally:
-        dist.destroy_process_group()
+        pdist.shutdown()
 
 
 def test_negative_bank_all_gathers_across_ranks(tmp_path):

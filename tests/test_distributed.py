@@ -37,7 +37,7 @@ def _entry(rank, name, init, out, args):
         torch.manual_seed(1000 + rank)
         torch.save(globals()[name](rank, *args), f"{out}.{rank}")
     finally:
-        dist.destroy_process_group()
+        pdist.shutdown()     # barrier first: a rank leaving while the other talks aborts both
 
 
 def spawn(tmp_path, name, *args):
