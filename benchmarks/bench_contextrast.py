@@ -1,10 +1,11 @@
-"""pixel_anchor_loss (Contextrast L_PA with BANE) benchmark: reference vs fused, forward+backward.
+"""pixel_anchor_loss (Contextrast L_PA with BANE) benchmark: reference vs native (the CPU default)
+vs fused (Triton), forward+backward.
 
     python benchmarks/bench_contextrast.py              # GPU: HRNet/Cityscapes; CPU: reduced
     python benchmarks/bench_contextrast.py --size tiny  # what CI runs
 
 "hrnet": B = 8, D = 256, layers 128x256, 64x128, 32x64, 16x32, 19 classes (specs/contextrast.md
-§8). Metrics as bench_reco (fwd_bwd_ms, peak_extra_mib on CUDA, saved_mib).
+§8). Metrics as bench_reco (fwd_bwd_ms, peak_extra_mib, saved_mib).
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import sys
 
 import torch
 
+import pixcon
 import pixcon.bench as pb
 from pixcon.ops import pixel_anchor_loss
 
@@ -42,10 +44,12 @@ def run(size="cpu", device=None, reps=3, out=None, verbose=True):
     B, D, layers, C = SIZES[size]
     embs, labels, logits = make_inputs(B, D, layers, C, device)
     rows = []
-    for provider in ("reference", "fused"):
+    for provider in ("reference", "native", "fused"):
         if provider == "fused" and device.type == "cpu" and not meta["triton_interpret"]:
             continue
-        backend = "triton" if provider == "fused" else "reference"
+        if provider == "native" and (device.type != "cpu" or not pixcon.HAS_C):
+            continue
+        backend = {"fused": "triton"}.get(provider, provider)
         if verbose:
             print(f"[{size}] {provider} ...", file=sys.stderr, flush=True)
 

@@ -104,6 +104,30 @@ def test_fused_loss_matches_reference(dtype, reading, detach):
 
 
 @pytest.mark.interpret
+@pytest.mark.skipif(not pixcon.HAS_C, reason="the native backend needs pixcon._C")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("reading", ["R1", "R2"])
+@pytest.mark.parametrize("seed", [0, 7])
+def test_native_loss_matches_reference(dtype, reading, seed):
+    """The CPU default (compiled EDT, gathers) against the reference: same selection, the same
+    math summed in another order (fp32 1e-5, fp64 1e-10), loss and gradients; "auto" on CPU is
+    this path."""
+    labels, pred = _scene(seed=seed, H=24, W=40)
+    embs = _embs(dtype, seed=seed, sizes=(12, 6))
+    out = []
+    for be in ("reference", "native", "auto"):
+        es = [e.clone().requires_grad_() for e in embs]
+        loss = pixel_anchor_loss(es, labels, pred, num_classes=5, backend=be, reading=reading,
+                                 layer_weights=(0.5, 1.0))
+        out.append((loss.detach(), torch.autograd.grad(loss, es)))
+    tol = 1e-10 if dtype == torch.float64 else 1e-5
+    assert_close(out[1][0], out[0][0], rtol=tol, atol=tol, what="loss")
+    for i, (a, b) in enumerate(zip(out[1][1], out[0][1])):
+        assert_close(a, b, rtol=tol, atol=tol * 1e-2, what=f"d embs[{i}]")
+    assert out[0][0].item() > 0
+    assert torch.equal(out[2][0], out[1][0])
+
+
 @pytest.mark.parametrize("config", ["interpreter", "gpu"])
 @pytest.mark.parametrize("C", [40, 70])
 def test_fused_loss_many_classes_class_blocks(monkeypatch, config, C):
@@ -152,7 +176,7 @@ def test_anchor_fusion_uses_deep_anchor_only_where_present():
     assert torch.equal(fused[1], a_deep)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS + ["native"])
 @pytest.mark.parametrize("case", ["no_errors", "class_absent_deep", "all_wrong_deep"])
 def test_degenerate_layers(backend, case):
     labels, pred = _scene()

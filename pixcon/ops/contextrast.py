@@ -4,6 +4,7 @@ anchors from the class-sums primitive, pixel x anchor logits with a segmented lo
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from .. import distributed as dist
 from ..reference import common as cm
@@ -117,6 +118,9 @@ def pixel_anchor_loss(embs, labels, pred, *, num_classes: int | None = None,
         normalize: L2-normalise pixel embeddings first (ContrastiveSeg-style head; default).
         detach_anchors: stop gradients through the anchors (default False: they couple layers).
         reading: BANE reading "R1" (default) or "R2", see :func:`bane_negatives`.
+        backend: "auto" (Triton on CUDA tensors, "native" on CPU tensors where pixcon._C is
+            built: the compiled EDT and gathers over pixels x classes, never pixels x pixels),
+            "reference", "triton" or "native".
         cross_rank: under torch.distributed, each layer's anchors are the class means of the
             concatenated batch of all ranks (sums and counts all-reduced; the gradient reaches
             every rank's pixels), so a class seen on any rank has an anchor everywhere. The
@@ -163,7 +167,7 @@ def pixel_anchor_loss(embs, labels, pred, *, num_classes: int | None = None,
     if chk.want_value_checks(check_values, embs[0].device):
         for e in embs:
             chk.check_pixel_values(op, e, labels, C, ignore_index)
-    be = chk.resolve_backend(backend, embs[0].device, op)
+    be = chk.resolve_backend(backend, embs[0].device, op, ("reference", "triton", "native"))
     pred_labels = _pred_labels(pred, C, op)
     kw = dict(w_low=w_low, w_high=w_high, layer_weights=layer_weights, temperature=temperature,
               ks=ks, ignore_index=ignore_index, normalize=normalize,
@@ -171,17 +175,21 @@ def pixel_anchor_loss(embs, labels, pred, *, num_classes: int | None = None,
               stats=dist.class_stats if cross_rank else None)
     if be == "reference":
         return ref.pixel_anchor_loss(list(embs), labels, pred_labels, C, **kw)
-    return _pa_fused(list(embs), labels, pred_labels, C, **kw)
+    return _pa_fused(list(embs), labels, pred_labels, C, backend=be, **kw)
 
 
 def _pa_fused(embs, labels, pred_labels, C, *, w_low, w_high, layer_weights, temperature, ks,
-              ignore_index, normalize, detach_anchors, reading, stats=None):
+              ignore_index, normalize, detach_anchors, reading, stats=None, backend="triton"):
+    """The fused path. "triton": class sums and the pixel x anchor contrast as kernels.
+    "native" (CPU): the compiled EDT in BANE, class sums by index_add and the pixel x anchor
+    terms by gathers (P x C logits, C the classes: never pixels x pixels)."""
     from . import _library as lib
+    native = backend == "native"
     layers, anchors, present = [], [], []
     for emb in embs:
         z, gt, pr = ref.layer_inputs(emb, labels, pred_labels, C, ignore_index, normalize)
-        sums, counts = lib.class_sums(z, gt, C)                        # anchors keep their grad
-        layers.append((z, gt, pr, counts, emb.shape))
+        sums, counts = cm.class_sums(z, gt, C) if native else lib.class_sums(z, gt, C)
+        layers.append((z, gt, pr, counts, emb.shape))                 # anchors keep their grad
         if stats is not None:                                          # over all ranks
             sums, counts = stats(sums, counts)
         a = sums / counts.clamp(min=1).to(sums.dtype)[:, None]
@@ -193,10 +201,29 @@ def _pa_fused(embs, labels, pred_labels, C, *, w_low, w_high, layer_weights, tem
         pres = counts > 0
         B, _, h, w = shape
         sel, err = bane_negatives(gt.view(B, h, w), pr.view(B, h, w), C, ks=ks,
-                                  reading=reading, ignore_index=-1, backend="triton")
-        negcls = torch.where(sel, err, -1).reshape(-1)
-        loss_sum, _, _ = lib.anchor_contrast(z, a_hat, gt, negcls, float(temperature),
-                                             reading == "R2")
+                                  reading=reading, ignore_index=-1, backend=backend)
+        if native:
+            loss_sum = _anchor_terms(z, a_hat, gt, sel.reshape(-1), err.reshape(-1), C,
+                                     temperature, reading)
+        else:
+            negcls = torch.where(sel, err, -1).reshape(-1)
+            loss_sum, _, _ = lib.anchor_contrast(z, a_hat, gt, negcls, float(temperature),
+                                                 reading == "R2")
         per_class = loss_sum / counts.clamp(min=1).to(loss_sum.dtype)
         total = total + lam * per_class.sum() / pres.sum().clamp(min=1)
     return total
+
+
+def _anchor_terms(z, a_hat, gt, sel, err, C, temperature, reading):
+    """Per class c: sum over its pixels p of softplus(NL_c - z_p . a_c / t), NL_c the
+    log-sum-exp over c's negatives (0 for a class without one). (C,) with gradient."""
+    neg = ref.negative_mask(sel, err, C, reading)                      # (P, C) bool
+    s = z @ a_hat.T / temperature                                      # (P, C)
+    has_neg = neg.any(dim=0)
+    nl = torch.logsumexp(torch.where(has_neg[None, :], s.masked_fill(~neg, float("-inf")), 0.0),
+                         dim=0)
+    g = gt.clamp(min=0)
+    use = (gt >= 0) & has_neg[g]
+    x = torch.where(use, nl[g] - s.gather(1, g[:, None])[:, 0], 0.0)
+    per_pixel = torch.where(use, F.softplus(x), 0.0)
+    return per_pixel.new_zeros(C).index_add(0, g, per_pixel)
