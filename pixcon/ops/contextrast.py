@@ -188,7 +188,7 @@ def _pa_fused(embs, labels, pred_labels, C, *, w_low, w_high, layer_weights, tem
     layers, anchors, present = [], [], []
     for emb in embs:
         z, gt, pr = ref.layer_inputs(emb, labels, pred_labels, C, ignore_index, normalize)
-        sums, counts = cm.class_sums(z, gt, C) if native else lib.class_sums(z, gt, C)
+        sums, counts = prim.class_sums(z, gt, C) if native else lib.class_sums(z, gt, C)
         layers.append((z, gt, pr, counts, emb.shape))                 # anchors keep their grad
         if stats is not None:                                          # over all ranks
             sums, counts = stats(sums, counts)

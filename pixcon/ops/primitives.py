@@ -58,6 +58,27 @@ def pixel_rows_at(emb: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return _PixelRows.apply(emb, index)
 
 
+class _ClassSums(torch.autograd.Function):
+    """Per-class sums (C, D) and counts of rows (P, D) with gradient, saving only the labels
+    (index_add's own backward keeps the rows: P x D)."""
+
+    @staticmethod
+    def forward(ctx, rows, lab, num_classes):
+        ctx.save_for_backward(lab)
+        return cm.class_sums(rows.detach(), lab, num_classes)
+
+    @staticmethod
+    def backward(ctx, g, _gc):
+        (lab,) = ctx.saved_tensors
+        return g[lab.clamp(min=0)] * (lab >= 0)[:, None].to(g.dtype), None, None
+
+
+def class_sums(rows: torch.Tensor, lab: torch.Tensor, num_classes: int):
+    """(sums (C, D), counts (C,) int64) of rows (P, D) by class lab (-1 ignored), sums
+    differentiable w.r.t. rows; saves the labels only."""
+    return _ClassSums.apply(rows, lab, num_classes)
+
+
 def philox(counter: torch.Tensor, seed: int, stream: int = 0, *, backend: str = "auto"):
     """Philox4x32-10 words for counters (counter, stream, 0, 0) under key ``seed``:
     ``counter.shape + (4,)`` int64 in [0, 2^32). Identical on every backend ("reference": torch

@@ -73,11 +73,11 @@ def hard_pixels(probs: torch.Tensor, lab: torch.Tensor, threshold: float) -> tor
 def class_sums(rows: torch.Tensor, lab: torch.Tensor, num_classes: int):
     """Sum and count of rows (P, D) per class (lab -1 ignored): (C, D) in rows' dtype, (C,) int64."""
     valid = lab >= 0
-    idx = lab.clamp(min=0)
-    sums = rows.new_zeros(num_classes, rows.shape[1]).index_add_(0, idx, rows * valid[:, None])
-    counts = torch.zeros(num_classes, dtype=torch.int64, device=rows.device)
-    counts.index_add_(0, idx, valid.to(torch.int64))
-    return sums, counts
+    idx = torch.where(valid, lab, num_classes)          # ignored rows go to a dropped extra row:
+    sums = rows.new_zeros(num_classes + 1, rows.shape[1]).index_add_(0, idx, rows)[:num_classes]
+    counts = torch.zeros(num_classes + 1, dtype=torch.int64, device=rows.device)
+    counts.index_add_(0, idx, valid.to(torch.int64))     # no masked copy of the rows is made or
+    return sums, counts[:num_classes]                     # saved for backward
 
 
 def class_means_from_sums(sums: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
