@@ -68,7 +68,7 @@ def line_plot(series: dict, path, *, title: str, xlabel: str, ylabel: str):
 
     img = Image.new("RGB", (W, H), "white")
     d = ImageDraw.Draw(img)
-    d.text((LEFT, 12), title, fill="black")
+    d.text((LEFT, 6), title, fill="black")
     d.rectangle([LEFT, TOP, W - RIGHT, H - BOTTOM], outline="black")
     for t in _ticks(x0, x1, logx):
         if x0 <= t <= x1:
@@ -80,7 +80,7 @@ def line_plot(series: dict, path, *, title: str, xlabel: str, ylabel: str):
             d.text((8, py(t) - 6), _fmt(t), fill="black")
     d.text((LEFT + (W - LEFT - RIGHT) // 2 - 60, H - 28),
            xlabel + (" (log)" if logx else ""), fill="black")
-    d.text((8, TOP - 30), ylabel + (" (log)" if logy else ""), fill="black")
+    d.text((8, TOP - 16), ylabel + (" (log)" if logy else ""), fill="black")
     for i, (name, pts) in enumerate(sorted(series.items())):
         c = COLOURS[i % len(COLOURS)]
         xy = [(px(x), py(y)) for x, y in pts]

@@ -105,8 +105,9 @@ def plots(rows, stem: str) -> list[str]:
         rs = [r for r in rows if r["op"] == op]
         for metric, key, unit in (("time", "time_ms", "ms"), ("memory", "peak_extra_mib", "MiB")):
             series = {}
-            for r in rs:
-                series.setdefault(r["provider"], []).append((r["x"], r.get(key)))
+            for r in rs:                # a memory bank is another line, not another point
+                name = r["provider"] + (" + bank" if r.get("bank", "none") != "none" else "")
+                series.setdefault(name, []).append((r["x"], r.get(key)))
             m = rs[0]
             path = line_plot(series, f"{stem}-{op}-{metric}.png",
                              title=f"{op}: {'forward+backward time' if metric == 'time' else 'peak extra memory'}"
