@@ -111,7 +111,7 @@ def plots(rows, stem: str) -> list[str]:
             m = rs[0]
             path = line_plot(series, f"{stem}-{op}-{metric}.png",
                              title=f"{op}: {'forward+backward time' if metric == 'time' else 'peak extra memory'}"
-                                   f" on {m['device']} (torch {m['torch']}, {m['date']})",
+                                   f"\n{m['device']}, torch {m['torch']}, {m['date']}",
                              xlabel=m["x_label"], ylabel=f"{metric} ({unit})")
             if path:
                 out.append(path)
@@ -138,7 +138,15 @@ def main(argv=None):
                     help="add the official code from your checkout as a provider")
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
+    ap.add_argument("--replot", default=None, metavar="JSON",
+                    help="only redraw the plots of a suite JSON written before, next to it")
     a = ap.parse_args(argv)
+    if a.replot:
+        import json
+        with open(a.replot) as f:
+            paths = plots(json.load(f), a.replot[:-len(".json")])
+        print("wrote " + ", ".join(os.path.relpath(p) for p in paths))
+        return 0
     mode = a.mode or ("paper" if torch.cuda.is_available() else "cpu")
     official = None
     if a.official:
