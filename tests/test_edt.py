@@ -86,6 +86,22 @@ def test_hrnet_pyramid_sizes(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_multilabel_default_has_no_background(backend):
+    """labels=True without a background: label 0 is a class like any other (a VOC map's class 0
+    gets its own binary transform, not zeros); background=0 opts into the old reading."""
+    lab = np.zeros((9, 12), np.int64)
+    lab[:, 7:] = 3
+    lab[4, 2] = 1
+    got = run(torch.from_numpy(lab), backend, squared=True, labels=True).numpy()
+    for c in (0, 1, 3):
+        m = lab == c
+        assert np.array_equal(got[m], scipy_sq(m)[m]), c
+    assert got[lab == 0].max() > 0
+    old = run(torch.from_numpy(lab), backend, squared=True, labels=True, background=0).numpy()
+    assert (old[lab == 0] == 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("num_labels", [2, 5, 19])
 def test_multilabel_equals_per_label_binary(backend, num_labels):
     """One multi-label call (background -1) equals each label's binary transform on its pixels."""
@@ -129,7 +145,7 @@ def test_bad_input():
         distance_transform(torch.rand(4, 4))
     with pytest.raises(ValueError, match="x must have"):
         distance_transform(torch.zeros(4, dtype=torch.long))
-    with pytest.raises(TypeError, match="background must be an int"):
+    with pytest.raises(TypeError, match="background must be an int or None"):
         distance_transform(torch.zeros(4, 4, dtype=torch.long), labels=True, background=0.5)
     with pytest.raises(ValueError, match="backend must be one of"):
         distance_transform(torch.zeros(4, 4, dtype=torch.long), backend="scipy")

@@ -6,9 +6,11 @@ import torch
 from ..reference import edt as ref
 from . import _common as chk
 
+NO_BACKGROUND = -(2**31)     # background=None: a value no label takes (and int32 can hold)
+
 
 def distance_transform(x: torch.Tensor, *, squared: bool = False, labels: bool = False,
-                       background: int = 0, backend: str = "auto") -> torch.Tensor:
+                       background: int | None = None, backend: str = "auto") -> torch.Tensor:
     """Exact Euclidean distance transform of every (H, W) map in x.
 
     Args:
@@ -19,8 +21,10 @@ def distance_transform(x: torch.Tensor, *, squared: bool = False, labels: bool =
             (multi-label): every pixel whose value is not ``background`` gets the distance to the
             nearest pixel with a *different* value (any other label is a boundary), which equals
             the binary transform of each label's own mask -- one call instead of C.
-        background: the value that counts as background in multi-label mode (default 0; BANE
-            uses -1).
+        background: None (default: every label is a class, 0 included, so that the result
+            equals each label's own binary transform) or the value that counts as background
+            in multi-label mode (its pixels get 0; BANE uses -1). None is the value -2^31
+            internally, which no label may take.
         backend: "auto" (Triton for CUDA tensors; the compiled C++ op -- backend "native", i.e.
             pixcon._C -- for CPU tensors, or the reference if the extension is not built),
             "reference", "triton", "native" ("cuda": its deprecated old name).
@@ -31,8 +35,11 @@ def distance_transform(x: torch.Tensor, *, squared: bool = False, labels: bool =
     """
     chk.check_tensor("x", x, ndim=(2, 3, 4), dtypes=chk.INT_DTYPES + (torch.bool,),
                      kind="(H, W), (B, H, W) or (B, C, H, W)")
+    if background is None:
+        background = NO_BACKGROUND
     if isinstance(background, bool) or not isinstance(background, int):
-        raise TypeError(f"background must be an int, got {background!r}")
+        raise TypeError(f"distance_transform: background must be an int or None, got "
+                        f"{background!r}")
     if labels:
         lab = x
         bg = background
