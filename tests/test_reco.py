@@ -391,3 +391,16 @@ def test_device_mismatch_message():
     meta = torch.empty(2, 3, 5, 5, device="meta")
     with pytest.raises(ValueError, match="probs is on meta but emb is on cpu"):
         reco_loss(e, l, meta)
+
+
+def test_mask_must_be_binary():
+    """A confidence map passed as the mask would count every non-zero pixel as valid: it
+    raises, naming the threshold idiom; 0/1 numbers and bool are the same mask."""
+    emb, labels, probs = reco_batch(2, 8, 6, 6, num_classes=5, present=4, seed=4)
+    conf = torch.rand(2, 6, 6, generator=torch.Generator().manual_seed(1))
+    with pytest.raises(ValueError, match=r"reco_loss: mask must be bool .*conf >= 0.7"):
+        reco_loss(emb, labels, probs, mask=conf, seed=3, **SMALL)
+    m = conf >= 0.5
+    a = reco_loss(emb, labels, probs, mask=m, seed=3, backend="reference", **SMALL)
+    b = reco_loss(emb, labels, probs, mask=m.float(), seed=3, backend="reference", **SMALL)
+    assert a.item() == b.item()

@@ -114,7 +114,19 @@ def check_positive_float(name: str, v):
         raise ValueError(f"{name} must be a positive number, got {v!r}")
 
 
-def check_pixel_inputs(op: str, emb, labels, probs=None, mask=None):
+def _check_binary_mask(op, mask, check_values):
+    """A numeric mask must hold only 0 and 1: a confidence map passed as the mask would count
+    every non-zero pixel as valid. Read back on CPU (value checks on), a device assert on CUDA."""
+    binary = ((mask == 0) | (mask == 1)).all()
+    if mask.device.type == "cuda":
+        torch._assert_async(binary, f"{op}: mask must be bool or hold only 0/1")
+    elif want_value_checks(check_values, mask.device) and not bool(binary):
+        bad = mask[(mask != 0) & (mask != 1)][0].item()
+        raise ValueError(f"{op}: mask must be bool or hold only 0 and 1, found {bad}; for a "
+                         f"confidence map write the threshold yourself, e.g. mask=conf >= 0.7")
+
+
+def check_pixel_inputs(op: str, emb, labels, probs=None, mask=None, check_values=None):
     """Shapes, dtypes and devices of the common (emb, labels, probs, mask) arguments."""
     check_tensor("emb", emb, ndim=4, dtypes=FLOAT_DTYPES, kind="(B, D, h, w)")
     dev = emb.device
@@ -146,7 +158,8 @@ def check_pixel_inputs(op: str, emb, labels, probs=None, mask=None):
                              f"emb's ({h}, {w})")
         if mask.dtype != torch.bool:
             if mask.dtype not in FLOAT_DTYPES + INT_DTYPES:
-                raise TypeError(f"mask must be bool (or 0/1 numbers), got {mask.dtype}")
+                raise TypeError(f"{op}: mask must be bool (or 0/1 numbers), got {mask.dtype}")
+            _check_binary_mask(op, mask, check_values)
             mask = mask != 0
     return mask
 

@@ -31,8 +31,9 @@ def reco_loss(emb, labels, probs, *, mask=None, ignore_index: int = 255,
         probs: (B, C, h, w) class probabilities (the student's softmax at feature resolution);
             C fixes the number of classes. A pixel is *hard* when its probability of its own
             label is strictly below ``strong_threshold`` (official ``<``; the paper writes <=).
-        mask: optional (B, H, W) or (B, 1, H, W) validity mask (e.g. a confidence mask for
-            pseudo-labels); False pixels are ignored, like ``ignore_index``.
+        mask: optional (B, H, W) or (B, 1, H, W) validity mask (e.g. ``conf >= 0.7`` for
+            pseudo-labels): bool, or numbers that are only 0 and 1 (anything else raises: a
+            confidence map is not a mask); False pixels are ignored, like ``ignore_index``.
         ignore_index: label value to ignore (default 255; any int, e.g. -1).
         strong_threshold, temperature, num_queries, num_negatives: the official training
             settings by default (0.97, 0.5, 256, 512).
@@ -60,7 +61,7 @@ def reco_loss(emb, labels, probs, *, mask=None, ignore_index: int = 255,
     also those without hard pixels (official behaviour).
     """
     op = "reco_loss"
-    mask = chk.check_pixel_inputs(op, emb, labels, probs, mask)
+    mask = chk.check_pixel_inputs(op, emb, labels, probs, mask, check_values)
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"{op}: ignore_index must be an int, got {ignore_index!r}")
     chk.check_positive_float("strong_threshold", strong_threshold)
