@@ -68,6 +68,9 @@ def test_seed_contract():
     a = draw_seed(None)
     torch.manual_seed(5)
     assert draw_seed(None) == a
-    assert draw_seed(-1) == 2**63 - 1
+    assert draw_seed(2**63 - 1) == 2**63 - 1
+    for bad in (-1, 2**63):
+        with pytest.raises(ValueError, match=r"seed must be in \[0, 2\^63\)"):
+            draw_seed(bad)
     with pytest.raises(TypeError, match="seed must be an int"):
         draw_seed(1.5)

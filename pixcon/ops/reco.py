@@ -65,6 +65,9 @@ def reco_loss(emb, labels, probs, *, mask=None, ignore_index: int = 255,
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"{op}: ignore_index must be an int, got {ignore_index!r}")
     chk.check_positive_float("strong_threshold", strong_threshold)
+    if strong_threshold > 1:
+        raise ValueError(f"{op}: strong_threshold must be in (0, 1] (a probability; 1 makes "
+                         f"every pixel below certainty hard), got {strong_threshold}")
     chk.check_positive_float("temperature", temperature)
     if relation_temperature is not None:
         chk.check_positive_float("relation_temperature", relation_temperature)

@@ -60,10 +60,13 @@ def uniform_index(r: torch.Tensor, n: torch.Tensor | int) -> torch.Tensor:
 
 
 def draw_seed(seed: int | None) -> int:
-    """The seed contract: an int is used as is (masked to 63 bits); None draws one 63-bit seed
-    from torch's default CPU generator, so ``torch.manual_seed`` controls every sample."""
+    """The seed contract: an int in [0, 2^63) is used as is (anything else raises, rather than
+    wrapping two seeds onto one); None draws one 63-bit seed from torch's default CPU
+    generator, so ``torch.manual_seed`` controls every sample."""
     if seed is None:
         return int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64).item())
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
-    return seed & ((1 << 63) - 1)
+    if not 0 <= seed < 2**63:
+        raise ValueError(f"seed must be in [0, 2^63), got {seed}")
+    return seed
