@@ -3,8 +3,7 @@
 The relation of classes i and j is the cosine similarity of their mean representations over
 the validation set (ground-truth pixels, labels nearest-downsampled to the representation), the
 quantity ReCo's negative sampler turns into P(j | i). The dendrogram is SciPy's average-linkage
-clustering of the distances 1 - cos. Drawing uses Pillow (``pip install pillow``), no plotting
-library.
+clustering of the distances 1 - cos. Drawing uses matplotlib (the ``viz`` extra).
 
     python -m pixcon.viz runs/semi-reco/checkpoint.pt --out runs/semi-reco/viz
 """
@@ -12,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import pickle
 import sys
 from pathlib import Path
 
@@ -24,12 +24,15 @@ from .train.loop import same_size_batches
 from .train.semisup import normalize_images
 
 
-def _pil():
+def _plt():
     try:
-        from PIL import Image, ImageDraw
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
     except ImportError as e:
-        raise ImportError("pixcon.viz draws with Pillow: pip install pillow") from e
-    return Image, ImageDraw
+        raise ImportError("pixcon.viz draws with matplotlib: pip install 'pixcon[viz]' "
+                          "(./dev setup installs it)") from e
+    return plt
 
 
 @torch.no_grad()
@@ -59,45 +62,37 @@ def class_relation(model, dataset, device="cpu", batch: int = 50):
     return sim.cpu(), counts.cpu()
 
 
-def _colour(v):
-    """Blue (-1) - white (0) - red (+1); grey for NaN."""
-    if not np.isfinite(v):
-        return (160, 160, 160)
-    v = float(np.clip(v, -1, 1))
-    if v >= 0:
-        return (255, int(255 * (1 - v)), int(255 * (1 - v)))
-    return (int(255 * (1 + v)), int(255 * (1 + v)), 255)
-
-
-def relation_png(sim, names, path, cell: int = 36):
-    """Heat map of the relation matrix with class names and values."""
-    Image, ImageDraw = _pil()
+def relation_png(sim, names, path, *, title: str = "class relation"):
+    """Heat map of the relation matrix: cosine of class means, values written in the cells,
+    a colour bar, class names on both axes (columns rotated); absent classes grey."""
+    plt = _plt()
     sim = np.asarray(sim, dtype=np.float64)
     C = len(names)
-    longest = max(len(n) for n in names)
-    margin, top = 8 + 7 * longest, 8 + 10 * longest
-    img = Image.new("RGB", (margin + C * cell + 10, top + C * cell + 10), "white")
-    d = ImageDraw.Draw(img)
+    size = 2.5 + 0.45 * C
+    fig, ax = plt.subplots(figsize=(size + 1.5, size), dpi=100)
+    cmap = plt.get_cmap("RdBu_r").with_extremes(bad="#a0a0a0")
+    im = ax.imshow(np.ma.masked_invalid(sim), cmap=cmap, vmin=-1, vmax=1)
+    ax.set_xticks(range(C), names, rotation=60, ha="right", fontsize=8)
+    ax.set_yticks(range(C), names, fontsize=8)
     for i in range(C):
-        d.text((4, top + i * cell + cell // 2 - 5), names[i], fill="black")
-        for k, ch in enumerate(names[i]):                            # column names, vertical
-            d.text((margin + i * cell + cell // 2 - 3, 4 + 10 * k), ch, fill="black")
         for j in range(C):
-            x0, y0 = margin + j * cell, top + i * cell
-            d.rectangle([x0, y0, x0 + cell - 1, y0 + cell - 1], fill=_colour(sim[i, j]),
-                        outline=(220, 220, 220))
             if np.isfinite(sim[i, j]):
-                d.text((x0 + 4, y0 + cell // 2 - 5), f"{sim[i, j]:.2f}", fill="black")
-    img.save(path)
+                ax.text(j, i, f"{sim[i, j]:.2f}", ha="center", va="center", fontsize=6,
+                        color="white" if abs(sim[i, j]) > 0.6 else "black")
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="cos(class mean i, class mean j)")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
     return path
 
 
-def dendrogram_png(sim, names, path, width: int = 640, height: int = 360):
-    """Average-linkage dendrogram (SciPy) of the distances 1 - cos between class means; absent
-    classes (NaN) are left out."""
+def dendrogram_png(sim, names, path, *, title: str = "class hierarchy"):
+    """Average-linkage dendrogram (SciPy, drawn into matplotlib) of the distances 1 - cos
+    between class means; absent classes (NaN) are left out."""
     from scipy.cluster.hierarchy import dendrogram, linkage
     from scipy.spatial.distance import squareform
-    Image, ImageDraw = _pil()
+    plt = _plt()
     sim = np.asarray(sim, dtype=np.float64)
     keep = [i for i in range(len(names)) if np.isfinite(sim[i, i])]
     if len(keep) < 2:
@@ -105,28 +100,14 @@ def dendrogram_png(sim, names, path, width: int = 640, height: int = 360):
     dist = np.clip(1.0 - sim[np.ix_(keep, keep)], 0.0, None)
     np.fill_diagonal(dist, 0.0)
     Z = linkage(squareform((dist + dist.T) / 2, checks=False), method="average")
-    dn = dendrogram(Z, labels=[names[i] for i in keep], no_plot=True)
-    ic, dc = np.asarray(dn["icoord"]), np.asarray(dn["dcoord"])
-    left, bottom, top = 40, 110, 20
-    xmax, ymax = 10 * len(keep), max(float(dc.max()), 1e-6)
-
-    def px(x, y):
-        return (left + (width - left - 20) * x / xmax,
-                height - bottom - (height - bottom - top) * y / ymax)
-
-    img = Image.new("RGB", (width, height), "white")
-    d = ImageDraw.Draw(img)
-    for xs, ys in zip(ic, dc):
-        d.line([px(x, y) for x, y in zip(xs, ys)], fill=(30, 60, 150), width=2)
-    for k in range(5):                                               # distance axis
-        y = ymax * k / 4
-        d.text((2, px(0, y)[1] - 5), f"{y:.2f}", fill="black")
-    for k, name in enumerate(dn["ivl"]):                             # leaf names, vertical
-        x, y = px(5 + 10 * k, 0)
-        for m, ch in enumerate(name[:10]):
-            d.text((x - 3, y + 6 + 10 * m), ch, fill="black")
-    d.text((left, 2), "average linkage of 1 - cos(class means)", fill="black")
-    img.save(path)
+    fig, ax = plt.subplots(figsize=(max(6.4, 0.4 * len(keep) + 2), 4.2), dpi=100)
+    dendrogram(Z, labels=[names[i] for i in keep], ax=ax, leaf_rotation=60,
+               leaf_font_size=8, color_threshold=0)
+    ax.set_ylabel("1 - cos (average linkage)")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
     return path
 
 
@@ -141,8 +122,14 @@ def main(argv=None):
     a = ap.parse_args(argv)
     from .train.loop import Config, load_dataset
     from .train.model import DeepLabV3Plus
-    state = torch.load(a.checkpoint, map_location=a.device, weights_only=False)
-    cfg = Config(**state["config"])
+    try:
+        state = torch.load(a.checkpoint, map_location=a.device, weights_only=False)
+        cfg = Config(**state["config"])
+    except (OSError, RuntimeError, KeyError, TypeError, EOFError, pickle.UnpicklingError) as e:
+        print(f"pixcon.viz: {a.checkpoint} is not a checkpoint written by pixcon.train "
+              f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})",
+              file=sys.stderr)
+        return 2
     ds = load_dataset(cfg, "val")
     weights = state["teacher"]["model"] if (a.model == "teacher" and state["teacher"]) \
         else state["student"]
@@ -154,8 +141,10 @@ def main(argv=None):
     out = Path(a.out or Path(a.checkpoint).parent / "viz")
     out.mkdir(parents=True, exist_ok=True)
     names = list(ds.class_names)
-    relation_png(sim, names, out / "relation.png")
-    dendrogram_png(sim, names, out / "dendrogram.png")
+    which = f"{a.model if state['teacher'] else 'student'} of {a.checkpoint} (step "
+    which += f"{state['step']}), {cfg.dataset} validation split"
+    relation_png(sim, names, out / "relation.png", title=f"class relation: {which}")
+    dendrogram_png(sim, names, out / "dendrogram.png", title=f"class hierarchy: {which}")
     (out / "relation.json").write_text(json.dumps(
         {"classes": names, "pixels": counts.tolist(),
          "cosine": [[None if not np.isfinite(v) else v for v in row] for row in sim.tolist()]},

@@ -475,3 +475,13 @@ def test_training_on_a_voc_folder_with_mixed_sizes(tmp_path):
                        num_negatives=16, progress=False))
     assert rep["num_labelled"] == 2 and rep["steps_done"] == 2
     assert len(rep["class_names"]) == 21 and 0 <= rep["final_miou"] <= 1
+
+
+def test_viz_cli_on_a_missing_or_wrong_file(tmp_path, capsys):
+    from pixcon import viz
+    assert viz.main([str(tmp_path / "nothing.pt")]) == 2
+    (tmp_path / "junk.pt").write_text("not a checkpoint")
+    assert viz.main([str(tmp_path / "junk.pt")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("is not a checkpoint written by pixcon.train") == 2
+    assert "Traceback" not in err
