@@ -247,6 +247,8 @@ BAD = [
     (dict(num_classes=None), ValueError, "give num_classes"),
     (dict(pred=torch.zeros(1, 32, 48, dtype=torch.long)), ValueError, "pred has batch size 1"),
     (dict(temperature=-1), ValueError, "temperature must be a positive number"),
+    (dict(embs=[torch.randn(2, 4, 16, 32), torch.full((2, 4, 8, 16), float("nan"))]), ValueError,
+     r"pixel_anchor_loss: embs\[1\] contains NaN"),
 ]
 
 

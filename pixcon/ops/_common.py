@@ -164,11 +164,12 @@ def check_pixel_inputs(op: str, emb, labels, probs=None, mask=None, check_values
     return mask
 
 
-def check_pixel_values(op: str, emb, labels, num_classes: int, ignore_index: int, probs=None):
+def check_pixel_values(op: str, emb, labels, num_classes: int, ignore_index: int, probs=None,
+                       name: str = "emb"):
     """Data checks (host sync): finite embeddings, labels in [0, C) or ignore_index, probs in
-    [0, 1]."""
+    [0, 1]. ``name``: how the message calls emb (e.g. "embs[2]")."""
     if not bool(torch.isfinite(emb).all()):
-        raise ValueError(f"{op}: emb contains NaN or Inf")
+        raise ValueError(f"{op}: {name} contains NaN or Inf")
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= num_classes))
     if bool(bad.any()):
         v = int(labels[bad][0])

@@ -165,8 +165,8 @@ def pixel_anchor_loss(embs, labels, pred, *, num_classes: int | None = None,
     if reading not in READINGS:
         raise ValueError(f"{op}: reading must be 'R1' or 'R2', got {reading!r}")
     if chk.want_value_checks(check_values, embs[0].device):
-        for e in embs:
-            chk.check_pixel_values(op, e, labels, C, ignore_index)
+        for i, e in enumerate(embs):
+            chk.check_pixel_values(op, e, labels, C, ignore_index, name=f"embs[{i}]")
     be = chk.resolve_backend(backend, embs[0].device, op, ("reference", "triton", "native"))
     pred_labels = _pred_labels(pred, C, op)
     kw = dict(w_low=w_low, w_high=w_high, layer_weights=layer_weights, temperature=temperature,
