@@ -80,7 +80,8 @@ def main(argv=None):
     print(f"\n{'backend':<16}{'loss':>10}{'fwd+bwd ms':>14}{'peak extra MiB':>16}"
           f"{'saved for bwd MiB':>19}")
     for i, (name, fn) in enumerate(runs, 1):
-        print(f"  [{i}/{len(runs)}] {name} ...", end="\r", file=sys.stderr, flush=True)
+        if sys.stderr.isatty():   # a status line that the row below replaces (cleared first)
+            print(f"  [{i}/{len(runs)}] {name} ...", end="\r", file=sys.stderr, flush=True)
 
         def step(fn=fn):
             emb.grad = None
@@ -93,6 +94,8 @@ def main(argv=None):
         saved = pb.saved_bytes(fn, [emb, labels, probs])
         loss = float(fn().detach())
         peak_s = "-" if peak is None else f"{peak / 2**20:.1f}"
+        if sys.stderr.isatty():
+            print("\r\033[K", end="", file=sys.stderr, flush=True)
         print(f"{name:<16}{loss:>10.4f}{ms:>14.1f}{peak_s:>16}{saved / 2**20:>19.2f}")
     print("\npeak extra: the peak of live tensor bytes during forward+backward above the inputs "
           "(CUDA allocator on GPU; includes emb's gradient).\nsaved for bwd: what autograd keeps between forward "

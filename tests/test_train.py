@@ -2,6 +2,7 @@
 loaders, and the trainer end to end (mIoU above chance, reference/fused parity, resume)."""
 import dataclasses
 import json
+import os
 import zlib
 
 import numpy as np
@@ -436,6 +437,29 @@ def test_class_relation_and_pngs(tmp_path):
             assert im.format == "PNG" and im.size[0] > 100
     with pytest.raises(ValueError, match="at least two classes"):
         viz.dendrogram_png(torch.full((3, 3), float("nan")), ["a", "b", "c"], tmp_path / "x.png")
+
+
+def test_cli_keeps_checkpoints_under_runs_by_default(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", "--tiny", "--steps", "1", "--eval-every", "1", "--quiet"]) == 0
+    cap = capsys.readouterr()
+    assert "checkpoints and reports: runs/semi-none/" in cap.err
+    assert f"checkpoint: {os.path.join('runs', 'semi-none', 'checkpoint.pt')}" in cap.out
+    assert (tmp_path / "runs" / "semi-none" / "checkpoint.pt").is_file()
+    assert main(["run", "--tiny", "--steps", "1", "--quiet", "--mode", "sup", "--no-save"]) == 0
+    assert not (tmp_path / "runs" / "sup-none").exists()
+    assert "checkpoints and reports" not in capsys.readouterr().err
+
+
+def test_cli_help_shows_every_default(capsys):
+    with pytest.raises(SystemExit):
+        main(["run", "--help"])
+    text = " ".join(capsys.readouterr().out.split())      # argparse wraps lines
+    for shown in ("training steps (default: 800)", "(default: semi)", "(default: auto)",
+                  "(default: 64)", "(default: 1 for reco, 0.1 for contextrast)",
+                  "(default: runs/compare, runs/MODE-LOSS or runs/parity-LOSS)"):
+        assert shown in text, shown
+    assert "(default: None)" not in text and "(default: False)" not in text
 
 
 def test_viz_cli_on_a_checkpoint(tmp_path, capsys):

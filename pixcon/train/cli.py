@@ -1,8 +1,8 @@
 """Command line of pixcon.train (also the ``pixcon`` console script).
 
     python -m pixcon.train                          # compare: sup CE / semi CE / semi CE + ReCo
-    python -m pixcon.train run --mode semi --loss reco --num-labels 20 --out runs/reco
-    python -m pixcon.train run ... --out runs/reco --resume     # continue from its checkpoint
+    python -m pixcon.train run --mode semi --loss reco --num-labels 20   # into runs/semi-reco/
+    python -m pixcon.train run --mode semi --loss reco --resume  # continue from its checkpoint
     python -m pixcon.train parity --loss reco --tiny            # reference vs fused backend
     python -m pixcon.train run --dataset voc:/data/VOC2012 --backbone resnet101 --crop 321
     torchrun --nproc_per_node 2 -m pixcon.train run ...         # DDP: gloo on CPU, NCCL on GPUs
@@ -37,28 +37,63 @@ def _add_config_args(p):
     p.add_argument("--num-labels", type=int, default=d.num_labels,
                    help="labelled images, picked class-balanced (0 = all)")
     p.add_argument("--partial", choices=["p0", "p1", "p5", "p25"], default=None,
-                   help="sparse labels on every image instead of a few labelled images")
-    p.add_argument("--min-classes", type=int, default=d.min_classes)
-    p.add_argument("--steps", type=int, default=d.steps)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--crop", type=int, default=d.crop)
-    p.add_argument("--lr", type=float, default=d.lr)
+                   help="sparse labels on every image instead of a few labelled images "
+                   "(default: dense labels)")
+    p.add_argument("--min-classes", type=int, default=d.min_classes,
+                   help="the fewest classes a labelled image must show (class-balanced pick)")
+    p.add_argument("--steps", type=int, default=d.steps, help="training steps")
+    p.add_argument("--batch-size", type=int, default=d.batch_size,
+                   help="images per step (labelled; as many unlabelled in semi mode)")
+    p.add_argument("--crop", type=int, default=d.crop, help="training crop size in pixels")
+    p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (SGD, poly decay)")
     p.add_argument("--loss-weight", type=float, default=None,
-                   help="weight of the contrastive loss (default 1 for reco, 0.1 for contextrast)")
-    p.add_argument("--num-queries", type=int, default=d.num_queries)
-    p.add_argument("--num-negatives", type=int, default=d.num_negatives)
+                   help="weight of the contrastive loss (default: 1 for reco, 0.1 for contextrast)")
+    p.add_argument("--num-queries", type=int, default=d.num_queries,
+                   help="ReCo queries per class")
+    p.add_argument("--num-negatives", type=int, default=d.num_negatives,
+                   help="ReCo negatives per query")
     p.add_argument("--backbone", default=d.backbone, help="small, resnet50, resnet101")
-    p.add_argument("--eval-every", type=int, default=d.eval_every)
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--out", default=None, help="folder for checkpoints and reports")
+    p.add_argument("--eval-every", type=int, default=d.eval_every,
+                   help="steps between evaluations (each saves a checkpoint)")
+    p.add_argument("--seed", type=int, default=d.seed, help="data, weights and sampling seed")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu or cuda")
+    p.add_argument("--out", default=None,
+                   help="folder for checkpoints and reports (default: runs/compare, runs/MODE-LOSS "
+                   "or runs/parity-LOSS)")
+    p.add_argument("--no-save", action="store_true", help="keep no checkpoint or report")
     p.add_argument("--tiny", action="store_true", help="a tiny configuration (tests, interpreter)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+class _Help(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help shows every default and keeps the module docstring's layout (flags and options
+    without a value say in their own words what happens when they are left out)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def default_out(a) -> str | None:
+    """Where a command keeps its checkpoints and reports unless told otherwise: runs/compare,
+    runs/<mode>-<loss> or runs/parity-<loss> (relative to the working directory)."""
+    if a.no_save:
+        return None
+    if a.out:
+        return a.out
+    if a.cmd == "compare":
+        return os.path.join("runs", "compare")
+    if a.cmd == "parity":
+        return os.path.join("runs", f"parity-{a.loss}")
+    return os.path.join("runs", f"{a.mode}-{a.loss}")
 
 
 def _config(a, **over) -> Config:
     fields = {f.name for f in dataclasses.fields(Config)}
     kw = {k: v for k, v in vars(a).items() if k in fields}
+    kw["out"] = default_out(a)
     cfg = Config(**kw, progress=not a.quiet, **over)
     if a.tiny:
         # explicit flags that differ from the defaults win over the tiny preset
@@ -69,34 +104,43 @@ def _config(a, **over) -> Config:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="pixcon", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="pixcon", description=__doc__, formatter_class=_Help)
     sub = ap.add_subparsers(dest="cmd")
     p_cmp = sub.add_parser("compare", help="sup CE / semi CE / semi CE + ReCo, mIoU per row "
-                           "(the default)")
+                           "(the default)", formatter_class=_Help)
     _add_config_args(p_cmp)
-    p_run = sub.add_parser("run", help="train one configuration")
+    p_run = sub.add_parser("run", help="train one configuration", formatter_class=_Help)
     _add_config_args(p_run)
-    p_run.add_argument("--mode", choices=["sup", "semi"], default="semi")
-    p_run.add_argument("--loss", choices=LOSSES, default="none")
-    p_run.add_argument("--backend", default="auto", help="auto, reference, triton")
+    p_run.add_argument("--mode", choices=["sup", "semi"], default="semi",
+                       help="supervised only, or Mean Teacher + ClassMix on unlabelled images")
+    p_run.add_argument("--loss", choices=LOSSES, default="none", help="the contrastive loss added")
+    p_run.add_argument("--backend", default="auto",
+                       help="the loss's backend: auto, reference, native (CPU), triton")
     p_run.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     p_run.add_argument("--stop-at", type=int, default=None,
-                       help="stop after this step, leaving a checkpoint")
-    p_par = sub.add_parser("parity", help="the same run with the reference and fused backends")
+                       help="stop after this step, leaving a checkpoint (default: run all steps)")
+    p_par = sub.add_parser("parity", help="the same run with the reference and fused backends",
+                           formatter_class=_Help)
     _add_config_args(p_par)
-    p_par.add_argument("--mode", choices=["sup", "semi"], default="semi")
-    p_par.add_argument("--loss", choices=LOSSES[1:], default="reco")
+    p_par.add_argument("--mode", choices=["sup", "semi"], default="semi",
+                       help="supervised only, or Mean Teacher + ClassMix")
+    p_par.add_argument("--loss", choices=LOSSES[1:], default="reco", help="the loss compared")
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in ("compare", "run", "parity", "-h", "--help"):
         argv = ["compare"] + argv
     a = ap.parse_args(argv)
 
+    cfg = _config(a)
+    if cfg.out and pdist.rank() == 0:
+        print(f"checkpoints and reports: {cfg.out}/ (--out DIR elsewhere, --no-save for none)",
+              file=sys.stderr)
     if a.cmd == "compare":
-        res = compare(_config(a))
+        res = compare(cfg)
         print("\n" + res["table"])
+        if cfg.out:
+            print(f"table: {os.path.join(cfg.out, 'compare.md')}")
     elif a.cmd == "run":
-        rep = train(_config(a))
+        rep = train(cfg)
         rank = pdist.rank()
         pdist.shutdown()                      # under torchrun: rank 0 reports
         if rank != 0:
@@ -105,10 +149,11 @@ def main(argv=None):
         print(f"\n{rep['config']['mode']} + {rep['config']['loss']}: final mIoU "
               f"{100 * rep['final_miou']:.2f}%, best {100 * best:.2f}% at step {rep['best_step']}"
               if best is not None else "\nno evaluation ran")
-        if a.out:
-            print(f"report: {os.path.join(a.out, 'report.md')}")
+        if cfg.out:
+            print(f"report: {os.path.join(cfg.out, 'report.md')}, checkpoint: "
+                  f"{os.path.join(cfg.out, 'checkpoint.pt')}")
     else:
-        res = parity(_config(a))
+        res = parity(cfg)
         print(json.dumps({k: v for k, v in res.items() if k != "config"}, indent=1))
     return 0
 

@@ -315,6 +315,8 @@ class Trainer:
         t0 = time.time()
         last = cfg.steps if cfg.stop_at is None else min(cfg.steps, cfg.stop_at)
         label = f"{cfg.mode}+{cfg.loss}" if cfg.loss != "none" else cfg.mode
+        if cfg.backend != "auto":                 # parity's two runs, told apart
+            label += f" [{cfg.backend}]"
         bar = Progress(last, label, cfg.progress and self.main_process)
         bar.update(self.step)
         while self.step < last:
