@@ -11,11 +11,11 @@ with about half the pixels above the 0.75 threshold. Writes <out>/<date>-<device
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
 import torch
+
 import torch.nn.functional as F
 
 import pixcon.bench as pb
@@ -92,11 +92,8 @@ def markdown(rows) -> str:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--size", choices=SIZES, default=None)
-    ap.add_argument("--providers", nargs="+", choices=PROVIDERS, default=list(PROVIDERS))
-    ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    ap = pb.parser(__doc__, SIZES, "one setting (default: the papers' on a GPU, cpu otherwise)",
+                   providers=PROVIDERS)
     a = ap.parse_args(argv)
     sizes = [a.size] if a.size else (["cityscapes", "voc"] if torch.cuda.is_available()
                                      else ["cpu"])

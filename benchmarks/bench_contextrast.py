@@ -9,11 +9,11 @@ vs fused (Triton), forward+backward.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
 import torch
+
 
 import pixcon
 import pixcon.bench as pb
@@ -92,10 +92,7 @@ def markdown(rows) -> str:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--size", choices=SIZES, default=None)
-    ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    ap = pb.parser(__doc__, SIZES, "one setting (default: the papers' on a GPU, cpu otherwise)")
     a = ap.parse_args(argv)
     size = a.size or ("hrnet" if torch.cuda.is_available() else "cpu")
     print(markdown(run(size, reps=a.reps, out=a.out)))

@@ -21,11 +21,11 @@ Writes <out>/<date>-<device>-contrastiveseg-<size>.{json,md}.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
 import torch
+
 import torch.nn.functional as F
 
 import pixcon.bench as pb
@@ -190,14 +190,10 @@ def markdown_dense(rows) -> str:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--size", choices=SIZES, default=None,
-                    help="cityscapes (GPU default), cpu (CPU default) or tiny")
-    ap.add_argument("--providers", nargs="+", choices=PROVIDERS, default=list(PROVIDERS))
+    ap = pb.parser(__doc__, SIZES, "cityscapes (GPU default), cpu (CPU default) or tiny",
+                   providers=PROVIDERS)
     ap.add_argument("--dense", nargs="*", type=int, default=None,
                     help="run the dense mode at these pixel counts instead")
-    ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     a = ap.parse_args(argv)
     if a.dense is not None:
         provs = [p for p in a.providers if p in ("native", "fused")]

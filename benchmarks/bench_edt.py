@@ -12,12 +12,12 @@ multi-label call for the whole batch. Rows report ms per batch and the speed-up 
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
 import numpy as np
 import torch
+
 
 import pixcon.bench as pb
 from pixcon.ops import distance_transform
@@ -168,10 +168,8 @@ def markdown(rows) -> str:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--size", choices=SIZES, nargs="+", default=["bane", "pyramid", "large"])
-    ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    ap = pb.parser(__doc__, SIZES, "settings to run", reps=5,
+                   many_sizes=["bane", "pyramid", "large"])
     a = ap.parse_args(argv)
     for size in a.size:
         print(markdown(run(size, reps=a.reps, out=a.out)))

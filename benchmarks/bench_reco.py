@@ -16,11 +16,11 @@ beyond the inputs, measured on every device).
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
 import torch
+
 
 import pixcon
 import pixcon.bench as pb
@@ -119,12 +119,8 @@ def write(rows, out):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--size", choices=SIZES, default=None,
-                    help="voc (GPU default), cpu (CPU default) or tiny")
-    ap.add_argument("--providers", nargs="+", choices=PROVIDERS, default=list(PROVIDERS))
-    ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    ap = pb.parser(__doc__, SIZES, "voc (GPU default), cpu (CPU default) or tiny",
+                   providers=PROVIDERS)
     ap.add_argument("--official", default=None, metavar="reco=PATH",
                     help="also run the official compute_reco_loss from your checkout of "
                          "github.com/lorenmt/reco (loaded at run time, provider 'official')")

@@ -20,6 +20,8 @@ import sys
 
 import torch
 
+from pixcon._cli import HelpFormatter
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 if HERE not in sys.path:        # the bench modules import their siblings (baselines, plot)
     sys.path.insert(0, HERE)
@@ -127,16 +129,18 @@ def write(rows, out: str, mode: str) -> list[str]:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+                                 formatter_class=HelpFormatter)
     ap.add_argument("--mode", choices=MODES, default=None,
                     help="ci (tiny sizes), cpu (tiny + reduced; the CPU default), paper (the "
                          "papers' settings; the GPU default)")
-    ap.add_argument("--only", nargs="+", choices=list(SUITE), default=None)
-    ap.add_argument("--device", default=None)
-    ap.add_argument("--reps", type=int, default=None)
+    ap.add_argument("--only", nargs="+", choices=list(SUITE), default=None,
+                    help="these ops only (default: all)")
+    ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    ap.add_argument("--reps", type=int, default=None,
+                    help="timed repetitions per case (default: the mode's)")
     ap.add_argument("--official", default=None, metavar="reco=PATH",
                     help="add the official code from your checkout as a provider")
-    ap.add_argument("--out", default=os.path.join(HERE, "results"))
+    ap.add_argument("--out", default=os.path.join(HERE, "results"), help="results folder")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     ap.add_argument("--replot", default=None, metavar="JSON",
                     help="only redraw the plots of a suite JSON written before, next to it")

@@ -170,3 +170,24 @@ def write_results(rows, out: str, name: str, markdown: str) -> str:
     with open(stem + ".md", "w") as f:
         f.write(markdown)
     return stem
+
+
+def parser(doc: str, sizes, size_help: str, *, providers=None, reps: int = 3, many_sizes=None):
+    """The command line every benchmark module shares: --size (one setting, or several when
+    ``many_sizes`` is their default list), --providers, --reps and --out (benchmarks/results)."""
+    import argparse
+
+    from ._cli import HelpFormatter
+    ap = argparse.ArgumentParser(description=doc.split("\n")[0], formatter_class=HelpFormatter)
+    if many_sizes is None:
+        ap.add_argument("--size", choices=sizes, default=None, help=size_help)
+    else:
+        ap.add_argument("--size", choices=sizes, nargs="+", default=many_sizes, help=size_help)
+    if providers is not None:
+        ap.add_argument("--providers", nargs="+", choices=providers, default=list(providers),
+                        help="which implementations run")
+    ap.add_argument("--reps", type=int, default=reps, help="timed repetitions per case")
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    ap.add_argument("--out", default=os.path.join(here, "benchmarks", "results"),
+                    help="results folder")
+    return ap

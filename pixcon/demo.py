@@ -15,6 +15,7 @@ import sys
 import torch
 
 from . import bench as pb
+from ._cli import HelpFormatter
 from .ops import reco_loss
 from .ops._common import triton_usable
 from .synthetic import reco_batch
@@ -37,14 +38,16 @@ def _official_style():
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="ReCo loss demo: every available backend")
+    ap = argparse.ArgumentParser(prog="python -m pixcon.demo", formatter_class=HelpFormatter,
+                                 description="ReCo loss demo: every available backend")
     ap.add_argument("--size", choices=SIZES, default="voc",
                     help="voc: 20x256x81x81 (the paper's VOC semi-supervised batch); small")
     ap.add_argument("--present", type=int, default=10, help="classes present (of 21)")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                    help="cpu or cuda")
     ap.add_argument("--no-official", action="store_true", help="skip the official-style code")
-    ap.add_argument("--queries", type=int, default=256)
-    ap.add_argument("--negatives", type=int, default=512)
+    ap.add_argument("--queries", type=int, default=256, help="queries per class")
+    ap.add_argument("--negatives", type=int, default=512, help="negatives per query")
     a = ap.parse_args(argv)
 
     device = torch.device(a.device)

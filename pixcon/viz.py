@@ -112,13 +112,14 @@ def dendrogram_png(sim, names, path, *, title: str = "class hierarchy"):
 
 
 def main(argv=None):
+    from ._cli import HelpFormatter
     ap = argparse.ArgumentParser(prog="python -m pixcon.viz", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+                                 formatter_class=HelpFormatter)
     ap.add_argument("checkpoint", help="checkpoint.pt written by pixcon.train")
     ap.add_argument("--out", default=None, help="output folder (default: next to the checkpoint)")
     ap.add_argument("--model", choices=["teacher", "student"], default="teacher",
-                    help="which network of a semi-supervised checkpoint (default teacher)")
-    ap.add_argument("--device", default="cpu")
+                    help="which network of a semi-supervised checkpoint")
+    ap.add_argument("--device", default="cpu", help="where the network runs")
     a = ap.parse_args(argv)
     from .train.loop import Config, load_dataset
     from .train.model import DeepLabV3Plus

@@ -149,3 +149,17 @@ def test_bad_input():
         distance_transform(torch.zeros(4, 4, dtype=torch.long), labels=True, background=0.5)
     with pytest.raises(ValueError, match="backend must be one of"):
         distance_transform(torch.zeros(4, 4, dtype=torch.long), backend="scipy")
+
+
+@pytest.mark.parametrize("backend", BACKENDS[:2])
+def test_opcheck(backend):
+    """Schema, fake kernel (torch.compile) and dispatch of the registered EDT ops."""
+    x = (torch.rand(2, 9, 11) < 0.5).to(torch.int32).to(
+        triton_device() if backend == "triton" else "cpu")
+    if backend == "native":
+        op = torch.ops.pixcon.distance_transform.default
+    else:
+        from pixcon.ops import _library
+        op = _library.edt._opoverload
+    for args in ((x, 0, True), (x, -(2**31), False)):
+        torch.library.opcheck(op, args)

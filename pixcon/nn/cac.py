@@ -37,7 +37,7 @@ class NegativeBank(torch.nn.Module):
         if isinstance(step_save, bool) or not isinstance(step_save, int) or step_save < 0:
             raise ValueError(f"NegativeBank: step_save must be an int >= 0, got {step_save!r}")
         if selected_num is not None:
-            chk.check_positive_int("selected_num", selected_num)
+            chk.check_positive_int("NegativeBank", "selected_num", selected_num)
         self.step_save, self.selected_num = step_save, selected_num
         self.entries: list[tuple[torch.Tensor, torch.Tensor]] = []
 
@@ -51,11 +51,12 @@ class NegativeBank(torch.nn.Module):
         return (torch.cat([f for f, _ in self.entries]), torch.cat([y for _, y in self.entries]))
 
     def _rows(self, name, feat, labels):
-        chk.check_tensor(name, feat, ndim=(2, 4), dtypes=chk.FLOAT_DTYPES,
+        chk.check_tensor("NegativeBank.update", name, feat, ndim=(2, 4), dtypes=chk.FLOAT_DTYPES,
                          kind="(B, D, h, w) or (P, D)")
         rows = feat.permute(0, 2, 3, 1).reshape(-1, feat.shape[1]) if feat.dim() == 4 else feat
         lab_name = name.replace("feat", "labels")
-        chk.check_tensor(lab_name, labels, dtypes=chk.INT_DTYPES, device=feat.device)
+        chk.check_tensor("NegativeBank.update", lab_name, labels, dtypes=chk.INT_DTYPES,
+                         device=feat.device, like=name)
         if labels.numel() != rows.shape[0]:
             raise ValueError(f"NegativeBank.update: {lab_name} must have one pseudo-label per "
                              f"pixel of {name} ({rows.shape[0]}), got {labels.numel()}")

@@ -53,12 +53,13 @@ class PixelMemoryBank(torch.nn.Module):
         super().__init__()
         self.cross_rank, self.group = bool(cross_rank), group
         self._synced = False
-        chk.check_positive_int("num_classes", num_classes)
-        chk.check_positive_int("dim", dim)
-        chk.check_positive_int("memory_size", memory_size)
-        chk.check_positive_int("pixel_update_freq", pixel_update_freq, upper=memory_size)
+        chk.check_positive_int("PixelMemoryBank", "num_classes", num_classes)
+        chk.check_positive_int("PixelMemoryBank", "dim", dim)
+        chk.check_positive_int("PixelMemoryBank", "memory_size", memory_size)
+        chk.check_positive_int("PixelMemoryBank", "pixel_update_freq", pixel_update_freq,
+                               upper=memory_size)
         if label_stride is not None:
-            chk.check_positive_int("label_stride", label_stride)
+            chk.check_positive_int("PixelMemoryBank", "label_stride", label_stride)
         unknown = set(official) - set(QUIRKS)
         if unknown:
             raise ValueError(f"PixelMemoryBank: unknown official quirks {sorted(unknown)}; "
@@ -167,15 +168,17 @@ class PixelMemoryBank(torch.nn.Module):
         self.pixel_ptr.copy_(pix_p)
 
     def _check_update(self, keys, labels, check_values):
-        chk.check_tensor("keys", keys, ndim=4, dtypes=chk.FLOAT_DTYPES, kind="(B, D, h, w)")
+        chk.check_tensor("PixelMemoryBank.update", "keys", keys, ndim=4, dtypes=chk.FLOAT_DTYPES,
+                         kind="(B, D, h, w)")
         B, D, h, w = keys.shape
         if D != self.dim:
             raise ValueError(f"PixelMemoryBank.update: keys have D = {D}, the bank {self.dim}")
         if keys.device != self.pixel_queue.device:
             raise ValueError(f"PixelMemoryBank.update: keys are on {keys.device}, the bank on "
                              f"{self.pixel_queue.device} (move it with .to())")
-        chk.check_tensor("labels", labels, ndim=3, dtypes=chk.INT_DTYPES, device=keys.device,
-                         kind="(B, H, W)")
+        chk.check_tensor("PixelMemoryBank.update", "labels", labels, ndim=3,
+                         dtypes=chk.INT_DTYPES, device=keys.device,
+                         kind="(B, H, W)", like="keys")
         if labels.shape[0] != B or labels.shape[1] < h or labels.shape[2] < w:
             raise ValueError(f"PixelMemoryBank.update: labels must be (B, H, W) with B = {B} and "
                              f"H, W at least ({h}, {w}), got {tuple(labels.shape)}")

@@ -80,38 +80,50 @@ def resolve_backend(backend: str | None, device: torch.device, op: str,
 
 def want_value_checks(check_values: bool | None, device: torch.device) -> bool:
     """Value checks (NaN, label range, probability range) read data back to the host, so they
-    default to on for CPU tensors and off for CUDA tensors; PIXCON_CHECK_VALUES=1/0 overrides."""
+    default to on for CPU tensors and off for CUDA tensors; PIXCON_CHECK_VALUES=1/0 overrides.
+
+    Under torch.compile the default is off on every device: a check that reads data back is a
+    graph break (and an error with fullgraph=True). Run the step once eagerly to have its inputs
+    checked; an explicit check_values=True still asks for them (and breaks the graph)."""
     if check_values is not None:
         return bool(check_values)
     env = os.environ.get("PIXCON_CHECK_VALUES")
     if env is not None:
         return env.lower() in ("1", "true", "yes", "on")
+    if torch.compiler.is_compiling():
+        return False
     return device.type != "cuda"
 
 
-def check_tensor(name: str, t, *, ndim=None, dtypes=None, device=None, kind: str = ""):
+# Every validation message starts with the op's name ("reco_loss: emb must have ..."): the
+# checks below take it first.
+def check_tensor(op: str, name: str, t, *, ndim=None, dtypes=None, device=None, kind: str = "",
+                 like: str = "emb"):
+    """t is a tensor with these dimensions and dtypes, on ``device`` (the device of the input
+    named ``like``)."""
     if not torch.is_tensor(t):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
     if ndim is not None and t.dim() not in (ndim if isinstance(ndim, tuple) else (ndim,)):
-        raise ValueError(f"{name} must have {ndim} dimensions {kind}, got shape {tuple(t.shape)}")
+        raise ValueError(f"{op}: {name} must have {ndim} dimensions {kind}, got shape "
+                         f"{tuple(t.shape)}")
     if dtypes is not None and t.dtype not in dtypes:
         names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
-        raise TypeError(f"{name} must have dtype in ({names}), got {t.dtype}")
+        raise TypeError(f"{op}: {name} must have dtype in ({names}), got {t.dtype}")
     if device is not None and t.device != device:
-        raise ValueError(f"{name} is on {t.device} but emb is on {device}: all tensors must be on "
-                         "the same device")
+        raise ValueError(f"{op}: {name} is on {t.device} but {like} is on {device}: all tensors "
+                         "must be on the same device")
 
 
-def check_positive_int(name: str, v, upper: int | None = None):
+def check_positive_int(op: str, name: str, v, upper: int | None = None):
     if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-        raise ValueError(f"{name} must be a positive int, got {v!r}")
+        raise ValueError(f"{op}: {name} must be a positive int, got {v!r}")
     if upper is not None and v > upper:
-        raise ValueError(f"{name} must be at most {upper}, got {v}")
+        raise ValueError(f"{op}: {name} must be at most {upper}, got {v}")
 
 
-def check_positive_float(name: str, v):
+def check_positive_float(op: str, name: str, v):
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0 or v != v:
-        raise ValueError(f"{name} must be a positive number, got {v!r}")
+        raise ValueError(f"{op}: {name} must be a positive number, got {v!r}")
 
 
 def _check_binary_mask(op, mask, check_values):
@@ -128,26 +140,27 @@ def _check_binary_mask(op, mask, check_values):
 
 def check_pixel_inputs(op: str, emb, labels, probs=None, mask=None, check_values=None):
     """Shapes, dtypes and devices of the common (emb, labels, probs, mask) arguments."""
-    check_tensor("emb", emb, ndim=4, dtypes=FLOAT_DTYPES, kind="(B, D, h, w)")
+    check_tensor(op, "emb", emb, ndim=4, dtypes=FLOAT_DTYPES, kind="(B, D, h, w)")
     dev = emb.device
     B, D, h, w = emb.shape
     if B == 0 or D == 0 or h == 0 or w == 0:
         raise ValueError(f"{op}: emb must be non-empty, got shape {tuple(emb.shape)}")
-    check_tensor("labels", labels, ndim=3, dtypes=INT_DTYPES, device=dev, kind="(B, H, W)")
+    check_tensor(op, "labels", labels, ndim=3, dtypes=INT_DTYPES, device=dev, kind="(B, H, W)")
     if labels.shape[0] != B:
         raise ValueError(f"{op}: labels has batch size {labels.shape[0]} but emb has {B}")
     if labels.shape[1] < h or labels.shape[2] < w:
         raise ValueError(f"{op}: labels spatial size {tuple(labels.shape[1:])} is smaller than "
                          f"emb's ({h}, {w}); give labels at image or feature resolution")
     if probs is not None:
-        check_tensor("probs", probs, ndim=4, dtypes=FLOAT_DTYPES, device=dev, kind="(B, C, h, w)")
+        check_tensor(op, "probs", probs, ndim=4, dtypes=FLOAT_DTYPES, device=dev,
+                     kind="(B, C, h, w)")
         if probs.shape[0] != B or probs.shape[2:] != emb.shape[2:]:
             raise ValueError(f"{op}: probs must have shape (B, C, h, w) = ({B}, C, {h}, {w}) to "
                              f"match emb, got {tuple(probs.shape)}")
         if probs.shape[1] < 1:
             raise ValueError(f"{op}: probs must have at least one class")
     if mask is not None:
-        check_tensor("mask", mask, device=dev)
+        check_tensor(op, "mask", mask, device=dev)
         if mask.dim() == 4 and mask.shape[1] == 1:
             mask = mask[:, 0]
         if mask.dim() != 3 or mask.shape[0] != B:
@@ -181,7 +194,7 @@ def check_pixel_values(op: str, emb, labels, num_classes: int, ignore_index: int
                              "found values outside or NaN")
 
 
-def check_index_range(name: str, idx, upper: int, what: str):
+def check_index_range(op: str, name: str, idx, upper: int, what: str):
     """Data check (host sync): every entry of idx in [-1, upper) (-1 = absent). An index out of
     range would make a GPU gather read other memory silently."""
     if idx.numel() == 0:
@@ -189,5 +202,5 @@ def check_index_range(name: str, idx, upper: int, what: str):
     lo, hi = int(idx.min()), int(idx.max())
     if lo < -1 or hi >= upper:
         bad = lo if lo < -1 else hi
-        raise ValueError(f"{name} must hold row indices of {what} in [-1, {upper}) (-1 = absent); "
-                         f"found {bad}")
+        raise ValueError(f"{op}: {name} must hold row indices of {what} in [-1, {upper}) (-1 = "
+                         f"absent); found {bad}")

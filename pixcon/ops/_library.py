@@ -31,6 +31,19 @@ def _(counter, seed, stream):
     return counter.new_empty(counter.shape + (4,), dtype=torch.int64)
 
 
+# --- distance transform ----------------------------------------------------------------------
+@torch.library.custom_op("pixcon::edt", mutates_args=())
+def edt(labels: Tensor, background: int, squared: bool) -> Tensor:
+    """The batched exact EDT (Triton); labels are read as int32."""
+    from pixcon_kernels.edt import distance_transform as launch
+    return launch(labels, background, squared)
+
+
+@edt.register_fake
+def _(labels, background, squared):
+    return labels.new_empty(labels.shape, dtype=torch.float32)
+
+
 # --- class sums ------------------------------------------------------------------------------
 @torch.library.custom_op("pixcon::class_sums", mutates_args=())
 def class_sums(x: Tensor, labels: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:
@@ -298,6 +311,10 @@ except ImportError:  # pragma: no cover
     _HAS_C = False
 
 if _HAS_C:
+    @torch.library.register_fake("pixcon::distance_transform")
+    def _(labels, background, squared):
+        return labels.new_empty(labels.shape, dtype=torch.float32)
+
     @torch.library.register_fake("pixcon::class_sums_native")
     def _(x, labels, num_classes):
         _, D = _pool_size(x)

@@ -54,32 +54,34 @@ def directional_contrast_loss(feat1, feat2, logits1, logits2, negatives, negativ
     zero connected to both features' graphs.
     """
     op = "directional_contrast_loss"
-    chk.check_tensor("feat1", feat1, ndim=2, dtypes=chk.FLOAT_DTYPES, kind="(n, D)")
+    chk.check_tensor(op, "feat1", feat1, ndim=2, dtypes=chk.FLOAT_DTYPES, kind="(n, D)")
     n, D = feat1.shape
     dev = feat1.device
-    chk.check_tensor("feat2", feat2, ndim=2, dtypes=chk.FLOAT_DTYPES, device=dev, kind="(n, D)")
+    chk.check_tensor(op, "feat2", feat2, ndim=2, dtypes=chk.FLOAT_DTYPES, device=dev,
+                     kind="(n, D)", like="feat1")
     if feat2.shape != feat1.shape:
         raise ValueError(f"{op}: feat2 must have feat1's shape {tuple(feat1.shape)} (the same "
                          f"overlap pixels), got {tuple(feat2.shape)}")
     for name, x in (("logits1", logits1), ("logits2", logits2)):
-        chk.check_tensor(name, x, ndim=2, dtypes=chk.FLOAT_DTYPES, device=dev, kind="(n, C)")
+        chk.check_tensor(op, name, x, ndim=2, dtypes=chk.FLOAT_DTYPES, device=dev, kind="(n, C)",
+                         like="feat1")
         if x.shape[0] != n:
             raise ValueError(f"{op}: {name} must have n = {n} rows like feat1, got {x.shape[0]}")
     if logits2.shape[1] != logits1.shape[1]:
         raise ValueError(f"{op}: logits1 and logits2 must have the same number of classes")
-    chk.check_tensor("negatives", negatives, ndim=2, dtypes=chk.FLOAT_DTYPES, device=dev,
-                     kind="(N, D)")
+    chk.check_tensor(op, "negatives", negatives, ndim=2, dtypes=chk.FLOAT_DTYPES, device=dev,
+                     kind="(N, D)", like="feat1")
     if negatives.shape[1] != D:
         raise ValueError(f"{op}: negatives must have D = {D} like feat1, got {negatives.shape[1]}")
-    chk.check_tensor("negative_labels", negative_labels, ndim=1, dtypes=chk.INT_DTYPES,
-                     device=dev, kind="(N,)")
+    chk.check_tensor(op, "negative_labels", negative_labels, ndim=1, dtypes=chk.INT_DTYPES,
+                     device=dev, kind="(N,)", like="feat1")
     if negative_labels.shape[0] != negatives.shape[0]:
         raise ValueError(f"{op}: negative_labels must have one entry per negative "
                          f"({negatives.shape[0]}), got {negative_labels.shape[0]}")
     if isinstance(pos_threshold, bool) or not isinstance(pos_threshold, (int, float)) \
             or not 0 <= pos_threshold < 1:
         raise ValueError(f"{op}: pos_threshold must be in [0, 1), got {pos_threshold!r}")
-    chk.check_positive_float("temperature", temperature)
+    chk.check_positive_float(op, "temperature", temperature)
     if reduction not in ("mean", "none"):
         raise ValueError(f"{op}: reduction must be 'mean' or 'none', got {reduction!r}")
     be = chk.resolve_backend(backend, dev, op, BACKENDS, needs_extension=False)
@@ -129,7 +131,7 @@ def overlap_rows(maps1, maps2, boxes1, boxes2, flips1=None, flips2=None, *, stri
     rows = ([], [])
     for v, maps in enumerate((maps1, maps2)):
         for m in maps:
-            chk.check_tensor(f"maps{v + 1}", m, ndim=4, kind="(B, X, h, w)")
+            chk.check_tensor("overlap_rows", f"maps{v + 1}", m, ndim=4, kind="(B, X, h, w)")
             parts = []
             for b in range(B):
                 t, l, btm, r = (x // stride for x in boxes[v][b])

@@ -70,12 +70,13 @@ def bane_negatives(labels, pred, num_classes: int, *, ks: float = 0.5, reading: 
     backend: "auto" (Triton for CUDA tensors, the compiled C++ EDT -- "native" -- for CPU
     tensors where pixcon._C is built, else the reference), "reference", "triton", "native"."""
     op = "bane_negatives"
-    chk.check_tensor("labels", labels, ndim=3, dtypes=chk.INT_DTYPES, kind="(B, h, w)")
-    chk.check_tensor("pred", pred, ndim=(3, 4), device=labels.device, kind="(B, h, w) or (B, C, h, w)")
+    chk.check_tensor(op, "labels", labels, ndim=3, dtypes=chk.INT_DTYPES, kind="(B, h, w)")
+    chk.check_tensor(op, "pred", pred, ndim=(3, 4), device=labels.device,
+                     kind="(B, h, w) or (B, C, h, w)", like="labels")
     if pred.shape[0] != labels.shape[0] or pred.shape[-2:] != labels.shape[-2:]:
         raise ValueError(f"{op}: pred {tuple(pred.shape)} does not match labels "
                          f"{tuple(labels.shape)} in batch or spatial size")
-    chk.check_positive_int("num_classes", num_classes)
+    chk.check_positive_int(op, "num_classes", num_classes)
     if not 0 < ks <= 1:
         raise ValueError(f"{op}: ks must be in (0, 1], got {ks!r}")
     if reading not in READINGS:
@@ -135,14 +136,14 @@ def pixel_anchor_loss(embs, labels, pred, *, num_classes: int | None = None,
     if not isinstance(embs, (list, tuple)) or len(embs) == 0:
         raise TypeError(f"{op}: embs must be a non-empty list of (B, D, h, w) tensors")
     for i, e in enumerate(embs):
-        chk.check_tensor(f"embs[{i}]", e, ndim=4, dtypes=chk.FLOAT_DTYPES,
-                         device=embs[0].device, kind="(B, D, h, w)")
+        chk.check_tensor(op, f"embs[{i}]", e, ndim=4, dtypes=chk.FLOAT_DTYPES,
+                         device=embs[0].device, kind="(B, D, h, w)", like="embs[0]")
         if e.shape[:2] != embs[0].shape[:2]:
             raise ValueError(f"{op}: embs[{i}] has (B, D) = {tuple(e.shape[:2])}, embs[0] has "
                              f"{tuple(embs[0].shape[:2])}")
     chk.check_pixel_inputs(op, embs[0], labels)
-    chk.check_tensor("pred", pred, ndim=(3, 4), device=embs[0].device,
-                     kind="(B, C, H, W) scores or (B, H, W) labels")
+    chk.check_tensor(op, "pred", pred, ndim=(3, 4), device=embs[0].device,
+                     kind="(B, C, H, W) scores or (B, H, W) labels", like="embs[0]")
     if pred.shape[0] != embs[0].shape[0]:
         raise ValueError(f"{op}: pred has batch size {pred.shape[0]}, embs {embs[0].shape[0]}")
     if pred.dim() == 4:
@@ -153,13 +154,13 @@ def pixel_anchor_loss(embs, labels, pred, *, num_classes: int | None = None,
         raise ValueError(f"{op}: give num_classes when pred holds labels")
     else:
         C = num_classes
-    chk.check_positive_int("num_classes", C)
+    chk.check_positive_int(op, "num_classes", C)
     if len(layer_weights) != len(embs):
         raise ValueError(f"{op}: layer_weights has {len(layer_weights)} entries for "
                          f"{len(embs)} layers")
     if abs(w_low + w_high - 1.0) > 1e-6:
         raise ValueError(f"{op}: w_low + w_high must be 1, got {w_low} + {w_high}")
-    chk.check_positive_float("temperature", temperature)
+    chk.check_positive_float(op, "temperature", temperature)
     if not 0 < ks <= 1:
         raise ValueError(f"{op}: ks must be in (0, 1], got {ks!r}")
     if reading not in READINGS:

@@ -41,7 +41,7 @@ def _rng_backend(be):
 def _predictions(op, predict, B, h, w):
     """(B, h, w) integer predictions: predict as given (integer map at feature or image
     resolution) or the argmax over classes of (B, C, h, w) logits/probabilities."""
-    chk.check_tensor("predict", predict, ndim=(3, 4), dtypes=chk.INT_DTYPES + chk.FLOAT_DTYPES)
+    chk.check_tensor(op, "predict", predict, ndim=(3, 4), dtypes=chk.INT_DTYPES + chk.FLOAT_DTYPES)
     if predict.dim() == 4:
         if predict.dtype not in chk.FLOAT_DTYPES or predict.shape[2:] != (h, w):
             raise ValueError(f"{op}: a 4-D predict must be (B, C, h, w) = ({B}, C, {h}, {w}) "
@@ -126,9 +126,9 @@ def _memory_keys(op, memory, D, device):
         raise TypeError(f"{op}: memory must be a pixcon.nn.PixelMemoryBank or a (keys (K, D), "
                         f"key_labels (K,)) pair, got {type(memory).__name__}")
     keys, key_labels = memory
-    chk.check_tensor("memory keys", keys, ndim=2, dtypes=chk.FLOAT_DTYPES, device=device,
+    chk.check_tensor(op, "memory keys", keys, ndim=2, dtypes=chk.FLOAT_DTYPES, device=device,
                      kind="(K, D)")
-    chk.check_tensor("memory key_labels", key_labels, ndim=1, dtypes=chk.INT_DTYPES,
+    chk.check_tensor(op, "memory key_labels", key_labels, ndim=1, dtypes=chk.INT_DTYPES,
                      device=device, kind="(K,)")
     if keys.shape[1] != D or key_labels.shape[0] != keys.shape[0]:
         raise ValueError(f"{op}: memory keys must be (K, {D}) with K key labels, got keys "
@@ -140,8 +140,8 @@ def _check_common(op, emb, labels, ignore_index, temperature, base_temperature):
     chk.check_pixel_inputs(op, emb, labels)
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"{op}: ignore_index must be an int, got {ignore_index!r}")
-    chk.check_positive_float("temperature", temperature)
-    chk.check_positive_float("base_temperature", base_temperature)
+    chk.check_positive_float(op, "temperature", temperature)
+    chk.check_positive_float(op, "base_temperature", base_temperature)
 
 
 def _check_values(op, emb, labels, ignore_index):
@@ -190,12 +190,12 @@ def pixel_contrast_loss(emb, labels, predict, *, ignore_index: int = 255, max_sa
     """
     op = "pixel_contrast_loss"
     _check_common(op, emb, labels, ignore_index, temperature, base_temperature)
-    chk.check_positive_int("max_samples", max_samples, upper=2**24)
-    chk.check_positive_int("max_views", max_views)
+    chk.check_positive_int(op, "max_samples", max_samples, upper=2**24)
+    chk.check_positive_int(op, "max_views", max_views)
     B, D, h, w = emb.shape
     pred = _predictions(op, predict, B, h, w)
     if pred.device != emb.device:
-        raise ValueError(f"predict is on {pred.device} but emb is on {emb.device}")
+        raise ValueError(f"{op}: predict is on {pred.device} but emb is on {emb.device}")
     seed = draw_seed(seed)
     be = _backend(backend, emb.device, op)
     mem = None if memory is None else _memory_keys(op, memory, D, emb.device)

@@ -33,7 +33,8 @@ def distance_transform(x: torch.Tensor, *, squared: bool = False, labels: bool =
     boundary for it at all (SciPy returns distances to a phantom pixel there). The image border
     is not a boundary. Not differentiable.
     """
-    chk.check_tensor("x", x, ndim=(2, 3, 4), dtypes=chk.INT_DTYPES + (torch.bool,),
+    chk.check_tensor("distance_transform", "x", x, ndim=(2, 3, 4),
+                     dtypes=chk.INT_DTYPES + (torch.bool,),
                      kind="(H, W), (B, H, W) or (B, C, H, W)")
     if background is None:
         background = NO_BACKGROUND
@@ -49,10 +50,10 @@ def distance_transform(x: torch.Tensor, *, squared: bool = False, labels: bool =
     be = chk.resolve_backend(backend, x.device, "distance_transform",
                              ("reference", "triton", "native"))
     if be == "triton":
-        from pixcon_kernels.edt import distance_transform as launch
+        from ._library import edt
         if not -(2**31) <= bg < 2**31:
             raise ValueError("distance_transform: background must fit in int32 on triton")
-        return launch(lab, bg, squared)   # labels are read as int32 (values must fit)
+        return edt(lab, bg, squared)   # labels are read as int32 (values must fit)
     if be == "native":
         if x.device.type != "cpu" and not torch.ops.pixcon.with_cuda():
             raise RuntimeError("distance_transform: pixcon._C was built without CUDA; use "

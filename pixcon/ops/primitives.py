@@ -17,15 +17,16 @@ IDX = (torch.int32, torch.int64)
 NATIVE = ("reference", "triton", "native")   # primitives with compiled CPU kernels
 
 
-def _check_pool(name, pool):
-    check_tensor(name, pool, ndim=(2, 4), dtypes=FLOAT_DTYPES, kind="(P, D) or (B, D, h, w)")
+def _check_pool(op, name, pool):
+    check_tensor(op, name, pool, ndim=(2, 4), dtypes=FLOAT_DTYPES, kind="(P, D) or (B, D, h, w)")
     return pool.shape[0] if pool.dim() == 2 else pool.shape[0] * pool.shape[2] * pool.shape[3]
 
 
-def _check_labels(lab, rows, device, name="labels"):
-    check_tensor(name, lab, ndim=1, dtypes=INT_DTYPES, device=device, kind="(P,)")
+def _check_labels(op, lab, rows, device, name="labels"):
+    check_tensor(op, name, lab, ndim=1, dtypes=INT_DTYPES, device=device, kind="(P,)")
     if lab.shape[0] != rows:
-        raise ValueError(f"{name} must have one entry per pixel row ({rows}), got {lab.shape[0]}")
+        raise ValueError(f"{op}: {name} must have one entry per pixel row ({rows}), got "
+                         f"{lab.shape[0]}")
 
 
 def _lib():
@@ -101,9 +102,9 @@ def class_means(emb: torch.Tensor, labels: torch.Tensor, num_classes: int, *,
     emb: (B, D, h, w) map or (P, D) rows; labels: (P,) int class per row, -1 = ignored.
     Returns (sums (C, D), counts (C,) int64, means (C, D)) in float32 (float64 for float64 emb);
     the mean of an absent class is zero. Deterministic on every backend."""
-    P = _check_pool("emb", emb)
-    _check_labels(labels, P, emb.device)
-    check_positive_int("num_classes", num_classes)
+    P = _check_pool("class_means", "emb", emb)
+    _check_labels("class_means", labels, P, emb.device)
+    check_positive_int("class_means", "num_classes", num_classes)
     be = resolve_backend(backend, emb.device, "class_means", NATIVE)
     with torch.no_grad():
         if be == "triton":
@@ -124,15 +125,17 @@ def sample_hard_queries(lab: torch.Tensor, hard: torch.Tensor, num_classes: int,
     """Confidence-based hard queries: for every class c, ``num_queries`` pixels uniform with
     replacement among the pixels of class c marked hard (query (c, q) uses counter c*Q + q of
     stream STREAM_QUERY). Returns (C, Q) int32 pixel indices, -1 for classes without hard pixels."""
-    check_tensor("lab", lab, ndim=1, dtypes=INT_DTYPES, kind="(P,)")
-    check_tensor("hard", hard, ndim=1, dtypes=(torch.bool,), device=lab.device, kind="(P,)")
+    check_tensor("sample_hard_queries", "lab", lab, ndim=1, dtypes=INT_DTYPES, kind="(P,)")
+    check_tensor("sample_hard_queries", "hard", hard, ndim=1, dtypes=(torch.bool,),
+                 device=lab.device, kind="(P,)", like="lab")
     if hard.shape != lab.shape:
-        raise ValueError(f"hard must have the shape of lab {tuple(lab.shape)}, got "
-                         f"{tuple(hard.shape)}")
-    check_positive_int("num_classes", num_classes)
-    check_positive_int("num_queries", num_queries)
+        raise ValueError(f"sample_hard_queries: hard must have the shape of lab "
+                         f"{tuple(lab.shape)}, got {tuple(hard.shape)}")
+    check_positive_int("sample_hard_queries", "num_classes", num_classes)
+    check_positive_int("sample_hard_queries", "num_queries", num_queries)
     if num_classes * num_queries >= 2**31:
-        raise ValueError("num_classes x num_queries must be below 2^31 (counter space)")
+        raise ValueError("sample_hard_queries: num_classes x num_queries must be below 2^31 "
+                         "(counter space)")
     be = resolve_backend(backend, lab.device, "sample_hard_queries", NATIVE)
     order, offsets, counts = cm.group_by_class(torch.where(hard, lab, -1), num_classes)
     rows = torch.arange(num_classes, device=lab.device)
@@ -156,14 +159,17 @@ def sample_negatives(row_class: torch.Tensor, cdf: torch.Tensor, lab: torch.Tens
     and the pixel uniform with replacement within class j (counter r*N + n of stream
     STREAM_NEGATIVE, word 0 for the class and word 1 for the pixel). Returns (R, N) int32,
     -1 where the row has no class or no possible negative."""
-    check_tensor("lab", lab, ndim=1, dtypes=INT_DTYPES, kind="(P,)")
-    check_tensor("row_class", row_class, ndim=1, dtypes=INT_DTYPES, device=lab.device, kind="(R,)")
-    check_tensor("cdf", cdf, ndim=2, dtypes=(torch.int64,), device=lab.device, kind="(C, C)")
+    check_tensor("sample_negatives", "lab", lab, ndim=1, dtypes=INT_DTYPES, kind="(P,)")
+    check_tensor("sample_negatives", "row_class", row_class, ndim=1, dtypes=INT_DTYPES,
+                 device=lab.device, kind="(R,)", like="lab")
+    check_tensor("sample_negatives", "cdf", cdf, ndim=2, dtypes=(torch.int64,), device=lab.device,
+                 kind="(C, C)", like="lab")
     if cdf.shape[0] != cdf.shape[1]:
-        raise ValueError(f"cdf must be square (C, C), got {tuple(cdf.shape)}")
-    check_positive_int("num_negatives", num_negatives)
+        raise ValueError(f"sample_negatives: cdf must be square (C, C), got {tuple(cdf.shape)}")
+    check_positive_int("sample_negatives", "num_negatives", num_negatives)
     if row_class.numel() * num_negatives >= 2**31:
-        raise ValueError("rows x num_negatives must be below 2^31 (counter space)")
+        raise ValueError("sample_negatives: rows x num_negatives must be below 2^31 "
+                         "(counter space)")
     be = resolve_backend(backend, lab.device, "sample_negatives", NATIVE)
     C = cdf.shape[0]
     order, offsets, counts = cm.group_by_class(lab, C)
@@ -198,29 +204,34 @@ def sparse_infonce(pool: torch.Tensor, q_idx: torch.Tensor, pos_idx: torch.Tenso
     check_values: check that every index is in range (a host sync; default on for CPU tensors,
     off for CUDA, env PIXCON_CHECK_VALUES): an out-of-range gather on a GPU reads other memory.
     Returns (M,) float32 (float64 for float64 pool)."""
-    P = _check_pool("pool", pool)
+    P = _check_pool("sparse_infonce", "pool", pool)
     D = pool.shape[1]
     dev = pool.device
-    check_tensor("q_idx", q_idx, ndim=1, dtypes=IDX, device=dev, kind="(M,)")
+    check_tensor("sparse_infonce", "q_idx", q_idx, ndim=1, dtypes=IDX, device=dev, kind="(M,)",
+                 like="pool")
     M = q_idx.shape[0]
-    check_tensor("pos_idx", pos_idx, ndim=1, dtypes=IDX, device=dev, kind="(M,)")
-    check_tensor("neg_idx", neg_idx, ndim=2, dtypes=IDX, device=dev, kind="(M, N)")
+    check_tensor("sparse_infonce", "pos_idx", pos_idx, ndim=1, dtypes=IDX, device=dev,
+                 kind="(M,)", like="pool")
+    check_tensor("sparse_infonce", "neg_idx", neg_idx, ndim=2, dtypes=IDX, device=dev,
+                 kind="(M, N)", like="pool")
     if pos_idx.shape[0] != M or neg_idx.shape[0] != M:
-        raise ValueError(f"q_idx, pos_idx and neg_idx must have the same number of rows M, got "
-                         f"{M}, {pos_idx.shape[0]}, {neg_idx.shape[0]}")
-    check_positive_float("temperature", temperature)
+        raise ValueError(f"sparse_infonce: q_idx, pos_idx and neg_idx must have the same number "
+                         f"of rows M, got {M}, {pos_idx.shape[0]}, {neg_idx.shape[0]}")
+    check_positive_float("sparse_infonce", "temperature", temperature)
     if pos_pool is None:
         pos_pool = pool if pool.dim() == 2 else cm.pixel_rows(pool)
     else:
-        check_tensor("pos_pool", pos_pool, ndim=2, dtypes=FLOAT_DTYPES, device=dev, kind="(R, D)")
+        check_tensor("sparse_infonce", "pos_pool", pos_pool, ndim=2, dtypes=FLOAT_DTYPES,
+                     device=dev, kind="(R, D)", like="pool")
         if pos_pool.shape[1] != D:
-            raise ValueError(f"pos_pool rows must have D = {D} like pool, got {pos_pool.shape[1]}")
+            raise ValueError(f"sparse_infonce: pos_pool rows must have D = {D} like pool, got "
+                             f"{pos_pool.shape[1]}")
     if P >= 2**31:
-        raise ValueError(f"pool has {P} rows; int32 indices need fewer than 2^31")
+        raise ValueError(f"sparse_infonce: pool has {P} rows; int32 indices need fewer than 2^31")
     if want_value_checks(check_values, dev):
-        check_index_range("q_idx", q_idx, P, "pool")
-        check_index_range("neg_idx", neg_idx, P, "pool")
-        check_index_range("pos_idx", pos_idx, pos_pool.shape[0], "pos_pool")
+        check_index_range("sparse_infonce", "q_idx", q_idx, P, "pool")
+        check_index_range("sparse_infonce", "neg_idx", neg_idx, P, "pool")
+        check_index_range("sparse_infonce", "pos_idx", pos_idx, pos_pool.shape[0], "pos_pool")
     be = resolve_backend(backend, dev, "sparse_infonce", NATIVE)
     if be == "triton":
         loss, _ = _lib().sparse_infonce(pool, pos_pool, q_idx, pos_idx, neg_idx,

@@ -64,15 +64,15 @@ def reco_loss(emb, labels, probs, *, mask=None, ignore_index: int = 255,
     mask = chk.check_pixel_inputs(op, emb, labels, probs, mask, check_values)
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"{op}: ignore_index must be an int, got {ignore_index!r}")
-    chk.check_positive_float("strong_threshold", strong_threshold)
+    chk.check_positive_float(op, "strong_threshold", strong_threshold)
     if strong_threshold > 1:
         raise ValueError(f"{op}: strong_threshold must be in (0, 1] (a probability; 1 makes "
                          f"every pixel below certainty hard), got {strong_threshold}")
-    chk.check_positive_float("temperature", temperature)
+    chk.check_positive_float(op, "temperature", temperature)
     if relation_temperature is not None:
-        chk.check_positive_float("relation_temperature", relation_temperature)
-    chk.check_positive_int("num_queries", num_queries)
-    chk.check_positive_int("num_negatives", num_negatives)
+        chk.check_positive_float(op, "relation_temperature", relation_temperature)
+    chk.check_positive_int(op, "num_queries", num_queries)
+    chk.check_positive_int(op, "num_negatives", num_negatives)
     if reduction not in ("mean", "none"):
         raise ValueError(f"{op}: reduction must be 'mean' or 'none', got {reduction!r}")
     C = probs.shape[1]
@@ -128,8 +128,10 @@ def reco_inputs_from_official(label: torch.Tensor, mask: torch.Tensor, ignore_in
     label (B, C, h, w) one-hot float, mask (B, 1, h, w) {0, 1}. Returns (labels, mask) for
     reco_loss: labels (B, h, w) int64 (argmax of the one-hot, ``ignore_index`` where it is all
     zero) and mask (B, h, w) bool."""
-    chk.check_tensor("label", label, ndim=4, kind="(B, C, h, w) one-hot")
-    chk.check_tensor("mask", mask, ndim=(3, 4), device=label.device)
+    chk.check_tensor("reco_inputs_from_official", "label", label, ndim=4,
+                     kind="(B, C, h, w) one-hot")
+    chk.check_tensor("reco_inputs_from_official", "mask", mask, ndim=(3, 4), device=label.device,
+                     like="label")
     lab = label.argmax(dim=1)
     lab = torch.where(label.sum(dim=1) > 0, lab, ignore_index)
     m = mask[:, 0] if mask.dim() == 4 else mask

@@ -31,25 +31,27 @@ BLOCK_M, BLOCK_N = 512, 2048     # CPU tiles: 4 MiB of fp32 logits, a few BLAS c
 
 
 def _check(anchors, anchor_labels, keys, key_labels, temperature, op):
-    check_tensor("anchors", anchors, ndim=2, dtypes=FLOAT_DTYPES, kind="(M, D)")
+    check_tensor(op, "anchors", anchors, ndim=2, dtypes=FLOAT_DTYPES, kind="(M, D)")
     dev = anchors.device
-    check_tensor("anchor_labels", anchor_labels, ndim=1, dtypes=INT_DTYPES, device=dev,
-                 kind="(M,)")
+    check_tensor(op, "anchor_labels", anchor_labels, ndim=1, dtypes=INT_DTYPES, device=dev,
+                 kind="(M,)", like="anchors")
     if anchor_labels.shape[0] != anchors.shape[0]:
         raise ValueError(f"{op}: anchor_labels must have one entry per anchor "
                          f"({anchors.shape[0]}), got {anchor_labels.shape[0]}")
     if (keys is None) != (key_labels is None):
         raise ValueError(f"{op}: keys and key_labels go together: give both or neither")
     if keys is not None:
-        check_tensor("keys", keys, ndim=2, dtypes=FLOAT_DTYPES, device=dev, kind="(K, D)")
-        check_tensor("key_labels", key_labels, ndim=1, dtypes=INT_DTYPES, device=dev, kind="(K,)")
+        check_tensor(op, "keys", keys, ndim=2, dtypes=FLOAT_DTYPES, device=dev, kind="(K, D)",
+                     like="anchors")
+        check_tensor(op, "key_labels", key_labels, ndim=1, dtypes=INT_DTYPES, device=dev,
+                     kind="(K,)", like="anchors")
         if keys.shape[1] != anchors.shape[1]:
             raise ValueError(f"{op}: keys must have D = {anchors.shape[1]} like anchors, got "
                              f"{keys.shape[1]}")
         if key_labels.shape[0] != keys.shape[0]:
             raise ValueError(f"{op}: key_labels must have one entry per key ({keys.shape[0]}), "
                              f"got {key_labels.shape[0]}")
-    check_positive_float("temperature", temperature)
+    check_positive_float(op, "temperature", temperature)
 
 
 def _run(anchors, anchor_labels, keys, key_labels, temperature, backend, block, positives, op):

@@ -23,6 +23,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from .. import distributed as pdist  # noqa: E402
+from .._cli import HelpFormatter  # noqa: E402
 from .loop import LOSSES, Config, compare, parity, train  # noqa: E402
 
 # a tiny configuration: a few seconds a step even for the fused path under the Triton interpreter
@@ -66,16 +67,6 @@ def _add_config_args(p):
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-class _Help(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """--help shows every default and keeps the module docstring's layout (flags and options
-    without a value say in their own words what happens when they are left out)."""
-
-    def _get_help_string(self, action):
-        if action.default is None or action.default is False:
-            return action.help
-        return super()._get_help_string(action)
-
-
 def default_out(a) -> str | None:
     """Where a command keeps its checkpoints and reports unless told otherwise: runs/compare,
     runs/<mode>-<loss> or runs/parity-<loss> (relative to the working directory)."""
@@ -104,12 +95,12 @@ def _config(a, **over) -> Config:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="pixcon", description=__doc__, formatter_class=_Help)
+    ap = argparse.ArgumentParser(prog="pixcon", description=__doc__, formatter_class=HelpFormatter)
     sub = ap.add_subparsers(dest="cmd")
     p_cmp = sub.add_parser("compare", help="sup CE / semi CE / semi CE + ReCo, mIoU per row "
-                           "(the default)", formatter_class=_Help)
+                           "(the default)", formatter_class=HelpFormatter)
     _add_config_args(p_cmp)
-    p_run = sub.add_parser("run", help="train one configuration", formatter_class=_Help)
+    p_run = sub.add_parser("run", help="train one configuration", formatter_class=HelpFormatter)
     _add_config_args(p_run)
     p_run.add_argument("--mode", choices=["sup", "semi"], default="semi",
                        help="supervised only, or Mean Teacher + ClassMix on unlabelled images")
@@ -120,7 +111,7 @@ def main(argv=None):
     p_run.add_argument("--stop-at", type=int, default=None,
                        help="stop after this step, leaving a checkpoint (default: run all steps)")
     p_par = sub.add_parser("parity", help="the same run with the reference and fused backends",
-                           formatter_class=_Help)
+                           formatter_class=HelpFormatter)
     _add_config_args(p_par)
     p_par.add_argument("--mode", choices=["sup", "semi"], default="semi",
                        help="supervised only, or Mean Teacher + ClassMix")

@@ -1,0 +1,61 @@
+"""Every command line's --help shows every default: each option either prints its default
+("(default: ...)", added by pixcon._cli.HelpFormatter) or, where the default is None or False,
+says in its help what happens when it is left out."""
+import argparse
+import importlib
+import sys
+
+import pytest
+
+from pixcon._cli import HelpFormatter
+
+sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
+
+COMMANDS = ["pixcon.train.cli", "pixcon.demo", "pixcon.viz", "benchmarks.suite",
+            "benchmarks.bench_reco", "benchmarks.bench_cac", "benchmarks.bench_contrastiveseg",
+            "benchmarks.bench_contextrast", "benchmarks.bench_edt"]
+
+
+class _Stop(Exception):
+    pass
+
+
+def _parsers(module, monkeypatch):
+    """The parser(s) a command's main() builds, caught at parse_args (nothing runs)."""
+    seen = []
+
+    def catch(self, *a, **k):
+        seen.append(self)
+        raise _Stop
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", catch)
+    with pytest.raises(_Stop):
+        importlib.import_module(module).main([])
+    out = []
+    todo = list(seen)
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        for act in p._actions:
+            if isinstance(act, argparse._SubParsersAction):
+                todo.extend(act.choices.values())
+    return out
+
+
+@pytest.mark.parametrize("module", COMMANDS)
+def test_help_shows_every_default(module, monkeypatch):
+    parsers = _parsers(module, monkeypatch)
+    checked = 0
+    for p in parsers:
+        assert p.formatter_class is HelpFormatter, f"{module}: {p.prog} uses another formatter"
+        text = p.format_help()
+        for act in p._actions:
+            if not act.option_strings or act.default is argparse.SUPPRESS or act.dest == "help":
+                continue
+            assert act.help, f"{module} {p.prog}: {act.option_strings[0]} has no help"
+            if act.default not in (None, False):
+                shown = HelpFormatter(p.prog)._get_help_string(act)
+                assert "(default: %(default)s)" in shown, act.option_strings[0]
+                assert f"(default: {act.default}" in " ".join(text.split()), act.option_strings[0]
+            checked += 1
+    assert checked >= 3

@@ -1,0 +1,97 @@
+"""torch.compile(fullgraph=True) on a user's module that calls reco_loss, pixel_anchor_loss and
+distance_transform with their defaults: no graph break, numbers equal to eager.
+
+Under compile the value checks (a read-back to the host) are off by default (documented in
+``want_value_checks``); everything else is a registered ``pixcon::`` op with a fake kernel."""
+import pytest
+import torch
+
+import pixcon
+from pixcon.ops import _common, distance_transform, pixel_anchor_loss, reco_loss
+
+from .conftest import HAS_CUDA, assert_close, triton_device
+
+B, D, H, W, C = 2, 8, 12, 10, 4
+
+
+class UserHead(torch.nn.Module):
+    """What a trainer writes: features, logits, and the three ops with their default arguments."""
+
+    def __init__(self, backend="auto"):
+        super().__init__()
+        self.backend = backend
+        self.features = torch.nn.Conv2d(3, D, 1)
+        self.deep = torch.nn.Conv2d(D, D, 1)
+        self.classifier = torch.nn.Conv2d(D, C, 1)
+
+    def forward(self, x, labels):
+        f = self.features(x)
+        g = self.deep(torch.relu(f))
+        logits = self.classifier(g)
+        probs = torch.softmax(logits, 1).detach()
+        reco = reco_loss(g, labels, probs, num_queries=4, num_negatives=8, seed=5,
+                         backend=self.backend)
+        pal = pixel_anchor_loss([f, g], labels, logits, layer_weights=(0.3, 1.0),
+                                backend=self.backend)
+        dist = distance_transform(labels, labels=True, backend=self.backend)
+        ce = torch.nn.functional.cross_entropy(logits, labels, ignore_index=255)
+        return ce + reco + pal, dist
+
+
+def _batch(seed, device):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, 3, H, W, generator=gen)
+    labels = torch.randint(0, C, (B, H, W), generator=gen)
+    labels[0, :3] = 255                               # some ignored pixels
+    return x.to(device), labels.to(device)
+
+
+def _eager_and_compiled(backend, compiler, device):
+    torch.manual_seed(0)
+    eager = UserHead(backend).to(device)
+    compiled_model = UserHead(backend).to(device)
+    compiled_model.load_state_dict(eager.state_dict())
+    compiled = torch.compile(compiled_model, backend=compiler, fullgraph=True)
+    x, labels = _batch(1, device)
+    (l1, d1), (l2, d2) = eager(x, labels), compiled(x, labels)
+    g1 = torch.autograd.grad(l1, list(eager.parameters()))
+    g2 = torch.autograd.grad(l2, list(compiled_model.parameters()))
+    return (l1, d1, g1), (l2, d2, g2)
+
+
+def _check(eager, compiled, rtol):
+    (l1, d1, g1), (l2, d2, g2) = eager, compiled
+    assert torch.equal(d2, d1)                  # integer-exact distances
+    assert float(l1.detach()) > 0
+    assert_close(l2, l1, rtol=rtol, atol=1e-6, what="compiled loss")
+    for a, b in zip(g2, g1):
+        assert_close(a, b, rtol=rtol, atol=1e-6, what="compiled gradient")
+
+
+@pytest.mark.skipif(not pixcon.HAS_C, reason="the CPU default needs pixcon._C")
+@pytest.mark.parametrize("compiler", ["aot_eager", pytest.param("inductor",
+                                                                 marks=pytest.mark.slow)])
+def test_cpu_default_compiles_fullgraph(compiler):
+    """The CPU default ("native"): Inductor generates C++ around the registered ops. fp32,
+    same kernels on both sides; Inductor may fuse the softmax/conv glue differently, so the
+    tolerance is fp32 reduction-order level."""
+    _check(*_eager_and_compiled("auto", compiler, torch.device("cpu")), rtol=1e-5)
+
+
+@pytest.mark.interpret
+def test_fused_path_compiles_fullgraph():
+    """The Triton path: under the interpreter Inductor cannot generate code around interpreted
+    kernels, so the graph is captured with aot_eager (same fake-tensor tracing, fullgraph);
+    Inductor on a GPU."""
+    device = triton_device()
+    compiler = "inductor" if HAS_CUDA else "aot_eager"
+    _check(*_eager_and_compiled("triton", compiler, device), rtol=1e-5)
+
+
+def test_value_checks_default_off_under_compile_only(monkeypatch):
+    monkeypatch.delenv("PIXCON_CHECK_VALUES", raising=False)
+    cpu = torch.device("cpu")
+    assert _common.want_value_checks(None, cpu)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert not _common.want_value_checks(None, cpu)
+    assert _common.want_value_checks(True, cpu)      # asked for explicitly: kept

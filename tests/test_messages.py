@@ -1,0 +1,65 @@
+"""Every validation error starts with the op's name and names the argument (list elements by
+their index), so a user reading a traceback from deep inside a trainer knows which call failed."""
+import pytest
+import torch
+
+from pixcon import ops
+from pixcon.nn import NegativeBank, PixelMemoryBank
+
+E = torch.randn(2, 4, 6, 6)
+L = torch.randint(0, 3, (2, 6, 6))
+P = torch.softmax(torch.randn(2, 3, 6, 6), 1)
+ROWS, RLAB = torch.randn(10, 4), torch.randint(0, 3, (10,))
+IDX = torch.zeros(5, dtype=torch.long)
+
+CASES = [
+    ("reco_loss", "emb", lambda: ops.reco_loss(E[0], L, P)),
+    ("reco_loss", "labels", lambda: ops.reco_loss(E, L.float(), P)),
+    ("reco_loss", "probs", lambda: ops.reco_loss(E, L, P[:, :, :3])),
+    ("reco_loss", "num_queries", lambda: ops.reco_loss(E, L, P, num_queries=0)),
+    ("reco_loss", "temperature", lambda: ops.reco_loss(E, L, P, temperature=-1.0)),
+    ("reco_loss", "mask", lambda: ops.reco_loss(E, L, P, mask=torch.full_like(L, 0.5,
+                                                                            dtype=torch.float))),
+    ("pixel_anchor_loss", "embs[1]", lambda: ops.pixel_anchor_loss([E, E[0]], L, P,
+                                                                   layer_weights=(1, 1))),
+    ("pixel_anchor_loss", "temperature", lambda: ops.pixel_anchor_loss([E], L, P,
+                                                                       layer_weights=(1,),
+                                                                       temperature=0.0)),
+    ("bane_negatives", "labels", lambda: ops.bane_negatives(L.float(), L, 3)),
+    ("bane_negatives", "num_classes", lambda: ops.bane_negatives(L, L, 0)),
+    ("distance_transform", "x", lambda: ops.distance_transform(torch.rand(4, 4))),
+    ("distance_transform", "background", lambda: ops.distance_transform(L, labels=True,
+                                                                        background=0.5)),
+    ("pixel_contrast_loss", "emb", lambda: ops.pixel_contrast_loss(E[0], L, L)),
+    ("pixel_contrast_loss", "max_samples", lambda: ops.pixel_contrast_loss(E, L, L,
+                                                                           max_samples=0)),
+    ("dense_contrast_loss", "emb", lambda: ops.dense_contrast_loss(E[0], L)),
+    ("dense_contrast_loss", "temperature", lambda: ops.dense_contrast_loss(E, L,
+                                                                           temperature=0)),
+    ("directional_contrast_loss", "feat1", lambda: ops.directional_contrast_loss(
+        E, ROWS, ROWS, ROWS, ROWS, RLAB)),
+    ("class_means", "emb", lambda: ops.class_means(L, RLAB, 3)),
+    ("class_means", "labels", lambda: ops.class_means(ROWS, RLAB[:4], 3)),
+    ("class_means", "num_classes", lambda: ops.class_means(ROWS, RLAB, 0)),
+    ("sample_hard_queries", "hard", lambda: ops.sample_hard_queries(RLAB, RLAB, 3, 4, 0)),
+    ("sample_negatives", "cdf", lambda: ops.sample_negatives(RLAB, torch.zeros(3, 2).long(),
+                                                             RLAB, 4, 0)),
+    ("sparse_infonce", "neg_idx", lambda: ops.sparse_infonce(ROWS, IDX, IDX, IDX,
+                                                             temperature=0.5)),
+    ("supervised_contrast", "anchors", lambda: ops.supervised_contrast(E, RLAB,
+                                                                       temperature=0.1)),
+    ("negative_logsumexp", "key_labels", lambda: ops.negative_logsumexp(
+        ROWS, RLAB, ROWS, ROWS, temperature=0.1)),
+    ("PixelMemoryBank", "num_classes", lambda: PixelMemoryBank(0)),
+    ("PixelMemoryBank.update", "keys", lambda: PixelMemoryBank(3, dim=4).update(E[0], L)),
+    ("NegativeBank", "selected_num", lambda: NegativeBank(1, selected_num=0)),
+]
+
+
+@pytest.mark.parametrize("op,argument,call", CASES, ids=[f"{c[0]}-{c[1]}" for c in CASES])
+def test_message_names_op_and_argument(op, argument, call):
+    with pytest.raises((ValueError, TypeError)) as err:
+        call()
+    msg = str(err.value)
+    assert msg.startswith(f"{op}: "), msg
+    assert argument in msg, msg
