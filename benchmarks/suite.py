@@ -124,7 +124,12 @@ def write(rows, out: str, mode: str) -> list[str]:
     """JSON, Markdown and PNGs under ``out``; returns the paths written."""
     import pixcon.bench as pb
     stem = pb.write_results(rows, out, f"suite-{mode}", markdown(rows))
-    return [f"{stem}.json", f"{stem}.md"] + plots(rows, stem)
+    try:
+        pngs = plots(rows, stem)
+    except ImportError as e:               # matplotlib is an optional extra: the numbers stand
+        print(f"no plots: {e}", file=sys.stderr)
+        pngs = []
+    return [f"{stem}.json", f"{stem}.md"] + pngs
 
 
 def main(argv=None):

@@ -121,6 +121,11 @@ def main(argv=None):
                     help="which network of a semi-supervised checkpoint")
     ap.add_argument("--device", default="cpu", help="where the network runs")
     a = ap.parse_args(argv)
+    try:
+        _plt()
+    except ImportError as e:
+        print(f"pixcon.viz: {e}", file=sys.stderr)
+        return 2
     from .train.loop import Config, load_dataset
     from .train.model import DeepLabV3Plus
     try:

@@ -509,3 +509,30 @@ def test_viz_cli_on_a_missing_or_wrong_file(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("is not a checkpoint written by pixcon.train") == 2
     assert "Traceback" not in err
+
+
+def test_without_matplotlib_core_and_trainer_run_and_pictures_say_why(tmp_path):
+    """matplotlib is the optional viz extra: pixcon, its ops and the trainer import and train
+    without it; pixcon.viz and the benchmark plots say what to install."""
+    import subprocess
+    import sys
+    code = f"""
+import sys
+sys.modules["matplotlib"] = None            # as if it were not installed
+import torch, pixcon, pixcon.ops, pixcon.viz
+from pixcon.train.loop import Config, train
+from pixcon.train.cli import TINY
+rep = train(Config(**dict(TINY, steps=1, eval_every=1, progress=False,
+                          out={str(tmp_path)!r})))
+assert rep["steps_done"] == 1
+assert pixcon.viz.main([{str(tmp_path / "checkpoint.pt")!r}]) == 2
+sys.path.insert(0, "benchmarks")
+import suite
+rows = suite.run_suite("ci", device="cpu", only=["edt"], progress=False)
+print("paths", suite.write(rows, {str(tmp_path / "bench")!r}, "ci"))
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       cwd=str(__import__("pathlib").Path(__file__).resolve().parents[1]))
+    assert r.returncode == 0, r.stderr
+    assert "pixcon.viz: pixcon.viz draws with matplotlib: pip install 'pixcon[viz]'" in r.stderr
+    assert "paths [" in r.stdout and ".png" not in r.stdout
