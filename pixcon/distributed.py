@@ -57,13 +57,31 @@ def init_from_env(device: str | torch.device = "cpu"):
     return dist.get_rank(), dist.get_world_size(), device
 
 
-def shutdown():
-    """Destroy the default process group if one is initialised (at the end of a torchrun job:
-    a process that exits with gloo's threads still running aborts)."""
+def shutdown(timeout: float = 60.0):
+    """Destroy the default process group if one is initialised, and leave together.
+
+    At the end of a torchrun job a process that exits with gloo's threads still running aborts,
+    and so can one still destroying its group when another rank exits and closes its
+    connections (seen once in CI: rank 0 aborted, "terminate called without an active
+    exception"). So: a barrier, destroy, then a count in the rendezvous store that every rank
+    waits on (the store outlives the group) before any returns."""
+    import time
     dist = _dist()
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    world = dist.get_world_size()
+    store = dist.distributed_c10d._get_default_store()
+    dist.barrier()
+    dist.destroy_process_group()
+    try:
+        key = "pixcon/shutdown"
+        done = store.add(key, 1)
+        deadline = time.time() + timeout
+        while done % world != 0 and time.time() < deadline:     # several shutdowns: per round
+            time.sleep(0.01)
+            done = store.add(key, 0)
+    except (RuntimeError, OSError):    # the store's host left first: nobody is left to wait for
+        pass
 
 
 def broadcast_state(module: torch.nn.Module, src: int = 0, *, buffers_only: bool = True,

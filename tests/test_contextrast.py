@@ -167,6 +167,35 @@ def test_hand_computed_single_layer():
     assert abs(loss.item() - math.log1p(math.exp(-10)) / 2) < 1e-9
 
 
+@pytest.mark.parametrize("backend", BACKENDS + [pytest.param(
+    "native", marks=pytest.mark.skipif(not pixcon.HAS_C, reason="pixcon._C not built"))])
+def test_hand_computed_two_layers(backend):
+    """What differs between layers, by hand (t = 0.5, w_l = 0.3, w_h = 0.7, lambda = (0.25, 1)).
+
+    Labels [0 0 0 1 1 2], prediction [0 0 0 1 0 2]: pixel 4 (class 1, predicted 0) is the only
+    error; R1 makes it a negative of anchors 0 and 2. The deep layer (3 pixels) reads pixels
+    0, 2, 4 (nearest): class 2 is absent there, pixel 4 is still an error.
+    Shallow z: (1,0) x3, (0,1) x2, (0.6,-0.8); anchors a0 = (1,0), a1 = (0,1), a2 = (0.6,-0.8).
+    Deep z: (1,0), (0.6,0.8), (0,1); anchors d0 = (0.8,0.4), d1 = (0,1).
+    Fused shallow anchors: 0.3 a + 0.7 d where the class is present deep: â0 = (0.86, 0.28);
+    â2 = a2 (absent deep). Shallow: class 0: softplus((0.28 - 0.86)/t); class 2:
+    softplus((-0.8 - 1)/t); class 1 has no negative (0); divided by the 3 classes present.
+    Deep: class 0, both positives at d0.z = 0.8: softplus((0.4 - 0.8)/t); divided by 2."""
+    sp = lambda x: math.log1p(math.exp(x))                      # noqa: E731
+    t = 0.5
+    expected = (0.25 * (sp((0.28 - 0.86) / t) + sp((-0.8 - 1.0) / t)) / 3
+                + 1.0 * sp((0.4 - 0.8) / t) / 2)
+    d = DEV if backend == "triton" else torch.device("cpu")
+    shallow = torch.tensor([[1.0, 1, 1, 0, 0, 0.6], [0, 0, 0, 1, 1, -0.8]]).view(1, 2, 1, 6)
+    deep = torch.tensor([[1.0, 0.6, 0], [0, 0.8, 1]]).view(1, 2, 1, 3)
+    labels = torch.tensor([[[0, 0, 0, 1, 1, 2]]])
+    pred = torch.tensor([[[0, 0, 0, 1, 0, 2]]])
+    loss = pixel_anchor_loss([shallow.to(d), deep.to(d)], labels.to(d), pred.to(d), num_classes=3,
+                             layer_weights=(0.25, 1.0), w_low=0.3, w_high=0.7, temperature=t,
+                             ks=0.5, backend=backend)
+    assert loss.item() == pytest.approx(expected, abs=2e-6)
+
+
 def test_anchor_fusion_uses_deep_anchor_only_where_present():
     a_shallow = torch.tensor([[1.0, 0], [0, 1], [1, 1]])
     a_deep = torch.tensor([[3.0, 0], [0, 0], [0, 0]])

@@ -536,3 +536,60 @@ print("paths", suite.write(rows, {str(tmp_path / "bench")!r}, "ci"))
     assert r.returncode == 0, r.stderr
     assert "pixcon.viz: pixcon.viz draws with matplotlib: pip install 'pixcon[viz]'" in r.stderr
     assert "paths [" in r.stdout and ".png" not in r.stdout
+
+
+def test_classmix_can_select_the_ignore_value():
+    """ClassMix picks half of torch.unique(label) (specs/reco.md §2), the ignore value included
+    when present, as the official code does: over 300 draws with values {0, 1, 255} (one value
+    kept per image), each is kept about a third of the time (binomial, 3 sigma = 24)."""
+    g = torch.Generator().manual_seed(5)
+    label = torch.tensor([[0, 0, 1, 1, 255, 255]]).view(1, 1, 6).expand(2, 4, 6).clone()
+    image = torch.zeros(2, 3, 4, 6)
+    image[1] = 1.0
+    conf = torch.rand(2, 4, 6)
+    kept = {0: 0, 1: 0, 255: 0}
+    for _ in range(300):
+        im2, _, _ = ss.classmix(image, label, conf, generator=g)
+        own = im2[0, 0] == 0                       # image 0's own pixels: the kept value's
+        values = torch.unique(label[0][own]).tolist()
+        assert len(values) == 1
+        kept[values[0]] += 1
+    for v, n in kept.items():
+        assert abs(n - 100) < 25, kept
+
+
+def test_reco_mask_is_the_weak_threshold_on_quantised_confidences(monkeypatch):
+    """The semi-supervised wiring (specs/reco.md §2): ReCo's mask is GT-valid on the labelled
+    half and confidence >= 0.7 (the weak threshold, not eta's 0.97) on the unlabelled half, on
+    the k/255 confidences after every augmentation; labels are GT then pseudo-labels."""
+    seen = {}
+    photometric = ss.photometric
+
+    def spy_photometric(image, label, conf=None, **kw):
+        out = photometric(image, label, conf, **kw)
+        if conf is not None:
+            seen["conf"], seen["pseudo"] = out[2], out[1]
+        return out
+
+    def spread_conf(conf):        # every k/255 from 0 to 255, so both thresholds split the batch
+        k = torch.arange(conf.numel()) % 256
+        return (k.to(conf.dtype) / 255.0).reshape(conf.shape)
+
+    def spy_contrast(self, out, labels, probs, mask, seed, backend=None):
+        seen["mask"], seen["labels"] = mask, labels
+        return out.rep.sum() * 0.0
+
+    monkeypatch.setattr(ss, "photometric", spy_photometric)
+    monkeypatch.setattr(ss, "quantize_conf", spread_conf)
+    monkeypatch.setattr(Trainer, "contrast_loss", spy_contrast)
+    cfg = Config(**dict(TINY_CFG, steps=1, eval_every=1), mode="semi", loss="reco")
+    assert cfg.weak_threshold == 0.7 and cfg.strong_threshold == 0.97
+    Trainer(cfg).train_step()
+    conf, mask = seen["conf"].to(seen["mask"].device), seen["mask"]
+    B = conf.shape[0]
+    assert torch.equal(mask[B:], conf >= 0.7)
+    assert torch.equal(seen["labels"][B:], seen["pseudo"].to(mask.device))
+    assert bool(((conf >= 0.7) & (conf < 0.97)).any())            # the two readings differ
+    k = torch.round(conf * 255)
+    assert bool((k == 178).any()) and bool((k == 179).any())
+    assert not bool(mask[B:][k == 178].any()) and bool(mask[B:][k == 179].all())

@@ -122,7 +122,7 @@ def main(argv=None):
     a = ap.parse_args(argv)
 
     cfg = _config(a)
-    if cfg.out and pdist.rank() == 0:
+    if cfg.out and int(os.environ.get("RANK", "0")) == 0:     # before torchrun's group exists
         print(f"checkpoints and reports: {cfg.out}/ (--out DIR elsewhere, --no-save for none)",
               file=sys.stderr)
     if a.cmd == "compare":
