@@ -9,6 +9,8 @@ kernels under the interpreter compute fp32 dots exactly (numpy), so 1e-5 too. Ha
 the fused loss vs the float64 reference within 2x the reference's own half-precision error plus
 1e-3 (inputs rounded once to fp16; every backend accumulates in fp32).
 """
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -318,7 +320,10 @@ def test_fused_path_makes_no_host_sync(monkeypatch):
                                check_values=False)
     loss.backward()
     monkeypatch.undo()
-    assert loss.item() > 0 and e.grad.abs().sum().item() > 0
+    ref = pixel_contrast_loss(emb, labels, pred, max_samples=40, max_views=4, seed=1,
+                              backend="reference")
+    assert_close(loss, ref, rtol=1e-5, atol=1e-6, what="loss without host syncs")
+    assert e.grad.abs().sum().item() > 0
 
 
 def test_cpu_saves_no_anchor_by_key_matrix():
@@ -357,13 +362,25 @@ def test_degenerate_batch_is_connected_zero(backend, kind):
 
 def test_no_positive_anchor_left_out_not_nan():
     """n_view = 1 and a class in one image only: that anchor has no positive (official NaN);
-    it is left out of the mean."""
+    it is left out of the mean, so the loss is finite."""
     gt = torch.zeros(2, 4, 4, dtype=torch.int64)
     gt[0, :2] = 1
     emb = F.normalize(torch.randn(2, 4, 4, 4), dim=1)
     for be in ("reference", "native"):
         loss = pixel_contrast_loss(emb, gt, gt, max_samples=3, max_views=1, seed=0, backend=be)
         assert torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("backend", ["reference", "native", TRITON])
+def test_no_positive_anchor_left_out_by_hand(backend):
+    """Dense mode, pixels z = (1,0), (1,0) of class 0 and (0,1) of class 1, t = t_b = 0.5.
+    Anchors 0 and 1: one positive (s = 2), one negative (s = 0): softplus(0 - 2) each. Anchor 2
+    has no positive: left out of the mean, not counted as a zero (which would give 2/3 of it)."""
+    emb = torch.tensor([[1.0, 1.0, 0.0], [0.0, 0.0, 1.0]]).view(1, 2, 1, 3)
+    labels = torch.tensor([[[0, 0, 1]]])
+    loss, _ = run(dense_contrast_loss, emb, labels, backend=backend, temperature=0.5,
+                  base_temperature=0.5)
+    assert loss.item() == pytest.approx(math.log1p(math.exp(-2.0)), abs=1e-6)
 
 
 @pytest.mark.parametrize("backend", ["reference", "native"])

@@ -132,7 +132,7 @@ def test_fused_matches_reference(case):
     gtol = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}.get(dtype, tol)
     assert_close(g, g_ref, rtol=gtol, atol=gtol * 1e-2, what="d emb")
     assert g.dtype == dtype and g_ref.dtype == dtype
-    assert l.item() > 0
+    assert l_ref.item() > 0.5         # the case is not degenerate (a zero would pass vacuously)
 
 
 @pytest.mark.interpret
@@ -295,7 +295,9 @@ def test_fused_path_makes_no_host_sync(monkeypatch, resolution):
                 reduction="mean")
     loss.backward()
     monkeypatch.undo()
-    assert loss.item() > 0
+    ref = reco_loss(emb.detach(), labels.to(DEV), probs.to(DEV), mask=mask, num_queries=4,
+                    num_negatives=8, seed=1, backend="reference")
+    assert_close(loss, ref, rtol=1e-5, atol=1e-6, what="loss without host syncs")
     assert emb.grad.abs().sum().item() > 0
 
 

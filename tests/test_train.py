@@ -1,6 +1,7 @@
 """pixcon.train: embedded scenes, model, semi-supervised pieces, label protocols, metrics, folder
 loaders, and the trainer end to end (mIoU above chance, reference/fused parity, resume)."""
 import dataclasses
+import math
 import json
 import os
 import zlib
@@ -134,6 +135,17 @@ def test_unsupervised_loss_eta_weighting_and_empty_batch():
     assert logits.grad is not None
 
 
+def test_eta_counts_confidence_at_the_threshold():
+    """eta = share of valid pixels with confidence >= 0.97 (the official ge): a confidence of
+    exactly 0.97 counts (as a float32 tensor compared with the threshold)."""
+    logits = torch.zeros(1, 2, 1, 4)
+    pseudo = torch.zeros(1, 1, 4, dtype=torch.int64)
+    conf = torch.tensor([[[0.97, 0.97, 0.5, 0.5]]])
+    ce = math.log(2)                                     # uniform logits over 2 classes
+    got = ss.unsupervised_loss(logits, pseudo, conf, strong_threshold=0.97)
+    assert got.item() == pytest.approx(0.5 * ce)        # eta = 2/4
+
+
 def test_quantize_conf_matches_official_threshold():
     # spec: ge(0.7) acts as k >= 179 (0.70196), ge(0.97) as k >= 248
     q = ss.quantize_conf(torch.tensor([0.7, 0.70196, 0.702, 0.97, 0.9726]))
@@ -160,7 +172,8 @@ def test_photometric_flip_is_consistent():
     i, l, c = ss.photometric(img, lab, conf, generator=g, jitter_p=0, blur_p=0, flip_p=1)
     assert torch.equal(i, img.flip(-1)) and torch.equal(l, lab.flip(-1)) and torch.equal(c, conf.flip(-1))
     i, l, _ = ss.photometric(img, lab, generator=g, jitter_p=1, blur_p=1, flip_p=0)
-    assert torch.equal(l, lab) and i.shape == img.shape and 0 <= float(i.min())
+    assert torch.equal(l, lab) and i.shape == img.shape
+    assert 0 <= float(i.min()) and float(i.max()) <= 1 and not torch.equal(i, img)  # clamped
 
 
 # --- label protocols -------------------------------------------------------------------------
@@ -344,21 +357,27 @@ def _chance_miou(val_labels, C):
 
 @pytest.mark.slow
 def test_end_to_end_miou_above_chance(tmp_path):
-    """Supervised CE + ReCo (reference backend) on tiny scenes, 60 steps. The chance baseline
-    (best constant or uniform prediction) is 0.101; measured best mIoU 0.167 / 0.185 / 0.199 for
-    seeds 0 / 1 / 2, so 1.35x chance (0.136) leaves a margin. (A semi-supervised run is not used
-    here: its EMA teacher, the evaluated model, still predicts background after 60 steps.)"""
-    cfg = Config(**dict(TINY_CFG, steps=60, eval_every=30, batch_size=4, lr=0.05, num_labels=16),
-                 mode="sup", loss="reco", out=str(tmp_path))
-    rep = train(cfg)
+    """Supervised CE + ReCo (the CPU default) on tiny scenes, 60 steps, three seeds. The chance
+    baseline (best constant or uniform prediction) is 0.101; measured best mIoU 0.167 / 0.186 /
+    0.229 for seeds 0 / 1 / 2 (mean 0.194). The threshold is on the mean of the three runs
+    (1.35x chance = 0.136), so no single draw decides, and every run must beat chance itself.
+    (A semi-supervised run is not used here: its EMA teacher, the evaluated model, still
+    predicts background after 60 steps.)"""
+    best = []
+    for seed in (0, 1, 2):
+        out = tmp_path / f"seed{seed}"
+        cfg = Config(**dict(TINY_CFG, steps=60, eval_every=30, batch_size=4, lr=0.05,
+                            num_labels=16), mode="sup", loss="reco", seed=seed, out=str(out))
+        rep = train(cfg)
+        best.append(rep["best_miou"])
     val = SceneDataset("val", size=cfg.scene_size, length=cfg.val_length)
     chance = _chance_miou(val.labels, NUM_CLASSES)
-    assert rep["best_miou"] > 1.35 * chance, (rep["best_miou"], chance)
-    saved = json.loads((tmp_path / "report.json").read_text())
+    assert sum(best) / 3 > 1.35 * chance and min(best) > chance, (best, chance)
+    saved = json.loads((out / "report.json").read_text())
     assert saved["final_miou"] == rep["final_miou"] and len(saved["history"]) == 60
-    assert "| disc |" in (tmp_path / "report.md").read_text()
+    assert "| disc |" in (out / "report.md").read_text()
     h = rep["history"]
-    assert all(k in h[0] for k in ("sup", "contrast")) and h[0]["contrast"] > 0
+    assert all(k in h[0] for k in ("sup", "contrast")) and h[0]["contrast"] > 0.1   # not degenerate
 
 
 @pytest.mark.interpret
@@ -374,7 +393,6 @@ def test_parity_reference_vs_fused():
     assert res["steps"] == 6 and res["backends"] == ["triton", "reference"]
     assert res["lockstep_max_contrast_diff"] < 1e-4, res
     assert set(res["miou"]) == {"triton", "reference"}
-    assert all(0 <= v <= 1 for v in res["miou"].values())
 
 
 def test_resume_repeats_an_uninterrupted_run(tmp_path):
@@ -498,7 +516,10 @@ def test_training_on_a_voc_folder_with_mixed_sizes(tmp_path):
                        eval_every=2, batch_size=2, crop=32, num_labels=2, num_queries=8,
                        num_negatives=16, progress=False))
     assert rep["num_labelled"] == 2 and rep["steps_done"] == 2
-    assert len(rep["class_names"]) == 21 and 0 <= rep["final_miou"] <= 1
+    assert len(rep["class_names"]) == 21
+    # mIoU is the mean over the classes with a non-zero union (the others are None)
+    ious = [v for v in rep["final_iou"] if v is not None]
+    assert 0 < len(ious) < 21 and rep["final_miou"] == pytest.approx(sum(ious) / len(ious))
 
 
 def test_viz_cli_on_a_missing_or_wrong_file(tmp_path, capsys):
