@@ -69,6 +69,7 @@ def run(size="cpu", providers=PROVIDERS, device=None, reps=3, out=None, verbose=
                      "anchors": n, "negatives": N, "dim": D, "num_classes": C,
                      "loss": float(step().detach()), "fwd_bwd_ms": round(ms, 2),
                      "peak_extra_mib": None if peak is None else round(peak / 2**20, 2),
+                     "peak_rss_mib": pb.last_rss_mib(),
                      "saved_mib": round(saved / 2**20, 3), **meta})
     if out:
         pb.write_results(rows, out, f"cac-{size}", markdown(rows))

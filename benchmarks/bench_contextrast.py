@@ -72,6 +72,7 @@ def run(size="cpu", device=None, reps=3, out=None, verbose=True):
                      "batch": B, "dim": D, "layers": layers, "classes": C,
                      "loss": float(step().detach()), "fwd_bwd_ms": round(ms, 3),
                      "peak_extra_mib": None if peak is None else round(peak / 2**20, 2),
+                     "peak_rss_mib": pb.last_rss_mib(),
                      "saved_mib": round(saved / 2**20, 3), **meta})
     if out:
         pb.write_results(rows, out, f"contextrast-{size}", markdown(rows))

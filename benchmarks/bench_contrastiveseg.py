@@ -104,6 +104,7 @@ def run(size="cpu", providers=PROVIDERS, device=None, reps=3, out=None, verbose=
                 "num_classes": C, "max_samples": M, "max_views": V,
                 "loss": float(step().detach()), "fwd_bwd_ms": round(ms, 3),
                 "peak_extra_mib": None if peak is None else round(peak / 2**20, 2),
+                "peak_rss_mib": pb.last_rss_mib(),
                 "grad_mib": round(emb.numel() * emb.element_size() / 2**20, 2),
                 "saved_mib": round(saved / 2**20, 3), **meta})
     if out:
@@ -151,6 +152,7 @@ def run_dense(sizes, providers=("native", "fused"), device=None, reps=1, out=Non
                 "matmul_ms": round(matmul_ms, 1),
                 "gemm_rate_vs_matmul": round(gemms * matmul_ms * (valid / N) ** 2 / ms, 3),
                 "peak_extra_mib": None if peak is None else round(peak / 2**20, 2),
+                "peak_rss_mib": pb.last_rss_mib(),
                 "saved_mib": round(saved / 2**20, 3), **meta})
     if out and rows:
         pb.write_results(rows, out, "dense-contrast", markdown_dense(rows))

@@ -88,6 +88,7 @@ def run(size="cpu", providers=PROVIDERS, device=None, reps=3, out=None, verbose=
                 "shape": [B, D, h, w], "num_classes": C, "num_queries": Q, "num_negatives": N,
                 "loss": float(step().detach()), "fwd_bwd_ms": round(ms, 3),
                 "peak_extra_mib": None if peak is None else round(peak / 2**20, 2),
+                "peak_rss_mib": pb.last_rss_mib(),
                 "grad_mib": round(emb.numel() * emb.element_size() / 2**20, 2),
                 "saved_mib": round(saved / 2**20, 3), **meta})
     if out:

@@ -71,7 +71,40 @@ def run_module(name: str, size: str, *, device, reps: int, official=None):
     return rows
 
 
-def run_suite(mode: str, *, device=None, reps=None, only=None, official=None, progress=True):
+# glibc keeps freed blocks resident once its mmap threshold has grown past them, so a process's
+# resident size would remember an earlier provider's peak; a fixed threshold returns every
+# large block to the system on free (what a fresh process per measurement would see)
+FRESH_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
+
+
+def run_module_fresh(name: str, size: str, *, device, reps: int, official_spec=None):
+    """run_module in a process of its own (fixed malloc thresholds, FRESH_ENV): its rows'
+    peak_rss_mib is then the resident-set rise of each provider's step in that process."""
+    import json
+    import subprocess
+    code = (
+        "import json, sys, torch\n"
+        f"sys.path.insert(0, {HERE!r})\n"
+        "import suite\n"
+        f"official = None if {official_spec!r} is None else "
+        f"__import__('baselines').load_official({official_spec!r})[1]\n"
+        f"rows = suite.run_module({name!r}, {size!r}, device={str(device)!r}, reps={reps}, "
+        "official=official)\n"
+        "print('ROWS' + json.dumps(rows))\n")
+    env = {**os.environ, **FRESH_ENV}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    if r.returncode != 0:
+        raise RuntimeError(f"benchmark {name} {size} failed in its own process:\n"
+                           + r.stderr[-2000:])
+    line = next(ln for ln in r.stdout.splitlines() if ln.startswith("ROWS"))
+    rows = json.loads(line[4:])
+    for row in rows:
+        row["fresh_process"] = True
+    return rows
+
+
+def run_suite(mode: str, *, device=None, reps=None, only=None, official=None, progress=True,
+              fresh=False, official_spec=None):
     from pixcon.progress import Progress
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if reps is None:
@@ -82,7 +115,11 @@ def run_suite(mode: str, *, device=None, reps=None, only=None, official=None, pr
     rows = []
     for i, (name, size) in enumerate(jobs):
         bar.update(i, f"{name} {size}")
-        rows += run_module(name, size, device=device, reps=reps, official=official)
+        if fresh:
+            rows += run_module_fresh(name, size, device=device, reps=reps,
+                                     official_spec=official_spec)
+        else:
+            rows += run_module(name, size, device=device, reps=reps, official=official)
     bar.update(len(jobs), "done")
     bar.close()
     return rows
@@ -96,7 +133,24 @@ def markdown(rows) -> str:
         groups.setdefault((r["module"], r["size"]), []).append(r)
     for (name, size), rs in groups.items():
         parts.append(load(name).markdown(rs))
+    rss = [r for r in rows if r.get("peak_rss_mib") is not None]
+    if rss:
+        fresh = any(r.get("fresh_process") for r in rss)
+        parts.append("Peak resident-set rise during one forward+backward (MiB; everything the "
+                     "process touched: tensors, the kernels' own buffers, allocator caches"
+                     + ("; each op and size in a process of its own" if fresh else
+                        "; one process for the whole suite, so read with care") + "):\n")
+        parts.append("| op | size | provider | live tensors MiB | resident set MiB |\n"
+                     "|---|---|---|---|---|")
+        parts += [f"| {r['op']} | {r['size']} | {r['provider']}"
+                  f"{' + bank' if r.get('bank', 'none') != 'none' else ''} | "
+                  f"{r.get('peak_extra_mib')} | {r['peak_rss_mib']} |" for r in rss]
+        parts.append("")
     return "\n".join(parts)
+
+
+TITLES = {"time": "forward+backward time", "memory": "peak extra memory (live tensors)",
+          "rss": "peak resident-set rise (the whole process)"}
 
 
 def plots(rows, stem: str) -> list[str]:
@@ -105,14 +159,15 @@ def plots(rows, stem: str) -> list[str]:
     out = []
     for op in dict.fromkeys(r["op"] for r in rows):
         rs = [r for r in rows if r["op"] == op]
-        for metric, key, unit in (("time", "time_ms", "ms"), ("memory", "peak_extra_mib", "MiB")):
+        for metric, key, unit in (("time", "time_ms", "ms"), ("memory", "peak_extra_mib", "MiB"),
+                                  ("rss", "peak_rss_mib", "MiB")):
             series = {}
             for r in rs:                # a memory bank is another line, not another point
                 name = r["provider"] + (" + bank" if r.get("bank", "none") != "none" else "")
                 series.setdefault(name, []).append((r["x"], r.get(key)))
             m = rs[0]
             path = line_plot(series, f"{stem}-{op}-{metric}.png",
-                             title=f"{op}: {'forward+backward time' if metric == 'time' else 'peak extra memory'}"
+                             title=f"{op}: {TITLES[metric]}"
                                    f"\n{m['device']}, torch {m['torch']}, {m['date']}",
                              xlabel=m["x_label"], ylabel=f"{metric} ({unit})")
             if path:
@@ -147,6 +202,10 @@ def main(argv=None):
                     help="add the official code from your checkout as a provider")
     ap.add_argument("--out", default=os.path.join(HERE, "results"), help="results folder")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
+    ap.add_argument("--fresh", action="store_true",
+                    help="run each op and size in a process of its own (fixed malloc "
+                         "thresholds), so the resident-set column is that provider's own peak "
+                         "(default: one process)")
     ap.add_argument("--replot", default=None, metavar="JSON",
                     help="only redraw the plots of a suite JSON written before, next to it")
     a = ap.parse_args(argv)
@@ -162,7 +221,7 @@ def main(argv=None):
         from baselines import load_official
         official = load_official(a.official)[1]
     rows = run_suite(mode, device=a.device, reps=a.reps, only=a.only, official=official,
-                     progress=not a.quiet)
+                     progress=not a.quiet, fresh=a.fresh, official_spec=a.official)
     paths = write(rows, a.out, mode)
     print(markdown(rows))
     print("wrote " + ", ".join(os.path.relpath(p) for p in paths))

@@ -72,18 +72,60 @@ class _LiveTensorBytes:
         self.mode = Mode()
 
 
+_LAST_RSS: list = [None]
+
+
+def _status_kib(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def rss_peak_extra_bytes(fn) -> int | None:
+    """The process's resident-set high-water mark during fn() above its resident size before
+    (Linux: VmHWM is reset through /proc/self/clear_refs, then read back). Counts everything:
+    tensors, the C++ kernels' own buffers, allocator caches, libraries loaded on first use.
+    None where the kernel does not offer it; fn() runs either way."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")                       # reset the peak RSS to the current RSS
+    except OSError:
+        fn()
+        return None
+    before = _status_kib("VmRSS")
+    fn()
+    after = _status_kib("VmHWM")
+    return None if before is None or after is None else max(after - before, 0) * 1024
+
+
+def last_rss_mib() -> float | None:
+    """The resident-set rise the last CPU peak_extra_bytes() call saw, in MiB (None on CUDA or
+    where /proc does not offer it). Run in a process of its own (``python -m benchmarks
+    --fresh``) to have it mean the provider's own peak."""
+    v = _LAST_RSS[0]
+    return None if v is None else round(v / 2**20, 2)
+
+
 def peak_extra_bytes(fn, device: torch.device) -> int | None:
     """Peak memory during fn() above what was in use before it.
 
     CUDA: the caching allocator's peak of allocated bytes. CPU: the peak of live tensor bytes
     created during fn() (every ATen op's new storages, until freed), counted exactly rather than
     read from the process's resident size, whose untouched zero pages and allocator caches make
-    it unreliable at the MiB scale."""
+    it unreliable at the MiB scale. The resident-set rise of one more call of fn() (without the
+    counter) is kept as well (``last_rss_mib``)."""
     if device.type != "cuda":
+        _LAST_RSS[0] = rss_peak_extra_bytes(fn)    # fn alone: the counter has its own cost
         counter = _LiveTensorBytes()
         with counter.mode:
             fn()
         return counter.peak
+    _LAST_RSS[0] = None
     sync(device)
     torch.cuda.empty_cache()
     base = torch.cuda.memory_allocated(device)

@@ -159,7 +159,7 @@ def test_official_code_loaded_from_a_checkout(tmp_path):
 
 def test_suite_ci_mode_runs_every_module_and_writes_json_markdown_plots(tmp_path):
     """python -m benchmarks --mode ci: every module, one JSON with the tags, one Markdown table,
-    a time and a memory plot per op (EDT: time only, it reports no memory)."""
+    a time, a memory and a resident-set plot per op (EDT: time only, it reports no memory)."""
     suite = bench_module("suite")
     assert suite.main(["--mode", "ci", "--out", str(tmp_path), "--quiet"]) == 0
     js, = tmp_path.glob("*-suite-ci.json")
@@ -172,11 +172,40 @@ def test_suite_ci_mode_runs_every_module_and_writes_json_markdown_plots(tmp_path
     pngs = {p.name for p in tmp_path.glob("*.png")}
     for op in ops:
         assert any(n.endswith(f"-{op}-time.png") for n in pngs), op
-    assert len(pngs) == 2 * len(ops) - 1                     # EDT has no memory column
+    assert len(pngs) == 3 * len(ops) - 2                     # EDT has no memory columns
     md, = tmp_path.glob("*-suite-ci.md")
     assert all(op in md.read_text() for op in ops)
     from PIL import Image
     assert Image.open(next(tmp_path.glob("*.png"))).size == (760, 460)     # a real PNG
+
+
+def test_resident_set_rise_counts_what_a_call_touches():
+    """pixcon.bench.rss_peak_extra_bytes sees a 64 MiB buffer written and freed inside the call
+    (Linux /proc; skipped elsewhere), and the live-tensor count agrees."""
+    import pixcon.bench as pb
+    if not os.access("/proc/self/clear_refs", os.W_OK):
+        pytest.skip("no /proc/self/clear_refs")
+
+    def fn():
+        x = torch.empty(16 * 2**20, dtype=torch.float32)
+        x.fill_(1.0)
+        return float(x[-1])
+
+    rss = pb.rss_peak_extra_bytes(fn)
+    assert 60 * 2**20 < rss < 80 * 2**20
+    assert pb.peak_extra_bytes(fn, torch.device("cpu")) == 64 * 2**20
+    assert 60 < pb.last_rss_mib() < 80
+
+
+def test_suite_fresh_process_rows(tmp_path):
+    """--fresh runs an op and size in a process of its own and brings its rows back."""
+    suite = bench_module("suite")
+    rows = suite.run_module_fresh("reco", "tiny", device="cpu", reps=1)
+    assert rows and all(r["fresh_process"] and r["op"] == "reco_loss" for r in rows)
+    assert {r["provider"] for r in rows} >= {"official-style", "reference"}
+    if os.access("/proc/self/clear_refs", os.W_OK):
+        assert all(r["peak_rss_mib"] is not None for r in rows)
+    assert "each op and size in a process of its own" in suite.markdown(rows)
 
 
 @pytest.mark.parametrize("peer", ["scipy_batch", "opencv_batch", "edt_batch"])
