@@ -38,13 +38,16 @@ def make_inputs(B, D, layers, C, device, seed=0):
     return embs, labels.to(device), logits.to(device)
 
 
-def run(size="cpu", device=None, reps=3, out=None, verbose=True):
+PROVIDERS = ("reference", "native", "fused")
+
+
+def run(size="cpu", providers=PROVIDERS, device=None, reps=3, out=None, verbose=True):
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     meta = pb.metadata(device)
     B, D, layers, C = SIZES[size]
     embs, labels, logits = make_inputs(B, D, layers, C, device)
     rows = []
-    for provider in ("reference", "native", "fused"):
+    for provider in providers:
         if provider == "fused" and device.type == "cpu" and not meta["triton_interpret"]:
             continue
         if provider == "native" and (device.type != "cpu" or not pixcon.HAS_C):
@@ -93,10 +96,11 @@ def markdown(rows) -> str:
 
 
 def main(argv=None):
-    ap = pb.parser(__doc__, SIZES, "one setting (default: the papers' on a GPU, cpu otherwise)")
+    ap = pb.parser(__doc__, SIZES, "one setting (default: the papers' on a GPU, cpu otherwise)",
+                   providers=PROVIDERS)
     a = ap.parse_args(argv)
     size = a.size or ("hrnet" if torch.cuda.is_available() else "cpu")
-    print(markdown(run(size, reps=a.reps, out=a.out)))
+    print(markdown(run(size, a.providers, reps=a.reps, out=a.out)))
 
 
 if __name__ == "__main__":

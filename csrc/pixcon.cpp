@@ -4,6 +4,8 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include "cpu/parallel.h"
+
 // A bare Python module: `import pixcon._C` loads the library and runs the registrations below
 // (no pybind11, which would triple the compile time).
 extern "C" PyObject* PyInit__C(void) {
@@ -12,6 +14,8 @@ extern "C" PyObject* PyInit__C(void) {
 }
 
 namespace pixcon {
+void set_num_threads(int64_t n) { thread_cap().store(std::max<int64_t>(n, 0)); }
+int64_t get_num_threads() { return thread_cap().load(); }
 bool with_cuda() {
 #ifdef WITH_CUDA
   return true;
@@ -31,6 +35,9 @@ TORCH_LIBRARY_FRAGMENT(pixcon, m) {
   // distances are exact integers (as float32).
   m.def("distance_transform(Tensor labels, int background, bool squared) -> Tensor");
   m.def("with_cuda() -> bool", &pixcon::with_cuda);
+  // The most threads the compiled CPU kernels use (0: torch's intra-op setting).
+  m.def("set_num_threads(int n) -> ()", &pixcon::set_num_threads);
+  m.def("get_num_threads() -> int", &pixcon::get_num_threads);
   // The compiled CPU kernels of the fused primitives (backend "native"; pixcon.ops.primitives
   // documents each; the same samples as the reference and Triton for the same seed).
   m.def("class_sums_native(Tensor x, Tensor labels, int num_classes) -> (Tensor, Tensor)");

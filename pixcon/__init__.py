@@ -2,6 +2,8 @@
 
 Public API: ``pixcon.ops`` (functional losses and primitives) and ``pixcon.nn`` (modules).
 """
+from __future__ import annotations
+
 import torch  # noqa: F401  (must be imported before the compiled extension: it loads libc10)
 
 try:
@@ -11,3 +13,37 @@ except ImportError:  # a source checkout that was never built: the Python paths 
     HAS_C = False
 
 __version__ = "0.1.0"
+
+
+def set_num_threads(n: int | None) -> None:
+    """Cap the threads of pixcon's compiled CPU kernels (backend "native": sampling, InfoNCE,
+    class sums, the EDT) at n; None or 0 follows torch's intra-op setting
+    (``torch.set_num_threads``, OMP_NUM_THREADS), which also governs torch's own ops, the BLAS
+    tiles of the tiled losses included. Results do not depend on it. The environment variable
+    PIXCON_NUM_THREADS sets it at import.
+
+    On a machine other processes keep busy, a parallel region waits for its slowest thread: with
+    one of two cores taken, the benchmark cases ran up to 10x slower on 2 threads than on 1
+    (benchmarks/bench_threads.py); cap at the cores that are free."""
+    if isinstance(n, bool) or not (n is None or (isinstance(n, int) and n >= 0)):
+        raise ValueError(f"pixcon.set_num_threads: n must be a non-negative int or None, got {n!r}")
+    if HAS_C:
+        torch.ops.pixcon.set_num_threads(n or 0)
+
+
+def get_num_threads() -> int | None:
+    """The cap set by set_num_threads (None: torch's intra-op setting)."""
+    return (torch.ops.pixcon.get_num_threads() or None) if HAS_C else None
+
+
+def _threads_from_env():
+    import os
+    v = os.environ.get("PIXCON_NUM_THREADS")
+    if v:
+        try:
+            set_num_threads(int(v))
+        except ValueError as e:
+            raise ValueError(f"PIXCON_NUM_THREADS must be a non-negative integer, got {v!r}") from e
+
+
+_threads_from_env()

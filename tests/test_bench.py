@@ -223,3 +223,15 @@ def test_edt_peers_compute_what_pixcon_computes(peer, C):
     theirs = getattr(mod, peer)(maps, C)
     tol = 1e-4 if peer == "opencv_batch" else 1e-6    # OpenCV returns float32
     assert abs(theirs - ours).max() < tol * max(1.0, ours.max())
+
+
+def test_thread_study_tiny_runs_every_op(tmp_path):
+    """benchmarks/bench_threads.py --tiny: every op's native provider at 1 and 2 threads,
+    interleaved; one row per case with both medians (no timing is asserted)."""
+    mod = bench_module("bench_threads")
+    assert mod.main(["--tiny", "--rounds", "1", "--reps", "1", "--out", str(tmp_path)]) == 0
+    rows = json.loads(next(tmp_path.glob("*-threads.json")).read_text())
+    assert {r["op"] for r in rows} == {"reco_loss", "pixel_contrast_loss",
+                                      "directional_contrast_loss", "pixel_anchor_loss",
+                                      "distance_transform"}
+    assert all(set(r["ms"]) == {"1", "2"} and r["ratio_to_1"]["1"] == 1.0 for r in rows)

@@ -152,6 +152,35 @@ def test_opcheck_native_ops():
                           (order, offsets, counts, torch.arange(3), 5, 1, 1))
 
 
+def test_thread_cap_keeps_results_and_round_trips():
+    """pixcon.set_num_threads caps the compiled kernels only; results are bitwise the same
+    capped at 1 and uncapped (2 threads); PIXCON_NUM_THREADS sets it at import."""
+    import subprocess
+    import sys
+    case = (3, 33, 16, 17, 12, 9, 2, torch.float32, 11)
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        free = _reco(case, "native", Q=64, N=128)
+        pixcon.set_num_threads(1)
+        assert pixcon.get_num_threads() == 1
+        capped = _reco(case, "native", Q=64, N=128)
+        maps = torch.randint(0, 5, (3, 40, 50))
+        d_capped = pixcon.ops.distance_transform(maps, labels=True)
+    finally:
+        pixcon.set_num_threads(None)
+        torch.set_num_threads(old)
+    assert pixcon.get_num_threads() is None
+    assert torch.equal(free[0], capped[0]) and torch.equal(free[1], capped[1])
+    assert torch.equal(pixcon.ops.distance_transform(maps, labels=True), d_capped)
+    with pytest.raises(ValueError, match="pixcon.set_num_threads: n must be"):
+        pixcon.set_num_threads(-1)
+    code = "import pixcon; print(pixcon.get_num_threads())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**__import__("os").environ, "PIXCON_NUM_THREADS": "1"})
+    assert out.stdout.strip() == "1", out.stderr
+
+
 def test_torch_compile_fullgraph_matches_eager():
     emb, labels, probs = reco_batch(2, 8, 6, 6, num_classes=4, present=4, seed=1)
 

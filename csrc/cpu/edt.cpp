@@ -17,6 +17,7 @@
 #include <cstdint>
 #include <limits>
 #include <vector>
+#include "parallel.h"
 
 namespace pixcon {
 namespace {
@@ -66,7 +67,8 @@ void edt_impl(const T* lab, int64_t N, int64_t H, int64_t W, T bg, int32_t* gcol
   // up = distance to the nearest differing pixel above, then down, G = min(up, down).
   constexpr int64_t kCols = 512;
   const int64_t nblk = (W + kCols - 1) / kCols;
-  at::parallel_for(0, N * nblk, 1, [&](int64_t begin, int64_t end) {
+  const int64_t grain = grain_for(N * nblk, 2 * H * std::min(W, kCols));    // two sweeps per block
+  at::parallel_for(0, N * nblk, grain, [&](int64_t begin, int64_t end) {
     std::vector<int32_t> below(kCols);
     for (int64_t i = begin; i < end; ++i) {
       const int64_t n = i / nblk, x0 = (i % nblk) * kCols, nx = std::min(W, x0 + kCols) - x0;
@@ -97,7 +99,7 @@ void edt_impl(const T* lab, int64_t N, int64_t H, int64_t W, T bg, int32_t* gcol
   });
   // pass 2: rows, run by run. A run [x, e] of one label is bounded by differing pixels at x - 1
   // and e + 1 (cost 0 sites); short runs are solved by brute force, long ones by the envelope.
-  at::parallel_for(0, N * H, 16, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, N * H, grain_for(N * H, 4 * W, 16), [&](int64_t begin, int64_t end) {
     std::vector<int64_t> f(W), d2(W), v(W + 2), zn(W + 2), zd(W + 2);
     for (int64_t r = begin; r < end; ++r) {
       const T* L = lab + r * W;

@@ -19,6 +19,7 @@
 #include <limits>
 #include <vector>
 
+#include "parallel.h"
 #include "pool.h"
 
 namespace pixcon {
@@ -74,7 +75,7 @@ std::pair<at::Tensor, at::Tensor> rows_and_inv_norms(const at::Tensor& pool, dou
   auto inv = at::empty({P}, pool.options().dtype(c10::CppTypeToScalarType<A>::value));
   const T* x = rows.template data_ptr<T>();
   A* ip = inv.template data_ptr<A>();
-  at::parallel_for(0, P, 256, [&](int64_t p0, int64_t p1) {
+  at::parallel_for(0, P, grain_for(P, D, 256), [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p) ip[p] = inv_norm(dot_rows<A>(x + p * D, x + p * D, D), eps);
   });
   return {rows, inv};
@@ -121,7 +122,7 @@ std::tuple<at::Tensor, at::Tensor> infonce_fwd_cpu(const at::Tensor& pool_in,
     const A *kinv = v.kinv, *pp = v.pp;
     const int64_t *qp = v.qp, *pip = v.pip, *np = v.np;
     A *lp = loss.data_ptr<A>(), *ep = lse.data_ptr<A>();
-    at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
+    at::parallel_for(0, M, grain_for(M, 2 * (N + 1) * D), [&](int64_t m0, int64_t m1) {
       for (int64_t m = m0; m < m1; ++m) {
         if (qp[m] < 0) { lp[m] = 0; ep[m] = 0; continue; }
         const scalar_t* a = x + qp[m] * D;
@@ -185,7 +186,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> infonce_bwd_cpu(
         w[j + 1] = g * std::exp(cosv[j + 1] * A(inv_t) - l);
       }
     };
-    at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
+    at::parallel_for(0, M, grain_for(M, 2 * (N + 1) * D), [&](int64_t m0, int64_t m1) {
       std::vector<A> w(N + 1), cosv(N + 1);
       for (int64_t m = m0; m < m1; ++m) {
         if (qp[m] < 0) continue;

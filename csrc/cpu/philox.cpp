@@ -5,6 +5,7 @@
 #include <torch/library.h>
 
 #include "philox.h"
+#include "parallel.h"
 
 namespace pixcon {
 namespace {
@@ -22,7 +23,7 @@ at::Tensor philox4x32_cpu(const at::Tensor& counters, int64_t seed, int64_t stre
   uint32_t k0, k1;
   philox_key(seed, &k0, &k1);
   const uint32_t c1 = static_cast<uint32_t>(static_cast<uint64_t>(stream) & 0xFFFFFFFFu);
-  at::parallel_for(0, n, 4096, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, n, grain_for(n, 64, 4096), [&](int64_t begin, int64_t end) {
     uint32_t r[4];
     for (int64_t i = begin; i < end; ++i) {
       philox4x32_10(static_cast<uint32_t>(cp[i]), c1, k0, k1, r);

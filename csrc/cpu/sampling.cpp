@@ -8,6 +8,7 @@
 #include <cstdint>
 
 #include "philox.h"
+#include "parallel.h"
 
 namespace pixcon {
 namespace {
@@ -28,7 +29,7 @@ at::Tensor sample_in_groups_cpu(const at::Tensor& order, const at::Tensor& offse
                 *n = cnt.data_ptr<int64_t>(), *g = grp.data_ptr<int64_t>();
   int32_t* y = out.data_ptr<int32_t>();
   const DrawStream rng(seed, stream);
-  at::parallel_for(0, total, kGrain, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, total, grain_for(total, 64, kGrain), [&](int64_t begin, int64_t end) {
     uint32_t w[4];
     for (int64_t i = begin; i < end; ++i) {
       const int64_t grp_i = g[i / per_row];
@@ -55,7 +56,7 @@ at::Tensor sample_negatives_cpu(const at::Tensor& row_class, const at::Tensor& c
                 *n = cnt.data_ptr<int64_t>();
   int32_t* y = out.data_ptr<int32_t>();
   const DrawStream rng(seed, stream);
-  at::parallel_for(0, total, kGrain, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, total, grain_for(total, 64, kGrain), [&](int64_t begin, int64_t end) {
     uint32_t w[4];
     for (int64_t i = begin; i < end; ++i) {
       const int64_t cls = c[i / per_row];

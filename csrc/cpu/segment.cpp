@@ -9,6 +9,7 @@
 #include <cstdint>
 
 #include "pool.h"
+#include "parallel.h"
 
 namespace pixcon {
 namespace {
@@ -31,7 +32,8 @@ std::tuple<at::Tensor, at::Tensor> class_sums_cpu(const at::Tensor& x, const at:
     const scalar_t* xp = pool.t.data_ptr<scalar_t>();
     acc_t* s = sums.data_ptr<acc_t>();
     constexpr int64_t kBlock = 16;                 // channels per task
-    at::parallel_for(0, (D + kBlock - 1) / kBlock, 1, [&](int64_t b0, int64_t b1) {
+    const int64_t blocks = (D + kBlock - 1) / kBlock;
+    at::parallel_for(0, blocks, grain_for(blocks, P * kBlock), [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t d0 = b * kBlock, d1 = std::min(D, d0 + kBlock);
         for (int64_t p = 0; p < P; ++p) {
