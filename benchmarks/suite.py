@@ -65,9 +65,11 @@ def run_module(name: str, size: str, *, device, reps: int, official=None):
     if name == "reco" and official is not None:
         kw["official"] = official
     rows = mod.run(size, **kw)
+    import floor
     for r in rows:
         r.update(module=name, x=x_of(r), x_label=xlabel, threads=torch.get_num_threads(),
                  time_ms=r.get("fwd_bwd_ms", r.get("ms")))
+        r.update(floor.estimate(r))
     return rows
 
 
@@ -133,6 +135,8 @@ def markdown(rows) -> str:
         groups.setdefault((r["module"], r["size"]), []).append(r)
     for (name, size), rs in groups.items():
         parts.append(load(name).markdown(rs))
+    import floor
+    parts.append(floor.markdown(rows))
     rss = [r for r in rows if r.get("peak_rss_mib") is not None]
     if rss:
         fresh = any(r.get("fresh_process") for r in rss)

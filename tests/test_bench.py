@@ -235,3 +235,25 @@ def test_thread_study_tiny_runs_every_op(tmp_path):
                                       "directional_contrast_loss", "pixel_anchor_loss",
                                       "distance_transform"}
     assert all(set(r["ms"]) == {"1", "2"} and r["ratio_to_1"]["1"] == 1.0 for r in rows)
+
+
+def test_floor_estimates_by_hand():
+    """benchmarks/floor.py at ReCo's VOC setting with 10 classes: emb read and its gradient
+    written (2 x 131,220 x 256 x 4 B), probs (x 21 x 4 B), labels (x 8 B) and 10 x 256 queries
+    x 513 gathered rows x 256 x 4 B: 1625.6 MB, memory-bound at 3.35 TB/s = 0.485 ms; 4 x
+    10 x 256 x 513 x 256 FLOPs = 1.34 GFLOP."""
+    floor = bench_module("floor")
+    row = {"op": "reco_loss", "shape": [20, 256, 81, 81], "num_classes": 21,
+           "present_classes": 10, "num_queries": 256, "num_negatives": 512}
+    est = floor.estimate(row)
+    P = 20 * 81 * 81
+    nbytes = 2 * P * 256 * 4 + P * 21 * 4 + P * 8 + 10 * 256 * 513 * 256 * 4
+    assert est["floor_mb"] == round(nbytes / 1e6, 1) == 1625.6
+    assert est["floor_gflop"] == round(4 * 10 * 256 * 513 * 256 / 1e9, 2)
+    assert est["floor_bound"] == "memory"
+    assert est["floor_ms_est"] == pytest.approx(1e3 * nbytes / 3.35e12, rel=1e-3)
+    md = floor.markdown(floor.paper_cases())
+    for op in ("reco_loss", "pixel_contrast_loss", "dense_contrast_loss",
+               "directional_contrast_loss", "pixel_anchor_loss", "distance_transform"):
+        assert f"| {op} |" in md
+    assert "not measured" in md
