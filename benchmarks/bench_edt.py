@@ -1,6 +1,7 @@
 """distance_transform benchmark: pixcon (C++ on CPU, Triton on GPU) vs SciPy (per image, per
 class, as users call it today) and, where installed, OpenCV's exact mode (per image, per class),
-the ``edt`` package (multi-label, per image) and CuPy's distance_transform_edt (per image).
+the ``edt`` package (multi-label, per image) and, on a GPU, CuPy's and cuCIM's
+distance_transform_edt (per image, per class).
 
     python benchmarks/bench_edt.py                  # all sizes that fit the device
     python benchmarks/bench_edt.py --size tiny      # seconds; what CI runs
@@ -96,16 +97,27 @@ def peers(device):
     return out
 
 
+def _per_image_class(transform, a, C):
+    """What users do today with a binary EDT: one call per image (binary) or per (image, class)."""
+    for b in range(a.shape[0]):
+        if C == 0:
+            transform(a[b])
+        else:
+            for c in range(C):
+                transform(a[b] == c)
+
+
 def cupy_batch(maps, C):
     import cupy
     from cupyx.scipy import ndimage as cnd
-    a = cupy.asarray(maps)
-    for b in range(a.shape[0]):
-        if C == 0:
-            cnd.distance_transform_edt(a[b])
-        else:
-            for c in range(C):
-                cnd.distance_transform_edt(a[b] == c)
+    _per_image_class(cnd.distance_transform_edt, cupy.asarray(maps), C)
+
+
+def cucim_batch(maps, C):
+    """cuCIM's exact EDT (PBA+ on the GPU), per image and class like the other peers."""
+    import cupy
+    from cucim.core.operations.morphology import distance_transform_edt
+    _per_image_class(distance_transform_edt, cupy.asarray(maps), C)
 
 
 def run(size="pyramid", device=None, reps=5, out=None, threads=None, verbose=True):
@@ -124,6 +136,11 @@ def run(size="pyramid", device=None, reps=5, out=None, threads=None, verbose=Tru
                 providers["cupy (per image/class)"] = lambda: cupy_batch(dm, C)
             except ImportError:
                 pass
+            try:
+                import cucim  # noqa: F401
+                providers["cuCIM (per image/class)"] = lambda: cucim_batch(dm, C)
+            except ImportError:
+                pass
         else:
             providers["pixcon C++ (1 thread)"] = "1"
             providers["pixcon C++ (all threads)"] = "all"
@@ -134,7 +151,8 @@ def run(size="pyramid", device=None, reps=5, out=None, threads=None, verbose=Tru
             if isinstance(fn, str):
                 torch.set_num_threads(1 if fn == "1" else (threads or os.cpu_count()))
                 fn = (lambda: distance_transform(maps, backend="native", **kw))
-            dev = device if "triton" in name or "cupy" in name else torch.device("cpu")
+            on_gpu = any(k in name for k in ("triton", "cupy", "cuCIM"))
+            dev = device if on_gpu else torch.device("cpu")
             ms = pb.time_ms(fn, dev, warmup=1, reps=reps)
             torch.set_num_threads(old)
             rows.append({"op": "distance_transform", "size": size, "shape": [B, H, W],

@@ -57,11 +57,13 @@ def load(name: str):
     return mod
 
 
-def run_module(name: str, size: str, *, device, reps: int, official=None):
+def run_module(name: str, size: str, *, device, reps: int, official=None, providers=None):
     """One module at one size: its rows, each with the common columns added."""
     sizes, xlabel, x_of = SUITE[name]
     mod = load(name)
     kw = dict(device=device, reps=reps, verbose=False)
+    if providers is not None:
+        kw["providers"] = providers
     if name == "reco" and official is not None:
         kw["official"] = official
     rows = mod.run(size, **kw)
@@ -80,26 +82,34 @@ FRESH_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "1310
 
 
 def run_module_fresh(name: str, size: str, *, device, reps: int, official_spec=None):
-    """run_module in a process of its own (fixed malloc thresholds, FRESH_ENV): its rows'
-    peak_rss_mib is then the resident-set rise of each provider's step in that process."""
+    """run_module with every provider in a process of its own (fixed malloc thresholds,
+    FRESH_ENV; modules without a provider choice, the EDT's, run whole): each row's
+    peak_rss_mib is then the resident-set rise of that provider's step in a fresh process."""
     import json
     import subprocess
-    code = (
-        "import json, sys, torch\n"
-        f"sys.path.insert(0, {HERE!r})\n"
-        "import suite\n"
-        f"official = None if {official_spec!r} is None else "
-        f"__import__('baselines').load_official({official_spec!r})[1]\n"
-        f"rows = suite.run_module({name!r}, {size!r}, device={str(device)!r}, reps={reps}, "
-        "official=official)\n"
-        "print('ROWS' + json.dumps(rows))\n")
-    env = {**os.environ, **FRESH_ENV}
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
-    if r.returncode != 0:
-        raise RuntimeError(f"benchmark {name} {size} failed in its own process:\n"
-                           + r.stderr[-2000:])
-    line = next(ln for ln in r.stdout.splitlines() if ln.startswith("ROWS"))
-    rows = json.loads(line[4:])
+    providers = getattr(load(name), "PROVIDERS", None)
+    groups = [[p] for p in providers] if providers else [None]
+    if providers and official_spec and name == "reco":
+        groups.append([])                 # the official provider alone (added by run())
+    rows = []
+    for group in groups:
+        code = (
+            "import json, sys, torch\n"
+            f"sys.path.insert(0, {HERE!r})\n"
+            "import suite\n"
+            f"spec = {official_spec!r} if {group!r} in (None, []) else None\n"
+            "official = None if spec is None else "
+            "__import__('baselines').load_official(spec)[1]\n"
+            f"rows = suite.run_module({name!r}, {size!r}, device={str(device)!r}, reps={reps}, "
+            f"official=official, providers={group!r})\n"
+            "print('ROWS' + json.dumps(rows))\n")
+        env = {**os.environ, **FRESH_ENV}
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+        if r.returncode != 0:
+            raise RuntimeError(f"benchmark {name} {size} {group} failed in its own process:\n"
+                               + r.stderr[-2000:])
+        line = next(ln for ln in r.stdout.splitlines() if ln.startswith("ROWS"))
+        rows += json.loads(line[4:])
     for row in rows:
         row["fresh_process"] = True
     return rows
@@ -142,7 +152,7 @@ def markdown(rows) -> str:
         fresh = any(r.get("fresh_process") for r in rss)
         parts.append("Peak resident-set rise during one forward+backward (MiB; everything the "
                      "process touched: tensors, the kernels' own buffers, allocator caches"
-                     + ("; each op and size in a process of its own" if fresh else
+                     + ("; each provider in a process of its own" if fresh else
                         "; one process for the whole suite, so read with care") + "):\n")
         parts.append("| op | size | provider | live tensors MiB | resident set MiB |\n"
                      "|---|---|---|---|---|")
@@ -207,7 +217,7 @@ def main(argv=None):
     ap.add_argument("--out", default=os.path.join(HERE, "results"), help="results folder")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     ap.add_argument("--fresh", action="store_true",
-                    help="run each op and size in a process of its own (fixed malloc "
+                    help="run each provider in a process of its own (fixed malloc "
                          "thresholds), so the resident-set column is that provider's own peak "
                          "(default: one process)")
     ap.add_argument("--replot", default=None, metavar="JSON",

@@ -198,14 +198,14 @@ def test_resident_set_rise_counts_what_a_call_touches():
 
 
 def test_suite_fresh_process_rows(tmp_path):
-    """--fresh runs an op and size in a process of its own and brings its rows back."""
+    """--fresh runs each provider in a process of its own and brings the rows back."""
     suite = bench_module("suite")
     rows = suite.run_module_fresh("reco", "tiny", device="cpu", reps=1)
     assert rows and all(r["fresh_process"] and r["op"] == "reco_loss" for r in rows)
     assert {r["provider"] for r in rows} >= {"official-style", "reference"}
     if os.access("/proc/self/clear_refs", os.W_OK):
         assert all(r["peak_rss_mib"] is not None for r in rows)
-    assert "each op and size in a process of its own" in suite.markdown(rows)
+    assert "each provider in a process of its own" in suite.markdown(rows)
 
 
 @pytest.mark.parametrize("peer", ["scipy_batch", "opencv_batch", "edt_batch"])
