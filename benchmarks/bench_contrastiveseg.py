@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 import pixcon.bench as pb
+from pixcon.reference.contrastiveseg import DENSE_LIMIT
 from pixcon.ops import dense_contrast_loss, pixel_contrast_loss
 from pixcon.synthetic import reco_batch
 
@@ -93,6 +94,12 @@ def run(size="cpu", providers=PROVIDERS, device=None, reps=3, out=None, verbose=
     for use_bank in bank:
         for provider in providers:
             if not _usable(provider, device, meta):
+                continue
+            keys = C * 2 * R if use_bank else M
+            if provider == "reference" and M * keys > DENSE_LIMIT:
+                if verbose:   # the plain reference refuses matrices this large (use the tiles)
+                    print(f"[{size} bank={use_bank}] reference: skipped ({M} x {keys} logits)",
+                          file=sys.stderr, flush=True)
                 continue
             if verbose:
                 print(f"[{size} bank={use_bank}] {provider} ...", file=sys.stderr, flush=True)

@@ -127,7 +127,8 @@ def paper_cases() -> list[dict]:
               "present_classes": K, "num_queries": Q, "num_negatives": N} for K in presents]
     B, D, h, w, C, M, _, R = bench_contrastiveseg.SIZES["cityscapes"]
     rows += [{"op": "pixel_contrast_loss", "size": "cityscapes", "shape": [B, D, h, w],
-              "num_classes": C, "max_samples": M, "bank": bank} for bank in ("none", f"{C}x{R}")]
+              "num_classes": C, "max_samples": M, "bank": bank}
+             for bank in ("none", f"{C}x{2 * R}")]     # a segment and a pixel queue per class
     rows.append({"op": "dense_contrast_loss", "size": "N=131072", "valid_pixels": 131072,
                  "dim": 256, "num_classes": 19})
     n, N, D, C = bench_cac.SIZES["cityscapes"]
