@@ -45,12 +45,13 @@ def make_maps(B, H, W, C, seed=0):
     return lab
 
 
-def _per_class(maps, C, binary_dt):
+def _per_class(maps, C, binary_dt, xp=np):
     """The whole (B, H, W) distance map from a binary transform called per image (binary maps)
     or per (image, class) (multi-label: each class's pixels get their distance to the nearest
-    pixel outside the class), as users of the binary libraries do. Background stays 0."""
-    a = maps.cpu().numpy()
-    out = np.zeros(a.shape, dtype=np.float64)
+    pixel outside the class), as users of the binary libraries do. Background stays 0.
+    xp: the array module (numpy on the CPU, cupy for the GPU peers)."""
+    a = maps.cpu().numpy() if xp is np else xp.asarray(maps)
+    out = xp.zeros(a.shape, dtype=xp.float64)
     for b in range(a.shape[0]):
         if C == 0:
             out[b] = binary_dt(a[b])
@@ -97,27 +98,17 @@ def peers(device):
     return out
 
 
-def _per_image_class(transform, a, C):
-    """What users do today with a binary EDT: one call per image (binary) or per (image, class)."""
-    for b in range(a.shape[0]):
-        if C == 0:
-            transform(a[b])
-        else:
-            for c in range(C):
-                transform(a[b] == c)
-
-
 def cupy_batch(maps, C):
     import cupy
     from cupyx.scipy import ndimage as cnd
-    _per_image_class(cnd.distance_transform_edt, cupy.asarray(maps), C)
+    return _per_class(maps, C, cnd.distance_transform_edt, xp=cupy)
 
 
 def cucim_batch(maps, C):
     """cuCIM's exact EDT (PBA+ on the GPU), per image and class like the other peers."""
     import cupy
     from cucim.core.operations.morphology import distance_transform_edt
-    _per_image_class(distance_transform_edt, cupy.asarray(maps), C)
+    return _per_class(maps, C, distance_transform_edt, xp=cupy)
 
 
 def run(size="pyramid", device=None, reps=5, out=None, threads=None, verbose=True):

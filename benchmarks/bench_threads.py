@@ -88,12 +88,7 @@ def markdown(rows) -> str:
 
 
 def main(argv=None):
-    import argparse
-
-    from pixcon._cli import HelpFormatter
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
-    ap.add_argument("--reps", type=int, default=3, help="timed repetitions per case and round")
-    ap.add_argument("--out", default=os.path.join(HERE, "results"), help="results folder")
+    ap = pb.parser(__doc__, None, "", reps=3)
     ap.add_argument("--threads", nargs="+", type=int, default=[1, 2],
                     help="thread counts to compare (the first is the baseline)")
     ap.add_argument("--rounds", type=int, default=3, help="alternating rounds per count")

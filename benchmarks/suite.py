@@ -137,6 +137,11 @@ def run_suite(mode: str, *, device=None, reps=None, only=None, official=None, pr
     return rows
 
 
+def line_name(r: dict) -> str:
+    """A provider with a memory bank is another line (plots) or row (tables), not another point."""
+    return r["provider"] + (" + bank" if r.get("bank", "none") != "none" else "")
+
+
 def markdown(rows) -> str:
     """Each module's own table per size, under one heading."""
     parts = []
@@ -156,8 +161,7 @@ def markdown(rows) -> str:
                         "; one process for the whole suite, so read with care") + "):\n")
         parts.append("| op | size | provider | live tensors MiB | resident set MiB |\n"
                      "|---|---|---|---|---|")
-        parts += [f"| {r['op']} | {r['size']} | {r['provider']}"
-                  f"{' + bank' if r.get('bank', 'none') != 'none' else ''} | "
+        parts += [f"| {r['op']} | {r['size']} | {line_name(r)} | "
                   f"{r.get('peak_extra_mib')} | {r['peak_rss_mib']} |" for r in rss]
         parts.append("")
     return "\n".join(parts)
@@ -176,9 +180,8 @@ def plots(rows, stem: str) -> list[str]:
         for metric, key, unit in (("time", "time_ms", "ms"), ("memory", "peak_extra_mib", "MiB"),
                                   ("rss", "peak_rss_mib", "MiB")):
             series = {}
-            for r in rs:                # a memory bank is another line, not another point
-                name = r["provider"] + (" + bank" if r.get("bank", "none") != "none" else "")
-                series.setdefault(name, []).append((r["x"], r.get(key)))
+            for r in rs:
+                series.setdefault(line_name(r), []).append((r["x"], r.get(key)))
             m = rs[0]
             path = line_plot(series, f"{stem}-{op}-{metric}.png",
                              title=f"{op}: {TITLES[metric]}"

@@ -230,12 +230,15 @@ def write_results(rows, out: str, name: str, markdown: str) -> str:
 
 def parser(doc: str, sizes, size_help: str, *, providers=None, reps: int = 3, many_sizes=None):
     """The command line every benchmark module shares: --size (one setting, or several when
-    ``many_sizes`` is their default list), --providers, --reps and --out (benchmarks/results)."""
+    ``many_sizes`` is their default list; none when ``sizes`` is None), --providers, --reps and
+    --out (benchmarks/results)."""
     import argparse
 
     from ._cli import HelpFormatter
     ap = argparse.ArgumentParser(description=doc.split("\n")[0], formatter_class=HelpFormatter)
-    if many_sizes is None:
+    if sizes is None:
+        pass
+    elif many_sizes is None:
         ap.add_argument("--size", choices=sizes, default=None, help=size_help)
     else:
         ap.add_argument("--size", choices=sizes, nargs="+", default=many_sizes, help=size_help)
