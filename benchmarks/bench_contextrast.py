@@ -68,12 +68,11 @@ def run(size="cpu", providers=PROVIDERS, device=None, reps=3, out=None, verbose=
             loss.backward()
             return loss
 
-        ms = pb.time_ms(step, device, warmup=1, reps=reps)
-        peak = pb.peak_extra_bytes(step, device)
-        saved = pb.saved_bytes(loss_fn, embs + [labels, logits])
+        ms, peak, saved, loss = pb.measure(step, loss_fn, device, reps,
+                                           embs + [labels, logits])
         rows.append({"op": "pixel_anchor_loss", "provider": provider, "size": size,
                      "batch": B, "dim": D, "layers": layers, "classes": C,
-                     "loss": float(step().detach()), "fwd_bwd_ms": round(ms, 3),
+                     "loss": loss, "fwd_bwd_ms": round(ms, 3),
                      "peak_extra_mib": None if peak is None else round(peak / 2**20, 2),
                      "peak_rss_mib": pb.last_rss_mib(),
                      "saved_mib": round(saved / 2**20, 3), **meta})

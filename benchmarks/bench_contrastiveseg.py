@@ -104,12 +104,13 @@ def run(size="cpu", providers=PROVIDERS, device=None, reps=3, out=None, verbose=
             if verbose:
                 print(f"[{size} bank={use_bank}] {provider} ...", file=sys.stderr, flush=True)
             loss_fn, step = make_step(provider, emb, labels, pred, queue, M, V, use_bank)
-            ms, peak, saved = pb.measure(step, loss_fn, device, reps, [emb, labels, pred, queue])
+            ms, peak, saved, loss = pb.measure(step, loss_fn, device, reps,
+                                               [emb, labels, pred, queue])
             rows.append({
                 "op": "pixel_contrast_loss", "provider": provider, "size": size,
                 "bank": f"{C}x{2 * R}" if use_bank else "none", "shape": [B, D, h, w],
                 "num_classes": C, "max_samples": M, "max_views": V,
-                "loss": float(step().detach()), "fwd_bwd_ms": round(ms, 3),
+                "loss": loss, "fwd_bwd_ms": round(ms, 3),
                 "peak_extra_mib": None if peak is None else round(peak / 2**20, 2),
                 "peak_rss_mib": pb.last_rss_mib(),
                 "grad_mib": round(emb.numel() * emb.element_size() / 2**20, 2),

@@ -80,13 +80,12 @@ def run(size="cpu", providers=PROVIDERS, device=None, reps=3, out=None, verbose=
             if verbose:
                 print(f"[{size} K={present}] {provider} ...", file=sys.stderr, flush=True)
             loss_fn, step = make_step(provider, emb, labels, probs, Q, N, official=official)
-            ms = pb.time_ms(step, device, warmup=1, reps=reps)
-            peak = pb.peak_extra_bytes(step, device)
-            saved = pb.saved_bytes(loss_fn, [emb, labels, probs])
+            ms, peak, saved, loss = pb.measure(step, loss_fn, device, reps,
+                                               [emb, labels, probs])
             rows.append({
                 "op": "reco_loss", "provider": provider, "size": size, "present_classes": present,
                 "shape": [B, D, h, w], "num_classes": C, "num_queries": Q, "num_negatives": N,
-                "loss": float(step().detach()), "fwd_bwd_ms": round(ms, 3),
+                "loss": loss, "fwd_bwd_ms": round(ms, 3),
                 "peak_extra_mib": None if peak is None else round(peak / 2**20, 2),
                 "peak_rss_mib": pb.last_rss_mib(),
                 "grad_mib": round(emb.numel() * emb.element_size() / 2**20, 2),

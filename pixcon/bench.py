@@ -164,9 +164,14 @@ def fwd_bwd_step(params, loss_fn):
 
 
 def measure(step, loss_fn, device: torch.device, reps: int, inputs):
-    """(median fwd+bwd ms, peak extra bytes, bytes saved for backward beyond ``inputs``)."""
-    return (time_ms(step, device, warmup=1, reps=reps), peak_extra_bytes(step, device),
-            saved_bytes(loss_fn, inputs))
+    """(median fwd+bwd ms, peak extra bytes, bytes saved for backward beyond ``inputs``, the
+    loss as a float). The memory step runs first and is the warm-up of the timed steps, so a
+    case costs reps + 1 steps and one forward (at the papers' settings on CPU a step is
+    seconds to minutes)."""
+    out = []
+    peak = peak_extra_bytes(lambda: out.append(step()), device)
+    ms = time_ms(step, device, warmup=0, reps=reps)
+    return ms, peak, saved_bytes(loss_fn, inputs), float(out[0].detach())
 
 
 def title(op: str, m: dict) -> str:
