@@ -25,10 +25,15 @@ def line_plot(series: dict, path, *, title: str, xlabel: str, ylabel: str):
     if not series:
         return None
     fig, ax = plt.subplots(figsize=(7.6, 4.6), dpi=100)
-    for name, pts in series.items():
-        ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=name)
     xs = [x for pts in series.values() for x, _ in pts]
     ys = [y for pts in series.values() for _, y in pts]
+    if len(set(xs)) == 1:            # one problem size (paper mode): bars per provider and case
+        _bars(ax, series)
+        xlabel = f"provider (one bar per case at {xlabel} = {xs[0]:g})"
+    else:
+        for name, pts in series.items():
+            ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=name)
+        ax.legend(fontsize=8, loc="best")
     if _wide(xs):
         ax.set_xscale("log")
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())   # decades only
@@ -38,8 +43,20 @@ def line_plot(series: dict, path, *, title: str, xlabel: str, ylabel: str):
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.grid(True, which="major", alpha=0.3)
-    ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def _bars(ax, series):
+    """Each provider's points (one per case, ascending) as adjacent bars, the value
+    written above each bar."""
+    width = 0.8 / max(len(pts) for pts in series.values())
+    for i, (name, pts) in enumerate(series.items()):
+        for j, (_, y) in enumerate(pts):
+            x = i - 0.4 + width * (j + 0.5)
+            ax.bar(x, y, width=width * 0.9, color=f"C{i}")
+            ax.text(x, y, f"{y:,.0f}" if y >= 100 else f"{y:.3g}", ha="center", va="bottom",
+                    fontsize=7)
+    ax.set_xticks(range(len(series)), list(series), fontsize=8)

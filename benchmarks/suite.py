@@ -221,8 +221,9 @@ def main(argv=None):
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     ap.add_argument("--fresh", action="store_true",
                     help="run each provider in a process of its own (fixed malloc "
-                         "thresholds), so the resident-set column is that provider's own peak "
-                         "(default: one process)")
+                         "thresholds), so the resident-set column is that provider's own peak; "
+                         "its times are pessimistic, every allocation above 128 KiB being "
+                         "mapped afresh (default: one process)")
     ap.add_argument("--replot", default=None, metavar="JSON",
                     help="only redraw the plots of a suite JSON written before, next to it")
     a = ap.parse_args(argv)
