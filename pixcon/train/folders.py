@@ -35,7 +35,12 @@ CITYSCAPES_CLASSES = ("road", "sidewalk", "building", "wall", "fence", "pole", "
                       "truck", "bus", "train", "motorcycle", "bicycle")
 CITYSCAPES_LABEL_TO_TRAIN = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9,
                              23: 10, 24: 11, 25: 12, 26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18}
-SUN_NUM_CLASSES = 37
+SUN_CLASSES = ("wall", "floor", "cabinet", "bed", "chair", "sofa", "table", "door", "window",
+               "bookshelf", "picture", "counter", "blinds", "desk", "shelves", "curtain",
+               "dresser", "pillow", "mirror", "floor mat", "clothes", "ceiling", "books",
+               "fridge", "tv", "paper", "towel", "shower curtain", "box", "whiteboard", "person",
+               "night stand", "toilet", "sink", "lamp", "bathtub", "bag")
+SUN_NUM_CLASSES = len(SUN_CLASSES)
 
 
 def _pil():
@@ -149,8 +154,7 @@ def sun_rgbd(root, split: str = "train", size=None) -> FolderDataset:
     ids = [f"{part}/{i}" for i, _, part in pairs]
     labels = [root / "label" / part / f"{i}.png" for i, _, part in pairs]
     lut = _lut({k: k - 1 for k in range(1, SUN_NUM_CLASSES + 1)})
-    names = tuple(f"class{k}" for k in range(SUN_NUM_CLASSES))
-    return FolderDataset([f for _, f, _ in pairs], labels, ids, names, lut=lut, size=size)
+    return FolderDataset([f for _, f, _ in pairs], labels, ids, SUN_CLASSES, lut=lut, size=size)
 
 
 LOADERS = {"voc": pascal_voc, "cityscapes": cityscapes, "sun": sun_rgbd}

@@ -4,35 +4,16 @@ The relation of classes i and j is the cosine similarity of their mean represent
 the validation set (ground-truth pixels, labels nearest-downsampled to the representation), the
 quantity ReCo's negative sampler turns into P(j | i). The dendrogram is SciPy's average-linkage
 clustering of the distances 1 - cos. Drawing uses matplotlib (the ``viz`` extra).
-
-    python -m pixcon.viz runs/semi-reco/checkpoint.pt --out runs/semi-reco/viz
 """
 from __future__ import annotations
 
-import argparse
-import json
-import pickle
-import sys
-from pathlib import Path
-
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from .ops import class_means
-from .train.loop import same_size_batches
-from .train.semisup import normalize_images
-
-
-def _plt():
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as e:
-        raise ImportError("pixcon.viz draws with matplotlib: pip install 'pixcon[viz]' "
-                          "(./dev setup installs it)") from e
-    return plt
+from ..ops import class_means
+from ..train.loop import same_size_batches
+from ..train.semisup import normalize_images
+from .common import evaluating, labels_at, plt as _plt, representation
 
 
 @torch.no_grad()
@@ -41,18 +22,16 @@ def class_relation(model, dataset, device="cpu", batch: int = 50):
     output; its logits when it has no representation head, as when trained without ReCo) over
     ``dataset``, and the (C,) pixel counts. A class absent from the dataset has a
     zero mean and NaN similarities."""
-    model.eval()
     C = dataset.num_classes
     sums = counts = None
-    for x, y in same_size_batches(dataset, batch):
-        x, y = x.to(device), y.to(device)
-        out = model(normalize_images(x))
-        rep = out.rep if out.rep is not None else out.logits
-        y = F.interpolate(y[:, None].float(), size=rep.shape[-2:], mode="nearest")[:, 0].long()
-        lab = torch.where((y >= 0) & (y < C), y, -1).reshape(-1)
-        s, n, _ = class_means(rep, lab, C)
-        sums = s if sums is None else sums + s
-        counts = n if counts is None else counts + n
+    with evaluating(model):
+        for x, y in same_size_batches(dataset, batch):
+            x, y = x.to(device), y.to(device)
+            rep = representation(model(normalize_images(x)))
+            lab = labels_at(y, rep.shape[-2:], C).reshape(-1)
+            s, n, _ = class_means(rep, lab, C)
+            sums = s if sums is None else sums + s
+            counts = n if counts is None else counts + n
     means = sums / counts.clamp(min=1)[:, None]
     unit = means / means.norm(dim=1, keepdim=True).clamp(min=1e-8)
     sim = unit @ unit.T
@@ -109,55 +88,3 @@ def dendrogram_png(sim, names, path, *, title: str = "class hierarchy"):
     fig.savefig(path)
     plt.close(fig)
     return path
-
-
-def main(argv=None):
-    from ._cli import HelpFormatter
-    ap = argparse.ArgumentParser(prog="python -m pixcon.viz", description=__doc__,
-                                 formatter_class=HelpFormatter)
-    ap.add_argument("checkpoint", help="checkpoint.pt written by pixcon.train")
-    ap.add_argument("--out", default=None, help="output folder (default: next to the checkpoint)")
-    ap.add_argument("--model", choices=["teacher", "student"], default="teacher",
-                    help="which network of a semi-supervised checkpoint")
-    ap.add_argument("--device", default="cpu", help="where the network runs")
-    a = ap.parse_args(argv)
-    try:
-        _plt()
-    except ImportError as e:
-        print(f"pixcon.viz: {e}", file=sys.stderr)
-        return 2
-    from .train.loop import Config, load_dataset
-    from .train.model import DeepLabV3Plus
-    try:
-        state = torch.load(a.checkpoint, map_location=a.device, weights_only=False)
-        cfg = Config(**state["config"])
-    except (OSError, RuntimeError, KeyError, TypeError, EOFError, pickle.UnpicklingError) as e:
-        print(f"pixcon.viz: {a.checkpoint} is not a checkpoint written by pixcon.train "
-              f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})",
-              file=sys.stderr)
-        return 2
-    ds = load_dataset(cfg, "val")
-    weights = state["teacher"]["model"] if (a.model == "teacher" and state["teacher"]) \
-        else state["student"]
-    has_rep = any(k.startswith("representation.") for k in weights)
-    model = DeepLabV3Plus(ds.num_classes, backbone=cfg.backbone, rep_dim=cfg.rep_dim,
-                          representation=has_rep).to(a.device)
-    model.load_state_dict(weights)
-    sim, counts = class_relation(model, ds, a.device)
-    out = Path(a.out or Path(a.checkpoint).parent / "viz")
-    out.mkdir(parents=True, exist_ok=True)
-    names = list(ds.class_names)
-    which = f"{a.model if state['teacher'] else 'student'} of {a.checkpoint} (step "
-    which += f"{state['step']}), {cfg.dataset} validation split"
-    relation_png(sim, names, out / "relation.png", title=f"class relation: {which}")
-    dendrogram_png(sim, names, out / "dendrogram.png", title=f"class hierarchy: {which}")
-    (out / "relation.json").write_text(json.dumps(
-        {"classes": names, "pixels": counts.tolist(),
-         "cosine": [[None if not np.isfinite(v) else v for v in row] for row in sim.tolist()]},
-        indent=1))
-    print(f"wrote {out / 'relation.png'}, {out / 'dendrogram.png'}, {out / 'relation.json'}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
