@@ -5,6 +5,8 @@ from __future__ import annotations
 import random
 from typing import NamedTuple
 
+import torch
+
 
 class CropPair(NamedTuple):
     """Two crops of one image: top-left corners (row, col) in the (padded) image, the overlap
@@ -32,7 +34,7 @@ def _box(o_self, o_other, crop, limit):
 
 def overlapping_crops(height: int, width: int, crop: int, *, stride: int = 8,
                       iou_bound: tuple[float, float] = (0.1, 1.0), max_tries: int = 50,
-                      seed: int | None = None) -> CropPair:
+                      seed: int | None = None, context: bool = True) -> CropPair:
     """CAC's pair of overlapping crops of an image of size (height, width) (after rescaling,
     before padding; the image is padded bottom/right to at least crop x crop).
 
@@ -42,7 +44,9 @@ def overlapping_crops(height: int, width: int, crop: int, *, stride: int = 8,
     ``max_tries`` failures crop 2 = crop 1. The overlap boxes are capped to the unpadded image
     rounded down to the stride (only when the image is smaller than the crop), so they map
     exactly onto the stride-``stride`` feature grid. Deterministic for an int seed (None: from
-    Python's global random generator)."""
+    Python's global random generator). ``context=False`` is the paper's ablation without
+    context-aware consistency (its Table 3, row VI): one view, crop 2 = crop 1 (the two
+    branches then differ only by their photometric augmentations), no tries."""
     for name, v in (("height", height), ("width", width), ("crop", crop), ("stride", stride),
                     ("max_tries", max_tries)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -58,7 +62,7 @@ def overlapping_crops(height: int, width: int, crop: int, *, stride: int = 8,
     H, W = max(height, crop), max(width, crop)
     y1, x1 = rng.randint(0, H - crop), rng.randint(0, W - crop)
     y2, x2, iou, tries = y1, x1, 1.0, 0
-    for tries in range(1, max_tries + 1):
+    for tries in range(1, (max_tries if context else 0) + 1):
         cy = _snap(y1, rng.randint(0, H - crop), stride)
         cx = _snap(x1, rng.randint(0, W - crop), stride)
         if abs(cy - y1) > crop or abs(cx - x1) > crop:
@@ -69,10 +73,21 @@ def overlapping_crops(height: int, width: int, crop: int, *, stride: int = 8,
             y2, x2, iou = cy, cx, cand
             break
     else:
-        tries = max_tries
+        tries = max_tries if context else 0
     lim_y, lim_x = (height // stride) * stride, (width // stride) * stride
     t1, b1 = _box(y1, y2, crop, lim_y)
     l1, r1 = _box(x1, x2, crop, lim_x)
     t2, b2 = _box(y2, y1, crop, lim_y)
     l2, r2 = _box(x2, x1, crop, lim_x)
     return CropPair((y1, x1), (y2, x2), (t1, l1, b1, r1), (t2, l2, b2, r2), iou, tries)
+
+
+def image_labels(labels, num_classes: int, *, ignore_index: int = 255):
+    """(B, C) float 0/1 image-level labels of (B, H, W) masks: class c is present in image b
+    when any of its pixels carries c (the ignore label and out-of-range values count for
+    none). How the trainer derives CAC's image-level labels from its dataset's masks."""
+    lab = torch.as_tensor(labels).reshape(labels.shape[0], -1)
+    ok = (lab >= 0) & (lab < num_classes) & (lab != ignore_index)
+    out = torch.zeros(lab.shape[0], num_classes + 1, dtype=torch.float32, device=lab.device)
+    out.scatter_(1, torch.where(ok, lab, num_classes), 1.0)
+    return out[:, :num_classes]

@@ -474,7 +474,7 @@ def test_cli_help_shows_every_default(capsys):
         main(["run", "--help"])
     text = " ".join(capsys.readouterr().out.split())      # argparse wraps lines
     for shown in ("training steps (default: 800)", "(default: semi)", "(default: auto)",
-                  "(default: 64)", "(default: 1 for reco, 0.1 for contextrast)",
+                  "(default: 64)", "(default: 1 for reco, 0.1 for contextrast and cac)",
                   "(default: runs/compare, runs/MODE-LOSS or runs/parity-LOSS)"):
         assert shown in text, shown
     assert "(default: None)" not in text and "(default: False)" not in text
@@ -556,6 +556,7 @@ print("paths", suite.write(rows, {str(tmp_path / "bench")!r}, "ci"))
                        cwd=str(__import__("pathlib").Path(__file__).resolve().parents[1]))
     assert r.returncode == 0, r.stderr
     assert "pixcon.viz: pixcon.viz draws with matplotlib: pip install 'pixcon[viz]'" in r.stderr
+    assert "pixcon.train: no figures (pixcon.viz draws with matplotlib" in r.stderr
     assert "paths [" in r.stdout and ".png" not in r.stdout
 
 

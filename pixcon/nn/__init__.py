@@ -64,6 +64,7 @@ __all__ += ["ContextrastLoss"]
 from .memory import PixelMemoryBank  # noqa: E402
 
 __all__ += ["PixelMemoryBank"]
-from .cac import DirectionalContrastLoss, NegativeBank  # noqa: E402
+from .cac import (DirectionalContrastLoss, ImageLevelLoss, NegativeBank,  # noqa: E402
+                  image_level_loss)
 
-__all__ += ["DirectionalContrastLoss", "NegativeBank"]
+__all__ += ["DirectionalContrastLoss", "NegativeBank", "ImageLevelLoss", "image_level_loss"]

@@ -12,6 +12,30 @@ from ..reference.rng import draw_seed, philox4x32
 STREAM_NEGATIVE_BANK = 5     # Philox stream of the bank's subsample
 
 
+def _row(*flags):
+    proj, context, cl, dirm, ns, pf = map(bool, flags)
+    return dict(projector=proj, context=context, alignment="contrastive" if cl else "l2",
+                directional=dirm, negative_sampling=ns, positive_filtering=pf)
+
+
+# The paper's ablation (its Table 3): which components each row turns on -- the non-linear
+# projector, context-aware consistency (two crops), the contrastive loss (else experiment I's
+# l2 alignment), the directional mask, negative sampling, positive filtering. "VIII" is the
+# full method. ``projector`` goes to DirectionalContrastLoss, ``context`` to
+# pixcon.data.overlapping_crops, the rest to directional_contrast_loss (``loss_switches``).
+ABLATION = {"I": _row(1, 1, 0, 0, 0, 0), "II": _row(1, 1, 1, 0, 0, 0),
+            "III": _row(1, 1, 1, 1, 0, 0), "IV": _row(1, 1, 1, 1, 1, 0),
+            "V": _row(1, 1, 1, 0, 1, 1), "VI": _row(1, 0, 1, 1, 1, 1),
+            "VII": _row(0, 1, 1, 1, 1, 1), "VIII": _row(1, 1, 1, 1, 1, 1)}
+
+
+def loss_switches(row: str) -> dict:
+    """The directional_contrast_loss keywords of ablation row ``row`` ("I" ... "VIII")."""
+    if row not in ABLATION:
+        raise ValueError(f"CAC ablation row must be one of {tuple(ABLATION)}, got {row!r}")
+    return {k: v for k, v in ABLATION[row].items() if k not in ("projector", "context")}
+
+
 class NegativeBank(torch.nn.Module):
     """Features and pseudo-labels of both views of the last ``step_save`` + 1 steps (the
     official bank keeps the current step and ``step_save`` before it), oldest first.
@@ -126,21 +150,25 @@ class DirectionalContrastLoss(torch.nn.Module):
     """CAC's projector (conv1x1 C->C, ReLU, conv1x1 C->dim, no BN, then L2 normalisation) and
     its directional loss, weighted by ``weight`` (0.1: the official ``weight_unsup``; the
     ``unsupervised_w = 30`` in the official configs is a dead key that no code reads).
+    ``projector=False`` is the ablation without the non-linear projector (the paper's Table 3,
+    row VII): the loss reads the L2-normalised encoder features themselves (``dim`` unused).
+    Other keyword arguments go to :func:`pixcon.ops.directional_contrast_loss` (its ablation
+    switches among them).
 
     >>> crit, bank = DirectionalContrastLoss(in_channels=256), NegativeBank(step_save=1)
     >>> loss = ce + crit(enc1, enc2, logits1, logits2, crops.box1, crops.box2, flip1, flip2, bank)
     """
 
     def __init__(self, in_channels: int = 256, dim: int = 128, *, weight: float = 0.1,
-                 stride: int = 8, **kwargs):
+                 stride: int = 8, projector: bool = True, **kwargs):
         super().__init__()
         self.projector = torch.nn.Sequential(
             torch.nn.Conv2d(in_channels, in_channels, 1), torch.nn.ReLU(inplace=True),
-            torch.nn.Conv2d(in_channels, dim, 1))
+            torch.nn.Conv2d(in_channels, dim, 1)) if projector else None
         self.weight, self.stride, self.kwargs = weight, stride, kwargs
 
     def project(self, enc):
-        return F.normalize(self.projector(enc), dim=1)
+        return F.normalize(enc if self.projector is None else self.projector(enc), dim=1)
 
     def forward(self, enc1, enc2, logits1, logits2, boxes1, boxes2, flips1, flips2, bank,
                 update_bank=True, seed=None):
@@ -156,3 +184,49 @@ class DirectionalContrastLoss(torch.nn.Module):
         negatives, labels = bank.negatives()
         return self.weight * directional_contrast_loss(f1, f2, g1, g2, negatives, labels,
                                                        **self.kwargs)
+
+
+class ImageLevelLoss(torch.nn.Module):
+    """CAC's extension with image-level labels (its eqs. 10-11): an extra classifier C_w on the
+    unlabelled branch's encoder features (global average pooling, then a linear layer to C
+    image-level logits) trained with the multi-label loss of both views,
+
+        L_w = 1/2 (CE(C_w(f_u1), y) + CE(C_w(f_u2), y)),
+
+    CE the multi-label soft-margin loss (binary cross-entropy with logits, averaged over
+    classes and images). The total of eq. 10 is L_ce + lambda L_dc + lambda_w L_w; the paper
+    gives no value for lambda_w, ``weight`` (1.0, as the supervised CE) is ours.
+
+    >>> weak = ImageLevelLoss(in_channels=256, num_classes=21)
+    >>> loss = ce + cac + weak(enc1, enc2, image_labels(labels_u, 21))
+    """
+
+    def __init__(self, in_channels: int, num_classes: int, *, weight: float = 1.0):
+        super().__init__()
+        self.classifier = torch.nn.Linear(in_channels, num_classes)
+        self.weight = weight
+
+    def logits(self, enc):
+        """(B, C) image-level logits of (B, in_channels, h, w) features."""
+        return self.classifier(enc.mean(dim=(2, 3)))
+
+    def forward(self, enc1, enc2, targets):
+        """``weight`` x L_w for the two views' features and (B, C) 0/1 image-level labels."""
+        return self.weight * image_level_loss(self.logits(enc1), self.logits(enc2), targets)
+
+
+def multilabel_loss(logits, targets):
+    """Mean over images and classes of -[y log s(x) + (1 - y) log(1 - s(x))]."""
+    y = targets.to(logits.dtype)
+    return (y * F.softplus(-logits) + (1 - y) * F.softplus(logits)).mean()
+
+
+def image_level_loss(logits1, logits2, targets):
+    """Eq. 11: the mean of the two views' multi-label losses against the same labels."""
+    chk.check_tensor("image_level_loss", "logits1", logits1, ndim=2, dtypes=chk.FLOAT_DTYPES,
+                     kind="(B, C)")
+    for name, x in (("logits2", logits2), ("targets", targets)):
+        if x.shape != logits1.shape:
+            raise ValueError(f"image_level_loss: {name} must have logits1's shape "
+                             f"{tuple(logits1.shape)}, got {tuple(x.shape)}")
+    return 0.5 * (multilabel_loss(logits1, targets) + multilabel_loss(logits2, targets))

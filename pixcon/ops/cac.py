@@ -24,7 +24,9 @@ BACKENDS = ("reference", "native", "triton")
 def directional_contrast_loss(feat1, feat2, logits1, logits2, negatives, negative_labels, *,
                               pos_threshold: float = 0.75, temperature: float = 0.1,
                               reduction: str = "mean", backend: str = "auto",
-                              official_numerics: bool = False):
+                              official_numerics: bool = False, directional: bool = True,
+                              positive_filtering: bool = True, negative_sampling: bool = True,
+                              alignment: str = "contrastive"):
     """CAC's directional contrastive loss L1 + L2 (official ``loss1 + loss2``).
 
     Args:
@@ -49,6 +51,14 @@ def directional_contrast_loss(feat1, feat2, logits1, logits2, negatives, negativ
             per pixel (-log 1e-8) where the exact loss is larger, and overflows to inf in fp32
             when a bank column beyond the first 8000 exceeds their maximum by more than ~88
             (see tests/test_cac.py).
+        directional, positive_filtering, negative_sampling, alignment: the paper's ablation
+            switches (its Table 3), all on by default (the full method). ``directional=False``
+            drops [c1 < c2]; ``positive_filtering=False`` drops [c2 > gamma] (both off: every
+            overlap pixel, both terms); ``negative_sampling=False`` counts every bank negative
+            whatever its pseudo-label; ``alignment="l2"`` replaces the InfoNCE term by
+            ||f1 - sg(f2)||^2 (experiment I; no negatives, so ``negative_sampling`` does not
+            apply). The projector and the two-crop context are switches of
+            :class:`pixcon.nn.DirectionalContrastLoss` and :func:`pixcon.data.overlapping_crops`.
 
     Returns the scalar loss (float32; float64 for float64 features); nothing selected gives a
     zero connected to both features' graphs.
@@ -84,8 +94,16 @@ def directional_contrast_loss(feat1, feat2, logits1, logits2, negatives, negativ
     chk.check_positive_float(op, "temperature", temperature)
     if reduction not in ("mean", "none"):
         raise ValueError(f"{op}: reduction must be 'mean' or 'none', got {reduction!r}")
+    for name, v in (("directional", directional), ("positive_filtering", positive_filtering),
+                    ("negative_sampling", negative_sampling)):
+        if not isinstance(v, bool):
+            raise TypeError(f"{op}: {name} must be True or False, got {v!r}")
+    if alignment not in ref.ALIGNMENTS:
+        raise ValueError(f"{op}: alignment must be one of {ref.ALIGNMENTS}, got {alignment!r}")
     be = chk.resolve_backend(backend, dev, op, BACKENDS, needs_extension=False)
-    kw = dict(pos_threshold=pos_threshold, temperature=temperature, reduction=reduction)
+    switches = dict(directional=directional, positive_filtering=positive_filtering)
+    kw = dict(pos_threshold=pos_threshold, temperature=temperature, reduction=reduction,
+              negative_sampling=negative_sampling, alignment=alignment, **switches)
     if official_numerics or be == "reference":
         if official_numerics and backend not in ("auto", "reference", None):
             raise NotImplementedError(f"{op}: official_numerics runs on the reference backend "
@@ -99,13 +117,16 @@ def directional_contrast_loss(feat1, feat2, logits1, logits2, negatives, negativ
     dt = torch.promote_types(feat1.dtype, torch.float32)
     out = []
     for fa, ft, ca, ct, ya in ((feat1, feat2, c1, c2, y1), (feat2, feat1, c2, c1, y2)):
-        d = ref.directional_mask(ca, ct, pos_threshold)
-        a = fa.to(dt) if be == "native" else fa
-        k = bank.to(a.dtype)
-        nl = negative_logsumexp(a, torch.where(d, ya, -1), k, negative_labels,
-                                temperature=temperature, backend=be)
-        pos = (fa.to(dt) * ft.detach().to(dt)).sum(dim=1) / temperature
-        ell = torch.where(d, F.softplus(nl - pos), 0.0)
+        d = ref.directional_mask(ca, ct, pos_threshold, **switches)
+        if alignment == "l2":
+            ell = torch.where(d, ref.l2_terms(fa.to(dt), ft.to(dt)), 0.0)
+        else:
+            a = fa.to(dt) if be == "native" else fa
+            ya, yk = ref.sampling_labels(ya, negative_labels, negative_sampling)
+            nl = negative_logsumexp(a, torch.where(d, ya, -1), bank.to(a.dtype), yk,
+                                    temperature=temperature, backend=be)
+            pos = (fa.to(dt) * ft.detach().to(dt)).sum(dim=1) / temperature
+            ell = torch.where(d, F.softplus(nl - pos), 0.0)
         out.append(ell if reduction == "none" else ell.sum() / (d.sum() + 1e-12))
     return torch.stack(out) if reduction == "none" else out[0] + out[1]
 

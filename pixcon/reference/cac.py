@@ -14,6 +14,15 @@ arithmetic instead (specs/cac.md §6): every row stabilised by the maximum over 
 the first 8000 bank columns (masked ones included) and 1e-8 added inside and outside the log,
 which caps a pixel's loss near -log(1e-8) = 18.4 and overflows when a later column exceeds the
 first chunk's maximum by more than about 88 (fp32).
+
+The paper's ablation (its Table 3) turns components off one at a time; each is a switch here,
+all on by default (the full method, row VIII):
+
+    directional=False          Dir: no [c1 < c2]; with positive filtering still [c2 > gamma]
+    positive_filtering=False   PF:  no [c2 > gamma] (eq. 7); both off: every overlap pixel
+    negative_sampling=False    NS:  every bank negative, whatever its pseudo-label (eq. 5 off)
+    alignment="l2"             CL off (row I): l1_j = ||f1_j - sg(f2_j)||^2 instead of InfoNCE;
+                               no negatives, so negative_sampling does not apply
 """
 from __future__ import annotations
 
@@ -32,10 +41,34 @@ def confidence(logits):
     return p.max(dim=1)
 
 
-def directional_mask(c_anchor, c_target, pos_threshold):
+ALIGNMENTS = ("contrastive", "l2")
+
+
+def directional_mask(c_anchor, c_target, pos_threshold, *, directional=True,
+                     positive_filtering=True):
     """Pixels whose anchor view is pulled toward the target: the target is confident (above
-    the threshold) and strictly more confident than the anchor; ties pull neither."""
-    return (c_target > pos_threshold) & (c_anchor < c_target)
+    the threshold: positive filtering) and strictly more confident than the anchor (the
+    directional mask; ties pull neither). A switch off drops its condition."""
+    keep = torch.ones_like(c_anchor, dtype=torch.bool)
+    if positive_filtering:
+        keep = keep & (c_target > pos_threshold)
+    if directional:
+        keep = keep & (c_anchor < c_target)
+    return keep
+
+
+def sampling_labels(y_anchor, negative_labels, negative_sampling=True):
+    """(anchor labels, negative labels) for the label filter of the negatives: as given with
+    negative sampling; without it 0 for every negative and 1 for every anchor, so that every
+    negative counts."""
+    if negative_sampling:
+        return y_anchor, negative_labels
+    return torch.ones_like(y_anchor), torch.zeros_like(negative_labels)
+
+
+def l2_terms(f_anchor, f_target):
+    """Experiment I's alignment: ||f_anchor - sg(f_target)||^2 per row (n,)."""
+    return (f_anchor - f_target.detach()).square().sum(dim=1)
 
 
 def pixel_terms(f_anchor, f_target, y_anchor, negatives, negative_labels, temperature):
@@ -60,7 +93,9 @@ def official_pixel_terms(f_anchor, f_target, y_anchor, negatives, negative_label
 
 def directional_contrast_loss(feat1, feat2, logits1, logits2, negatives, negative_labels, *,
                               pos_threshold=0.75, temperature=0.1, reduction="mean",
-                              official_numerics=False):
+                              official_numerics=False, directional=True,
+                              positive_filtering=True, negative_sampling=True,
+                              alignment="contrastive"):
     """Reference CAC loss L1 + L2 (arguments as pixcon.ops.directional_contrast_loss). Computes
     in float32 (float64 for float64 features). reduction "none": (2, n) per-pixel terms, zero
     where the directional mask is off."""
@@ -68,11 +103,17 @@ def directional_contrast_loss(feat1, feat2, logits1, logits2, negatives, negativ
     f1, f2, bank = feat1.to(dt), feat2.to(dt), negatives.detach().to(dt)
     c1, y1 = confidence(logits1)
     c2, y2 = confidence(logits2)
-    terms = official_pixel_terms if official_numerics else pixel_terms
-    l1 = terms(f1, f2, y1, bank, negative_labels, temperature)
-    l2 = terms(f2, f1, y2, bank, negative_labels, temperature)
-    d1 = directional_mask(c1, c2, pos_threshold).to(dt)
-    d2 = directional_mask(c2, c1, pos_threshold).to(dt)
+    if alignment == "l2":
+        l1, l2 = l2_terms(f1, f2), l2_terms(f2, f1)
+    else:
+        terms = official_pixel_terms if official_numerics else pixel_terms
+        (a1, k1), (a2, k2) = (sampling_labels(y, negative_labels, negative_sampling)
+                              for y in (y1, y2))
+        l1 = terms(f1, f2, a1, bank, k1, temperature)
+        l2 = terms(f2, f1, a2, bank, k2, temperature)
+    switches = dict(directional=directional, positive_filtering=positive_filtering)
+    d1 = directional_mask(c1, c2, pos_threshold, **switches).to(dt)
+    d2 = directional_mask(c2, c1, pos_threshold, **switches).to(dt)
     if reduction == "none":
         return torch.stack([l1 * d1, l2 * d2])
     return (l1 * d1).sum() / (d1.sum() + 1e-12) + (l2 * d2).sum() / (d2.sum() + 1e-12)

@@ -48,7 +48,8 @@ def _add_config_args(p):
     p.add_argument("--crop", type=int, default=d.crop, help="training crop size in pixels")
     p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (SGD, poly decay)")
     p.add_argument("--loss-weight", type=float, default=None,
-                   help="weight of the contrastive loss (default: 1 for reco, 0.1 for contextrast)")
+                   help="weight of the contrastive loss (default: 1 for reco, 0.1 for "
+                   "contextrast and cac)")
     p.add_argument("--num-queries", type=int, default=d.num_queries,
                    help="ReCo queries per class")
     p.add_argument("--num-negatives", type=int, default=d.num_negatives,
@@ -65,6 +66,9 @@ def _add_config_args(p):
     p.add_argument("--no-save", action="store_true", help="keep no checkpoint or report")
     p.add_argument("--tiny", action="store_true", help="a tiny configuration (tests, interpreter)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--no-figures", dest="figures", action="store_false",
+                   help="skip the end-of-run figures (OUT/figures: prediction panels, class "
+                   "relation, dendrogram)")
 
 
 def default_out(a) -> str | None:
@@ -107,6 +111,15 @@ def main(argv=None):
     p_run.add_argument("--loss", choices=LOSSES, default="none", help="the contrastive loss added")
     p_run.add_argument("--backend", default="auto",
                        help="the loss's backend: auto, reference, native (CPU), triton")
+    p_run.add_argument("--cac-ablation", default="VIII",
+                       choices=["I", "II", "III", "IV", "V", "VI", "VII", "VIII"],
+                       help="CAC: a row of the paper's ablation table (VIII: the full method)")
+    p_run.add_argument("--cac-step-save", type=int, default=1,
+                       help="CAC: earlier steps kept in the negative bank")
+    p_run.add_argument("--image-level", action="store_true",
+                       help="CAC: add the image-level branch (labels from the masks)")
+    p_run.add_argument("--image-level-weight", type=float, default=1.0,
+                       help="CAC: lambda_w of the image-level loss")
     p_run.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     p_run.add_argument("--stop-at", type=int, default=None,
                        help="stop after this step, leaving a checkpoint (default: run all steps)")
@@ -115,7 +128,8 @@ def main(argv=None):
     _add_config_args(p_par)
     p_par.add_argument("--mode", choices=["sup", "semi"], default="semi",
                        help="supervised only, or Mean Teacher + ClassMix")
-    p_par.add_argument("--loss", choices=LOSSES[1:], default="reco", help="the loss compared")
+    p_par.add_argument("--loss", choices=["reco", "contextrast"], default="reco",
+                       help="the loss compared")
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in ("compare", "run", "parity", "-h", "--help"):
         argv = ["compare"] + argv

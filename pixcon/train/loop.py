@@ -12,6 +12,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -21,13 +22,13 @@ import torch.nn.functional as F
 from .. import distributed as pdist
 from .. import ops
 from ..progress import Progress
-from ..nn import ContextrastLoss
+from ..nn import ContextrastLoss, NegativeBank
 from . import metrics, protocols
 from . import semisup as ss
 from .model import DeepLabV3Plus
 
-LOSSES = ("none", "reco", "contextrast")
-DEFAULT_WEIGHT = {"none": 0.0, "reco": 1.0, "contextrast": 0.1}
+LOSSES = ("none", "reco", "contextrast", "cac")
+DEFAULT_WEIGHT = {"none": 0.0, "reco": 1.0, "contextrast": 0.1, "cac": 0.1}
 
 
 @dataclasses.dataclass
@@ -35,7 +36,7 @@ class Config:
     """Everything a run depends on. Defaults: the embedded scenes with 20 labelled images."""
     dataset: str = "scenes"            # "scenes", "voc:ROOT", "cityscapes:ROOT", "sun:ROOT"
     mode: str = "semi"                 # "sup" (labelled only) or "semi" (Mean Teacher + ClassMix)
-    loss: str = "none"                 # "none", "reco" or "contextrast"
+    loss: str = "none"                 # "none", "reco", "contextrast" or "cac" (semi only)
     backend: str = "auto"              # pixcon backend of the contrastive loss
     num_labels: int = 20               # labelled images (class-balanced pick); 0 = all
     partial: str | None = None         # "p0", "p1", "p5", "p25": sparse labels on every image
@@ -49,10 +50,14 @@ class Config:
     weight_decay: float = 5e-4
     weak_threshold: float = 0.7        # pseudo-label confidence for the contrastive mask
     strong_threshold: float = 0.97     # eta weighting and ReCo's hard-query threshold
-    loss_weight: float | None = None   # None: 1.0 for reco, 0.1 for contextrast
+    loss_weight: float | None = None   # None: 1.0 for reco, 0.1 for contextrast and cac
     num_queries: int = 64              # ReCo queries per class (official 256)
     num_negatives: int = 128           # ReCo negatives per query (official 512)
     temperature: float = 0.5
+    cac_ablation: str = "VIII"         # CAC: a row of the paper's ablation table (VIII = full)
+    cac_step_save: int = 1             # CAC: earlier steps kept in the negative bank
+    image_level: bool = False          # CAC: the image-level branch (labels from the masks)
+    image_level_weight: float = 1.0    # CAC: lambda_w of eq. 10 (the paper gives none)
     quantize_conf: bool = True         # confidences as k/255 (the official PIL round trip)
     backbone: str = "small"
     rep_dim: int | None = None
@@ -67,6 +72,7 @@ class Config:
     resume: bool = False               # continue from out/checkpoint.pt
     stop_at: int | None = None         # stop after this step with a checkpoint (time slices)
     progress: bool = True
+    figures: bool = True               # out/figures: prediction panels, relation, dendrogram
 
     def validate(self):
         if self.mode not in ("sup", "semi"):
@@ -75,6 +81,19 @@ class Config:
             raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
         if self.partial is not None and self.partial not in protocols.PARTIAL:
             raise ValueError(f"partial must be one of {tuple(protocols.PARTIAL)}, got {self.partial!r}")
+        if self.loss == "cac":
+            from ..nn.cac import ABLATION
+            from .cac import FEATURE_STRIDE
+            if self.mode != "semi":
+                raise ValueError("loss 'cac' trains on unlabelled images: it needs mode 'semi'")
+            if self.cac_ablation not in ABLATION:
+                raise ValueError(f"cac_ablation must be one of {tuple(ABLATION)}, got "
+                                 f"{self.cac_ablation!r}")
+            if self.crop % FEATURE_STRIDE.get(self.backbone, 8):
+                raise ValueError(f"loss 'cac' needs crop to be a multiple of the feature stride "
+                                 f"{FEATURE_STRIDE.get(self.backbone, 8)}, got {self.crop}")
+        elif self.image_level:
+            raise ValueError("image_level is CAC's extension: it needs loss 'cac'")
         for name in ("steps", "batch_size", "crop", "eval_every", "eval_batch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
@@ -186,16 +205,26 @@ class Trainer:
         self.student = DeepLabV3Plus(C, backbone=cfg.backbone, rep_dim=cfg.rep_dim,
                                      representation=cfg.loss == "reco").to(self.device)
         self.extra = None
+        self.bank = None
         if cfg.loss == "contextrast":
             self.extra = ContextrastLoss(in_channels=self.student.backbone.channels,
                                          dim=self.student.rep_dim,
                                          backend=cfg.backend).to(self.device)
+        elif cfg.loss == "cac":
+            from .cac import FEATURE_STRIDE, CACBranch
+            self.extra = CACBranch(self.student.backbone.channels[-1], self.student.rep_dim, C,
+                                   ablation=cfg.cac_ablation, image_level=cfg.image_level,
+                                   image_level_weight=cfg.image_level_weight,
+                                   stride=FEATURE_STRIDE[cfg.backbone],
+                                   backend=cfg.backend).to(self.device)
+            self.bank = NegativeBank(step_save=cfg.cac_step_save)
         self.net, self.extra_net = self._ddp(self.student), self._ddp(self.extra)
         params = list(self.student.parameters()) + \
             (list(self.extra.parameters()) if self.extra is not None else [])
         self.opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=True,
                                    weight_decay=cfg.weight_decay)
-        self.teacher = ss.MeanTeacher(self.student) if cfg.mode == "semi" else None
+        self.teacher = ss.MeanTeacher(self.student) \
+            if cfg.mode == "semi" and cfg.loss != "cac" else None
         self.step, self.history, self.evals = 0, [], []
         if cfg.resume and os.path.isfile(self.ckpt_path):
             self.load(self.ckpt_path)
@@ -253,7 +282,10 @@ class Trainer:
         out_l = self.net(ss.normalize_images(xl))
         sup = F.cross_entropy(upsample(out_l.logits, crop), yl, ignore_index=ignore)
         parts = {"sup": sup}
-        if cfg.mode == "semi":
+        if cfg.loss == "cac":
+            from .cac import cac_step
+            parts.update(cac_step(self, g, seed))
+        elif cfg.mode == "semi":
             iu = [self.splits.unlabelled[int(k)] for k in
                   torch.randint(len(self.splits.unlabelled), (cfg.batch_size,), generator=g)]
             xu, gu, _ = ss.rescale_crop(*self.splits.fetch(self.train_ds, iu), crop=crop,
@@ -287,7 +319,7 @@ class Trainer:
                 mask = torch.cat([yl != ignore, conf >= cfg.weak_threshold])
         elif cfg.loss != "none":
             out, labels, mask = out_l, yl, yl != ignore
-        if cfg.loss != "none":
+        if cfg.loss in ("reco", "contextrast"):
             probs = torch.softmax(out.logits.detach().float(), dim=1)
             parts["contrast"] = self.contrast_loss(out, labels, probs, mask, seed)
             if self.shadow_backend is not None:     # parity: the other backend, same inputs
@@ -302,7 +334,7 @@ class Trainer:
             self.teacher.update(self.student)
         rec = {"step": self.step, "loss": float(loss.detach()), "lr": self.lr_at(self.step)}
         rec.update({k: float(v.detach()) for k, v in parts.items()})
-        if self.shadow_backend is not None and cfg.loss != "none":
+        if self.shadow_backend is not None and cfg.loss in ("reco", "contextrast"):
             rec["shadow_contrast"] = float(shadow)
         self.history.append(rec)
         self.step += 1
@@ -336,7 +368,22 @@ class Trainer:
         report = self.report(time.time() - t0)
         if cfg.out and self.main_process:
             write_report(report, Path(cfg.out) / "report")
+            if cfg.figures:
+                self.write_figures(Path(cfg.out) / "figures")
         return report
+
+    def write_figures(self, out: Path):
+        """The evaluated model's prediction panels, class relation and dendrogram on the
+        validation split (pixcon.viz); a one-line note instead when matplotlib is missing."""
+        from ..viz import write_figures
+        from ..viz.cli import palette_of
+        which = f"{'teacher' if self.teacher is not None else 'student'} at step {self.step}, "
+        which += f"{self.cfg.mode}+{self.cfg.loss} on {self.cfg.dataset}"
+        try:
+            write_figures(self.eval_model, self.val_ds, out, which=which,
+                          palette_name=palette_of(self.cfg), device=self.device)
+        except ImportError as e:
+            print(f"pixcon.train: no figures ({e})", file=sys.stderr)
 
     def sync_buffers(self):
         """Rank 0's BatchNorm statistics everywhere (DDP broadcasts the student's at each forward,
@@ -363,6 +410,7 @@ class Trainer:
                  "student": self.student.state_dict(), "optimizer": self.opt.state_dict(),
                  "teacher": self.teacher.state_dict() if self.teacher else None,
                  "extra": self.extra.state_dict() if self.extra is not None else None,
+                 "bank": self.bank.state_dict() if self.bank is not None else None,
                  "history": self.history, "evals": self.evals}
         tmp = f"{path}.tmp"
         torch.save(state, tmp)
@@ -381,6 +429,8 @@ class Trainer:
             self.teacher.load_state_dict(state["teacher"])
         if self.extra is not None:
             self.extra.load_state_dict(state["extra"])
+        if self.bank is not None and state.get("bank") is not None:
+            self.bank.load_state_dict(state["bank"])
         self.step, self.history, self.evals = state["step"], state["history"], state["evals"]
 
 
@@ -450,8 +500,8 @@ def parity(cfg: Config, backends=("triton", "reference")) -> dict:
       (rounding moves a pixel across the hard-query threshold or the confidence mask, which
       changes discrete samples), so this is information, not a tolerance.
     """
-    if cfg.loss == "none":
-        raise ValueError("parity needs a contrastive loss (loss='reco' or 'contextrast')")
+    if cfg.loss not in ("reco", "contextrast"):
+        raise ValueError("parity needs loss='reco' or 'contextrast'")
     train_ds, val_ds = load_dataset(cfg, "train"), load_dataset(cfg, "val")
     reps = {}
     for k, be in enumerate(backends):
