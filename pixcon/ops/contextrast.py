@@ -4,13 +4,11 @@ anchors from the class-sums primitive, pixel x anchor logits with a segmented lo
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from .. import distributed as dist
-from ..reference import common as cm
 from ..reference import contextrast as ref
 from . import _common as chk
-from . import primitives as prim
+from . import anchor_tiles as tiles
 from .edt import distance_transform
 
 READINGS = ("R1", "R2")
@@ -182,14 +180,23 @@ def pixel_anchor_loss(embs, labels, pred, *, num_classes: int | None = None,
 def _pa_fused(embs, labels, pred_labels, C, *, w_low, w_high, layer_weights, temperature, ks,
               ignore_index, normalize, detach_anchors, reading, stats=None, backend="triton"):
     """The fused path. "triton": class sums and the pixel x anchor contrast as kernels.
-    "native" (CPU): the compiled EDT in BANE, class sums by index_add and the pixel x anchor
-    terms by gathers (P x C logits, C the classes: never pixels x pixels)."""
+    "native" (CPU): the compiled EDT in BANE, and the class sums and pixel x anchor terms in
+    tiles of pixels made from the NCHW embedding and remade in backward (``anchor_tiles``: no
+    per-layer copy of the embedding is kept; P x C logits, C the classes, never pixels x
+    pixels)."""
     from . import _library as lib
     native = backend == "native"
     layers, anchors, present = [], [], []
     for emb in embs:
-        z, gt, pr = ref.layer_inputs(emb, labels, pred_labels, C, ignore_index, normalize)
-        sums, counts = prim.class_sums(z, gt, C) if native else lib.class_sums(z, gt, C)
+        if native:
+            gt, pr = ref.layer_labels(emb.shape, labels, pred_labels, C, ignore_index)
+            sums = tiles.unit_class_sums(emb, gt, C, normalize=normalize)
+            counts = torch.zeros(C, dtype=torch.int64).index_add_(0, gt.clamp(min=0),
+                                                                  (gt >= 0).to(torch.int64))
+            z = emb
+        else:
+            z, gt, pr = ref.layer_inputs(emb, labels, pred_labels, C, ignore_index, normalize)
+            sums, counts = lib.class_sums(z, gt, C)
         layers.append((z, gt, pr, counts, emb.shape))                 # anchors keep their grad
         if stats is not None:                                          # over all ranks
             sums, counts = stats(sums, counts)
@@ -204,8 +211,8 @@ def _pa_fused(embs, labels, pred_labels, C, *, w_low, w_high, layer_weights, tem
         sel, err = bane_negatives(gt.view(B, h, w), pr.view(B, h, w), C, ks=ks,
                                   reading=reading, ignore_index=-1, backend=backend)
         if native:
-            loss_sum = _anchor_terms(z, a_hat, gt, sel.reshape(-1), err.reshape(-1), C,
-                                     temperature, reading)
+            loss_sum = tiles.anchor_terms(z, a_hat, gt, sel.reshape(-1), err.reshape(-1), C,
+                                          temperature, reading, normalize=normalize)
         else:
             negcls = torch.where(sel, err, -1).reshape(-1)
             loss_sum, _, _ = lib.anchor_contrast(z, a_hat, gt, negcls, float(temperature),
@@ -213,18 +220,3 @@ def _pa_fused(embs, labels, pred_labels, C, *, w_low, w_high, layer_weights, tem
         per_class = loss_sum / counts.clamp(min=1).to(loss_sum.dtype)
         total = total + lam * per_class.sum() / pres.sum().clamp(min=1)
     return total
-
-
-def _anchor_terms(z, a_hat, gt, sel, err, C, temperature, reading):
-    """Per class c: sum over its pixels p of softplus(NL_c - z_p . a_c / t), NL_c the
-    log-sum-exp over c's negatives (0 for a class without one). (C,) with gradient."""
-    neg = ref.negative_mask(sel, err, C, reading)                      # (P, C) bool
-    s = z @ a_hat.T / temperature                                      # (P, C)
-    has_neg = neg.any(dim=0)
-    nl = torch.logsumexp(torch.where(has_neg[None, :], s.masked_fill(~neg, float("-inf")), 0.0),
-                         dim=0)
-    g = gt.clamp(min=0)
-    use = (gt >= 0) & has_neg[g]
-    x = torch.where(use, nl[g] - s.gather(1, g[:, None])[:, 0], 0.0)
-    per_pixel = torch.where(use, F.softplus(x), 0.0)
-    return per_pixel.new_zeros(C).index_add(0, g, per_pixel)

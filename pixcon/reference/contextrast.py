@@ -73,14 +73,18 @@ def fuse_anchors(anchors, present, w_low, w_high):
     return fused + [deep]
 
 
+def layer_labels(shape, labels, pred_labels, num_classes, ignore_index):
+    """Flat (P,) ground truth (-1 ignored) and predictions at a (B, D, h, w) layer."""
+    h, w = shape[-2:]
+    gt = cm.pixel_labels(labels, (h, w), num_classes, ignore_index)
+    return gt, cm.resize_nearest(pred_labels, (h, w)).reshape(-1)
+
+
 def layer_inputs(emb, labels, pred_labels, num_classes, ignore_index, normalize):
-    B, D, h, w = emb.shape
     z = cm.pixel_rows(emb).to(torch.promote_types(emb.dtype, torch.float32))
     if normalize:
         z = F.normalize(z, dim=1, eps=cm.EPS)
-    gt = cm.pixel_labels(labels, (h, w), num_classes, ignore_index)
-    pr = cm.resize_nearest(pred_labels, (h, w)).reshape(-1)
-    return z, gt, pr
+    return (z, *layer_labels(emb.shape, labels, pred_labels, num_classes, ignore_index))
 
 
 def pixel_anchor_loss(embs, labels, pred_labels, num_classes, *, w_low=0.5, w_high=0.5,
