@@ -84,6 +84,18 @@ def shutdown(timeout: float = 60.0):
         pass
 
 
+def exit_now(code: int = 0):
+    """End a process that used a process group without the interpreter's teardown: gloo's
+    worker threads can still be alive when static destructors run, which aborts the process
+    ("terminate called without an active exception", seen in CI twice even after ``shutdown``)
+    although its work is done. Flushes stdout and stderr, then ``os._exit(code)``."""
+    import os
+    import sys
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def broadcast_state(module: torch.nn.Module, src: int = 0, *, buffers_only: bool = True,
                     group=None):
     """Copy rank ``src``'s buffers (and parameters unless buffers_only) to every rank."""

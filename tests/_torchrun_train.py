@@ -15,7 +15,9 @@ init = {k: v.clone() for k, v in trainer.student.state_dict().items()}
 trainer.run()
 torch.save({"rank": trainer.rank, "world": trainer.world, "init": init,
             "student": trainer.student.state_dict(),
-            "teacher": trainer.teacher.model.state_dict(),
+            "teacher": trainer.teacher.model.state_dict() if trainer.teacher else {},
             "extra": trainer.extra.state_dict() if trainer.extra is not None else {},
+            "bank": trainer.bank.negatives() if trainer.bank is not None else None,
             "losses": [h["loss"] for h in trainer.history]}, f"{out}/rank{trainer.rank}.pt")
 pdist.shutdown()
+pdist.exit_now(0)          # no interpreter teardown for gloo's threads to abort

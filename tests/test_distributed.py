@@ -38,6 +38,7 @@ def _entry(rank, name, init, out, args):
         torch.save(globals()[name](rank, *args), f"{out}.{rank}")
     finally:
         pdist.shutdown()     # barrier first: a rank leaving while the other talks aborts both
+    pdist.exit_now(0)        # saved and shut down: no teardown for gloo's threads to abort
 
 
 def spawn(tmp_path, name, *args):
@@ -347,7 +348,7 @@ def torchrun(*args, timeout=300):
     return res
 
 
-@pytest.mark.parametrize("loss", ["reco", "contextrast"])
+@pytest.mark.parametrize("loss", ["reco", "contextrast", "cac"])
 def test_trainer_under_torchrun_ends_with_identical_weights(tmp_path, loss):
     torchrun(ROOT / "tests" / "_torchrun_train.py", tmp_path, loss)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD))
@@ -359,6 +360,9 @@ def test_trainer_under_torchrun_ends_with_identical_weights(tmp_path, loss):
              and not torch.equal(v, r0["student"][k])]
     assert len(moved) > 10                                  # it trained
     assert r0["losses"] != r1["losses"]                     # on different data per rank
+    if loss == "cac":                 # the negative bank: both ranks' rows, the same everywhere
+        assert all(torch.equal(a, b) for a, b in zip(r0["bank"], r1["bank"]))
+        assert r0["bank"][0].shape[0] == 2 * WORLD * 2 * 2 * 4 * 4   # steps, ranks, views, B, hw
 
 
 def test_cli_under_torchrun_writes_one_report(tmp_path):

@@ -164,4 +164,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    rc = main()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        pdist.exit_now(rc)   # under torchrun: no interpreter teardown for gloo's threads
+    sys.exit(rc)

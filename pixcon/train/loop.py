@@ -232,8 +232,9 @@ class Trainer:
     def _ddp(self, module):
         """DistributedDataParallel under torchrun (no find_unused_parameters: every pixcon loss
         stays connected to the graph), the module itself in one process."""
-        if module is None or self.world == 1:
-            return module
+        if module is None or self.world == 1 or \
+                not any(p.requires_grad for p in module.parameters()):
+            return module                # (CAC without its projector has no parameter)
         ids = [self.device.index] if self.device.type == "cuda" else None
         return torch.nn.parallel.DistributedDataParallel(module, device_ids=ids)
 
