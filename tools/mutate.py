@@ -32,7 +32,7 @@ from pixcon.progress import Progress  # noqa: E402
 RECO = ["tests/test_semantics.py", "tests/test_reco.py", "tests/test_primitives.py"]
 CTX = ["tests/test_contextrast.py"]
 CSEG = ["tests/test_contrastiveseg.py"]
-CAC = ["tests/test_cac.py"]
+CAC = ["tests/test_cac.py", "tests/test_cac_ablation.py"]
 TRAIN = ["tests/test_train.py"]
 
 MUTANTS = [
@@ -152,13 +152,21 @@ MUTANTS = [
      "a class with exactly max_views pixels kept (the official filter is strict)"),
     # --- CAC (specs/cac.md) ---------------------------------------------------------------------
     ("cac-threshold-on-anchor", "pixcon/reference/cac.py",
-     "    return (c_target > pos_threshold) & (c_anchor < c_target)",
-     "    return (c_anchor > pos_threshold) & (c_anchor < c_target)", CAC,
+     "        keep = keep & (c_target > pos_threshold)",
+     "        keep = keep & (c_anchor > pos_threshold)", CAC,
      "the confidence threshold applied to the anchor instead of the target"),
     ("cac-ties-pull", "pixcon/reference/cac.py",
-     "    return (c_target > pos_threshold) & (c_anchor < c_target)",
-     "    return (c_target > pos_threshold) & (c_anchor <= c_target)", CAC,
+     "        keep = keep & (c_anchor < c_target)",
+     "        keep = keep & (c_anchor <= c_target)", CAC,
      "equal confidences pull both views"),
+    ("cac-l2-not-squared", "pixcon/reference/cac.py",
+     "    return (f_anchor - f_target.detach()).square().sum(dim=1)",
+     "    return (f_anchor - f_target.detach()).square().sum(dim=1).sqrt()", CAC,
+     "experiment I's alignment as the distance instead of its square"),
+    ("cac-no-sampling-still-filters", "pixcon/reference/cac.py",
+     "    return torch.ones_like(y_anchor), torch.zeros_like(negative_labels)",
+     "    return y_anchor, negative_labels", CAC,
+     "negative_sampling=False still drops the anchor's own pseudo-label"),
     ("cac-no-pseudo-label-filter", "pixcon/reference/common.py",
      "    neg = (y[:, None] >= 0) & (key_labels[None, :] >= 0) & (y[:, None] != key_labels[None, :])",
      "    neg = (y[:, None] >= 0) & (key_labels[None, :] >= 0)", CAC,
