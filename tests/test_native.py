@@ -58,6 +58,22 @@ def test_reco_native_fresh_seed_mask_channels_last():
     assert_close(g, g_ref, rtol=1e-5, atol=1e-7, what=f"d emb (seed {seed})")
 
 
+def test_channels_last_embedding_gets_its_gradient_in_its_own_layout():
+    """The query gradients are scattered into a tensor of the embedding's own layout, which
+    autograd can keep as .grad; one of another layout it copies (4 bytes x B x D x h x w, a
+    quarter of the step at the VOC setting)."""
+    emb, labels, probs = reco_batch(2, 16, 9, 11, num_classes=5, present=4, seed=3)
+    grads = []
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        e = emb.contiguous(memory_format=fmt).requires_grad_()
+        loss = reco_loss(e, labels, probs, backend="native", seed=0, num_queries=8,
+                         num_negatives=12)
+        (g,) = torch.autograd.grad(loss, e)             # as the op's backward made it
+        assert g.is_contiguous(memory_format=fmt), fmt
+        grads.append(g)
+    assert torch.equal(grads[0], grads[1])
+
+
 @pytest.mark.parametrize("seed", [0, 7, 2**62 + 5])
 def test_samplers_bit_identical(seed):
     g = torch.Generator().manual_seed(seed % 1000)

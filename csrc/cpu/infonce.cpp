@@ -7,6 +7,10 @@
 // Queries run in parallel; key gradients (scattered into shared rows) are accumulated by one
 // thread in query order, so every result is independent of the thread count. Bottleneck: the
 // gathered rows (M x (N + 1) x D reads, from cache for pools of a few hundred MB at most).
+// Without key gradients the forward also keeps, per query, the softmax-weighted mean of its unit
+// keys v = sum_j softmax_j k^_j (positive included; rescaled with the running maximum like the
+// sum itself) and cbar = sum_j softmax_j cos_j: then dL/da = g / (t |a|) ((v - p^) - (cbar -
+// cos_0) a^) needs no key again, and the backward is a scale and a scatter (pixcon.ops._library).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -60,6 +64,14 @@ struct Inputs {
         ni(neg_idx.to(at::kLong).contiguous()), pos(pos_pool.to(acc)) {}
 };
 
+// Ask for every cache line of a row that will be read soon (the gathers are random rows).
+template <typename T>
+inline void prefetch_row(const T* row, int64_t D) {
+  const char* p = reinterpret_cast<const char*>(row);
+  for (int64_t off = 0; off < D * static_cast<int64_t>(sizeof(T)); off += 64)
+    __builtin_prefetch(p + off);
+}
+
 template <typename A>
 A inv_norm(A sq, double eps) { return A(1) / std::max(std::sqrt(sq), static_cast<A>(eps)); }
 
@@ -100,18 +112,20 @@ Views<T, A> views(const Inputs& in, const at::Tensor& pool, double eps) {
           in.pi.data_ptr<int64_t>(), in.ni.data_ptr<int64_t>()};
 }
 
-std::tuple<at::Tensor, at::Tensor> infonce_fwd_cpu(const at::Tensor& pool_in,
-                                                   const at::Tensor& pos_pool,
-                                                   const at::Tensor& q_idx,
-                                                   const at::Tensor& pos_idx,
-                                                   const at::Tensor& neg_idx, double temperature,
-                                                   bool /*key_grad: for the backward*/,
-                                                   double eps) {
+// Returns (loss (M,), lse (M,), v (M, D), cbar (M,)); v and cbar are zero-size with key_grad.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> infonce_fwd_cpu(
+    const at::Tensor& pool_in, const at::Tensor& pos_pool, const at::Tensor& q_idx,
+    const at::Tensor& pos_idx, const at::Tensor& neg_idx, double temperature, bool key_grad,
+    double eps) {
   const int64_t M = neg_idx.size(0), N = neg_idx.size(1), D = pool_in.size(1);
   const Inputs in(pool_in, pos_pool, q_idx, pos_idx, neg_idx);
   const auto& pos = in.pos;
-  auto loss = at::empty({M}, pool_in.options().dtype(in.acc));
-  auto lse = at::empty({M}, pool_in.options().dtype(in.acc));
+  auto opts = pool_in.options().dtype(in.acc);
+  auto loss = at::empty({M}, opts);
+  auto lse = at::empty({M}, opts);
+  const bool direction = !key_grad;
+  auto vdir = direction ? at::zeros({M, D}, opts) : at::empty({0}, opts);
+  auto cbar = direction ? at::zeros({M}, opts) : at::empty({0}, opts);
   const int64_t ps_r = pos.stride(0), ps_d = pos.stride(1);
   const double inv_t = 1.0 / temperature;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pool_in.scalar_type(), "infonce_fwd",
@@ -122,6 +136,8 @@ std::tuple<at::Tensor, at::Tensor> infonce_fwd_cpu(const at::Tensor& pool_in,
     const A *kinv = v.kinv, *pp = v.pp;
     const int64_t *qp = v.qp, *pip = v.pip, *np = v.np;
     A *lp = loss.data_ptr<A>(), *ep = lse.data_ptr<A>();
+    A* vp = direction ? vdir.data_ptr<A>() : nullptr;
+    A* cp = direction ? cbar.data_ptr<A>() : nullptr;
     at::parallel_for(0, M, grain_for(M, 2 * (N + 1) * D), [&](int64_t m0, int64_t m1) {
       for (int64_t m = m0; m < m1; ++m) {
         if (qp[m] < 0) { lp[m] = 0; ep[m] = 0; continue; }
@@ -130,19 +146,38 @@ std::tuple<at::Tensor, at::Tensor> infonce_fwd_cpu(const at::Tensor& pool_in,
         const A a_inv = kinv[qp[m]];
         const A p_inv = inv_norm(dot<A>(p, ps_d, p, ps_d, D), eps);
         const A s_pos = dot<A>(a, 1, p, ps_d, D) * a_inv * p_inv * A(inv_t);
-        A mx = s_pos, l = 1;
+        A mx = s_pos, l = 1, c = s_pos;              // c: sum of e^(s - mx) s (times t: cos)
+        A* v = direction ? vp + m * D : nullptr;     // sum of e^(s - mx) k^
+        if (direction)
+          for (int64_t d = 0; d < D; ++d) v[d] = p[d * ps_d] * p_inv;
         for (int64_t j = 0; j < N; ++j) {
           const int64_t k_idx = np[m * N + j];
+          if (j + 2 < N && np[m * N + j + 2] >= 0)    // random rows: fetch two keys ahead
+            prefetch_row(x + np[m * N + j + 2] * D, D);
           if (k_idx < 0) continue;
-          const A s = dot_rows<A>(a, x + k_idx * D, D) * a_inv * kinv[k_idx] * A(inv_t);
-          if (s > mx) { l = l * std::exp(mx - s) + 1; mx = s; } else { l += std::exp(s - mx); }
+          const scalar_t* k = x + k_idx * D;
+          const A s = dot_rows<A>(a, k, D) * a_inv * kinv[k_idx] * A(inv_t);
+          A e, scale = 1;                            // this key's weight, the old sums' factor
+          if (s > mx) { scale = std::exp(mx - s); e = 1; l = l * scale + 1; mx = s; }
+          else { e = std::exp(s - mx); l += e; }
+          if (!direction) continue;
+          c = c * scale + e * s;
+          const A ek = e * kinv[k_idx];
+          if (scale != 1)
+            for (int64_t d = 0; d < D; ++d) v[d] = v[d] * scale + ek * static_cast<A>(k[d]);
+          else
+            for (int64_t d = 0; d < D; ++d) v[d] += ek * static_cast<A>(k[d]);
         }
         ep[m] = mx + std::log(l);
         lp[m] = ep[m] - s_pos;
+        if (direction) {
+          for (int64_t d = 0; d < D; ++d) v[d] /= l;
+          cp[m] = c / l * A(temperature);
+        }
       }
     });
   });
-  return {loss, lse};
+  return {loss, lse, vdir, cbar};
 }
 
 // Returns (dq (M, D), dkeys (pool's logical shape, contiguous), dpos (pos_pool's shape)) in the
@@ -181,6 +216,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> infonce_bwd_cpu(
       w[0] = g * (std::exp(cosv[0] * A(inv_t) - l) - 1);
       for (int64_t j = 0; j < N; ++j) {
         const int64_t k_idx = np[m * N + j];
+        if (j + 2 < N && np[m * N + j + 2] >= 0) prefetch_row(x + np[m * N + j + 2] * D, D);
         if (k_idx < 0) { w[j + 1] = 0; cosv[j + 1] = 0; continue; }
         cosv[j + 1] = dot_rows<A>(a, x + k_idx * D, D) * a_inv * kinv[k_idx];
         w[j + 1] = g * std::exp(cosv[j + 1] * A(inv_t) - l);

@@ -112,11 +112,33 @@ def sparse_infonce_backward(grad: Tensor, pool: Tensor, pos_pool: Tensor, q_idx:
     return dpool.to(pool.dtype), dpos.to(pos_pool.dtype)
 
 
+def _pool_rows(pool, idx):
+    """Rows idx (M,) of a (P, D) pool or pixels of a (B, D, h, w) one, as (M, D)."""
+    if pool.dim() == 2:
+        return pool[idx]
+    h, w = pool.shape[2:]
+    return pool.permute(0, 2, 3, 1)[idx // (h * w), (idx // w) % h, idx % w]
+
+
+def _query_grads_from_direction(g, pool, pos_pool, q_idx, pos_idx, loss, lse, v, cbar, t, eps):
+    """dL/da_m = g_m / (t |a_m|) ((v_m - p^_m) - (cbar_m - cos_0m) a^_m) from what the native
+    forward kept (v: softmax-weighted mean unit key, cbar: softmax-weighted mean cosine;
+    cos_0 = t (lse - loss), the positive's cosine). (M, D); rows of absent queries are zero."""
+    dt = v.dtype
+    a = _pool_rows(pool, q_idx.clamp(min=0).long()).to(dt)
+    a_inv = 1.0 / a.norm(dim=1, keepdim=True).clamp(min=eps)
+    p = pos_pool[pos_idx.clamp(min=0).long()].to(dt)
+    p_hat = p / p.norm(dim=1, keepdim=True).clamp(min=eps)
+    cos0 = (lse - loss) * t
+    coef = (g.to(dt) * (q_idx >= 0).to(dt))[:, None] * a_inv / t
+    return coef * ((v - p_hat) - (cbar - cos0)[:, None] * (a * a_inv))
+
+
 def _add_query_grads(dpool, dq, q_idx, pool):
     """dpool (or zeros of pool's shape) plus each query's gradient row dq[m] at row q_idx[m]
     (-1 rows skipped); rows of a (B, D, h, w) pool are its pixels."""
-    if dpool is None:
-        dpool = torch.zeros(pool.shape, dtype=dq.dtype, device=pool.device)
+    if dpool is None:        # in pool's own layout (channels-last stays so): autograd then takes
+        dpool = torch.zeros_like(pool, dtype=dq.dtype)   # it as .grad instead of copying it
     rows = dpool.permute(0, 2, 3, 1) if dpool.dim() == 4 else dpool   # (.., D) view of the rows
     valid = q_idx >= 0
     p = q_idx.clamp(min=0).to(torch.int64)
@@ -331,8 +353,10 @@ if _HAS_C:
 
     @torch.library.register_fake("pixcon::infonce_fwd_native")
     def _(pool, pos_pool, q_idx, pos_idx, neg_idx, temperature, key_grad, eps):
-        M = neg_idx.shape[0]
-        return (pool.new_empty(M, dtype=_acc(pool.dtype)), pool.new_empty(M, dtype=_acc(pool.dtype)))
+        M, D, dt = neg_idx.shape[0], pool.shape[1], _acc(pool.dtype)
+        direction = (M, D) if not key_grad else (0,)
+        return (pool.new_empty(M, dtype=dt), pool.new_empty(M, dtype=dt),
+                pool.new_empty(direction, dtype=dt), pool.new_empty(direction[:1], dtype=dt))
 
     @torch.library.register_fake("pixcon::infonce_bwd_native")
     def _(grad, pool, pos_pool, q_idx, pos_idx, neg_idx, lse, temperature, key_grad, eps):
@@ -345,19 +369,23 @@ if _HAS_C:
 
     def _native_setup(ctx, inputs, output):
         pool, pos_pool, q_idx, pos_idx, neg_idx, temperature, key_grad, eps = inputs
-        ctx.save_for_backward(pool, pos_pool, q_idx, pos_idx, neg_idx, output[1])
+        ctx.save_for_backward(pool, pos_pool, q_idx, pos_idx, neg_idx, *output)
         ctx.temperature, ctx.key_grad, ctx.eps = temperature, key_grad, eps
 
-    def _native_backward(ctx, grad_loss, grad_lse):
-        pool, pos_pool, q_idx, pos_idx, neg_idx, lse = ctx.saved_tensors
+    def _native_backward(ctx, grad_loss, grad_lse, _gv, _gc):
+        pool, pos_pool, q_idx, pos_idx, neg_idx, loss, lse, v, cbar = ctx.saved_tensors
         if grad_loss is None:
             grad_loss = torch.zeros_like(lse)
+        if not ctx.key_grad:         # the forward kept each query's direction: scale, scatter
+            dq = _query_grads_from_direction(grad_loss, pool, pos_pool, q_idx, pos_idx, loss,
+                                             lse, v, cbar, ctx.temperature, ctx.eps)
+            return _add_query_grads(None, dq, q_idx, pool).to(pool.dtype), None, None, None, \
+                None, None, None, None
         dq, dk, dpos = torch.ops.pixcon.infonce_bwd_native(
             grad_loss, pool, pos_pool, q_idx, pos_idx, neg_idx, lse, ctx.temperature,
             ctx.key_grad, ctx.eps)
-        dpool = _add_query_grads(dk if ctx.key_grad else None, dq, q_idx, pool)
-        dpos = dpos.to(pos_pool.dtype) if ctx.key_grad else None
-        return dpool.to(pool.dtype), dpos, None, None, None, None, None, None
+        dpool = _add_query_grads(dk, dq, q_idx, pool)
+        return dpool.to(pool.dtype), dpos.to(pos_pool.dtype), None, None, None, None, None, None
 
     torch.library.register_autograd("pixcon::infonce_fwd_native", _native_backward,
                                     setup_context=_native_setup)

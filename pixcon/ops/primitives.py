@@ -239,9 +239,9 @@ def sparse_infonce(pool: torch.Tensor, q_idx: torch.Tensor, pos_idx: torch.Tenso
         return loss
     if be == "native":
         _lib()                                   # registers the native op's autograd
-        loss, _ = torch.ops.pixcon.infonce_fwd_native(pool, pos_pool, q_idx, pos_idx, neg_idx,
-                                                      float(temperature), bool(key_grad), cm.EPS)
-        return loss
+        return torch.ops.pixcon.infonce_fwd_native(pool, pos_pool, q_idx, pos_idx, neg_idx,
+                                                   float(temperature), bool(key_grad),
+                                                   cm.EPS)[0]
     dt = torch.promote_types(pool.dtype, torch.float32)
     rows = (pool if pool.dim() == 2 else cm.pixel_rows(pool)).to(dt)
     keys = rows if key_grad else rows.detach()
