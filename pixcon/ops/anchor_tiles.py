@@ -87,6 +87,14 @@ class _UnitClassSums(torch.autograd.Function):
         return grad, None, None, None, None
 
 
+def _positive_terms(s, g, nl, has_neg, dt):
+    """Per pixel of a tile: its class (clamped), whether its term counts (labelled, its class
+    has negatives) and x = NL_g - s_{g, p}, the softplus argument."""
+    gc = g.clamp(min=0)
+    use = ((g >= 0) & has_neg[gc]).to(dt)
+    return gc, use, nl[gc] - s.gather(0, gc[None, :])[0]
+
+
 class _AnchorTerms(torch.autograd.Function):
     @staticmethod
     def forward(ctx, emb, a_hat, gt, sel, err, num_classes, temperature, reading, normalize, dt):
@@ -105,10 +113,7 @@ class _AnchorTerms(torch.autograd.Function):
         loss = torch.zeros(C, dtype=dt)
         sig = torch.zeros(C, dtype=dt)
         for (b, lo, hi, off), s in zip(_tiles(emb.shape), logits):   # pass 2: the terms
-            g = gt[off + lo:off + hi]
-            gc = g.clamp(min=0)
-            use = ((g >= 0) & has_neg[gc]).to(dt)
-            x = nl[gc] - s.gather(0, gc[None, :])[0]
+            gc, use, x = _positive_terms(s, gt[off + lo:off + hi], nl, has_neg, dt)
             loss.index_add_(0, gc, F.softplus(x) * use)
             sig.index_add_(0, gc, torch.sigmoid(x) * use)
         ctx.save_for_backward(emb, a_hat, gt, sel, err, nl, has_neg, sig)
@@ -127,10 +132,7 @@ class _AnchorTerms(torch.autograd.Function):
         for b, lo, hi, off in _tiles(emb.shape):
             z, n = _cols(emb, b, lo, hi, normalize, dt)
             s = a @ z / t
-            g = gt[off + lo:off + hi]
-            gc = g.clamp(min=0)
-            use = ((g >= 0) & has_neg[gc]).to(dt)
-            x = nl[gc] - s.gather(0, gc[None, :])[0]
+            gc, use, x = _positive_terms(s, gt[off + lo:off + hi], nl, has_neg, dt)
             neg = ref.negative_mask(sel[off + lo:off + hi], err[off + lo:off + hi], C, reading)
             ds = torch.where(neg.T, weight * torch.exp(s - nl[:, None]), 0.0)      # (C, n)
             ds.scatter_add_(0, gc[None, :], (-G[gc] * torch.sigmoid(x) * use)[None, :])
