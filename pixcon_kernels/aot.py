@@ -131,13 +131,14 @@ def _labels(P, C, gen):
 
 
 def _reco(rec, B, D, h, w, C, Q, N, dtype, tag):
-    from . import infonce, sampling, segment
+    from . import infonce, reco, sampling, segment
     gen = torch.Generator().manual_seed(0)
     rec.setting = tag
     emb = torch.randn(B, D, h, w, generator=gen).to(dtype)
     P = B * h * w
     lab = _labels(P, C, gen)
     segment.class_sums(emb, lab, C)
+    segment.class_sums(emb, lab, C, rows=True)                # the one-pass path (ReCo op)
     order = torch.randperm(P, generator=gen)
     counts = torch.bincount(lab.clamp(min=0), minlength=C)[:C]
     offsets = torch.cumsum(counts, 0) - counts
@@ -151,6 +152,9 @@ def _reco(rec, B, D, h, w, C, Q, N, dtype, tag):
     q = torch.randint(-1, P, (C * Q,), generator=gen, dtype=torch.int32)
     means = torch.randn(C, D, generator=gen)
     pidx = row_class.to(torch.int32)
+    reco.reco_infonce(torch.empty(P, D, dtype=dtype), means, q, Q, cdf, order, offsets, counts,
+                      N, 1, 2, 0.5)
+    # the general sparse InfoNCE (explicit index sets; a ReCo op before the one-pass path)
     loss, lse = infonce.infonce_forward(emb, means, q, pidx, neg, 0.5)
     for key_grad in (False, True):
         infonce.infonce_backward(torch.ones(C * Q), emb, means, q, pidx, neg, lse, 0.5, key_grad)

@@ -42,20 +42,20 @@ def sample_in_groups(order, offsets, counts, row_group, per_row: int, seed: int,
     return out
 
 
-@triton.jit(do_not_specialize=["seed", "stream"])
-def _sample_negatives_kernel(row_cls_ptr, cdf_ptr, order_ptr, off_ptr, cnt_ptr, out_ptr, total,
-                             per_row, C, n_steps, seed, stream, BLOCK: tl.constexpr):
-    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    m = i < total
-    c = tl.load(row_cls_ptr + i // per_row, mask=m, other=-1)
-    ok = m & (c >= 0)
+@triton.jit
+def negative_pixels(i, c, ok, cdf_ptr, order_ptr, off_ptr, cnt_ptr, C, n_steps, seed, stream):
+    """The relation-weighted negatives of counters i (int32) for rows of class c (ok: valid
+    lanes): Philox words (w0, w1) = philox(seed, i, stream)[:2]; the class is
+    j = #{k: cdf[c, k] <= w0} and the pixel uniform within j by w1. -1 where the lane is not ok,
+    the cdf row is exhausted (j = C) or class j is empty. Shared by the sampler and the ReCo
+    InfoNCE kernel, which regenerates its negatives instead of reading them."""
     r0, r1, _, _ = philox4x32(seed, i, i * 0 + stream)
     r64 = r0.to(tl.int64) & 0xFFFFFFFF
     # class j = #{k: cdf[c, k] <= r}: binary search in the nondecreasing row (n_steps =
     # ceil(log2(C + 1)) halvings), O(log C) loads per draw and no C-wide tile in registers
     row = cdf_ptr + tl.maximum(c, 0).to(tl.int64) * C
-    lo = tl.zeros([BLOCK], dtype=tl.int32)
-    hi = tl.zeros([BLOCK], dtype=tl.int32) + C
+    lo = c * 0
+    hi = lo + C
     for _ in range(n_steps):
         active = lo < hi
         mid = (lo + hi) // 2
@@ -69,7 +69,18 @@ def _sample_negatives_kernel(row_cls_ptr, cdf_ptr, order_ptr, off_ptr, cnt_ptr, 
     ok = ok & (n > 0)
     off = tl.load(off_ptr + j, mask=ok, other=0)
     pix = tl.load(order_ptr + off + uniform_index(r1, n), mask=ok, other=-1)
-    tl.store(out_ptr + i, tl.where(ok, pix, -1), mask=m)
+    return tl.where(ok, pix, -1)
+
+
+@triton.jit(do_not_specialize=["seed", "stream"])
+def _sample_negatives_kernel(row_cls_ptr, cdf_ptr, order_ptr, off_ptr, cnt_ptr, out_ptr, total,
+                             per_row, C, n_steps, seed, stream, BLOCK: tl.constexpr):
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = i < total
+    c = tl.load(row_cls_ptr + i // per_row, mask=m, other=-1)
+    pix = negative_pixels(i, c, m & (c >= 0), cdf_ptr, order_ptr, off_ptr, cnt_ptr, C, n_steps,
+                          seed, stream)
+    tl.store(out_ptr + i, pix, mask=m)
 
 
 def sample_negatives(row_class, cdf, order, offsets, counts, per_row: int, seed: int, stream: int):

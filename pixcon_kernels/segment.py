@@ -1,6 +1,6 @@
 """Class sums and counts by label (segment reduction), deterministic and without host syncs.
 
-Each program reduces a contiguous range of pixels for a block of classes and channels with a
+Each program reduces a contiguous range of pixel tiles for a block of classes and channels with a
 one-hot matrix product (exact float32 products, ``input_precision="ieee"``, never TF32) and writes
 a partial; the partials are summed by torch in a fixed order, so the result does not depend on
 the thread schedule (no float atomics)."""
@@ -12,25 +12,34 @@ from ._utils import acc_dtype, gpu_config, next_pow2, pool_layout, torch_acc_dty
 
 
 @triton.jit
-def _class_sums_kernel(x_ptr, lab_ptr, part_ptr, cnt_ptr, P, D, C, HW, s_b, s_s, s_d,
-                       pix_per_prog, ACC: tl.constexpr, BLOCK_P: tl.constexpr,
-                       BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
+def _class_sums_kernel(x_ptr, lab_ptr, part_ptr, cnt_ptr, rows_ptr, D, C, HW, s_b, s_s, s_d, T,
+                       TPI, tiles_per_prog, ACC: tl.constexpr, WRITE_ROWS: tl.constexpr,
+                       BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Program g reduces tiles [g * tiles_per_prog, ...) of BLOCK_P pixels; a tile lies inside
+    one image (TPI tiles per image of HW pixels), so its pixels are consecutive addresses of a
+    (B, D, h, w) map (stride s_s = 1, specialised by Triton): each warp reads whole 32-byte
+    sectors along the pixel axis instead of one sector per element. WRITE_ROWS: the first class
+    block also writes the tile as (P, D) rows in the input dtype (the ReCo pre-pass)."""
     g = tl.program_id(0)
     cls = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
     d_ok = d < D
     acc = tl.zeros([BLOCK_C, BLOCK_D], dtype=ACC)
     cnt = tl.zeros([BLOCK_C], dtype=tl.int32)
-    start = g * pix_per_prog
-    end = tl.minimum(start + pix_per_prog, P)
-    for p0 in range(start, end, BLOCK_P):
-        p = p0 + tl.arange(0, BLOCK_P)
-        p_ok = p < end
+    t_start = g * tiles_per_prog
+    for t in range(t_start, tl.minimum(t_start + tiles_per_prog, T)):
+        b = t // TPI
+        hw = (t % TPI) * BLOCK_P + tl.arange(0, BLOCK_P)
+        p_ok = hw < HW
+        p = b.to(tl.int64) * HW + hw
         lab = tl.load(lab_ptr + p, mask=p_ok, other=-1)
-        p64 = p.to(tl.int64)
-        rows = (p64 // HW) * s_b + (p64 % HW) * s_s
-        x = tl.load(x_ptr + rows[:, None] + d[None, :].to(tl.int64) * s_d,
-                    mask=p_ok[:, None] & d_ok[None, :], other=0.0).to(ACC)
+        m2 = p_ok[:, None] & d_ok[None, :]
+        xv = tl.load(x_ptr + b.to(tl.int64) * s_b + hw[:, None].to(tl.int64) * s_s
+                     + d[None, :].to(tl.int64) * s_d, mask=m2, other=0.0)
+        if WRITE_ROWS:
+            if tl.program_id(1) == 0:
+                tl.store(rows_ptr + p[:, None] * D + d[None, :], xv, mask=m2)
+        x = xv.to(ACC)
         onehot = cls[:, None] == lab[None, :]                       # [BLOCK_C, BLOCK_P]
         if ACC == tl.float64:
             acc += tl.dot(onehot.to(ACC), x)
@@ -44,34 +53,41 @@ def _class_sums_kernel(x_ptr, lab_ptr, part_ptr, cnt_ptr, P, D, C, HW, s_b, s_s,
         tl.store(cnt_ptr + g * C + cls, cnt, mask=c_ok)
 
 
-def class_sums(x: torch.Tensor, lab: torch.Tensor, num_classes: int):
+def class_sums(x: torch.Tensor, lab: torch.Tensor, num_classes: int, rows: bool = False):
     """Per-class sums and counts of pixel vectors.
 
     x: (B, D, h, w) feature map or (P, D) rows, any float dtype; lab: (P,) int32/int64 class of
     each row, -1 (or any value outside [0, C)) ignored. Returns sums (C, D) in float32 (float64
-    for float64 x) and counts (C,) int64."""
+    for float64 x) and counts (C,) int64; with ``rows``, also x's pixels as contiguous (P, D)
+    rows in x's dtype, written by the same pass (one read of the map)."""
     x, P, D, HW, s_b, s_s, s_d = pool_layout(x)
     C = int(num_classes)
     lab = lab.to(torch.int32).contiguous()
     BLOCK_C = min(next_pow2(C), 64)
     BLOCK_D = min(next_pow2(D), 64)
-    # GPU: 32-pixel steps, no software pipelining (num_stages=1): the exact-fp32 FMA dot keeps
+    # GPU: 32-pixel tiles, no software pipelining (num_stages=1): the exact-fp32 FMA dot keeps
     # whole K-slices of both operands in registers, and deeper pipelining or longer steps spill
-    # (sm_80/sm_90: 255 registers and kilobytes of spills at 128 pixels, 3 stages; at most
-    # about 120 here, see pixcon_kernels/RESOURCES.md)
+    # (sm_80/sm_90: 255 registers and kilobytes of spills at 128 pixels, 3 stages; see
+    # pixcon_kernels/RESOURCES.md)
     gpu = gpu_config()
     BLOCK_P = 32 if gpu else 64
-    n_blocks = triton.cdiv(max(P, 1), BLOCK_P)
+    # maxnreg: left free, ptxas settles on 128 registers for sm_90 and spills 12 bytes
+    opts = dict(maxnreg=255) if gpu else {}
+    TPI = triton.cdiv(max(HW, 1), BLOCK_P)                 # tiles per image
+    T = TPI * triton.cdiv(max(P, 1), max(HW, 1))
     max_progs = 512 if gpu else 4
     # partials: G x C x D floats; keep them under ~32 MiB
-    G = max(1, min(n_blocks, max_progs, (8 << 20) // max(C * D, 1)))
-    pix_per_prog = triton.cdiv(n_blocks, G) * BLOCK_P
-    G = triton.cdiv(max(P, 1), pix_per_prog)
+    G = max(1, min(T, max_progs, (8 << 20) // max(C * D, 1)))
+    tiles_per_prog = triton.cdiv(T, G)
+    G = triton.cdiv(T, tiles_per_prog)
     out_dt = torch_acc_dtype(x.dtype)
     part = torch.empty(G, C, D, dtype=out_dt, device=x.device)
     cnt = torch.empty(G, C, dtype=torch.int32, device=x.device)
+    out_rows = torch.empty(P if rows else 0, D, dtype=x.dtype, device=x.device)
     grid = (G, triton.cdiv(C, BLOCK_C), triton.cdiv(D, BLOCK_D))
-    _class_sums_kernel[grid](x, lab, part, cnt, P, D, C, HW, s_b, s_s, s_d, pix_per_prog,
-                             ACC=acc_dtype(x.dtype), BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C,
-                             BLOCK_D=BLOCK_D, num_stages=1)
-    return part.sum(0), cnt.sum(0, dtype=torch.int64)
+    _class_sums_kernel[grid](x, lab, part, cnt, out_rows if rows else part, D, C, HW, s_b, s_s,
+                             s_d, T, TPI, tiles_per_prog, ACC=acc_dtype(x.dtype),
+                             WRITE_ROWS=rows, BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C,
+                             BLOCK_D=BLOCK_D, num_stages=1, **opts)
+    sums, counts = part.sum(0), cnt.sum(0, dtype=torch.int64)
+    return (sums, counts, out_rows) if rows else (sums, counts)

@@ -250,8 +250,10 @@ def test_fused_float64_backward_matches_reference():
 
 @pytest.mark.interpret
 def test_fused_saves_only_indices_and_statistics():
-    """What autograd keeps for the fused loss: emb itself (the input, no copy), int32 indices and
-    O(C*D + C*Q) floats; the official code keeps a Q x (1+N) x D tensor per class."""
+    """What autograd keeps for the fused loss: emb itself (the input, no copy), the query
+    indices and one D-vector and one scale per query (the gradient direction the forward
+    accumulated); no queries x negatives tensor (the negatives are regenerated in-kernel). The
+    official code keeps a Q x (1+N) x D tensor per class."""
     B, D, h, w, C, Q, N = 2, 16, 8, 8, 5, 8, 24
     emb, labels, probs = reco_batch(B, D, h, w, num_classes=C, present=5, seed=2)
     emb = emb.to(DEV).requires_grad_()
@@ -266,9 +268,48 @@ def test_fused_saves_only_indices_and_statistics():
                   backend="triton")
     extra = sum(t.numel() * t.element_size() for t in saved
                 if t.untyped_storage().data_ptr() != emb.untyped_storage().data_ptr())
-    bound = C * Q * N * 4 + 2 * C * Q * 4 + C * D * 4 + C * Q * 4 + 64
+    bound = C * Q * (D + 2) * 4 + 64          # u (M, D), scale (M,), queries (M,) int32
+    assert bound < C * Q * N * 4               # an M x N index tensor alone would not fit
     assert 0 < extra <= bound, (extra, bound)
+    assert not any(N in t.shape for t in saved), [tuple(t.shape) for t in saved]
     assert all(t.dtype in (torch.int32, torch.float32) for t in saved if t is not emb)
+
+
+@pytest.mark.interpret
+def test_one_pass_ops_opcheck_and_sampler_parity():
+    """The one-pass ops (pixcon::rows_and_class_sums, pixcon::reco_infonce): schemas, fake
+    kernels and autograd (opcheck), the rows equal emb's pixels, and the per-query losses equal
+    the general sparse InfoNCE on the sampler's explicit (M, N) negatives: the negatives
+    regenerated in-kernel are the sampler's, index for index."""
+    from pixcon.ops import _library as lib
+    from pixcon.ops import primitives as prim
+    from pixcon.reference.rng import STREAM_NEGATIVE
+    emb, labels, probs = reco_batch(2, 12, 5, 7, num_classes=5, present=4, dtype=torch.float64,
+                                    seed=11)
+    emb = emb.to(DEV)
+    C, Q, N, seed = 5, 4, 9, 2**40 + 3
+    lab = cm.pixel_labels(labels.to(DEV), (5, 7), C, 255, None)
+    rows, sums, counts = lib.rows_and_class_sums(emb, lab, C)
+    assert torch.equal(rows, cm.pixel_rows(emb))
+    means = cm.class_means_from_sums(sums, counts)
+    cdf = cm.relation_cdf(means, counts > 0, 0.5)
+    queries = prim.sample_hard_queries(lab, lab >= 0, C, Q, seed, backend="reference").reshape(-1)
+    order, offsets, cnt = cm.group_by_class(lab, C)
+    args = (emb.requires_grad_(), rows, means, queries, Q, cdf, order, offsets, cnt, N, seed,
+            STREAM_NEGATIVE, 0.5)
+    torch.library.opcheck(lib.reco_infonce, args)
+    torch.library.opcheck(lib.rows_and_class_sums, (emb.detach(), lab, C))
+    loss = lib.reco_infonce(*args)[0]
+    row_class = torch.where(queries >= 0, torch.arange(C * Q, device=DEV) // Q, -1)
+    neg = prim.sample_negatives(row_class, cdf, lab, N, seed, backend="reference")
+    assert (neg >= 0).sum() > 2 * N                 # real negatives to regenerate
+    ref = prim.sparse_infonce(emb, queries, row_class.clamp(min=0), neg, temperature=0.5,
+                              pos_pool=means, backend="reference")
+    assert_close(loss, ref, rtol=1e-12, atol=1e-12, what="per-query loss")
+    assert (loss > 0).sum() >= 2
+    g_ref, = torch.autograd.grad((ref * torch.arange(C * Q, device=DEV)).sum(), emb)
+    g, = torch.autograd.grad((loss * torch.arange(C * Q, device=DEV)).sum(), emb)
+    assert_close(g, g_ref, rtol=1e-10, atol=1e-12, what="d emb")
 
 
 @pytest.mark.interpret

@@ -179,6 +179,62 @@ def _backward(ctx, grad_loss, grad_lse):
 torch.library.register_autograd("pixcon::sparse_infonce", _backward, setup_context=_setup_context)
 
 
+# --- ReCo in one gather pass ------------------------------------------------------------------
+@torch.library.custom_op("pixcon::rows_and_class_sums", mutates_args=())
+def rows_and_class_sums(x: Tensor, labels: Tensor, num_classes: int) -> tuple[Tensor, Tensor,
+                                                                                Tensor]:
+    """One read of a (B, D, h, w) map: its pixels as contiguous (P, D) rows in its dtype, and
+    the class sums (C, D) and counts (C,) (no gradient: the ReCo pre-pass)."""
+    from pixcon_kernels.segment import class_sums as launch
+    sums, counts, rows = launch(x, labels, num_classes, rows=True)
+    return rows, sums, counts
+
+
+@rows_and_class_sums.register_fake
+def _(x, labels, num_classes):
+    P, D = _pool_size(x)
+    return (x.new_empty(P, D), x.new_empty(num_classes, D, dtype=_acc(x.dtype)),
+            x.new_empty(num_classes, dtype=torch.int64))
+
+
+@torch.library.custom_op("pixcon::reco_infonce", mutates_args=())
+def reco_infonce(emb: Tensor, rows: Tensor, means: Tensor, queries: Tensor, num_queries: int,
+                 cdf: Tensor, order: Tensor, offsets: Tensor, counts: Tensor,
+                 num_negatives: int, seed: int, stream: int,
+                 temperature: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """ReCo's per-query InfoNCE with in-kernel negatives (pixcon_kernels.reco): (loss, lse,
+    u, scale). ``rows`` are emb's pixels (rows_and_class_sums); emb itself is only the
+    gradient's destination: d loss_m / d emb at pixel queries[m] = scale_m * u_m."""
+    from pixcon_kernels.reco import reco_infonce as launch
+    return launch(rows, means, queries, num_queries, cdf, order, offsets, counts, num_negatives,
+                  seed, stream, temperature)
+
+
+@reco_infonce.register_fake
+def _(emb, rows, means, queries, num_queries, cdf, order, offsets, counts, num_negatives, seed,
+      stream, temperature):
+    M, dt = queries.shape[0], _acc(rows.dtype)
+    return (rows.new_empty(M, dtype=dt), rows.new_empty(M, dtype=dt),
+            rows.new_empty(M, rows.shape[1], dtype=dt), rows.new_empty(M, dtype=dt))
+
+
+def _reco_setup(ctx, inputs, output):
+    emb, queries = inputs[0], inputs[3]
+    _, _, u, scale = output
+    ctx.save_for_backward(emb, queries, u, scale)     # emb: the input itself, for its layout
+
+
+def _reco_backward(ctx, grad_loss, _glse, _gu, _gs):
+    emb, queries, u, scale = ctx.saved_tensors
+    if grad_loss is None:
+        grad_loss = torch.zeros_like(scale)
+    dq = (grad_loss.to(u.dtype) * scale)[:, None] * u
+    return (_add_query_grads(None, dq, queries, emb).to(emb.dtype),) + (None,) * 12
+
+
+torch.library.register_autograd("pixcon::reco_infonce", _reco_backward, setup_context=_reco_setup)
+
+
 # --- class sums: gradient (anchors that are not detached) ------------------------------------
 def _class_sums_setup(ctx, inputs, output):
     x, labels, num_classes = inputs

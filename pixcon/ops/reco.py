@@ -1,8 +1,12 @@
 """ReCo: regional contrast (Liu et al., ICLR 2022), specs/reco.md §1.
 
 The fused path is the method's steps as primitive calls, no host sync and no Python loop over
-classes or queries; what it saves for backward is int32 indices, the (C, D) class means and one
-log-sum-exp per query (never queries x negatives x D keys).
+classes or queries. On the GPU (Triton) it is one gather pass: one read of the embedding gives
+the class sums and contiguous pixel rows; the InfoNCE kernel regenerates each query's negatives
+from their counters (the same samples as the sampler's) and keeps one gradient direction per
+query, so what it saves for backward is the query indices, one D-vector and one scale per query
+(no queries x negatives tensor, never queries x negatives x D keys). On CPU (native) the
+sampler's (M, N) indices are built and the InfoNCE kernel keeps the same direction.
 """
 from __future__ import annotations
 
@@ -11,7 +15,7 @@ import torch
 from .. import distributed as dist
 from .. import reference
 from ..reference import common as cm
-from ..reference.rng import draw_seed
+from ..reference.rng import STREAM_NEGATIVE, draw_seed
 from . import _common as chk
 from . import primitives as prim
 
@@ -104,7 +108,11 @@ def _reco_fused(emb, labels, probs, mask, *, ignore_index, strong_threshold, tem
 
     lab = cm.pixel_labels(labels, (h, w), C, ignore_index, mask)          # (P,), -1 = invalid
     hard = cm.hard_pixels(probs, lab, strong_threshold)                   # prob(own) < threshold
-    sums, counts, means = prim.class_means(emb, lab, C, **kb)              # detached class means
+    if backend == "triton":     # one read of emb: class sums and contiguous rows to gather
+        rows, sums, counts = prim._lib().rows_and_class_sums(emb.detach(), lab, C)
+        means = cm.class_means_from_sums(sums, counts)
+    else:
+        sums, counts, means = prim.class_means(emb, lab, C, **kb)          # detached class means
     present = counts > 0
     if stats is not None:                                                  # over all ranks
         means = cm.class_means_from_sums(*stats(sums, counts))
@@ -112,10 +120,16 @@ def _reco_fused(emb, labels, probs, mask, *, ignore_index, strong_threshold, tem
     queries = prim.sample_hard_queries(lab, hard, C, Q, seed, **kb)        # (C, Q), -1 = none
     cls = torch.arange(C, device=emb.device)[:, None].expand(C, Q)
     row_class = torch.where(queries >= 0, cls, -1).reshape(-1).to(torch.int32)
-    negatives = prim.sample_negatives(row_class, cdf, lab, num_negatives, seed, **kb)
-    per_query = prim.sparse_infonce(emb, queries.reshape(-1), row_class.clamp(min=0), negatives,
-                                    temperature=temperature, pos_pool=means, check_values=False,
-                                    **kb).view(C, Q)                # our own samplers' indices
+    if backend == "triton":     # negatives regenerated in-kernel from their counters
+        order, offsets, counts_all = cm.group_by_class(lab, C)
+        per_query = prim._lib().reco_infonce(
+            emb, rows, means, queries.reshape(-1), Q, cdf, order, offsets, counts_all,
+            num_negatives, seed, STREAM_NEGATIVE, float(temperature))[0].view(C, Q)
+    else:
+        negatives = prim.sample_negatives(row_class, cdf, lab, num_negatives, seed, **kb)
+        per_query = prim.sparse_infonce(emb, queries.reshape(-1), row_class.clamp(min=0),
+                                        negatives, temperature=temperature, pos_pool=means,
+                                        check_values=False, **kb).view(C, Q)  # our samplers'
     if reduction == "none":
         return per_query
     K = present.sum()
