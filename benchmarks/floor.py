@@ -7,15 +7,20 @@ What "must" means here (fp32 inputs, as the benchmarks use):
 - keys that are gathered per query (ReCo's negatives) read once per use: no reuse through the
   cache is assumed, which is what makes ReCo's floor a range in issue 12 (0.3-0.9 ms at VOC);
 - the FLOPs of the logits in forward (tiled contrast: see _gemms) and the gradient GEMMs in backward, at the rate of the
-  units the kernels use: fp32 FMA for ReCo and Contextrast ("ieee" dots), tensor cores through
-  3xTF32 (a third of the TF32 rate) for the tiled contrast (ContrastiveSeg, CAC).
+  units the kernels use: fp32 FMA for ReCo (a gather with dot products), tensor cores through
+  3xTF32 (a third of the TF32 rate) for Contextrast and the tiled contrast (ContrastiveSeg,
+  CAC).
+The per-kernel model of the same settings (bytes as written, A100 too) is
+pixcon_kernels/cost.py, in pixcon_kernels/RESOURCES.md; the peaks are its.
 """
 from __future__ import annotations
 
 import math
 
-H100 = {"name": "H100 SXM (nominal)", "bytes_per_s": 3.35e12, "fp32_flops": 67e12,
-        "tf32x3_flops": 495e12 / 3}
+from pixcon_kernels.cost import GPUS
+
+H100 = {"name": "H100 SXM (nominal)", "bytes_per_s": GPUS["H100"]["bw"],
+        "fp32_flops": GPUS["H100"]["fma"], "tf32x3_flops": GPUS["H100"]["tf32"] / 3}
 F32 = 4
 
 
@@ -58,7 +63,7 @@ def cost(row: dict) -> tuple[float, float, str] | None:
     if op == "pixel_anchor_loss":
         B, D, C = row["batch"], row["dim"], row["classes"]
         P = sum(B * h * w for h, w in row["layers"])
-        return 2 * P * D * F32, 3 * 2.0 * P * C * D, "fp32_flops"
+        return 2 * P * D * F32, 3 * 2.0 * P * C * D, "tf32x3_flops"
     if op == "distance_transform":
         return 8.0 * math.prod(row["shape"]), 0.0, "fp32_flops"
     return None

@@ -166,16 +166,21 @@ def _contextrast(rec, B, D, sizes, C, dtype, tag):
     for (h, w) in sizes:
         rec.setting = f"{tag} {h}x{w}"
         P = B * h * w
-        z = torch.randn(P, D, generator=gen).to(dtype)
+        x = torch.randn(B, D, h, w, generator=gen).to(dtype)
         gt = _labels(P, C, gen)
-        segment.class_sums(z, gt, C)
+        inv = anchor.inv_norms(x)
+        segment.class_sums(x, gt, C, scale=torch.ones(P))
         err = torch.randint(-1, C, (B, h, w), generator=gen)
         edt.distance_transform(err, background=-1, squared=True)
         negcls = _labels(P, C, gen)
         a = torch.randn(C, D, generator=gen)
         for only_own in (False, True):
-            _, nl, sig = anchor.anchor_forward(z, a, gt, negcls, 0.1, only_own)
-            anchor.anchor_backward(torch.ones(C), z, a, gt, negcls, nl, sig, 0.1, only_own)
+            _, nl, sig, S = anchor.anchor_forward(x, inv, a, gt, negcls, 0.1, only_own)
+            for normalize in (True, False):
+                anchor.anchor_backward(torch.ones(C), x, inv, a, gt, negcls, nl, sig, S, 0.1,
+                                       only_own, normalize)
+        for normalize in (True, False):
+            anchor.unit_sums_backward(a, x, inv, gt, normalize)
 
 
 def _tiled(rec, M, N, D, C, dtype, tag, positives=True):
@@ -278,8 +283,10 @@ def _classes(rec, C):
                               512, 1, 2)
     a = torch.randn(C, D, generator=gen)
     negcls = _labels(P, C, gen)
-    _, nl, sig = anchor.anchor_forward(z, a, gt, negcls, 0.1, False)
-    anchor.anchor_backward(torch.ones(C), z, a, gt, negcls, nl, sig, 0.1, False)
+    x = z.T.reshape(1, D, 64, 64)                          # an NCHW map of the same pixels
+    inv = torch.ones(P)
+    _, nl, sig, S = anchor.anchor_forward(x, inv, a, gt, negcls, 0.1, False)
+    anchor.anchor_backward(torch.ones(C), x, inv, a, gt, negcls, nl, sig, S, 0.1, False, True)
 
 
 def capture_scenarios(quick: bool = False) -> list[dict]:
@@ -553,12 +560,15 @@ def main(argv=None) -> int:
                f"shared memory within the limit), `interpreter` = the CPU-test tiles, compiled "
                f"for errors only (no GPU runs them). Spill B = ptxas spill stores + loads. "
                f"Occupancy is theoretical (registers, shared memory, warps). `16-B loads`: "
-               f"ld.global.v4 of 32-bit or .v2 of 64-bit words in the PTX. fp32 dots are exact "
-               f"(`input_precision=\"ieee\"`, FMA units, never TF32) in the ReCo and "
-               f"Contextrast kernels; the tiled contrast (`tiled.py`) uses tensor cores, fp32 "
-               f"through 3xTF32.")
+               f"ld.global.v4 of 32-bit or .v2 of 64-bit words in the PTX. Dot units: the "
+               f"class sums' one-hot dot is exact fp32 (`input_precision=\"ieee\"`, FMA "
+               f"units); ReCo's InfoNCE is a gather with FMA dot products (memory-bound); "
+               f"the Contextrast logits and gradients and the tiled contrast (`tiled.py`) use "
+               f"tensor cores, fp32 through 3xTF32. The cost model (estimates) follows the "
+               f"tables.")
+        from .cost import markdown as cost_markdown
         with open(a.table, "w") as f:
-            f.write(markdown(rows, hdr))
+            f.write(markdown(rows, hdr) + "\n" + cost_markdown())
     if a.json:
         with open(a.json, "w") as f:
             json.dump(rows, f, indent=1)

@@ -12,14 +12,16 @@ from ._utils import acc_dtype, gpu_config, next_pow2, pool_layout, torch_acc_dty
 
 
 @triton.jit
-def _class_sums_kernel(x_ptr, lab_ptr, part_ptr, cnt_ptr, rows_ptr, D, C, HW, s_b, s_s, s_d, T,
-                       TPI, tiles_per_prog, ACC: tl.constexpr, WRITE_ROWS: tl.constexpr,
-                       BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
+def _class_sums_kernel(x_ptr, lab_ptr, part_ptr, cnt_ptr, rows_ptr, scale_ptr, D, C, HW, s_b,
+                       s_s, s_d, T, TPI, tiles_per_prog, ACC: tl.constexpr,
+                       WRITE_ROWS: tl.constexpr, SCALE: tl.constexpr, BLOCK_P: tl.constexpr,
+                       BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
     """Program g reduces tiles [g * tiles_per_prog, ...) of BLOCK_P pixels; a tile lies inside
     one image (TPI tiles per image of HW pixels), so its pixels are consecutive addresses of a
     (B, D, h, w) map (stride s_s = 1, specialised by Triton): each warp reads whole 32-byte
     sectors along the pixel axis instead of one sector per element. WRITE_ROWS: the first class
-    block also writes the tile as (P, D) rows in the input dtype (the ReCo pre-pass)."""
+    block also writes the tile as (P, D) rows in the input dtype (the ReCo pre-pass). SCALE:
+    each pixel's vector is multiplied by scale[p] first (unit rows: the inverse norms)."""
     g = tl.program_id(0)
     cls = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -40,6 +42,8 @@ def _class_sums_kernel(x_ptr, lab_ptr, part_ptr, cnt_ptr, rows_ptr, D, C, HW, s_
             if tl.program_id(1) == 0:
                 tl.store(rows_ptr + p[:, None] * D + d[None, :], xv, mask=m2)
         x = xv.to(ACC)
+        if SCALE:
+            x = x * tl.load(scale_ptr + p, mask=p_ok, other=0.0).to(ACC)[:, None]
         onehot = cls[:, None] == lab[None, :]                       # [BLOCK_C, BLOCK_P]
         if ACC == tl.float64:
             acc += tl.dot(onehot.to(ACC), x)
@@ -53,13 +57,15 @@ def _class_sums_kernel(x_ptr, lab_ptr, part_ptr, cnt_ptr, rows_ptr, D, C, HW, s_
         tl.store(cnt_ptr + g * C + cls, cnt, mask=c_ok)
 
 
-def class_sums(x: torch.Tensor, lab: torch.Tensor, num_classes: int, rows: bool = False):
+def class_sums(x: torch.Tensor, lab: torch.Tensor, num_classes: int, rows: bool = False,
+               scale: torch.Tensor | None = None):
     """Per-class sums and counts of pixel vectors.
 
     x: (B, D, h, w) feature map or (P, D) rows, any float dtype; lab: (P,) int32/int64 class of
     each row, -1 (or any value outside [0, C)) ignored. Returns sums (C, D) in float32 (float64
     for float64 x) and counts (C,) int64; with ``rows``, also x's pixels as contiguous (P, D)
-    rows in x's dtype, written by the same pass (one read of the map)."""
+    rows in x's dtype, written by the same pass (one read of the map). scale: (P,) factors
+    applied to each pixel's vector first (the sums of unit vectors, given inverse norms)."""
     x, P, D, HW, s_b, s_s, s_d = pool_layout(x)
     C = int(num_classes)
     lab = lab.to(torch.int32).contiguous()
@@ -85,9 +91,11 @@ def class_sums(x: torch.Tensor, lab: torch.Tensor, num_classes: int, rows: bool 
     cnt = torch.empty(G, C, dtype=torch.int32, device=x.device)
     out_rows = torch.empty(P if rows else 0, D, dtype=x.dtype, device=x.device)
     grid = (G, triton.cdiv(C, BLOCK_C), triton.cdiv(D, BLOCK_D))
-    _class_sums_kernel[grid](x, lab, part, cnt, out_rows if rows else part, D, C, HW, s_b, s_s,
+    _class_sums_kernel[grid](x, lab, part, cnt, out_rows if rows else part,
+                             part if scale is None else scale.contiguous(), D, C, HW, s_b, s_s,
                              s_d, T, TPI, tiles_per_prog, ACC=acc_dtype(x.dtype),
-                             WRITE_ROWS=rows, BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C,
+                             WRITE_ROWS=rows, SCALE=scale is not None, BLOCK_P=BLOCK_P,
+                             BLOCK_C=BLOCK_C,
                              BLOCK_D=BLOCK_D, num_stages=1, **opts)
     sums, counts = part.sum(0), cnt.sum(0, dtype=torch.int64)
     return (sums, counts, out_rows) if rows else (sums, counts)

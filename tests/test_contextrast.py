@@ -2,8 +2,10 @@
 reference (whole loss and gradients through the anchors), hand-computed and degenerate cases,
 opcheck, bad input."""
 import math
+import time
 
 import numpy as np
+
 import pytest
 import torch
 from scipy import ndimage
@@ -128,11 +130,57 @@ def test_native_loss_matches_reference(dtype, reading, seed):
     assert torch.equal(out[2][0], out[1][0])
 
 
+@pytest.mark.interpret
+@pytest.mark.parametrize("variant", ["raw_rows", "channels_last"])
+def test_fused_loss_layouts_and_raw_rows(variant):
+    """The kernels read each embedding in its own layout (channels-last too) and write the
+    gradient in it; normalize=False takes the raw rows (no radial term). Fresh seed."""
+    seed = int(time.time_ns() % 10**6)
+    labels, pred = _scene(seed=seed)
+    embs = _embs(torch.float32, seed=seed)
+    out = []
+    for be, dev in (("reference", "cpu"), ("triton", DEV)):
+        es = [e.to(dev) for e in embs]
+        if variant == "channels_last":
+            es = [e.to(memory_format=torch.channels_last) for e in es]
+        es = [e.requires_grad_() for e in es]
+        loss = pixel_anchor_loss(es, labels.to(dev), pred.to(dev), num_classes=5, backend=be,
+                                 normalize=variant != "raw_rows", temperature=0.5)
+        grads = torch.autograd.grad(loss, es)
+        if be == "triton" and variant == "channels_last":
+            assert all(g.stride() == e.stride() for g, e in zip(grads, es))
+        out.append((loss.detach().cpu(), [g.cpu() for g in grads]))
+    assert_close(out[1][0], out[0][0], rtol=1e-5, atol=1e-5, what=f"loss (seed {seed})")
+    for i, (a, b) in enumerate(zip(out[1][1], out[0][1])):
+        assert_close(a, b, rtol=1e-5, atol=1e-6, what=f"d embs[{i}] (seed {seed})")
+    assert out[0][0].item() > 0
+
+
+@pytest.mark.interpret
+def test_fused_saves_no_embedding_copy():
+    """What autograd keeps for the fused L_PA: the embeddings themselves (inputs, no copy) and
+    per layer O(P) labels and inverse norms, the P x C logits and (C, D) anchors; no per-layer
+    P x D copy (unit rows, permuted rows) as the reference keeps."""
+    labels, pred = _scene()
+    C, D = 5, 64
+    embs = [e.to(DEV).requires_grad_() for e in _embs(torch.float32, D=D)]
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        pixel_anchor_loss(embs, labels.to(DEV), pred.to(DEV), num_classes=C, backend="triton")
+    inputs = {e.untyped_storage().data_ptr() for e in embs}
+    extra = sum(t.numel() * t.element_size() for t in saved
+                if t.untyped_storage().data_ptr() not in inputs)
+    P = sum(e.shape[0] * e.shape[2] * e.shape[3] for e in embs)
+    bound = P * (C + 4) * 8 + len(embs) * 8 * C * D * 8       # P x (C logits + labels, inv)
+    assert 0 < extra <= bound < P * D * 4, (extra, bound)
+    assert any(t.untyped_storage().data_ptr() in inputs for t in saved)
+
+
 @pytest.mark.parametrize("config", ["interpreter", "gpu"])
 @pytest.mark.parametrize("C", [40, 70])
 def test_fused_loss_many_classes_class_blocks(monkeypatch, config, C):
-    """More classes than one GPU class block (32): the class-tiled forward, the dz kernel that
-    accumulates over class blocks and the per-block anchor gradients, in both launch
+    """More classes than one GPU class block (32): the class-tiled logits, the pixel gradient
+    that sums over class blocks and the per-block anchor gradients, in both launch
     configurations (PIXCON_LAUNCH_CONFIG), against the reference."""
     monkeypatch.setenv("PIXCON_LAUNCH_CONFIG", config)
     labels, pred = _scene(B=2, C=C, H=16, W=32, p_err=0.4, seed=C)
@@ -234,16 +282,34 @@ def test_degenerate_layers(backend, case):
 
 
 @pytest.mark.interpret
-def test_opcheck_anchor_ops():
+@pytest.mark.parametrize("normalize", [True, False])
+def test_opcheck_anchor_ops(normalize):
+    """The Contextrast ops on an NCHW map (schemas, fake kernels, autograd through the unit
+    rows), with the map's rows as the reference: inv_norms, unit_class_sums, anchor_contrast."""
     g = torch.Generator().manual_seed(0)
-    z = torch.nn.functional.normalize(torch.randn(40, 6, dtype=torch.float64, generator=g), dim=1)
+    x = torch.randn(2, 6, 4, 5, dtype=torch.float64, generator=g)
+    x[0, :, 1, 2] = 0.0                                       # a zero pixel (norm below eps)
     a = torch.randn(3, 6, dtype=torch.float64, generator=g)
     gt = torch.randint(-1, 3, (40,), generator=g)
     neg = torch.where(torch.rand(40, generator=g) < 0.4, torch.randint(0, 3, (40,), generator=g), -1)
-    z, a, gt, neg = (t.to(DEV) for t in (z, a, gt, neg))
-    torch.library.opcheck(lib.anchor_contrast, (z.requires_grad_(), a.requires_grad_(), gt, neg,
-                                                0.1, False))
-    torch.library.opcheck(lib.class_sums, (z, gt, 3))
+    x, a, gt, neg = (t.to(DEV) for t in (x, a, gt, neg))
+    rows = x.permute(0, 2, 3, 1).reshape(40, 6)
+    inv = lib.inv_norms(x) if normalize else torch.ones(40, dtype=torch.float64, device=DEV)
+    if normalize:        # eps reaches the kernel as a float32 scalar: 1e-8 to 6e-8 relative
+        assert_close(inv, 1 / rows.norm(dim=1).clamp(min=1e-8), rtol=1e-7, atol=0, what="inv")
+    torch.library.opcheck(lib.inv_norms, (x,))
+    torch.library.opcheck(lib.unit_class_sums, (x.requires_grad_(), inv, gt, 3, normalize))
+    torch.library.opcheck(lib.anchor_contrast, (x, inv, a.requires_grad_(), gt, neg, 0.1, False,
+                                                normalize))
+    sums, _ = lib.unit_class_sums(x, inv, gt, 3, normalize)
+    z = x.permute(0, 2, 3, 1).reshape(40, 6)                    # x requires grad by now
+    z = torch.nn.functional.normalize(z, dim=1, eps=1e-8) if normalize else z
+    onehot = torch.nn.functional.one_hot(gt.clamp(min=0), 3).to(z.dtype) * (gt >= 0)[:, None]
+    assert_close(sums, onehot.T @ z, rtol=1e-12, atol=1e-12, what="unit class sums")
+    gs = torch.randn(3, 6, dtype=torch.float64, generator=g).to(DEV)
+    got, = torch.autograd.grad((sums * gs).sum(), x)
+    want, = torch.autograd.grad(((onehot.T @ z) * gs).sum(), x)
+    assert_close(got, want, rtol=1e-10, atol=1e-12, what="d x through unit class sums")
 
 
 @pytest.mark.interpret

@@ -257,49 +257,112 @@ torch.library.register_autograd("pixcon::class_sums", _class_sums_backward,
                                 setup_context=_class_sums_setup)
 
 
-# --- pixel x anchor contrast (Contextrast L_PA) ----------------------------------------------
+# --- Contextrast: unit rows of the NCHW embedding, pixel x anchor contrast (L_PA) -----------
+@torch.library.custom_op("pixcon::inv_norms", mutates_args=())
+def inv_norms(x: Tensor) -> Tensor:
+    """(P,) 1 / max(|x_p|, eps) of the pixels of a (B, D, h, w) map or (P, D) rows."""
+    from pixcon_kernels.anchor import inv_norms as launch
+    return launch(x)
+
+
+@inv_norms.register_fake
+def _(x):
+    return x.new_empty(_pool_size(x)[0], dtype=_acc(x.dtype))
+
+
+@torch.library.custom_op("pixcon::unit_class_sums", mutates_args=())
+def unit_class_sums(x: Tensor, inv: Tensor, gt: Tensor, num_classes: int,
+                    normalize: bool) -> tuple[Tensor, Tensor]:
+    """Class sums (C, D) and counts of the rows x_p * inv_p (inv: inv_norms(x), or ones with
+    ``normalize`` False), differentiable w.r.t. x through the normalisation."""
+    from pixcon_kernels.segment import class_sums as launch
+    return launch(x, gt, num_classes, scale=inv)
+
+
+@unit_class_sums.register_fake
+def _(x, inv, gt, num_classes, normalize):
+    D = _pool_size(x)[1]
+    return (x.new_empty(num_classes, D, dtype=_acc(x.dtype)),
+            x.new_empty(num_classes, dtype=torch.int64))
+
+
+@torch.library.custom_op("pixcon::unit_class_sums_backward", mutates_args=())
+def unit_class_sums_backward(grad_sums: Tensor, x: Tensor, inv: Tensor, gt: Tensor,
+                             normalize: bool) -> Tensor:
+    from pixcon_kernels.anchor import unit_sums_backward
+    return unit_sums_backward(grad_sums, x, inv, gt, normalize).to(x.dtype)
+
+
+@unit_class_sums_backward.register_fake
+def _(grad_sums, x, inv, gt, normalize):
+    return torch.empty_like(x)
+
+
+def _unit_sums_setup(ctx, inputs, output):
+    x, inv, gt, num_classes, normalize = inputs
+    ctx.save_for_backward(x, inv, gt)
+    ctx.normalize = normalize
+
+
+def _unit_sums_backward(ctx, grad_sums, _grad_counts):
+    x, inv, gt = ctx.saved_tensors
+    if grad_sums is None:
+        return None, None, None, None, None
+    return unit_class_sums_backward(grad_sums, x, inv, gt, ctx.normalize), None, None, None, None
+
+
+torch.library.register_autograd("pixcon::unit_class_sums", _unit_sums_backward,
+                                setup_context=_unit_sums_setup)
+
+
 @torch.library.custom_op("pixcon::anchor_contrast", mutates_args=())
-def anchor_contrast(z: Tensor, anchors: Tensor, gt: Tensor, negcls: Tensor, temperature: float,
-                    only_own: bool) -> tuple[Tensor, Tensor, Tensor]:
+def anchor_contrast(x: Tensor, inv: Tensor, anchors: Tensor, gt: Tensor, negcls: Tensor,
+                    temperature: float, only_own: bool,
+                    normalize: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(per-class loss sums, NL, sigmoid sums, logits S (P, C)) of the rows x_p * inv_p
+    against the anchors; S is kept for backward (never recomputed)."""
     from pixcon_kernels.anchor import anchor_forward
-    return anchor_forward(z, anchors, gt, negcls, temperature, only_own)
+    return anchor_forward(x, inv, anchors, gt, negcls, temperature, only_own)
 
 
 @anchor_contrast.register_fake
-def _(z, anchors, gt, negcls, temperature, only_own):
-    C = anchors.shape[0]
-    dt = _acc(z.dtype)
-    return z.new_empty(C, dtype=dt), z.new_empty(C, dtype=dt), z.new_empty(C, dtype=dt)
+def _(x, inv, anchors, gt, negcls, temperature, only_own, normalize):
+    C, dt = anchors.shape[0], _acc(x.dtype)
+    P = _pool_size(x)[0]
+    return (x.new_empty(C, dtype=dt), x.new_empty(C, dtype=dt), x.new_empty(C, dtype=dt),
+            x.new_empty(P, C, dtype=dt))
 
 
 @torch.library.custom_op("pixcon::anchor_contrast_backward", mutates_args=())
-def anchor_contrast_backward(grad: Tensor, z: Tensor, anchors: Tensor, gt: Tensor,
-                             negcls: Tensor, nl: Tensor, sigsum: Tensor, temperature: float,
-                             only_own: bool) -> tuple[Tensor, Tensor]:
+def anchor_contrast_backward(grad: Tensor, x: Tensor, inv: Tensor, anchors: Tensor, gt: Tensor,
+                             negcls: Tensor, nl: Tensor, sigsum: Tensor, logits: Tensor,
+                             temperature: float, only_own: bool,
+                             normalize: bool) -> tuple[Tensor, Tensor]:
     from pixcon_kernels.anchor import anchor_backward
-    dz, da = anchor_backward(grad, z, anchors, gt, negcls, nl, sigsum, temperature, only_own)
-    return dz.to(z.dtype), da.to(anchors.dtype)
+    dx, da = anchor_backward(grad, x, inv, anchors, gt, negcls, nl, sigsum, logits,
+                             temperature, only_own, normalize)
+    return dx.to(x.dtype), da.to(anchors.dtype)
 
 
 @anchor_contrast_backward.register_fake
-def _(grad, z, anchors, gt, negcls, nl, sigsum, temperature, only_own):
-    return torch.empty_like(z, memory_format=torch.contiguous_format), torch.empty_like(anchors)
+def _(grad, x, inv, anchors, gt, negcls, nl, sigsum, logits, temperature, only_own, normalize):
+    return torch.empty_like(x), torch.empty_like(anchors)
 
 
 def _anchor_setup(ctx, inputs, output):
-    z, anchors, gt, negcls, temperature, only_own = inputs
-    _, nl, sigsum = output
-    ctx.save_for_backward(z, anchors, gt, negcls, nl, sigsum)
-    ctx.temperature, ctx.only_own = temperature, only_own
+    x, inv, anchors, gt, negcls, temperature, only_own, normalize = inputs
+    _, nl, sigsum, logits = output
+    ctx.save_for_backward(x, inv, anchors, gt, negcls, nl, sigsum, logits)
+    ctx.args = (temperature, only_own, normalize)
 
 
-def _anchor_backward(ctx, grad_loss, grad_nl, grad_sig):
-    z, anchors, gt, negcls, nl, sigsum = ctx.saved_tensors
+def _anchor_backward(ctx, grad_loss, grad_nl, grad_sig, grad_logits):
+    x, inv, anchors, gt, negcls, nl, sigsum, logits = ctx.saved_tensors
     if grad_loss is None:
         grad_loss = torch.zeros_like(nl)
-    dz, da = anchor_contrast_backward(grad_loss, z, anchors, gt, negcls, nl, sigsum,
-                                      ctx.temperature, ctx.only_own)
-    return dz, da, None, None, None, None
+    dx, da = anchor_contrast_backward(grad_loss, x, inv, anchors, gt, negcls, nl, sigsum, logits,
+                                      *ctx.args)
+    return dx, None, da, None, None, None, None, None
 
 
 torch.library.register_autograd("pixcon::anchor_contrast", _anchor_backward,

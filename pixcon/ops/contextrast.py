@@ -179,44 +179,48 @@ def pixel_anchor_loss(embs, labels, pred, *, num_classes: int | None = None,
 
 def _pa_fused(embs, labels, pred_labels, C, *, w_low, w_high, layer_weights, temperature, ks,
               ignore_index, normalize, detach_anchors, reading, stats=None, backend="triton"):
-    """The fused path. "triton": class sums and the pixel x anchor contrast as kernels.
-    "native" (CPU): the compiled EDT in BANE, and the class sums and pixel x anchor terms in
-    tiles of pixels made from the NCHW embedding and remade in backward (``anchor_tiles``: no
-    per-layer copy of the embedding is kept; P x C logits, C the classes, never pixels x
-    pixels)."""
+    """The fused path, straight from each layer's NCHW embedding: no per-layer copy of it is
+    made or kept. "triton": one kernel for the pixels' inverse norms, the class sums of the
+    unit rows, and the pixel x anchor contrast whose logits (P x C) are computed once and
+    kept for backward, which writes the NCHW gradient itself. "native" (CPU): the compiled EDT
+    in BANE, and the class sums and pixel x anchor terms in tiles of pixels made from the NCHW
+    embedding and remade in backward (``anchor_tiles``). Never pixels x pixels."""
     from . import _library as lib
     native = backend == "native"
     layers, anchors, present = [], [], []
     for emb in embs:
+        gt, pr = ref.layer_labels(emb.shape, labels, pred_labels, C, ignore_index)
         if native:
-            gt, pr = ref.layer_labels(emb.shape, labels, pred_labels, C, ignore_index)
             sums = tiles.unit_class_sums(emb, gt, C, normalize=normalize)
             counts = torch.zeros(C, dtype=torch.int64).index_add_(0, gt.clamp(min=0),
                                                                   (gt >= 0).to(torch.int64))
-            z = emb
+            inv = None
         else:
-            z, gt, pr = ref.layer_inputs(emb, labels, pred_labels, C, ignore_index, normalize)
-            sums, counts = lib.class_sums(z, gt, C)
-        layers.append((z, gt, pr, counts, emb.shape))                 # anchors keep their grad
+            inv = (lib.inv_norms(emb.detach()) if normalize else
+                   torch.ones(gt.shape, dtype=torch.promote_types(emb.dtype, torch.float32),
+                              device=emb.device))
+            sums, counts = lib.unit_class_sums(emb, inv, gt, C, normalize)
+        layers.append((emb, inv, gt, pr, counts))                     # anchors keep their grad
         if stats is not None:                                          # over all ranks
             sums, counts = stats(sums, counts)
         a = sums / counts.clamp(min=1).to(sums.dtype)[:, None]
         anchors.append(a.detach() if detach_anchors else a)
         present.append(counts > 0)
     fused = ref.fuse_anchors(anchors, present, w_low, w_high)
-    total = sum(0.0 * emb.sum() for emb in embs)                       # graph-connected zero
-    for (z, gt, pr, counts, shape), a_hat, lam in zip(layers, fused, layer_weights):
+    total = None                         # every term hangs off each layer's ops: connected
+    for (emb, inv, gt, pr, counts), a_hat, lam in zip(layers, fused, layer_weights):
         pres = counts > 0
-        B, _, h, w = shape
+        B, _, h, w = emb.shape
         sel, err = bane_negatives(gt.view(B, h, w), pr.view(B, h, w), C, ks=ks,
                                   reading=reading, ignore_index=-1, backend=backend)
         if native:
-            loss_sum = tiles.anchor_terms(z, a_hat, gt, sel.reshape(-1), err.reshape(-1), C,
+            loss_sum = tiles.anchor_terms(emb, a_hat, gt, sel.reshape(-1), err.reshape(-1), C,
                                           temperature, reading, normalize=normalize)
         else:
             negcls = torch.where(sel, err, -1).reshape(-1)
-            loss_sum, _, _ = lib.anchor_contrast(z, a_hat, gt, negcls, float(temperature),
-                                                 reading == "R2")
+            loss_sum = lib.anchor_contrast(emb, inv, a_hat, gt, negcls, float(temperature),
+                                           reading == "R2", normalize)[0]
         per_class = loss_sum / counts.clamp(min=1).to(loss_sum.dtype)
-        total = total + lam * per_class.sum() / pres.sum().clamp(min=1)
+        term = lam * per_class.sum() / pres.sum().clamp(min=1)
+        total = term if total is None else total + term
     return total

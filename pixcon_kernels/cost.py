@@ -1,0 +1,269 @@
+"""A first-principles cost model of every fused op at the papers' settings: per kernel, the bytes
+it must move, the bytes it moves as written, its FLOPs and the unit that runs them; per op, the
+floor and the estimated time on an H100 and an A100, next to an estimate of the official-style
+code (the cost structure of benchmarks/baselines.py). Estimates, not measurements: no GPU has
+run them; the benchmark suite records measured times beside them when one does.
+
+    time(kernel) = max(bytes / bandwidth, FLOPs / rate of its unit) + launches x LAUNCH_S
+    floor(op)    = max(must bytes / bandwidth, must FLOPs / best rate)   (no launch cost)
+
+"must" counts what any implementation of the step has to do: every input read once, every
+output written once, each gathered row read once per use (ReCo's negatives: no cache reuse is
+assumed, the rows being spread over a 134 MB map), each GEMM the math needs once. "moved as
+written" follows the kernels and launchers in this folder: which tensors they read and write,
+how many times (a tile reloaded per D block counts again), at 32-byte sector granularity for
+gathers. All figures fp32 inputs unless a row says otherwise.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+GPUS = {  # nominal peaks (NVIDIA datasheets), dense; "int": 32-bit integer ops
+    "H100": dict(name="H100 SXM", bw=3.35e12, fma=67e12, tf32=494.7e12, bf16=989.4e12,
+                 int=33.5e12, fp64=67e12),
+    "A100": dict(name="A100 SXM 80GB", bw=2.039e12, fma=19.5e12, tf32=156e12, bf16=312e12,
+                 int=19.5e12, fp64=19.5e12),
+}
+LAUNCH_S = 3e-6          # launch and tail of one kernel (or one small torch op)
+F32, I32, I64, SECTOR = 4, 4, 8, 32
+# the papers' settings (the same numbers as the benchmarks' SIZES, tested to stay so)
+RECO_VOC = dict(B=20, D=256, h=81, w=81, C=21, K=21, Q=256, N=512)
+CONTEXTRAST_HRNET = dict(B=8, D=256, layers=((128, 256), (64, 128), (32, 64), (16, 32)), C=19)
+CONTRASTIVESEG_CS = dict(B=8, D=256, h=128, w=256, C=19, M=1024, bank=19 * 10000)
+CAC_CS = dict(n=8100, N=129600, D=128)
+DENSE = dict(n=131072, D=256, C=19)
+EDT = dict(B=8, H=512, W=512)
+
+
+def rate(gpu: dict, unit: str) -> float:
+    """FLOP rate of a unit: fma = fp32 CUDA cores; tf32x3 = three TF32 tensor-core products
+    per fp32 product (fp32-level accuracy); bf16 tensor cores; int; fp64."""
+    return gpu["tf32"] / 3 if unit == "tf32x3" else gpu[unit]
+
+
+@dataclass
+class Kernel:
+    name: str
+    must: float          # bytes any implementation of this step moves
+    moved: float         # bytes as written
+    flops: float
+    unit: str = "fma"
+    launches: int = 1
+    note: str = ""
+    latency: float = 0.0  # seconds of dependent steps no parallelism hides (a lower bound)
+    must_flops: float | None = None    # FLOPs the step needs (default: as written)
+
+    def time(self, gpu: dict) -> float:
+        return max(self.moved / gpu["bw"], self.flops / rate(gpu, self.unit),
+                   self.latency) + self.launches * LAUNCH_S
+
+    def needed_flops(self) -> float:
+        return self.flops if self.must_flops is None else self.must_flops
+
+
+@dataclass
+class Op:
+    name: str
+    setting: str
+    kernels: list[Kernel]
+    official: list[Kernel] = field(default_factory=list)
+    must_flops_unit: str = "fma"
+    note: str = ""
+
+    def estimate(self, gpu: dict) -> float:
+        return sum(k.time(gpu) for k in self.kernels)
+
+    def floor(self, gpu: dict) -> float:
+        must = sum(k.must for k in self.kernels)
+        flops = sum(k.needed_flops() for k in self.kernels if k.unit != "int")
+        return max(must / gpu["bw"], flops / rate(gpu, self.must_flops_unit))
+
+    def official_estimate(self, gpu: dict) -> float | None:
+        return sum(k.time(gpu) for k in self.official) if self.official else None
+
+
+def _pow2(n: int, lo: int = 16) -> int:
+    p = lo
+    while p < n:
+        p *= 2
+    return p
+
+
+def reco(B, D, h, w, C, K, Q, N, elt=F32) -> Op:
+    """ReCo (pixcon_kernels.reco + segment): one read of emb for class sums and contiguous
+    rows; in-kernel negatives; backward a scale and a scatter."""
+    P, M = B * h * w, K * Q
+    E = P * D * elt
+    rows = M * (N + 1) * D * elt                     # gathered rows (queries + negatives)
+    ks = [
+        Kernel("_class_sums_kernel (rows=True)", E + P * I32, 2 * E + P * I32
+               + 2 * 512 * C * D * F32, 2.0 * P * _pow2(C) * D, "fma",
+               note="reads emb once (pixel-contiguous tiles), writes the rows; one-hot FMA dot"),
+        Kernel("torch glue (labels, hard mask, sort by class, query sampler, relation cdf)",
+               P * (I32 + F32), P * C * F32 + 16 * P * I64, 0.0, "fma", launches=25,
+               note="P-length passes; probs read once for the hard mask"),
+        Kernel("_reco_infonce_kernel", rows + M * D * F32,
+               rows + M * N * SECTOR + M * (D + 4) * F32, 6.0 * M * (N + 1) * D, "fma",
+               note="a gathered row is read once; + one 32-byte sector of `order` per negative"),
+        Kernel("backward: scale, scatter into a zero map", E + M * D * F32,
+               E + 3 * M * D * F32, 2.0 * M * D, "fma", launches=4,
+               note="the embedding's gradient is written once (zeros + rows)"),
+    ]
+    official = [  # fp32 matmuls at torch's default precision (no TF32): CUDA cores
+        Kernel("permute emb to rows, class means, masks", 0, 3 * E + P * C * F32 * 3, 0.0,
+               launches=40),
+        Kernel("per class: gather Q x (1+N) x D keys, cat, cosine, logsumexp", 0, 4 * rows,
+               4.0 * M * (N + 1) * D, launches=20 * K),
+        Kernel("backward: cosine and gather grads, index_put", 0, 2 * rows + 2 * E,
+               4.0 * M * (N + 1) * D, launches=10 * K),
+    ]
+    return Op("reco_loss", f"VOC {B}x{D}x{h}x{w}, K={K}, Q={Q}, N={N}", ks, official)
+
+
+def contextrast(B, D, layers, C, elt=F32) -> Op:
+    """Contextrast L_PA (pixcon_kernels.anchor + segment + edt), every layer of the pyramid."""
+    ks, off = [], []
+    Cp = _pow2(C)
+    for (h, w) in layers:
+        P = B * h * w
+        E, S = P * D * elt, P * C * F32
+        lab = 3 * P * I32
+        tag = f"{h}x{w}"
+        ks += [
+            Kernel(f"_inv_norm_kernel {tag}", 0, E + P * F32, 2.0 * P * D),
+            Kernel(f"_class_sums_kernel (scale) {tag}", E + P * I32, E + 2 * P * F32
+                   + 2 * 264 * C * D * F32, 2.0 * P * Cp * D, must_flops=2.0 * P * D),
+            Kernel(f"EDT + BANE selection {tag}", 3 * P * I64, 12 * P * I64, 0.0, "int",
+                   launches=15, note="multi-label EDT, one sort by (class, distance)"),
+            Kernel(f"_logits_kernel {tag}", E + lab, E + lab + S, 2.0 * P * Cp * D, "tf32x3",
+                   must_flops=2.0 * P * C * D, note="S = z . a / t stored once"),
+            Kernel(f"_terms_kernel {tag}", 0, S + P * I32, 10.0 * P * Cp),
+            Kernel(f"_da_kernel {tag}", E + lab, E + lab + (D // 32) * S, 2.0 * P * Cp * D,
+                   "tf32x3", must_flops=2.0 * P * C * D, note="S reread per 32-wide D block"),
+            Kernel(f"_dx_kernel {tag}", E, 2 * E + S + lab, 2.0 * P * Cp * D, "tf32x3",
+                   must_flops=2.0 * P * C * D, note="writes the NCHW gradient"),
+            Kernel(f"_unit_sums_bwd_kernel {tag}", 0, 2 * E + P * 2 * I32, 4.0 * P * D),
+            Kernel(f"autograd adds the two gradients {tag}", 0, 3 * E, P * D, launches=1),
+        ]
+        off += [
+            Kernel(f"normalise, permute, one-hot anchors, logits {tag}", 0, 6 * E + 4 * S,
+                   2 * 2.0 * P * C * D, "fma", launches=20),
+            Kernel(f"BANE on the host (SciPy EDT per class), masks {tag}", 0, 2 * P * I64
+                   + 6 * S, 0.0, launches=10 + C),
+            Kernel(f"backward: logits, normalise, permute grads {tag}", 0, 6 * E + 3 * S,
+                   2 * 2.0 * P * C * D, "fma", launches=20),
+        ]
+    layers_s = ", ".join(f"{h}x{w}" for h, w in layers)
+    return Op("pixel_anchor_loss", f"B={B}, D={D}, C={C}, layers {layers_s}", ks, off,
+              must_flops_unit="tf32x3",
+              note="official-style BANE runs SciPy on the host: its time is not modelled")
+
+
+def _tiled(name, setting, M, N, D, sweeps_fwd, grad_gemms, recomputes, elt=F32,
+           glue=None, official=None) -> Op:
+    """The tiled contrast (pixcon_kernels.tiled): key tiles streamed past anchor tiles that run
+    concurrently (the key tile in L2 serves them all: keys counted once per sweep)."""
+    G = 2.0 * M * N * D
+    unit = "tf32x3" if elt == F32 else "bf16"
+    A, Kb = M * D * elt, N * D * elt
+    ks = list(glue or []) + [
+        Kernel("_tiled_fwd_kernel", A + Kb + 3 * M * F32, A + sweeps_fwd * Kb + 3 * M * F32,
+               sweeps_fwd * G, unit, must_flops=G, note=f"{sweeps_fwd:.2f} sweeps over the keys"),
+        Kernel("_tiled_bwd_*_kernel(s)", A + Kb + M * D * F32, A + (recomputes + grad_gemms)
+               * Kb + M * D * F32, (recomputes + grad_gemms) * G, unit, launches=grad_gemms,
+               must_flops=grad_gemms * G, note=f"logits recomputed {recomputes}x"),
+    ]
+    return Op(name, setting, ks, official or [], must_flops_unit=unit)
+
+
+def contrastiveseg(B, D, h, w, C, M, bank, elt=F32) -> list[Op]:
+    P = B * h * w
+    E = P * D * elt
+    glue = [Kernel("torch glue (anchor sampling, sort by label, gather rows)", E + P * I64,
+                   E + 8 * P * I64, 0.0, launches=30)]
+    ops = []
+    for N, tag, key_grad in ((M, "in-batch", True), (bank, f"bank {C}x{bank // C}", False)):
+        official = [Kernel("anchors x keys logits, masks, softmax, grads (materialised)", 0,
+                           E + 10 * M * N * F32 + (M + N) * D * F32, 3 * 2.0 * M * N * D,
+                           "fma", launches=40)]
+        ops.append(_tiled("pixel_contrast_loss", f"Cityscapes {tag}: {M} anchors x {N} keys, "
+                          f"D={D}", M, N, D, 1 + 1 / C, 2 if key_grad else 1, 2 if key_grad
+                          else 1, elt, glue, official))
+    return ops
+
+
+def cac(n, N, D, elt=F32) -> Op:
+    official = [Kernel("anchors x negatives logits, exp, sums, grads (materialised)", 0,
+                       8 * n * N * F32 + (n + N) * D * F32, 3 * 2.0 * n * N * D, "fma",
+                       launches=30)]
+    return _tiled("directional_contrast_loss", f"Cityscapes {n} anchors x {N} negatives, D={D}",
+                  n, N, D, 1, 2, 2, elt, official=official)
+
+
+def dense(n, D, C, elt=F32) -> Op:
+    op = _tiled("dense_contrast_loss", f"{n} pixels, D={D}, in-batch", n, n, D, 1 + 1 / C, 2, 2,
+                elt)
+    op.note = (f"no official code runs it: the n x n logits alone are {n * n * F32 / 2**30:.0f} "
+               f"GiB")
+    return op
+
+
+def edt(B, H, W) -> Op:
+    P = B * H * W
+    chain = 2 * H * 200 / 1.755e9          # 2H dependent steps of ~200 cycles (L2 latency)
+    ks = [
+        Kernel("labels to int32", 0, P * (I64 + I32), 0.0, "int"),
+        Kernel("_edt_cols_kernel", P * I32, 3 * P * I32, 4.0 * P, "int", latency=chain,
+               note=f"latency-bound: 2 x {H} dependent row steps (~200 cycles each) per column"),
+        Kernel("_edt_rows_kernel", P * F32, P * (3 * I32 + F32), 5.0 * P * W, "int",
+               note="brute force: O(W) per pixel"),
+    ]
+    return Op("distance_transform", f"{B}x{H}x{W}", ks, must_flops_unit="int",
+              note="the official code runs SciPy on the host: not modelled")
+
+
+def ops() -> list[Op]:
+    out = [reco(**RECO_VOC), reco(**RECO_VOC, elt=2)]
+    out[1].setting += " (bf16 emb)"
+    out.append(contextrast(**CONTEXTRAST_HRNET))
+    out += contrastiveseg(**CONTRASTIVESEG_CS)
+    out.append(cac(**CAC_CS))
+    out.append(dense(**DENSE))
+    out.append(edt(**EDT))
+    return out
+
+
+def _ms(t):
+    return "-" if t is None else (f"{1e3 * t:.3f}" if t < 1 else f"{1e3 * t:.0f}")
+
+
+def markdown() -> str:
+    H, A = GPUS["H100"], GPUS["A100"]
+    lines = ["## Cost model at the papers' settings (estimates: no GPU has measured them)", "",
+             "From `pixcon_kernels/cost.py` (its docstring says what is counted): per kernel the "
+             "bytes it must move and moves as written, its FLOPs and unit; time = max(bytes / "
+             "bandwidth, FLOPs / unit rate) + 3 us a launch. Peaks: "
+             + "; ".join(f"{g['name']} {g['bw'] / 1e12:.2f} TB/s, fp32 {g['fma'] / 1e12:.1f}, "
+                         f"TF32 {g['tf32'] / 1e12:.0f} (3xTF32 a third), bf16 "
+                         f"{g['bf16'] / 1e12:.0f} TFLOPS" for g in (H, A)) + ".", ""]
+    summary = ["| op | setting | floor H100 ms | fused est. H100 ms | official-style est. "
+               "H100 ms | floor A100 ms | fused est. A100 ms | official-style est. A100 ms |",
+               "|---|---|---|---|---|---|---|---|"]
+    detail = ["| op | kernel | launches | must MB | moved MB | GFLOP | unit | H100 ms | "
+              "A100 ms | note |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for op in ops():
+        summary.append(f"| {op.name} | {op.setting} | {_ms(op.floor(H))} | "
+                       f"{_ms(sum(k.time(H) for k in op.kernels))} | "
+                       f"{_ms(op.official_estimate(H))} | {_ms(op.floor(A))} | "
+                       f"{_ms(sum(k.time(A) for k in op.kernels))} | "
+                       f"{_ms(op.official_estimate(A))} |")
+        for k in op.kernels:
+            detail.append(f"| {op.name} | {k.name} | {k.launches} | {k.must / 1e6:.1f} | "
+                          f"{k.moved / 1e6:.1f} | {k.flops / 1e9:.2f} | {k.unit} | "
+                          f"{_ms(k.time(H))} | {_ms(k.time(A))} | {k.note} |")
+    notes = [f"- {op.name}: {op.note}" for op in ops() if op.note]
+    return "\n".join(lines + summary + [""] + notes + ["", "Per kernel:", ""] + detail) + "\n"
+
+
+if __name__ == "__main__":
+    print(markdown())
