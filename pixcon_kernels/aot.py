@@ -207,6 +207,14 @@ def _edt(rec, shape, tag):
         edt.distance_transform(x, background=0, squared=squared)
 
 
+def _edt_pyramid(rec, B, sizes, tag):
+    """BANE's error maps of every layer (int64, background -1) in one ragged launch."""
+    from . import edt
+    rec.setting = tag
+    flat = torch.randint(-1, 19, (sum(B * h * w for h, w in sizes),))
+    edt.distance_transform_ragged(flat, [(B, h, w) for h, w in sizes], -1, True)
+
+
 def _philox(rec, n, tag):
     from . import rng
     rec.setting = tag
@@ -258,7 +266,8 @@ def scenarios(quick: bool = False):
             _tiled(r, 256, None, 64, 19, torch.float64, "tiled fp64"),
             _tiled(r, 300, 700, 40, 19, torch.float32, "tiled D=40 bank"))),
         ("EDT 512x512", lambda r: _edt(r, (8, 512, 512), "EDT 8x512x512")),
-        ("EDT BANE pyramid", lambda r: _edt(r, (8, 16, 32), "EDT 8x16x32")),
+        ("EDT BANE pyramid", lambda r: (_edt(r, (8, 16, 32), "EDT 8x16x32"), _edt_pyramid(
+            r, 8, [(128, 256), (64, 128), (32, 64), (16, 32)], "EDT BANE pyramid (ragged)"))),
         ("philox", lambda r: _philox(r, 1 << 20, "philox 2^20")),
     ]
     for C in CLASS_COUNTS if not quick else (19, 150, 1024):

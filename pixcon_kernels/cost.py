@@ -133,8 +133,8 @@ def contextrast(B, D, layers, C, elt=F32) -> Op:
             Kernel(f"_inv_norm_kernel {tag}", 0, E + P * F32, 2.0 * P * D),
             Kernel(f"_class_sums_kernel (scale) {tag}", E + P * I32, E + 2 * P * F32
                    + 2 * 264 * C * D * F32, 2.0 * P * Cp * D, must_flops=2.0 * P * D),
-            Kernel(f"EDT + BANE selection {tag}", 3 * P * I64, 12 * P * I64, 0.0, "int",
-                   launches=15, note="multi-label EDT, one sort by (class, distance)"),
+            Kernel(f"BANE error map and selection {tag}", 2 * P * I64, 10 * P * I64, 0.0,
+                   "int", launches=12, note="torch: one sort by (class, distance)"),
             Kernel(f"_logits_kernel {tag}", E + lab, E + lab + S, 2.0 * P * Cp * D, "tf32x3",
                    must_flops=2.0 * P * C * D, note="S = z . a / t stored once"),
             Kernel(f"_terms_kernel {tag}", 0, S + P * I32, 10.0 * P * Cp),
@@ -153,6 +153,11 @@ def contextrast(B, D, layers, C, elt=F32) -> Op:
             Kernel(f"backward: logits, normalise, permute grads {tag}", 0, 6 * E + 3 * S,
                    2 * 2.0 * P * C * D, "fma", launches=20),
         ]
+    pyr = edt(B, *layers[0])                       # the largest layer bounds the latency
+    P_all = sum(B * h * w for h, w in layers)
+    ks.append(Kernel("EDT of every layer's error map (one ragged launch a pass)",
+                     P_all * (I64 + F32), P_all * (6 * I64 + 13 * I32), 72.0 * P_all, "int",
+                     launches=2, latency=sum(k.latency for k in pyr.kernels)))
     layers_s = ", ".join(f"{h}x{w}" for h, w in layers)
     return Op("pixel_anchor_loss", f"B={B}, D={D}, C={C}, layers {layers_s}", ks, off,
               must_flops_unit="tf32x3",
@@ -208,17 +213,21 @@ def dense(n, D, C, elt=F32) -> Op:
     return op
 
 
-def edt(B, H, W) -> Op:
+def edt(B, H, W, elt=I64) -> Op:
+    """The EDT of B maps (labels read as they are, int64 here): latency-bound passes, whose
+    dependent steps are counted at ~2000 cycles a column tile step (two loads, a scan, two
+    barriers) and ~150 cycles a row step (a few dependent L1 loads) at 1.755 GHz."""
     P = B * H * W
-    chain = 2 * H * 200 / 1.755e9          # 2H dependent steps of ~200 cycles (L2 latency)
+    clock = 1.755e9
     ks = [
-        Kernel("labels to int32", 0, P * (I64 + I32), 0.0, "int"),
-        Kernel("_edt_cols_kernel", P * I32, 3 * P * I32, 4.0 * P, "int", latency=chain,
-               note=f"latency-bound: 2 x {H} dependent row steps (~200 cycles each) per column"),
-        Kernel("_edt_rows_kernel", P * F32, P * (3 * I32 + F32), 5.0 * P * W, "int",
-               note="brute force: O(W) per pixel"),
+        Kernel("_edt_cols_kernel", P * elt, 4 * P * elt + 3 * P * I32, 12.0 * P, "int",
+               latency=2 * -(-H // 32) * 2000 / clock,
+               note=f"2 x {-(-H // 32)} dependent 32-row tile steps per column block"),
+        Kernel("_edt_rows_kernel", P * F32, 2 * P * elt + 10 * P * I32, 60.0 * P, "int",
+               latency=2 * W * 150 / clock,
+               note=f"lower envelopes, O(W) a row: 2 x {W} dependent steps per lane (row)"),
     ]
-    return Op("distance_transform", f"{B}x{H}x{W}", ks, must_flops_unit="int",
+    return Op("distance_transform", f"{B}x{H}x{W} (int64 labels)", ks, must_flops_unit="int",
               note="the official code runs SciPy on the host: not modelled")
 
 

@@ -1,13 +1,23 @@
-"""Exact Euclidean distance transform of batched label maps (binary or multi-label), two passes:
+"""Exact Euclidean distance transform of batched label maps (binary or multi-label), two passes
+over any number of maps of different sizes in one launch each (a ragged batch: the BANE pyramid
+is one call), reading the labels in their own dtype:
 
   column pass: G(x, y) = distance along column x to the nearest pixel whose label differs from
-               L(x, y) (one lane per column, a sweep down and a sweep up);
-  row pass:    D^2(x, y) = min_x' (x - x')^2 + [L(x', y) == L(x, y)] G(x', y)^2  (brute-force
-               min-plus over the row, chunked over x'; exact integers, no atomics).
+               L(x, y). Runs of equal labels are found with scans: the start of y's run is a
+               running max of the rows where the label changes (down the column), its end a
+               running min (up the column), over BLOCK_H-row tiles with the carry between
+               tiles: H / BLOCK_H dependent steps per column, not H, and one program per
+               (map, column block) -- many programs.
+  row pass:    D^2(x, y) = min_x' (x - x')^2 + [L(x', y) == L(x, y)] G(x', y)^2. Beyond the
+               nearest differing pixel of the row nothing is closer, so within each run of equal
+               labels [s, e] it is the lower envelope of the parabolas (x - x')^2 + G(x')^2 of
+               the run (Felzenszwalb & Huttenlocher: O(W) per row), and the run's ends add
+               (x - s + 1)^2 and (e + 1 - x)^2. One lane per row; parabola intersections are
+               compared exactly in int64 by cross-multiplication (no floats: equal to SciPy
+               bit for bit).
 
 Background pixels (L == background) get 0; a pixel with no differing pixel anywhere gets +inf.
-Row cost is O(W) per pixel: right for the BANE pyramid (W <= 512); at W = 2048 it is ~4 GOP
-per 1024x2048 image (milliseconds on an H100-class GPU)."""
+"""
 import torch
 import triton
 import triton.language as tl
@@ -21,83 +31,201 @@ MAX_SIDE = 32767       # G^2 + W^2 must stay below 2^31
 
 
 @triton.jit
-def _edt_cols_kernel(lab_ptr, g_ptr, H, W, bg, BLOCK_W: tl.constexpr):
-    """One lane per column, sequential over rows (coalesced along x): a downward sweep stores
-    the distance to the nearest differing pixel above, an upward sweep combines it with the one
-    below and stores G^2 (saturated to FAR; 0 on background)."""
-    n = tl.program_id(0).to(tl.int64)
-    x = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
-    xm = x < W
-    base = lab_ptr + n * H * W + x
-    gbase = g_ptr + n * H * W + x
-    prev = tl.load(base, mask=xm, other=0)
-    up = tl.full([BLOCK_W], FAR, tl.int32)
-    tl.store(gbase, up, mask=xm)
-    for y in range(1, H):
-        cur = tl.load(base + y * W, mask=xm, other=0)
-        up = tl.where(cur != prev, 1, tl.minimum(up + 1, FAR))
-        tl.store(gbase + y * W, up, mask=xm)
-        prev = cur
-    down = tl.full([BLOCK_W], FAR, tl.int32)
-    nxt = tl.load(base + (H - 1) * W, mask=xm, other=0)
-    for i in range(0, H):
-        y = H - 1 - i
-        cur = tl.load(base + y * W, mask=xm, other=0)
-        if i > 0:
-            down = tl.where(cur != nxt, 1, tl.minimum(down + 1, FAR))
-        g = tl.minimum(tl.load(gbase + y * W, mask=xm, other=0), down)
-        g2 = tl.where(g >= 32768, FAR, g * g)
-        tl.store(gbase + y * W, tl.where(cur == bg, 0, g2), mask=xm)
-        nxt = cur
+def _run_ends(mark, y, carry, buf, x, STRIDE: tl.constexpr, REVERSE: tl.constexpr):
+    """Per column of a [BLOCK_H, BLOCK_W] tile: the nearest marked row at or above each row
+    (REVERSE: at or below), carry where there is none in the tile. A running max (min) of the
+    marked rows, as a cumulative count of marks and one scatter/gather through the program's
+    scratch tile buf: Triton scans other than sums run elementwise in the interpreter, a
+    cumulative sum and memory do not."""
+    rank = tl.cumsum(mark.to(tl.int32), 0, reverse=REVERSE)
+    tl.debug_barrier()                         # the previous tile's reads are done
+    tl.store(buf + (rank - 1) * STRIDE + x, y, mask=mark)
+    tl.debug_barrier()                         # every thread's marks are written
+    return tl.where(rank >= 1, tl.load(buf + (tl.maximum(rank, 1) - 1) * STRIDE + x,
+                                       mask=rank >= 1, other=0), carry)
 
 
 @triton.jit
-def _edt_rows_kernel(lab_ptr, g_ptr, out_ptr, R, W, bg, SQUARED: tl.constexpr,
-                     BLOCK_R: tl.constexpr, BLOCK_X: tl.constexpr, BLOCK_S: tl.constexpr):
-    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)                  # rows of N*H
-    x = tl.program_id(1) * BLOCK_X + tl.arange(0, BLOCK_X)
+def _edt_cols_kernel(lab_ptr, g_ptr, buf_ptr, col_tab_ptr, bg, BLOCK_H: tl.constexpr,
+                     BLOCK_W: tl.constexpr):
+    """Program p: columns x0 .. x0 + BLOCK_W of the map at element offset `base` (H x W), from
+    its table row (base, H, W, x0), in tiles of BLOCK_H rows (the carry between tiles is the
+    only dependence). Writes G^2 (saturated to FAR; 0 on background)."""
+    t = col_tab_ptr + tl.program_id(0) * 4
+    base = tl.load(t)
+    H = tl.load(t + 1).to(tl.int32)
+    W = tl.load(t + 2).to(tl.int32)
+    xl = tl.arange(0, BLOCK_W)[None, :]
+    x = tl.load(t + 3).to(tl.int32) + xl
+    xm = x < W
+    lab = lab_ptr + base + x
+    gp = g_ptr + base + x
+    buf = buf_ptr + tl.program_id(0).to(tl.int64) * BLOCK_H * BLOCK_W   # [BLOCK_H, BLOCK_W]
+    # down: distance to the nearest differing pixel above = y - (start of y's run) + 1
+    carry = tl.full([1, BLOCK_W], -1, tl.int32)
+    for y0 in range(0, H, BLOCK_H):
+        y = (y0 + tl.arange(0, BLOCK_H))[:, None]
+        m = (y < H) & xm
+        off = y.to(tl.int64) * W
+        cur = tl.load(lab + off, mask=m, other=0)
+        above = tl.load(lab + off - W, mask=m & (y >= 1), other=0)
+        change = m & (y >= 1) & (cur != above)
+        start = _run_ends(change, y, carry, buf, xl, BLOCK_W, False)
+        carry = tl.max(start, axis=0)[None, :]
+        tl.store(gp + off, tl.where(start >= 0, y - start + 1, FAR), mask=m)
+    # up: distance to the nearest differing pixel below = (end of y's run) + 1 - y; G^2
+    carry = tl.full([1, BLOCK_W], 1 << 30, tl.int32)
+    for i in range(0, H, BLOCK_H):
+        y = (H - i - BLOCK_H + tl.arange(0, BLOCK_H))[:, None]      # tiles from the bottom
+        m = (y >= 0) & (y < H) & xm
+        off = y.to(tl.int64) * W
+        cur = tl.load(lab + off, mask=m, other=0)
+        below = tl.load(lab + off + W, mask=m & (y + 1 < H), other=0)
+        change = m & (y + 1 < H) & (cur != below)
+        end = _run_ends(change, y, carry, buf, xl, BLOCK_W, True)
+        carry = tl.min(tl.where(m, end, 1 << 30), axis=0)[None, :]
+        down = tl.where(end < H, end - y + 1, FAR)
+        g = tl.minimum(tl.load(gp + off, mask=m, other=0), down)
+        g2 = tl.where(g >= 32768, FAR, g * g)
+        tl.store(gp + off, tl.where(cur == bg, 0, g2), mask=m)
+
+
+@triton.jit
+def _key(g_ptr, row, v, ok):
+    """A_v = G^2(v) + v^2 (int64) of the parabola at x' = v of each lane."""
+    f = tl.load(g_ptr + row + v, mask=ok, other=0).to(tl.int64)
+    return f + v.to(tl.int64) * v
+
+
+@triton.jit
+def _edt_rows_kernel(lab_ptr, g_ptr, out_ptr, v_ptr, top_ptr, end_ptr, row_tab_ptr, R, Wmax, bg,
+                     SQUARED: tl.constexpr, BLOCK_R: tl.constexpr):
+    """Lane r: row r of the ragged batch (table row (element offset, W)). Sweep 1 builds each
+    run's lower envelope (stack of parabola positions v[s..top], in scratch) and records the
+    run's top and end at its start s; sweep 2 walks each envelope and writes D^2 (or D)."""
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     rm = r < R
-    m = rm[:, None] & (x < W)[None, :]
-    row = r.to(tl.int64) * W
-    lab = tl.load(lab_ptr + row[:, None] + x[None, :], mask=m, other=0)      # [R, X]
-    best = tl.full([BLOCK_R, BLOCK_X], 2147483647, tl.int32)
-    for s0 in range(0, W, BLOCK_S):
-        s = s0 + tl.arange(0, BLOCK_S)
-        sm = rm[:, None] & (s < W)[None, :]
-        ls = tl.load(lab_ptr + row[:, None] + s[None, :], mask=sm, other=0)  # [R, S]
-        gs = tl.load(g_ptr + row[:, None] + s[None, :], mask=sm, other=FAR)
-        d = x[:, None] - s[None, :]                                          # [X, S]
-        same = ls[:, None, :] == lab[:, :, None]                             # [R, X, S]
-        cost = (d * d)[None, :, :] + tl.where(same, gs[:, None, :], 0)
-        cost = tl.where(sm[:, None, :], cost, 2147483647)
-        best = tl.minimum(best, tl.min(cost, axis=2))
-    best = tl.where(lab == bg, 0, best)
-    inf = best >= FAR
-    val = best.to(tl.float32)
-    if not SQUARED:
-        val = tl.sqrt(val)
-    tl.store(out_ptr + row[:, None] + x[None, :], tl.where(inf, float("inf"), val), mask=m)
+    row = tl.load(row_tab_ptr + 2 * r, mask=rm, other=0)
+    W = tl.load(row_tab_ptr + 2 * r + 1, mask=rm, other=0).to(tl.int32)
+    s = tl.full([BLOCK_R], -1, tl.int32)
+    k = tl.full([BLOCK_R], -1, tl.int32)
+    prev = tl.load(lab_ptr + row, mask=rm & (W > 0), other=0)
+    for x in range(0, Wmax):
+        on = rm & (x < W)
+        cur = tl.load(lab_ptr + row + x, mask=on, other=0)
+        new = on & ((s < 0) | (cur != prev))
+        tl.store(top_ptr + row + s, k, mask=new & (s >= 0))         # close the previous run
+        tl.store(end_ptr + row + s, x - 1 + s * 0, mask=new & (s >= 0))
+        s = tl.where(new, x, s)
+        k = tl.where(new, x - 1, k)
+        a_x = _key(g_ptr, row, x + s * 0, on)
+        # pop v[k] while the new parabola's intersection with it is left of z[k]
+        cont = on & (k > s)
+        while tl.max(cont.to(tl.int32), axis=0) > 0:
+            vk = tl.load(v_ptr + row + k, mask=cont, other=0)
+            vl = tl.load(v_ptr + row + k - 1, mask=cont, other=0)
+            a_k = _key(g_ptr, row, vk, cont)
+            a_l = _key(g_ptr, row, vl, cont)
+            pop = cont & ((a_x - a_k) * (vk - vl).to(tl.int64)
+                          <= (a_k - a_l) * (x - vk).to(tl.int64))
+            k = tl.where(pop, k - 1, k)
+            cont = pop & (k > s)
+        k = tl.where(on, k + 1, k)
+        tl.store(v_ptr + row + k, x + s * 0, mask=on)
+        prev = tl.where(on, cur, prev)
+    tl.store(top_ptr + row + s, k, mask=rm & (s >= 0))
+    tl.store(end_ptr + row + s, W - 1, mask=rm & (s >= 0))
+    # sweep 2: per run, walk the envelope left to right
+    s = tl.full([BLOCK_R], -1, tl.int32)
+    j = s
+    top = s
+    e = s
+    prev = tl.load(lab_ptr + row, mask=rm & (W > 0), other=0)
+    for x in range(0, Wmax):
+        on = rm & (x < W)
+        cur = tl.load(lab_ptr + row + x, mask=on, other=0)
+        new = on & ((s < 0) | (cur != prev))
+        s = tl.where(new, x, s)
+        j = tl.where(new, x, j)
+        top = tl.where(new, tl.load(top_ptr + row + x, mask=new, other=0), top)
+        e = tl.where(new, tl.load(end_ptr + row + x, mask=new, other=0), e)
+        # advance while the next parabola is lower at x: z[j + 1] < x, exactly
+        cont = on & (j < top)
+        while tl.max(cont.to(tl.int32), axis=0) > 0:
+            vj = tl.load(v_ptr + row + j, mask=cont, other=0)
+            vn = tl.load(v_ptr + row + j + 1, mask=cont, other=0)
+            adv = cont & (_key(g_ptr, row, vn, cont) - _key(g_ptr, row, vj, cont)
+                          < 2 * x * (vn - vj).to(tl.int64))
+            j = tl.where(adv, j + 1, j)
+            cont = adv & (j < top)
+        vj = tl.load(v_ptr + row + j, mask=on, other=0)
+        best = _key(g_ptr, row, vj, on) - vj.to(tl.int64) * vj + (x - vj).to(tl.int64) * (x - vj)
+        dl = (x - s + 1).to(tl.int64)
+        dr = (e + 1 - x).to(tl.int64)
+        best = tl.where(s > 0, tl.minimum(best, dl * dl), best)
+        best = tl.where(e < W - 1, tl.minimum(best, dr * dr), best)
+        best = tl.where(cur == bg, 0, best)
+        val = best.to(tl.float32)
+        if not SQUARED:
+            val = tl.sqrt(val)
+        tl.store(out_ptr + row + x, tl.where(best >= FAR, float("inf"), val), mask=on)
+        prev = tl.where(on, cur, prev)
+
+
+def _tables(shapes, device, BLOCK_W):
+    """For maps (N, H, W) packed one after another: the column-block table (base, H, W, x0) and
+    the row table (offset, W), int64, built on the device from the shapes (a loop over the
+    maps, never over rows; no host data copied)."""
+    cols, rows, base = [], [], 0
+    for (N, H, W) in shapes:
+        nb = triton.cdiv(W, BLOCK_W)
+        i = torch.arange(N * nb, device=device)
+        cols.append(torch.stack([base + (i // nb) * (H * W), torch.full_like(i, H),
+                                 torch.full_like(i, W), (i % nb) * BLOCK_W], dim=1))
+        y = torch.arange(N * H, device=device)            # rows (n, y) are consecutive
+        rows.append(torch.stack([base + y * W, torch.full_like(y, W)], dim=1))
+        base += N * H * W
+    return torch.cat(cols).contiguous(), torch.cat(rows).contiguous()
+
+
+def distance_transform_ragged(flat: torch.Tensor, shapes, background: int, squared: bool):
+    """flat: the maps' labels packed one after another (any integer/bool dtype, read as is),
+    shapes: [(N, H, W), ...]. Returns float32 distances packed the same way. Two launches for
+    the whole batch."""
+    for (_, H, W) in shapes:
+        if H > MAX_SIDE or W > MAX_SIDE:
+            raise ValueError(f"distance_transform: sides up to {MAX_SIDE} supported, got {H}x{W}")
+    shapes = [s for s in shapes if s[0] * s[1] * s[2] > 0]
+    out = torch.empty(flat.numel(), dtype=torch.float32, device=flat.device)
+    if not shapes:
+        return out
+    lab = flat.contiguous()
+    if lab.dtype == torch.bool:
+        lab = lab.view(torch.uint8)
+    g = torch.empty(flat.numel(), dtype=torch.int32, device=flat.device)
+    # GPU: 32 x 32 tiles, one program per (map, 32 columns) (64-row tiles take 255 registers
+    # with triton 3.6); the interpreter: whole maps
+    gpu = gpu_config()
+    BLOCK_W = 32 if gpu else min(next_pow2(max(s[2] for s in shapes)), 256)
+    BLOCK_H = 32 if gpu else min(next_pow2(max(s[1] for s in shapes)), 256)
+    col_tab, row_tab = _tables(shapes, flat.device, BLOCK_W)
+    n_cols = col_tab.shape[0]
+    buf = torch.empty(n_cols * BLOCK_H * BLOCK_W, dtype=torch.int32, device=flat.device)
+    _edt_cols_kernel[(n_cols,)](lab, g, buf, col_tab, background, BLOCK_H=BLOCK_H,
+                                BLOCK_W=BLOCK_W)
+    R = row_tab.shape[0]
+    scratch = torch.empty(3, flat.numel(), dtype=torch.int32, device=flat.device)
+    # GPU: a warp of rows a program; the interpreter: many (its cost is per program and step)
+    BLOCK_R = 32 if gpu_config() else 1024
+    _edt_rows_kernel[(triton.cdiv(R, BLOCK_R),)](
+        lab, g, out, scratch[0], scratch[1], scratch[2], row_tab, R, max(s[2] for s in shapes),
+        background, SQUARED=squared, BLOCK_R=BLOCK_R, num_warps=1 if gpu_config() else 4)
+    return out
 
 
 def distance_transform(labels: torch.Tensor, background: int, squared: bool) -> torch.Tensor:
     """labels: (..., H, W) integer/bool. Returns float32 distances of the same shape."""
     H, W = labels.shape[-2:]
-    if H > MAX_SIDE or W > MAX_SIDE:
-        raise ValueError(f"distance_transform: sides up to {MAX_SIDE} supported, got {H}x{W}")
-    out = torch.empty(labels.shape, dtype=torch.float32, device=labels.device)
     N = labels.numel() // max(H * W, 1)
-    if N == 0 or H == 0 or W == 0:
-        return out
-    lab = labels.reshape(N, H, W).to(torch.int32).contiguous()
-    g = torch.empty(N, H, W, dtype=torch.int32, device=labels.device)
-    BLOCK_W = min(next_pow2(W), 128 if gpu_config() else 1024)
-    _edt_cols_kernel[(N, triton.cdiv(W, BLOCK_W))](lab, g, H, W, background, BLOCK_W=BLOCK_W)
-    # interpreter: many rows per program (cost is per program); GPU: one row, a [64, 64] tile
-    BLOCK_X = min(next_pow2(W), 64)
-    BLOCK_S = min(next_pow2(W), 32 if gpu_config() else 64)
-    BLOCK_R = 1 if gpu_config() else max(1, 32768 // (BLOCK_X * BLOCK_S))
-    R = N * H
-    _edt_rows_kernel[(triton.cdiv(R, BLOCK_R), triton.cdiv(W, BLOCK_X))](
-        lab, g, out, R, W, background, SQUARED=squared, BLOCK_R=BLOCK_R, BLOCK_X=BLOCK_X,
-        BLOCK_S=BLOCK_S)
-    return out
+    out = distance_transform_ragged(labels.reshape(-1), [(N, H, W)], background, squared)
+    return out.view(labels.shape)

@@ -163,3 +163,38 @@ def test_opcheck(backend):
         op = _library.edt._opoverload
     for args in ((x, 0, True), (x, -(2**31), False)):
         torch.library.opcheck(op, args)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.int64, torch.uint8])
+def test_pyramid_in_one_call_equals_each_map(backend, dtype):
+    """distance_transforms: multi-label maps of four sizes (a BANE pyramid: error classes, -1
+    background) in one call (Triton: one launch per pass over the packed maps, read in their
+    own dtype) equal each map's own transform and SciPy's per-label binary transform."""
+    from pixcon.ops.edt import distance_transforms
+    g = torch.Generator().manual_seed(5)
+    bg = -1 if dtype != torch.uint8 else 255
+    maps = []
+    for H, W in ((24, 40), (12, 20), (6, 10), (3, 5)):
+        coarse = torch.randint(0, 4, (2, 1, -(-H // 3), -(-W // 3)), generator=g).float()
+        m = torch.nn.functional.interpolate(coarse, scale_factor=3)[:, 0, :H, :W].long()
+        m = torch.where(torch.rand(2, H, W, generator=g) < 0.3, bg, m)
+        maps.append(m.to(dtype))
+    dev = triton_device() if backend == "triton" else torch.device("cpu")
+    got = distance_transforms([m.to(dev) for m in maps], background=bg, squared=True,
+                              backend=backend)
+    for m, d in zip(maps, got):
+        assert d.shape == m.shape and d.dtype == torch.float32
+        each = run(m, backend, labels=True, background=bg, squared=True)
+        assert torch.equal(d.cpu(), each)
+        for b in range(2):
+            for c in range(4):
+                own = (m[b] == c).numpy()
+                if own.any():
+                    want = scipy_sq(own)
+                    assert np.array_equal(d[b].cpu().numpy()[own], want[own]), (m.shape, b, c)
+    if backend == "triton":
+        from pixcon.ops import _library
+        flat = torch.cat([m.reshape(-1) for m in maps]).to(dev)
+        shapes = [d for m in maps for d in (2, *m.shape[-2:])]
+        torch.library.opcheck(_library.edt_ragged, (flat, shapes, bg, True))

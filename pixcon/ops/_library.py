@@ -34,7 +34,7 @@ def _(counter, seed, stream):
 # --- distance transform ----------------------------------------------------------------------
 @torch.library.custom_op("pixcon::edt", mutates_args=())
 def edt(labels: Tensor, background: int, squared: bool) -> Tensor:
-    """The batched exact EDT (Triton); labels are read as int32."""
+    """The batched exact EDT (Triton); labels are read in their own dtype."""
     from pixcon_kernels.edt import distance_transform as launch
     return launch(labels, background, squared)
 
@@ -42,6 +42,20 @@ def edt(labels: Tensor, background: int, squared: bool) -> Tensor:
 @edt.register_fake
 def _(labels, background, squared):
     return labels.new_empty(labels.shape, dtype=torch.float32)
+
+
+@torch.library.custom_op("pixcon::edt_ragged", mutates_args=())
+def edt_ragged(flat: Tensor, shapes: list[int], background: int, squared: bool) -> Tensor:
+    """Maps of different sizes packed one after another in ``flat`` (shapes: N, H, W per
+    map set, flattened), transformed in one launch per pass."""
+    from pixcon_kernels.edt import distance_transform_ragged as launch
+    it = iter(shapes)
+    return launch(flat, list(zip(it, it, it)), background, squared)
+
+
+@edt_ragged.register_fake
+def _(flat, shapes, background, squared):
+    return flat.new_empty(flat.shape, dtype=torch.float32)
 
 
 # --- class sums ------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ from .. import distributed as dist
 from ..reference import contextrast as ref
 from . import _common as chk
 from . import anchor_tiles as tiles
-from .edt import distance_transform
+from .edt import distance_transform, distance_transforms
 
 READINGS = ("R1", "R2")
 
@@ -207,17 +207,22 @@ def _pa_fused(embs, labels, pred_labels, C, *, w_low, w_high, layer_weights, tem
         anchors.append(a.detach() if detach_anchors else a)
         present.append(counts > 0)
     fused = ref.fuse_anchors(anchors, present, w_low, w_high)
+    # BANE: every layer's error map, and their distance transforms in one call (Triton: one
+    # launch per pass for the whole pyramid)
+    errs = [ref.error_map(gt.view(e.shape[0], *e.shape[2:]), pr.view(e.shape[0], *e.shape[2:]),
+                          reading) for (e, _, gt, pr, _) in layers]
+    d2s = distance_transforms(errs, background=-1, squared=True, backend=backend)
     total = None                         # every term hangs off each layer's ops: connected
-    for (emb, inv, gt, pr, counts), a_hat, lam in zip(layers, fused, layer_weights):
+    for (emb, inv, gt, pr, counts), err, d2, a_hat, lam in zip(layers, errs, d2s, fused,
+                                                               layer_weights):
         pres = counts > 0
-        B, _, h, w = emb.shape
-        sel, err = bane_negatives(gt.view(B, h, w), pr.view(B, h, w), C, ks=ks,
-                                  reading=reading, ignore_index=-1, backend=backend)
+        h, w = emb.shape[2:]
+        sel = select_lowest(err.reshape(-1), d2.reshape(-1), C, ks, h * h + w * w + 1)
         if native:
             loss_sum = tiles.anchor_terms(emb, a_hat, gt, sel.reshape(-1), err.reshape(-1), C,
                                           temperature, reading, normalize=normalize)
         else:
-            negcls = torch.where(sel, err, -1).reshape(-1)
+            negcls = torch.where(sel, err.reshape(-1), -1)
             loss_sum = lib.anchor_contrast(emb, inv, a_hat, gt, negcls, float(temperature),
                                            reading == "R2", normalize)[0]
         per_class = loss_sum / counts.clamp(min=1).to(loss_sum.dtype)

@@ -60,3 +60,25 @@ def distance_transform(x: torch.Tensor, *, squared: bool = False, labels: bool =
                                "backend='triton' for CUDA tensors")
         return torch.ops.pixcon.distance_transform(lab, bg, squared)
     return ref.distance_transform(lab, bg, squared)
+
+
+def distance_transforms(maps, *, squared: bool = False, background: int,
+                        backend: str = "auto") -> list[torch.Tensor]:
+    """Multi-label distance transforms of several (B, H, W) maps of different sizes (a
+    pyramid), as :func:`distance_transform` with ``labels=True``; on Triton all of them in one
+    launch per pass (the maps packed one after another, read in their own dtype)."""
+    if not maps:
+        return []
+    be = chk.resolve_backend(backend, maps[0].device, "distance_transform",
+                             ("reference", "triton", "native"))
+    if be != "triton":
+        return [distance_transform(m, squared=squared, labels=True, background=background,
+                                   backend=be) for m in maps]
+    from ._library import edt_ragged
+    dt = maps[0].dtype
+    flat = torch.cat([m.reshape(-1).to(dt) for m in maps])
+    shapes = [d for m in maps for d in (m.numel() // max(m.shape[-2] * m.shape[-1], 1),
+                                        *m.shape[-2:])]
+    out = edt_ragged(flat, shapes, background, squared)
+    parts = torch.split(out, [m.numel() for m in maps])
+    return [o.view(m.shape) for o, m in zip(parts, maps)]
