@@ -97,7 +97,7 @@ def reco(B, D, h, w, C, K, Q, N, elt=F32) -> Op:
     rows = M * (N + 1) * D * elt                     # gathered rows (queries + negatives)
     ks = [
         Kernel("_class_sums_kernel (rows=True)", E + P * I32, 2 * E + P * I32
-               + 2 * 512 * C * D * F32, 2.0 * P * _pow2(C) * D, "fma",
+               + 2 * 512 * C * D * F32, 2.0 * P * _pow2(C) * D, "fma", must_flops=2.0 * P * D,
                note="reads emb once (pixel-contiguous tiles), writes the rows; one-hot FMA dot"),
         Kernel("torch glue (labels, hard mask, sort by class, query sampler, relation cdf)",
                P * (I32 + F32), P * C * F32 + 16 * P * I64, 0.0, "fma", launches=25,

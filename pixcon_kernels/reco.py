@@ -79,13 +79,16 @@ def _reco_infonce_kernel(rows_ptr, means_ptr, q_ptr, cdf_ptr, order_ptr, off_ptr
 
 
 def _blocks(D: int, dtype: torch.dtype):
-    """The whole row in one tile (BLOCK_D = next_pow2(D)); GPU: about 4096 key elements per
-    block of negatives (16 x 256 in fp32: 32 registers a thread at 4 warps), half for fp64."""
+    """The whole row in one tile (BLOCK_D = next_pow2(D)); GPU: at most 4096 key elements and
+    16 negatives a block (16 x 256 in fp32: 32 registers a thread at 4 warps; more negatives a
+    block, each with its Philox words and class search, took 209-232 registers at D = 40),
+    half the elements for fp64."""
     BLOCK_D = next_pow2(D)
-    budget = 4096 if gpu_config() else 16384
+    gpu = gpu_config()
+    budget = 4096 if gpu else 16384
     if dtype == torch.float64:
         budget //= 2
-    BLOCK_N = max(2, min(64, budget // BLOCK_D))
+    BLOCK_N = max(2, min(16 if gpu else 64, budget // BLOCK_D))
     return BLOCK_N, BLOCK_D
 
 
@@ -113,5 +116,7 @@ def reco_infonce(rows, means, queries, num_queries: int, cdf, order, offsets, co
         offsets.to(torch.int32).contiguous(), counts.to(torch.int32).contiguous(),
         loss, lse, u, scale, num_queries, num_negatives, D, C, max(C, 1).bit_length(), seed,
         as_i32(stream), 1.0 / temperature, eps, ACC=acc_dtype(rows.dtype), BLOCK_N=BLOCK_N,
-        BLOCK_D=BLOCK_D, num_warps=4)
+        BLOCK_D=BLOCK_D, num_warps=4,
+        # left free, ptxas settles on 64 registers at D = 40 on sm_90 and spills 8 bytes
+        **(dict(maxnreg=255) if gpu_config() else {}))
     return loss, lse, u, scale

@@ -238,20 +238,24 @@ def test_thread_study_tiny_runs_every_op(tmp_path):
 
 
 def test_floor_estimates_by_hand():
-    """benchmarks/floor.py at ReCo's VOC setting with 10 classes: emb read and its gradient
-    written (2 x 131,220 x 256 x 4 B), probs (x 21 x 4 B), labels (x 8 B) and 10 x 256 queries
-    x 513 gathered rows x 256 x 4 B: 1625.6 MB, memory-bound at 3.35 TB/s = 0.485 ms; 4 x
-    10 x 256 x 513 x 256 FLOPs = 1.34 GFLOP."""
+    """benchmarks/floor.py (the cost model's "must") at ReCo's VOC setting with 10 classes: emb
+    read once for the class sums and its gradient written once (2 x 131,220 x 256 x 4 B), the
+    labels and own-class probabilities (x 12 B), 10 x 256 queries x 513 gathered rows x 256 x
+    4 B, and each query's D-vector written and read (2 x 2560 x 256 x 4 B): 1620.4 MB,
+    memory-bound at 3.35 TB/s = 0.484 ms; the class sums (2 P D) and 6 x 2560 x 513 x 256 +
+    2 x 2560 x 256 FLOPs."""
     floor = bench_module("floor")
     row = {"op": "reco_loss", "shape": [20, 256, 81, 81], "num_classes": 21,
            "present_classes": 10, "num_queries": 256, "num_negatives": 512}
     est = floor.estimate(row)
-    P = 20 * 81 * 81
-    nbytes = 2 * P * 256 * 4 + P * 21 * 4 + P * 8 + 10 * 256 * 513 * 256 * 4
-    assert est["floor_mb"] == round(nbytes / 1e6, 1) == 1625.6
-    assert est["floor_gflop"] == round(4 * 10 * 256 * 513 * 256 / 1e9, 2)
+    P, M = 20 * 81 * 81, 10 * 256
+    nbytes = 2 * P * 256 * 4 + 12 * P + M * 513 * 256 * 4 + 2 * M * 256 * 4
+    assert est["floor_mb"] == round(nbytes / 1e6, 1) == 1620.4
+    flops = 2 * P * 256 + 6 * M * 513 * 256 + 2 * M * 256
+    assert est["floor_gflop"] == round(flops / 1e9, 2)
     assert est["floor_bound"] == "memory"
     assert est["floor_ms_est"] == pytest.approx(1e3 * nbytes / 3.35e12, rel=1e-3)
+    assert est["floor_ms_est"] < est["model_ms_est"]
     md = floor.markdown(floor.paper_cases())
     for op in ("reco_loss", "pixel_contrast_loss", "dense_contrast_loss",
                "directional_contrast_loss", "pixel_anchor_loss", "distance_transform"):

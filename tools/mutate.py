@@ -34,6 +34,8 @@ CTX = ["tests/test_contextrast.py"]
 CSEG = ["tests/test_contrastiveseg.py"]
 CAC = ["tests/test_cac.py", "tests/test_cac_ablation.py"]
 TRAIN = ["tests/test_train.py"]
+RECO_K = ["tests/test_reco.py"]
+EDT = ["tests/test_edt.py"]
 
 MUTANTS = [
     # --- ReCo (specs/reco.md §1) ---------------------------------------------------------------
@@ -171,6 +173,27 @@ MUTANTS = [
      "    neg = (y[:, None] >= 0) & (key_labels[None, :] >= 0) & (y[:, None] != key_labels[None, :])",
      "    neg = (y[:, None] >= 0) & (key_labels[None, :] >= 0)", CAC,
      "negatives with the anchor's pseudo-label kept"),
+    # --- the fused kernels (issue 12's redesign; checked under the Triton interpreter) ----------
+    ("kern-reco-negative-counters", "pixcon_kernels/reco.py",
+     "        kidx = negative_pixels(m * N + n, ",
+     "        kidx = negative_pixels(n + m * 0, ", RECO_K,
+     "every query regenerates the same negatives (counters without the query's row)"),
+    ("kern-reco-direction-without-positive", "pixcon_kernels/reco.py",
+     "    u = v / l_run - p * p_inv - (cb / l_run - cos0) * a * a_inv",
+     "    u = v / l_run - (cb / l_run - cos0) * a * a_inv", RECO_K,
+     "the gradient direction leaves out the positive's -1"),
+    ("kern-ctx-radial-term-dropped", "pixcon_kernels/anchor.py",
+     "        r = tl.where(inv * eps < 1.0, r, 0.0)",
+     "        r = r * 0.0", CTX,
+     "the pixel gradient skips the unit-norm projection (the radial term)"),
+    ("kern-edt-run-end-off-by-one", "pixcon_kernels/edt.py",
+     "        down = tl.where(end < H, end - y + 1, FAR)",
+     "        down = tl.where(end < H, end - y, FAR)", EDT,
+     "the distance to the differing pixel below is one short"),
+    ("kern-edt-row-right-end-dropped", "pixcon_kernels/edt.py",
+     "        best = tl.where(e < W - 1, tl.minimum(best, dr * dr), best)\n",
+     "", EDT,
+     "a row's run ignores the differing pixel after its end"),
 ]
 
 
