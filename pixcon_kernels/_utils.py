@@ -61,3 +61,32 @@ def as_i32(v: int) -> int:
     as int64, which would change the kernel's integer width)."""
     v &= 0xFFFFFFFF
     return v - (1 << 32) if v >= (1 << 31) else v
+
+
+# --- pixel tiles of a (B, D, h, w) map: BLOCK_P consecutive pixels of one image ---------------
+@triton.jit
+def pixel_tile(t, TPI, HW, BLOCK_P: tl.constexpr):
+    """Tile t (TPI tiles per image of HW pixels): image b, its pixels hw (BLOCK_P consecutive,
+    hw < HW valid) and their flat indices p (int64). Consecutive pixels are consecutive
+    addresses of an NCHW map (stride 1, which Triton specialises): whole 32-byte sectors."""
+    b = t // TPI
+    hw = (t % TPI) * BLOCK_P + tl.arange(0, BLOCK_P)
+    return b, hw, hw < HW, b.to(tl.int64) * HW + hw
+
+
+@triton.jit
+def pixel_chunk(x_ptr, b, hw, pm, d, D, s_b, s_s, s_d):
+    """x[b, d, hw] as a [BLOCK_P, BLOCK_D] tile (strides of pool_layout)."""
+    return tl.load(x_ptr + b.to(tl.int64) * s_b + hw[:, None].to(tl.int64) * s_s
+                   + d[None, :].to(tl.int64) * s_d, mask=pm[:, None] & (d < D)[None, :],
+                   other=0.0)
+
+
+def pixel_tiles(P: int, HW: int, block_p: int, max_progs: int):
+    """(T, TPI, G, tiles_per_prog): T tiles of block_p pixels, TPI a image, spread over at
+    most max_progs programs of tiles_per_prog consecutive tiles each."""
+    TPI = triton.cdiv(max(HW, 1), block_p)
+    T = TPI * triton.cdiv(max(P, 1), max(HW, 1))
+    G = max(1, min(T, max_progs))
+    tiles_per_prog = triton.cdiv(T, G)
+    return T, TPI, triton.cdiv(T, tiles_per_prog), tiles_per_prog

@@ -26,32 +26,17 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import acc_dtype, gpu_config, next_pow2, pool_layout, torch_acc_dtype
-
-
-@triton.jit
-def _tile(t, TPI, HW, BLOCK_P: tl.constexpr):
-    """Tile t: image b, its pixels hw (BLOCK_P consecutive, hw < HW valid), flat indices p."""
-    b = t // TPI
-    hw = (t % TPI) * BLOCK_P + tl.arange(0, BLOCK_P)
-    return b, hw, hw < HW, b.to(tl.int64) * HW + hw
-
-
-@triton.jit
-def _x_chunk(x_ptr, b, hw, pm, d, D, s_b, s_s, s_d):
-    """x[b, d, hw] as a [BLOCK_P, BLOCK_D] tile (pixels consecutive in memory)."""
-    return tl.load(x_ptr + b.to(tl.int64) * s_b + hw[:, None].to(tl.int64) * s_s
-                   + d[None, :].to(tl.int64) * s_d, mask=pm[:, None] & (d < D)[None, :],
-                   other=0.0)
+from ._utils import (acc_dtype, gpu_config, next_pow2, pixel_chunk, pixel_tile, pixel_tiles,
+                     pool_layout, torch_acc_dtype)
 
 
 @triton.jit
 def _inv_norm_kernel(x_ptr, inv_ptr, D, HW, s_b, s_s, s_d, TPI, eps, ACC: tl.constexpr,
                      BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr):
-    b, hw, pm, p = _tile(tl.program_id(0), TPI, HW, BLOCK_P)
+    b, hw, pm, p = pixel_tile(tl.program_id(0), TPI, HW, BLOCK_P)
     sq = tl.zeros([BLOCK_P], dtype=ACC)
     for d0 in range(0, D, BLOCK_D):
-        x = _x_chunk(x_ptr, b, hw, pm, d0 + tl.arange(0, BLOCK_D), D, s_b, s_s, s_d).to(ACC)
+        x = pixel_chunk(x_ptr, b, hw, pm, d0 + tl.arange(0, BLOCK_D), D, s_b, s_s, s_d).to(ACC)
         sq += tl.sum(x * x, axis=1)
     tl.store(inv_ptr + p, 1.0 / tl.maximum(tl.sqrt(sq), eps), mask=pm)
 
@@ -82,11 +67,11 @@ def _logits_kernel(x_ptr, inv_ptr, a_ptr, gt_ptr, neg_ptr, s_ptr, m_ptr, l_ptr, 
     l = tl.zeros([BLOCK_C], dtype=ACC)
     t0 = g * tiles_per_prog
     for t in range(t0, tl.minimum(t0 + tiles_per_prog, T)):
-        b, hw, pm, p = _tile(t, TPI, HW, BLOCK_P)
+        b, hw, pm, p = pixel_tile(t, TPI, HW, BLOCK_P)
         s = tl.zeros([BLOCK_P, BLOCK_C], dtype=ACC)
         for d0 in range(0, D, BLOCK_D):
             d = d0 + tl.arange(0, BLOCK_D)
-            x = _x_chunk(x_ptr, b, hw, pm, d, D, s_b, s_s, s_d).to(ACC)
+            x = pixel_chunk(x_ptr, b, hw, pm, d, D, s_b, s_s, s_d).to(ACC)
             a = tl.load(a_ptr + c[:, None] * D + d[None, :],
                         mask=(c < C)[:, None] & (d < D)[None, :], other=0.0).to(ACC)
             s += tl.dot(x, tl.trans(a), input_precision=PREC)
@@ -105,7 +90,7 @@ def _logits_kernel(x_ptr, inv_ptr, a_ptr, gt_ptr, neg_ptr, s_ptr, m_ptr, l_ptr, 
 
 
 @triton.jit
-def _s_tile(s_ptr, p, pm, c, C):
+def _spixel_tile(s_ptr, p, pm, c, C):
     return tl.load(s_ptr + p[:, None] * C + c[None, :], mask=pm[:, None] & (c < C)[None, :],
                    other=0.0)
 
@@ -127,7 +112,7 @@ def _terms_kernel(s_ptr, gt_ptr, nl_ptr, loss_ptr, sig_ptr, C, P, per_prog,
         pm = p < P
         gt = tl.load(gt_ptr + p, mask=pm, other=-1)
         pos = (gt[:, None] == c[None, :]) & has[None, :]
-        x = tl.where(pos, nl[None, :] - _s_tile(s_ptr, p.to(tl.int64), pm, c, C).to(ACC), 0.0)
+        x = tl.where(pos, nl[None, :] - _spixel_tile(s_ptr, p.to(tl.int64), pm, c, C).to(ACC), 0.0)
         acc_l += tl.sum(tl.where(pos, tl.maximum(x, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(x))),
                                  0.0), axis=0)
         acc_s += tl.sum(tl.where(pos, 1.0 / (1.0 + tl.exp(-x)), 0.0), axis=0)
@@ -144,7 +129,7 @@ def _dlogits(s_ptr, gt_ptr, neg_ptr, nl_ptr, gc_ptr, coef_ptr, p, pm, c, C, ACC:
     has = (nl > float("-inf"))[None, :]
     gc = tl.load(gc_ptr + c, mask=cmask, other=0.0).to(ACC)          # upstream grad per class
     coef = tl.load(coef_ptr + c, mask=cmask, other=0.0).to(ACC)      # g_c * sum sigmoid
-    s = _s_tile(s_ptr, p, pm, c, C).to(ACC)
+    s = _spixel_tile(s_ptr, p, pm, c, C).to(ACC)
     pos, neg = _masks(gt_ptr, neg_ptr, p, pm, c, C, ONLY_OWN)
     nl_safe = tl.where(has, nl[None, :], 0.0)
     x = tl.where(pos & has, nl_safe - s, 0.0)
@@ -165,10 +150,10 @@ def _da_kernel(x_ptr, inv_ptr, s_ptr, gt_ptr, neg_ptr, nl_ptr, gc_ptr, coef_ptr,
     da = tl.zeros([BLOCK_C, BLOCK_D], dtype=ACC)
     t0 = g * tiles_per_prog
     for t in range(t0, tl.minimum(t0 + tiles_per_prog, T)):
-        b, hw, pm, p = _tile(t, TPI, HW, BLOCK_P)
+        b, hw, pm, p = pixel_tile(t, TPI, HW, BLOCK_P)
         ds, _ = _dlogits(s_ptr, gt_ptr, neg_ptr, nl_ptr, gc_ptr, coef_ptr, p, pm, c, C, ACC,
                          ONLY_OWN)
-        z = _x_chunk(x_ptr, b, hw, pm, d, D, s_b, s_s, s_d).to(ACC) \
+        z = pixel_chunk(x_ptr, b, hw, pm, d, D, s_b, s_s, s_d).to(ACC) \
             * tl.load(inv_ptr + p, mask=pm, other=0.0).to(ACC)[:, None]
         da += tl.dot(tl.trans(ds), z, input_precision=PREC)
     tl.store(da_ptr + (g * C + c[:, None]).to(tl.int64) * D + d[None, :], da * inv_t,
@@ -182,7 +167,7 @@ def _dx_kernel(x_ptr, inv_ptr, a_ptr, s_ptr, gt_ptr, neg_ptr, nl_ptr, gc_ptr, co
                BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
     """Program t writes the gradient of tile t's pixels into dx (strides o_*): for each D chunk
     dz = sum over class blocks of g @ a / t, then dx = inv (dz - z r), r = sum_c g S."""
-    b, hw, pm, p = _tile(tl.program_id(0), TPI, HW, BLOCK_P)
+    b, hw, pm, p = pixel_tile(tl.program_id(0), TPI, HW, BLOCK_P)
     inv = tl.load(inv_ptr + p, mask=pm, other=0.0).to(ACC)
     if NORMALIZE:
         r = tl.zeros([BLOCK_P], dtype=ACC)
@@ -204,7 +189,7 @@ def _dx_kernel(x_ptr, inv_ptr, a_ptr, s_ptr, gt_ptr, neg_ptr, nl_ptr, gc_ptr, co
             dz += tl.dot(ds, a, input_precision=PREC)
         dx = dz * inv_t
         if NORMALIZE:
-            x = _x_chunk(x_ptr, b, hw, pm, d, D, s_b, s_s, s_d).to(ACC)
+            x = pixel_chunk(x_ptr, b, hw, pm, d, D, s_b, s_s, s_d).to(ACC)
             dx = (dx - x * (r * inv)[:, None]) * inv[:, None]
         tl.store(dx_ptr + b.to(tl.int64) * o_b + hw[:, None].to(tl.int64) * o_s
                  + d[None, :].to(tl.int64) * o_d, dx, mask=pm[:, None] & (d < D)[None, :])
@@ -217,7 +202,7 @@ def _unit_sums_bwd_kernel(x_ptr, inv_ptr, gt_ptr, g_ptr, dx_ptr, C, D, HW, s_b, 
     """Gradient of the class sums S_c = sum_{gt_p = c} z_p (z = x inv) for tile t's pixels,
     given G = dL/dS (C, D): dx = inv (G_gt - z (z . G_gt)) (G_gt for raw rows), 0 where the
     pixel is ignored; written into dx (strides o_*)."""
-    b, hw, pm, p = _tile(tl.program_id(0), TPI, HW, BLOCK_P)
+    b, hw, pm, p = pixel_tile(tl.program_id(0), TPI, HW, BLOCK_P)
     gt = tl.load(gt_ptr + p, mask=pm, other=-1)
     ok = pm & (gt >= 0) & (gt < C)
     row = tl.maximum(gt, 0).to(tl.int64) * D
@@ -228,14 +213,14 @@ def _unit_sums_bwd_kernel(x_ptr, inv_ptr, gt_ptr, g_ptr, dx_ptr, C, D, HW, s_b, 
             d = d0 + tl.arange(0, BLOCK_D)
             gv = tl.load(g_ptr + row[:, None] + d[None, :], mask=ok[:, None] & (d < D)[None, :],
                          other=0.0).to(ACC)
-            gx += tl.sum(gv * _x_chunk(x_ptr, b, hw, pm, d, D, s_b, s_s, s_d).to(ACC), axis=1)
+            gx += tl.sum(gv * pixel_chunk(x_ptr, b, hw, pm, d, D, s_b, s_s, s_d).to(ACC), axis=1)
         rr = tl.where(inv * eps < 1.0, gx * inv * inv, 0.0)      # (z . G) / |x|, above eps
     for d0 in range(0, D, BLOCK_D):
         d = d0 + tl.arange(0, BLOCK_D)
         dx = tl.load(g_ptr + row[:, None] + d[None, :], mask=ok[:, None] & (d < D)[None, :],
                      other=0.0).to(ACC)
         if NORMALIZE:
-            dx = (dx - _x_chunk(x_ptr, b, hw, pm, d, D, s_b, s_s, s_d).to(ACC) * rr[:, None]) \
+            dx = (dx - pixel_chunk(x_ptr, b, hw, pm, d, D, s_b, s_s, s_d).to(ACC) * rr[:, None]) \
                 * inv[:, None]
         tl.store(dx_ptr + b.to(tl.int64) * o_b + hw[:, None].to(tl.int64) * o_s
                  + d[None, :].to(tl.int64) * o_d, dx, mask=pm[:, None] & (d < D)[None, :])
@@ -256,11 +241,7 @@ def _setup(x, C, block_p=64):
     BLOCK_C = min(next_pow2(C), 16 if wide else 32) if gpu else next_pow2(C)
     BLOCK_D = min(next_pow2(D), 32) if gpu else min(next_pow2(D), 128)
     BLOCK_P = block_p
-    TPI = triton.cdiv(max(HW, 1), BLOCK_P)
-    T = TPI * triton.cdiv(max(P, 1), max(HW, 1))
-    G = max(1, min(T, 264 if gpu else 4))
-    tiles_per_prog = triton.cdiv(T, G)
-    G = triton.cdiv(T, tiles_per_prog)
+    T, TPI, G, tiles_per_prog = pixel_tiles(P, HW, BLOCK_P, 264 if gpu else 4)
     meta = dict(ACC=acc_dtype(x.dtype), BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C, BLOCK_D=BLOCK_D)
     # 8 warps, no software pipelining, 32-wide D chunks: with 4 warps, pipelined loads or 64-wide
     # chunks the 3xTF32 dots (each operand split in two) spill on sm_80 (RESOURCES.md)

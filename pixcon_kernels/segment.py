@@ -8,7 +8,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import acc_dtype, gpu_config, next_pow2, pool_layout, torch_acc_dtype
+from ._utils import (acc_dtype, gpu_config, next_pow2, pixel_chunk, pixel_tile, pixel_tiles,
+                     pool_layout, torch_acc_dtype)
 
 
 @triton.jit
@@ -30,17 +31,13 @@ def _class_sums_kernel(x_ptr, lab_ptr, part_ptr, cnt_ptr, rows_ptr, scale_ptr, D
     cnt = tl.zeros([BLOCK_C], dtype=tl.int32)
     t_start = g * tiles_per_prog
     for t in range(t_start, tl.minimum(t_start + tiles_per_prog, T)):
-        b = t // TPI
-        hw = (t % TPI) * BLOCK_P + tl.arange(0, BLOCK_P)
-        p_ok = hw < HW
-        p = b.to(tl.int64) * HW + hw
+        b, hw, p_ok, p = pixel_tile(t, TPI, HW, BLOCK_P)
         lab = tl.load(lab_ptr + p, mask=p_ok, other=-1)
-        m2 = p_ok[:, None] & d_ok[None, :]
-        xv = tl.load(x_ptr + b.to(tl.int64) * s_b + hw[:, None].to(tl.int64) * s_s
-                     + d[None, :].to(tl.int64) * s_d, mask=m2, other=0.0)
+        xv = pixel_chunk(x_ptr, b, hw, p_ok, d, D, s_b, s_s, s_d)
         if WRITE_ROWS:
             if tl.program_id(1) == 0:
-                tl.store(rows_ptr + p[:, None] * D + d[None, :], xv, mask=m2)
+                tl.store(rows_ptr + p[:, None] * D + d[None, :], xv,
+                         mask=p_ok[:, None] & d_ok[None, :])
         x = xv.to(ACC)
         if SCALE:
             x = x * tl.load(scale_ptr + p, mask=p_ok, other=0.0).to(ACC)[:, None]
@@ -79,13 +76,9 @@ def class_sums(x: torch.Tensor, lab: torch.Tensor, num_classes: int, rows: bool 
     BLOCK_P = 32 if gpu else 64
     # maxnreg: left free, ptxas settles on 128 registers for sm_90 and spills 12 bytes
     opts = dict(maxnreg=255) if gpu else {}
-    TPI = triton.cdiv(max(HW, 1), BLOCK_P)                 # tiles per image
-    T = TPI * triton.cdiv(max(P, 1), max(HW, 1))
-    max_progs = 512 if gpu else 4
-    # partials: G x C x D floats; keep them under ~32 MiB
-    G = max(1, min(T, max_progs, (8 << 20) // max(C * D, 1)))
-    tiles_per_prog = triton.cdiv(T, G)
-    G = triton.cdiv(T, tiles_per_prog)
+    # at most 512 programs; partials G x C x D floats kept under ~32 MiB
+    T, TPI, G, tiles_per_prog = pixel_tiles(P, HW, BLOCK_P, min(512 if gpu else 4,
+                                                              (8 << 20) // max(C * D, 1)))
     out_dt = torch_acc_dtype(x.dtype)
     part = torch.empty(G, C, D, dtype=out_dt, device=x.device)
     cnt = torch.empty(G, C, dtype=torch.int32, device=x.device)
