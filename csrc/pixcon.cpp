@@ -16,6 +16,7 @@ extern "C" PyObject* PyInit__C(void) {
 namespace pixcon {
 void set_num_threads(int64_t n) { thread_cap().store(std::max<int64_t>(n, 0)); }
 int64_t get_num_threads() { return thread_cap().load(); }
+int64_t tiled_threads(int64_t work, int64_t items);   // cpu/tiled.cpp
 bool with_cuda() {
 #ifdef WITH_CUDA
   return true;
@@ -38,6 +39,11 @@ TORCH_LIBRARY_FRAGMENT(pixcon, m) {
   // The most threads the compiled CPU kernels use (0: torch's intra-op setting).
   m.def("set_num_threads(int n) -> ()", &pixcon::set_num_threads);
   m.def("get_num_threads() -> int", &pixcon::get_num_threads);
+  // How many threads a pass of the tiled contrast's CPU kernel uses for `work` multiply-adds in
+  // `items` work items (its one rule: one thread below 2^27; pixcon.ops.tiled documents it).
+  // The op pixcon::tiled_contrast itself is defined in pixcon/ops/_library.py (a schema, this
+  // CPU kernel, the Triton CUDA kernel, one fake, one autograd).
+  m.def("tiled_threads(int work, int items) -> int", &pixcon::tiled_threads);
   // The compiled CPU kernels of the fused primitives (backend "native"; pixcon.ops.primitives
   // documents each; the same samples as the reference and Triton for the same seed).
   m.def("class_sums_native(Tensor x, Tensor labels, int num_classes) -> (Tensor, Tensor)");

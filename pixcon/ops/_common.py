@@ -35,13 +35,12 @@ def native_available() -> bool:
 
 
 def resolve_backend(backend: str | None, device: torch.device, op: str,
-                    implemented=("reference", "triton"), needs_extension: bool = True) -> str:
+                    implemented=("reference", "triton")) -> str:
     """'auto' (or None) means $PIXCON_BACKEND if set, else the fused Triton kernels for CUDA
-    tensors, the CPU kernels ("native") for CPU tensors where the op has them (compiled in
-    pixcon._C, which must be built, unless ``needs_extension`` is False: the tiled contrast's CPU
-    path is BLAS tiles driven from Python), and the reference otherwise. A forced backend that
-    cannot run raises; it never falls back."""
-    native_ok = native_available() if needs_extension else True
+    tensors, the CPU kernels ("native", compiled in pixcon._C, which must be built) for CPU
+    tensors where the op has them, and the reference otherwise. A forced backend that cannot run
+    raises; it never falls back."""
+    native_ok = native_available()
     if backend is None or backend == "auto":
         env = os.environ.get("PIXCON_BACKEND", "auto")
         if env not in BACKENDS:
@@ -69,7 +68,7 @@ def resolve_backend(backend: str | None, device: torch.device, op: str,
         ok, why = triton_usable(device)
         if not ok:
             raise RuntimeError(f"{op}: backend 'triton' cannot run: {why}")
-    if backend == "native" and device.type != "cpu" and not needs_extension:
+    if backend == "native" and device.type != "cpu":
         raise RuntimeError(f"{op}: backend 'native' runs on CPU tensors; got {device.type} "
                            "tensors (use 'triton' or 'auto')")
     if backend == "native" and not native_ok:

@@ -4,6 +4,10 @@ Each op launches Triton kernels from pixcon_kernels (imported lazily: TRITON_INT
 set before triton is imported, and pixcon must import without triton)."""
 from __future__ import annotations
 
+import contextlib
+import warnings
+from typing import Optional
+
 import torch
 from torch import Tensor
 
@@ -383,57 +387,88 @@ torch.library.register_autograd("pixcon::anchor_contrast", _anchor_backward,
                                 setup_context=_anchor_setup)
 
 
-# --- tiled supervised contrast (ContrastiveSeg, dense, CAC) -----------------------------------
-@torch.library.custom_op("pixcon::tiled_contrast", mutates_args=())
-def tiled_contrast_op(a: Tensor, ya: Tensor, k: Tensor, yk: Tensor, temperature: float,
-                      in_batch: bool, positives: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(terms, npos, nl, w); in_batch: k is a (same rows), r is not its own positive;
-    positives=False: only nl (the negatives' log-sum-exp, differentiable)."""
+# --- pixcon::tiled_contrast: the tiled supervised contrast (ContrastiveSeg, dense, CAC) -----
+# One op, a kernel per device, the way torchvision registers roi_align: the schema here, the CPU
+# kernel in C++ (csrc/cpu/tiled.cpp, TORCH_LIBRARY_IMPL(pixcon, CPU)), the CUDA kernel the
+# Triton launcher below, one fake kernel, one autograd registration. Rows come in any order;
+# each kernel sorts them by label itself. Under the Triton interpreter the CUDA kernel also
+# serves CPU tensors inside ``triton_on_cpu()`` (the tests' one scoped switch).
+@torch.library.custom_op("pixcon::tiled_contrast", mutates_args=(), device_types="cuda")
+def tiled_contrast_op(a: Tensor, ya: Tensor, k: Optional[Tensor], yk: Optional[Tensor],
+                      temperature: float, positives: bool, block: list[int]
+                      ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(terms, npos int64, nl, w), per anchor in the callers' order; k, yk None: in-batch (keys
+    = anchors, r not its own positive); positives=False: only nl (terms, npos, w zero). block:
+    [BLOCK_M, BLOCK_N] tile sizes of the CPU kernel ([] = its own choice; Triton ignores it)."""
     from pixcon_kernels.tiled import tiled_forward
-    return tiled_forward(a, ya, k, yk, temperature, in_batch, positives)
+    in_batch = k is None
+    pa = torch.sort(ya, stable=True).indices
+    a_s, ya_s = a[pa], ya[pa]
+    if in_batch:
+        k_s, yk_s = a_s, ya_s
+    else:
+        pk = torch.sort(yk, stable=True).indices
+        k_s, yk_s = k[pk], yk[pk]
+    terms, npos, nl, w = tiled_forward(a_s, ya_s, k_s, yk_s, temperature, in_batch, positives)
+    return (_unsort(terms, pa), _unsort(npos.to(torch.int64), pa), _unsort(nl, pa),
+            _unsort(w, pa))
+
+
+@torch.library.custom_op("pixcon::tiled_contrast_backward", mutates_args=(), device_types="cuda")
+def tiled_contrast_backward(grad: Tensor, grad_nl: Tensor, a: Tensor, ya: Tensor,
+                            k: Optional[Tensor], yk: Optional[Tensor], nl: Tensor, w: Tensor,
+                            npos: Tensor, temperature: float, key_grad: bool, block: list[int]
+                            ) -> tuple[Tensor, Tensor]:
+    """(da, dk) of sum(grad * terms + grad_nl * nl); dk is empty unless key_grad (in-batch: da
+    holds both sides)."""
+    from pixcon_kernels.tiled import tiled_backward
+    in_batch = k is None
+    pa = torch.sort(ya, stable=True).indices
+    a_s, ya_s = a[pa], ya[pa]
+    if in_batch:
+        k_s, yk_s, pk = a_s, ya_s, pa
+    else:
+        pk = torch.sort(yk, stable=True).indices
+        k_s, yk_s = k[pk], yk[pk]
+    da, dk = tiled_backward(grad[pa], a_s, ya_s, k_s, yk_s, nl[pa], w[pa], npos[pa].to(torch.int32),
+                            temperature, in_batch, key_grad and not in_batch, grad_nl[pa])
+    dk = a.new_empty(0) if dk is None else _unsort(dk, pk).to(k.dtype)
+    return _unsort(da, pa).to(a.dtype), dk
+
+
+def _unsort(x, perm):
+    out = torch.empty_like(x)
+    out[perm] = x
+    return out
 
 
 @tiled_contrast_op.register_fake
-def _(a, ya, k, yk, temperature, in_batch, positives):
+def _(a, ya, k, yk, temperature, positives, block):
     M, dt = a.shape[0], _acc(a.dtype)
-    return (a.new_empty(M, dtype=dt), a.new_empty(M, dtype=torch.int32),
+    return (a.new_empty(M, dtype=dt), a.new_empty(M, dtype=torch.int64),
             a.new_empty(M, dtype=dt), a.new_empty(M, dtype=dt))
 
 
-@torch.library.custom_op("pixcon::tiled_contrast_backward", mutates_args=())
-def tiled_contrast_backward(grad: Tensor, grad_nl: Tensor, a: Tensor, ya: Tensor, k: Tensor,
-                            yk: Tensor, nl: Tensor, w: Tensor, npos: Tensor, temperature: float,
-                            in_batch: bool, key_grad: bool) -> tuple[Tensor, Tensor]:
-    """(da, dk): dk is empty unless key_grad (in-batch, da holds both sides)."""
-    from pixcon_kernels.tiled import tiled_backward
-    da, dk = tiled_backward(grad, a, ya, k, yk, nl, w, npos, temperature, in_batch, key_grad,
-                            grad_nl)
-    dk = k.new_empty(0) if dk is None else dk.to(k.dtype)
-    return da.to(a.dtype), dk
-
-
 @tiled_contrast_backward.register_fake
-def _(grad, grad_nl, a, ya, k, yk, nl, w, npos, temperature, in_batch, key_grad):
-    return torch.empty_like(a), (torch.empty_like(k) if key_grad and not in_batch
-                                 else k.new_empty(0))
+def _(grad, grad_nl, a, ya, k, yk, nl, w, npos, temperature, key_grad, block):
+    return torch.empty_like(a), (torch.empty_like(k) if key_grad and k is not None
+                                 else a.new_empty(0))
 
 
 def _tiled_setup(ctx, inputs, output):
-    a, ya, k, yk, temperature, in_batch, positives = inputs
+    a, ya, k, yk, temperature, positives, block = inputs
     _, npos, nl, w = output
     ctx.save_for_backward(a, ya, k, yk, nl, w, npos)
-    ctx.temperature, ctx.in_batch = temperature, in_batch
+    ctx.temperature, ctx.block = temperature, block
 
 
 def _tiled_backward(ctx, g_terms, g_npos, g_nl, g_w):
     a, ya, k, yk, nl, w, npos = ctx.saved_tensors
-    if g_terms is None:
-        g_terms = torch.zeros_like(nl)
-    if g_nl is None:
-        g_nl = torch.zeros_like(nl)
-    key_grad = ctx.needs_input_grad[2] and not ctx.in_batch
+    g_terms = torch.zeros_like(nl) if g_terms is None else g_terms
+    g_nl = torch.zeros_like(nl) if g_nl is None else g_nl
+    key_grad = k is not None and ctx.needs_input_grad[2]
     da, dk = tiled_contrast_backward(g_terms, g_nl, a, ya, k, yk, nl, w, npos, ctx.temperature,
-                                     ctx.in_batch, key_grad)
+                                     key_grad, ctx.block)
     return da, None, (dk if key_grad else None), None, None, None, None
 
 
@@ -441,21 +476,16 @@ torch.library.register_autograd("pixcon::tiled_contrast", _tiled_backward,
                                 setup_context=_tiled_setup)
 
 
-def tiled_contrast(a, ya, k, yk, temperature, positives=True):
-    """Sort anchors and keys by label (tiles without a negative or a positive are then skipped
-    from their labels), run the kernels, return (terms, npos int64, nl) in the callers' row
-    order (nl differentiable)."""
-    in_batch = k is None
-    pa = torch.sort(ya, stable=True).indices
-    a_s, ya_s = a[pa], ya[pa]
-    if in_batch:
-        out = tiled_contrast_op(a_s, ya_s, a_s, ya_s, temperature, True, positives)
-    else:
-        pk = torch.sort(yk, stable=True).indices
-        out = tiled_contrast_op(a_s, ya_s, k[pk], yk[pk], temperature, False, positives)
-    inv = torch.empty_like(pa)
-    inv[pa] = torch.arange(len(pa), device=pa.device)
-    return out[0][inv], out[1].to(torch.int64)[inv], out[2][inv]
+@contextlib.contextmanager
+def triton_on_cpu():
+    """Within this block the tiled contrast's CPU tensors run its Triton kernels (under
+    TRITON_INTERPRET=1): the Triton functions registered for the CPU key over the C++ kernel,
+    which is back when the block ends. For the tests' "triton" backend on a CPU machine."""
+    with torch.library._scoped_library("pixcon", "IMPL") as lib, warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*[Oo]verrid.*")
+        lib.impl("tiled_contrast", tiled_contrast_op._init_fn, "CPU")
+        lib.impl("tiled_contrast_backward", tiled_contrast_backward._init_fn, "CPU")
+        yield
 
 
 # --- the compiled CPU kernels (backend "native", csrc/cpu): fake kernels and autograd ---------

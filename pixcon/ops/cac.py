@@ -100,7 +100,7 @@ def directional_contrast_loss(feat1, feat2, logits1, logits2, negatives, negativ
             raise TypeError(f"{op}: {name} must be True or False, got {v!r}")
     if alignment not in ref.ALIGNMENTS:
         raise ValueError(f"{op}: alignment must be one of {ref.ALIGNMENTS}, got {alignment!r}")
-    be = chk.resolve_backend(backend, dev, op, BACKENDS, needs_extension=False)
+    be = chk.resolve_backend(backend, dev, op, BACKENDS)
     switches = dict(directional=directional, positive_filtering=positive_filtering)
     kw = dict(pos_threshold=pos_threshold, temperature=temperature, reduction=reduction,
               negative_sampling=negative_sampling, alignment=alignment, **switches)

@@ -27,15 +27,7 @@ LABEL_LIMIT = 2**31        # class values above this are not classes (they would
 
 
 def _backend(backend, device, op):
-    return chk.resolve_backend(backend, device, op, BACKENDS, needs_extension=False)
-
-
-def _rng_backend(be):
-    """Backend of the Philox draws: the in-kernel generator on GPU, the compiled one on CPU when
-    pixcon._C is built, else torch integer ops (all bit-identical)."""
-    if be == "triton":
-        return "triton"
-    return "native" if be == "native" and chk.native_available() else "reference"
+    return chk.resolve_backend(backend, device, op, BACKENDS)
 
 
 def _predictions(op, predict, B, h, w):
@@ -68,7 +60,7 @@ def sample_anchors(gt, pred, *, max_samples: int, max_views: int, seed: int, bac
     g, p = gt.reshape(-1).to(torch.int64), pred.reshape(-1).to(torch.int64)
     P, dev = g.numel(), g.device
     pix = torch.arange(P, device=dev)
-    key = prim.philox(pix, seed, STREAM_ANCHOR, backend=_rng_backend(backend))[:, 0]
+    key = prim.philox(pix, seed, STREAM_ANCHOR, backend=backend)[:, 0]
     valid = (g >= 0) & (g < LABEL_LIMIT)
     easy = (p == g).to(torch.int64)
     # sort by (image, class, hard before easy, key): stable sorts by key, then by group

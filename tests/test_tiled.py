@@ -1,0 +1,154 @@
+"""The op pixcon::tiled_contrast (ContrastiveSeg, dense, CAC) on its CPU kernel
+(csrc/cpu/tiled.cpp): opcheck, parity with the reference at tile boundaries and in degenerate
+batches, the one rule by which it picks its thread count (tested at its boundary), and the same
+bits on any number of threads.
+
+Tolerances: float64 1e-12 (the same formula summed in another order: tile merges of an online
+log-sum-exp); float32 1e-5 relative (the vectorised exp is within 2 ulp of expf, one LSE merge
+per 4096-key chunk)."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import pixcon
+from pixcon.ops import _library, supervised_contrast
+from pixcon.ops.tiled import PARALLEL_WORK
+from pixcon.reference import contrastiveseg as ref
+
+from .conftest import assert_close
+
+pytestmark = pytest.mark.skipif(not pixcon.HAS_C, reason="needs the compiled extension")
+
+
+def rows(M, D, C, seed, dtype=torch.float64, absent=True):
+    g = torch.Generator().manual_seed(seed)
+    a = F.normalize(torch.randn(M, D, generator=g, dtype=torch.float64), dim=1).to(dtype)
+    y = torch.randint(-1 if absent else 0, C, (M,), generator=g)
+    return a, y
+
+
+def test_opcheck_cpu_kernel():
+    a, y = rows(30, 8, 3, 0, torch.float32)
+    k, yk = rows(41, 8, 4, 1, torch.float32, absent=False)
+    for args in ((a.clone().requires_grad_(), y, k, yk, 0.1, True, []),
+                 (a.clone().requires_grad_(), y, None, None, 0.2, True, [7, 5]),
+                 (a, y, k.clone().requires_grad_(), yk, 0.1, False, [])):
+        torch.library.opcheck(_library.tiled_contrast_op, args)
+
+
+@pytest.mark.parametrize("seed", [3, 4])
+@pytest.mark.parametrize("block", [None, (5, 3), (16, 37), (512, 2048)])
+def test_matches_reference_at_tile_boundaries(seed, block):
+    """Odd sizes, absent rows (-1), unsorted labels, keys with gradient, grad of NL too."""
+    a, y = rows(53, 6, 4, seed)
+    k, yk = rows(67, 6, 5, seed + 10)
+    for keys, key_labels in ((None, None), (k, yk)):
+        ins = [a.clone().requires_grad_()] + ([] if keys is None else [keys.clone().requires_grad_()])
+        kk = None if keys is None else ins[1]
+        out = supervised_contrast(ins[0], y, kk, key_labels, temperature=0.3, backend="native",
+                                  block=block, with_lse=True)
+        want = supervised_contrast(ins[0], y, kk, key_labels, temperature=0.3,
+                                   backend="reference", with_lse=True)
+        assert torch.equal(out[1], want[1])
+        assert_close(out[0], want[0], rtol=1e-12, atol=1e-12, what=f"terms {block}")
+        fin = torch.isfinite(want[2])                    # -inf: absent rows, no negative
+        assert torch.equal(torch.isfinite(out[2]), fin)
+        assert_close(out[2][fin], want[2][fin], rtol=1e-12, atol=1e-12, what=f"NL {block}")
+        gt, gnl = torch.randn(53, dtype=torch.float64), torch.randn(53, dtype=torch.float64)
+
+        def obj(o):
+            nl = torch.where(torch.isfinite(o[2]), o[2], 0.0)
+            return (gt * o[0]).sum() + (gnl * nl).sum()
+        g1 = torch.autograd.grad(obj(out), ins)
+        g0 = torch.autograd.grad(obj(want), ins)
+        for x, w in zip(g1, g0):
+            assert_close(x, w, rtol=1e-10, atol=1e-12, what=f"grad {block}")
+
+
+@pytest.mark.parametrize("case", ["all_absent", "one_class", "no_positive"])
+def test_degenerate_batches(case):
+    a, y = rows(20, 5, 3, 7)
+    if case == "all_absent":
+        y = torch.full_like(y, -1)
+    elif case == "one_class":
+        y = torch.zeros_like(y)                 # positives only: NL = -inf, terms 0
+    else:
+        y = torch.arange(20)                    # every label once: no positive in-batch
+    x = a.clone().requires_grad_()
+    t1, n1 = supervised_contrast(x, y, temperature=0.1, backend="native")
+    t0, n0 = supervised_contrast(a, y, temperature=0.1, backend="reference")
+    assert torch.equal(n1, n0)
+    assert_close(t1, t0, rtol=1e-12, atol=1e-12, what=case)
+    g, = torch.autograd.grad(t1.sum(), x)        # connected, finite, zero
+    assert torch.isfinite(g).all() and not g.abs().sum()
+
+
+def test_float32_against_float64():
+    a, y = rows(300, 32, 6, 11)
+    k, yk = rows(700, 32, 6, 12, absent=False)
+    t64, _ = supervised_contrast(a, y, k, yk, temperature=0.07, backend="native")
+    t32, _ = supervised_contrast(a.float(), y, k.float(), yk, temperature=0.07, backend="native")
+    assert t32.dtype == torch.float32
+    assert_close(t32.double(), t64, rtol=1e-5, atol=1e-6, what="fp32 terms")
+
+
+def test_thread_rule_at_its_boundary():
+    """One thread below PARALLEL_WORK multiply-adds, then min(threads, items, pixcon's cap)."""
+    rule = torch.ops.pixcon.tiled_threads
+    old, cap = torch.get_num_threads(), pixcon.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        pixcon.set_num_threads(None)
+        assert rule(PARALLEL_WORK - 1, 100) == 1
+        assert rule(PARALLEL_WORK, 100) == 2
+        assert rule(PARALLEL_WORK, 1) == 1               # one item: one thread
+        pixcon.set_num_threads(1)
+        assert rule(PARALLEL_WORK, 100) == 1
+        torch.set_num_threads(1)
+        pixcon.set_num_threads(None)
+        assert rule(10 * PARALLEL_WORK, 100) == 1
+    finally:
+        torch.set_num_threads(old)
+        pixcon.set_num_threads(cap)
+
+
+@pytest.mark.parametrize("keys", [False, True])
+def test_same_bits_on_one_and_two_threads(keys):
+    """Above the rule's boundary the passes run on two threads with items claimed in any order;
+    partial results merge in a fixed order, so loss and gradients are bitwise those of one
+    thread."""
+    M, D = 2100, 32
+    a, y = rows(M, D, 5, 21, torch.float32)
+    k, yk = rows(2300, D, 5, 22, torch.float32, absent=False)
+    assert M * (2300 if keys else M) * D >= PARALLEL_WORK
+    old = torch.get_num_threads()
+    outs = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            ins = [a.clone().requires_grad_()] + ([k.clone().requires_grad_()] if keys else [])
+            t, _, nl = supervised_contrast(ins[0], y, ins[1] if keys else None,
+                                           yk if keys else None, temperature=0.1,
+                                           backend="native", with_lse=True)
+            grads = torch.autograd.grad(t.sum(), ins)
+            outs.append((t, nl, grads))
+    finally:
+        torch.set_num_threads(old)
+    (t1, nl1, g1), (t2, nl2, g2) = outs
+    assert torch.equal(t1, t2) and torch.equal(nl1, nl2)
+    assert all(torch.equal(x, z) for x, z in zip(g1, g2))
+
+
+def test_sorted_rows_are_not_copied_and_match_unsorted():
+    """A bank sorted by label (and the dense mode's sorted pixels) takes the no-copy path; the
+    result equals that of the same rows shuffled."""
+    a, y = rows(80, 8, 4, 31)
+    k, yk = rows(120, 8, 4, 32, absent=False)
+    order = torch.argsort(yk, stable=True)
+    ks, yks = k[order], yk[order]
+    t1, _ = supervised_contrast(a, y, ks, yks, temperature=0.2, backend="native")
+    perm = torch.randperm(120, generator=torch.Generator().manual_seed(0))
+    t2, _ = supervised_contrast(a, y, ks[perm], yks[perm], temperature=0.2, backend="native")
+    assert_close(t1, t2, rtol=1e-12, atol=1e-13, what="sorted vs shuffled keys")
+    t0, _ = ref.contrast_terms(a, y, ks, yks, temperature=0.2)
+    assert_close(t1, t0, rtol=1e-12, atol=1e-12, what="vs reference")
