@@ -270,3 +270,36 @@ def test_contrastiveseg_bench_skips_the_reference_above_its_limit(monkeypatch):
     monkeypatch.setattr(mod, "DENSE_LIMIT", 0)
     rows = mod.run("tiny", providers=("reference", "native"), reps=1, verbose=False)
     assert {r["provider"] for r in rows} == {"native"}
+
+
+def test_grid_ci_runs_every_case_in_every_condition(tmp_path):
+    """benchmarks/grid.py --grid ci: every case in each condition asked for, the loaded one with
+    its busy process started and stopped; the report counts the cells and draws one PNG per op
+    (no timing is asserted)."""
+    mod = bench_module("grid")
+    assert mod.main(["--grid", "ci", "--conditions", "1-idle", "2-loaded", "--reps", "1",
+                     "--quiet", "--out", str(tmp_path)]) == 0
+    rows = json.loads(next(tmp_path.glob("*-grid-ci.json")).read_text())
+    cells = {(r["op"], r["case"], r["condition"]) for r in rows}
+    ops = {"pixel_contrast_loss", "directional_contrast_loss", "dense_contrast_loss"}
+    assert {c[0] for c in cells} == ops
+    assert {c[2] for c in cells} == {"1-idle", "2-loaded"}
+    assert len(cells) == 2 * len(mod.cases("ci"))
+    assert all(r["ms"] > 0 for r in rows)
+    assert {r["provider"] for r in rows if r["op"] == "dense_contrast_loss"} == {"reference",
+                                                                               "native"}
+    md = next(tmp_path.glob("*-grid-ci.md")).read_text()
+    assert f"of {len(mod.ratios(rows))} cells won" in md
+    assert len(list(tmp_path.glob("*-grid-ci-*.png"))) == (3 if _has_matplotlib() else 0)
+
+
+def test_grid_busy_core_lives_only_inside_its_block():
+    mod = bench_module("grid")
+    with mod.BusyCore(seconds=30) as busy:
+        assert busy.proc.poll() is None                      # running
+    assert busy.proc.poll() is not None                      # stopped at the block's end
+
+
+def _has_matplotlib():
+    import importlib.util
+    return importlib.util.find_spec("matplotlib") is not None
