@@ -152,3 +152,26 @@ def test_sorted_rows_are_not_copied_and_match_unsorted():
     assert_close(t1, t2, rtol=1e-12, atol=1e-13, what="sorted vs shuffled keys")
     t0, _ = ref.contrast_terms(a, y, ks, yks, temperature=0.2)
     assert_close(t1, t0, rtol=1e-12, atol=1e-12, what="vs reference")
+
+
+@pytest.mark.parametrize("block", [(16, 512), (8, 1000)])
+def test_keys_over_several_chunks(block):
+    """Items of one anchor tile x 4096 (4000) keys: with 9000 keys of 3 classes every class's
+    positives and negatives span several chunks, whose partial log-sum-exps and positive sums
+    are merged."""
+    a, y = rows(37, 4, 3, 41)
+    k, yk = rows(9000, 4, 3, 42, absent=False)
+    kk = k.clone().requires_grad_()
+    t1, n1, nl1 = supervised_contrast(a, y, kk, yk, temperature=0.5, backend="native",
+                                      block=block, with_lse=True)
+    t0, n0, nl0 = supervised_contrast(a, y, k, yk, temperature=0.5, backend="reference",
+                                      with_lse=True)
+    assert torch.equal(n1, n0)
+    assert_close(t1, t0, rtol=1e-12, atol=1e-12, what="terms over chunks")
+    fin = torch.isfinite(nl0)
+    assert_close(nl1[fin], nl0[fin], rtol=1e-12, atol=1e-12, what="NL over chunks")
+    g1, = torch.autograd.grad(t1.sum(), kk)
+    kr = k.clone().requires_grad_()
+    g0, = torch.autograd.grad(supervised_contrast(a, y, kr, yk, temperature=0.5,
+                                                  backend="reference")[0].sum(), kr)
+    assert_close(g1, g0, rtol=1e-10, atol=1e-12, what="key grad over chunks")
