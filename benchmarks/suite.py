@@ -4,11 +4,14 @@
     python -m benchmarks --mode ci          # seconds: every module at its tiny size (CI runs it)
     python -m benchmarks --mode paper       # the papers' settings
     python -m benchmarks --only reco cac --official reco=~/src/reco
+    python -m benchmarks --mode cpu --grid none   # the suite without the settings grid
     pytest benchmarks/ --benchmark-enable   # the same cases through pytest-benchmark
 
 Writes under --out (benchmarks/results): <date>-<device>-suite-<mode>.json (every row, tagged
 with device, threads, torch, triton, commit and date), .md (each module's table) and one PNG per
 op and metric (time and peak extra memory against problem size, a line per provider).
+On a CPU the suite is followed by the settings grid (benchmarks/grid.py: every contrastive loss
+over a grid of settings at 1 and 2 threads, idle and loaded; "small" in --mode cpu).
 """
 from __future__ import annotations
 
@@ -224,6 +227,9 @@ def main(argv=None):
                          "thresholds), so the resident-set column is that provider's own peak; "
                          "its times are pessimistic, every allocation above 128 KiB being "
                          "mapped afresh (default: one process)")
+    ap.add_argument("--grid", choices=("none", "ci", "small", "full"), default=None,
+                    help="then the CPU settings grid (benchmarks/grid.py) at this size "
+                         "(default: small in --mode cpu, none otherwise)")
     ap.add_argument("--replot", default=None, metavar="JSON",
                     help="only redraw the plots of a suite JSON written before, next to it")
     a = ap.parse_args(argv)
@@ -243,4 +249,8 @@ def main(argv=None):
     paths = write(rows, a.out, mode)
     print(markdown(rows))
     print("wrote " + ", ".join(os.path.relpath(p) for p in paths))
+    grid = a.grid or ("small" if mode == "cpu" else "none")
+    if grid != "none":
+        import grid as grid_mod
+        grid_mod.main(["--grid", grid, "--out", a.out] + (["--quiet"] if a.quiet else []))
     return 0

@@ -303,3 +303,11 @@ def test_grid_busy_core_lives_only_inside_its_block():
 def _has_matplotlib():
     import importlib.util
     return importlib.util.find_spec("matplotlib") is not None
+
+
+def test_suite_runs_the_grid_after_it(tmp_path):
+    suite = bench_module("suite")
+    assert suite.main(["--mode", "ci", "--only", "edt", "--grid", "ci", "--quiet",
+                       "--out", str(tmp_path)]) == 0
+    assert len(list(tmp_path.glob("*-suite-ci.json"))) == 1
+    assert len(list(tmp_path.glob("*-grid-ci.json"))) == 1
