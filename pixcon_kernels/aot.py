@@ -266,6 +266,10 @@ def scenarios(quick: bool = False):
         ("CAC Cityscapes 8100 x 129600, D=128", lambda r: [
             _tiled(r, 8100, 129600, 128, 19, dt, f"CAC Cityscapes {n}", positives=False)
             for dt, n in ((torch.float32, "fp32"), (torch.bfloat16, "bf16"))]),
+        ("tiled D=512 (two D blocks in the gradient kernels)", lambda r: [
+            _tiled(r, 1024, N, 512, 19, dt, f"tiled D=512 {N or 'in-batch'} {n}")
+            for N in (None, 38000) for dt, n in ((torch.float32, "fp32"),
+                                                 (torch.bfloat16, "bf16"))]),
         ("tiled fp64 / odd D", lambda r: (
             _tiled(r, 256, None, 64, 19, torch.float64, "tiled fp64"),
             _tiled(r, 300, 700, 40, 19, torch.float32, "tiled D=40 bank"))),

@@ -167,15 +167,21 @@ def contextrast(B, D, layers, C, elt=F32) -> Op:
 def _tiled(name, setting, M, N, D, sweeps_fwd, grad_gemms, recomputes, elt=F32,
            glue=None, official=None) -> Op:
     """The tiled contrast (pixcon_kernels.tiled): key tiles streamed past anchor tiles that run
-    concurrently (the key tile in L2 serves them all: keys counted once per sweep)."""
+    concurrently (the key tile in L2 serves them all: keys counted once per sweep); the keys are
+    split across programs, whose partials (a few floats per anchor and split, D per anchor and
+    split in the backward) are merged by torch: counted as the gradient's bytes once more.
+    The gradient programs hold at most 256 columns of D: above that the logits are recomputed
+    once per D block (not modelled here: the papers' settings have D <= 256)."""
     G = 2.0 * M * N * D
     unit = "tf32x3" if elt == F32 else "bf16"
     A, Kb = M * D * elt, N * D * elt
     ks = list(glue or []) + [
-        Kernel("_tiled_fwd_kernel", A + Kb + 3 * M * F32, A + sweeps_fwd * Kb + 3 * M * F32,
+        Kernel("_tiled_lse_kernel + _tiled_pos_kernel", A + Kb + 3 * M * F32,
+               A + sweeps_fwd * Kb + 3 * M * F32,
                sweeps_fwd * G, unit, must_flops=G, note=f"{sweeps_fwd:.2f} sweeps over the keys"),
-        Kernel("_tiled_bwd_*_kernel(s)", A + Kb + M * D * F32, A + (recomputes + grad_gemms)
-               * Kb + M * D * F32, (recomputes + grad_gemms) * G, unit, launches=grad_gemms,
+        Kernel("_tiled_bwd_da_kernel (+ _dk_)", A + Kb + M * D * F32,
+               A + (recomputes + grad_gemms) * Kb + 2 * M * D * F32,
+               (recomputes + grad_gemms) * G, unit, launches=grad_gemms,
                must_flops=grad_gemms * G, note=f"logits recomputed {recomputes}x"),
     ]
     return Op(name, setting, ks, official or [], must_flops_unit=unit)

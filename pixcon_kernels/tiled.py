@@ -1,22 +1,29 @@
 """Tiled supervised contrast (anchors x keys, flash-attention pattern), the primitive shared by
 ContrastiveSeg, the dense mode and CAC. s = a . k / t is recomputed per (anchor tile, key tile)
-on tensor cores and never stored:
+on tensor cores and never stored. Rows come sorted by label (the op's CUDA kernel sorts them), so
+each anchor's positives are one range [plo, phi) of the sorted keys: masks are two comparisons
+with per-row offsets, and a tile's label work is known from its rows' ranges.
 
-  forward (one program per anchor tile, two sweeps over the key tiles):
-    pass 1: NL_r = online log-sum-exp of s_rk over keys of another label
-    pass 2: term_r = mean over keys of the same label (r itself excluded in-batch) of
-            softplus(NL_r - s_rp); W_r = the sum of sigmoid(NL_r - s_rp)
-  backward: ds_rk = (c_r W_r + g_r) e^{s_rk - NL_r} (negatives; g the gradient of NL itself), -c_r sigmoid(NL_r - s_rk) (positives),
-            c_r = grad_r / |P(r)|; da = ds k / t (one program per anchor tile, looping over key
-            tiles), dk = ds^T a / t (one program per key tile, looping over anchor tiles): two
-            kernels, no atomics, deterministic.
+  forward, grid (anchor tiles, key splits): every program streams the key tiles of its split
+    pass 1 (_tiled_lse_kernel): partial (max, sum of exponentials) over the negatives
+    pass 2 (_tiled_pos_kernel): over the tiles of the anchor tile's positive band only,
+            partial sums of softplus(NL_r - s_rp) and sigmoid(NL_r - s_rp)
+    the partials are merged by torch in split order (a fixed order: bitwise deterministic).
+  backward: ds_rk = (c_r W_r + g_r) e^{s_rk - NL_r} (negatives; g the gradient of NL itself),
+            -c_r sigmoid(NL_r - s_rk) (positives), c_r = grad_r / |P(r)|;
+    da (_tiled_bwd_da_kernel): grid (anchor tiles, key splits, D blocks), partial da per split
+    dk (_tiled_bwd_dk_kernel): grid (key tiles, anchor splits, D blocks), partial dk per split
+    summed in split order: no atomics, deterministic.
 
-A key tile with no negative (pass 1) or no positive (pass 2) of the anchor tile is skipped from
-its labels alone; with anchors and keys sorted by label (the caller does it) pass 2 touches only
-the anchor tile's own classes. Labels -1 mark absent rows. fp32 inputs use 3xTF32 dots
-("tf32x3", fp32-level accuracy on tensor cores), fp16/bf16 native dots with fp32 accumulation,
-fp64 exact dots. Bottleneck: the logits GEMMs (forward 1 + 1/C passes, backward 2 recomputes and
-2 gradient GEMMs); floor: 2 M N D FLOPs per GEMM at the tensor-core rate, inputs read once.
+Keys are split across programs so that a few anchors (ContrastiveSeg's 1,024 against a
+190,000-key bank: 16 anchor tiles) still launch about four programs per SM (``_splits``); a
+program without a valid anchor (or key) runs no tile; a key tile outside every row's negatives
+(pass 1) or the positive band (pass 2) is skipped. The gradient accumulators hold at most 256
+columns of D (a D block; D = 512 is two, each recomputing the logits) so that no D up to 512
+spills. fp32 inputs use 3xTF32 dots ("tf32x3", fp32-level accuracy on tensor cores), fp16/bf16
+native dots with fp32 accumulation, fp64 exact dots. Bottleneck: the logits GEMMs (forward
+1 + 1/C passes, backward 2 recomputes (4 at D = 512) and 2 gradient GEMMs); floor: 2 M N D FLOPs
+per GEMM at the tensor-core rate, inputs read once.
 """
 import torch
 import triton
@@ -45,14 +52,39 @@ def _logits(a_ptr, k_ptr, rows, cols, M, N, D, inv_t, ACC: tl.constexpr, PREC: t
     return s * inv_t
 
 
+
 @triton.jit
-def _masks(ya, yk, rows, cols, IN_BATCH: tl.constexpr):
-    valid = (ya[:, None] >= 0) & (yk[None, :] >= 0)
-    same = (ya[:, None] == yk[None, :]) & valid
-    neg = valid & (ya[:, None] != yk[None, :])
+def _rows(ya_ptr, plo_ptr, phi_ptr, rows, M):
+    """(valid, plo, phi) of anchor rows: labelled rows and their positive key ranges."""
+    rm = rows < M
+    valid = tl.load(ya_ptr + rows, mask=rm, other=-1) >= 0
+    plo = tl.load(plo_ptr + rows, mask=rm, other=0)
+    phi = tl.load(phi_ptr + rows, mask=rm, other=0)
+    return valid, plo, phi
+
+
+@triton.jit
+def _anchor_program(ya_ptr, plo_ptr, phi_ptr, kv0_ptr, M, N, CH, BLOCK_M: tl.constexpr):
+    """The rows of anchor tile program_id(0) with (valid, plo, phi), the first labelled key kv0
+    and the keys [lo, hi) of split program_id(1)."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    valid, plo, phi = _rows(ya_ptr, plo_ptr, phi_ptr, rows, M)
+    kv0 = tl.load(kv0_ptr)
+    lo = kv0 + tl.program_id(1) * CH
+    return rows, valid, plo, phi, kv0, lo, tl.minimum(lo + CH, N)
+
+
+@triton.jit
+def _masks(rows, cols, valid, plo, phi, kv0, hi, IN_BATCH: tl.constexpr):
+    """(negatives, positives) of a tile: keys kv0 <= col < hi outside / inside each valid
+    row's positive range (in-batch, r is not its own positive)."""
+    inside = (cols[None, :] >= plo[:, None]) & (cols[None, :] < phi[:, None])
+    keys = (cols >= kv0) & (cols < hi)
+    neg = valid[:, None] & keys[None, :] & ~inside
+    pos = valid[:, None] & keys[None, :] & inside
     if IN_BATCH:
-        same = same & (rows[:, None] != cols[None, :])
-    return neg, same
+        pos = pos & (rows[:, None] != cols[None, :])
+    return neg, pos
 
 
 @triton.jit
@@ -61,19 +93,22 @@ def _softplus(x):
 
 
 @triton.jit
-def _tiled_fwd_kernel(a_ptr, ya_ptr, k_ptr, yk_ptr, nl_ptr, term_ptr, w_ptr, npos_ptr, M, N, D,
-                      inv_t, IN_BATCH: tl.constexpr, POSITIVES: tl.constexpr, ACC: tl.constexpr,
-                      PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                      BLOCK_D: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    ya = tl.load(ya_ptr + rows, mask=rows < M, other=-1)
+def _tiled_lse_kernel(a_ptr, k_ptr, ya_ptr, plo_ptr, phi_ptr, kv0_ptr, m_ptr, l_ptr, M, N, D,
+                      CH, inv_t, ACC: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Pass 1 of anchor tile program_id(0) over key split program_id(1): the running maximum
+    and sum of exponentials of the negatives' logits, written at [split, row]."""
+    rows, valid, plo, phi, kv0, lo, hi = _anchor_program(ya_ptr, plo_ptr, phi_ptr, kv0_ptr, M, N,
+                                                         CH, BLOCK_M)
+    hi = tl.where(tl.max(valid.to(tl.int32), axis=0) > 0, hi, lo)      # no valid row: no tile
+    pmax = tl.max(tl.where(valid, plo, 0), axis=0)                     # rows are sorted
+    pmin = tl.min(tl.where(valid, phi, N), axis=0)
     m = tl.full([BLOCK_M], float("-inf"), ACC)
     l = tl.zeros([BLOCK_M], dtype=ACC)
-    for n0 in range(0, N, BLOCK_N):                                   # pass 1: negatives
-        cols = n0 + tl.arange(0, BLOCK_N)
-        yk = tl.load(yk_ptr + cols, mask=cols < N, other=-1)
-        neg, _ = _masks(ya, yk, rows, cols, IN_BATCH)
-        if tl.max(neg.to(tl.int32)) > 0:
+    for n0 in range(lo, hi, BLOCK_N):
+        if (n0 < pmax) | (n0 + BLOCK_N > pmin):    # else every row's positives cover the tile
+            cols = n0 + tl.arange(0, BLOCK_N)
+            neg, _ = _masks(rows, cols, valid, plo, phi, kv0, hi, False)
             s = _logits(a_ptr, k_ptr, rows, cols, M, N, D, inv_t, ACC, PREC, BLOCK_M,
                         BLOCK_N, BLOCK_D)
             s = tl.where(neg, s, float("-inf"))
@@ -83,27 +118,36 @@ def _tiled_fwd_kernel(a_ptr, ya_ptr, k_ptr, yk_ptr, nl_ptr, term_ptr, w_ptr, npo
             e = tl.where(neg, tl.exp(s - m_ref[:, None]), 0.0)
             l = l * tl.exp(tl.where(finite, m, 0.0) - m_ref) + tl.sum(e, axis=1)
             m = m_new
-    nl = tl.where(l > 0, m + tl.log(tl.where(l > 0, l, 1.0)), float("-inf"))
-    sp = tl.zeros([BLOCK_M], dtype=ACC)
+    out = tl.program_id(1).to(tl.int64) * M + rows
+    tl.store(m_ptr + out, m, mask=rows < M)
+    tl.store(l_ptr + out, l, mask=rows < M)
+
+
+@triton.jit
+def _tiled_pos_kernel(a_ptr, k_ptr, ya_ptr, plo_ptr, phi_ptr, kv0_ptr, nl_ptr, sp_ptr, w_ptr,
+                      M, N, D, CH, inv_t, IN_BATCH: tl.constexpr, ACC: tl.constexpr,
+                      PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_D: tl.constexpr):
+    """Pass 2: over the key tiles of the anchor tile's positive band within the split, the sums
+    of softplus(NL - s) and sigmoid(NL - s) over each row's positives, written at [split, row]."""
+    rows, valid, plo, phi, kv0, start, stop = _anchor_program(ya_ptr, plo_ptr, phi_ptr, kv0_ptr,
+                                                              M, N, CH, BLOCK_M)
+    lo = tl.maximum(start, tl.min(tl.where(valid, plo, N), axis=0))
+    hi = tl.minimum(stop, tl.max(tl.where(valid, phi, 0), axis=0))
+    nl = tl.load(nl_ptr + rows, mask=rows < M, other=0.0)
+    a = tl.zeros([BLOCK_M], dtype=ACC)
     w = tl.zeros([BLOCK_M], dtype=ACC)
-    cnt = tl.zeros([BLOCK_M], dtype=tl.int32)
-    if POSITIVES:
-        for n0 in range(0, N, BLOCK_N):                               # pass 2: positives
-            cols = n0 + tl.arange(0, BLOCK_N)
-            yk = tl.load(yk_ptr + cols, mask=cols < N, other=-1)
-            _, pos = _masks(ya, yk, rows, cols, IN_BATCH)
-            if tl.max(pos.to(tl.int32)) > 0:
-                s = _logits(a_ptr, k_ptr, rows, cols, M, N, D, inv_t, ACC, PREC, BLOCK_M,
-                            BLOCK_N, BLOCK_D)
-                x = nl[:, None] - s
-                sp += tl.sum(tl.where(pos, _softplus(x), 0.0), axis=1)
-                w += tl.sum(tl.where(pos, 1.0 / (1.0 + tl.exp(-x)), 0.0), axis=1)
-                cnt += tl.sum(pos.to(tl.int32), axis=1)
-    rm = rows < M
-    tl.store(nl_ptr + rows, nl, mask=rm)
-    tl.store(term_ptr + rows, sp / tl.maximum(cnt, 1).to(ACC), mask=rm)
-    tl.store(w_ptr + rows, w, mask=rm)
-    tl.store(npos_ptr + rows, cnt, mask=rm)
+    for n0 in range(lo, hi, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        _, pos = _masks(rows, cols, valid, plo, phi, kv0, hi, IN_BATCH)
+        s = _logits(a_ptr, k_ptr, rows, cols, M, N, D, inv_t, ACC, PREC, BLOCK_M, BLOCK_N,
+                    BLOCK_D)
+        x = nl[:, None] - s
+        a += tl.sum(tl.where(pos, _softplus(x), 0.0), axis=1)
+        w += tl.sum(tl.where(pos, 1.0 / (1.0 + tl.exp(-x)), 0.0), axis=1)
+    out = tl.program_id(1).to(tl.int64) * M + rows
+    tl.store(sp_ptr + out, a, mask=rows < M)
+    tl.store(w_ptr + out, w, mask=rows < M)
 
 
 @triton.jit
@@ -114,64 +158,70 @@ def _dlogits(s, neg, pos, nl, cw, c):
 
 
 @triton.jit
-def _tiled_bwd_da_kernel(a_ptr, ya_ptr, k_ptr, yk_ptr, nl_ptr, cw_ptr, c_ptr, da_ptr, M, N, D,
-                         inv_t, IN_BATCH: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
-                         PREC_G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                         D_PAD: tl.constexpr):
-    """da[rows] = sum over key tiles of ds k / t (one program per anchor tile)."""
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+def _tiled_bwd_da_kernel(a_ptr, k_ptr, ya_ptr, plo_ptr, phi_ptr, kv0_ptr, nl_ptr, cw_ptr, c_ptr,
+                         da_ptr, M, N, D, CH, inv_t, IN_BATCH: tl.constexpr, ACC: tl.constexpr,
+                         PREC: tl.constexpr, PREC_G: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr):
+    """Partial da[split, rows, D block] = sum over the split's key tiles of ds k / t (grid:
+    anchor tiles, key splits, D blocks of BLOCK_DO columns)."""
+    rows, valid, plo, phi, kv0, lo, hi = _anchor_program(ya_ptr, plo_ptr, phi_ptr, kv0_ptr, M, N,
+                                                         CH, BLOCK_M)
     rm = rows < M
-    ya = tl.load(ya_ptr + rows, mask=rm, other=-1)
     nl = tl.load(nl_ptr + rows, mask=rm, other=0.0)
     cw = tl.load(cw_ptr + rows, mask=rm, other=0.0)
     c = tl.load(c_ptr + rows, mask=rm, other=0.0)
-    dfull = tl.arange(0, D_PAD)
-    acc = tl.zeros([BLOCK_M, D_PAD], dtype=ACC)
-    for n0 in range(0, N, BLOCK_N):
+    live_rows = valid & ((cw != 0.0) | (c != 0.0))
+    hi = tl.where(tl.max(live_rows.to(tl.int32), axis=0) > 0, hi, lo)
+    dcol = tl.program_id(2) * BLOCK_DO + tl.arange(0, BLOCK_DO)
+    acc = tl.zeros([BLOCK_M, BLOCK_DO], dtype=ACC)
+    for n0 in range(lo, hi, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
-        yk = tl.load(yk_ptr + cols, mask=cols < N, other=-1)
-        neg, pos = _masks(ya, yk, rows, cols, IN_BATCH)
+        neg, pos = _masks(rows, cols, valid, plo, phi, kv0, hi, IN_BATCH)
         live = (neg & (cw != 0.0)[:, None]) | (pos & (c != 0.0)[:, None])
-        if tl.max(live.to(tl.int32)) > 0:
+        if tl.max(tl.max(live.to(tl.int32), axis=1), axis=0) > 0:
             s = _logits(a_ptr, k_ptr, rows, cols, M, N, D, inv_t, ACC, PREC, BLOCK_M,
                         BLOCK_N, BLOCK_D)
             ds = _dlogits(s, neg, pos, nl, cw, c)
-            k = tl.load(k_ptr + cols[:, None].to(tl.int64) * D + dfull[None, :],
-                        mask=(cols < N)[:, None] & (dfull < D)[None, :], other=0.0).to(ACC)
+            k = tl.load(k_ptr + cols[:, None].to(tl.int64) * D + dcol[None, :],
+                        mask=(cols < N)[:, None] & (dcol < D)[None, :], other=0.0).to(ACC)
             acc += _dot(ds, k, PREC_G)
-    tl.store(da_ptr + rows[:, None].to(tl.int64) * D + dfull[None, :], acc * inv_t,
-             mask=rm[:, None] & (dfull < D)[None, :])
+    out = (tl.program_id(1).to(tl.int64) * M + rows[:, None].to(tl.int64)) * D + dcol[None, :]
+    tl.store(da_ptr + out, acc * inv_t, mask=rm[:, None] & (dcol < D)[None, :])
 
 
 @triton.jit
-def _tiled_bwd_dk_kernel(a_ptr, ya_ptr, k_ptr, yk_ptr, nl_ptr, cw_ptr, c_ptr, dk_ptr, M, N, D,
-                         inv_t, IN_BATCH: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
-                         PREC_G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                         D_PAD: tl.constexpr):
-    """dk[cols] = sum over anchor tiles of ds^T a / t (one program per key tile)."""
+def _tiled_bwd_dk_kernel(a_ptr, k_ptr, ya_ptr, plo_ptr, phi_ptr, kv0_ptr, nl_ptr, cw_ptr, c_ptr,
+                         dk_ptr, M, N, D, CHM, inv_t, IN_BATCH: tl.constexpr, ACC: tl.constexpr,
+                         PREC: tl.constexpr, PREC_G: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr):
+    """Partial dk[split, cols, D block] = sum over the split's anchor tiles of ds^T a / t (grid:
+    key tiles, anchor splits of CHM rows, D blocks)."""
+    sp = tl.program_id(1)
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    cm = cols < N
-    yk = tl.load(yk_ptr + cols, mask=cm, other=-1)
-    dfull = tl.arange(0, D_PAD)
-    acc = tl.zeros([BLOCK_N, D_PAD], dtype=ACC)
-    for m0 in range(0, M, BLOCK_M):
+    kv0 = tl.load(kv0_ptr)
+    lo = sp * CHM
+    hi = tl.minimum(lo + CHM, M)
+    hi = tl.where(tl.max(((cols >= kv0) & (cols < N)).to(tl.int32), axis=0) > 0, hi, lo)
+    dcol = tl.program_id(2) * BLOCK_DO + tl.arange(0, BLOCK_DO)
+    acc = tl.zeros([BLOCK_N, BLOCK_DO], dtype=ACC)
+    for m0 in range(lo, hi, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M)
         rm = rows < M
-        ya = tl.load(ya_ptr + rows, mask=rm, other=-1)
+        valid, plo, phi = _rows(ya_ptr, plo_ptr, phi_ptr, rows, M)
         c = tl.load(c_ptr + rows, mask=rm, other=0.0)
         cw = tl.load(cw_ptr + rows, mask=rm, other=0.0)
-        neg, pos = _masks(ya, yk, rows, cols, IN_BATCH)
+        neg, pos = _masks(rows, cols, valid, plo, phi, kv0, N, IN_BATCH)
         live = (neg & (cw != 0.0)[:, None]) | (pos & (c != 0.0)[:, None])
-        if tl.max(live.to(tl.int32)) > 0:
+        if tl.max(tl.max(live.to(tl.int32), axis=1), axis=0) > 0:
             nl = tl.load(nl_ptr + rows, mask=rm, other=0.0)
             s = _logits(a_ptr, k_ptr, rows, cols, M, N, D, inv_t, ACC, PREC, BLOCK_M,
                         BLOCK_N, BLOCK_D)
             ds = _dlogits(s, neg, pos, nl, cw, c)
-            a = tl.load(a_ptr + rows[:, None].to(tl.int64) * D + dfull[None, :],
-                        mask=rm[:, None] & (dfull < D)[None, :], other=0.0).to(ACC)
+            a = tl.load(a_ptr + rows[:, None].to(tl.int64) * D + dcol[None, :],
+                        mask=rm[:, None] & (dcol < D)[None, :], other=0.0).to(ACC)
             acc += _dot(tl.trans(ds), a, PREC_G)
-    tl.store(dk_ptr + cols[:, None].to(tl.int64) * D + dfull[None, :], acc * inv_t,
-             mask=cm[:, None] & (dfull < D)[None, :])
+    out = (sp.to(tl.int64) * N + cols[:, None].to(tl.int64)) * D + dcol[None, :]
+    tl.store(dk_ptr + out, acc * inv_t, mask=(cols < N)[:, None] & (dcol < D)[None, :])
 
 
 def _precision(dtype):
@@ -186,9 +236,9 @@ def _grad_precision(dtype):
 
 def _config(D, dtype, backward):
     """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps). GPU: 64 x 32 logit tiles in forward, 32 x 32 in
-    backward (a BLOCK x D accumulator lives in registers), logits summed over 32-wide D chunks
-    (larger tiles spill: every 2-D tile costs BLOCK_M BLOCK_N / threads registers, pointers
-    twice that); the interpreter: large tiles (its cost is per program)."""
+    backward (a BLOCK x D-block accumulator lives in registers), logits summed over 32-wide D
+    chunks (larger tiles spill: every 2-D tile costs BLOCK_M BLOCK_N / threads registers,
+    pointers twice that); the interpreter: large tiles (its cost is per program)."""
     if not gpu_config():
         return 64, 64, next_pow2(D), 4
     if dtype == torch.float64:
@@ -198,51 +248,119 @@ def _config(D, dtype, backward):
     return 64, 32, 32, 4
 
 
+SMS = 132                 # an H100 SXM; the splits aim at about four programs per SM
+PROGRAMS = 4 * SMS
+
+
+def _splits(tiles, n, block):
+    """(splits, rows per split): split n rows (keys, or anchors for the dk kernel) in chunks of
+    whole blocks so that tiles x splits programs reach PROGRAMS; one split under the
+    interpreter's own configuration (its cost is per program)."""
+    blocks = max(triton.cdiv(n, block), 1)
+    want = triton.cdiv(PROGRAMS, max(tiles, 1)) if gpu_config() else 1
+    per = triton.cdiv(blocks, min(max(want, 1), blocks)) * block
+    return triton.cdiv(max(n, 1), per), per
+
+
+def _d_block(D):
+    """Columns of D a gradient program accumulates: all of them up to 256, else 256 (D = 512:
+    two programs per tile, each recomputing the logits, instead of a spilling accumulator)."""
+    return min(next_pow2(D), 256)
+
+
+def _ranges(ya, yk):
+    """Each sorted anchor's positive key range [plo, phi) in the sorted keys (int32), and the
+    first labelled key kv0 (a 1-element int32 tensor): no host sync."""
+    yk = yk.contiguous()
+    plo = torch.searchsorted(yk, ya.contiguous(), right=False)
+    phi = torch.searchsorted(yk, ya.contiguous(), right=True)
+    invalid = ya < 0
+    plo = torch.where(invalid, 0, plo).to(torch.int32)
+    phi = torch.where(invalid, 0, phi).to(torch.int32)
+    kv0 = torch.searchsorted(yk, torch.zeros(1, dtype=yk.dtype, device=yk.device)).to(torch.int32)
+    return plo, phi, kv0
+
+
 def tiled_forward(a, ya, k, yk, temperature, in_batch, positives=True):
-    """a (M, D), k (N, D) contiguous, labels int32 (M,), (N,); k is a when in_batch.
+    """a (M, D), k (N, D), labels (M,), (N,), rows sorted by label; k is a when in_batch.
     Returns (terms, npos int32, nl, w); positives=False skips pass 2 (terms, npos, w zero)."""
     a, k = a.contiguous(), k.contiguous()
     M, D = a.shape
     N = k.shape[0]
     acc = torch_acc_dtype(a.dtype)
-    nl = torch.empty(M, dtype=acc, device=a.device)
-    term, w = torch.empty_like(nl), torch.empty_like(nl)
-    npos = torch.empty(M, dtype=torch.int32, device=a.device)
+    dev = a.device
     if M == 0:
-        return term, npos, nl, w
+        z = torch.empty(0, dtype=acc, device=dev)
+        return z, torch.empty(0, dtype=torch.int32, device=dev), z, z
+    ya, yk = ya.to(torch.int64), yk.to(torch.int64)
+    plo, phi, kv0 = _ranges(ya, yk)
     bm, bn, bd, nw = _config(D, a.dtype, False)
-    _tiled_fwd_kernel[(triton.cdiv(M, bm),)](
-        a, ya.to(torch.int32), k, yk.to(torch.int32), nl, term, w, npos, M, N, D,
-        1.0 / temperature, IN_BATCH=in_batch, POSITIVES=positives, ACC=acc_dtype(a.dtype), PREC=_precision(a.dtype),
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, num_warps=nw, num_stages=1, maxnreg=255)
-    return term, npos, nl, w
+    tiles = triton.cdiv(M, bm)
+    S, CH = _splits(tiles, N, bn)
+    meta = dict(ACC=acc_dtype(a.dtype), PREC=_precision(a.dtype), BLOCK_M=bm, BLOCK_N=bn,
+                BLOCK_D=bd, num_warps=nw, num_stages=1, maxnreg=255)
+    part_m = torch.empty(S, M, dtype=acc, device=dev)
+    part_l = torch.empty(S, M, dtype=acc, device=dev)
+    _tiled_lse_kernel[(tiles, S)](a, k, ya, plo, phi, kv0, part_m, part_l, M, N, D, CH,
+                                  1.0 / temperature, **meta)
+    mx = part_m.amax(dim=0)
+    fin = torch.isfinite(mx)
+    ref = torch.where(fin, mx, 0.0)
+    total = (part_l * torch.exp(torch.where(torch.isfinite(part_m), part_m, ref) - ref)).sum(0)
+    nl = torch.where(fin & (total > 0), ref + torch.log(torch.where(total > 0, total, 1.0)),
+                     float("-inf"))
+    valid = ya >= 0
+    npos = torch.where(valid, phi - plo - int(in_batch), 0).clamp(min=0).to(torch.int32)
+    if not positives:
+        zero = torch.zeros(M, dtype=acc, device=dev)
+        return zero, torch.zeros_like(npos), nl, zero
+    part_sp = torch.empty(S, M, dtype=acc, device=dev)
+    part_w = torch.empty(S, M, dtype=acc, device=dev)
+    _tiled_pos_kernel[(tiles, S)](a, k, ya, plo, phi, kv0, nl.contiguous(), part_sp, part_w, M,
+                                  N, D, CH, 1.0 / temperature, IN_BATCH=in_batch, **meta)
+    terms = torch.where(npos > 0, part_sp.sum(0) / npos.clamp(min=1).to(acc), 0.0)
+    return terms, npos, nl, part_w.sum(0)
 
 
 def tiled_backward(grad, a, ya, k, yk, nl, w, npos, temperature, in_batch, key_grad,
                    grad_nl=None):
     """Gradients (da, dk) of sum(grad * terms + grad_nl * nl) in the accumulation dtype; dk is
-    None unless key_grad (in-batch: da already holds both sides)."""
+    None unless key_grad (in-batch: da already holds both sides). Rows sorted by label."""
     a, k = a.contiguous(), k.contiguous()
     M, D = a.shape
     N = k.shape[0]
     acc = torch_acc_dtype(a.dtype)
-    c = torch.where(npos > 0, grad.to(acc) / npos.clamp(min=1).to(acc), 0.0).contiguous()
+    c = torch.where(npos > 0, grad.to(acc) / npos.clamp(min=1).to(acc), 0.0)
     cw = c * w if grad_nl is None else c * w + grad_nl.to(acc)      # weight of e^{s - NL}
-    cw = cw.contiguous()
-    da = torch.zeros(M, D, dtype=acc, device=a.device)
-    dk = torch.zeros(N, D, dtype=acc, device=a.device) if (key_grad or in_batch) else None
+    cw = torch.where(torch.isfinite(nl), cw, 0.0).contiguous()      # no negative at all
+    c = c.contiguous()
+    need_dk = key_grad or in_batch
     if M == 0 or N == 0:
-        return da, dk
+        da = torch.zeros(M, D, dtype=acc, device=a.device)
+        dk = torch.zeros(N, D, dtype=acc, device=a.device) if need_dk else None
+        return (da + dk if in_batch else da), (None if in_batch else dk)
+    ya, yk = ya.to(torch.int64), yk.to(torch.int64)
+    plo, phi, kv0 = _ranges(ya, yk)
     bm, bn, bd, nw = _config(D, a.dtype, True)
-    args = (a, ya.to(torch.int32), k, yk.to(torch.int32), nl.contiguous(), cw, c)
+    bdo = _d_block(D)
+    nd = triton.cdiv(D, bdo)
+    args = (a, k, ya, plo, phi, kv0, nl.contiguous(), cw, c)
     meta = dict(IN_BATCH=in_batch, ACC=acc_dtype(a.dtype), PREC=_precision(a.dtype),
-                PREC_G=_grad_precision(a.dtype),
-                BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, D_PAD=next_pow2(D), num_warps=nw,
-                num_stages=1, maxnreg=255)
-    _tiled_bwd_da_kernel[(triton.cdiv(M, bm),)](*args, da, M, N, D, 1.0 / temperature, **meta)
-    if dk is not None:
-        _tiled_bwd_dk_kernel[(triton.cdiv(N, bn),)](*args, dk, M, N, D, 1.0 / temperature,
-                                                    **meta)
+                PREC_G=_grad_precision(a.dtype), BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd,
+                BLOCK_DO=bdo, num_warps=nw, num_stages=1, maxnreg=255)
+    tiles_a = triton.cdiv(M, bm)
+    S, CH = _splits(tiles_a * nd, N, bn)
+    da = torch.empty(S, M, D, dtype=acc, device=a.device)
+    _tiled_bwd_da_kernel[(tiles_a, S, nd)](*args, da, M, N, D, CH, 1.0 / temperature, **meta)
+    da = da.sum(0)
+    dk = None
+    if need_dk:
+        tiles_k = triton.cdiv(N, bn)
+        SA, CHM = _splits(tiles_k * nd, M, bm)
+        dk = torch.empty(SA, N, D, dtype=acc, device=a.device)
+        _tiled_bwd_dk_kernel[(tiles_k, SA, nd)](*args, dk, M, N, D, CHM, 1.0 / temperature,
+                                                **meta)
+        dk = dk.sum(0)
     if in_batch:
         return da + dk, None
     return da, dk

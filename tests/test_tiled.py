@@ -15,9 +15,9 @@ from pixcon.ops import _library, supervised_contrast
 from pixcon.ops.tiled import PARALLEL_WORK
 from pixcon.reference import contrastiveseg as ref
 
-from .conftest import assert_close
+from .conftest import assert_close, triton_device
 
-pytestmark = pytest.mark.skipif(not pixcon.HAS_C, reason="needs the compiled extension")
+native = pytest.mark.skipif(not pixcon.HAS_C, reason="needs the compiled extension")
 
 
 def rows(M, D, C, seed, dtype=torch.float64, absent=True):
@@ -27,6 +27,7 @@ def rows(M, D, C, seed, dtype=torch.float64, absent=True):
     return a, y
 
 
+@native
 def test_opcheck_cpu_kernel():
     a, y = rows(30, 8, 3, 0, torch.float32)
     k, yk = rows(41, 8, 4, 1, torch.float32, absent=False)
@@ -36,6 +37,7 @@ def test_opcheck_cpu_kernel():
         torch.library.opcheck(_library.tiled_contrast_op, args)
 
 
+@native
 @pytest.mark.parametrize("seed", [3, 4])
 @pytest.mark.parametrize("block", [None, (5, 3), (16, 37), (512, 2048)])
 def test_matches_reference_at_tile_boundaries(seed, block):
@@ -65,6 +67,7 @@ def test_matches_reference_at_tile_boundaries(seed, block):
             assert_close(x, w, rtol=1e-10, atol=1e-12, what=f"grad {block}")
 
 
+@native
 @pytest.mark.parametrize("case", ["all_absent", "one_class", "no_positive"])
 def test_degenerate_batches(case):
     a, y = rows(20, 5, 3, 7)
@@ -83,6 +86,7 @@ def test_degenerate_batches(case):
     assert torch.isfinite(g).all() and not g.abs().sum()
 
 
+@native
 def test_float32_against_float64():
     a, y = rows(300, 32, 6, 11)
     k, yk = rows(700, 32, 6, 12, absent=False)
@@ -92,6 +96,7 @@ def test_float32_against_float64():
     assert_close(t32.double(), t64, rtol=1e-5, atol=1e-6, what="fp32 terms")
 
 
+@native
 def test_thread_rule_at_its_boundary():
     """One thread below PARALLEL_WORK multiply-adds, then min(threads, items, pixcon's cap)."""
     rule = torch.ops.pixcon.tiled_threads
@@ -112,6 +117,7 @@ def test_thread_rule_at_its_boundary():
         pixcon.set_num_threads(cap)
 
 
+@native
 @pytest.mark.parametrize("keys", [False, True])
 def test_same_bits_on_one_and_two_threads(keys):
     """Above the rule's boundary the passes run on two threads with items claimed in any order;
@@ -139,6 +145,7 @@ def test_same_bits_on_one_and_two_threads(keys):
     assert all(torch.equal(x, z) for x, z in zip(g1, g2))
 
 
+@native
 def test_sorted_rows_are_not_copied_and_match_unsorted():
     """A bank sorted by label (and the dense mode's sorted pixels) takes the no-copy path; the
     result equals that of the same rows shuffled."""
@@ -154,6 +161,7 @@ def test_sorted_rows_are_not_copied_and_match_unsorted():
     assert_close(t1, t0, rtol=1e-12, atol=1e-12, what="vs reference")
 
 
+@native
 @pytest.mark.parametrize("block", [(16, 512), (8, 1000)])
 def test_keys_over_several_chunks(block):
     """Items of one anchor tile x 4096 (4000) keys: with 9000 keys of 3 classes every class's
@@ -175,3 +183,66 @@ def test_keys_over_several_chunks(block):
     g0, = torch.autograd.grad(supervised_contrast(a, y, kr, yk, temperature=0.5,
                                                   backend="reference")[0].sum(), kr)
     assert_close(g1, g0, rtol=1e-10, atol=1e-12, what="key grad over chunks")
+
+
+# --- the Triton kernels (pixcon_kernels.tiled), under the interpreter on CPU ------------------
+@pytest.mark.interpret
+@pytest.mark.parametrize("D", [6, 300])
+@pytest.mark.parametrize("in_batch", [True, False])
+def test_triton_splits_and_d_blocks(D, in_batch):
+    """Keys split across programs (in the GPU configuration: 167 keys in 32-key tiles against
+    one anchor tile give 6 splits; the key-gradient kernel 2 anchor splits), D = 300 in two
+    gradient D blocks; loss, NL and gradients against the reference, and a repeat bitwise
+    equal (partials merged in a fixed order)."""
+    dev = triton_device()
+    a, y = rows(53, D, 4, 51, torch.float32)
+    k, yk = rows(167, D, 5, 52, torch.float32)
+    a, y, k, yk = a.to(dev), y.to(dev), k.to(dev), yk.to(dev)
+    keys, key_labels = (None, None) if in_batch else (k, yk)
+
+    def go(backend):
+        ins = [a.clone().requires_grad_()] + ([] if in_batch else [k.clone().requires_grad_()])
+        t, n, nl = supervised_contrast(ins[0], y, None if in_batch else ins[1], key_labels,
+                                       temperature=0.2, backend=backend, with_lse=True)
+        fin = torch.isfinite(nl)
+        gt = torch.linspace(-1, 1, 53, device=dev)
+        grads = torch.autograd.grad((gt * t).sum() + torch.where(fin, nl, 0.0).sum(), ins)
+        return t, n, nl, grads
+
+    t1, n1, nl1, g1 = go("triton")
+    t2, _, nl2, g2 = go("triton")
+    t0, n0, nl0, g0 = go("reference")
+    assert torch.equal(n1.cpu(), n0.cpu())
+    assert_close(t1.cpu(), t0.cpu(), rtol=1e-5, atol=1e-6, what="triton terms")
+    fin = torch.isfinite(nl0)
+    assert torch.equal(torch.isfinite(nl1), fin)
+    assert_close(nl1[fin].cpu(), nl0[fin].cpu(), rtol=1e-5, atol=1e-6, what="triton NL")
+    for x, w in zip(g1, g0):
+        assert_close(x.cpu(), w.cpu(), rtol=1e-4, atol=1e-5, what="triton grad")
+    assert torch.equal(t1, t2) and torch.equal(nl1, nl2)
+    assert all(torch.equal(x, z) for x, z in zip(g1, g2))
+
+
+@pytest.mark.interpret
+def test_triton_split_plan():
+    """The GPU configuration splits the keys until tiles x splits reach about four programs per
+    SM (whole key tiles per split); the interpreter's own configuration does not split."""
+    from pixcon_kernels import tiled
+    import os
+    old = os.environ.get("PIXCON_LAUNCH_CONFIG")
+    try:
+        os.environ["PIXCON_LAUNCH_CONFIG"] = "gpu"
+        S, per = tiled._splits(16, 190000, 32)              # the bank: 16 anchor tiles
+        assert (S, per) == (33, 5760)                        # 16 x 33 = 528 = 4 x 132 SMs
+        assert S * per >= 190000 > (S - 1) * per
+        assert tiled._splits(4096, 131072, 32)[0] == 1      # dense: enough anchor tiles
+        assert tiled._splits(1, 40, 32) == (2, 32)          # never more splits than tiles
+        os.environ["PIXCON_LAUNCH_CONFIG"] = "interpreter"
+        assert tiled._splits(16, 190000, 64)[0] == 1
+    finally:
+        if old is None:
+            os.environ.pop("PIXCON_LAUNCH_CONFIG", None)
+        else:
+            os.environ["PIXCON_LAUNCH_CONFIG"] = old
+    assert tiled._d_block(128) == 128 and tiled._d_block(256) == 256
+    assert tiled._d_block(512) == 256 and tiled._d_block(40) == 64
