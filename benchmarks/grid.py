@@ -350,6 +350,38 @@ def ratios(rows):
     return out
 
 
+def speedups(rows):
+    """{op: {provider: (min, max) of provider ms / native ms over every cell and condition}}
+    and the cell count per op."""
+    out, cells = {}, {}
+    for (op, case), conds in table(rows).items():
+        for cond, provs in conds.items():
+            if "native" not in provs:
+                continue
+            cells[op] = cells.get(op, 0) + 1
+            for prov, ms in provs.items():
+                if prov != "native":
+                    lo, hi = out.setdefault(op, {}).get(prov, (float("inf"), 0.0))
+                    q = ms / provs["native"]
+                    out[op][prov] = (min(lo, q), max(hi, q))
+    return out, cells
+
+
+def summary_table(rows) -> str:
+    """One line per op: the CPU default's speed-up over each other provider, smallest and
+    largest over the grid's cells and conditions."""
+    sp, cells = speedups(rows)
+    lines = ["| op | cells (settings x conditions) | speed-up over reference | speed-up over "
+             "official-style |", "|---|---|---|---|"]
+    for op, n in cells.items():
+        cols = []
+        for prov in ("reference", "official-style"):
+            lo, hi = sp.get(op, {}).get(prov, (None, None))
+            cols.append("-" if lo is None else f"{lo:.1f}x - {hi:.1f}x")
+        lines.append(f"| {op} | {n} | {cols[0]} | {cols[1]} |")
+    return "\n".join(lines) + "\n"
+
+
 def _ms(x):
     return f"{x:.0f}" if x >= 100 else f"{x:.3g}"
 
@@ -375,6 +407,8 @@ def markdown(rows, grid) -> str:
             lines += [f"- {op} {case} {cond}: {q:.2f} x {other}" for op, case, cond, q, other
                       in lose]
             lines.append("")
+    lines += ["Speed-up of the CPU default, smallest and largest over every setting and "
+              "condition where the other provider runs:", "", summary_table(rows)]
     for op in dict.fromkeys(r["op"] for r in rows):
         lines += [f"## {op}", "", "| case | " + " | ".join(conds) + " |",
                   "|---|" + "---|" * len(conds)]

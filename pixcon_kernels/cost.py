@@ -4,7 +4,10 @@ floor and the estimated time on an H100 and an A100, next to an estimate of the 
 code (the cost structure of benchmarks/baselines.py). Estimates, not measurements: no GPU has
 run them; the benchmark suite records measured times beside them when one does.
 
-    time(kernel) = max(bytes / bandwidth, FLOPs / rate of its unit) + launches x LAUNCH_S
+    time(kernel) = max(bytes / bandwidth, FLOPs / rate of its unit) / fill + launches x LAUNCH_S
+    fill         = programs / (waves x SMs x programs per SM),  waves = ceil(programs / (SMs x
+                   programs per SM)): the share of the GPU a grid keeps busy (a 16-program grid
+                   on 132 SMs gets 16/132 of it; a kernel whose grid is not modelled, 1)
     floor(op)    = max(must bytes / bandwidth, must FLOPs / best rate)   (no launch cost)
 
 "must" counts what any implementation of the step has to do: every input read once, every
@@ -20,9 +23,9 @@ from dataclasses import dataclass, field
 
 GPUS = {  # nominal peaks (NVIDIA datasheets), dense; "int": 32-bit integer ops
     "H100": dict(name="H100 SXM", bw=3.35e12, fma=67e12, tf32=494.7e12, bf16=989.4e12,
-                 int=33.5e12, fp64=67e12),
+                 int=33.5e12, fp64=67e12, sms=132),
     "A100": dict(name="A100 SXM 80GB", bw=2.039e12, fma=19.5e12, tf32=156e12, bf16=312e12,
-                 int=19.5e12, fp64=19.5e12),
+                 int=19.5e12, fp64=19.5e12, sms=108),
 }
 LAUNCH_S = 3e-6          # launch and tail of one kernel (or one small torch op)
 F32, I32, I64, SECTOR = 4, 4, 8, 32
@@ -52,10 +55,25 @@ class Kernel:
     note: str = ""
     latency: float = 0.0  # seconds of dependent steps no parallelism hides (a lower bound)
     must_flops: float | None = None    # FLOPs the step needs (default: as written)
+    programs: int | None = None   # the grid (None: not modelled, taken as filling the GPU)
+    per_sm: int = 1               # programs one SM holds at once (registers, shared memory,
+    #                               warps: pixcon_kernels/RESOURCES.md)
+
+    def waves(self, gpu: dict) -> int | None:
+        if self.programs is None:
+            return None
+        return max(-(-self.programs // (gpu["sms"] * self.per_sm)), 1)
+
+    def fill(self, gpu: dict) -> float:
+        """The share of the GPU's throughput the grid keeps busy: its programs over the slots
+        of the waves it takes (1 where the grid is not modelled)."""
+        if self.programs is None:
+            return 1.0
+        return max(self.programs, 1) / (self.waves(gpu) * gpu["sms"] * self.per_sm)
 
     def time(self, gpu: dict) -> float:
-        return max(self.moved / gpu["bw"], self.flops / rate(gpu, self.unit),
-                   self.latency) + self.launches * LAUNCH_S
+        work = max(self.moved / gpu["bw"], self.flops / rate(gpu, self.unit)) / self.fill(gpu)
+        return max(work, self.latency) + self.launches * LAUNCH_S
 
     def needed_flops(self) -> float:
         return self.flops if self.must_flops is None else self.must_flops
@@ -165,24 +183,33 @@ def contextrast(B, D, layers, C, elt=F32) -> Op:
 
 
 def _tiled(name, setting, M, N, D, sweeps_fwd, grad_gemms, recomputes, elt=F32,
-           glue=None, official=None) -> Op:
+           glue=None, official=None, key_grad=True) -> Op:
     """The tiled contrast (pixcon_kernels.tiled): key tiles streamed past anchor tiles that run
     concurrently (the key tile in L2 serves them all: keys counted once per sweep); the keys are
-    split across programs, whose partials (a few floats per anchor and split, D per anchor and
-    split in the backward) are merged by torch: counted as the gradient's bytes once more.
-    The gradient programs hold at most 256 columns of D: above that the logits are recomputed
-    once per D block (not modelled here: the papers' settings have D <= 256)."""
+    split across programs (the launcher's own plan, ``tiled.launch_plan``: the grids below),
+    whose partials (a few floats per anchor and split, D per anchor and split in the backward)
+    are merged by torch: counted as the gradient's bytes once more. The gradient programs hold
+    at most 256 columns of D: above that the logits are recomputed once per D block.
+    Programs per SM from RESOURCES.md: the forward kernels 2 (4 warps, up to 255 registers),
+    the gradient kernels 1 (8 warps, about 240)."""
+    from .tiled import launch_plan
+    plan = launch_plan(M, N, D, elt == 8, gpu=True)
     G = 2.0 * M * N * D
     unit = "tf32x3" if elt == F32 else "bf16"
     A, Kb = M * D * elt, N * D * elt
+    nd = plan["d_blocks"]
+    rec = recomputes + (nd - 1) * (2 if key_grad else 1)
     ks = list(glue or []) + [
         Kernel("_tiled_lse_kernel + _tiled_pos_kernel", A + Kb + 3 * M * F32,
-               A + sweeps_fwd * Kb + 3 * M * F32,
-               sweeps_fwd * G, unit, must_flops=G, note=f"{sweeps_fwd:.2f} sweeps over the keys"),
+               A + sweeps_fwd * Kb + 3 * M * F32 * plan["fwd_splits"],
+               sweeps_fwd * G, unit, launches=2, must_flops=G, programs=plan["fwd_programs"],
+               per_sm=2, note=f"{sweeps_fwd:.2f} sweeps over the keys, "
+                              f"{plan['fwd_splits']} key splits"),
         Kernel("_tiled_bwd_da_kernel (+ _dk_)", A + Kb + M * D * F32,
-               A + (recomputes + grad_gemms) * Kb + 2 * M * D * F32,
-               (recomputes + grad_gemms) * G, unit, launches=grad_gemms,
-               must_flops=grad_gemms * G, note=f"logits recomputed {recomputes}x"),
+               A + (rec + grad_gemms) * Kb + 2 * M * D * F32 * plan["bwd_splits"],
+               (rec + grad_gemms) * G, unit, launches=grad_gemms,
+               must_flops=grad_gemms * G, programs=plan["bwd_programs"], per_sm=1,
+               note=f"logits recomputed {rec}x, {plan['bwd_splits']} key splits"),
     ]
     return Op(name, setting, ks, official or [], must_flops_unit=unit)
 
@@ -199,7 +226,7 @@ def contrastiveseg(B, D, h, w, C, M, bank, elt=F32) -> list[Op]:
                            "fma", launches=40)]
         ops.append(_tiled("pixel_contrast_loss", f"Cityscapes {tag}: {M} anchors x {N} keys, "
                           f"D={D}", M, N, D, 1 + 1 / C, 2 if key_grad else 1, 2 if key_grad
-                          else 1, elt, glue, official))
+                          else 1, elt, glue, official, key_grad=key_grad))
     return ops
 
 
@@ -208,7 +235,7 @@ def cac(n, N, D, elt=F32) -> Op:
                        8 * n * N * F32 + (n + N) * D * F32, 3 * 2.0 * n * N * D, "fma",
                        launches=30)]
     return _tiled("directional_contrast_loss", f"Cityscapes {n} anchors x {N} negatives, D={D}",
-                  n, N, D, 1, 2, 2, elt, official=official)
+                  n, N, D, 1, 1, 1, elt, official=official, key_grad=False)
 
 
 def dense(n, D, C, elt=F32) -> Op:
@@ -257,15 +284,17 @@ def markdown() -> str:
     lines = ["## Cost model at the papers' settings (estimates: no GPU has measured them)", "",
              "From `pixcon_kernels/cost.py` (its docstring says what is counted): per kernel the "
              "bytes it must move and moves as written, its FLOPs and unit; time = max(bytes / "
-             "bandwidth, FLOPs / unit rate) + 3 us a launch. Peaks: "
+             "bandwidth, FLOPs / unit rate) / fill + 3 us a launch, fill = the share of the SMs "
+             "the grid keeps busy over its waves (where the grid is modelled). Peaks: "
              + "; ".join(f"{g['name']} {g['bw'] / 1e12:.2f} TB/s, fp32 {g['fma'] / 1e12:.1f}, "
                          f"TF32 {g['tf32'] / 1e12:.0f} (3xTF32 a third), bf16 "
                          f"{g['bf16'] / 1e12:.0f} TFLOPS" for g in (H, A)) + ".", ""]
     summary = ["| op | setting | floor H100 ms | fused est. H100 ms | official-style est. "
                "H100 ms | floor A100 ms | fused est. A100 ms | official-style est. A100 ms |",
                "|---|---|---|---|---|---|---|---|"]
-    detail = ["| op | kernel | launches | must MB | moved MB | GFLOP | unit | H100 ms | "
-              "A100 ms | note |", "|---|---|---|---|---|---|---|---|---|---|"]
+    detail = ["| op | kernel | launches | programs (H100 waves, fill) | must MB | moved MB | "
+              "GFLOP | unit | H100 ms | A100 ms | note |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for op in ops():
         summary.append(f"| {op.name} | {op.setting} | {_ms(op.floor(H))} | "
                        f"{_ms(sum(k.time(H) for k in op.kernels))} | "
@@ -273,7 +302,9 @@ def markdown() -> str:
                        f"{_ms(sum(k.time(A) for k in op.kernels))} | "
                        f"{_ms(op.official_estimate(A))} |")
         for k in op.kernels:
-            detail.append(f"| {op.name} | {k.name} | {k.launches} | {k.must / 1e6:.1f} | "
+            grid = ("-" if k.programs is None else
+                    f"{k.programs} ({k.waves(H)}, {k.fill(H):.2f})")
+            detail.append(f"| {op.name} | {k.name} | {k.launches} | {grid} | {k.must / 1e6:.1f} | "
                           f"{k.moved / 1e6:.1f} | {k.flops / 1e9:.2f} | {k.unit} | "
                           f"{_ms(k.time(H))} | {_ms(k.time(A))} | {k.note} |")
     notes = [f"- {op.name}: {op.note}" for op in ops() if op.note]

@@ -234,12 +234,12 @@ def _grad_precision(dtype):
     return "ieee" if dtype == torch.float64 else "tf32x3"
 
 
-def _config(D, dtype, backward):
+def _config(D, dtype, backward, gpu=None):
     """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps). GPU: 64 x 32 logit tiles in forward, 32 x 32 in
     backward (a BLOCK x D-block accumulator lives in registers), logits summed over 32-wide D
     chunks (larger tiles spill: every 2-D tile costs BLOCK_M BLOCK_N / threads registers,
     pointers twice that); the interpreter: large tiles (its cost is per program)."""
-    if not gpu_config():
+    if not (gpu_config() if gpu is None else gpu):
         return 64, 64, next_pow2(D), 4
     if dtype == torch.float64:
         return 16, 16, min(next_pow2(D), 32), 4
@@ -252,12 +252,12 @@ SMS = 132                 # an H100 SXM; the splits aim at about four programs p
 PROGRAMS = 4 * SMS
 
 
-def _splits(tiles, n, block):
+def _splits(tiles, n, block, gpu=None):
     """(splits, rows per split): split n rows (keys, or anchors for the dk kernel) in chunks of
     whole blocks so that tiles x splits programs reach PROGRAMS; one split under the
     interpreter's own configuration (its cost is per program)."""
     blocks = max(triton.cdiv(n, block), 1)
-    want = triton.cdiv(PROGRAMS, max(tiles, 1)) if gpu_config() else 1
+    want = triton.cdiv(PROGRAMS, max(tiles, 1)) if (gpu_config() if gpu is None else gpu) else 1
     per = triton.cdiv(blocks, min(max(want, 1), blocks)) * block
     return triton.cdiv(max(n, 1), per), per
 
@@ -266,6 +266,21 @@ def _d_block(D):
     """Columns of D a gradient program accumulates: all of them up to 256, else 256 (D = 512:
     two programs per tile, each recomputing the logits, instead of a spilling accumulator)."""
     return min(next_pow2(D), 256)
+
+
+def launch_plan(M, N, D, fp64=False, gpu=None):
+    """The grids the launchers below choose for M anchors, N keys and D (the cost model reads
+    them): key splits and programs of the forward kernels, of the da kernel, D blocks."""
+    dtype = torch.float64 if fp64 else torch.float32
+    bm, bn, _, _ = _config(D, dtype, False, gpu)
+    tiles = triton.cdiv(M, bm)
+    S = _splits(tiles, N, bn, gpu)[0]
+    bm_b, bn_b, _, _ = _config(D, dtype, True, gpu)
+    nd = triton.cdiv(D, _d_block(D))
+    tiles_b = triton.cdiv(M, bm_b)
+    Sb = _splits(tiles_b * nd, N, bn_b, gpu)[0]
+    return dict(fwd_splits=S, fwd_programs=tiles * S, bwd_splits=Sb,
+                bwd_programs=tiles_b * Sb * nd, d_blocks=nd)
 
 
 def _ranges(ya, yk):

@@ -55,3 +55,33 @@ def test_markdown_names_every_op_as_an_estimate():
                  "directional_contrast_loss", "dense_contrast_loss", "distance_transform"):
         assert f"| {name} |" in md
     assert md.count("\n| ") > 40
+
+
+def test_waves_charge_idle_sms():
+    """A 16-program grid on a 132-SM H100 (one program per SM) keeps 16/132 of it busy and is
+    charged 132/16 of the full grid's time; 133 programs take two waves, the second nearly
+    empty (fill 133/264); programs per SM multiply the slots."""
+    h100 = cost.GPUS["H100"]
+    full = cost.Kernel("k", 0, 3.35e9, 0.0, programs=132)              # 1 ms of bytes
+    small = cost.Kernel("k", 0, 3.35e9, 0.0, programs=16)
+    two = cost.Kernel("k", 0, 3.35e9, 0.0, programs=133)
+    free = cost.Kernel("k", 0, 3.35e9, 0.0)                           # grid not modelled
+    assert full.fill(h100) == 1.0 and full.waves(h100) == 1
+    assert full.time(h100) == pytest.approx(1e-3 + 3e-6)
+    assert small.fill(h100) == pytest.approx(16 / 132)
+    assert small.time(h100) == pytest.approx(1e-3 * 132 / 16 + 3e-6)
+    assert two.waves(h100) == 2 and two.fill(h100) == pytest.approx(133 / 264)
+    assert free.fill(h100) == 1.0 and free.time(h100) == full.time(h100)
+    packed = cost.Kernel("k", 0, 3.35e9, 0.0, programs=264, per_sm=2)
+    assert packed.waves(h100) == 1 and packed.fill(h100) == 1.0
+    assert cost.Kernel("k", 0, 3.35e9, 0.0, programs=132, per_sm=2).fill(h100) == 0.5
+
+
+def test_tiled_grids_fill_the_gpu_at_the_papers_settings():
+    """The launcher's own plan (pixcon_kernels.tiled.launch_plan) at ContrastiveSeg's bank,
+    CAC and dense: every tiled kernel keeps at least 80% of an H100 busy."""
+    h100 = cost.GPUS["H100"]
+    for op in cost.ops():
+        for k in op.kernels:
+            if k.name.startswith("_tiled"):
+                assert k.programs >= 2 * 132 and k.fill(h100) >= 0.8, (op.setting, k.name)
