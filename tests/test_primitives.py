@@ -292,3 +292,27 @@ def test_sparse_infonce_range_check_is_a_value_check():
     with pytest.raises(IndexError):
         sparse_infonce(pool, a.pop("q_idx"), a.pop("pos_idx"), a.pop("neg_idx"),
                        backend="reference", check_values=False, **a)
+
+
+@pytest.mark.skipif(not pixcon.HAS_C, reason="needs the compiled extension")
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "w1"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16])
+def test_scatter_rows_cpu_kernel_equals_its_torch_kernel(layout, dtype):
+    """pixcon::scatter_rows: the compiled CPU kernel (pixel order within channel planes) against
+    the op's torch code, with repeated pixels (summed), -1 rows (skipped), the map's strides
+    kept; and opcheck."""
+    from pixcon.ops import _library as L
+    g = torch.Generator().manual_seed(5)
+    like = torch.randn(3, 5, 4, 1 if layout == "w1" else 6, generator=g)
+    if layout == "channels_last":
+        like = like.to(memory_format=torch.channels_last)
+    P = 3 * 4 * like.shape[3]
+    idx = torch.randint(-1, P, (60,), generator=g)
+    idx[:5] = idx[5]                                       # one pixel five times more
+    rows = torch.randn(60, 5, generator=g, dtype=torch.float64).to(dtype)
+    got = L.scatter_rows(rows, idx, like)
+    want = L._add_query_grads(torch.zeros_like(like, dtype=dtype), rows, idx, like)
+    assert got.dtype == dtype and got.stride() == like.stride()
+    tol = 1e-12 if dtype == torch.float64 else 2e-3
+    assert torch.allclose(got.double(), want.double(), rtol=tol, atol=tol)
+    torch.library.opcheck(L.scatter_rows, (rows, idx, like))

@@ -152,6 +152,29 @@ def _query_grads_from_direction(g, pool, pos_pool, q_idx, pos_idx, loss, lse, v,
     return coef * ((v - p_hat) - (cbar - cos0)[:, None] * (a * a_inv))
 
 
+@torch.library.custom_op("pixcon::scatter_rows", mutates_args=())
+def scatter_rows(rows: Tensor, index: Tensor, like: Tensor) -> Tensor:
+    """A zero map shaped and strided like ``like`` (B, D, h, w) in rows' dtype, with rows[m]
+    (M, D) added at flat pixel index[m] (-1 skipped): the backward of a gather of pixel rows.
+    One op, a kernel per device: this torch code serves every device, the CPU has a compiled
+    kernel (csrc/cpu/scatter.cpp: pixel order within channel planes; here, row by row, each
+    row's values lie h*w floats apart)."""
+    return _add_query_grads(torch.zeros_like(like, dtype=rows.dtype), rows, index, like)
+
+
+@scatter_rows.register_fake
+def _(rows, index, like):
+    return torch.empty_like(like, dtype=rows.dtype)
+
+
+def _scatter(dq, q_idx, pool):
+    """dpool of a fresh gradient: scatter_rows for a (B, D, h, w) pool, rows added into zeros
+    for a (P, D) one."""
+    if pool.dim() == 4:
+        return scatter_rows(dq, q_idx, pool)
+    return _add_query_grads(None, dq, q_idx, pool)
+
+
 def _add_query_grads(dpool, dq, q_idx, pool):
     """dpool (or zeros of pool's shape) plus each query's gradient row dq[m] at row q_idx[m]
     (-1 rows skipped); rows of a (B, D, h, w) pool are its pixels."""
@@ -247,7 +270,7 @@ def _reco_backward(ctx, grad_loss, _glse, _gu, _gs):
     if grad_loss is None:
         grad_loss = torch.zeros_like(scale)
     dq = (grad_loss.to(u.dtype) * scale)[:, None] * u
-    return (_add_query_grads(None, dq, queries, emb).to(emb.dtype),) + (None,) * 12
+    return (_scatter(dq, queries, emb).to(emb.dtype),) + (None,) * 12
 
 
 torch.library.register_autograd("pixcon::reco_infonce", _reco_backward, setup_context=_reco_setup)
@@ -542,7 +565,7 @@ if _HAS_C:
         if not ctx.key_grad:         # the forward kept each query's direction: scale, scatter
             dq = _query_grads_from_direction(grad_loss, pool, pos_pool, q_idx, pos_idx, loss,
                                              lse, v, cbar, ctx.temperature, ctx.eps)
-            return _add_query_grads(None, dq, q_idx, pool).to(pool.dtype), None, None, None, \
+            return _scatter(dq, q_idx, pool).to(pool.dtype), None, None, None, \
                 None, None, None, None
         dq, dk, dpos = torch.ops.pixcon.infonce_bwd_native(
             grad_loss, pool, pos_pool, q_idx, pos_idx, neg_idx, lse, ctx.temperature,

@@ -36,8 +36,8 @@ def _lib():
 
 class _PixelRows(torch.autograd.Function):
     """Rows of a (B, D, h, w) map at flat pixel indices; backward writes the rows' gradients
-    into one zero map (autograd's own index backward builds a zero map and then an
-    out-of-place copy of it: twice the map's size)."""
+    into one zero map (op pixcon::scatter_rows; autograd's own index backward builds a zero
+    map and then an out-of-place copy of it: twice the map's size)."""
 
     @staticmethod
     def forward(ctx, emb, index):
@@ -49,8 +49,8 @@ class _PixelRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         emb, index = ctx.saved_tensors
-        dmap = torch.zeros_like(emb, dtype=g.dtype)           # emb's strides: AccumulateGrad keeps it
-        return _lib()._add_query_grads(dmap, g, index, emb).to(emb.dtype), None
+        # emb's strides: AccumulateGrad keeps it
+        return _lib().scatter_rows(g.contiguous(), index, emb).to(emb.dtype), None
 
 
 def pixel_rows_at(emb: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
