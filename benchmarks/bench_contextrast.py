@@ -9,7 +9,6 @@ vs fused (Triton), forward+backward.
 """
 from __future__ import annotations
 
-import os
 import sys
 
 import torch

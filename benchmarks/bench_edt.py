@@ -122,16 +122,11 @@ def run(size="pyramid", device=None, reps=5, out=None, threads=None, verbose=Tru
         if device.type == "cuda":
             dm = maps.to(device)
             providers["pixcon triton"] = lambda: distance_transform(dm, backend="triton", **kw)
-            try:
-                import cupy  # noqa: F401
+            import importlib.util
+            if importlib.util.find_spec("cupy") is not None:
                 providers["cupy (per image/class)"] = lambda: cupy_batch(dm, C)
-            except ImportError:
-                pass
-            try:
-                import cucim  # noqa: F401
+            if importlib.util.find_spec("cucim") is not None:
                 providers["cuCIM (per image/class)"] = lambda: cucim_batch(dm, C)
-            except ImportError:
-                pass
         else:
             providers["pixcon C++ (1 thread)"] = "1"
             providers["pixcon C++ (all threads)"] = "all"

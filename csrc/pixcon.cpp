@@ -17,13 +17,6 @@ namespace pixcon {
 void set_num_threads(int64_t n) { thread_cap().store(std::max<int64_t>(n, 0)); }
 int64_t get_num_threads() { return thread_cap().load(); }
 int64_t tiled_threads(int64_t work, int64_t items);   // cpu/tiled.cpp
-bool with_cuda() {
-#ifdef WITH_CUDA
-  return true;
-#else
-  return false;
-#endif
-}
 }  // namespace pixcon
 
 TORCH_LIBRARY_FRAGMENT(pixcon, m) {
@@ -35,7 +28,6 @@ TORCH_LIBRARY_FRAGMENT(pixcon, m) {
   // else the distance to the nearest pixel with a different label (+inf if none); squared
   // distances are exact integers (as float32).
   m.def("distance_transform(Tensor labels, int background, bool squared) -> Tensor");
-  m.def("with_cuda() -> bool", &pixcon::with_cuda);
   // The most threads the compiled CPU kernels use (0: torch's intra-op setting).
   m.def("set_num_threads(int n) -> ()", &pixcon::set_num_threads);
   m.def("get_num_threads() -> int", &pixcon::get_num_threads);

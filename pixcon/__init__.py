@@ -7,7 +7,8 @@ from __future__ import annotations
 import torch  # noqa: F401  (must be imported before the compiled extension: it loads libc10)
 
 try:
-    from . import _C  # noqa: F401  registers the compiled pixcon:: ops
+    import importlib
+    importlib.import_module("pixcon._C")     # registers the compiled CPU kernels of pixcon:: ops
     HAS_C = True
 except ImportError:  # a source checkout that was never built: the Python paths still work
     HAS_C = False
@@ -17,10 +18,9 @@ __version__ = "0.1.0"
 
 def set_num_threads(n: int | None) -> None:
     """Cap the threads of pixcon's compiled CPU kernels (backend "native": sampling, InfoNCE,
-    class sums, the EDT) at n; None or 0 follows torch's intra-op setting
-    (``torch.set_num_threads``, OMP_NUM_THREADS), which also governs torch's own ops, the BLAS
-    tiles of the tiled losses included. Results do not depend on it. The environment variable
-    PIXCON_NUM_THREADS sets it at import.
+    class sums, the EDT, the tiled contrast) at n; None or 0 follows torch's intra-op setting
+    (``torch.set_num_threads``, OMP_NUM_THREADS), which also governs torch's own ops. Results
+    do not depend on it. The environment variable PIXCON_NUM_THREADS sets it at import.
 
     On a machine other processes keep busy, a parallel region waits for its slowest thread: with
     one of two cores taken, the benchmark cases ran up to 10x slower on 2 threads than on 1

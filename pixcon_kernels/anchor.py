@@ -303,7 +303,7 @@ def anchor_backward(grad, x, inv, anchors, gt, negcls, nl, sigsum, S, temperatur
     C = anchors.shape[0]
     lay, meta, opts = _setup(x, C)
     dt = torch_acc_dtype(x.dtype)
-    D, G = lay["D"], lay["G"]
+    D = lay["D"]
     anchors = anchors.to(dt).contiguous()
     gt, negcls = gt.to(torch.int32).contiguous(), negcls.to(torch.int32).contiguous()
     grad = grad.to(dt).contiguous()

@@ -108,6 +108,7 @@ def test_cac_official_style_baseline_is_the_official_arithmetic():
     l1, l2 = 3 * torch.randn(30, 4, generator=g), 3 * torch.randn(30, 4, generator=g)
     bank = F.normalize(torch.randn(1000, 8, generator=g, dtype=torch.float64), dim=1)
     lab = torch.randint(0, 4, (1000,), generator=g)
+    want_8000 = None
     for chunk in (8000, 300):
         a, b = f1.clone().requires_grad_(), f2.clone().requires_grad_()
         want = ref.directional_contrast_loss(a, b, l1, l2, bank, lab, pos_threshold=0.5,

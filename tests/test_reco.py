@@ -1,14 +1,12 @@
 """ReCo: the reference against hand-computed cases and the official-style baseline, the fused path against
 the reference (whole loss and gradients, same seed), degenerate batches, compile, bad input."""
 import math
-import os
 import time
 
 import numpy as np
 import pytest
 import torch
 
-import pixcon
 from pixcon.nn import ReCoLoss
 from pixcon.ops import reco_inputs_from_official, reco_loss
 from pixcon.reference import common as cm

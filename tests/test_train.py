@@ -4,7 +4,6 @@ import dataclasses
 import math
 import json
 import os
-import zlib
 
 import numpy as np
 import pytest
@@ -70,9 +69,8 @@ def test_model_shapes():
 
 def test_torchvision_backbone_needs_torchvision():
     pytest.importorskip("torch")
-    try:
-        import torchvision  # noqa: F401
-    except ImportError:
+    import importlib.util
+    if importlib.util.find_spec("torchvision") is None:
         with pytest.raises(ImportError, match="needs torchvision"):
             DeepLabV3Plus(5, backbone="resnet50")
     else:

@@ -271,7 +271,7 @@ def main(argv=None):
             bar.update(k + 1, f"{status} {name}")
         bar.close()
     Path(a.json).write_text(json.dumps(rows, indent=1))
-    print(f"\n| mutant | status | s | mistake |\n|---|---|---|---|")
+    print("\n| mutant | status | s | mistake |\n|---|---|---|---|")
     for r in rows:
         print(f"| {r['name']} | {r['status']} | {r['seconds']:.0f} | {r['mistake']} |")
     survived = [r["name"] for r in rows if r["status"] == "SURVIVED"]

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import torch
 
+from ..reference import common as ref_common
 from ..reference import contrastiveseg as ref
 from ._common import FLOAT_DTYPES, INT_DTYPES, check_positive_float, check_tensor, resolve_backend
 
@@ -67,7 +68,7 @@ def _run(anchors, anchor_labels, keys, key_labels, temperature, backend, block, 
     if be == "reference":
         acc = torch.promote_types(anchors.dtype, torch.float32)
         k = None if keys is None else keys.to(acc)
-        nl = ref.negative_lse(anchors.to(acc), ya, k, yk, temperature=temperature)
+        nl = ref_common.negative_lse(anchors.to(acc), ya, k, yk, temperature=temperature)
         if not positives:
             return None, None, nl
         return (*ref.contrast_terms(anchors.to(acc), ya, k, yk, temperature=temperature), nl)

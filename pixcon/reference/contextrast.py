@@ -97,7 +97,7 @@ def pixel_anchor_loss(embs, labels, pred_labels, num_classes, *, w_low=0.5, w_hi
     anchors come from (pixcon.distributed.class_stats: over all ranks; sums keep their
     gradient); which classes count in a layer's mean stays this batch's."""
     C = num_classes
-    zs, gts, anchors, present, here = [], [], [], [], []
+    zs, anchors, present, here = [], [], [], []
     for emb in embs:
         z, gt, pr = layer_inputs(emb, labels, pred_labels, C, ignore_index, normalize)
         onehot = F.one_hot(gt.clamp(min=0), C).to(z.dtype) * (gt >= 0)[:, None].to(z.dtype)

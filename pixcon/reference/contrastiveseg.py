@@ -24,7 +24,6 @@ from __future__ import annotations
 import torch
 
 from . import common as cm
-from .common import negative_lse  # noqa: F401  (the shared negatives' term)
 from .rng import STREAM_ANCHOR, philox4x32
 
 # The plain reference builds anchors x keys matrices (about eight temporaries of that size);
