@@ -565,3 +565,18 @@ def test_torch_compile_matches_eager():
         g2, = torch.autograd.grad(l2, e2)
     assert_close(l2, l1, rtol=1e-6, atol=1e-6, what="compiled loss")
     assert_close(g2, g1, rtol=1e-6, atol=1e-8, what="compiled grad")
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int16, torch.int32])
+def test_every_integer_label_dtype_gives_the_int64_result(dtype):
+    """PNG masks load as uint8: the label check compares in int64 (2^31 in a narrow dtype
+    wrapped and rejected every label)."""
+    emb, labels, pred = batch(seed=12)
+    labels = labels.clamp(max=3)                               # 255 would not fit int8 ranges
+    want = pixel_contrast_loss(emb, labels, pred, max_samples=40, max_views=4, seed=2,
+                               backend="native")
+    got = pixel_contrast_loss(emb, labels.to(dtype), pred, max_samples=40, max_views=4, seed=2,
+                              backend="native")
+    assert torch.equal(got, want)
+    assert torch.equal(dense_contrast_loss(emb, labels.to(dtype), backend="native"),
+                       dense_contrast_loss(emb, labels, backend="native"))

@@ -140,10 +140,11 @@ def _check_values(op, emb, labels, ignore_index):
     """Data checks (host sync): finite embeddings, labels in [0, 2^31) or ignore_index."""
     if not bool(torch.isfinite(emb).all()):
         raise ValueError(f"{op}: emb contains NaN or Inf")
-    bad = (labels != ignore_index) & ((labels < 0) | (labels >= LABEL_LIMIT))
+    lab = labels.to(torch.int64)        # compared in their own dtype, 2^31 would wrap
+    bad = (lab != ignore_index) & ((lab < 0) | (lab >= LABEL_LIMIT))
     if bool(bad.any()):
         raise ValueError(f"{op}: labels must be class indices in [0, 2^31) or ignore_index="
-                         f"{ignore_index}; found {int(labels[bad][0])}")
+                         f"{ignore_index}; found {int(lab[bad][0])}")
 
 
 def pixel_contrast_loss(emb, labels, predict, *, ignore_index: int = 255, max_samples: int = 1024,
