@@ -580,3 +580,21 @@ def test_every_integer_label_dtype_gives_the_int64_result(dtype):
     assert torch.equal(got, want)
     assert torch.equal(dense_contrast_loss(emb, labels.to(dtype), backend="native"),
                        dense_contrast_loss(emb, labels, backend="native"))
+
+
+@pytest.mark.parametrize("bad", [4, -3])
+def test_bank_rejects_a_label_outside_its_classes_before_writing(bad):
+    """A label that is neither a class of the bank nor ignore_index raises (it was dropped
+    silently) and leaves the bank as it was; uint8 labels work like int64 ones."""
+    emb, labels, _ = batch(2, 8, 5, 6, 4, seed=3)
+    bank = small_bank()
+    before = {k: v.clone() for k, v in bank.state_dict().items()}
+    wrong = labels.clone()
+    wrong[1, 2, 3] = bad
+    with pytest.raises(ValueError, match=rf"labels must be classes in \[0, 4\).*found {bad}"):
+        bank.update(emb, wrong, seed=1)
+    assert all(torch.equal(v, bank.state_dict()[k]) for k, v in before.items())
+    a, b = small_bank(), small_bank()
+    a.update(emb, labels, seed=1)
+    b.update(emb, labels.to(torch.uint8), seed=1)
+    assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())

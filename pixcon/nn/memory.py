@@ -191,6 +191,12 @@ class PixelMemoryBank(torch.nn.Module):
         if chk.want_value_checks(check_values, keys.device):
             if not bool(torch.isfinite(keys).all()):
                 raise ValueError("PixelMemoryBank.update: keys contain NaN or Inf")
+            lab = labels.to(torch.int64)
+            bad = (lab != self.ignore_index) & ((lab < 0) | (lab >= self.num_classes))
+            if bool(bad.any()):      # dropped silently, they would be a class missing its keys
+                raise ValueError(f"PixelMemoryBank.update: labels must be classes in [0, "
+                                 f"{self.num_classes}) or ignore_index={self.ignore_index}; "
+                                 f"found {int(lab[bad][0])}")
 
     def _choose(self, lb, valid, counts, seed, b, hw):
         """(C, freq) positions in image b of the pixels to enqueue per class (-1 past K): the
