@@ -23,7 +23,7 @@ import sys
 
 import torch
 
-from pixcon._cli import HelpFormatter
+from pixcon._cli import HelpFormatter, check_device
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 if HERE not in sys.path:        # the bench modules import their siblings (baselines, plot)
@@ -233,6 +233,7 @@ def main(argv=None):
     ap.add_argument("--replot", default=None, metavar="JSON",
                     help="only redraw the plots of a suite JSON written before, next to it")
     a = ap.parse_args(argv)
+    check_device("benchmarks", a.device)
     if a.replot:
         import json
         with open(a.replot) as f:

@@ -15,7 +15,7 @@ import sys
 import torch
 
 from . import bench as pb
-from ._cli import HelpFormatter
+from ._cli import HelpFormatter, check_device
 from .ops import reco_loss
 from .ops._common import triton_usable
 from .synthetic import reco_batch
@@ -49,6 +49,7 @@ def main(argv=None):
     ap.add_argument("--queries", type=int, default=256, help="queries per class")
     ap.add_argument("--negatives", type=int, default=512, help="negatives per query")
     a = ap.parse_args(argv)
+    check_device("pixcon.demo", a.device)
 
     device = torch.device(a.device)
     B, D, h, w = SIZES[a.size]

@@ -13,7 +13,8 @@ sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]
 
 COMMANDS = ["pixcon.train.cli", "pixcon.demo", "pixcon.viz", "benchmarks.suite",
             "benchmarks.bench_reco", "benchmarks.bench_cac", "benchmarks.bench_contrastiveseg",
-            "benchmarks.bench_contextrast", "benchmarks.bench_edt", "benchmarks.bench_threads"]
+            "benchmarks.bench_contextrast", "benchmarks.bench_edt", "benchmarks.bench_threads",
+            "benchmarks.grid"]
 
 
 class _Stop(Exception):
@@ -59,3 +60,22 @@ def test_help_shows_every_default(module, monkeypatch):
                 assert f"(default: {act.default}" in " ".join(text.split()), act.option_strings[0]
             checked += 1
     assert checked >= 3
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a machine without CUDA")
+@pytest.mark.parametrize("argv", [["-m", "pixcon.train", "run", "--device", "cuda"],
+                                  ["-m", "pixcon.demo", "--device", "cuda"],
+                                  ["-m", "pixcon.viz", "missing.pt", "--device", "cuda"],
+                                  ["-m", "benchmarks", "--device", "cuda:1"],
+                                  ["-m", "pixcon.demo", "--device", "gpu0"]])
+def test_an_unavailable_device_is_one_line(argv):
+    """A device this machine lacks: exit status 1 and one line on stderr saying what is
+    missing, no traceback (the device is checked before anything loads)."""
+    import subprocess
+    root = str(__import__("pathlib").Path(__file__).resolve().parents[1])
+    r = subprocess.run([sys.executable, *argv], capture_output=True, text=True, cwd=root,
+                       timeout=120)
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.returncode == 1 and len(lines) == 1, r.stderr
+    assert "Traceback" not in r.stderr and "--device" in lines[0]
+    assert ("CPU-only" in lines[0]) or ("not a device name" in lines[0])

@@ -23,7 +23,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from .. import distributed as pdist  # noqa: E402
-from .._cli import HelpFormatter  # noqa: E402
+from .._cli import HelpFormatter, check_device  # noqa: E402
 from .loop import LOSSES, Config, compare, parity, train  # noqa: E402
 
 # a tiny configuration: a few seconds a step even for the fused path under the Triton interpreter
@@ -134,6 +134,7 @@ def main(argv=None):
     if not argv or argv[0] not in ("compare", "run", "parity", "-h", "--help"):
         argv = ["compare"] + argv
     a = ap.parse_args(argv)
+    check_device("pixcon.train", getattr(a, "device", None))
 
     cfg = _config(a)
     if cfg.out and int(os.environ.get("RANK", "0")) == 0:     # before torchrun's group exists

@@ -90,7 +90,7 @@ def write_figures(model, ds, out, *, which: str, palette_name: str = "voc", pane
 
 
 def main(argv=None):
-    from .._cli import HelpFormatter
+    from .._cli import HelpFormatter, check_device
     from .common import plt
     ap = argparse.ArgumentParser(prog="python -m pixcon.viz", description=__doc__,
                                  formatter_class=HelpFormatter)
@@ -109,6 +109,7 @@ def main(argv=None):
                     help="also errors.png/json: error pixels' cosine to the class anchors by "
                          "distance to the error boundary, per backbone stage")
     a = ap.parse_args(argv)
+    check_device("pixcon.viz", a.device)
     try:
         plt()
     except ImportError as e:
