@@ -18,6 +18,7 @@
 #include "parallel.h"
 
 namespace pixcon {
+int64_t tiled_threads(int64_t work, int64_t items);   // tiled.cpp: the one-thread rule
 namespace {
 
 at::Tensor scatter_rows_cpu(const at::Tensor& rows_in, const at::Tensor& index_in,
@@ -28,7 +29,9 @@ at::Tensor scatter_rows_cpu(const at::Tensor& rows_in, const at::Tensor& index_i
               "scatter_rows: rows must be (M, D) with one index per row");
   const int64_t M = rows_in.size(0), D = like.size(1), h = like.size(2), w = like.size(3);
   const int64_t P = like.size(0) * h * w;
-  auto out = at::zeros_like(like, like.options().dtype(rows_in.scalar_type()));
+  auto out = at::empty_like(like, like.options().dtype(rows_in.scalar_type()));
+  TORCH_CHECK(out.is_non_overlapping_and_dense(), "scatter_rows: like must be dense");
+  std::memset(out.data_ptr(), 0, out.numel() * out.element_size());   // this thread (see below)
   const at::Tensor rows = rows_in.t().contiguous();                 // (D, M): planes read in order
   const at::Tensor idx = index_in.to(at::kLong).contiguous();
   const int64_t* ip = idx.data_ptr<int64_t>();
@@ -47,7 +50,10 @@ at::Tensor scatter_rows_cpu(const at::Tensor& rows_in, const at::Tensor& index_i
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "scatter_rows", [&] {
     scalar_t* o = out.data_ptr<scalar_t>();
     const scalar_t* r = rows.data_ptr<scalar_t>();
-    at::parallel_for(0, D, grain_for(D, std::max<int64_t>(n, 1)), [&](int64_t d0, int64_t d1) {
+    // one thread below tiled_threads' work rule (2^27 adds): a parallel region on a loaded
+    // machine can wait a scheduler tick, longer than these adds take
+    const int64_t grain = tiled_threads(n * D, D) > 1 ? grain_for(D, std::max<int64_t>(n, 1)) : D;
+    at::parallel_for(0, D, grain, [&](int64_t d0, int64_t d1) {
       for (int64_t d = d0; d < d1; ++d) {
         scalar_t* plane = o + d * s1;
         const scalar_t* src = r + d * M;

@@ -28,6 +28,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <numeric>
 #include <vector>
 
 #include "parallel.h"
@@ -166,28 +167,60 @@ struct Plan {
   std::vector<int64_t> plo, phi;     // positive keys of anchor r: [plo[r], phi[r])
 };
 
+// The glue around the passes (sorting labels, gathering and scattering rows, zeroing) is plain
+// loops on the calling thread: each ATen call would be a parallel region of its own, and on a
+// loaded machine every region can wait a scheduler tick (torch's radix sort took 10 ms a call
+// for 8192 labels with one core busy).
+
 // (sorted labels int64, permutation or undefined when already sorted)
 std::pair<at::Tensor, at::Tensor> sorted(const at::Tensor& y) {
   auto y64 = y.to(at::kLong).contiguous();
-  const int64_t* p = y64.template data_ptr<int64_t>();
+  const int64_t* p = y64.data_ptr<int64_t>();
   const int64_t n = y64.numel();
   bool is_sorted = true;
   for (int64_t i = 1; i < n && is_sorted; ++i) is_sorted = p[i] >= p[i - 1];
   if (is_sorted) return {y64, at::Tensor()};
-  auto s = at::sort(y64, /*stable=*/true, /*dim=*/0, /*descending=*/false);
-  return {std::get<0>(s).contiguous(), std::get<1>(s)};
+  auto perm = at::empty({n}, y64.options());
+  int64_t* pp = perm.data_ptr<int64_t>();
+  std::iota(pp, pp + n, int64_t{0});
+  std::stable_sort(pp, pp + n, [&](int64_t a, int64_t b) { return p[a] < p[b]; });
+  auto ys = at::empty({n}, y64.options());
+  int64_t* ysp = ys.data_ptr<int64_t>();
+  for (int64_t i = 0; i < n; ++i) ysp[i] = p[pp[i]];
+  return {ys, perm};
 }
 
+// rows x[perm] (x itself when perm is undefined) as contiguous rows of type acc, no gradient
 at::Tensor rows_in(const at::Tensor& x, const at::Tensor& perm, at::ScalarType acc) {
-  at::Tensor r = perm.defined() ? x.index_select(0, perm) : x;
-  return r.detach().to(acc).contiguous();
+  at::Tensor src = x.detach().to(acc).contiguous();
+  if (!perm.defined()) return src;
+  const int64_t n = perm.numel(), D = src.size(1), bytes = D * src.element_size();
+  at::Tensor out = at::empty({n, D}, src.options());
+  const int64_t* pp = perm.data_ptr<int64_t>();
+  const char* s = static_cast<const char*>(src.data_ptr());
+  char* o = static_cast<char*>(out.data_ptr());
+  for (int64_t i = 0; i < n; ++i) std::memcpy(o + i * bytes, s + pp[i] * bytes, bytes);
+  return out;
 }
 
+// x in sorted order (rows of any width) back to the callers' order
 at::Tensor unsort(const at::Tensor& x, const at::Tensor& perm) {
   if (!perm.defined()) return x;
-  auto out = at::empty_like(x);
-  out.index_copy_(0, perm, x);
+  at::Tensor src = x.contiguous();
+  const int64_t n = perm.numel(), bytes = (n ? src.numel() / n : 0) * src.element_size();
+  at::Tensor out = at::empty_like(src);
+  const int64_t* pp = perm.data_ptr<int64_t>();
+  const char* s = static_cast<const char*>(src.data_ptr());
+  char* o = static_cast<char*>(out.data_ptr());
+  for (int64_t i = 0; i < n; ++i) std::memcpy(o + pp[i] * bytes, s + i * bytes, bytes);
   return out;
+}
+
+// zeros, written on this thread
+at::Tensor zeros_here(const at::Tensor& like) {
+  at::Tensor z = at::empty_like(like, at::MemoryFormat::Contiguous);
+  std::memset(z.data_ptr(), 0, z.numel() * z.element_size());
+  return z;
 }
 
 Plan make_plan(const at::Tensor& a, const at::Tensor& ya, const c10::optional<at::Tensor>& k,
@@ -401,8 +434,7 @@ std::tuple<at::Tensor, at::Tensor> backward_impl(const Plan& p, const at::Tensor
   const int64_t M = p.M;
   const auto acc = p.A.scalar_type();
   auto sortrows = [&](const at::Tensor& x, at::ScalarType dt) {
-    at::Tensor y = p.pa.defined() ? x.index_select(0, p.pa) : x;
-    return y.to(dt).contiguous();
+    return rows_in(x.reshape({-1, 1}), p.pa, dt).reshape({-1});
   };
   at::Tensor g = sortrows(g_in, acc), gnl = sortrows(gnl_in, acc), NL = sortrows(nl_in, acc);
   at::Tensor W = sortrows(w_in, acc), np = sortrows(np_in, at::kLong);
@@ -421,9 +453,9 @@ std::tuple<at::Tensor, at::Tensor> backward_impl(const Plan& p, const at::Tensor
   }
   const double inv_t = 1.0 / t;
   const int64_t work = (M - p.av0) * (p.N - p.kv0) * p.D * 2;
-  auto dA = at::zeros_like(p.A);
+  auto dA = zeros_here(p.A);
   const bool need_dk = key_grad || p.in_batch;
-  at::Tensor dK = need_dk ? at::zeros_like(p.K) : at::Tensor();
+  at::Tensor dK = need_dk ? zeros_here(p.K) : at::Tensor();
   const int64_t BNK = p.BNK, nk = (p.N - p.kv0 + BNK - 1) / BNK;
   auto tile_live = [&](int64_t i0, int64_t i1) {
     for (int64_t r = i0; r < i1; ++r)
