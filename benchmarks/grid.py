@@ -445,6 +445,9 @@ def plot(rows, stem):
             ax.scatter(xs, ys, label=cond, marker="os^D"[j % 4], s=28)
         ax.axhline(1.0, color="k", lw=0.8)
         ax.set_yscale("log")
+        import matplotlib.ticker as ticker
+        ax.yaxis.set_major_formatter(ticker.FormatStrFormatter("%.3g"))
+        ax.yaxis.set_minor_formatter(ticker.FormatStrFormatter("%.3g"))
         ax.set_xticks(range(len(case_names)))
         ax.set_xticklabels(case_names, rotation=35, ha="right", fontsize=8)
         ax.set_ylabel("native time / best other provider")
