@@ -1,5 +1,5 @@
 """directional_contrast_loss (CAC) benchmark: official-style (8000-column chunks under
-gradient checkpointing) vs reference vs the CPU default (native: BLAS tiles) vs fused (Triton),
+gradient checkpointing) vs reference vs the CPU default (native: the compiled tiled contrast) vs fused (Triton),
 forward+backward time, peak extra memory, bytes saved for backward.
 
     python benchmarks/bench_cac.py                  # GPU: Cityscapes and VOC; CPU: reduced

@@ -1,6 +1,6 @@
 """pixel_contrast_loss (ContrastiveSeg) and dense_contrast_loss benchmark: official-style vs
-reference vs the CPU default (native: BLAS tiles) vs fused (Triton), forward+backward time,
-peak extra memory and bytes saved for backward.
+reference vs the CPU default (native: the compiled tiled contrast) vs fused (Triton),
+forward+backward time, peak extra memory and bytes saved for backward.
 
     python benchmarks/bench_contrastiveseg.py                  # GPU: Cityscapes; CPU: reduced
     python benchmarks/bench_contrastiveseg.py --size tiny      # seconds; what CI runs

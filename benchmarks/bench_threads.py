@@ -3,9 +3,9 @@
     python benchmarks/bench_threads.py               # the CPU settings, 3 rounds
     python benchmarks/bench_threads.py --rounds 5 --threads 1 2 4
 
-pixcon's compiled kernels parallelise with ATen's intra-op pool (at::parallel_for), and the
-tiled losses with BLAS inside torch: ``torch.set_num_threads(n)`` (or OMP_NUM_THREADS) caps
-both. On a shared 2-core machine a second thread can cost more than it gives (wake-up stalls on
+pixcon's compiled kernels parallelise with ATen's intra-op pool (at::parallel_for; the tiled
+contrast claims work items inside one region per pass): ``torch.set_num_threads(n)`` (or
+OMP_NUM_THREADS) caps them and torch's own ops. On a shared 2-core machine a second thread can cost more than it gives (wake-up stalls on
 short parallel regions), so this measures every case at each count, alternating the order per
 round, and reports the median per count and the ratio to one thread. Writes
 <out>/<date>-<device>-threads.{json,md}.

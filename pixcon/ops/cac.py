@@ -42,8 +42,8 @@ def directional_contrast_loss(feat1, feat2, logits1, logits2, negatives, negativ
         temperature: t of the dot products (0.1).
         reduction: "mean" (the official scalar: each term averaged over its selected pixels) or
             "none" ((2, n) per-pixel terms, zero outside the directional masks).
-        backend: "auto" (Triton on CUDA tensors, CPU tiles on CPU tensors), "reference",
-            "native" or "triton".
+        backend: "auto" (Triton on CUDA tensors, the compiled tiled contrast on CPU tensors),
+            "reference", "native" or "triton".
         official_numerics: the official arithmetic (first-chunk stabiliser, 1e-8 inside and
             outside the log; reference backend only). By default the loss is exact: the
             official value differs by 1e-3 to 3e-2 on random unit features (more as pixel

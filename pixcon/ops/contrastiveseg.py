@@ -171,8 +171,9 @@ def pixel_contrast_loss(emb, labels, predict, *, ignore_index: int = 255, max_sa
             then contrasted with the bank only (official memory variant); keys get no gradient.
         seed: int or None (drawn from torch's generator); the same seed gives the same anchors
             on every backend.
-        backend: "auto" (Triton on CUDA tensors, CPU tiles on CPU tensors), "reference",
-            "native" (CPU tiles: BLAS matmuls, recompute in backward) or "triton".
+        backend: "auto" (Triton on CUDA tensors, the compiled CPU kernel on CPU tensors),
+            "reference", "native" (pixcon::tiled_contrast's C++ kernel: tiles, recompute in
+            backward) or "triton".
         check_values: NaN and label checks and the n_view = 0 check as a clear error (a host
             sync; default on for CPU tensors, off for CUDA, where n_view = 0 is a device assert).
 
