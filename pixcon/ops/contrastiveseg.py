@@ -201,9 +201,15 @@ def pixel_contrast_loss(emb, labels, predict, *, ignore_index: int = 255, max_sa
             emb, labels, pred, ignore_index=ignore_index, max_samples=max_samples,
             max_views=max_views, temperature=temperature, base_temperature=base_temperature,
             memory=mem, seed=seed)
-    index, y, T, _ = sample_anchors(gt, pred, max_samples=max_samples, max_views=max_views,
-                                    seed=seed, backend=be)
+    index, y, T, n_view = sample_anchors(gt, pred, max_samples=max_samples,
+                                         max_views=max_views, seed=seed, backend=be)
     _check_views(op, T, max_samples, max_views, emb.device, check_values)
+    if be == "native" and not torch.compiler.is_compiling():
+        # CPU tensors: the filled slots are the prefix [0, T n_view); the empty ones (label -1,
+        # never counted) only cost full-size buffers (8192 slots with 1024 filled: the step was
+        # their allocation and zeroing). Reading the count is no device sync on the CPU.
+        used = int(T * n_view)
+        index, y = index[:used], y[:used]
     z = prim.pixel_rows_at(emb, index)                              # (M, D), with grad
     if be == "native":
         z = z.to(torch.promote_types(emb.dtype, torch.float32))
