@@ -25,6 +25,7 @@ over the best other provider's, per setting and condition (below 1: the default 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import subprocess
 import sys
@@ -290,7 +291,7 @@ def run(grid="small", conditions=CONDITIONS, reps=2, only=None, progress=True):
         for cond in conditions:
             threads, load = int(cond.split("-")[0]), cond.split("-")[1]
             torch.set_num_threads(threads)
-            ctx = BusyCore() if load == "loaded" else _Nothing()
+            ctx = BusyCore() if load == "loaded" else contextlib.nullcontext()
             with ctx:
                 for op, label, setting, make in todo:
                     bar.update(k, f"{cond} {op} {label}")
@@ -309,14 +310,6 @@ def run(grid="small", conditions=CONDITIONS, reps=2, only=None, progress=True):
         bar.update(len(todo) * len(conditions), "done")
         bar.close()
     return rows
-
-
-class _Nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _cpu_name():

@@ -425,13 +425,7 @@ def tiled_contrast_op(a: Tensor, ya: Tensor, k: Optional[Tensor], yk: Optional[T
     [BLOCK_M, BLOCK_N] tile sizes of the CPU kernel ([] = its own choice; Triton ignores it)."""
     from pixcon_kernels.tiled import tiled_forward
     in_batch = k is None
-    pa = torch.sort(ya, stable=True).indices
-    a_s, ya_s = a[pa], ya[pa]
-    if in_batch:
-        k_s, yk_s = a_s, ya_s
-    else:
-        pk = torch.sort(yk, stable=True).indices
-        k_s, yk_s = k[pk], yk[pk]
+    pa, a_s, ya_s, _, k_s, yk_s = _by_label(a, ya, k, yk)
     terms, npos, nl, w = tiled_forward(a_s, ya_s, k_s, yk_s, temperature, in_batch, positives)
     return (_unsort(terms, pa), _unsort(npos.to(torch.int64), pa), _unsort(nl, pa),
             _unsort(w, pa))
@@ -446,17 +440,22 @@ def tiled_contrast_backward(grad: Tensor, grad_nl: Tensor, a: Tensor, ya: Tensor
     holds both sides)."""
     from pixcon_kernels.tiled import tiled_backward
     in_batch = k is None
-    pa = torch.sort(ya, stable=True).indices
-    a_s, ya_s = a[pa], ya[pa]
-    if in_batch:
-        k_s, yk_s, pk = a_s, ya_s, pa
-    else:
-        pk = torch.sort(yk, stable=True).indices
-        k_s, yk_s = k[pk], yk[pk]
+    pa, a_s, ya_s, pk, k_s, yk_s = _by_label(a, ya, k, yk)
     da, dk = tiled_backward(grad[pa], a_s, ya_s, k_s, yk_s, nl[pa], w[pa], npos[pa].to(torch.int32),
                             temperature, in_batch, key_grad and not in_batch, grad_nl[pa])
     dk = a.new_empty(0) if dk is None else _unsort(dk, pk).to(k.dtype)
     return _unsort(da, pa).to(a.dtype), dk
+
+
+def _by_label(a, ya, k, yk):
+    """(pa, a, ya, pk, k, yk) with rows stably sorted by label; k None (in-batch): the keys are
+    the sorted anchors."""
+    pa = torch.sort(ya, stable=True).indices
+    a_s, ya_s = a[pa], ya[pa]
+    if k is None:
+        return pa, a_s, ya_s, pa, a_s, ya_s
+    pk = torch.sort(yk, stable=True).indices
+    return pa, a_s, ya_s, pk, k[pk], yk[pk]
 
 
 def _unsort(x, perm):

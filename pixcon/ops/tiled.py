@@ -26,6 +26,8 @@ GPU ("triton"): pixcon_kernels.tiled, the same passes on tensor cores.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from ..reference import common as ref_common
@@ -75,10 +77,9 @@ def _run(anchors, anchor_labels, keys, key_labels, temperature, backend, block, 
     from . import _library
     block = [] if block is None else [int(b) for b in block]
     args = (anchors, ya, keys, yk, float(temperature), positives, block)
-    if be == "triton" and anchors.device.type == "cpu" and not torch.compiler.is_compiling():
-        with _library.triton_on_cpu():                        # the interpreter (tests)
-            terms, npos, nl, _ = _library.tiled_contrast_op(*args)
-    else:
+    interpret = (be == "triton" and anchors.device.type == "cpu"        # the tests' interpreter
+                 and not torch.compiler.is_compiling())
+    with _library.triton_on_cpu() if interpret else contextlib.nullcontext():
         terms, npos, nl, _ = _library.tiled_contrast_op(*args)
     return terms, npos, nl
 
