@@ -21,6 +21,11 @@ from pixcon.ops import pixel_anchor_loss
 SIZES = {  # B, D, layer sizes (deep last), C
     "hrnet": (8, 256, [(128, 256), (64, 128), (32, 64), (16, 32)], 19),
     "cpu": (2, 64, [(64, 128), (32, 64), (16, 32), (8, 16)], 19),
+    # the CPU grid's other settings (benchmarks/grid.py): wider features, ADE20K's 150 classes,
+    # one image at the HRNet sizes
+    "cpu-d256": (2, 256, [(64, 128), (32, 64), (16, 32), (8, 16)], 19),
+    "cpu-ade": (2, 64, [(64, 64), (32, 32), (16, 16), (8, 8)], 150),
+    "hrnet-1": (1, 256, [(128, 256), (64, 128), (32, 64), (16, 32)], 19),
     "tiny": (2, 8, [(8, 16), (4, 8)], 5),
 }
 

@@ -65,7 +65,7 @@ GRIDS = {
                            dict(bank=1000), dict(bank=38000), dict(bank=200000)],
         "cac": [dict(), dict(n=500), dict(N=8000), dict(scale=1.0)],
         "dense": [dict(B=1, D=256, h=48, w=64, C=12, block=16)],
-        "reco": ["cpu"], "contextrast": ["cpu"],
+        "reco": ["cpu"], "contextrast": ["cpu", "cpu-ade"],
     },
     "full": {
         "contrastiveseg": [dict(), dict(anchors=256), dict(anchors=4096), dict(anchors=8192),
@@ -78,7 +78,7 @@ GRIDS = {
                 dict(scale=1.0), dict(scale=3.0), dict(scale=30.0)],
         "dense": [dict(B=1, D=256, h=48, w=64, C=12, block=16),
                   dict(B=2, D=256, h=64, w=64, C=19, block=16)],
-        "reco": ["cpu", "voc"], "contextrast": ["cpu"],
+        "reco": ["cpu", "voc"], "contextrast": ["cpu", "cpu-d256", "cpu-ade", "hrnet-1"],
     },
 }
 

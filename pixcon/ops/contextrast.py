@@ -183,24 +183,25 @@ def _pa_fused(embs, labels, pred_labels, C, *, w_low, w_high, layer_weights, tem
     made or kept. "triton": one kernel for the pixels' inverse norms, the class sums of the
     unit rows, and the pixel x anchor contrast whose logits (P x C) are computed once and
     kept for backward, which writes the NCHW gradient itself. "native" (CPU): the compiled EDT
-    in BANE, and the class sums and pixel x anchor terms in tiles of pixels made from the NCHW
-    embedding and remade in backward (``anchor_tiles``). Never pixels x pixels."""
+    in BANE, and the class sums and pixel x anchor terms in tiles of pixels of the NCHW
+    embedding, products with the raw columns scaled by the inverse norms (the unit rows are
+    never made), recomputed in backward (``anchor_tiles``). Never pixels x pixels."""
     from . import _library as lib
     native = backend == "native"
     layers, anchors, present = [], [], []
     for emb in embs:
         gt, pr = ref.layer_labels(emb.shape, labels, pred_labels, C, ignore_index)
-        if native:
-            sums = tiles.unit_class_sums(emb, gt, C, normalize=normalize)
+        if native:        # scale: the pixel norms, once per layer for both tile passes
+            scale = tiles.column_norms(emb) if normalize else None
+            sums = tiles.unit_class_sums(emb, gt, C, normalize=normalize, norms=scale)
             counts = torch.zeros(C, dtype=torch.int64).index_add_(0, gt.clamp(min=0),
                                                                   (gt >= 0).to(torch.int64))
-            inv = None
-        else:
-            inv = (lib.inv_norms(emb.detach()) if normalize else
+        else:             # scale: the inverse norms, as the Triton kernels take them
+            scale = (lib.inv_norms(emb.detach()) if normalize else
                    torch.ones(gt.shape, dtype=torch.promote_types(emb.dtype, torch.float32),
                               device=emb.device))
-            sums, counts = lib.unit_class_sums(emb, inv, gt, C, normalize)
-        layers.append((emb, inv, gt, pr, counts))                     # anchors keep their grad
+            sums, counts = lib.unit_class_sums(emb, scale, gt, C, normalize)
+        layers.append((emb, scale, gt, pr, counts))                     # anchors keep their grad
         if stats is not None:                                          # over all ranks
             sums, counts = stats(sums, counts)
         a = sums / counts.clamp(min=1).to(sums.dtype)[:, None]
@@ -213,17 +214,18 @@ def _pa_fused(embs, labels, pred_labels, C, *, w_low, w_high, layer_weights, tem
                           reading) for (e, _, gt, pr, _) in layers]
     d2s = distance_transforms(errs, background=-1, squared=True, backend=backend)
     total = None                         # every term hangs off each layer's ops: connected
-    for (emb, inv, gt, pr, counts), err, d2, a_hat, lam in zip(layers, errs, d2s, fused,
+    for (emb, scale, gt, pr, counts), err, d2, a_hat, lam in zip(layers, errs, d2s, fused,
                                                                layer_weights):
         pres = counts > 0
         h, w = emb.shape[2:]
         sel = select_lowest(err.reshape(-1), d2.reshape(-1), C, ks, h * h + w * w + 1)
         if native:
             loss_sum = tiles.anchor_terms(emb, a_hat, gt, sel.reshape(-1), err.reshape(-1), C,
-                                          temperature, reading, normalize=normalize)
+                                          temperature, reading, normalize=normalize,
+                                          norms=scale)
         else:
             negcls = torch.where(sel, err.reshape(-1), -1)
-            loss_sum = lib.anchor_contrast(emb, inv, a_hat, gt, negcls, float(temperature),
+            loss_sum = lib.anchor_contrast(emb, scale, a_hat, gt, negcls, float(temperature),
                                            reading == "R2", normalize)[0]
         per_class = loss_sum / counts.clamp(min=1).to(loss_sum.dtype)
         term = lam * per_class.sum() / pres.sum().clamp(min=1)
