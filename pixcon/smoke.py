@@ -223,21 +223,57 @@ def run_case(case: Case, backend: str, device, seed: int = 0) -> dict:
     return case.run(backend, case.make(torch.device(device), seed))
 
 
+def parity(case: Case, device, seed: int = 1) -> list[str]:
+    """What differs between the case's Triton and reference outputs on ``device`` (at the case's
+    tolerance; integers exactly) and between two Triton runs (bitwise; the key-gradient atomics
+    excepted): an empty list when nothing does."""
+    ref = run_case(case, "reference", device, seed)
+    got = run_case(case, "triton", device, seed)
+    again = run_case(case, "triton", device, seed)
+    bad = [] if got.keys() == ref.keys() else [f"outputs {sorted(got)} vs {sorted(ref)}"]
+    for k in ref.keys() & got.keys():
+        a, b = got[k].detach().cpu(), ref[k].detach().cpu()
+        if b.dtype.is_floating_point:
+            err = (a.double() - b.double()).abs() - case.atol - case.rtol * b.double().abs()
+            if a.shape != b.shape or bool((err > 0).any()) or bool(a.isnan().any()):
+                bad.append(f"{k}: off by up to {float(err.max()) if err.numel() else 0:.3g} "
+                           f"beyond rtol={case.rtol}, atol={case.atol}")
+        elif not torch.equal(a, b):
+            bad.append(f"{k}: integers differ")
+        if (not case.key_atomics or k == "loss") and not torch.equal(again[k], got[k]):
+            bad.append(f"{k}: two Triton runs differ")
+    return bad
+
+
 def main(argv=None):
     from ._cli import HelpFormatter, check_device
     ap = argparse.ArgumentParser(prog="python -m pixcon.smoke", description=__doc__,
                                  formatter_class=HelpFormatter)
     ap.add_argument("--device", default="cuda", help="cuda, or cpu under TRITON_INTERPRET=1")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--parity", action="store_true",
+                    help="also check each case against the reference (what tests/test_gpu.py "
+                         "does, for a machine without pytest)")
     args = ap.parse_args(argv)
     check_device("python -m pixcon.smoke", args.device)
-    for case in CASES:
-        out = run_case(case, "triton", args.device, args.seed)
-        if torch.device(args.device).type == "cuda":
-            torch.cuda.synchronize()
-        print(f"smoke: {case.name}: {len(out)} outputs", flush=True)
-    print("smoke: done", flush=True)
-    return 0
+    from pixcon_kernels.aot import Recorder
+    rec = Recorder(execute=True)              # names every kernel as it launches
+    with rec.active():
+        for case in CASES:
+            out = run_case(case, "triton", args.device, args.seed)
+            if torch.device(args.device).type == "cuda":
+                torch.cuda.synchronize()
+            print(f"smoke: {case.name}: {len(out)} outputs", flush=True)
+    names = sorted({launch["kernel"].split(":")[-1] for launch in rec.launches})
+    print(f"smoke: kernels: {', '.join(names)}", flush=True)
+    failed = 0
+    for case in CASES if args.parity else ():
+        bad = parity(case, args.device, args.seed)
+        failed += bool(bad)
+        print(f"smoke: parity {case.name}: " + ("; ".join(bad) if bad else "ok"), flush=True)
+    if args.parity:
+        print(f"smoke: parity: {len(CASES) - failed} passed, {failed} failed", flush=True)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -205,7 +205,7 @@ def _tiled(name, setting, M, N, D, sweeps_fwd, grad_gemms, recomputes, elt=F32,
                sweeps_fwd * G, unit, launches=2, must_flops=G, programs=plan["fwd_programs"],
                per_sm=2, note=f"{sweeps_fwd:.2f} sweeps over the keys, "
                               f"{plan['fwd_splits']} key splits"),
-        Kernel("_tiled_bwd_da_kernel (+ _dk_)", A + Kb + M * D * F32,
+        Kernel("_tiled_bwd_da_kernel + _tiled_bwd_dk_kernel", A + Kb + M * D * F32,
                A + (rec + grad_gemms) * Kb + 2 * M * D * F32 * plan["bwd_splits"],
                (rec + grad_gemms) * G, unit, launches=grad_gemms,
                must_flops=grad_gemms * G, programs=plan["bwd_programs"], per_sm=1,

@@ -1,8 +1,11 @@
 """GPU-only checks (marked ``gpu``; skipped without CUDA): what the interpreter cannot show --
-compiled kernels at full size, bfloat16 on the device, TF32 independence, no host syncs."""
+compiled kernels at full size, bfloat16 on the device, TF32 independence, no host syncs -- and
+the parity of every public op on CUDA tensors, at the small test shapes (pixcon.smoke) and at the
+papers' settings. The module ``./dev gpu`` runs first (python -m pixcon.gpucheck)."""
 import pytest
 import torch
 
+from pixcon import smoke
 from pixcon.ops import class_means, reco_loss
 from pixcon.reference import common as cm
 from pixcon.synthetic import reco_batch
@@ -132,3 +135,58 @@ def test_trainer_lockstep_parity_on_device(loss):
                  val_length=16)
     res = parity(cfg)
     assert res["lockstep_max_contrast_diff"] < 1e-4, res
+
+
+# --- every public op (pixcon.smoke: the cases that launch every kernel) ------------------------
+@pytest.mark.parametrize("case", smoke.CASES, ids=[c.name for c in smoke.CASES])
+def test_every_op_matches_reference_and_repeats_bitwise(case):
+    """Triton on CUDA tensors against the reference on the same CUDA tensors, at the case's
+    float32 tolerance (pixcon.smoke says why); integer outputs equal. Run twice, the Triton
+    outputs are the same bits (the key-gradient atomics excepted: see tests/test_order.py)."""
+    assert smoke.parity(case, "cuda") == []
+
+
+def _paper(name):
+    import importlib.util
+    import os
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location(name, os.path.join(root, "benchmarks",
+                                                                     f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("bank", [False, True], ids=["in-batch", "bank 19x10000"])
+def test_contrastiveseg_cityscapes_parity(bank):
+    """The paper's setting (8x256x128x256, 1024 anchors x 100 views, 19 x 10,000 bank keys)."""
+    from pixcon.ops import pixel_contrast_loss
+    mod = _paper("bench_contrastiveseg")
+    _, _, _, _, _, M, V, _ = mod.SIZES["cityscapes"]
+    emb, labels, pred, queue = mod.inputs("cityscapes", "cuda")
+    C, R2, D = queue.shape
+    memory = (queue.reshape(-1, D), torch.arange(C, device="cuda").repeat_interleave(R2)) \
+        if bank else None
+    out = []
+    for be in ("reference", "triton"):
+        e = emb.detach().clone().requires_grad_()
+        loss = pixel_contrast_loss(e, labels, pred, max_samples=M, max_views=V, memory=memory,
+                                   seed=3, backend=be)
+        out.append((loss.detach(), torch.autograd.grad(loss, e)[0]))
+    # fp32; sums over up to 190,000 keys at t = 0.1 in another order
+    assert_close(out[1][0], out[0][0], rtol=1e-5, atol=1e-5, what="loss")
+    assert_close(out[1][1], out[0][1], rtol=1e-4, atol=1e-7, what="grad")
+
+
+def test_cac_cityscapes_parity():
+    """CAC at its paper setting: 8,100 overlap pixels x 129,600 bank negatives, D = 128."""
+    from pixcon.ops import directional_contrast_loss
+    f1, f2, l1, l2, bank, labels = _paper("bench_cac").inputs("cityscapes", "cuda")
+    out = []
+    for be in ("reference", "triton"):
+        a, b = f1.detach().clone().requires_grad_(), f2.detach().clone().requires_grad_()
+        loss = directional_contrast_loss(a, b, l1, l2, bank, labels, backend=be)
+        out.append((loss.detach(), *torch.autograd.grad(loss, [a, b])))
+    assert_close(out[1][0], out[0][0], rtol=1e-5, atol=1e-5, what="loss")
+    for x, y in zip(out[1][1:], out[0][1:]):
+        assert_close(x, y, rtol=1e-4, atol=1e-8, what="grad")

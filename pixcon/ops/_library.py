@@ -482,6 +482,7 @@ def _tiled_setup(ctx, inputs, output):
     _, npos, nl, w = output
     ctx.save_for_backward(a, ya, k, yk, nl, w, npos)
     ctx.temperature, ctx.block = temperature, block
+    ctx.triton_on_cpu = _TRITON_ON_CPU[0]          # backward runs the forward's kernels
 
 
 def _tiled_backward(ctx, g_terms, g_npos, g_nl, g_w):
@@ -489,8 +490,9 @@ def _tiled_backward(ctx, g_terms, g_npos, g_nl, g_w):
     g_terms = torch.zeros_like(nl) if g_terms is None else g_terms
     g_nl = torch.zeros_like(nl) if g_nl is None else g_nl
     key_grad = k is not None and ctx.needs_input_grad[2]
-    da, dk = tiled_contrast_backward(g_terms, g_nl, a, ya, k, yk, nl, w, npos, ctx.temperature,
-                                     key_grad, ctx.block)
+    with triton_on_cpu() if ctx.triton_on_cpu else contextlib.nullcontext():
+        da, dk = tiled_contrast_backward(g_terms, g_nl, a, ya, k, yk, nl, w, npos,
+                                         ctx.temperature, key_grad, ctx.block)
     return da, None, (dk if key_grad else None), None, None, None, None
 
 
@@ -498,16 +500,27 @@ torch.library.register_autograd("pixcon::tiled_contrast", _tiled_backward,
                                 setup_context=_tiled_setup)
 
 
+_TRITON_ON_CPU = [False]
+
+
 @contextlib.contextmanager
 def triton_on_cpu():
     """Within this block the tiled contrast's CPU tensors run its Triton kernels (under
     TRITON_INTERPRET=1): the Triton functions registered for the CPU key over the C++ kernel,
-    which is back when the block ends. For the tests' "triton" backend on a CPU machine."""
+    which is back when the block ends. For the tests' "triton" backend on a CPU machine. A
+    forward run inside it runs its backward inside it too, wherever that is called."""
+    if _TRITON_ON_CPU[0]:
+        yield
+        return
     with torch.library._scoped_library("pixcon", "IMPL") as lib, warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*[Oo]verrid.*")
         lib.impl("tiled_contrast", tiled_contrast_op._init_fn, "CPU")
         lib.impl("tiled_contrast_backward", tiled_contrast_backward._init_fn, "CPU")
-        yield
+        _TRITON_ON_CPU[0] = True
+        try:
+            yield
+        finally:
+            _TRITON_ON_CPU[0] = False
 
 
 # --- the compiled CPU kernels (backend "native", csrc/cpu): fake kernels and autograd ---------
