@@ -37,7 +37,6 @@ class Case:
     run: Callable
     rtol: float = 1e-5
     atol: float = 1e-6
-    key_atomics: bool = False       # float atomics in a kernel: rounding follows program order
 
 
 def _gen(seed):
@@ -210,7 +209,7 @@ CASES = (
     Case("samplers + philox", _samplers_make, _samplers_run, 0.0, 0.0),
     Case("sparse_infonce", _infonce_make, _infonce_run, 1e-5, 1e-6),
     Case("sparse_infonce key_grad", _infonce_make,
-         lambda be, x: _infonce_run(be, x, key_grad=True), 1e-5, 1e-6, key_atomics=True),
+         lambda be, x: _infonce_run(be, x, key_grad=True), 1e-5, 1e-6),
     Case("distance_transform", _edt_make, _edt_run, 0.0, 0.0),
     Case("pixel_anchor_loss + bane_negatives", _contextrast_make, _contextrast_run, 1e-4, 1e-6),
     Case("pixel_contrast_loss + dense_contrast_loss", _cs_make, _cs_run, 1e-5, 1e-6),
@@ -225,8 +224,8 @@ def run_case(case: Case, backend: str, device, seed: int = 0) -> dict:
 
 def parity(case: Case, device, seed: int = 1) -> list[str]:
     """What differs between the case's Triton and reference outputs on ``device`` (at the case's
-    tolerance; integers exactly) and between two Triton runs (bitwise; the key-gradient atomics
-    excepted): an empty list when nothing does."""
+    tolerance; integers exactly) and between two Triton runs (bitwise): an empty list when
+    nothing does."""
     ref = run_case(case, "reference", device, seed)
     got = run_case(case, "triton", device, seed)
     again = run_case(case, "triton", device, seed)
@@ -240,7 +239,7 @@ def parity(case: Case, device, seed: int = 1) -> list[str]:
                            f"beyond rtol={case.rtol}, atol={case.atol}")
         elif not torch.equal(a, b):
             bad.append(f"{k}: integers differ")
-        if (not case.key_atomics or k == "loss") and not torch.equal(again[k], got[k]):
+        if not torch.equal(again[k], got[k]):
             bad.append(f"{k}: two Triton runs differ")
     return bad
 

@@ -6,9 +6,18 @@ the logits from the indices and the saved log-sum-exp.
     s_j   = cos(a_m, k_j) / t,   k_0 = positive, k_1..N = negatives (index -1: absent)
     loss_m = logsumexp_j s_j - s_0          (0 where the query index is -1)
     dL/da  = g_m / (t |a|) * (sum_j w_j k^_j - (sum_j w_j cos_j) a^),  w_j = softmax_j - [j = 0]
-    dL/dk_j = g_m w_j / (t |k_j|) * (a^ - cos_j k^_j)          (only with KEY_GRAD)
+    dL/dk_j = g_m w_j / (t |k_j|) * (a^ - cos_j k^_j)          (only with key gradients)
 
 cos(a, k) = a.k / (max(|a|, eps) max(|k|, eps)) as torch.cosine_similarity.
+
+Key gradients are gathered, not scattered: the (query, key) pairs are sorted by key (a stable
+sort of the index tensors, no host sync) and one program per key row walks its pairs in that
+order, recomputing each pair's weight, so that
+
+    dk_r = 1 / (t |k_r|) * (sum_{pairs (m, r)} w a^_m - (sum w cos) k^_r)
+
+is summed in a fixed order: the same bits whatever order programs run in (float atomics added
+in program order, which rounds differently on every run of a GPU).
 """
 import torch
 import triton
@@ -104,10 +113,9 @@ def _infonce_fwd_kernel(q_ptr, k_ptr, pos_ptr, qidx_ptr, pidx_ptr, nidx_ptr, los
 
 @triton.jit
 def _infonce_bwd_kernel(q_ptr, k_ptr, pos_ptr, qidx_ptr, pidx_ptr, nidx_ptr, lse_ptr, g_ptr,
-                        dq_ptr, dk_ptr, dpos_ptr,
-                        N, D, q_HW, q_sb, q_ss, q_sd, k_HW, k_sb, k_ss, k_sd, p_sr, p_sd,
-                        dk_HW, dk_sb, dk_ss, dk_sd, inv_t, eps, ACC: tl.constexpr,
-                        KEY_GRAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                        dq_ptr, N, D, q_HW, q_sb, q_ss, q_sd, k_HW, k_sb, k_ss, k_sd, p_sr, p_sd,
+                        inv_t, eps, ACC: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_D: tl.constexpr):
     m = tl.program_id(0)
     qi = tl.load(qidx_ptr + m)
     ok = qi >= 0
@@ -131,11 +139,6 @@ def _infonce_bwd_kernel(q_ptr, k_ptr, pos_ptr, qidx_ptr, pidx_ptr, nidx_ptr, lse
         dm = d < D
         pv = tl.load(pos_ptr + p_base + d.to(tl.int64) * p_sd, mask=d < Dv, other=0.0).to(ACC)
         tl.store(dq_row + d, w_pos * pv * p_inv, mask=dm)
-        if KEY_GRAD:
-            a = tl.load(q_ptr + q_base + d.to(tl.int64) * q_sd, mask=d < Dv, other=0.0).to(ACC)
-            tl.atomic_add(dpos_ptr + p_base + d.to(tl.int64) * p_sd,
-                          w_pos * inv_t * p_inv * (a * a_inv - cos_pos * pv * p_inv),
-                          mask=d < Dv)
     for n0 in range(0, N, BLOCK_N):
         n = n0 + tl.arange(0, BLOCK_N)
         kidx = tl.load(nidx_ptr + m.to(tl.int64) * N + n, mask=n < Nv, other=-1)
@@ -147,7 +150,6 @@ def _infonce_bwd_kernel(q_ptr, k_ptr, pos_ptr, qidx_ptr, pidx_ptr, nidx_ptr, lse
         cos = dot * a_inv * k_inv
         w = tl.where(k_ok, g * tl.exp(cos * inv_t - lse), 0.0)
         coef += tl.sum(w * cos, axis=0)
-        dk_rows = _row(tl.maximum(kidx, 0), dk_HW, dk_sb, dk_ss)
         for d0 in range(0, D, BLOCK_D):
             d = d0 + tl.arange(0, BLOCK_D)
             dm = d < D
@@ -155,12 +157,6 @@ def _infonce_bwd_kernel(q_ptr, k_ptr, pos_ptr, qidx_ptr, pidx_ptr, nidx_ptr, lse
                         mask=k_ok[:, None] & dm[None, :], other=0.0).to(ACC)
             acc = tl.load(dq_row + d, mask=dm, other=0.0)
             tl.store(dq_row + d, acc + tl.sum((w * k_inv)[:, None] * k, axis=0), mask=dm)
-            if KEY_GRAD:
-                a = tl.load(q_ptr + q_base + d.to(tl.int64) * q_sd, mask=dm, other=0.0).to(ACC)
-                dk = (w * inv_t * k_inv)[:, None] * (a[None, :] * a_inv
-                                                    - (cos * k_inv)[:, None] * k)
-                tl.atomic_add(dk_ptr + dk_rows[:, None] + d[None, :].to(tl.int64) * dk_sd, dk,
-                              mask=k_ok[:, None] & dm[None, :])
     # dq = (sum_j w_j k^_j - coef a^) / (t |a|)
     for d0 in range(0, D, BLOCK_D):
         d = d0 + tl.arange(0, BLOCK_D)
@@ -168,6 +164,63 @@ def _infonce_bwd_kernel(q_ptr, k_ptr, pos_ptr, qidx_ptr, pidx_ptr, nidx_ptr, lse
         a = tl.load(q_ptr + q_base + d.to(tl.int64) * q_sd, mask=d < Dv, other=0.0).to(ACC)
         acc = tl.load(dq_row + d, mask=dm, other=0.0)
         tl.store(dq_row + d, (acc - coef * a * a_inv) * a_inv * inv_t, mask=dm)
+
+
+@triton.jit
+def _infonce_dkey_kernel(q_ptr, k_ptr, qidx_ptr, pair_ptr, seg_ptr, lse_ptr, g_ptr, dk_ptr,
+                         D, q_HW, q_sb, q_ss, q_sd, k_HW, k_sb, k_ss, k_sd,
+                         dk_HW, dk_sb, dk_ss, dk_sd, inv_t, eps, ACC: tl.constexpr,
+                         POSITIVE: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Program r: the gradient of key row r from its pairs seg[r]..seg[r+1] (query slots m in
+    key-sorted order). POSITIVE: the pairs are positives, weight g (softmax - 1)."""
+    r = tl.program_id(0)
+    d = tl.arange(0, BLOCK_D)
+    dm = d < D
+    k = tl.load(k_ptr + _row(r, k_HW, k_sb, k_ss) + d.to(tl.int64) * k_sd, mask=dm,
+                other=0.0).to(ACC)
+    k_inv = 1.0 / tl.maximum(tl.sqrt(tl.sum(k * k, axis=0)), eps)
+    acc = tl.zeros([BLOCK_D], dtype=ACC)
+    coef = tl.sum(acc, axis=0)
+    lo = tl.load(seg_ptr + r)
+    hi = tl.load(seg_ptr + r + 1)
+    for i in range(lo, hi):
+        m = tl.load(pair_ptr + i)
+        qi = tl.load(qidx_ptr + m)
+        a = tl.load(q_ptr + _row(qi, q_HW, q_sb, q_ss) + d.to(tl.int64) * q_sd, mask=dm,
+                    other=0.0).to(ACC)
+        a_inv = 1.0 / tl.maximum(tl.sqrt(tl.sum(a * a, axis=0)), eps)
+        cos = tl.sum(a * k, axis=0) * a_inv * k_inv
+        w = tl.load(g_ptr + m).to(ACC) * tl.exp(cos * inv_t - tl.load(lse_ptr + m).to(ACC))
+        if POSITIVE:
+            w -= tl.load(g_ptr + m).to(ACC)
+        acc += w * a_inv * a
+        coef += w * cos
+    tl.store(dk_ptr + _row(r, dk_HW, dk_sb, dk_ss) + d.to(tl.int64) * dk_sd,
+             inv_t * k_inv * (acc - coef * k_inv * k), mask=dm)
+
+
+def _key_grad(pool, keys, q_idx, key_of_pair, query_of_pair, lse, grad, temperature, positive,
+              eps):
+    """The gradient of every row of keys ((R, D) rows or a map) from the pairs (query slot,
+    key row) given flat; pairs with a key < 0 or an absent query are dropped. Sorted by key
+    (stable: pair order within a key is fixed), one program per key row."""
+    keys, R, D, k_HW, k_sb, k_ss, k_sd = pool_layout(keys)
+    pool, _, _, q_HW, q_sb, q_ss, q_sd = pool_layout(pool)
+    dk = torch.empty(keys.shape, dtype=torch_acc_dtype(pool.dtype), device=pool.device)
+    _, _, _, dk_HW, dk_sb, dk_ss, dk_sd = pool_layout(dk)
+    valid = (key_of_pair >= 0) & (q_idx[query_of_pair] >= 0)
+    sort_key = torch.where(valid, key_of_pair.to(torch.int64), R)
+    sorted_key, order = torch.sort(sort_key, stable=True)
+    seg = torch.searchsorted(sorted_key, torch.arange(R + 1, device=pool.device))
+    pairs = query_of_pair[order].to(torch.int32)
+    if R == 0:
+        return dk
+    _infonce_dkey_kernel[(R,)](
+        pool, keys, q_idx.to(torch.int32).contiguous(), pairs, seg, lse.contiguous(),
+        grad.contiguous(), dk, D, q_HW, q_sb, q_ss, q_sd, k_HW, k_sb, k_ss, k_sd,
+        dk_HW, dk_sb, dk_ss, dk_sd, 1.0 / temperature, eps, ACC=acc_dtype(pool.dtype),
+        POSITIVE=positive, BLOCK_D=next_pow2(D))
+    return dk
 
 
 def _blocks(D: int, dtype: torch.dtype):
@@ -211,23 +264,23 @@ def infonce_backward(grad, pool, pos_pool, q_idx, pos_idx, neg_idx, lse, tempera
     M, N = neg_idx.shape
     dt = torch_acc_dtype(pool.dtype)
     dq = torch.empty(M, D, dtype=dt, device=pool.device)
-    if key_grad:
-        dk = torch.zeros(pool.shape, dtype=dt, device=pool.device)
-        dpos = torch.zeros(pos_pool.shape, dtype=dt, device=pool.device)
-        _, _, _, dk_HW, dk_sb, dk_ss, dk_sd = pool_layout(dk)
-        if dpos.stride() != pos_pool.stride():
-            raise ValueError("pos_pool must be contiguous when key gradients are requested")
-    else:
-        dk = dpos = dq  # never written (KEY_GRAD is a compile-time False)
-        dk_HW, dk_sb, dk_ss, dk_sd = 1, 0, 0, 0
     if M == 0:
-        return dq, (dk if key_grad else None), (dpos if key_grad else None)
+        zeros = (torch.zeros(pool.shape, dtype=dt, device=pool.device),
+                 torch.zeros(pos_pool.shape, dtype=dt, device=pool.device))
+        return dq, *(zeros if key_grad else (None, None))
     BLOCK_N, BLOCK_D, opts = _blocks(D, pool.dtype)
     _infonce_bwd_kernel[(M,)](
         pool, pool, pos_pool, q_idx.to(torch.int32).contiguous(),
         pos_idx.to(torch.int32).contiguous(), neg_idx.to(torch.int32).contiguous(),
-        lse.contiguous(), grad.contiguous(), dq, dk, dpos,
+        lse.contiguous(), grad.contiguous(), dq,
         N, D, HW, s_b, s_s, s_d, HW, s_b, s_s, s_d, pos_pool.stride(0), pos_pool.stride(1),
-        dk_HW, dk_sb, dk_ss, dk_sd, 1.0 / temperature, eps, ACC=acc_dtype(pool.dtype),
-        KEY_GRAD=key_grad, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, **opts)
-    return dq, (dk if key_grad else None), (dpos if key_grad else None)
+        1.0 / temperature, eps, ACC=acc_dtype(pool.dtype), BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
+        **opts)
+    if not key_grad:
+        return dq, None, None
+    slots = torch.arange(M, device=pool.device)
+    dk = _key_grad(pool, pool, q_idx, neg_idx.reshape(-1), slots.repeat_interleave(N), lse,
+                   grad, temperature, False, eps)
+    dpos = _key_grad(pool, pos_pool, q_idx, pos_idx.reshape(-1), slots, lse, grad,
+                     temperature, True, eps)
+    return dq, dk, dpos

@@ -142,7 +142,7 @@ def test_trainer_lockstep_parity_on_device(loss):
 def test_every_op_matches_reference_and_repeats_bitwise(case):
     """Triton on CUDA tensors against the reference on the same CUDA tensors, at the case's
     float32 tolerance (pixcon.smoke says why); integer outputs equal. Run twice, the Triton
-    outputs are the same bits (the key-gradient atomics excepted: see tests/test_order.py)."""
+    outputs are the same bits."""
     assert smoke.parity(case, "cuda") == []
 
 
