@@ -29,6 +29,10 @@ class ReCoLoss(torch.nn.Module):
 
 __all__ = ["ReCoLoss"]
 
+from .u2pl import UnreliableBank  # noqa: E402
+
+__all__ += ["UnreliableBank"]
+
 
 class ContextrastLoss(torch.nn.Module):
     """Contextrast's contextual contrastive loss with its per-layer projection heads.

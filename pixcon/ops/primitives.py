@@ -139,17 +139,29 @@ def sample_hard_queries(lab: torch.Tensor, hard: torch.Tensor, num_classes: int,
     be = resolve_backend(backend, lab.device, "sample_hard_queries", NATIVE)
     order, offsets, counts = cm.group_by_class(torch.where(hard, lab, -1), num_classes)
     rows = torch.arange(num_classes, device=lab.device)
+    return sample_in_groups(order, offsets, counts, rows, num_queries, seed, STREAM_QUERY,
+                            backend=be)
+
+
+def sample_in_groups(order, offsets, counts, row_group, per_row: int, seed: int, stream: int, *,
+                     backend: str = "auto"):
+    """For row r, ``per_row`` items uniform with replacement within group row_group[r] >= 0 of
+    a grouping (order, offsets, counts): item order[offsets[g] + floor(u counts[g])] with u from
+    counter r * per_row + i of Philox ``stream``. (R, per_row) int32, -1 where the group is
+    empty. The sampler under hard queries (a group a class) and U2PL's queues (a group a
+    class's filled slots)."""
+    be = resolve_backend(backend, order.device, "sample_in_groups", NATIVE)
     if be == "triton":
-        return _lib().sample_in_groups(order, offsets, counts, rows, num_queries, seed,
-                                       STREAM_QUERY)
+        return _lib().sample_in_groups(order, offsets, counts, row_group, per_row, seed, stream)
     if be == "native":
-        return torch.ops.pixcon.sample_in_groups_native(order, offsets, counts, rows,
-                                                        num_queries, seed, STREAM_QUERY)
-    Q = num_queries
-    r = philox4x32(rows[:, None] * Q + torch.arange(Q, device=lab.device), seed, STREAM_QUERY)
-    cls = rows[:, None].expand(-1, Q)
-    pix = cm.pick_in_class(order, offsets, counts, cls, r[..., 0])
-    return torch.where(counts[cls] > 0, pix, -1).to(torch.int32)
+        return torch.ops.pixcon.sample_in_groups_native(order, offsets, counts, row_group,
+                                                        per_row, seed, stream)
+    R = row_group.numel()
+    r = philox4x32(torch.arange(R, device=order.device)[:, None] * per_row
+                   + torch.arange(per_row, device=order.device), seed, stream)
+    grp = row_group.to(torch.int64)[:, None].expand(-1, per_row)
+    pix = cm.pick_in_class(order, offsets, counts, grp, r[..., 0])
+    return torch.where(counts[grp] > 0, pix, -1).to(torch.int32)
 
 
 def sample_negatives(row_class: torch.Tensor, cdf: torch.Tensor, lab: torch.Tensor,

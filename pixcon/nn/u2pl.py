@@ -1,0 +1,103 @@
+"""U2PL's per-class queues of unreliable negatives (specs/u2pl.md §2 step 5, §5)."""
+from __future__ import annotations
+
+import torch
+
+from .. import distributed as dist
+from ..ops import _common as chk
+
+OFFICIAL_SIZES_VOC = (50000,) + (30000,) * 20     # class 0 (background) keeps more
+
+
+class UnreliableBank(torch.nn.Module):
+    """Per-class FIFO queues of negative keys, on the embeddings' device.
+
+    One (sum(sizes), D) buffer: class c owns rows [offsets[c], offsets[c] + sizes[c]), of which
+    the first counts[c] are filled; a push writes each class's newest rows at its pointer (a
+    ring) and keeps at most sizes[c]. Sampled by index (``slots``), never copied whole, unlike
+    the official queues (CPU lists copied to the GPU every step). ``state_dict``-able.
+
+    Args:
+        num_classes, dim: C and D.
+        size: rows kept per class (the official 30,000).
+        sizes: per-class sizes overriding ``size`` (the official VOC setting:
+            ``OFFICIAL_SIZES_VOC``, 50,000 for class 0).
+        cross_rank: under torch.distributed, every rank pushes the rows of all ranks (in rank
+            order), as the official all-gather does, so the queues stay equal everywhere.
+
+    >>> bank = UnreliableBank(21, 256, sizes=OFFICIAL_SIZES_VOC).cuda()
+    """
+
+    def __init__(self, num_classes: int, dim: int, size: int = 30000, *, sizes=None,
+                 cross_rank: bool = True, group=None, dtype=torch.float32):
+        super().__init__()
+        chk.check_positive_int("UnreliableBank", "num_classes", num_classes)
+        chk.check_positive_int("UnreliableBank", "dim", dim)
+        sizes = tuple(sizes) if sizes is not None else (size,) * num_classes
+        if len(sizes) != num_classes:
+            raise ValueError(f"UnreliableBank: sizes has {len(sizes)} entries for {num_classes} "
+                             "classes")
+        for s in sizes:
+            chk.check_positive_int("UnreliableBank", "sizes", s)
+        self.num_classes, self.dim, self.cross_rank, self.group = num_classes, dim, cross_rank, group
+        s = torch.tensor(sizes, dtype=torch.int64)
+        self.register_buffer("sizes", s)
+        self.register_buffer("offsets", torch.cumsum(s, 0) - s)
+        self.register_buffer("counts", torch.zeros(num_classes, dtype=torch.int64))
+        self.register_buffer("ptr", torch.zeros(num_classes, dtype=torch.int64))
+        self.register_buffer("keys", torch.zeros(int(s.sum()), dim, dtype=dtype))
+
+    def extra_repr(self):
+        return (f"num_classes={self.num_classes}, dim={self.dim}, "
+                f"rows={self.keys.shape[0]}, cross_rank={self.cross_rank}")
+
+    def slots(self):
+        """(order, offsets, counts) of the filled rows, grouped by class: what the samplers
+        take (order is the identity: a class's filled rows are [offset, offset + count))."""
+        order = torch.arange(self.keys.shape[0], device=self.keys.device)
+        return order, self.offsets, self.counts
+
+    def _check(self, rows, mask, check_values):
+        op = "UnreliableBank.push"
+        chk.check_tensor(op, "rows", rows, ndim=2, dtypes=chk.FLOAT_DTYPES, kind="(P, D)")
+        if rows.shape[1] != self.dim:
+            raise ValueError(f"{op}: rows have D = {rows.shape[1]}, the bank {self.dim}")
+        if rows.device != self.keys.device:
+            raise ValueError(f"{op}: rows are on {rows.device}, the bank on {self.keys.device} "
+                             "(move it with .to())")
+        chk.check_tensor(op, "mask", mask, ndim=2, dtypes=(torch.bool,), device=rows.device,
+                         kind="(C, P)", like="rows")
+        if tuple(mask.shape) != (self.num_classes, rows.shape[0]):
+            raise ValueError(f"{op}: mask must be (C, P) = ({self.num_classes}, "
+                             f"{rows.shape[0]}), got {tuple(mask.shape)}")
+        if chk.want_value_checks(check_values, rows.device):
+            if not bool(torch.isfinite(rows[mask.any(0)]).all()):
+                raise ValueError(f"{op}: rows to enqueue contain NaN or Inf")
+
+    @torch.no_grad()
+    def push(self, rows: torch.Tensor, mask: torch.Tensor, *, check_values: bool | None = None):
+        """Enqueue rows[p] into the queue of every class c with mask[c, p] (a row may go to
+        several queues), in row order, keeping each class's newest ``sizes[c]``. Everything is
+        checked before anything is written. On CUDA the compaction of the (class, row) pairs
+        is one ``nonzero`` (a host sync; a push kernel would remove it)."""
+        def check():
+            self._check(rows, mask, check_values)
+            return (*rows.shape, *mask.shape)
+
+        if self.cross_rank and dist.is_distributed(self.group):
+            dist.checked("UnreliableBank.push", check, group=self.group)
+            rows, mask_t = dist.gather_many(rows, mask.T.contiguous(), group=self.group)
+            mask = mask_t.T
+        else:
+            check()
+        size = self.sizes[:, None]
+        rank = torch.cumsum(mask.to(torch.int64), dim=1) - 1          # position within class
+        k = mask.sum(dim=1)
+        drop = (k - self.sizes).clamp(min=0)                             # older than the newest
+        keep = mask & (rank >= drop[:, None])
+        slot = self.offsets[:, None] + (self.ptr[:, None] + rank - drop[:, None]) % size
+        c, p = keep.nonzero(as_tuple=True)
+        self.keys[slot[c, p]] = rows[p].to(self.keys.dtype)
+        kept = torch.minimum(k, self.sizes)
+        self.ptr.copy_((self.ptr + kept) % self.sizes)
+        self.counts.copy_(torch.minimum(self.counts + k, self.sizes))

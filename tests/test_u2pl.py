@@ -1,0 +1,223 @@
+"""U2PL (specs/u2pl.md): the official label_onehot's behaviour, the queue bank, and the loss
+against a per-class restatement of the official function on the same samples; degenerate
+batches, gradients only at anchors, float64 gradcheck, masks like train_semi.py, clear errors."""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pixcon.nn import UnreliableBank
+from pixcon.ops import u2pl_loss, u2pl_masks
+from pixcon.ops import primitives as prim
+from pixcon.reference import common as cm
+from pixcon.reference import u2pl as ref
+
+
+def batch(B=4, D=8, h=6, w=7, C=5, L=2, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    emb = torch.randn(B, D, h, w, generator=g, dtype=dtype)
+    temb = torch.randn(B, D, h, w, generator=g, dtype=dtype)
+    probs = (3 * torch.randn(B, C, h, w, generator=g)).softmax(1).to(dtype)
+    labels = torch.randint(0, C, (B, h, w), generator=g)
+    labels[0, 0] = 255
+    labels[L:] = probs[L:].argmax(1)
+    rel, unrel = u2pl_masks(probs, labels, L, 20.0)
+    return emb, temb, probs, labels, rel, unrel
+
+
+def test_official_onehot_writes_every_image_into_image_0():
+    """The issue's (2, 2, 2) example: image 0 gets the union, image 1 nothing."""
+    gt = torch.tensor([[[0, 1], [1, 1]], [[2, 2], [0, 1]]])
+    oh = ref.official_onehot(gt, 3)
+    assert oh[1].sum() == 0
+    got = {(y, x): sorted(oh[0, :, y, x].nonzero()[:, 0].tolist()) for y in (0, 1) for x in (0, 1)}
+    assert got == {(0, 0): [0, 2], (0, 1): [1, 2], (1, 0): [0, 1], (1, 1): [1]}
+    # one image: the correct one-hot; image 0's ignored pixel cleared, another's maps to 0
+    assert torch.equal(ref.official_onehot(gt[:1], 3)[0].permute(1, 2, 0),
+                       F.one_hot(gt[0], 3).bool())
+    ign = torch.tensor([[[-1, 1]], [[-1, -1]]])
+    oh = ref.official_onehot(ign, 3)
+    assert oh[0, :, 0, 0].sum() == 0 and oh[0, :, 0, 1].tolist() == [True, True, False]
+
+
+def test_bank_keeps_the_newest_rows_per_class():
+    bank = UnreliableBank(3, 2, sizes=(4, 2, 3))
+    rows = torch.arange(10.0)[:, None].repeat(1, 2)                      # row p = (p, p)
+    mask = torch.zeros(3, 10, dtype=torch.bool)
+    mask[0, :6] = True                  # 6 rows into a queue of 4: the newest 4 (2..5) stay
+    mask[1, [1, 7]] = True              # a row may go to several queues
+    mask[2, 9] = True
+    bank.push(rows, mask)
+    assert bank.counts.tolist() == [4, 2, 1] and bank.ptr.tolist() == [0, 0, 1]
+    q0 = bank.keys[0:4, 0].tolist()
+    assert sorted(q0) == [2, 3, 4, 5]
+    assert bank.keys[4:6, 0].tolist() == [1, 7] and bank.keys[6, 0] == 9
+    bank.push(rows[:1] + 100, torch.tensor([[True], [False], [True]]))   # the ring wraps
+    assert sorted(bank.keys[0:4, 0].tolist()) == [3, 4, 5, 100]
+    assert bank.counts.tolist() == [4, 2, 2] and bank.keys[7, 0] == 100
+    state = bank.state_dict()
+    other = UnreliableBank(3, 2, sizes=(4, 2, 3))
+    other.load_state_dict(state)
+    assert torch.equal(other.keys, bank.keys) and torch.equal(other.ptr, bank.ptr)
+
+
+def test_bank_validates_before_writing():
+    bank = UnreliableBank(3, 2, size=4)
+    before = bank.keys.clone()
+    with pytest.raises(ValueError, match="D = 5"):
+        bank.push(torch.zeros(4, 5), torch.ones(3, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"mask must be \(C, P\)"):
+        bank.push(torch.zeros(4, 2), torch.ones(2, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="NaN"):
+        bad = torch.zeros(4, 2)
+        bad[1] = float("nan")
+        bank.push(bad, torch.ones(3, 4, dtype=torch.bool), check_values=True)
+    assert torch.equal(bank.keys, before) and bank.counts.sum() == 0
+
+
+def official_restatement(emb, temb, probs, gt, rel, unrel, L, bank_keys, a_idx, neg_idx, *,
+                         Q, t=0.5, dp=0.3, dn=1.0, rl=3, rh=20):
+    """The official per-class loop (specs/u2pl.md §2) on given samples: anchors a_idx (C, Q)
+    pixel indices, negatives neg_idx (C, Q, N) rows of the (already pushed) bank."""
+    B, D, h, w = emb.shape
+    C = probs.shape[1]
+    rep = emb.permute(0, 2, 3, 1).reshape(-1, D)
+    trep = temb.permute(0, 2, 3, 1).reshape(-1, D)
+    g = gt.view(B, h, w)
+    onehot = torch.cat([ref.official_onehot(g[:L], C), ref.official_onehot(g[L:], C)])
+    low_valid = onehot * rel.view(B, 1, h, w)
+    loss, n_valid = 0.0, 0
+    for c in range(C):
+        lv = low_valid[:, c].reshape(-1)
+        if lv.sum() == 0:
+            continue
+        n_valid += 1
+        cand = (probs[:, c].reshape(-1) > dp) & lv
+        if cand.sum() == 0 or (neg_idx[c] < 0).all():
+            continue
+        assert bool(cand[a_idx[c].long()].all())             # the sampled anchors are candidates
+        proto = trep[lv].mean(0, keepdim=True)
+        anchor = rep[a_idx[c].long()]
+        keys = torch.cat([proto.expand(Q, 1, D), bank_keys[neg_idx[c].long()]], dim=1)
+        logits = torch.cosine_similarity(anchor[:, None], keys, dim=2) / t
+        loss = loss + F.cross_entropy(logits, torch.zeros(Q, dtype=torch.long))
+    if n_valid <= 1:
+        return emb.sum() * 0
+    return loss / n_valid
+
+
+@pytest.mark.parametrize("official", [True, False])
+def test_loss_equals_a_per_class_restatement_on_the_same_samples(official):
+    """official=True against the official loop above; the paper's reading against the same
+    loop with its own anchors (anchors and positives use a correct one-hot there, checked by
+    passing B = 1 per half, where both one-hots agree)."""
+    L = 2 if official else 1
+    B = 4 if official else 2
+    emb, temb, probs, labels, rel, unrel = batch(B=B, L=L, seed=3)
+    C, Q, N = 5, 8, 5
+    bank = UnreliableBank(C, 8, size=40)
+    x = emb.clone().requires_grad_()
+    loss = u2pl_loss(x, labels, probs, temb, bank, num_labeled=L, reliable=rel, unreliable=unrel,
+                     num_queries=Q, num_negatives=N, seed=11, official=official)
+    # the samples the call drew, from the bank as the call left it
+    gt = cm.pixel_labels(labels, (6, 7), C, 255)
+    prob = probs.permute(0, 2, 3, 1).reshape(-1, C)
+    V, A, _ = ref.class_masks(gt, prob, rel.reshape(-1), unrel.reshape(-1), L, 42, low_rank=3,
+                              high_rank=20, anchor_threshold=0.3, negative_threshold=1.0,
+                              official=official)
+    a_idx, neg_idx = ref.sample(A, bank, Q, N, 11,
+                                lambda *a, **k: prim.sample_in_groups(*a, backend="reference",
+                                                                      **k))
+    want = official_restatement(emb, temb, probs, gt, rel.reshape(-1), unrel.reshape(-1), L,
+                                bank.keys, a_idx.view(C, Q), neg_idx.view(C, Q, N), Q=Q)
+    assert bank.counts.sum() > 0 and (a_idx >= 0).any()
+    assert torch.allclose(loss, want, rtol=1e-5, atol=1e-6)
+    grad, = torch.autograd.grad(loss, x)
+    touched = grad.permute(0, 2, 3, 1).reshape(-1, 8).abs().sum(1) > 0
+    sampled = torch.zeros_like(touched)
+    sampled[a_idx[a_idx >= 0].long()] = True
+    assert torch.equal(touched & ~sampled, torch.zeros_like(touched))   # only at anchors
+
+
+def test_readings_differ_only_where_the_spec_says():
+    """One image per half: anchors and positive sets agree. The official negatives need the
+    pixel's own label to be c, so they lose every labelled negative; with two images per half
+    the official anchors come from image 0 of each half only."""
+    emb, temb, probs, labels, rel, unrel = batch(B=2, L=1, seed=5)
+    gt = cm.pixel_labels(labels, (6, 7), 5, 255)
+    prob = probs.permute(0, 2, 3, 1).reshape(-1, 5)
+    kw = dict(low_rank=1, high_rank=5, anchor_threshold=0.3, negative_threshold=1.0)
+    paper = ref.class_masks(gt, prob, rel.reshape(-1), unrel.reshape(-1), 1, 42, official=False,
+                            **kw)
+    off = ref.class_masks(gt, prob, rel.reshape(-1), unrel.reshape(-1), 1, 42, official=True,
+                          **kw)
+    assert torch.equal(paper[0], off[0]) and torch.equal(paper[1], off[1])
+    assert paper[2][:42].any() and not off[2][:42].any()        # labelled negatives
+    emb, temb, probs, labels, rel, unrel = batch(B=4, L=2, seed=5)
+    gt = cm.pixel_labels(labels, (6, 7), 5, 255)
+    prob = probs.permute(0, 2, 3, 1).reshape(-1, 5)
+    off = ref.class_masks(gt, prob, rel.reshape(-1), unrel.reshape(-1), 2, 42, official=True,
+                          **kw)
+    per_image = off[1].view(4, 42, 5).any(2).any(1)
+    assert per_image.tolist() == [True, False, True, False]
+
+
+def test_degenerate_batches_give_a_connected_zero():
+    emb, temb, probs, labels, rel, unrel = batch(seed=1)
+    bank = UnreliableBank(5, 8, size=20)
+    x = emb.clone().requires_grad_()
+    one = torch.zeros_like(labels)                                  # one class: nothing to contrast
+    loss = u2pl_loss(x, one, probs, temb, bank, num_labeled=2, reliable=rel, unreliable=unrel,
+                     num_queries=4, num_negatives=3, seed=0)
+    assert loss.item() == 0 and loss.requires_grad
+    assert torch.autograd.grad(loss, x)[0].abs().sum() == 0
+    none = torch.zeros_like(unrel)                                  # no negatives ever queued
+    loss = u2pl_loss(x, labels, probs, temb, UnreliableBank(5, 8, size=20), num_labeled=2,
+                     reliable=rel, unreliable=none, num_queries=4, num_negatives=3, seed=0)
+    assert loss.item() == 0 and loss.requires_grad
+
+
+def test_float64_gradcheck_of_the_reference():
+    emb, temb, probs, labels, rel, unrel = batch(B=2, D=4, h=3, w=4, L=1, seed=2,
+                                                 dtype=torch.float64)
+
+    def f(x):
+        bank = UnreliableBank(5, 4, size=10, dtype=torch.float64)
+        return u2pl_loss(x, labels, probs, temb, bank, num_labeled=1, reliable=rel,
+                         unreliable=torch.ones_like(unrel), num_queries=3, num_negatives=2,
+                         seed=4, low_rank=1, high_rank=5)
+
+    x = emb.clone().requires_grad_()
+    assert f(x).item() > 0
+    assert torch.autograd.gradcheck(f, (x,))
+
+
+def test_masks_follow_train_semi_percentiles():
+    _, _, probs, labels, rel, unrel = batch(B=4, L=2, seed=7)
+    p = probs[2:]
+    ent = -(p * torch.log(p + 1e-10)).sum(1)
+    valid = labels[2:] != 255
+    lo = np.percentile(ent[valid].numpy(), 20.0)
+    hi = np.percentile(ent[valid].numpy(), 80.0)
+    assert torch.equal(rel[2:], (ent <= float(lo)) & valid)
+    assert torch.equal(unrel[2:], (ent >= float(hi)) & valid)
+    assert torch.equal(rel[:2], labels[:2] != 255) and torch.equal(unrel[:2], labels[:2] != 255)
+
+
+@pytest.mark.parametrize("kw, err, match", [
+    (dict(bank=torch.zeros(3)), TypeError, "UnreliableBank"),
+    (dict(num_labeled=9), ValueError, "num_labeled"),
+    (dict(reliable=torch.ones(4, 5, 5, dtype=torch.bool)), ValueError, "reliable"),
+    (dict(low_rank=5, high_rank=2), ValueError, "low_rank"),
+    (dict(anchor_threshold=1.5), ValueError, "anchor_threshold"),
+    (dict(reduction="avg"), ValueError, "reduction"),
+    (dict(backend="triton"), ValueError, "not written yet"),
+])
+def test_bad_arguments_name_themselves(kw, err, match):
+    emb, temb, probs, labels, rel, unrel = batch()
+    args = dict(bank=UnreliableBank(5, 8, size=10), num_labeled=2, reliable=rel,
+                unreliable=unrel)
+    args.update(kw)
+    bank = args.pop("bank")
+    with pytest.raises(err, match=match):
+        u2pl_loss(emb, labels, probs, temb, bank, **args)
