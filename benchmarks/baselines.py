@@ -232,3 +232,67 @@ def cac_official_style(feat1, feat2, logits1, logits2, negatives, negative_label
         d = ((ct > pos_threshold) & (ca < ct)).float()
         total = total + (ell * d).sum() / (d.sum() + 1e-12)
     return total
+
+
+# --- U2PL (specs/u2pl.md §2, §3) -------------------------------------------------------------
+def _scatter_onehot(gt, C):
+    """The official one-hot's cost and result: a (C, B, h, w) zero buffer and a scatter_ along
+    classes whose index has batch size 1 (every image lands in image 0, §3), ignored pixels
+    (-1 here) mapped to 0 first and cleared in their own image afterwards."""
+    out = torch.zeros(C, *gt.shape, dtype=torch.float32, device=gt.device)
+    out.scatter_(0, gt.clamp(min=0)[:, None], 1.0)
+    out[:, gt < 0] = 0
+    return out.permute(1, 0, 2, 3)
+
+
+def u2pl_official_style(rep, gt, prob, low_mask, high_mask, rep_teacher, queues, *,
+                        num_labeled, sizes, low_rank=3, high_rank=20, anchor_threshold=0.3,
+                        negative_threshold=1.0, temperature=0.5, num_queries=256,
+                        num_negatives=50):
+    """U2PL's contrastive loss with the official cost structure: per class a Python loop with
+    masked-select copies of the student and teacher rows, a class mask from a full sort of the
+    probabilities, the negatives appended to a CPU list queue by concatenation (a copy of the
+    queue per class per step), host reads of the counts, and for sampling the whole queue of
+    the class cloned and its Q x N x D negatives gathered. gt (B, h, w) at feature resolution
+    (-1 ignored); queues: a list of C (n_c, D) CPU tensors, replaced in place. Returns the
+    loss (0 with at most one valid class)."""
+    B, D, h, w = rep.shape
+    C = prob.shape[1]
+    L = num_labeled
+    onehot = torch.cat([_scatter_onehot(gt[:L], C), _scatter_onehot(gt[L:], C)])
+    low_valid = onehot * low_mask
+    high_valid = onehot * high_mask
+    r = rep.permute(0, 2, 3, 1)
+    rt = rep_teacher.permute(0, 2, 3, 1)
+    idx_l = torch.sort(prob[:L], 1, True)[1].permute(0, 2, 3, 1)
+    idx_u = torch.sort(prob[L:], 1, True)[1].permute(0, 2, 3, 1)
+    feats, protos, valid = [], [], []
+    for c in range(C):
+        lv, hv = low_valid[:, c].bool(), high_valid[:, c].bool()
+        anchor_mask = (prob[:, c] > anchor_threshold) & lv
+        neg_mask = (prob[:, c] < negative_threshold) & hv
+        feats.append(r[anchor_mask])
+        protos.append(rt[lv].detach().mean(0, keepdim=True))
+        mask_u = idx_u[..., low_rank:high_rank].eq(c).sum(3).bool()
+        mask_l = idx_l[..., :low_rank].eq(c).sum(3).bool() & (onehot[:L, c] == 0)
+        keys = rt[neg_mask & torch.cat([mask_l, mask_u])].detach()
+        queues[c] = torch.cat([queues[c], keys.cpu()])[-sizes[c]:]
+        if lv.sum() > 0:
+            valid.append(c)
+    if len(valid) <= 1:
+        return rep.sum() * 0
+    loss = rep.sum() * 0
+    for c in valid:
+        if len(feats[c]) == 0 or queues[c].shape[0] == 0:
+            continue
+        anchor = feats[c][torch.randint(len(feats[c]), (num_queries,))]
+        with torch.no_grad():
+            neg = queues[c].clone().to(rep.device)
+            neg = neg[torch.randint(len(neg), (num_queries * num_negatives,))]
+            neg = neg.reshape(num_queries, num_negatives, D)
+            pos = protos[c][None].repeat(num_queries, 1, 1)
+            keys = torch.cat([pos, neg], dim=1)
+        logits = torch.cosine_similarity(anchor[:, None], keys, dim=2) / temperature
+        loss = loss + F.cross_entropy(logits, torch.zeros(num_queries, dtype=torch.long,
+                                                          device=rep.device))
+    return loss / len(valid)

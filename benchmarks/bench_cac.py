@@ -73,10 +73,7 @@ def run(size="cpu", providers=PROVIDERS, device=None, reps=3, out=None, verbose=
                                      [f1, f2, l1, l2, bank, labels])
         rows.append({"op": "directional_contrast_loss", "provider": provider, "size": size,
                      "anchors": n, "negatives": N, "dim": D, "num_classes": C,
-                     "loss": loss, "fwd_bwd_ms": round(ms, 2),
-                     "peak_extra_mib": None if peak is None else round(peak / 2**20, 2),
-                     "peak_rss_mib": pb.last_rss_mib(),
-                     "saved_mib": round(saved / 2**20, 3), **meta})
+                     **pb.step_metrics(ms, peak, saved, loss), **meta})
     if out:
         pb.write_results(rows, out, f"cac-{size}", markdown(rows))
     return rows

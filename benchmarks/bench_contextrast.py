@@ -14,7 +14,6 @@ import sys
 import torch
 
 
-import pixcon
 import pixcon.bench as pb
 from pixcon.ops import pixel_anchor_loss
 
@@ -52,9 +51,7 @@ def run(size="cpu", providers=PROVIDERS, device=None, reps=3, out=None, verbose=
     embs, labels, logits = make_inputs(B, D, layers, C, device)
     rows = []
     for provider in providers:
-        if provider == "fused" and device.type == "cpu" and not meta["triton_interpret"]:
-            continue
-        if provider == "native" and (device.type != "cpu" or not pixcon.HAS_C):
+        if not pb.can_run(provider, device, meta):
             continue
         backend = {"fused": "triton"}.get(provider, provider)
         if verbose:
@@ -76,10 +73,7 @@ def run(size="cpu", providers=PROVIDERS, device=None, reps=3, out=None, verbose=
                                            embs + [labels, logits])
         rows.append({"op": "pixel_anchor_loss", "provider": provider, "size": size,
                      "batch": B, "dim": D, "layers": layers, "classes": C,
-                     "loss": loss, "fwd_bwd_ms": round(ms, 3),
-                     "peak_extra_mib": None if peak is None else round(peak / 2**20, 2),
-                     "peak_rss_mib": pb.last_rss_mib(),
-                     "saved_mib": round(saved / 2**20, 3), **meta})
+                     **pb.step_metrics(ms, peak, saved, loss), **meta})
     if out:
         pb.write_results(rows, out, f"contextrast-{size}", markdown(rows))
     return rows
@@ -99,11 +93,7 @@ def markdown(rows) -> str:
 
 
 def main(argv=None):
-    ap = pb.parser(__doc__, SIZES, "one setting (default: the papers' on a GPU, cpu otherwise)",
-                   providers=PROVIDERS)
-    a = ap.parse_args(argv)
-    size = a.size or ("hrnet" if torch.cuda.is_available() else "cpu")
-    print(markdown(run(size, a.providers, reps=a.reps, out=a.out)))
+    pb.single_size_main(__doc__, SIZES, PROVIDERS, "hrnet", run, markdown, argv)
 
 
 if __name__ == "__main__":

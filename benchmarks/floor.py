@@ -40,6 +40,11 @@ def model(row: dict):
         return cm.contextrast(row["batch"], row["dim"], row["layers"], row["classes"])
     if op == "distance_transform":
         return cm.edt(*row["shape"])
+    if op == "u2pl_loss":
+        B, D, h, w = row["shape"]
+        pushed = int(0.2 * (B - row["num_labeled"]) * h * w) * 17
+        return cm.u2pl(B, D, h, w, row["num_classes"], row["num_queries"], row["num_negatives"],
+                       pushed)
     return None
 
 
@@ -106,6 +111,7 @@ def paper_cases() -> list[dict]:
     import bench_contrastiveseg
     import bench_edt
     import bench_reco
+    import bench_u2pl
     rows = []
     B, D, h, w, C, presents, Q, N = bench_reco.SIZES["voc"]
     rows += [{"op": "reco_loss", "size": "voc", "shape": [B, D, h, w], "num_classes": C,
@@ -125,6 +131,9 @@ def paper_cases() -> list[dict]:
     for size in ("pyramid", "large"):
         for B, H, W, _ in bench_edt.SIZES[size]:
             rows.append({"op": "distance_transform", "size": size, "shape": [B, H, W]})
+    B, L, D, h, w, C, _, Q, N = bench_u2pl.SIZES["voc"]
+    rows.append({"op": "u2pl_loss", "size": "voc", "shape": [B, D, h, w], "num_classes": C,
+                 "num_labeled": L, "num_queries": Q, "num_negatives": N})
     for r in rows:
         r.update(estimate(r), provider="-")
     return rows

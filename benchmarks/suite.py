@@ -48,6 +48,7 @@ SUITE = {
                     lambda r: r["batch"] * r["layers"][0][0] * r["layers"][0][1]),
     "edt": ({"ci": ["tiny"], "cpu": ["tiny", "bane"], "paper": ["pyramid", "large"]},
             "pixels", lambda r: math.prod(r["shape"])),
+    "u2pl": ({"ci": ["tiny"], "cpu": ["tiny", "cpu"], "paper": ["voc"]}, "pixels", _pixels),
 }
 
 

@@ -44,9 +44,9 @@ TORCH_LIBRARY_FRAGMENT(pixcon, m) {
   m.def("sample_negatives_native(Tensor row_class, Tensor cdf, Tensor order, Tensor offsets, "
         "Tensor counts, int per_row, int seed, int stream) -> Tensor");
   m.def("infonce_fwd_native(Tensor pool, Tensor pos_pool, Tensor q_idx, Tensor pos_idx, "
-        "Tensor neg_idx, float temperature, bool key_grad, float eps) "
+        "Tensor neg_idx, float temperature, bool key_grad, float eps, Tensor? keys=None) "
         "-> (Tensor, Tensor, Tensor, Tensor)");
   m.def("infonce_bwd_native(Tensor grad, Tensor pool, Tensor pos_pool, Tensor q_idx, "
         "Tensor pos_idx, Tensor neg_idx, Tensor lse, float temperature, bool key_grad, "
-        "float eps) -> (Tensor, Tensor, Tensor)");
+        "float eps, Tensor? keys=None) -> (Tensor, Tensor, Tensor)");
 }

@@ -255,3 +255,32 @@ def parser(doc: str, sizes, size_help: str, *, providers=None, reps: int = 3, ma
     ap.add_argument("--out", default=os.path.join(here, "benchmarks", "results"),
                     help="results folder")
     return ap
+
+
+def single_size_main(doc: str, sizes, providers, gpu_size: str, run, markdown, argv=None):
+    """``main`` of a benchmark module that runs one setting: --size (default ``gpu_size`` with a
+    GPU, "cpu" otherwise), --providers, --reps, --out; prints the module's table."""
+    import torch
+    ap = parser(doc, sizes, f"one setting (default: {gpu_size} on a GPU, cpu otherwise)",
+                providers=providers)
+    a = ap.parse_args(argv)
+    size = a.size or (gpu_size if torch.cuda.is_available() else "cpu")
+    print(markdown(run(size, a.providers, reps=a.reps, out=a.out)))
+
+
+def step_metrics(ms, peak, saved, loss) -> dict:
+    """A benchmark row's measured columns, from :func:`measure`'s result."""
+    return {"loss": loss, "fwd_bwd_ms": round(ms, 3),
+            "peak_extra_mib": None if peak is None else round(peak / 2**20, 2),
+            "peak_rss_mib": last_rss_mib(), "saved_mib": round(saved / 2**20, 3)}
+
+
+def can_run(provider: str, device, meta: dict) -> bool:
+    """Whether a benchmark provider runs here: "fused" needs a GPU or the interpreter,
+    "native" a CPU tensor and the built extension."""
+    import pixcon
+    if provider == "fused":
+        return device.type == "cuda" or bool(meta["triton_interpret"])
+    if provider == "native":
+        return device.type == "cpu" and pixcon.HAS_C
+    return True

@@ -36,6 +36,8 @@ CONTRASTIVESEG_CS = dict(B=8, D=256, h=128, w=256, C=19, M=1024, bank=19 * 10000
 CAC_CS = dict(n=8100, N=129600, D=128)
 DENSE = dict(n=131072, D=256, C=19)
 EDT = dict(B=8, H=512, W=512)
+U2PL_VOC = dict(B=4, D=256, h=129, w=129, C=21, Q=256, N=50,
+                pushed=int(0.2 * 2 * 129 * 129) * 17)
 
 
 def rate(gpu: dict, unit: str) -> float:
@@ -246,6 +248,40 @@ def dense(n, D, C, elt=F32) -> Op:
     return op
 
 
+def u2pl(B, D, h, w, C, Q, N, pushed, elt=F32) -> Op:
+    """U2PL (pixcon.ops.u2pl on the sparse InfoNCE kernels): the (pixels x classes) masks from a
+    sort of the teacher probabilities, the push of ``pushed`` negative rows into the queues,
+    the teacher class means (one GEMM), the samplers, and the sparse InfoNCE reading the bank's
+    rows in place, forward and (Triton) backward recomputing them. ``pushed``: rows queued a
+    step (at VOC about 20% of the unlabelled pixels x 17 classes of rank 3..19)."""
+    P, M = B * h * w, C * Q
+    E = P * D * elt
+    rows = M * (N + 1) * D * elt
+    ks = [
+        Kernel("torch glue (ranks: sort of the teacher probs, class masks, sampler groups)",
+               P * C * F32, 6 * P * C * F32 + 4 * P * C * I64, 0.0, "fma", launches=40),
+        Kernel("bank push (rank in class, compaction, row writes)", 2 * pushed * D * F32,
+               2 * pushed * D * F32 + 3 * P * C * I64, 0.0, "fma", launches=10),
+        Kernel("teacher class means (one GEMM)", E, E + P * C * F32, 2.0 * P * C * D, "tf32x3"),
+        Kernel("_sample_in_groups_kernel", M * (N + 1) * I32, M * (N + 1) * (I32 + SECTOR), 0.0,
+               "int", launches=2),
+        Kernel("_infonce_fwd_kernel", rows + M * D * F32, rows + M * N * SECTOR,
+               4.0 * M * (N + 1) * D, "fma"),
+        Kernel("_infonce_bwd_kernel", rows + E, 2 * rows + E + M * D * F32,
+               6.0 * M * (N + 1) * D, "fma",
+               note="recomputes the logits; the embedding's gradient written once"),
+    ]
+    official = [
+        Kernel("per class: masked-select copies, mean, sort of the probs", 0,
+               C * (3 * E + P * C * F32), 0.0, launches=20 * C),
+        Kernel("queues: concatenate on the host, copy each class's queue to the GPU", 0,
+               2 * (30000 * C + 20000) * D * F32, 0.0, launches=4 * C),
+        Kernel("per class: gather Q x N x D negatives, cosine, CE, backward", 0, 4 * rows,
+               8.0 * M * (N + 1) * D, launches=20 * C),
+    ]
+    return Op("u2pl_loss", f"VOC {B}x{D}x{h}x{w}, C={C}, Q={Q}, N={N}", ks, official)
+
+
 def edt(B, H, W, elt=I64) -> Op:
     """The EDT of B maps (labels read as they are, int64 here): latency-bound passes, whose
     dependent steps are counted at ~2000 cycles a column tile step (two loads, a scan, two
@@ -272,6 +308,7 @@ def ops() -> list[Op]:
     out.append(cac(**CAC_CS))
     out.append(dense(**DENSE))
     out.append(edt(**EDT))
+    out.append(u2pl(**U2PL_VOC))
     return out
 
 

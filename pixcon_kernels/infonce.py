@@ -235,11 +235,22 @@ def _blocks(D: int, dtype: torch.dtype):
     return BLOCK_N, BLOCK_D, opts
 
 
-def infonce_forward(pool, pos_pool, q_idx, pos_idx, neg_idx, temperature: float, eps=1e-8):
+def _key_layout(pool, keys, layout):
+    """The negatives' tensor and layout: keys' rows when given (U2PL's bank), else pool's."""
+    if keys is None:
+        return (pool, *layout)
+    keys, _, _, k_HW, k_sb, k_ss, k_sd = pool_layout(keys)
+    return keys, k_HW, k_sb, k_ss, k_sd
+
+
+def infonce_forward(pool, pos_pool, q_idx, pos_idx, neg_idx, temperature: float, eps=1e-8,
+                    keys=None):
     """pool: (P, D) rows or a (B, D, h, w) map (queries and negatives are its rows); pos_pool:
-    (R, D) rows; q_idx, pos_idx: (M,) int; neg_idx: (M, N) int (-1 = absent). Returns per-query
-    loss and log-sum-exp, (M,) float32 (float64 for float64 pool)."""
+    (R, D) rows; q_idx, pos_idx: (M,) int; neg_idx: (M, N) int (-1 = absent); keys: (S, D) rows
+    the negatives index instead of pool's. Returns per-query loss and log-sum-exp, (M,) float32
+    (float64 for float64 pool)."""
     pool, P, D, HW, s_b, s_s, s_d = pool_layout(pool)
+    keys, k_HW, k_sb, k_ss, k_sd = _key_layout(pool, keys, (HW, s_b, s_s, s_d))
     M, N = neg_idx.shape
     dt = torch_acc_dtype(pool.dtype)
     loss = torch.empty(M, dtype=dt, device=pool.device)
@@ -248,19 +259,23 @@ def infonce_forward(pool, pos_pool, q_idx, pos_idx, neg_idx, temperature: float,
         return loss, lse
     BLOCK_N, BLOCK_D, opts = _blocks(D, pool.dtype)
     _infonce_fwd_kernel[(M,)](
-        pool, pool, pos_pool, q_idx.to(torch.int32).contiguous(),
+        pool, keys, pos_pool, q_idx.to(torch.int32).contiguous(),
         pos_idx.to(torch.int32).contiguous(), neg_idx.to(torch.int32).contiguous(), loss, lse,
-        N, D, HW, s_b, s_s, s_d, HW, s_b, s_s, s_d, pos_pool.stride(0), pos_pool.stride(1),
+        N, D, HW, s_b, s_s, s_d, k_HW, k_sb, k_ss, k_sd, pos_pool.stride(0), pos_pool.stride(1),
         1.0 / temperature, eps, ACC=acc_dtype(pool.dtype), BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
         **opts)
     return loss, lse
 
 
 def infonce_backward(grad, pool, pos_pool, q_idx, pos_idx, neg_idx, lse, temperature: float,
-                     key_grad: bool, eps=1e-8):
+                     key_grad: bool, eps=1e-8, keys=None):
     """Returns (dq (M, D) gradient of each query row, dkeys, dpos): dkeys has pool's logical shape
-    (contiguous) and dpos pos_pool's, both in the accumulation dtype and None unless key_grad."""
+    (contiguous) and dpos pos_pool's, both in the accumulation dtype and None unless key_grad
+    (which a separate ``keys`` tensor excludes: it gets no gradient)."""
+    if keys is not None and key_grad:
+        raise ValueError("infonce_backward: a separate key pool gets no gradient")
     pool, P, D, HW, s_b, s_s, s_d = pool_layout(pool)
+    keys, k_HW, k_sb, k_ss, k_sd = _key_layout(pool, keys, (HW, s_b, s_s, s_d))
     M, N = neg_idx.shape
     dt = torch_acc_dtype(pool.dtype)
     dq = torch.empty(M, D, dtype=dt, device=pool.device)
@@ -270,10 +285,10 @@ def infonce_backward(grad, pool, pos_pool, q_idx, pos_idx, neg_idx, lse, tempera
         return dq, *(zeros if key_grad else (None, None))
     BLOCK_N, BLOCK_D, opts = _blocks(D, pool.dtype)
     _infonce_bwd_kernel[(M,)](
-        pool, pool, pos_pool, q_idx.to(torch.int32).contiguous(),
+        pool, keys, pos_pool, q_idx.to(torch.int32).contiguous(),
         pos_idx.to(torch.int32).contiguous(), neg_idx.to(torch.int32).contiguous(),
         lse.contiguous(), grad.contiguous(), dq,
-        N, D, HW, s_b, s_s, s_d, HW, s_b, s_s, s_d, pos_pool.stride(0), pos_pool.stride(1),
+        N, D, HW, s_b, s_s, s_d, k_HW, k_sb, k_ss, k_sd, pos_pool.stride(0), pos_pool.stride(1),
         1.0 / temperature, eps, ACC=acc_dtype(pool.dtype), BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
         **opts)
     if not key_grad:

@@ -312,3 +312,56 @@ def test_suite_runs_the_grid_after_it(tmp_path):
                        "--out", str(tmp_path)]) == 0
     assert len(list(tmp_path.glob("*-suite-ci.json"))) == 1
     assert len(list(tmp_path.glob("*-grid-ci.json"))) == 1
+
+
+@pytest.mark.interpret
+def test_bench_u2pl_tiny_writes_results(tmp_path):
+    mod = bench_module("bench_u2pl")
+    rows = mod.run("tiny", device="cpu", reps=1, out=str(tmp_path), verbose=False)
+    by = {r["provider"]: r for r in rows}
+    assert {"official-style", "reference", "fused"} <= set(by)
+    for p in set(by) - {"reference", "official-style"}:
+        assert by[p]["loss"] == pytest.approx(by["reference"]["loss"], rel=1e-5), p
+    assert sorted(p.suffix for p in tmp_path.iterdir()) == [".json", ".md"]
+
+
+def test_u2pl_official_style_baseline_has_the_method_value():
+    """Student and teacher rows constant per class, the queues one constant key, no new
+    negatives (negative_threshold 0) and the two images of each half labelled alike: which
+    pixels and keys are drawn does not matter, so the official-style baseline and
+    u2pl_loss(official=True) must agree; the per-class terms differ (the positive is the
+    class's teacher row), so the value tests the masks, the means and the divisor."""
+    import torch.nn.functional as F
+
+    from pixcon.nn import UnreliableBank
+    from pixcon.ops import u2pl_loss, u2pl_masks
+    from pixcon.reference import u2pl as ref
+    base = bench_module("baselines")
+    g = torch.Generator().manual_seed(1)
+    B, L, D, h, w, C = 4, 2, 6, 8, 9, 5
+    labels = torch.randint(0, C, (B, h, w), generator=g)
+    labels[1], labels[3] = labels[0], labels[2]
+    labels[0, 0, :3] = labels[1, 0, :3] = 255
+    probs = (4 * F.one_hot(labels.clamp(max=C - 1), C).permute(0, 3, 1, 2)
+             + torch.randn(B, C, h, w, generator=g)).softmax(1)
+    cent = F.normalize(torch.randn(C, D, generator=g), dim=1)
+    tcent = F.normalize(torch.randn(C, D, generator=g), dim=1)
+    emb = cent[labels.clamp(max=C - 1)].permute(0, 3, 1, 2).contiguous()
+    temb = tcent[labels.clamp(max=C - 1)].permute(0, 3, 1, 2).contiguous()
+    t = F.normalize(torch.randn(D, generator=g), dim=0)
+    rel, unrel = u2pl_masks(probs, labels, L, 20.0)
+    gt = torch.where(labels == 255, -1, labels)
+    sizes = (7,) * C
+    kw = dict(low_rank=1, high_rank=5, negative_threshold=0.0, num_queries=4, num_negatives=3)
+    want = base.u2pl_official_style(emb, gt, probs, rel[:, None].float(), unrel[:, None].float(),
+                                    temb, [t.expand(7, D).clone() for _ in range(C)],
+                                    num_labeled=L, sizes=sizes, **kw)
+    bank = UnreliableBank(C, D, sizes=sizes)
+    bank.keys.copy_(t.expand(7 * C, D))
+    bank.counts.fill_(7)
+    got = u2pl_loss(emb, labels, probs, temb, bank, num_labeled=L, reliable=rel,
+                    unreliable=unrel, official=True, backend="reference", **kw)
+    assert got.item() > 0
+    assert got.item() == pytest.approx(want.item(), rel=1e-6)
+    onehot = base._scatter_onehot(gt[:2], C).bool()
+    assert torch.equal(onehot, ref.official_onehot(gt[:2], C))

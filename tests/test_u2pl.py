@@ -6,11 +6,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import pixcon
 from pixcon.nn import UnreliableBank
-from pixcon.ops import u2pl_loss, u2pl_masks
+from pixcon.ops import u2pl_loss, u2pl_masks, u2pl_unsupervised_loss
 from pixcon.ops import primitives as prim
 from pixcon.reference import common as cm
 from pixcon.reference import u2pl as ref
+
+from .conftest import assert_close, triton_device
+
+FUSED = [pytest.param("triton", marks=pytest.mark.interpret),
+         pytest.param("native", marks=pytest.mark.skipif(not pixcon.HAS_C, reason="not built"))]
 
 
 def batch(B=4, D=8, h=6, w=7, C=5, L=2, seed=0, dtype=torch.float32):
@@ -211,7 +217,7 @@ def test_masks_follow_train_semi_percentiles():
     (dict(low_rank=5, high_rank=2), ValueError, "low_rank"),
     (dict(anchor_threshold=1.5), ValueError, "anchor_threshold"),
     (dict(reduction="avg"), ValueError, "reduction"),
-    (dict(backend="triton"), ValueError, "not written yet"),
+    (dict(backend="fastest"), ValueError, "backend"),
 ])
 def test_bad_arguments_name_themselves(kw, err, match):
     emb, temb, probs, labels, rel, unrel = batch()
@@ -221,3 +227,112 @@ def test_bad_arguments_name_themselves(kw, err, match):
     bank = args.pop("bank")
     with pytest.raises(err, match=match):
         u2pl_loss(emb, labels, probs, temb, bank, **args)
+
+
+@pytest.mark.parametrize("official", [False, True])
+@pytest.mark.parametrize("backend", FUSED)
+def test_fused_backends_match_the_reference(backend, official):
+    """Same seed, same samples: the compiled / Triton samplers and the sparse InfoNCE kernels
+    reading the bank in place against the reference's gathers. fp32, sums of D = 8 products
+    and 1 + N = 6 terms in another order: 1e-5."""
+    emb, temb, probs, labels, rel, unrel = batch(seed=9)
+    dev = triton_device() if backend == "triton" else torch.device("cpu")
+    out = {}
+    for be, d in (("reference", torch.device("cpu")), (backend, dev)):
+        bank = UnreliableBank(5, 8, size=30).to(d)
+        x = emb.to(d).requires_grad_()
+        losses, grads = [], []
+        for step in range(2):                     # the second call samples a filled bank
+            loss = u2pl_loss(x, labels.to(d), probs.to(d), temb.to(d), bank, num_labeled=2,
+                             reliable=rel.to(d), unreliable=unrel.to(d), num_queries=6,
+                             num_negatives=4, seed=step, official=official, backend=be)
+            losses.append(loss.detach())          # backward before the next push: the
+            grads.append(torch.autograd.grad(loss, x)[0])   # Triton backward reads the bank
+        out[be] = torch.stack(losses).cpu(), torch.stack(grads).cpu(), bank.keys.cpu()
+    (l0, g0, k0), (l1, g1, k1) = out["reference"], out[backend]
+    assert torch.equal(k1, k0)                                     # the same pushes
+    assert l0.gt(0).all()
+    assert_close(l1, l0, rtol=1e-5, atol=1e-6, what="loss")
+    assert_close(g1, g0, rtol=1e-5, atol=1e-7, what="grad")
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_sparse_infonce_with_a_separate_key_pool(backend):
+    """The negatives index keys (S, D) instead of pool: every backend against the reference;
+    key_grad is refused with keys."""
+    from pixcon.ops import sparse_infonce
+    g = torch.Generator().manual_seed(0)
+    pool = torch.randn(2, 6, 5, 4, generator=g)
+    keys = torch.randn(30, 6, generator=g)
+    pos = torch.randn(3, 6, generator=g)
+    q, p = torch.tensor([0, 5, -1, 39, 12]), torch.tensor([0, 1, 2, 2, 0])
+    neg = torch.randint(-1, 30, (5, 7), generator=g)
+    dev = triton_device() if backend == "triton" else torch.device("cpu")
+    res = {}
+    for be, d in (("reference", torch.device("cpu")), (backend, dev)):
+        x = pool.to(d).requires_grad_()
+        loss = sparse_infonce(x, q.to(d), p.to(d), neg.to(d), temperature=0.3,
+                              pos_pool=pos.to(d), keys=keys.to(d), backend=be)
+        res[be] = loss.detach().cpu(), torch.autograd.grad(
+            (loss * torch.arange(1.0, 6, device=d)).sum(), x)[0].cpu()
+    assert_close(res[backend][0], res["reference"][0], rtol=1e-5, atol=1e-6, what="loss")
+    assert_close(res[backend][1], res["reference"][1], rtol=1e-5, atol=1e-6, what="grad")
+    with pytest.raises(ValueError, match="key_grad"):
+        sparse_infonce(pool, q, p, neg, temperature=0.3, pos_pool=pos, keys=keys, key_grad=True)
+    with pytest.raises(ValueError, match="keys"):
+        sparse_infonce(pool, q, p, neg + 30, temperature=0.3, pos_pool=pos, keys=keys,
+                       check_values=True)
+
+
+def test_unsupervised_loss_follows_the_official_formula():
+    """Entropy at or above the drop_percent percentile (numpy's) is ignored; the CE over the
+    kept pixels is weighted by B H W / #kept (specs/u2pl.md §4)."""
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(2, 4, 5, 6, generator=g, requires_grad=True)
+    teacher = 2 * torch.randn(2, 4, 5, 6, generator=g)
+    pseudo = teacher.argmax(1)
+    pseudo[0, 0] = 255
+    got = u2pl_unsupervised_loss(logits, pseudo, teacher, 80.0)
+    p = teacher.softmax(1)
+    ent = -(p * torch.log(p + 1e-10)).sum(1)
+    thresh = np.percentile(ent[pseudo != 255].numpy(), 80.0)
+    target = pseudo.clone()
+    target[(ent >= float(thresh)) & (pseudo != 255)] = 255
+    kept = int((target != 255).sum())
+    want = 2 * 5 * 6 / kept * F.cross_entropy(logits, target, ignore_index=255)
+    assert 0 < kept < 59 and torch.allclose(got, want, rtol=1e-6)
+    assert torch.autograd.grad(got, logits)[0].abs().sum() > 0
+
+
+def test_u2pl_loss_module_keeps_its_bank_in_the_state_dict():
+    from pixcon.nn import U2PLLoss
+    emb, temb, probs, labels, rel, unrel = batch(seed=4)
+    crit = U2PLLoss(5, 8, size=20, num_queries=4, num_negatives=3)
+    loss = crit(emb.requires_grad_(), labels, probs, temb, num_labeled=2, alpha=20.0, seed=2)
+    assert loss.item() >= 0 and crit.bank.counts.sum() > 0
+    other = U2PLLoss(5, 8, size=20)
+    other.load_state_dict(crit.state_dict())
+    assert torch.equal(other.bank.keys, crit.bank.keys)
+    with pytest.raises(ValueError, match="alpha"):
+        crit(emb, labels, probs, temb, num_labeled=2)
+
+
+def test_trainer_u2pl_mode_trains_and_resumes_exactly(tmp_path):
+    """--loss u2pl: U2PL's unsupervised loss and contrast on the embedded scenes; the queues go
+    into the checkpoint, so a resumed run repeats an uninterrupted one."""
+    import dataclasses
+
+    from pixcon.train.loop import Config, Trainer
+
+    from .test_train import TINY_CFG
+    base = dict(TINY_CFG, steps=5, eval_every=5, mode="semi", loss="u2pl")
+    whole = Trainer(Config(**base, out=str(tmp_path / "a")))
+    whole.run()
+    assert whole.history[-1]["contrast"] > 0 and whole.extra.bank.counts.sum() > 0
+    cut = Config(**base, out=str(tmp_path / "b"), stop_at=3)
+    Trainer(cut).run()
+    resumed = Trainer(dataclasses.replace(cut, stop_at=None, resume=True))
+    resumed.run()
+    assert [h["loss"] for h in resumed.history] == [h["loss"] for h in whole.history]
+    with pytest.raises(ValueError, match="semi"):
+        Config(**dict(base, mode="sup")).validate()

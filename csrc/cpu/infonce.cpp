@@ -11,6 +11,9 @@
 // keys v = sum_j softmax_j k^_j (positive included; rescaled with the running maximum like the
 // sum itself) and cbar = sum_j softmax_j cos_j: then dL/da = g / (t |a|) ((v - p^) - (cbar -
 // cos_0) a^) needs no key again, and the backward is a scale and a scatter (pixcon.ops._library).
+// keys (optional): the negatives are rows of this (S, D) tensor instead of pool's (U2PL's queue
+// bank); their norms are taken as they are read (a bank is much larger than what one call reads),
+// and they get no gradient.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -97,27 +100,43 @@ std::pair<at::Tensor, at::Tensor> rows_and_inv_norms(const at::Tensor& pool, dou
 // rows_and_inv_norms), the positives, and the query / positive / negative indices.
 template <typename T, typename A>
 struct Views {
-  at::Tensor rows, inv;           // owners of x and kinv
-  const T* x;
-  const A *kinv, *pp;
+  at::Tensor rows, inv, krows;    // owners of x, qinv and kx
+  const T *x, *kx;                // query rows; negative rows (x itself without keys)
+  const A *qinv, *pp;
   const int64_t *qp, *pip, *np;
+  double eps;
+  // 1 / max(|k|, eps) of negative row k_idx: precomputed for pool rows, taken as read for keys
+  A kinv(int64_t k_idx, int64_t D) const {
+    return kx == x ? qinv[k_idx] : inv_norm(dot_rows<A>(kx + k_idx * D, kx + k_idx * D, D), eps);
+  }
 };
 
 template <typename T, typename A>
-Views<T, A> views(const Inputs& in, const at::Tensor& pool, double eps) {
+Views<T, A> views(const Inputs& in, const at::Tensor& pool, const std::optional<at::Tensor>& keys,
+                  double eps) {
   auto [rows, inv] = rows_and_inv_norms<T, A>(pool, eps);
   const T* x = rows.template data_ptr<T>();
-  const A* kinv = inv.template data_ptr<A>();
-  return {rows, inv, x, kinv, in.pos.template data_ptr<A>(), in.q.data_ptr<int64_t>(),
-          in.pi.data_ptr<int64_t>(), in.ni.data_ptr<int64_t>()};
+  at::Tensor krows = keys.has_value() ? keys->contiguous() : rows;
+  return {rows, inv, krows, x, krows.template data_ptr<T>(), inv.template data_ptr<A>(),
+          in.pos.template data_ptr<A>(), in.q.data_ptr<int64_t>(), in.pi.data_ptr<int64_t>(),
+          in.ni.data_ptr<int64_t>(), eps};
+}
+
+void check_keys(const at::Tensor& pool, const std::optional<at::Tensor>& keys, bool key_grad) {
+  if (!keys.has_value()) return;
+  TORCH_CHECK(keys->dim() == 2 && keys->size(1) == pool.size(1),
+              "infonce: keys must be (S, D) with the pool's D");
+  TORCH_CHECK(keys->scalar_type() == pool.scalar_type(), "infonce: keys must have pool's dtype");
+  TORCH_CHECK(!key_grad, "infonce: a separate key pool gets no gradient (key_grad must be false)");
 }
 
 // Returns (loss (M,), lse (M,), v (M, D), cbar (M,)); v and cbar are zero-size with key_grad.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> infonce_fwd_cpu(
     const at::Tensor& pool_in, const at::Tensor& pos_pool, const at::Tensor& q_idx,
     const at::Tensor& pos_idx, const at::Tensor& neg_idx, double temperature, bool key_grad,
-    double eps) {
+    double eps, const std::optional<at::Tensor>& keys) {
   const int64_t M = neg_idx.size(0), N = neg_idx.size(1), D = pool_in.size(1);
+  check_keys(pool_in, keys, key_grad);
   const Inputs in(pool_in, pos_pool, q_idx, pos_idx, neg_idx);
   const auto& pos = in.pos;
   auto opts = pool_in.options().dtype(in.acc);
@@ -131,9 +150,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> infonce_fwd_cpu(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pool_in.scalar_type(), "infonce_fwd",
                                   [&] {
     using A = at::opmath_type<scalar_t>;
-    const auto v = views<scalar_t, A>(in, pool_in, eps);
-    const scalar_t* x = v.x;
-    const A *kinv = v.kinv, *pp = v.pp;
+    const auto v = views<scalar_t, A>(in, pool_in, keys, eps);
+    const scalar_t *x = v.x, *kx = v.kx;
+    const A *qinv = v.qinv, *pp = v.pp;
     const int64_t *qp = v.qp, *pip = v.pip, *np = v.np;
     A *lp = loss.data_ptr<A>(), *ep = lse.data_ptr<A>();
     A* vp = direction ? vdir.data_ptr<A>() : nullptr;
@@ -143,35 +162,36 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> infonce_fwd_cpu(
         if (qp[m] < 0) { lp[m] = 0; ep[m] = 0; continue; }
         const scalar_t* a = x + qp[m] * D;
         const A* p = pp + std::max<int64_t>(pip[m], 0) * ps_r;
-        const A a_inv = kinv[qp[m]];
+        const A a_inv = qinv[qp[m]];
         const A p_inv = inv_norm(dot<A>(p, ps_d, p, ps_d, D), eps);
         const A s_pos = dot<A>(a, 1, p, ps_d, D) * a_inv * p_inv * A(inv_t);
         A mx = s_pos, l = 1, c = s_pos;              // c: sum of e^(s - mx) s (times t: cos)
-        A* v = direction ? vp + m * D : nullptr;     // sum of e^(s - mx) k^
+        A* vs = direction ? vp + m * D : nullptr;    // sum of e^(s - mx) k^
         if (direction)
-          for (int64_t d = 0; d < D; ++d) v[d] = p[d * ps_d] * p_inv;
+          for (int64_t d = 0; d < D; ++d) vs[d] = p[d * ps_d] * p_inv;
         for (int64_t j = 0; j < N; ++j) {
           const int64_t k_idx = np[m * N + j];
           if (j + 2 < N && np[m * N + j + 2] >= 0)    // random rows: fetch two keys ahead
-            prefetch_row(x + np[m * N + j + 2] * D, D);
+            prefetch_row(kx + np[m * N + j + 2] * D, D);
           if (k_idx < 0) continue;
-          const scalar_t* k = x + k_idx * D;
-          const A s = dot_rows<A>(a, k, D) * a_inv * kinv[k_idx] * A(inv_t);
+          const scalar_t* k = kx + k_idx * D;
+          const A k_inv = v.kinv(k_idx, D);
+          const A s = dot_rows<A>(a, k, D) * a_inv * k_inv * A(inv_t);
           A e, scale = 1;                            // this key's weight, the old sums' factor
           if (s > mx) { scale = std::exp(mx - s); e = 1; l = l * scale + 1; mx = s; }
           else { e = std::exp(s - mx); l += e; }
           if (!direction) continue;
           c = c * scale + e * s;
-          const A ek = e * kinv[k_idx];
+          const A ek = e * k_inv;
           if (scale != 1)
-            for (int64_t d = 0; d < D; ++d) v[d] = v[d] * scale + ek * static_cast<A>(k[d]);
+            for (int64_t d = 0; d < D; ++d) vs[d] = vs[d] * scale + ek * static_cast<A>(k[d]);
           else
-            for (int64_t d = 0; d < D; ++d) v[d] += ek * static_cast<A>(k[d]);
+            for (int64_t d = 0; d < D; ++d) vs[d] += ek * static_cast<A>(k[d]);
         }
         ep[m] = mx + std::log(l);
         lp[m] = ep[m] - s_pos;
         if (direction) {
-          for (int64_t d = 0; d < D; ++d) v[d] /= l;
+          for (int64_t d = 0; d < D; ++d) vs[d] /= l;
           cp[m] = c / l * A(temperature);
         }
       }
@@ -185,8 +205,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> infonce_fwd_cpu(
 std::tuple<at::Tensor, at::Tensor, at::Tensor> infonce_bwd_cpu(
     const at::Tensor& grad, const at::Tensor& pool_in, const at::Tensor& pos_pool,
     const at::Tensor& q_idx, const at::Tensor& pos_idx, const at::Tensor& neg_idx,
-    const at::Tensor& lse_in, double temperature, bool key_grad, double eps) {
+    const at::Tensor& lse_in, double temperature, bool key_grad, double eps,
+    const std::optional<at::Tensor>& keys) {
   const int64_t M = neg_idx.size(0), N = neg_idx.size(1), D = pool_in.size(1);
+  check_keys(pool_in, keys, key_grad);
   const Inputs in(pool_in, pos_pool, q_idx, pos_idx, neg_idx);
   const auto& pos = in.pos;
   auto opts = pool_in.options().dtype(in.acc);
@@ -199,9 +221,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> infonce_bwd_cpu(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pool_in.scalar_type(), "infonce_bwd",
                                   [&] {
     using A = at::opmath_type<scalar_t>;
-    const auto v = views<scalar_t, A>(in, pool_in, eps);
-    const scalar_t* x = v.x;
-    const A *kinv = v.kinv, *pp = v.pp;
+    const auto v = views<scalar_t, A>(in, pool_in, keys, eps);
+    const scalar_t *x = v.x, *kx = v.kx;
+    const A *qinv = v.qinv, *pp = v.pp;
     const int64_t *qp = v.qp, *pip = v.pip, *np = v.np;
     const A *gp = g_t.data_ptr<A>(), *lp = lse.data_ptr<A>();
     A* dqp = dq.data_ptr<A>();
@@ -209,16 +231,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> infonce_bwd_cpu(
     auto query = [&](int64_t m, std::vector<A>& w, std::vector<A>& cosv, A& a_inv, A& p_inv) {
       const scalar_t* a = x + qp[m] * D;
       const A* p = pp + std::max<int64_t>(pip[m], 0) * ps_r;
-      a_inv = kinv[qp[m]];
+      a_inv = qinv[qp[m]];
       p_inv = inv_norm(dot<A>(p, ps_d, p, ps_d, D), eps);
       const A g = gp[m], l = lp[m];
       cosv[0] = dot<A>(a, 1, p, ps_d, D) * a_inv * p_inv;
       w[0] = g * (std::exp(cosv[0] * A(inv_t) - l) - 1);
       for (int64_t j = 0; j < N; ++j) {
         const int64_t k_idx = np[m * N + j];
-        if (j + 2 < N && np[m * N + j + 2] >= 0) prefetch_row(x + np[m * N + j + 2] * D, D);
+        if (j + 2 < N && np[m * N + j + 2] >= 0) prefetch_row(kx + np[m * N + j + 2] * D, D);
         if (k_idx < 0) { w[j + 1] = 0; cosv[j + 1] = 0; continue; }
-        cosv[j + 1] = dot_rows<A>(a, x + k_idx * D, D) * a_inv * kinv[k_idx];
+        cosv[j + 1] = dot_rows<A>(a, kx + k_idx * D, D) * a_inv * v.kinv(k_idx, D);
         w[j + 1] = g * std::exp(cosv[j + 1] * A(inv_t) - l);
       }
     };
@@ -236,8 +258,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> infonce_bwd_cpu(
         for (int64_t j = 0; j < N; ++j) {
           const int64_t k_idx = np[m * N + j];
           if (k_idx < 0) continue;
-          const scalar_t* k = x + k_idx * D;
-          const A c = w[j + 1] * kinv[k_idx];
+          const scalar_t* k = kx + k_idx * D;
+          const A c = w[j + 1] * v.kinv(k_idx, D);
           coef += w[j + 1] * cosv[j + 1];
           for (int64_t d = 0; d < D; ++d) out[d] += c * static_cast<A>(k[d]);
         }
@@ -264,8 +286,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> infonce_bwd_cpu(
         for (int64_t j = 0; j < N; ++j) {
           const int64_t k_idx = np[m * N + j];
           if (k_idx < 0) continue;
-          const scalar_t* k = x + k_idx * D;
-          const A k_inv = kinv[k_idx];
+          const scalar_t* k = x + k_idx * D;          // key_grad: no separate keys
+          const A k_inv = qinv[k_idx];
           A* dst = dkp + dpool.row(k_idx);
           for (int64_t d = 0; d < D; ++d)
             dst[d * dpool.s_d] += w[j + 1] * A(inv_t) * k_inv *

@@ -29,9 +29,9 @@ class ReCoLoss(torch.nn.Module):
 
 __all__ = ["ReCoLoss"]
 
-from .u2pl import UnreliableBank  # noqa: E402
+from .u2pl import U2PLLoss, UnreliableBank  # noqa: E402
 
-__all__ += ["UnreliableBank"]
+__all__ += ["UnreliableBank", "U2PLLoss"]
 
 
 class ContextrastLoss(torch.nn.Module):

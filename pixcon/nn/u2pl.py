@@ -101,3 +101,35 @@ class UnreliableBank(torch.nn.Module):
         kept = torch.minimum(k, self.sizes)
         self.ptr.copy_((self.ptr + kept) % self.sizes)
         self.counts.copy_(torch.minimum(self.counts + k, self.sizes))
+
+
+class U2PLLoss(torch.nn.Module):
+    """U2PL's contrastive loss with its queues: :func:`pixcon.ops.u2pl_loss` on a bank this
+    module owns (``state_dict`` carries it), the reliable / unreliable masks made from the
+    teacher's entropy at percentile ``alpha`` (alpha_t = 20 (1 - epoch / epochs)) unless given.
+
+    >>> crit = U2PLLoss(21, 256, sizes=OFFICIAL_SIZES_VOC).cuda()
+    >>> loss = crit(rep, labels, prob_teacher, rep_teacher, num_labeled=2, alpha=alpha_t)
+    """
+
+    def __init__(self, num_classes: int, dim: int, size: int = 30000, *, sizes=None,
+                 cross_rank: bool = True, group=None, **loss_kwargs):
+        super().__init__()
+        self.bank = UnreliableBank(num_classes, dim, size, sizes=sizes, cross_rank=cross_rank,
+                                   group=group)
+        self.kwargs = loss_kwargs
+
+    def forward(self, emb, labels, teacher_probs, teacher_emb, *, num_labeled: int,
+                alpha: float | None = None, reliable=None, unreliable=None, seed=None):
+        from ..ops import u2pl_loss, u2pl_masks
+        if reliable is None or unreliable is None:
+            if alpha is None:
+                raise ValueError("U2PLLoss: give alpha (the entropy percentile) or both masks")
+            reliable, unreliable = u2pl_masks(teacher_probs, labels, num_labeled, alpha,
+                                              ignore_index=self.kwargs.get("ignore_index", 255))
+        return u2pl_loss(emb, labels, teacher_probs, teacher_emb, self.bank,
+                         num_labeled=num_labeled, reliable=reliable, unreliable=unreliable,
+                         seed=seed, **self.kwargs)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items())

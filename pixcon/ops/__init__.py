@@ -18,6 +18,6 @@ from .cac import directional_contrast_loss, overlap_rows  # noqa: E402
 
 __all__ += ["pixel_contrast_loss", "dense_contrast_loss", "supervised_contrast",
             "negative_logsumexp", "directional_contrast_loss", "overlap_rows"]
-from .u2pl import u2pl_loss, u2pl_masks  # noqa: E402
+from .u2pl import u2pl_loss, u2pl_masks, u2pl_unsupervised_loss  # noqa: E402
 
-__all__ += ["u2pl_loss", "u2pl_masks"]
+__all__ += ["u2pl_loss", "u2pl_masks", "u2pl_unsupervised_loss"]

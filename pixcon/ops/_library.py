@@ -104,13 +104,15 @@ def _(row_class, cdf, order, offsets, counts, per_row, seed, stream):
 # --- sparse InfoNCE --------------------------------------------------------------------------
 @torch.library.custom_op("pixcon::sparse_infonce", mutates_args=())
 def sparse_infonce(pool: Tensor, pos_pool: Tensor, q_idx: Tensor, pos_idx: Tensor,
-                   neg_idx: Tensor, temperature: float, key_grad: bool) -> tuple[Tensor, Tensor]:
+                   neg_idx: Tensor, temperature: float, key_grad: bool,
+                   keys: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """keys: the negatives' rows when they are not pool's (no gradient)."""
     from pixcon_kernels.infonce import infonce_forward
-    return infonce_forward(pool, pos_pool, q_idx, pos_idx, neg_idx, temperature)
+    return infonce_forward(pool, pos_pool, q_idx, pos_idx, neg_idx, temperature, keys=keys)
 
 
 @sparse_infonce.register_fake
-def _(pool, pos_pool, q_idx, pos_idx, neg_idx, temperature, key_grad):
+def _(pool, pos_pool, q_idx, pos_idx, neg_idx, temperature, key_grad, keys=None):
     M = neg_idx.shape[0]
     return (pool.new_empty(M, dtype=_acc(pool.dtype)), pool.new_empty(M, dtype=_acc(pool.dtype)))
 
@@ -118,12 +120,13 @@ def _(pool, pos_pool, q_idx, pos_idx, neg_idx, temperature, key_grad):
 @torch.library.custom_op("pixcon::sparse_infonce_backward", mutates_args=())
 def sparse_infonce_backward(grad: Tensor, pool: Tensor, pos_pool: Tensor, q_idx: Tensor,
                             pos_idx: Tensor, neg_idx: Tensor, lse: Tensor, temperature: float,
-                            key_grad: bool) -> tuple[Tensor, Tensor]:
+                            key_grad: bool, keys: Optional[Tensor] = None
+                            ) -> tuple[Tensor, Tensor]:
     """Gradients of sum_m grad[m] * loss[m] w.r.t. pool (pool's shape and dtype) and pos_pool
     (zeros unless key_grad)."""
     from pixcon_kernels.infonce import infonce_backward
     dq, dk, dpos = infonce_backward(grad, pool, pos_pool, q_idx, pos_idx, neg_idx, lse,
-                                    temperature, key_grad)
+                                    temperature, key_grad, keys=keys)
     dpool = _add_query_grads(dk if key_grad else None, dq, q_idx, pool)
     if dpos is None:
         dpos = torch.zeros(pos_pool.shape, dtype=pos_pool.dtype, device=pos_pool.device)
@@ -194,27 +197,27 @@ def _add_query_grads(dpool, dq, q_idx, pool):
 
 
 @sparse_infonce_backward.register_fake
-def _(grad, pool, pos_pool, q_idx, pos_idx, neg_idx, lse, temperature, key_grad):
+def _(grad, pool, pos_pool, q_idx, pos_idx, neg_idx, lse, temperature, key_grad, keys=None):
     return torch.empty_like(pool, memory_format=torch.contiguous_format), torch.empty_like(pos_pool)
 
 
 def _setup_context(ctx, inputs, output):
-    pool, pos_pool, q_idx, pos_idx, neg_idx, temperature, key_grad = inputs
+    pool, pos_pool, q_idx, pos_idx, neg_idx, temperature, key_grad, keys = inputs
     _, lse = output
-    ctx.save_for_backward(pool, pos_pool, q_idx, pos_idx, neg_idx, lse)
+    ctx.save_for_backward(pool, pos_pool, q_idx, pos_idx, neg_idx, lse, keys)
     ctx.temperature = temperature
     ctx.key_grad = key_grad
 
 
 def _backward(ctx, grad_loss, grad_lse):
-    pool, pos_pool, q_idx, pos_idx, neg_idx, lse = ctx.saved_tensors
+    pool, pos_pool, q_idx, pos_idx, neg_idx, lse, keys = ctx.saved_tensors
     if grad_loss is None:
         grad_loss = torch.zeros_like(lse)
     dpool, dpos = sparse_infonce_backward(grad_loss, pool, pos_pool, q_idx, pos_idx, neg_idx, lse,
-                                          ctx.temperature, ctx.key_grad)
+                                          ctx.temperature, ctx.key_grad, keys)
     if not ctx.key_grad:
         dpos = None
-    return dpool, dpos, None, None, None, None, None
+    return dpool, dpos, None, None, None, None, None, None
 
 
 torch.library.register_autograd("pixcon::sparse_infonce", _backward, setup_context=_setup_context)
@@ -550,14 +553,15 @@ if _HAS_C:
         return order.new_empty(row_class.numel(), per_row, dtype=torch.int32)
 
     @torch.library.register_fake("pixcon::infonce_fwd_native")
-    def _(pool, pos_pool, q_idx, pos_idx, neg_idx, temperature, key_grad, eps):
+    def _(pool, pos_pool, q_idx, pos_idx, neg_idx, temperature, key_grad, eps, keys=None):
         M, D, dt = neg_idx.shape[0], pool.shape[1], _acc(pool.dtype)
         direction = (M, D) if not key_grad else (0,)
         return (pool.new_empty(M, dtype=dt), pool.new_empty(M, dtype=dt),
                 pool.new_empty(direction, dtype=dt), pool.new_empty(direction[:1], dtype=dt))
 
     @torch.library.register_fake("pixcon::infonce_bwd_native")
-    def _(grad, pool, pos_pool, q_idx, pos_idx, neg_idx, lse, temperature, key_grad, eps):
+    def _(grad, pool, pos_pool, q_idx, pos_idx, neg_idx, lse, temperature, key_grad, eps,
+          keys=None):
         M, D = neg_idx.shape[0], pool.shape[1]
         dt = _acc(pool.dtype)
         shape_k = pool.shape if key_grad else (0,)
@@ -565,8 +569,8 @@ if _HAS_C:
         return (pool.new_empty(M, D, dtype=dt), pool.new_empty(shape_k, dtype=dt),
                 pool.new_empty(shape_p, dtype=dt))
 
-    def _native_setup(ctx, inputs, output):
-        pool, pos_pool, q_idx, pos_idx, neg_idx, temperature, key_grad, eps = inputs
+    def _native_setup(ctx, inputs, output):     # a separate key pool (inputs[8]) has no grad
+        pool, pos_pool, q_idx, pos_idx, neg_idx, temperature, key_grad, eps = inputs[:8]
         ctx.save_for_backward(pool, pos_pool, q_idx, pos_idx, neg_idx, *output)
         ctx.temperature, ctx.key_grad, ctx.eps = temperature, key_grad, eps
 
@@ -578,12 +582,13 @@ if _HAS_C:
             dq = _query_grads_from_direction(grad_loss, pool, pos_pool, q_idx, pos_idx, loss,
                                              lse, v, cbar, ctx.temperature, ctx.eps)
             return _scatter(dq, q_idx, pool).to(pool.dtype), None, None, None, \
-                None, None, None, None
+                None, None, None, None, None
         dq, dk, dpos = torch.ops.pixcon.infonce_bwd_native(
             grad_loss, pool, pos_pool, q_idx, pos_idx, neg_idx, lse, ctx.temperature,
             ctx.key_grad, ctx.eps)
         dpool = _add_query_grads(dk, dq, q_idx, pool)
-        return dpool.to(pool.dtype), dpos.to(pos_pool.dtype), None, None, None, None, None, None
+        return dpool.to(pool.dtype), dpos.to(pos_pool.dtype), None, None, None, None, None, \
+            None, None
 
     torch.library.register_autograd("pixcon::infonce_fwd_native", _native_backward,
                                     setup_context=_native_setup)

@@ -205,7 +205,8 @@ def sample_negatives(row_class: torch.Tensor, cdf: torch.Tensor, lab: torch.Tens
 
 def sparse_infonce(pool: torch.Tensor, q_idx: torch.Tensor, pos_idx: torch.Tensor,
                    neg_idx: torch.Tensor, *, temperature: float, pos_pool: torch.Tensor | None = None,
-                   key_grad: bool = False, backend: str = "auto", check_values: bool | None = None):
+                   key_grad: bool = False, keys: torch.Tensor | None = None,
+                   backend: str = "auto", check_values: bool | None = None):
     """Per-query InfoNCE with cosine logits over index sets, never an M x N x D tensor.
 
     pool: (P, D) rows or a (B, D, h, w) map whose rows are its pixels; queries q_idx (M,) and
@@ -213,6 +214,8 @@ def sparse_infonce(pool: torch.Tensor, q_idx: torch.Tensor, pos_idx: torch.Tenso
     pos_pool (default: pool). loss_m = logsumexp([s_pos, s_neg...]) - s_pos with
     s = cos / temperature; 0 where q_idx is -1. Gradients reach the queries only unless
     key_grad=True, which also sends them to the negatives and positives (the keys).
+    keys: (S, D) rows, pool's dtype, that neg_idx indexes instead of pool (a queue bank, as
+    U2PL's); they get no gradient (key_grad must be False).
     check_values: check that every index is in range (a host sync; default on for CPU tensors,
     off for CUDA, env PIXCON_CHECK_VALUES): an out-of-range gather on a GPU reads other memory.
     Returns (M,) float32 (float64 for float64 pool)."""
@@ -238,25 +241,40 @@ def sparse_infonce(pool: torch.Tensor, q_idx: torch.Tensor, pos_idx: torch.Tenso
         if pos_pool.shape[1] != D:
             raise ValueError(f"sparse_infonce: pos_pool rows must have D = {D} like pool, got "
                              f"{pos_pool.shape[1]}")
-    if P >= 2**31:
-        raise ValueError(f"sparse_infonce: pool has {P} rows; int32 indices need fewer than 2^31")
+    S, key_name = P, "pool"
+    if keys is not None:
+        check_tensor("sparse_infonce", "keys", keys, ndim=2, dtypes=(pool.dtype,), device=dev,
+                     kind="(S, D) in pool's dtype", like="pool")
+        if keys.shape[1] != D:
+            raise ValueError(f"sparse_infonce: keys rows must have D = {D} like pool, got "
+                             f"{keys.shape[1]}")
+        if key_grad:
+            raise ValueError("sparse_infonce: keys get no gradient; key_grad must be False with "
+                             "a separate key pool")
+        S, key_name = keys.shape[0], "keys"
+    if max(P, S) >= 2**31:
+        raise ValueError(f"sparse_infonce: {key_name if S > P else 'pool'} has {max(P, S)} "
+                         "rows; int32 indices need fewer than 2^31")
     if want_value_checks(check_values, dev):
         check_index_range("sparse_infonce", "q_idx", q_idx, P, "pool")
-        check_index_range("sparse_infonce", "neg_idx", neg_idx, P, "pool")
+        check_index_range("sparse_infonce", "neg_idx", neg_idx, S, key_name)
         check_index_range("sparse_infonce", "pos_idx", pos_idx, pos_pool.shape[0], "pos_pool")
     be = resolve_backend(backend, dev, "sparse_infonce", NATIVE)
     if be == "triton":
         loss, _ = _lib().sparse_infonce(pool, pos_pool, q_idx, pos_idx, neg_idx,
-                                        float(temperature), bool(key_grad))
+                                        float(temperature), bool(key_grad), keys)
         return loss
     if be == "native":
         _lib()                                   # registers the native op's autograd
         return torch.ops.pixcon.infonce_fwd_native(pool, pos_pool, q_idx, pos_idx, neg_idx,
                                                    float(temperature), bool(key_grad),
-                                                   cm.EPS)[0]
+                                                   cm.EPS, keys)[0]
     dt = torch.promote_types(pool.dtype, torch.float32)
     rows = (pool if pool.dim() == 2 else cm.pixel_rows(pool)).to(dt)
-    keys = rows if key_grad else rows.detach()
+    if keys is not None:
+        keys = keys.detach().to(dt)
+    else:
+        keys = rows if key_grad else rows.detach()
     pos = pos_pool.to(dt) if key_grad else pos_pool.detach().to(dt)
     a = cm.normalize(rows[q_idx.long().clamp(min=0)])
     p = cm.normalize(pos[pos_idx.long().clamp(min=0)])

@@ -53,12 +53,18 @@ def u2pl_loss(emb, labels, teacher_probs, teacher_emb, bank, *, num_labeled: int
             into image 0 of each half; negatives need the pixel's own label to be c), not the
             paper's (the default). specs/u2pl.md §3 says what each does to the samples.
         seed: Philox seed of the samples (None: one drawn from torch's generator).
-        backend: "auto" or "reference". The fused paths ("native", "triton") are not written
-            yet: sparse InfoNCE needs a key pool apart from the query pool (issue 29).
+        backend: "auto" (Triton for CUDA tensors, the compiled CPU kernels for CPU tensors
+            where pixcon._C is built), "reference", "native" or "triton". The fused paths
+            sample with the compiled / Triton samplers and contrast with the sparse InfoNCE
+            kernels reading the bank's rows in place (never anchors x negatives x D); the same
+            samples on every backend for one seed. The bank's dtype should be emb's (else its
+            rows are cast, a copy of the bank, every call).
         reduction: "mean" (over the classes with reliable pixels; 0 when at most one),
             "sum", or "none" ((C,) per class).
 
-    Returns the loss, connected to ``emb``'s graph even when it is 0."""
+    Returns the loss, connected to ``emb``'s graph even when it is 0. Call backward before
+    the next call pushes into the same bank: the Triton backward reads the bank's rows again
+    (a push in between raises autograd's in-place error rather than a wrong gradient)."""
     op = "u2pl_loss"
     chk.check_pixel_inputs(op, emb, labels)
     B, D, h, w = emb.shape
@@ -104,15 +110,18 @@ def u2pl_loss(emb, labels, teacher_probs, teacher_emb, bank, *, num_labeled: int
                              f"{tuple(prototype.shape)}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"{op}: reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if backend not in ("auto", "reference"):
-        raise ValueError(f"{op}: backend must be 'auto' or 'reference' (the fused paths are "
-                         f"not written yet), got {backend!r}")
+    be = chk.resolve_backend(backend, dev, op, ("reference", "native", "triton"))
     if chk.want_value_checks(check_values, dev):
         chk.check_pixel_values(op, emb, labels, C, ignore_index, probs=teacher_probs)
     gt = cm.pixel_labels(labels, (h, w), C, ignore_index)
 
     def sampler(*args, **kw):
-        return prim.sample_in_groups(*args, backend="reference", **kw)
+        return prim.sample_in_groups(*args, backend=be, **kw)
+
+    def fused_contrast(emb, a_idx, pos, keys, neg_idx, t):
+        slots = torch.arange(a_idx.numel(), device=dev)
+        return prim.sparse_infonce(emb, a_idx, slots, neg_idx, temperature=t, pos_pool=pos,
+                                   keys=keys.to(emb.dtype), backend=be, check_values=False)
 
     return ref.u2pl_loss(emb, gt, teacher_probs, teacher_emb, bank, num_labeled=num_labeled,
                          reliable=rel, unreliable=unrel, low_rank=low_rank, high_rank=high_rank,
@@ -120,7 +129,8 @@ def u2pl_loss(emb, labels, teacher_probs, teacher_emb, bank, *, num_labeled: int
                          negative_threshold=float(negative_threshold),
                          temperature=float(temperature), num_queries=num_queries,
                          num_negatives=num_negatives, prototype=prototype, official=official,
-                         seed=draw_seed(seed), reduction=reduction, sampler=sampler)
+                         seed=draw_seed(seed), reduction=reduction, sampler=sampler,
+                         contrast=ref.reference_contrast if be == "reference" else fused_contrast)
 
 
 def _percentile(x, valid, q):
@@ -160,3 +170,31 @@ def u2pl_masks(teacher_probs, labels, num_labeled: int, alpha: float, *, ignore_
     reliable[u] &= entropy[u] <= low
     unreliable[u] &= entropy[u] >= high
     return reliable, unreliable
+
+
+def u2pl_unsupervised_loss(logits, pseudo, teacher_logits, drop_percent: float, *,
+                           ignore_index: int = 255):
+    """U2PL's unsupervised loss (specs/u2pl.md §4): cross-entropy of the student ``logits``
+    (B, C, H, W) on the pseudo-labels (B, H, W), the pixels whose teacher entropy (softmax of
+    ``teacher_logits``, same shape) is at or above the ``drop_percent`` percentile of the valid
+    pixels' set to ignore, weighted by B H W / #kept as the official code does.
+    drop_percent = 100 - (100 - 80)(1 - epoch / epochs) in the official schedule. A batch
+    without a kept pixel gives a zero connected to the graph."""
+    op = "u2pl_unsupervised_loss"
+    chk.check_tensor(op, "logits", logits, ndim=4, dtypes=chk.FLOAT_DTYPES, kind="(B, C, H, W)")
+    if teacher_logits.shape != logits.shape:
+        raise ValueError(f"{op}: teacher_logits {tuple(teacher_logits.shape)} must match logits "
+                         f"{tuple(logits.shape)}")
+    if not 0.0 <= drop_percent <= 100.0:
+        raise ValueError(f"{op}: drop_percent must be in [0, 100], got {drop_percent!r}")
+    with torch.no_grad():
+        p = torch.softmax(teacher_logits.float(), dim=1)
+        entropy = -(p * torch.log(p + 1e-10)).sum(dim=1)
+        valid = pseudo != ignore_index
+        thresh = _percentile(entropy.reshape(-1), valid.reshape(-1), drop_percent)
+        target = torch.where(valid & (entropy >= thresh), ignore_index, pseudo)
+        kept = (target != ignore_index).sum()
+        weight = pseudo.numel() / kept.clamp(min=1)
+    ce = torch.nn.functional.cross_entropy(logits, target, ignore_index=ignore_index,
+                                           reduction="sum") / kept.clamp(min=1)
+    return weight * ce + 0.0 * logits.sum()

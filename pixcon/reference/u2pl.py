@@ -107,13 +107,22 @@ def infonce(rows, a_idx, pos, neg_keys, neg_idx, temperature):
     return torch.where(ok, torch.logsumexp(logits, dim=1) - logits[:, 0], 0.0)
 
 
+def reference_contrast(emb, a_idx, pos, keys, neg_idx, temperature):
+    """Per anchor slot, the InfoNCE term (see :func:`infonce`) with the rows gathered: an
+    anchors x negatives x D tensor, as the official code makes (the reference only)."""
+    dt = pos.dtype
+    return infonce(cm.pixel_rows(emb).to(dt), a_idx, pos, keys.to(dt), neg_idx, temperature)
+
+
 def u2pl_loss(emb, gt, probs, teacher_emb, bank, *, num_labeled, reliable, unreliable,
               low_rank=3, high_rank=20, anchor_threshold=0.3, negative_threshold=1.0,
               temperature=0.5, num_queries=256, num_negatives=50, prototype=None,
-              official=False, seed=0, reduction="mean", sampler):
+              official=False, seed=0, reduction="mean", sampler, contrast=reference_contrast):
     """The loss on (B, D, h, w) student / teacher embeddings, flat labels gt (P,) at feature
     resolution (-1 ignored), teacher probs (B, C, h, w), reliable / unreliable flat (P,) bool.
-    Pushes the negative candidates into ``bank`` first, as the official code does."""
+    Pushes the negative candidates into ``bank`` first, as the official code does. sampler:
+    a backend's ``sample_in_groups``; contrast(emb, a_idx, pos (M, D), keys, neg_idx, t): the
+    per-anchor InfoNCE (the reference's gather, or the sparse InfoNCE kernels)."""
     B, D, h, w = emb.shape
     C = probs.shape[1]
     dt = torch.promote_types(emb.dtype, torch.float32)
@@ -131,9 +140,8 @@ def u2pl_loss(emb, gt, probs, teacher_emb, bank, *, num_labeled, reliable, unrel
     else:
         pos = prototype.detach().to(dt)
     a_idx, neg_idx = sample(A, bank, num_queries, num_negatives, seed, sampler)
-    rows = cm.pixel_rows(emb).to(dt)
-    per_anchor = infonce(rows, a_idx, pos.repeat_interleave(num_queries, 0),
-                         bank.keys.to(dt), neg_idx, temperature)
+    per_anchor = contrast(emb, a_idx, pos.repeat_interleave(num_queries, 0), bank.keys,
+                          neg_idx, temperature)
     per_class = per_anchor.view(C, num_queries).mean(dim=1) * valid
     zero = emb.reshape(-1)[:1].sum() * 0          # every result stays connected to emb
     if reduction == "none":

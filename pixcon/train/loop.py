@@ -27,8 +27,8 @@ from . import metrics, protocols
 from . import semisup as ss
 from .model import DeepLabV3Plus
 
-LOSSES = ("none", "reco", "contextrast", "cac")
-DEFAULT_WEIGHT = {"none": 0.0, "reco": 1.0, "contextrast": 0.1, "cac": 0.1}
+LOSSES = ("none", "reco", "contextrast", "cac", "u2pl")
+DEFAULT_WEIGHT = {"none": 0.0, "reco": 1.0, "contextrast": 0.1, "cac": 0.1, "u2pl": 1.0}
 
 
 @dataclasses.dataclass
@@ -36,7 +36,9 @@ class Config:
     """Everything a run depends on. Defaults: the embedded scenes with 20 labelled images."""
     dataset: str = "scenes"            # "scenes", "voc:ROOT", "cityscapes:ROOT", "sun:ROOT"
     mode: str = "semi"                 # "sup" (labelled only) or "semi" (Mean Teacher + ClassMix)
-    loss: str = "none"                 # "none", "reco", "contextrast" or "cac" (semi only)
+    loss: str = "none"                 # "none", "reco", "contextrast", "cac" or "u2pl" (the
+    #                                    last two semi only; u2pl also swaps in its unsupervised
+    #                                    loss and schedules, specs/u2pl.md §1, §4)
     backend: str = "auto"              # pixcon backend of the contrastive loss
     num_labels: int = 20               # labelled images (class-balanced pick); 0 = all
     partial: str | None = None         # "p0", "p1", "p5", "p25": sparse labels on every image
@@ -94,6 +96,8 @@ class Config:
                                  f"{FEATURE_STRIDE.get(self.backbone, 8)}, got {self.crop}")
         elif self.image_level:
             raise ValueError("image_level is CAC's extension: it needs loss 'cac'")
+        if self.loss == "u2pl" and self.mode != "semi":
+            raise ValueError("loss 'u2pl' contrasts unreliable pseudo-labels: it needs mode 'semi'")
         for name in ("steps", "batch_size", "crop", "eval_every", "eval_batch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
@@ -203,7 +207,8 @@ class Trainer:
         C = self.train_ds.num_classes
         torch.manual_seed(cfg.seed)
         self.student = DeepLabV3Plus(C, backbone=cfg.backbone, rep_dim=cfg.rep_dim,
-                                     representation=cfg.loss == "reco").to(self.device)
+                                     representation=cfg.loss in ("reco", "u2pl")
+                                     ).to(self.device)
         self.extra = None
         self.bank = None
         if cfg.loss == "contextrast":
@@ -218,6 +223,12 @@ class Trainer:
                                    stride=FEATURE_STRIDE[cfg.backbone],
                                    backend=cfg.backend).to(self.device)
             self.bank = NegativeBank(step_save=cfg.cac_step_save)
+        elif cfg.loss == "u2pl":           # its queues (30,000 keys a class) live in the module
+            from ..nn import U2PLLoss
+            self.extra = U2PLLoss(C, self.student.rep_dim, num_queries=cfg.num_queries,
+                                  num_negatives=cfg.num_negatives, temperature=cfg.temperature,
+                                  ignore_index=self.train_ds.ignore_index,
+                                  backend=cfg.backend).to(self.device)
         self.net, self.extra_net = self._ddp(self.student), self._ddp(self.extra)
         params = list(self.student.parameters()) + \
             (list(self.extra.parameters()) if self.extra is not None else [])
@@ -308,9 +319,17 @@ class Trainer:
             xu, pl, conf = ss.photometric(xu, pl, conf, generator=g)
             xu, pl, conf = xu.to(dev), pl.to(dev), conf.to(dev)
             out_u = self.net(ss.normalize_images(xu))
-            parts["unsup"] = ss.unsupervised_loss(upsample(out_u.logits, crop), pl, conf,
-                                                  strong_threshold=cfg.strong_threshold,
-                                                  ignore_index=ignore)
+            if cfg.loss == "u2pl":      # the teacher on both augmented halves; the schedules
+                with torch.no_grad():
+                    out_t = self.teacher.model(ss.normalize_images(torch.cat([xl, xu])))
+                frac = 1.0 - self.step / cfg.steps          # alpha_t, the dropped share
+                parts["unsup"] = ops.u2pl_unsupervised_loss(
+                    upsample(out_u.logits, crop), pl, upsample(out_t.logits[nl:], crop),
+                    100.0 - 20.0 * frac, ignore_index=ignore)
+            else:
+                parts["unsup"] = ss.unsupervised_loss(upsample(out_u.logits, crop), pl, conf,
+                                                      strong_threshold=cfg.strong_threshold,
+                                                      ignore_index=ignore)
             if cfg.loss != "none":
                 out = out_l._replace(
                     logits=torch.cat([out_l.logits, out_u.logits]),
@@ -320,6 +339,10 @@ class Trainer:
                 mask = torch.cat([yl != ignore, conf >= cfg.weak_threshold])
         elif cfg.loss != "none":
             out, labels, mask = out_l, yl, yl != ignore
+        if cfg.loss == "u2pl":
+            parts["contrast"] = self.extra(
+                out.rep, labels, torch.softmax(out_t.logits.float(), dim=1), out_t.rep,
+                num_labeled=nl, alpha=20.0 * frac, seed=seed)
         if cfg.loss in ("reco", "contextrast"):
             probs = torch.softmax(out.logits.detach().float(), dim=1)
             parts["contrast"] = self.contrast_loss(out, labels, probs, mask, seed)
