@@ -11,7 +11,7 @@ default must win everywhere on this grid (issue 34), and the tables say where it
 Each op is swept one axis at a time around a base setting (a star, not a product): for the
 tiled losses anchors, bank keys, classes present, D and the label layout (square blocks of one
 class, of several sizes), for CAC the anchors, the bank and the share of pixels passing the
-confidence threshold; ReCo and Contextrast at their CPU settings. Conditions: ``T-idle`` and
+confidence threshold; ReCo, Contextrast and U2PL at their CPU settings. Conditions: ``T-idle`` and
 ``T-loaded`` for T threads; "loaded" starts one busy-looping process (pure Python, bounded by a
 deadline, stopped when the condition ends) that holds one of the machine's cores. Times are the
 best of ``--reps`` forward+backward steps (more for steps of milliseconds) after one warm-up
@@ -57,7 +57,7 @@ GRIDS = {
                            dict(B=2, D=16, h=16, w=16, C=4, block=4, anchors=64, views=8, bank=400)],
         "cac": [dict(n=60, N=500, D=16, C=4, scale=8.0)],
         "dense": [dict(B=1, D=16, h=16, w=16, C=4, block=4)],
-        "reco": [], "contextrast": [],
+        "reco": [], "contextrast": [], "u2pl": [],
     },
     "small": {
         "contrastiveseg": [dict(), dict(anchors=256), dict(anchors=4096), dict(C=2),
@@ -65,7 +65,7 @@ GRIDS = {
                            dict(bank=1000), dict(bank=38000), dict(bank=200000)],
         "cac": [dict(), dict(n=500), dict(N=8000), dict(scale=1.0)],
         "dense": [dict(B=1, D=256, h=48, w=64, C=12, block=16)],
-        "reco": ["cpu"], "contextrast": ["cpu", "cpu-ade"],
+        "reco": ["cpu"], "contextrast": ["cpu", "cpu-ade"], "u2pl": ["cpu"],
     },
     "full": {
         "contrastiveseg": [dict(), dict(anchors=256), dict(anchors=4096), dict(anchors=8192),
@@ -79,6 +79,7 @@ GRIDS = {
         "dense": [dict(B=1, D=256, h=48, w=64, C=12, block=16),
                   dict(B=2, D=256, h=64, w=64, C=19, block=16)],
         "reco": ["cpu", "voc"], "contextrast": ["cpu", "cpu-d256", "cpu-ade", "hrnet-1"],
+        "u2pl": ["cpu", "voc"],
     },
 }
 
@@ -187,11 +188,14 @@ def dense_steps(s):
 
 
 def module_steps(name, size):
-    """ReCo / Contextrast: their bench module's inputs and losses at one of its sizes."""
+    """ReCo / Contextrast / U2PL: their bench module's inputs and losses at one of its sizes."""
     import importlib
     mod = importlib.import_module(f"bench_{name}")
     cpu = torch.device("cpu")
     steps = {}
+    if name == "u2pl":                         # full queues; each step pushes first
+        inputs = mod.make_inputs(size, cpu)
+        return {prov: mod.make_step(prov, inputs, size)[1] for prov in PROVIDERS}
     if name == "reco":
         from pixcon.synthetic import reco_batch
         B, D, h, w, C, presents, Q, N = mod.SIZES[size]
@@ -233,7 +237,7 @@ def cases(grid, only=None):
                 out.append(("dense_contrast_loss", f"{item['B'] * item['h'] * item['w']} px",
                             item, lambda s=item: dense_steps(s)))
             else:
-                op = "reco_loss" if name == "reco" else "pixel_anchor_loss"
+                op = {"reco": "reco_loss", "u2pl": "u2pl_loss"}.get(name, "pixel_anchor_loss")
                 out.append((op, item, {"size": item}, lambda n=name, s=item: module_steps(n, s)))
     return out
 

@@ -9,6 +9,18 @@ from ..ops import _common as chk
 OFFICIAL_SIZES_VOC = (50000,) + (30000,) * 20     # class 0 (background) keeps more
 
 
+def _count(rows):
+    return rows.shape[0] * rows.shape[2] if rows.dim() == 3 else rows.shape[0]
+
+
+def _gather(rows, p):
+    """Rows p (K,) of (P, D) rows or of (B, D, HW) maps (pixel p = b HW + s), as (K, D)."""
+    if rows.dim() == 2:
+        return rows[p]
+    HW = rows.shape[2]         # strided reads (HW apart): for a few rows; a contiguous copy
+    return rows[p // HW, :, p % HW]        # of the map and (P, D) rows is faster for many
+
+
 class UnreliableBank(torch.nn.Module):
     """Per-class FIFO queues of negative keys, on the embeddings' device.
 
@@ -59,33 +71,37 @@ class UnreliableBank(torch.nn.Module):
 
     def _check(self, rows, mask, check_values):
         op = "UnreliableBank.push"
-        chk.check_tensor(op, "rows", rows, ndim=2, dtypes=chk.FLOAT_DTYPES, kind="(P, D)")
-        if rows.shape[1] != self.dim:
+        chk.check_tensor(op, "rows", rows, ndim=(2, 3), dtypes=chk.FLOAT_DTYPES,
+                         kind="(P, D) or (B, D, HW)")
+        if rows.shape[-2 if rows.dim() == 3 else 1] != self.dim:
             raise ValueError(f"{op}: rows have D = {rows.shape[1]}, the bank {self.dim}")
         if rows.device != self.keys.device:
             raise ValueError(f"{op}: rows are on {rows.device}, the bank on {self.keys.device} "
                              "(move it with .to())")
         chk.check_tensor(op, "mask", mask, ndim=2, dtypes=(torch.bool,), device=rows.device,
                          kind="(C, P)", like="rows")
-        if tuple(mask.shape) != (self.num_classes, rows.shape[0]):
-            raise ValueError(f"{op}: mask must be (C, P) = ({self.num_classes}, "
-                             f"{rows.shape[0]}), got {tuple(mask.shape)}")
+        P = _count(rows)
+        if tuple(mask.shape) != (self.num_classes, P):
+            raise ValueError(f"{op}: mask must be (C, P) = ({self.num_classes}, {P}), got "
+                             f"{tuple(mask.shape)}")
         if chk.want_value_checks(check_values, rows.device):
-            if not bool(torch.isfinite(rows[mask.any(0)]).all()):
+            if not bool(torch.isfinite(_gather(rows, mask.any(0).nonzero()[:, 0])).all()):
                 raise ValueError(f"{op}: rows to enqueue contain NaN or Inf")
 
     @torch.no_grad()
     def push(self, rows: torch.Tensor, mask: torch.Tensor, *, check_values: bool | None = None):
-        """Enqueue rows[p] into the queue of every class c with mask[c, p] (a row may go to
-        several queues), in row order, keeping each class's newest ``sizes[c]``. Everything is
-        checked before anything is written. On CUDA the compaction of the (class, row) pairs
-        is one ``nonzero`` (a host sync; a push kernel would remove it)."""
+        """Enqueue row p into the queue of every class c with mask[c, p] (a row may go to
+        several queues), in row order, keeping each class's newest ``sizes[c]``. rows: (P, D),
+        or (B, D, HW) channels-first maps (pixel p = b HW + s, read in place, only the pushed
+        ones). Everything is checked before anything is written. On CUDA the compaction of the
+        (class, row) pairs is one ``nonzero`` (a host sync; a push kernel would remove it)."""
         def check():
             self._check(rows, mask, check_values)
             return (*rows.shape, *mask.shape)
 
         if self.cross_rank and dist.is_distributed(self.group):
             dist.checked("UnreliableBank.push", check, group=self.group)
+            # rows along dim 0 (pixels, or images of HW pixels), the mask's pixels alike
             rows, mask_t = dist.gather_many(rows, mask.T.contiguous(), group=self.group)
             mask = mask_t.T
         else:
@@ -97,7 +113,7 @@ class UnreliableBank(torch.nn.Module):
         keep = mask & (rank >= drop[:, None])
         slot = self.offsets[:, None] + (self.ptr[:, None] + rank - drop[:, None]) % size
         c, p = keep.nonzero(as_tuple=True)
-        self.keys[slot[c, p]] = rows[p].to(self.keys.dtype)
+        self.keys[slot[c, p]] = _gather(rows, p).to(self.keys.dtype)
         kept = torch.minimum(k, self.sizes)
         self.ptr.copy_((self.ptr + kept) % self.sizes)
         self.counts.copy_(torch.minimum(self.counts + k, self.sizes))

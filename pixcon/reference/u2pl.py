@@ -131,7 +131,7 @@ def u2pl_loss(emb, gt, probs, teacher_emb, bank, *, num_labeled, reliable, unrel
                           low_rank=low_rank, high_rank=high_rank,
                           anchor_threshold=anchor_threshold,
                           negative_threshold=negative_threshold, official=official)
-    teacher = cm.pixel_rows(teacher_emb.detach()).to(dt)
+    teacher = cm.pixel_rows(teacher_emb.detach()).to(dt)          # (P, D): one row copy
     bank.push(teacher, N.T)
     counts = V.sum(dim=0)
     valid = counts > 0
