@@ -203,6 +203,32 @@ def _cac_run(be, x):
     return _grads(loss, [a, b])
 
 
+def _u2pl_make(dev, seed):
+    g = _gen(seed)
+    B, D, h, w, C = 4, 8, 6, 7, 5
+    probs = (3 * torch.randn(B, C, h, w, generator=g)).softmax(1)
+    labels = torch.randint(0, C, (B, h, w), generator=g)
+    labels[2:] = probs[2:].argmax(1)
+    rel, unrel = ops.u2pl_masks(probs, labels, 2, 20.0)
+    return dict(emb=torch.randn(B, D, h, w, generator=g).to(dev),
+                temb=torch.randn(B, D, h, w, generator=g).to(dev), probs=probs.to(dev),
+                labels=labels.to(dev), rel=rel.to(dev), unrel=unrel.to(dev))
+
+
+def _u2pl_run(be, x):
+    from .nn import UnreliableBank
+    bank = UnreliableBank(5, 8, size=12).to(x["emb"].device)
+    out = {}
+    for step in range(2):                     # the second call samples a filled bank
+        e = _leaf(x["emb"])
+        loss = ops.u2pl_loss(e, x["labels"], x["probs"], x["temb"], bank, num_labeled=2,
+                             reliable=x["rel"], unreliable=x["unrel"], num_queries=6,
+                             num_negatives=4, seed=step, backend=be)
+        out.update({f"{k}{step}": v for k, v in _grads(loss, [e]).items()})
+    out["bank"] = bank.keys.clone()
+    return out
+
+
 CASES = (
     Case("reco_loss", _reco_make, _reco_run, 1e-5, 1e-5),
     Case("class_means", _means_make, _means_run, 1e-5, 1e-5),
@@ -215,6 +241,7 @@ CASES = (
     Case("pixel_contrast_loss + dense_contrast_loss", _cs_make, _cs_run, 1e-5, 1e-6),
     Case("supervised_contrast + negative_logsumexp", _tiled_make, _tiled_run, 1e-5, 2e-5),
     Case("directional_contrast_loss", _cac_make, _cac_run, 1e-5, 1e-6),
+    Case("u2pl_loss (bank push, keys= InfoNCE)", _u2pl_make, _u2pl_run, 1e-5, 1e-6),
 )
 
 

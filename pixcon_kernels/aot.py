@@ -219,6 +219,17 @@ def _edt_pyramid(rec, B, sizes, tag):
     edt.distance_transform_ragged(flat, [(B, h, w) for h, w in sizes], -1, True)
 
 
+def _bank_push(rec, P, C, D, S, tag):
+    """U2PL's queue push at a batch of P pixel rows into C queues of S rows in all."""
+    from . import bank
+    gen = torch.Generator().manual_seed(0)
+    rec.setting = tag
+    keep = torch.rand(C, P, generator=gen) < 0.1
+    slot = torch.randint(0, S, (C, P), generator=gen)
+    for dt in (torch.float32, torch.bfloat16):
+        bank.bank_push(torch.empty(S, D, dtype=dt), torch.randn(P, D).to(dt), keep, slot)
+
+
 def _philox(rec, n, tag):
     from . import rng
     rec.setting = tag
@@ -277,6 +288,8 @@ def scenarios(quick: bool = False):
         ("EDT BANE pyramid", lambda r: (_edt(r, (8, 16, 32), "EDT 8x16x32"), _edt_pyramid(
             r, 8, [(128, 256), (64, 128), (32, 64), (16, 32)], "EDT BANE pyramid (ragged)"))),
         ("philox", lambda r: _philox(r, 1 << 20, "philox 2^20")),
+        ("U2PL bank push VOC", lambda r: _bank_push(r, 4 * 129 * 129, 21, 256, 650000,
+                                                    "U2PL push 4x129x129 into 21 queues")),
     ]
     for C in CLASS_COUNTS if not quick else (19, 150, 1024):
         out.append((f"classes C={C}", lambda r, C=C: _classes(r, C)))

@@ -260,7 +260,7 @@ def u2pl(B, D, h, w, C, Q, N, pushed, elt=F32) -> Op:
     ks = [
         Kernel("torch glue (ranks: sort of the teacher probs, class masks, sampler groups)",
                P * C * F32, 6 * P * C * F32 + 4 * P * C * I64, 0.0, "fma", launches=40),
-        Kernel("bank push (rank in class, compaction, row writes)", 2 * pushed * D * F32,
+        Kernel("_bank_push_kernel (+ ranks in class, slots: torch)", 2 * pushed * D * F32,
                2 * pushed * D * F32 + 3 * P * C * I64, 0.0, "fma", launches=10),
         Kernel("teacher class means (one GEMM)", E, E + P * C * F32, 2.0 * P * C * D, "tf32x3"),
         Kernel("_sample_in_groups_kernel", M * (N + 1) * I32, M * (N + 1) * (I32 + SECTOR), 0.0,

@@ -336,3 +336,25 @@ def test_trainer_u2pl_mode_trains_and_resumes_exactly(tmp_path):
     assert [h["loss"] for h in resumed.history] == [h["loss"] for h in whole.history]
     with pytest.raises(ValueError, match="semi"):
         Config(**dict(base, mode="sup")).validate()
+
+
+@pytest.mark.interpret
+def test_triton_push_equals_the_compaction(monkeypatch):
+    """The push kernel (no host sync) writes what the nonzero compaction writes, in the
+    launcher's GPU configuration too, rows given as (P, D) or (B, D, HW) maps."""
+    g = torch.Generator().manual_seed(8)
+    rows = torch.randn(3, 6, 40, generator=g)                      # (B, D, HW): 120 pixels
+    mask = torch.rand(4, 120, generator=g) < 0.3
+    for config in ("interpreter", "gpu"):
+        monkeypatch.setenv("PIXCON_LAUNCH_CONFIG", config)
+        banks = []
+        for be, r in (("reference", rows), ("triton", rows),
+                      ("triton", rows.permute(0, 2, 1).reshape(-1, 6))):
+            bank = UnreliableBank(4, 6, sizes=(10, 50, 7, 30))
+            for _ in range(3):                                     # wraps the small rings
+                bank.push(r, mask, backend=be)
+            banks.append(bank)
+        for b in banks[1:]:
+            assert torch.equal(b.keys, banks[0].keys)
+            assert torch.equal(b.counts, banks[0].counts) and torch.equal(b.ptr, banks[0].ptr)
+        assert banks[0].counts.tolist() == [10, 50, 7, 30]

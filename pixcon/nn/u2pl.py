@@ -89,12 +89,15 @@ class UnreliableBank(torch.nn.Module):
                 raise ValueError(f"{op}: rows to enqueue contain NaN or Inf")
 
     @torch.no_grad()
-    def push(self, rows: torch.Tensor, mask: torch.Tensor, *, check_values: bool | None = None):
+    def push(self, rows: torch.Tensor, mask: torch.Tensor, *, check_values: bool | None = None,
+             backend: str = "auto"):
         """Enqueue row p into the queue of every class c with mask[c, p] (a row may go to
         several queues), in row order, keeping each class's newest ``sizes[c]``. rows: (P, D),
         or (B, D, HW) channels-first maps (pixel p = b HW + s, read in place, only the pushed
-        ones). Everything is checked before anything is written. On CUDA the compaction of the
-        (class, row) pairs is one ``nonzero`` (a host sync; a push kernel would remove it)."""
+        ones). Everything is checked before anything is written. backend: "auto" (the Triton
+        push for CUDA tensors: no host sync; on CPU one ``nonzero`` compacts the (class, row)
+        pairs, which costs no sync there), "triton" (the kernel, on CPU tensors under the
+        interpreter too), "reference" / "native" (the compaction)."""
         def check():
             self._check(rows, mask, check_values)
             return (*rows.shape, *mask.shape)
@@ -112,8 +115,14 @@ class UnreliableBank(torch.nn.Module):
         drop = (k - self.sizes).clamp(min=0)                             # older than the newest
         keep = mask & (rank >= drop[:, None])
         slot = self.offsets[:, None] + (self.ptr[:, None] + rank - drop[:, None]) % size
-        c, p = keep.nonzero(as_tuple=True)
-        self.keys[slot[c, p]] = _gather(rows, p).to(self.keys.dtype)
+        if backend == "triton" or (backend == "auto" and self.keys.is_cuda):
+            from ..ops import _library as lib
+            flat = rows if rows.dim() == 2 else rows.permute(0, 2, 1).reshape(-1, self.dim)
+            launch = lib.bank_push if self.keys.is_cuda else lib.bank_push._init_fn
+            launch(self.keys, flat.to(self.keys.dtype), keep, slot)
+        else:
+            c, p = keep.nonzero(as_tuple=True)
+            self.keys[slot[c, p]] = _gather(rows, p).to(self.keys.dtype)
         kept = torch.minimum(k, self.sizes)
         self.ptr.copy_((self.ptr + kept) % self.sizes)
         self.counts.copy_(torch.minimum(self.counts + k, self.sizes))

@@ -101,6 +101,19 @@ def _(row_class, cdf, order, offsets, counts, per_row, seed, stream):
     return order.new_empty(row_class.numel(), per_row, dtype=torch.int32)
 
 
+# --- queue-bank push (U2PL) ------------------------------------------------------------------
+@torch.library.custom_op("pixcon::bank_push", mutates_args=("keys",), device_types="cuda")
+def bank_push(keys: Tensor, rows: Tensor, keep: Tensor, slot: Tensor) -> None:
+    """keys[slot[c, p]] = rows[p] wherever keep[c, p], with no host sync (the Triton push)."""
+    from pixcon_kernels.bank import bank_push as launch
+    launch(keys, rows, keep, slot)
+
+
+@bank_push.register_fake
+def _(keys, rows, keep, slot):
+    return None
+
+
 # --- sparse InfoNCE --------------------------------------------------------------------------
 @torch.library.custom_op("pixcon::sparse_infonce", mutates_args=())
 def sparse_infonce(pool: Tensor, pos_pool: Tensor, q_idx: Tensor, pos_idx: Tensor,

@@ -130,7 +130,8 @@ def u2pl_loss(emb, labels, teacher_probs, teacher_emb, bank, *, num_labeled: int
                          temperature=float(temperature), num_queries=num_queries,
                          num_negatives=num_negatives, prototype=prototype, official=official,
                          seed=draw_seed(seed), reduction=reduction, sampler=sampler,
-                         contrast=ref.reference_contrast if be == "reference" else fused_contrast)
+                         contrast=ref.reference_contrast if be == "reference" else fused_contrast,
+                         push_backend=be)
 
 
 def _percentile(x, valid, q):

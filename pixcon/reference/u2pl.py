@@ -117,7 +117,8 @@ def reference_contrast(emb, a_idx, pos, keys, neg_idx, temperature):
 def u2pl_loss(emb, gt, probs, teacher_emb, bank, *, num_labeled, reliable, unreliable,
               low_rank=3, high_rank=20, anchor_threshold=0.3, negative_threshold=1.0,
               temperature=0.5, num_queries=256, num_negatives=50, prototype=None,
-              official=False, seed=0, reduction="mean", sampler, contrast=reference_contrast):
+              official=False, seed=0, reduction="mean", sampler, contrast=reference_contrast,
+              push_backend="auto"):
     """The loss on (B, D, h, w) student / teacher embeddings, flat labels gt (P,) at feature
     resolution (-1 ignored), teacher probs (B, C, h, w), reliable / unreliable flat (P,) bool.
     Pushes the negative candidates into ``bank`` first, as the official code does. sampler:
@@ -132,7 +133,7 @@ def u2pl_loss(emb, gt, probs, teacher_emb, bank, *, num_labeled, reliable, unrel
                           anchor_threshold=anchor_threshold,
                           negative_threshold=negative_threshold, official=official)
     teacher = cm.pixel_rows(teacher_emb.detach()).to(dt)          # (P, D): one row copy
-    bank.push(teacher, N.T)
+    bank.push(teacher, N.T, backend=push_backend)
     counts = V.sum(dim=0)
     valid = counts > 0
     if prototype is None:
