@@ -47,3 +47,7 @@ def _threads_from_env():
 
 
 _threads_from_env()
+
+from .ops._common import SelectedNothingWarning  # noqa: E402  (a loss that selected nothing)
+
+__all__ = ["HAS_C", "SelectedNothingWarning", "get_num_threads", "set_num_threads"]

@@ -63,3 +63,36 @@ def test_message_names_op_and_argument(op, argument, call):
     msg = str(err.value)
     assert msg.startswith(f"{op}: "), msg
     assert argument in msg, msg
+
+
+def test_a_loss_that_selected_nothing_says_which_setting_once(monkeypatch):
+    """Issue 31 item 4: pixel_contrast_loss on maps too small for max_views, CAC on an untrained
+    network (nothing above pos_threshold): an exact 0, and one SelectedNothingWarning naming
+    the setting, once per process; silenceable by category."""
+    import warnings
+
+    import pixcon
+    from pixcon.ops import _common, directional_contrast_loss, pixel_contrast_loss
+    monkeypatch.setattr(_common, "_WARNED", set())
+    g = torch.Generator().manual_seed(0)
+    emb = torch.randn(2, 8, 17, 17, generator=g, requires_grad=True)
+    labels = torch.randint(0, 4, (2, 17, 17), generator=g)
+    with pytest.warns(pixcon.SelectedNothingWarning, match="max_views=100") as rec:
+        loss = pixel_contrast_loss(emb, labels, labels, seed=0)
+    assert loss.item() == 0 and len(rec) == 1 and "17x17" in str(rec[0].message)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                # once per process: silent now
+        pixel_contrast_loss(emb, labels, labels, seed=0)
+        pixel_contrast_loss(emb, labels, labels, seed=0, max_views=10)   # selects: no warning
+    f1 = torch.randn(30, 8, generator=g, requires_grad=True)
+    f2 = torch.randn(30, 8, generator=g)
+    flat = torch.zeros(30, 5)                          # uniform predictions: confidence 0.2
+    bank, blab = torch.randn(40, 8, generator=g), torch.randint(0, 5, (40,), generator=g)
+    with pytest.warns(pixcon.SelectedNothingWarning, match="pos_threshold=0.75"):
+        loss = directional_contrast_loss(f1, f2, flat, flat, bank, blab)
+    assert loss.item() == 0
+    monkeypatch.setattr(_common, "_WARNED", set())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warnings.filterwarnings("ignore", category=pixcon.SelectedNothingWarning)
+        directional_contrast_loss(f1, f2, flat, flat, bank, blab)      # silenced by category

@@ -77,6 +77,30 @@ def resolve_backend(backend: str | None, device: torch.device, op: str,
     return backend
 
 
+class SelectedNothingWarning(UserWarning):
+    """A loss is exactly zero because one of its settings selected nothing (no class with
+    enough views, no pixel above a confidence threshold). Silence it with
+    ``warnings.filterwarnings("ignore", category=pixcon.SelectedNothingWarning)``."""
+
+
+_WARNED: set = set()
+
+
+def warn_selected_nothing(op: str, setting: str, nothing, device, check_values, hint: str):
+    """Warn once per process and (op, setting) that the loss is zero because ``setting``
+    selected nothing. ``nothing``: a callable giving a 0-d bool tensor, evaluated only where
+    value checks run (CPU tensors by default: no host sync on a GPU)."""
+    if (op, setting) in _WARNED or not want_value_checks(None if check_values is None
+                                                         else check_values, device):
+        return
+    if bool(nothing()):
+        import warnings
+        _WARNED.add((op, setting))
+        warnings.warn(f"{op}: the loss is 0 because {setting} selected nothing: {hint} "
+                      "(this warning shows once per process)", SelectedNothingWarning,
+                      stacklevel=3)
+
+
 def want_value_checks(check_values: bool | None, device: torch.device) -> bool:
     """Value checks (NaN, label range, probability range) read data back to the host, so they
     default to on for CPU tensors and off for CUDA tensors; PIXCON_CHECK_VALUES=1/0 overrides.

@@ -102,6 +102,17 @@ def directional_contrast_loss(feat1, feat2, logits1, logits2, negatives, negativ
         raise ValueError(f"{op}: alignment must be one of {ref.ALIGNMENTS}, got {alignment!r}")
     be = chk.resolve_backend(backend, dev, op, BACKENDS)
     switches = dict(directional=directional, positive_filtering=positive_filtering)
+
+    def none_passes():                   # no pixel of either view is a confident target
+        c = torch.cat([ref.confidence(logits1)[0], ref.confidence(logits2)[0]])
+        return ~(c > pos_threshold).any()
+
+    if positive_filtering:
+        chk.warn_selected_nothing(
+            op, f"pos_threshold={pos_threshold}", none_passes, dev, None,
+            "no pixel's prediction is that confident in either view (an untrained network: "
+            "CAC only trains on pixels above the threshold, as the paper; lower it or warm up "
+            "with the supervised loss first)")
     kw = dict(pos_threshold=pos_threshold, temperature=temperature, reduction=reduction,
               negative_sampling=negative_sampling, alignment=alignment, **switches)
     if official_numerics or be == "reference":

@@ -97,6 +97,16 @@ def sample_anchors(gt, pred, *, max_samples: int, max_views: int, seed: int, bac
     return index, labels, T, n_view
 
 
+def _any_class_over(gt, max_views):
+    """0-d bool: some (image, class) of gt (B, h, w), -1 ignored, has more than max_views
+    pixels (the official rule for keeping a class of an image)."""
+    B = gt.shape[0]
+    lab = gt.reshape(B, -1)
+    K = int(lab.max().clamp(min=0)) + 1
+    key = torch.where(lab >= 0, lab + K * torch.arange(B, device=lab.device)[:, None], B * K)
+    return (torch.bincount(key.reshape(-1), minlength=B * K + 1)[:B * K] > max_views).any()
+
+
 def _check_views(op, T, max_samples, max_views, device, check_values):
     """n_view = 0 (more kept pairs than max_samples) is an error, as a clear message where the
     count can be read (CPU, or value checks on) and a device assertion otherwise."""
@@ -196,6 +206,11 @@ def pixel_contrast_loss(emb, labels, predict, *, ignore_index: int = 255, max_sa
     gt = cm.pixel_labels(labels, (h, w), LABEL_LIMIT, ignore_index).view(B, h, w)
     if chk.want_value_checks(check_values, emb.device):
         _check_values(op, emb, labels, ignore_index)
+    chk.warn_selected_nothing(
+        op, f"max_views={max_views}", lambda: ~_any_class_over(gt, max_views), emb.device,
+        check_values, f"no (image, class) pair has more than max_views labelled pixels at the "
+        f"feature resolution {h}x{w}; lower max_views for small maps (a class should cover "
+        f"more than max_views of its image's h*w = {h * w} pixels)")
     if be == "reference":
         return reference.contrastiveseg.pixel_contrast_loss(
             emb, labels, pred, ignore_index=ignore_index, max_samples=max_samples,
