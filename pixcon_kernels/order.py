@@ -107,7 +107,11 @@ def program_order(order: str):
 
 
 def from_env():
-    """Apply PIXCON_INTERPRET_ORDER if set (called when the kernels are imported)."""
+    """Apply PIXCON_INTERPRET_ORDER if set (called when the kernels are imported). A process
+    that compiles instead of interpreting (the AOT check started from an interpreter run)
+    ignores it: a GPU runs programs in its own order."""
     order = os.environ.get("PIXCON_INTERPRET_ORDER")
     if order:
-        set_order(order)
+        parse(order)
+        if os.environ.get("TRITON_INTERPRET", "0") == "1":
+            set_order(order)

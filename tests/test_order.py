@@ -98,3 +98,19 @@ def test_outputs_do_not_depend_on_program_order(case, order, monkeypatch):
         assert res[o].keys() == base.keys()
         for k in base:
             assert torch.equal(res[o][k], base[k]), f"{case.name}: {k} differs in {o} order"
+
+
+def test_a_compiling_process_ignores_the_order():
+    """The AOT check runs without TRITON_INTERPRET from an interpreter run that set an order
+    (CI's shuffled stage): importing the kernels there must not fail; a bad value still does."""
+    import os
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = "import pixcon_kernels.order as o; print(o.current())"
+    p = subprocess.run([sys.executable, "-c", code], env=dict(env, PIXCON_INTERPRET_ORDER="reverse"),
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and p.stdout.strip() == "grid", p.stderr
+    p = subprocess.run([sys.executable, "-c", code], env=dict(env, PIXCON_INTERPRET_ORDER="sideways"),
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode != 0 and "PIXCON_INTERPRET_ORDER" in p.stderr
