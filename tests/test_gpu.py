@@ -10,7 +10,7 @@ from pixcon.ops import class_means, reco_loss
 from pixcon.reference import common as cm
 from pixcon.synthetic import reco_batch
 
-from .conftest import assert_close
+from .conftest import assert_close, bench_module
 
 pytestmark = pytest.mark.gpu
 
@@ -146,22 +146,11 @@ def test_every_op_matches_reference_and_repeats_bitwise(case):
     assert smoke.parity(case, "cuda") == []
 
 
-def _paper(name):
-    import importlib.util
-    import os
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    spec = importlib.util.spec_from_file_location(name, os.path.join(root, "benchmarks",
-                                                                     f"{name}.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 @pytest.mark.parametrize("bank", [False, True], ids=["in-batch", "bank 19x10000"])
 def test_contrastiveseg_cityscapes_parity(bank):
     """The paper's setting (8x256x128x256, 1024 anchors x 100 views, 19 x 10,000 bank keys)."""
     from pixcon.ops import pixel_contrast_loss
-    mod = _paper("bench_contrastiveseg")
+    mod = bench_module("bench_contrastiveseg")
     _, _, _, _, _, M, V, _ = mod.SIZES["cityscapes"]
     emb, labels, pred, queue = mod.inputs("cityscapes", "cuda")
     C, R2, D = queue.shape
@@ -181,7 +170,7 @@ def test_contrastiveseg_cityscapes_parity(bank):
 def test_cac_cityscapes_parity():
     """CAC at its paper setting: 8,100 overlap pixels x 129,600 bank negatives, D = 128."""
     from pixcon.ops import directional_contrast_loss
-    f1, f2, l1, l2, bank, labels = _paper("bench_cac").inputs("cityscapes", "cuda")
+    f1, f2, l1, l2, bank, labels = bench_module("bench_cac").inputs("cityscapes", "cuda")
     out = []
     for be in ("reference", "triton"):
         a, b = f1.detach().clone().requires_grad_(), f2.detach().clone().requires_grad_()
