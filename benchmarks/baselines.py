@@ -259,40 +259,36 @@ def u2pl_official_style(rep, gt, prob, low_mask, high_mask, rep_teacher, queues,
     B, D, h, w = rep.shape
     C = prob.shape[1]
     L = num_labeled
-    onehot = torch.cat([_scatter_onehot(gt[:L], C), _scatter_onehot(gt[L:], C)])
-    low_valid = onehot * low_mask
-    high_valid = onehot * high_mask
-    r = rep.permute(0, 2, 3, 1)
-    rt = rep_teacher.permute(0, 2, 3, 1)
-    idx_l = torch.sort(prob[:L], 1, True)[1].permute(0, 2, 3, 1)
-    idx_u = torch.sort(prob[L:], 1, True)[1].permute(0, 2, 3, 1)
-    feats, protos, valid = [], [], []
-    for c in range(C):
-        lv, hv = low_valid[:, c].bool(), high_valid[:, c].bool()
-        anchor_mask = (prob[:, c] > anchor_threshold) & lv
-        neg_mask = (prob[:, c] < negative_threshold) & hv
-        feats.append(r[anchor_mask])
-        protos.append(rt[lv].detach().mean(0, keepdim=True))
-        mask_u = idx_u[..., low_rank:high_rank].eq(c).sum(3).bool()
-        mask_l = idx_l[..., :low_rank].eq(c).sum(3).bool() & (onehot[:L, c] == 0)
-        keys = rt[neg_mask & torch.cat([mask_l, mask_u])].detach()
-        queues[c] = torch.cat([queues[c], keys.cpu()])[-sizes[c]:]
-        if lv.sum() > 0:
-            valid.append(c)
-    if len(valid) <= 1:
-        return rep.sum() * 0
-    loss = rep.sum() * 0
-    for c in valid:
-        if len(feats[c]) == 0 or queues[c].shape[0] == 0:
+    onehot = torch.cat([_scatter_onehot(gt[:L], C), _scatter_onehot(gt[L:], C)]).bool()
+    labelled = (torch.arange(B, device=rep.device) < L)[:, None, None]
+    by_prob = torch.sort(prob, dim=1, descending=True).indices           # a full sort
+    rows, trows = rep.permute(0, 2, 3, 1), rep_teacher.detach().permute(0, 2, 3, 1)
+    anchors, means, present = {}, {}, []
+    for c in range(C):                        # per class: masks, copies, the queue on the host
+        reliable = onehot[:, c] & low_mask[:, 0].bool()
+        rank = (by_prob == c).int().argmax(dim=1)                        # where c sits
+        wanted = torch.where(labelled, (rank < low_rank) & ~onehot[:, c],
+                             (rank >= low_rank) & (rank < high_rank))
+        negative = (onehot[:, c] & high_mask[:, 0].bool() & wanted
+                    & (prob[:, c] < negative_threshold))
+        anchors[c] = rows[reliable & (prob[:, c] > anchor_threshold)]
+        means[c] = trows[reliable].mean(dim=0)
+        queues[c] = torch.cat([queues[c], trows[negative].cpu()])[-sizes[c]:]
+        if int(reliable.sum()):
+            present.append(c)
+    total = rep.sum() * 0
+    if len(present) <= 1:
+        return total
+    for c in present:
+        n_anchor, n_queue = anchors[c].shape[0], queues[c].shape[0]
+        if n_anchor == 0 or n_queue == 0:
             continue
-        anchor = feats[c][torch.randint(len(feats[c]), (num_queries,))]
-        with torch.no_grad():
-            neg = queues[c].clone().to(rep.device)
-            neg = neg[torch.randint(len(neg), (num_queries * num_negatives,))]
-            neg = neg.reshape(num_queries, num_negatives, D)
-            pos = protos[c][None].repeat(num_queries, 1, 1)
-            keys = torch.cat([pos, neg], dim=1)
-        logits = torch.cosine_similarity(anchor[:, None], keys, dim=2) / temperature
-        loss = loss + F.cross_entropy(logits, torch.zeros(num_queries, dtype=torch.long,
-                                                          device=rep.device))
-    return loss / len(valid)
+        a = anchors[c][torch.randint(n_anchor, (num_queries,))]
+        with torch.no_grad():                  # the whole queue to the device, then a gather
+            queue = queues[c].clone().to(rep.device)
+            neg = queue[torch.randint(n_queue, (num_queries, num_negatives))]  # (Q, N, D)
+            keys = torch.cat([means[c].expand(num_queries, 1, D), neg], dim=1)
+        sim = F.normalize(a, dim=1, eps=1e-8)[:, None] * F.normalize(keys, dim=2, eps=1e-8)
+        logits = sim.sum(dim=2) / temperature
+        total = total + (torch.logsumexp(logits, dim=1) - logits[:, 0]).mean()
+    return total / len(present)
