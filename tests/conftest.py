@@ -14,7 +14,7 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 LAUNCHES = None
 if INTERPRET:
     try:
-        from pixcon_kernels.aot import Recorder
+        from tools.aot import Recorder
         LAUNCHES = Recorder()
         _recording = LAUNCHES.active()
         _recording.__enter__()
@@ -64,6 +64,15 @@ def triton_device():
     """Device the Triton kernels are tested on: CUDA when present, else CPU under the
     interpreter (root conftest sets TRITON_INTERPRET=1 before triton is imported)."""
     return torch.device("cuda" if HAS_CUDA else "cpu")
+
+
+@pytest.fixture
+def triton_kernels():
+    """The test calls pixcon's ops directly and means their Triton kernels: on a CPU machine
+    the ops' CPU key serves them (pixcon.ops._library.triton_on_cpu) for the test's duration."""
+    from pixcon.ops import _library
+    with _library.kernels("triton", triton_device()):
+        yield
 
 
 def assert_close(actual, expected, *, rtol, atol, what=""):

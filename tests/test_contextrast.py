@@ -283,7 +283,7 @@ def test_degenerate_layers(backend, case):
 
 @pytest.mark.interpret
 @pytest.mark.parametrize("normalize", [True, False])
-def test_opcheck_anchor_ops(normalize):
+def test_opcheck_anchor_ops(normalize, triton_kernels):
     """The Contextrast ops on an NCHW map (schemas, fake kernels, autograd through the unit
     rows), with the map's rows as the reference: inv_norms, unit_class_sums, anchor_contrast."""
     g = torch.Generator().manual_seed(0)

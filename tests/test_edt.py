@@ -156,13 +156,10 @@ def test_opcheck(backend):
     """Schema, fake kernel (torch.compile) and dispatch of the registered EDT ops."""
     x = (torch.rand(2, 9, 11) < 0.5).to(torch.int32).to(
         triton_device() if backend == "triton" else "cpu")
-    if backend == "native":
-        op = torch.ops.pixcon.distance_transform.default
-    else:
-        from pixcon.ops import _library
-        op = _library.edt._opoverload
-    for args in ((x, 0, True), (x, -(2**31), False)):
-        torch.library.opcheck(op, args)
+    from pixcon.ops import _library
+    with _library.kernels(backend, x.device):      # one op; the backend picks its kernel
+        for args in ((x, 0, True), (x, -(2**31), False)):
+            torch.library.opcheck(torch.ops.pixcon.edt.default, args)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -197,4 +194,5 @@ def test_pyramid_in_one_call_equals_each_map(backend, dtype):
         from pixcon.ops import _library
         flat = torch.cat([m.reshape(-1) for m in maps]).to(dev)
         shapes = [d for m in maps for d in (2, *m.shape[-2:])]
-        torch.library.opcheck(_library.edt_ragged, (flat, shapes, bg, True))
+        with _library.kernels("triton", dev):
+            torch.library.opcheck(_library.edt_ragged, (flat, shapes, bg, True))

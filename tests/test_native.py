@@ -155,16 +155,18 @@ def test_degenerate_batch_is_connected_zero():
 
 
 def test_opcheck_native_ops():
+    """The one-name ops with their C++ CPU kernels: schema, fake, autograd (every op of the
+    library on both kernels: tests/test_dispatch.py)."""
     emb, pos, q, p, neg = _infonce_case(torch.float64, M=4, N=6, shape=(1, 5, 3, 3))
     ops = torch.ops.pixcon
-    torch.library.opcheck(ops.infonce_fwd_native.default,
-                          (emb.requires_grad_(), pos, q, p, neg, 0.5, False, 1e-8))
-    torch.library.opcheck(ops.infonce_fwd_native.default,
-                          (emb, pos.requires_grad_(), q, p, neg, 0.5, True, 1e-8))
+    torch.library.opcheck(ops.sparse_infonce.default,
+                          (emb.requires_grad_(), pos, q, p, neg, 0.5, False, True))
+    torch.library.opcheck(ops.sparse_infonce.default,
+                          (emb, pos.requires_grad_(), q, p, neg, 0.5, True, False))
     lab = _labels(9, 3)
-    torch.library.opcheck(ops.class_sums_native.default, (emb.detach(), lab, 3))
+    torch.library.opcheck(ops.class_sums.default, (emb.detach(), lab, 3))
     order, offsets, counts = cm.group_by_class(lab, 3)
-    torch.library.opcheck(ops.sample_in_groups_native.default,
+    torch.library.opcheck(ops.sample_in_groups.default,
                           (order, offsets, counts, torch.arange(3), 5, 1, 1))
 
 

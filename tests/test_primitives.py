@@ -203,13 +203,13 @@ def test_sparse_infonce_float64_gradcheck():
 
 
 @pytest.mark.interpret
-def test_opcheck_registered_ops():
+def test_opcheck_registered_ops(triton_kernels):
     emb, pos, q, p, neg = _infonce_case(torch.float64, M=4, N=6, shape=(1, 5, 3, 3))
     emb, pos, q, p, neg = (t.to(DEV) for t in (emb, pos, q, p, neg))
     torch.library.opcheck(lib.sparse_infonce,
-                          (emb.requires_grad_(), pos, q, p, neg, 0.5, False))
+                          (emb.requires_grad_(), pos, q, p, neg, 0.5, False, False))
     torch.library.opcheck(lib.sparse_infonce,
-                          (emb, pos.requires_grad_(), q, p, neg, 0.5, True))
+                          (emb, pos.requires_grad_(), q, p, neg, 0.5, True, False))
     lab = torch.randint(-1, 3, (9,), device=DEV)
     torch.library.opcheck(lib.class_sums, (emb.detach(), lab, 3))
     order, off, cnt = cm.group_by_class(lab, 3)

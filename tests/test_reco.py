@@ -274,7 +274,7 @@ def test_fused_saves_only_indices_and_statistics():
 
 
 @pytest.mark.interpret
-def test_one_pass_ops_opcheck_and_sampler_parity():
+def test_one_pass_ops_opcheck_and_sampler_parity(triton_kernels):
     """The one-pass ops (pixcon::rows_and_class_sums, pixcon::reco_infonce): schemas, fake
     kernels and autograd (opcheck), the rows equal emb's pixels, and the per-query losses equal
     the general sparse InfoNCE on the sampler's explicit (M, N) negatives: the negatives

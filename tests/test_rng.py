@@ -51,7 +51,10 @@ def test_extension_loaded_with_its_cpu_kernels():
     schemas are Python's, the CPU kernels C++)."""
     assert pixcon.HAS_C, "pixcon._C did not import: run pip install -e . --no-build-isolation"
     __import__("importlib").import_module("pixcon.ops")      # defines the schemas
-    for op in ("pixcon::tiled_contrast", "pixcon::tiled_contrast_backward", "pixcon::scatter_rows"):
+    for op in ("pixcon::tiled_contrast", "pixcon::tiled_contrast_backward", "pixcon::scatter_rows",
+               "pixcon::philox", "pixcon::edt", "pixcon::class_sums", "pixcon::sample_in_groups",
+               "pixcon::sample_negatives", "pixcon::sparse_infonce",
+               "pixcon::sparse_infonce_backward"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(op, "CPU"), op
 
 

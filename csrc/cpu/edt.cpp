@@ -171,6 +171,6 @@ at::Tensor distance_transform_cpu(const at::Tensor& labels, int64_t background, 
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(pixcon, CPU, m) { m.impl("distance_transform", &distance_transform_cpu); }
+TORCH_LIBRARY_IMPL(pixcon, CPU, m) { m.impl("edt", &distance_transform_cpu); }
 
 }  // namespace pixcon

@@ -32,6 +32,9 @@
 namespace pixcon {
 namespace {
 
+// Each norm is clamped to at least eps (torch.cosine_similarity's; pixcon.reference.common.EPS).
+constexpr double eps = 1e-8;
+
 template <typename A, typename T, typename U>
 A dot(const T* a, int64_t sa, const U* b, int64_t sb, int64_t D) {
   A acc = 0;
@@ -130,11 +133,13 @@ void check_keys(const at::Tensor& pool, const std::optional<at::Tensor>& keys, b
   TORCH_CHECK(!key_grad, "infonce: a separate key pool gets no gradient (key_grad must be false)");
 }
 
-// Returns (loss (M,), lse (M,), v (M, D), cbar (M,)); v and cbar are zero-size with key_grad.
+// The CPU kernels of pixcon::sparse_infonce and its backward (pixcon/ops/_library.py).
+// Returns (loss (M,), lse (M,), v (M, D), cbar (M,)); v and cbar are zero-size unless
+// keep_direction and not key_grad.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> infonce_fwd_cpu(
     const at::Tensor& pool_in, const at::Tensor& pos_pool, const at::Tensor& q_idx,
     const at::Tensor& pos_idx, const at::Tensor& neg_idx, double temperature, bool key_grad,
-    double eps, const std::optional<at::Tensor>& keys) {
+    bool keep_direction, const std::optional<at::Tensor>& keys) {
   const int64_t M = neg_idx.size(0), N = neg_idx.size(1), D = pool_in.size(1);
   check_keys(pool_in, keys, key_grad);
   const Inputs in(pool_in, pos_pool, q_idx, pos_idx, neg_idx);
@@ -142,7 +147,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> infonce_fwd_cpu(
   auto opts = pool_in.options().dtype(in.acc);
   auto loss = at::empty({M}, opts);
   auto lse = at::empty({M}, opts);
-  const bool direction = !key_grad;
+  const bool direction = keep_direction && !key_grad;
   auto vdir = direction ? at::zeros({M, D}, opts) : at::empty({0}, opts);
   auto cbar = direction ? at::zeros({M}, opts) : at::empty({0}, opts);
   const int64_t ps_r = pos.stride(0), ps_d = pos.stride(1);
@@ -205,7 +210,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> infonce_fwd_cpu(
 std::tuple<at::Tensor, at::Tensor, at::Tensor> infonce_bwd_cpu(
     const at::Tensor& grad, const at::Tensor& pool_in, const at::Tensor& pos_pool,
     const at::Tensor& q_idx, const at::Tensor& pos_idx, const at::Tensor& neg_idx,
-    const at::Tensor& lse_in, double temperature, bool key_grad, double eps,
+    const at::Tensor& lse_in, double temperature, bool key_grad,
     const std::optional<at::Tensor>& keys) {
   const int64_t M = neg_idx.size(0), N = neg_idx.size(1), D = pool_in.size(1);
   check_keys(pool_in, keys, key_grad);
@@ -302,8 +307,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> infonce_bwd_cpu(
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pixcon, CPU, m) {
-  m.impl("infonce_fwd_native", &infonce_fwd_cpu);
-  m.impl("infonce_bwd_native", &infonce_bwd_cpu);
+  m.impl("sparse_infonce", &infonce_fwd_cpu);
+  m.impl("sparse_infonce_backward", &infonce_bwd_cpu);
 }
 
 }  // namespace pixcon

@@ -11,9 +11,9 @@ namespace pixcon {
 namespace {
 
 at::Tensor philox4x32_cpu(const at::Tensor& counters, int64_t seed, int64_t stream) {
-  TORCH_CHECK(counters.scalar_type() == at::kLong, "philox4x32: counters must be int64, got ",
-              counters.scalar_type());
-  auto c = counters.contiguous();
+  TORCH_CHECK(at::isIntegralType(counters.scalar_type(), /*includeBool=*/false),
+              "philox: counters must be integers, got ", counters.scalar_type());
+  auto c = counters.to(at::kLong).contiguous();   // each counter's low 32 bits are used
   auto sizes = c.sizes().vec();
   sizes.push_back(4);
   auto out = at::empty(sizes, c.options());
@@ -35,6 +35,7 @@ at::Tensor philox4x32_cpu(const at::Tensor& counters, int64_t seed, int64_t stre
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(pixcon, CPU, m) { m.impl("philox4x32", &philox4x32_cpu); }
+// The CPU kernel of pixcon::philox (pixcon/ops/_library.py).
+TORCH_LIBRARY_IMPL(pixcon, CPU, m) { m.impl("philox", &philox4x32_cpu); }
 
 }  // namespace pixcon

@@ -79,8 +79,8 @@ at::Tensor sample_negatives_cpu(const at::Tensor& row_class, const at::Tensor& c
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pixcon, CPU, m) {
-  m.impl("sample_in_groups_native", &sample_in_groups_cpu);
-  m.impl("sample_negatives_native", &sample_negatives_cpu);
+  m.impl("sample_in_groups", &sample_in_groups_cpu);
+  m.impl("sample_negatives", &sample_negatives_cpu);
 }
 
 }  // namespace pixcon

@@ -51,6 +51,6 @@ std::tuple<at::Tensor, at::Tensor> class_sums_cpu(const at::Tensor& x, const at:
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(pixcon, CPU, m) { m.impl("class_sums_native", &class_sums_cpu); }
+TORCH_LIBRARY_IMPL(pixcon, CPU, m) { m.impl("class_sums", &class_sums_cpu); }
 
 }  // namespace pixcon

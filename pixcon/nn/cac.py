@@ -7,7 +7,8 @@ import torch.nn.functional as F
 from .. import distributed as dist
 from ..ops import _common as chk
 from ..ops import directional_contrast_loss, overlap_rows
-from ..reference.rng import draw_seed, philox4x32
+from ..core.rng import draw_seed
+from ..ops import philox
 
 STREAM_NEGATIVE_BANK = 5     # Philox stream of the bank's subsample
 
@@ -122,7 +123,7 @@ class NegativeBank(torch.nn.Module):
         for v, (r, y) in enumerate(views):
             if self.selected_num is not None:          # smallest Philox keys: without replacement
                 counter = torch.arange(r.shape[0], device=r.device) + v * r.shape[0]
-                key = philox4x32(counter, seed, STREAM_NEGATIVE_BANK)[:, 0]
+                key = philox(counter, seed, STREAM_NEGATIVE_BANK)[:, 0]
                 pick = torch.sort(key, stable=True).indices[:self.selected_num]
                 r, y = r[pick], y[pick]
             parts.append((r.detach(), y.to(torch.int64)))

@@ -22,8 +22,9 @@ import torch.nn.functional as F
 
 from .. import distributed as dist
 from ..ops import _common as chk
-from ..reference import common as cm
-from ..reference.rng import draw_seed, philox4x32
+from ..core import common as cm
+from ..core.rng import draw_seed
+from ..ops import philox
 
 STREAM_BANK = 4          # Philox stream of the bank's pixel choice
 QUIRKS = ("pointer", "overflow", "positions", "class0")
@@ -205,7 +206,7 @@ class PixelMemoryBank(torch.nn.Module):
         read as a flat position."""
         C, freq = self.num_classes, self.pixel_update_freq
         pix = torch.arange(hw, device=lb.device)
-        key = philox4x32(b * hw + pix, seed, STREAM_BANK)[:, 0]
+        key = philox(b * hw + pix, seed, STREAM_BANK)[:, 0]
         group = torch.where(valid, lb, C)
         by_key = torch.sort(key, stable=True).indices
         order = by_key[torch.sort(group[by_key], stable=True).indices]       # by class, then key

@@ -5,6 +5,7 @@ import torch
 
 from .. import distributed as dist
 from ..ops import _common as chk
+from ..ops import _library as lib
 
 OFFICIAL_SIZES_VOC = (50000,) + (30000,) * 20     # class 0 (background) keeps more
 
@@ -94,10 +95,11 @@ class UnreliableBank(torch.nn.Module):
         """Enqueue row p into the queue of every class c with mask[c, p] (a row may go to
         several queues), in row order, keeping each class's newest ``sizes[c]``. rows: (P, D),
         or (B, D, HW) channels-first maps (pixel p = b HW + s, read in place, only the pushed
-        ones). Everything is checked before anything is written. backend: "auto" (the Triton
-        push for CUDA tensors: no host sync; on CPU one ``nonzero`` compacts the (class, row)
-        pairs, which costs no sync there), "triton" (the kernel, on CPU tensors under the
-        interpreter too), "reference" / "native" (the compaction)."""
+        ones). Everything is checked before anything is written. backend: "auto" (the op
+        pixcon::bank_push where the Triton kernels run -- CUDA tensors, or inside a loss's
+        triton scope --: no host sync; on CPU one ``nonzero`` compacts the (class, row) pairs,
+        which costs no sync there), "triton" (the kernel, on CPU tensors under the interpreter
+        too), "reference" / "native" (the compaction)."""
         def check():
             self._check(rows, mask, check_values)
             return (*rows.shape, *mask.shape)
@@ -115,11 +117,11 @@ class UnreliableBank(torch.nn.Module):
         drop = (k - self.sizes).clamp(min=0)                             # older than the newest
         keep = mask & (rank >= drop[:, None])
         slot = self.offsets[:, None] + (self.ptr[:, None] + rank - drop[:, None]) % size
-        if backend == "triton" or (backend == "auto" and self.keys.is_cuda):
-            from ..ops import _library as lib
+        dev = self.keys.device
+        if backend == "triton" or (backend == "auto" and lib.triton_here(dev)):
             flat = rows if rows.dim() == 2 else rows.permute(0, 2, 1).reshape(-1, self.dim)
-            launch = lib.bank_push if self.keys.is_cuda else lib.bank_push._init_fn
-            launch(self.keys, flat.to(self.keys.dtype), keep, slot)
+            with lib.kernels("triton", dev):
+                lib.bank_push(self.keys, flat.to(self.keys.dtype), keep, slot)
         else:
             c, p = keep.nonzero(as_tuple=True)
             self.keys[slot[c, p]] = _gather(rows, p).to(self.keys.dtype)

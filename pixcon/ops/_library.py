@@ -1,7 +1,16 @@
-"""The fused primitives registered as ``pixcon::`` custom ops (torch.library), so torch.compile
-traces them without graph breaks and opcheck can test their schemas, fake kernels and autograd.
-Each op launches Triton kernels from pixcon_kernels (imported lazily: TRITON_INTERPRET must be
-set before triton is imported, and pixcon must import without triton)."""
+"""Every fused primitive as one ``pixcon::`` op (torch.library), the way torchvision registers
+``roi_align``: the schema here, with its CUDA kernel (the Triton launcher; pixcon_kernels is
+imported lazily: TRITON_INTERPRET must be set before triton is imported, and pixcon must import
+without triton), one fake kernel and one autograd registration beside it; the CPU kernel comes
+from C++ (csrc/cpu/*.cpp, ``TORCH_LIBRARY_IMPL(pixcon, CPU)``). torch.compile traces the ops
+without graph breaks and opcheck tests each one.
+
+One name per op, a kernel per device: a caller never names a backend here. The public loss
+chooses it once (``kernels(backend, device)``): "native" is the CPU kernel of each op, "triton"
+on CUDA tensors the CUDA kernel, and "triton" on CPU tensors (the tests' interpreter) the same
+Triton functions registered over the CPU key for the duration of one scope
+(:func:`triton_on_cpu`). Ops without a CPU kernel (ReCo's one-pass kernel, Contextrast's
+anchor contrast, the bank push) are for CUDA tensors and for that scope."""
 from __future__ import annotations
 
 import contextlib
@@ -10,6 +19,9 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+
+
+from ..core.common import EPS   # each norm clamped to at least EPS (the C++ kernels' too)
 
 
 def _acc(dtype):
@@ -24,7 +36,7 @@ def _pool_size(pool: Tensor):
 
 
 # --- counter-based random numbers ------------------------------------------------------------
-@torch.library.custom_op("pixcon::philox", mutates_args=())
+@torch.library.custom_op("pixcon::philox", mutates_args=(), device_types="cuda")
 def philox(counter: Tensor, seed: int, stream: int) -> Tensor:
     from pixcon_kernels.rng import philox as launch
     return launch(counter, seed, stream)
@@ -36,7 +48,7 @@ def _(counter, seed, stream):
 
 
 # --- distance transform ----------------------------------------------------------------------
-@torch.library.custom_op("pixcon::edt", mutates_args=())
+@torch.library.custom_op("pixcon::edt", mutates_args=(), device_types="cuda")
 def edt(labels: Tensor, background: int, squared: bool) -> Tensor:
     """The batched exact EDT (Triton); labels are read in their own dtype."""
     from pixcon_kernels.edt import distance_transform as launch
@@ -48,7 +60,7 @@ def _(labels, background, squared):
     return labels.new_empty(labels.shape, dtype=torch.float32)
 
 
-@torch.library.custom_op("pixcon::edt_ragged", mutates_args=())
+@torch.library.custom_op("pixcon::edt_ragged", mutates_args=(), device_types="cuda")
 def edt_ragged(flat: Tensor, shapes: list[int], background: int, squared: bool) -> Tensor:
     """Maps of different sizes packed one after another in ``flat`` (shapes: N, H, W per
     map set, flattened), transformed in one launch per pass."""
@@ -63,7 +75,7 @@ def _(flat, shapes, background, squared):
 
 
 # --- class sums ------------------------------------------------------------------------------
-@torch.library.custom_op("pixcon::class_sums", mutates_args=())
+@torch.library.custom_op("pixcon::class_sums", mutates_args=(), device_types="cuda")
 def class_sums(x: Tensor, labels: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:
     from pixcon_kernels.segment import class_sums as launch
     return launch(x, labels, num_classes)
@@ -77,7 +89,7 @@ def _(x, labels, num_classes):
 
 
 # --- samplers --------------------------------------------------------------------------------
-@torch.library.custom_op("pixcon::sample_in_groups", mutates_args=())
+@torch.library.custom_op("pixcon::sample_in_groups", mutates_args=(), device_types="cuda")
 def sample_in_groups(order: Tensor, offsets: Tensor, counts: Tensor, row_group: Tensor,
                      per_row: int, seed: int, stream: int) -> Tensor:
     from pixcon_kernels.sampling import sample_in_groups as launch
@@ -89,7 +101,7 @@ def _(order, offsets, counts, row_group, per_row, seed, stream):
     return order.new_empty(row_group.numel(), per_row, dtype=torch.int32)
 
 
-@torch.library.custom_op("pixcon::sample_negatives", mutates_args=())
+@torch.library.custom_op("pixcon::sample_negatives", mutates_args=(), device_types="cuda")
 def sample_negatives(row_class: Tensor, cdf: Tensor, order: Tensor, offsets: Tensor,
                      counts: Tensor, per_row: int, seed: int, stream: int) -> Tensor:
     from pixcon_kernels.sampling import sample_negatives as launch
@@ -115,35 +127,81 @@ def _(keys, rows, keep, slot):
 
 
 # --- sparse InfoNCE --------------------------------------------------------------------------
-@torch.library.custom_op("pixcon::sparse_infonce", mutates_args=())
+@torch.library.custom_op("pixcon::sparse_infonce", mutates_args=(), device_types="cuda")
 def sparse_infonce(pool: Tensor, pos_pool: Tensor, q_idx: Tensor, pos_idx: Tensor,
-                   neg_idx: Tensor, temperature: float, key_grad: bool,
-                   keys: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
-    """keys: the negatives' rows when they are not pool's (no gradient)."""
+                   neg_idx: Tensor, temperature: float, key_grad: bool, keep_direction: bool,
+                   keys: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(loss, lse, v, cbar) per query. keys: the negatives' rows when they are not pool's (no
+    gradient). keep_direction (CPU kernel only, without key_grad): also keep each query's
+    softmax-weighted mean unit key v (M, D) and mean cosine cbar (M,), so that the backward
+    is a scale and a scatter; else both are empty and the backward recomputes."""
+    if keep_direction:
+        raise ValueError("pixcon::sparse_infonce: keep_direction is the CPU kernel's; the "
+                         "Triton kernel recomputes in backward")
     from pixcon_kernels.infonce import infonce_forward
-    return infonce_forward(pool, pos_pool, q_idx, pos_idx, neg_idx, temperature, keys=keys)
+    loss, lse = infonce_forward(pool, pos_pool, q_idx, pos_idx, neg_idx, temperature, keys=keys)
+    return loss, lse, loss.new_empty(0), loss.new_empty(0)
 
 
 @sparse_infonce.register_fake
-def _(pool, pos_pool, q_idx, pos_idx, neg_idx, temperature, key_grad, keys=None):
-    M = neg_idx.shape[0]
-    return (pool.new_empty(M, dtype=_acc(pool.dtype)), pool.new_empty(M, dtype=_acc(pool.dtype)))
+def _(pool, pos_pool, q_idx, pos_idx, neg_idx, temperature, key_grad, keep_direction, keys=None):
+    M, D, dt = neg_idx.shape[0], pool.shape[1], _acc(pool.dtype)
+    direction = keep_direction and not key_grad
+    return (pool.new_empty(M, dtype=dt), pool.new_empty(M, dtype=dt),
+            pool.new_empty((M, D) if direction else (0,), dtype=dt),
+            pool.new_empty(M if direction else 0, dtype=dt))
 
 
-@torch.library.custom_op("pixcon::sparse_infonce_backward", mutates_args=())
+@torch.library.custom_op("pixcon::sparse_infonce_backward", mutates_args=(), device_types="cuda")
 def sparse_infonce_backward(grad: Tensor, pool: Tensor, pos_pool: Tensor, q_idx: Tensor,
                             pos_idx: Tensor, neg_idx: Tensor, lse: Tensor, temperature: float,
                             key_grad: bool, keys: Optional[Tensor] = None
-                            ) -> tuple[Tensor, Tensor]:
-    """Gradients of sum_m grad[m] * loss[m] w.r.t. pool (pool's shape and dtype) and pos_pool
-    (zeros unless key_grad)."""
+                            ) -> tuple[Tensor, Tensor, Tensor]:
+    """(dq (M, D), dkeys (pool's shape), dpos (pos_pool's shape)) of sum_m grad[m] * loss[m],
+    in the accumulation dtype; dkeys and dpos are empty unless key_grad. The autograd formula
+    adds dq into dkeys at the query rows."""
     from pixcon_kernels.infonce import infonce_backward
     dq, dk, dpos = infonce_backward(grad, pool, pos_pool, q_idx, pos_idx, neg_idx, lse,
                                     temperature, key_grad, keys=keys)
-    dpool = _add_query_grads(dk if key_grad else None, dq, q_idx, pool)
-    if dpos is None:
-        dpos = torch.zeros(pos_pool.shape, dtype=pos_pool.dtype, device=pos_pool.device)
-    return dpool.to(pool.dtype), dpos.to(pos_pool.dtype)
+    empty = dq.new_empty(0)
+    return dq, (empty if dk is None else dk), (empty if dpos is None else dpos)
+
+
+@sparse_infonce_backward.register_fake
+def _(grad, pool, pos_pool, q_idx, pos_idx, neg_idx, lse, temperature, key_grad, keys=None):
+    M, D, dt = neg_idx.shape[0], pool.shape[1], _acc(pool.dtype)
+    return (pool.new_empty(M, D, dtype=dt),
+            pool.new_empty(pool.shape if key_grad else (0,), dtype=dt),
+            pool.new_empty(pos_pool.shape if key_grad else (0,), dtype=dt))
+
+
+def _infonce_setup(ctx, inputs, output):
+    pool, pos_pool, q_idx, pos_idx, neg_idx, temperature, key_grad, keep_direction, keys = inputs
+    ctx.save_for_backward(pool, pos_pool, q_idx, pos_idx, neg_idx, keys, *output)
+    ctx.temperature, ctx.key_grad = temperature, key_grad
+    ctx.direction = keep_direction and not key_grad
+    _remember_scope(ctx)
+
+
+def _infonce_backward(ctx, grad_loss, _glse, _gv, _gc):
+    pool, pos_pool, q_idx, pos_idx, neg_idx, keys, loss, lse, v, cbar = ctx.saved_tensors
+    if grad_loss is None:
+        grad_loss = torch.zeros_like(lse)
+    if ctx.direction:                # the forward kept each query's direction: scale, scatter
+        dq = _query_grads_from_direction(grad_loss, pool, pos_pool, q_idx, pos_idx, loss, lse,
+                                         v, cbar, ctx.temperature, EPS)
+        return (_scatter(dq, q_idx, pool).to(pool.dtype),) + (None,) * 8
+    with _scope(ctx):
+        dq, dk, dpos = sparse_infonce_backward(grad_loss, pool, pos_pool, q_idx, pos_idx,
+                                               neg_idx, lse, ctx.temperature, ctx.key_grad, keys)
+    if not ctx.key_grad:
+        return (_scatter(dq, q_idx, pool).to(pool.dtype),) + (None,) * 8
+    dpool = _add_query_grads(dk, dq, q_idx, pool)
+    return (dpool.to(pool.dtype), dpos.to(pos_pool.dtype)) + (None,) * 7
+
+
+torch.library.register_autograd("pixcon::sparse_infonce", _infonce_backward,
+                                setup_context=_infonce_setup)
 
 
 def _pool_rows(pool, idx):
@@ -209,35 +267,8 @@ def _add_query_grads(dpool, dq, q_idx, pool):
     return dpool
 
 
-@sparse_infonce_backward.register_fake
-def _(grad, pool, pos_pool, q_idx, pos_idx, neg_idx, lse, temperature, key_grad, keys=None):
-    return torch.empty_like(pool, memory_format=torch.contiguous_format), torch.empty_like(pos_pool)
-
-
-def _setup_context(ctx, inputs, output):
-    pool, pos_pool, q_idx, pos_idx, neg_idx, temperature, key_grad, keys = inputs
-    _, lse = output
-    ctx.save_for_backward(pool, pos_pool, q_idx, pos_idx, neg_idx, lse, keys)
-    ctx.temperature = temperature
-    ctx.key_grad = key_grad
-
-
-def _backward(ctx, grad_loss, grad_lse):
-    pool, pos_pool, q_idx, pos_idx, neg_idx, lse, keys = ctx.saved_tensors
-    if grad_loss is None:
-        grad_loss = torch.zeros_like(lse)
-    dpool, dpos = sparse_infonce_backward(grad_loss, pool, pos_pool, q_idx, pos_idx, neg_idx, lse,
-                                          ctx.temperature, ctx.key_grad, keys)
-    if not ctx.key_grad:
-        dpos = None
-    return dpool, dpos, None, None, None, None, None, None
-
-
-torch.library.register_autograd("pixcon::sparse_infonce", _backward, setup_context=_setup_context)
-
-
 # --- ReCo in one gather pass ------------------------------------------------------------------
-@torch.library.custom_op("pixcon::rows_and_class_sums", mutates_args=())
+@torch.library.custom_op("pixcon::rows_and_class_sums", mutates_args=(), device_types="cuda")
 def rows_and_class_sums(x: Tensor, labels: Tensor, num_classes: int) -> tuple[Tensor, Tensor,
                                                                                 Tensor]:
     """One read of a (B, D, h, w) map: its pixels as contiguous (P, D) rows in its dtype, and
@@ -254,7 +285,7 @@ def _(x, labels, num_classes):
             x.new_empty(num_classes, dtype=torch.int64))
 
 
-@torch.library.custom_op("pixcon::reco_infonce", mutates_args=())
+@torch.library.custom_op("pixcon::reco_infonce", mutates_args=(), device_types="cuda")
 def reco_infonce(emb: Tensor, rows: Tensor, means: Tensor, queries: Tensor, num_queries: int,
                  cdf: Tensor, order: Tensor, offsets: Tensor, counts: Tensor,
                  num_negatives: int, seed: int, stream: int,
@@ -315,7 +346,7 @@ torch.library.register_autograd("pixcon::class_sums", _class_sums_backward,
 
 
 # --- Contextrast: unit rows of the NCHW embedding, pixel x anchor contrast (L_PA) -----------
-@torch.library.custom_op("pixcon::inv_norms", mutates_args=())
+@torch.library.custom_op("pixcon::inv_norms", mutates_args=(), device_types="cuda")
 def inv_norms(x: Tensor) -> Tensor:
     """(P,) 1 / max(|x_p|, eps) of the pixels of a (B, D, h, w) map or (P, D) rows."""
     from pixcon_kernels.anchor import inv_norms as launch
@@ -327,7 +358,7 @@ def _(x):
     return x.new_empty(_pool_size(x)[0], dtype=_acc(x.dtype))
 
 
-@torch.library.custom_op("pixcon::unit_class_sums", mutates_args=())
+@torch.library.custom_op("pixcon::unit_class_sums", mutates_args=(), device_types="cuda")
 def unit_class_sums(x: Tensor, inv: Tensor, gt: Tensor, num_classes: int,
                     normalize: bool) -> tuple[Tensor, Tensor]:
     """Class sums (C, D) and counts of the rows x_p * inv_p (inv: inv_norms(x), or ones with
@@ -343,7 +374,7 @@ def _(x, inv, gt, num_classes, normalize):
             x.new_empty(num_classes, dtype=torch.int64))
 
 
-@torch.library.custom_op("pixcon::unit_class_sums_backward", mutates_args=())
+@torch.library.custom_op("pixcon::unit_class_sums_backward", mutates_args=(), device_types="cuda")
 def unit_class_sums_backward(grad_sums: Tensor, x: Tensor, inv: Tensor, gt: Tensor,
                              normalize: bool) -> Tensor:
     from pixcon_kernels.anchor import unit_sums_backward
@@ -359,20 +390,23 @@ def _unit_sums_setup(ctx, inputs, output):
     x, inv, gt, num_classes, normalize = inputs
     ctx.save_for_backward(x, inv, gt)
     ctx.normalize = normalize
+    _remember_scope(ctx)
 
 
 def _unit_sums_backward(ctx, grad_sums, _grad_counts):
     x, inv, gt = ctx.saved_tensors
     if grad_sums is None:
         return None, None, None, None, None
-    return unit_class_sums_backward(grad_sums, x, inv, gt, ctx.normalize), None, None, None, None
+    with _scope(ctx):
+        dx = unit_class_sums_backward(grad_sums, x, inv, gt, ctx.normalize)
+    return dx, None, None, None, None
 
 
 torch.library.register_autograd("pixcon::unit_class_sums", _unit_sums_backward,
                                 setup_context=_unit_sums_setup)
 
 
-@torch.library.custom_op("pixcon::anchor_contrast", mutates_args=())
+@torch.library.custom_op("pixcon::anchor_contrast", mutates_args=(), device_types="cuda")
 def anchor_contrast(x: Tensor, inv: Tensor, anchors: Tensor, gt: Tensor, negcls: Tensor,
                     temperature: float, only_own: bool,
                     normalize: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -390,7 +424,7 @@ def _(x, inv, anchors, gt, negcls, temperature, only_own, normalize):
             x.new_empty(P, C, dtype=dt))
 
 
-@torch.library.custom_op("pixcon::anchor_contrast_backward", mutates_args=())
+@torch.library.custom_op("pixcon::anchor_contrast_backward", mutates_args=(), device_types="cuda")
 def anchor_contrast_backward(grad: Tensor, x: Tensor, inv: Tensor, anchors: Tensor, gt: Tensor,
                              negcls: Tensor, nl: Tensor, sigsum: Tensor, logits: Tensor,
                              temperature: float, only_own: bool,
@@ -411,14 +445,16 @@ def _anchor_setup(ctx, inputs, output):
     _, nl, sigsum, logits = output
     ctx.save_for_backward(x, inv, anchors, gt, negcls, nl, sigsum, logits)
     ctx.args = (temperature, only_own, normalize)
+    _remember_scope(ctx)
 
 
 def _anchor_backward(ctx, grad_loss, grad_nl, grad_sig, grad_logits):
     x, inv, anchors, gt, negcls, nl, sigsum, logits = ctx.saved_tensors
     if grad_loss is None:
         grad_loss = torch.zeros_like(nl)
-    dx, da = anchor_contrast_backward(grad_loss, x, inv, anchors, gt, negcls, nl, sigsum, logits,
-                                      *ctx.args)
+    with _scope(ctx):
+        dx, da = anchor_contrast_backward(grad_loss, x, inv, anchors, gt, negcls, nl, sigsum,
+                                          logits, *ctx.args)
     return dx, None, da, None, None, None, None, None
 
 
@@ -498,7 +534,7 @@ def _tiled_setup(ctx, inputs, output):
     _, npos, nl, w = output
     ctx.save_for_backward(a, ya, k, yk, nl, w, npos)
     ctx.temperature, ctx.block = temperature, block
-    ctx.triton_on_cpu = _TRITON_ON_CPU[0]          # backward runs the forward's kernels
+    _remember_scope(ctx)
 
 
 def _tiled_backward(ctx, g_terms, g_npos, g_nl, g_w):
@@ -506,7 +542,7 @@ def _tiled_backward(ctx, g_terms, g_npos, g_nl, g_w):
     g_terms = torch.zeros_like(nl) if g_terms is None else g_terms
     g_nl = torch.zeros_like(nl) if g_nl is None else g_nl
     key_grad = k is not None and ctx.needs_input_grad[2]
-    with triton_on_cpu() if ctx.triton_on_cpu else contextlib.nullcontext():
+    with _scope(ctx):
         da, dk = tiled_contrast_backward(g_terms, g_nl, a, ya, k, yk, nl, w, npos,
                                          ctx.temperature, key_grad, ctx.block)
     return da, None, (dk if key_grad else None), None, None, None, None
@@ -517,21 +553,26 @@ torch.library.register_autograd("pixcon::tiled_contrast", _tiled_backward,
 
 
 _TRITON_ON_CPU = [False]
+# The ops whose CUDA kernel is a Triton launcher, in the order they are defined above.
+_TRITON_OPS = (philox, edt, edt_ragged, class_sums, sample_in_groups, sample_negatives, bank_push,
+               sparse_infonce, sparse_infonce_backward, rows_and_class_sums, reco_infonce,
+               inv_norms, unit_class_sums, unit_class_sums_backward, anchor_contrast,
+               anchor_contrast_backward, tiled_contrast_op, tiled_contrast_backward)
 
 
 @contextlib.contextmanager
 def triton_on_cpu():
-    """Within this block the tiled contrast's CPU tensors run its Triton kernels (under
-    TRITON_INTERPRET=1): the Triton functions registered for the CPU key over the C++ kernel,
-    which is back when the block ends. For the tests' "triton" backend on a CPU machine. A
-    forward run inside it runs its backward inside it too, wherever that is called."""
+    """Within this block every op's CPU tensors run its Triton kernels (under
+    TRITON_INTERPRET=1): the Triton functions registered for the CPU key over the C++ kernels,
+    which are back when the block ends. For the "triton" backend on a CPU machine (the tests).
+    A forward run inside it runs its backward inside it too, wherever that is called."""
     if _TRITON_ON_CPU[0]:
         yield
         return
     with torch.library._scoped_library("pixcon", "IMPL") as lib, warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*[Oo]verrid.*")
-        lib.impl("tiled_contrast", tiled_contrast_op._init_fn, "CPU")
-        lib.impl("tiled_contrast_backward", tiled_contrast_backward._init_fn, "CPU")
+        for op in _TRITON_OPS:
+            lib.impl(op._name, op._init_fn, "CPU")
         _TRITON_ON_CPU[0] = True
         try:
             yield
@@ -539,69 +580,30 @@ def triton_on_cpu():
             _TRITON_ON_CPU[0] = False
 
 
-# --- the compiled CPU kernels (backend "native", csrc/cpu): fake kernels and autograd ---------
-try:
-    import pixcon as _pixcon
-    _HAS_C = _pixcon.HAS_C
-except ImportError:  # pragma: no cover
-    _HAS_C = False
+def kernels(backend: str, device: torch.device):
+    """The scope a public loss runs its fused primitives in, once it has chosen ``backend``
+    ("native" or "triton"): the ops' own kernel per device, or, for "triton" on CPU tensors,
+    :func:`triton_on_cpu` (under torch.compile the registered kernels are traced as they are)."""
+    if backend == "triton" and device.type == "cpu" and not torch.compiler.is_compiling():
+        return triton_on_cpu()
+    return contextlib.nullcontext()
 
-if _HAS_C:
-    @torch.library.register_fake("pixcon::distance_transform")
-    def _(labels, background, squared):
-        return labels.new_empty(labels.shape, dtype=torch.float32)
 
-    @torch.library.register_fake("pixcon::class_sums_native")
-    def _(x, labels, num_classes):
-        _, D = _pool_size(x)
-        return (x.new_empty(num_classes, D, dtype=_acc(x.dtype)),
-                x.new_empty(num_classes, dtype=torch.int64))
+def compiled_cpu(device: torch.device) -> bool:
+    """Whether the ops run their compiled CPU kernels here (CPU tensors outside
+    triton_on_cpu): for inputs shaped to a kernel's liking, never for a choice of method."""
+    return device.type == "cpu" and not _TRITON_ON_CPU[0]
 
-    @torch.library.register_fake("pixcon::sample_in_groups_native")
-    def _(order, offsets, counts, row_group, per_row, seed, stream):
-        return order.new_empty(row_group.numel(), per_row, dtype=torch.int32)
 
-    @torch.library.register_fake("pixcon::sample_negatives_native")
-    def _(row_class, cdf, order, offsets, counts, per_row, seed, stream):
-        return order.new_empty(row_class.numel(), per_row, dtype=torch.int32)
+def triton_here(device: torch.device) -> bool:
+    """Whether the ops run their Triton kernels here (CUDA tensors, or inside triton_on_cpu):
+    where ops that exist only as Triton kernels (ReCo's one-pass InfoNCE) can be used."""
+    return device.type == "cuda" or _TRITON_ON_CPU[0]
 
-    @torch.library.register_fake("pixcon::infonce_fwd_native")
-    def _(pool, pos_pool, q_idx, pos_idx, neg_idx, temperature, key_grad, eps, keys=None):
-        M, D, dt = neg_idx.shape[0], pool.shape[1], _acc(pool.dtype)
-        direction = (M, D) if not key_grad else (0,)
-        return (pool.new_empty(M, dtype=dt), pool.new_empty(M, dtype=dt),
-                pool.new_empty(direction, dtype=dt), pool.new_empty(direction[:1], dtype=dt))
 
-    @torch.library.register_fake("pixcon::infonce_bwd_native")
-    def _(grad, pool, pos_pool, q_idx, pos_idx, neg_idx, lse, temperature, key_grad, eps,
-          keys=None):
-        M, D = neg_idx.shape[0], pool.shape[1]
-        dt = _acc(pool.dtype)
-        shape_k = pool.shape if key_grad else (0,)
-        shape_p = pos_pool.shape if key_grad else (0,)
-        return (pool.new_empty(M, D, dtype=dt), pool.new_empty(shape_k, dtype=dt),
-                pool.new_empty(shape_p, dtype=dt))
+def _remember_scope(ctx):
+    ctx.triton_on_cpu = _TRITON_ON_CPU[0]          # backward runs the forward's kernels
 
-    def _native_setup(ctx, inputs, output):     # a separate key pool (inputs[8]) has no grad
-        pool, pos_pool, q_idx, pos_idx, neg_idx, temperature, key_grad, eps = inputs[:8]
-        ctx.save_for_backward(pool, pos_pool, q_idx, pos_idx, neg_idx, *output)
-        ctx.temperature, ctx.key_grad, ctx.eps = temperature, key_grad, eps
 
-    def _native_backward(ctx, grad_loss, grad_lse, _gv, _gc):
-        pool, pos_pool, q_idx, pos_idx, neg_idx, loss, lse, v, cbar = ctx.saved_tensors
-        if grad_loss is None:
-            grad_loss = torch.zeros_like(lse)
-        if not ctx.key_grad:         # the forward kept each query's direction: scale, scatter
-            dq = _query_grads_from_direction(grad_loss, pool, pos_pool, q_idx, pos_idx, loss,
-                                             lse, v, cbar, ctx.temperature, ctx.eps)
-            return _scatter(dq, q_idx, pool).to(pool.dtype), None, None, None, \
-                None, None, None, None, None
-        dq, dk, dpos = torch.ops.pixcon.infonce_bwd_native(
-            grad_loss, pool, pos_pool, q_idx, pos_idx, neg_idx, lse, ctx.temperature,
-            ctx.key_grad, ctx.eps)
-        dpool = _add_query_grads(dk, dq, q_idx, pool)
-        return dpool.to(pool.dtype), dpos.to(pos_pool.dtype), None, None, None, None, None, \
-            None, None
-
-    torch.library.register_autograd("pixcon::infonce_fwd_native", _native_backward,
-                                    setup_context=_native_setup)
+def _scope(ctx):
+    return triton_on_cpu() if getattr(ctx, "triton_on_cpu", False) else contextlib.nullcontext()

@@ -33,8 +33,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..reference import common as cm
-from ..reference import contextrast as ref
+from ..core import common as cm
+from ..core import contextrast as ref
 
 TILE = 32768          # pixels per tile: 32 MiB of fp32 columns at D = 256
 

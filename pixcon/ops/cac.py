@@ -14,9 +14,10 @@ import torch
 import torch.nn.functional as F
 
 from .. import reference
-from ..reference import cac as ref
+from ..core import cac as ref
 from . import _common as chk
-from .tiled import negative_logsumexp
+from . import _library as lib
+from .tiled import contrast
 
 BACKENDS = ("reference", "native", "triton")
 
@@ -122,6 +123,13 @@ def directional_contrast_loss(feat1, feat2, logits1, logits2, negatives, negativ
         return reference.cac.directional_contrast_loss(
             feat1, feat2, logits1, logits2, negatives, negative_labels,
             official_numerics=official_numerics, **kw)
+    with lib.kernels(be, dev):
+        return _cac_fused(feat1, feat2, logits1, logits2, negatives, negative_labels, **kw)
+
+
+def _cac_fused(feat1, feat2, logits1, logits2, negatives, negative_labels, *, pos_threshold,
+               temperature, reduction, negative_sampling, alignment, **switches):
+    """Both directions on the device's kernels (pixcon::tiled_contrast's pass 1 for NL)."""
     c1, y1 = ref.confidence(logits1)
     c2, y2 = ref.confidence(logits2)
     bank = negatives.detach()
@@ -132,10 +140,10 @@ def directional_contrast_loss(feat1, feat2, logits1, logits2, negatives, negativ
         if alignment == "l2":
             ell = torch.where(d, ref.l2_terms(fa.to(dt), ft.to(dt)), 0.0)
         else:
-            a = fa.to(dt) if be == "native" else fa
+            a = fa.to(dt) if lib.compiled_cpu(fa.device) else fa
             ya, yk = ref.sampling_labels(ya, negative_labels, negative_sampling)
-            nl = negative_logsumexp(a, torch.where(d, ya, -1), bank.to(a.dtype), yk,
-                                    temperature=temperature, backend=be)
+            nl = contrast(a, torch.where(d, ya, -1).to(torch.int64), bank.to(a.dtype),
+                          yk.to(torch.int64), temperature, positives=False)[2]
             pos = (fa.to(dt) * ft.detach().to(dt)).sum(dim=1) / temperature
             ell = torch.where(d, F.softplus(nl - pos), 0.0)
         out.append(ell if reduction == "none" else ell.sum() / (d.sum() + 1e-12))

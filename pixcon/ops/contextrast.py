@@ -6,10 +6,12 @@ from __future__ import annotations
 import torch
 
 from .. import distributed as dist
-from ..reference import contextrast as ref
+from .. import reference
+from ..core import contextrast as steps
 from . import _common as chk
+from . import _library as lib
 from . import anchor_tiles as tiles
-from .edt import distance_transform, distance_transforms
+from .edt import edt, edt_pyramid
 
 READINGS = ("R1", "R2")
 
@@ -85,10 +87,11 @@ def bane_negatives(labels, pred, num_classes: int, *, ks: float = 0.5, reading: 
     gt = torch.where((gt >= 0) & (gt < C) & (gt != ignore_index), gt, -1)
     pr = _pred_labels(pred, C, op)
     if be == "reference":
-        sel, err = ref.bane_negatives(gt, pr, C, ks=ks, reading=reading)
+        sel, err = reference.contextrast.bane_negatives(gt, pr, C, ks=ks, reading=reading)
         return sel.view(gt.shape), err.view(gt.shape)
-    err = ref.error_map(gt, pr, reading)          # one multi-label EDT: Triton or compiled C++
-    d2 = distance_transform(err, labels=True, background=-1, squared=True, backend=be)
+    err = steps.error_map(gt, pr, reading)          # one multi-label EDT: Triton or compiled C++
+    with lib.kernels(be, labels.device):
+        d2 = edt(err, -1, True)
     h, w = gt.shape[-2:]
     sel = select_lowest(err.reshape(-1), d2.reshape(-1), C, ks, h * h + w * w + 1)
     return sel.view(gt.shape), err
@@ -173,24 +176,24 @@ def pixel_anchor_loss(embs, labels, pred, *, num_classes: int | None = None,
               detach_anchors=detach_anchors, reading=reading,
               stats=dist.class_stats if cross_rank else None)
     if be == "reference":
-        return ref.pixel_anchor_loss(list(embs), labels, pred_labels, C, **kw)
-    return _pa_fused(list(embs), labels, pred_labels, C, backend=be, **kw)
+        return reference.contextrast.pixel_anchor_loss(list(embs), labels, pred_labels, C, **kw)
+    with lib.kernels(be, embs[0].device):
+        return _pa_fused(list(embs), labels, pred_labels, C, **kw)
 
 
 def _pa_fused(embs, labels, pred_labels, C, *, w_low, w_high, layer_weights, temperature, ks,
-              ignore_index, normalize, detach_anchors, reading, stats=None, backend="triton"):
+              ignore_index, normalize, detach_anchors, reading, stats=None):
     """The fused path, straight from each layer's NCHW embedding: no per-layer copy of it is
-    made or kept. "triton": one kernel for the pixels' inverse norms, the class sums of the
+    made or kept. Where the Triton kernels run: one kernel for the pixels' inverse norms, the class sums of the
     unit rows, and the pixel x anchor contrast whose logits (P x C) are computed once and
-    kept for backward, which writes the NCHW gradient itself. "native" (CPU): the compiled EDT
+    kept for backward, which writes the NCHW gradient itself. On the compiled CPU kernels: the EDT
     in BANE, and the class sums and pixel x anchor terms in tiles of pixels of the NCHW
     embedding, products with the raw columns scaled by the inverse norms (the unit rows are
     never made), recomputed in backward (``anchor_tiles``). Never pixels x pixels."""
-    from . import _library as lib
-    native = backend == "native"
+    native = lib.compiled_cpu(embs[0].device)
     layers, anchors, present = [], [], []
     for emb in embs:
-        gt, pr = ref.layer_labels(emb.shape, labels, pred_labels, C, ignore_index)
+        gt, pr = steps.layer_labels(emb.shape, labels, pred_labels, C, ignore_index)
         if native:        # scale: the pixel norms, once per layer for both tile passes
             scale = tiles.column_norms(emb) if normalize else None
             sums = tiles.unit_class_sums(emb, gt, C, normalize=normalize, norms=scale)
@@ -207,12 +210,12 @@ def _pa_fused(embs, labels, pred_labels, C, *, w_low, w_high, layer_weights, tem
         a = sums / counts.clamp(min=1).to(sums.dtype)[:, None]
         anchors.append(a.detach() if detach_anchors else a)
         present.append(counts > 0)
-    fused = ref.fuse_anchors(anchors, present, w_low, w_high)
+    fused = steps.fuse_anchors(anchors, present, w_low, w_high)
     # BANE: every layer's error map, and their distance transforms in one call (Triton: one
     # launch per pass for the whole pyramid)
-    errs = [ref.error_map(gt.view(e.shape[0], *e.shape[2:]), pr.view(e.shape[0], *e.shape[2:]),
+    errs = [steps.error_map(gt.view(e.shape[0], *e.shape[2:]), pr.view(e.shape[0], *e.shape[2:]),
                           reading) for (e, _, gt, pr, _) in layers]
-    d2s = distance_transforms(errs, background=-1, squared=True, backend=backend)
+    d2s = edt_pyramid(errs, -1, True)
     total = None                         # every term hangs off each layer's ops: connected
     for (emb, scale, gt, pr, counts), err, d2, a_hat, lam in zip(layers, errs, d2s, fused,
                                                                layer_weights):

@@ -15,12 +15,13 @@ import torch.nn.functional as F
 
 from .. import distributed as dist
 from .. import reference
-from ..reference import common as cm
-from ..reference import contrastiveseg as ref
-from ..reference.rng import STREAM_ANCHOR, draw_seed
+from ..core import common as cm
+from ..core import contrastiveseg as steps
+from ..core.rng import STREAM_ANCHOR, draw_seed
 from . import _common as chk
+from . import _library as lib
 from . import primitives as prim
-from .tiled import supervised_contrast
+from .tiled import contrast, supervised_contrast
 
 BACKENDS = ("reference", "native", "triton")
 LABEL_LIMIT = 2**31        # class values above this are not classes (they would overflow the sort keys)
@@ -49,18 +50,19 @@ def _predictions(op, predict, B, h, w):
     return cm.resize_nearest(predict, (h, w))
 
 
-def sample_anchors(gt, pred, *, max_samples: int, max_views: int, seed: int, backend="auto"):
+def sample_anchors(gt, pred, *, max_samples: int, max_views: int, seed: int):
     """Segmentation-aware hard anchors, vectorised (one sort by key, one by group; no sync).
 
     gt, pred: (B, h, w) at feature resolution, gt -1 = ignored. Returns (index (max_samples,)
     flat pixel indices, -1 in unused slots; labels (max_samples,), -1 unused; T; n_view) with T
     and n_view 0-d tensors, rows in the official view-major order (slot v*T + t). The same
-    samples as pixcon.reference.contrastiveseg.sample_anchors."""
+    samples as pixcon.reference.contrastiveseg.sample_anchors, on the device's kernels (inside
+    a loss's kernels() scope)."""
     B = gt.shape[0]
     g, p = gt.reshape(-1).to(torch.int64), pred.reshape(-1).to(torch.int64)
     P, dev = g.numel(), g.device
     pix = torch.arange(P, device=dev)
-    key = prim.philox(pix, seed, STREAM_ANCHOR, backend=backend)[:, 0]
+    key = lib.philox(pix, seed, STREAM_ANCHOR)[:, 0]
     valid = (g >= 0) & (g < LABEL_LIMIT)
     easy = (p == g).to(torch.int64)
     # sort by (image, class, hard before easy, key): stable sorts by key, then by group
@@ -216,22 +218,30 @@ def pixel_contrast_loss(emb, labels, predict, *, ignore_index: int = 255, max_sa
             emb, labels, pred, ignore_index=ignore_index, max_samples=max_samples,
             max_views=max_views, temperature=temperature, base_temperature=base_temperature,
             memory=mem, seed=seed)
+    with lib.kernels(be, emb.device):
+        return _pixel_contrast_fused(emb, gt, pred, mem, max_samples, max_views, temperature,
+                                     base_temperature, seed, check_values)
+
+
+def _pixel_contrast_fused(emb, gt, pred, mem, max_samples, max_views, temperature,
+                          base_temperature, seed, check_values):
+    op = "pixel_contrast_loss"
     index, y, T, n_view = sample_anchors(gt, pred, max_samples=max_samples,
-                                         max_views=max_views, seed=seed, backend=be)
+                                         max_views=max_views, seed=seed)
     _check_views(op, T, max_samples, max_views, emb.device, check_values)
-    if be == "native" and not torch.compiler.is_compiling():
+    cpu = lib.compiled_cpu(emb.device)
+    if cpu and not torch.compiler.is_compiling():
         # CPU tensors: the filled slots are the prefix [0, T n_view); the empty ones (label -1,
         # never counted) only cost full-size buffers (8192 slots with 1024 filled: the step was
         # their allocation and zeroing). Reading the count is no device sync on the CPU.
         used = int(T * n_view)
         index, y = index[:used], y[:used]
     z = prim.pixel_rows_at(emb, index)                              # (M, D), with grad
-    if be == "native":
+    if cpu:
         z = z.to(torch.promote_types(emb.dtype, torch.float32))
     keys, key_labels = (None, None) if mem is None else (mem[0].to(z.dtype), mem[1])
-    terms, npos = supervised_contrast(z, y, keys, key_labels, temperature=temperature,
-                                      backend=be)
-    return ref.mean_over_anchors(terms, npos, y, temperature / base_temperature)
+    terms, npos, _ = contrast(z, y, keys, key_labels, temperature)
+    return steps.mean_over_anchors(terms, npos, y, temperature / base_temperature)
 
 
 def dense_contrast_loss(emb, labels, *, ignore_index: int = 255, temperature: float = 0.1,
@@ -266,19 +276,23 @@ def dense_contrast_loss(emb, labels, *, ignore_index: int = 255, temperature: fl
 
         if checks:                        # a host sync: with the value checks only
             dist.checked(op, check)
-        return _dense_cross_rank(emb, lab, temperature, base_temperature, be)
+        if be == "reference":
+            return _dense_cross_rank(emb, lab, temperature, base_temperature, be)
+        with lib.kernels(be, emb.device):
+            return _dense_cross_rank(emb, lab, temperature, base_temperature, be)
     if checks:
         _check_values(op, emb, labels, ignore_index)
     if be == "reference":
         return reference.contrastiveseg.dense_contrast_loss(
             emb, labels, ignore_index=ignore_index, temperature=temperature,
             base_temperature=base_temperature)
-    lab, order = torch.sort(lab, stable=True)          # rows by class: the tiles skip without copies
-    z = prim.pixel_rows_at(emb, order)
-    if be == "native":
-        z = z.to(torch.promote_types(emb.dtype, torch.float32))
-    terms, npos = supervised_contrast(z, lab, temperature=temperature, backend=be)
-    return ref.mean_over_anchors(terms, npos, lab, temperature / base_temperature)
+    with lib.kernels(be, emb.device):
+        lab, order = torch.sort(lab, stable=True)      # rows by class: the tiles skip without copies
+        z = prim.pixel_rows_at(emb, order)
+        if lib.compiled_cpu(emb.device):
+            z = z.to(torch.promote_types(emb.dtype, torch.float32))
+        terms, npos, _ = contrast(z, lab, None, None, temperature)
+    return steps.mean_over_anchors(terms, npos, lab, temperature / base_temperature)
 
 
 def _dense_cross_rank(emb, lab, temperature, base_temperature, be):
@@ -289,10 +303,13 @@ def _dense_cross_rank(emb, lab, temperature, base_temperature, be):
     acc = torch.promote_types(emb.dtype, torch.float32)
     lab, order = torch.sort(lab, stable=True)
     z = prim.pixel_rows_at(emb, order)
-    z = z.to(acc) if be in ("native", "reference") else z
+    z = z.to(acc) if be == "reference" or lib.compiled_cpu(z.device) else z
     keys, key_labels = dist.gather_rows(z), dist.gather_rows(lab)
-    terms, npos, nl = supervised_contrast(z, lab, keys, key_labels, temperature=temperature,
-                                          backend=be, with_lse=True)
+    if be == "reference":
+        terms, npos, nl = supervised_contrast(z, lab, keys, key_labels, temperature=temperature,
+                                              backend=be, with_lse=True)
+    else:
+        terms, npos, nl = contrast(z, lab, keys, key_labels.to(torch.int64), temperature)
     self_term = F.softplus(nl - (z.to(acc) * z.to(acc)).sum(dim=1) / temperature)
     npos = npos - (lab >= 0).to(npos.dtype)                      # the anchor's own key
     terms = torch.where(npos > 0, (terms * (npos + 1) - self_term) / npos.clamp(min=1), 0.0)

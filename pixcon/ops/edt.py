@@ -5,6 +5,7 @@ import torch
 
 from ..reference import edt as ref
 from . import _common as chk
+from . import _library as lib
 
 NO_BACKGROUND = -(2**31)     # background=None: a value no label takes (and int32 can hold)
 
@@ -49,17 +50,18 @@ def distance_transform(x: torch.Tensor, *, squared: bool = False, labels: bool =
         bg = 0
     be = chk.resolve_backend(backend, x.device, "distance_transform",
                              ("reference", "triton", "native"))
-    if be == "triton":
-        from ._library import edt
-        if not -(2**31) <= bg < 2**31:
-            raise ValueError("distance_transform: background must fit in int32 on triton")
-        return edt(lab, bg, squared)   # labels are read as int32 (values must fit)
-    if be == "native":
-        if x.device.type != "cpu" and not torch.ops.pixcon.with_cuda():
-            raise RuntimeError("distance_transform: pixcon._C was built without CUDA; use "
-                               "backend='triton' for CUDA tensors")
-        return torch.ops.pixcon.distance_transform(lab, bg, squared)
-    return ref.distance_transform(lab, bg, squared)
+    if be == "reference":
+        return ref.distance_transform(lab, bg, squared)
+    with lib.kernels(be, x.device):
+        return edt(lab, bg, squared)
+
+
+def edt(lab, background: int, squared: bool) -> torch.Tensor:
+    """The op pixcon::edt on the device's kernels (the fused form, inside a loss's kernels()
+    scope): multi-label, ``background`` pixels 0; labels read in their own dtype."""
+    if lib.triton_here(lab.device) and not -(2**31) <= background < 2**31:
+        raise ValueError("distance_transform: background must fit in int32 on triton")
+    return lib.edt(lab, background, squared)
 
 
 def distance_transforms(maps, *, squared: bool = False, background: int,
@@ -71,14 +73,23 @@ def distance_transforms(maps, *, squared: bool = False, background: int,
         return []
     be = chk.resolve_backend(backend, maps[0].device, "distance_transform",
                              ("reference", "triton", "native"))
-    if be != "triton":
-        return [distance_transform(m, squared=squared, labels=True, background=background,
-                                   backend=be) for m in maps]
-    from ._library import edt_ragged
+    if be == "reference":
+        return [ref.distance_transform(m, background, squared) for m in maps]
+    with lib.kernels(be, maps[0].device):
+        return edt_pyramid(maps, background, squared)
+
+
+def edt_pyramid(maps, background: int, squared: bool) -> list[torch.Tensor]:
+    """:func:`distance_transforms`' fused form: where the Triton kernels run, every map in one
+    launch per pass (pixcon::edt_ragged), else one pixcon::edt per map."""
+    if not maps:
+        return []
+    if not lib.triton_here(maps[0].device):
+        return [edt(m, background, squared) for m in maps]
     dt = maps[0].dtype
     flat = torch.cat([m.reshape(-1).to(dt) for m in maps])
     shapes = [d for m in maps for d in (m.numel() // max(m.shape[-2] * m.shape[-1], 1),
                                         *m.shape[-2:])]
-    out = edt_ragged(flat, shapes, background, squared)
+    out = lib.edt_ragged(flat, shapes, background, squared)
     parts = torch.split(out, [m.numel() for m in maps])
     return [o.view(m.shape) for o, m in zip(parts, maps)]

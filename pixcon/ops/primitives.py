@@ -1,15 +1,22 @@
-"""Shared primitives, public: every method's op is a short sequence of these.
+"""Shared primitives: every method's op is a short sequence of these.
 
-Each takes ``backend`` ("auto", "reference", "triton"); the reference versions are the plain
-torch definitions the Triton kernels are tested against.
+Two forms of each. The public one (``class_means``, ``sparse_infonce``, ...) checks its
+arguments, takes ``backend`` ("auto", "reference", "native", "triton"), and runs either its
+reference (plain torch, what the kernels are tested against) or its op. The fused one
+(``class_stats``, ``infonce``, ``hard_queries``, ...) takes no backend: it calls the op, which
+dispatches by device, and is what a loss calls inside the one ``_library.kernels(backend,
+device)`` scope it opened after choosing its backend.
 """
 from __future__ import annotations
 
 import torch
 
 from .. import distributed as dist
-from ..reference import common as cm
-from ..reference.rng import STREAM_NEGATIVE, STREAM_QUERY, draw_seed, philox4x32
+from ..core import common as cm
+from ..core.rng import STREAM_NEGATIVE, STREAM_QUERY, draw_seed
+from ..reference import common as rc
+from ..reference.rng import philox4x32
+from . import _library
 from ._common import FLOAT_DTYPES, INT_DTYPES, check_index_range, check_positive_float, \
     check_positive_int, check_tensor, resolve_backend, want_value_checks
 
@@ -30,8 +37,48 @@ def _check_labels(op, lab, rows, device, name="labels"):
 
 
 def _lib():
-    from . import _library
     return _library
+
+
+def _scope(backend, device):
+    return _library.kernels(backend, device)
+
+
+# --- fused forms: no backend, inside a loss's kernels() scope --------------------------------
+def class_stats(emb, labels, num_classes):
+    """(sums (C, D), counts (C,)) of emb's rows by class, no gradient (the op per device)."""
+    return _library.class_sums(emb.detach(), labels, num_classes)
+
+
+def groups_sample(order, offsets, counts, row_group, per_row, seed, stream):
+    """sample_in_groups' op (see there)."""
+    return _library.sample_in_groups(order, offsets, counts, row_group, per_row, seed, stream)
+
+
+def hard_queries(lab, hard, num_classes, num_queries, seed):
+    """sample_hard_queries' fused form."""
+    order, offsets, counts = cm.group_by_class(torch.where(hard, lab, -1), num_classes)
+    rows = torch.arange(num_classes, device=lab.device)
+    return groups_sample(order, offsets, counts, rows, num_queries, seed, STREAM_QUERY)
+
+
+def relation_negatives(row_class, cdf, lab, num_negatives, seed):
+    """sample_negatives' fused form."""
+    order, offsets, counts = cm.group_by_class(lab, cdf.shape[0])
+    return _library.sample_negatives(row_class, cdf, order, offsets, counts, num_negatives, seed,
+                                      STREAM_NEGATIVE)
+
+
+def infonce(pool, q_idx, pos_idx, neg_idx, temperature, pos_pool, key_grad=False, keys=None):
+    """sparse_infonce's fused form (checked arguments; pos_pool given): the loss (M,). The CPU
+    kernel keeps each query's direction for a one-scatter backward when no key gets a
+    gradient."""
+    direction = _library.compiled_cpu(pool.device) and not key_grad
+    return _library.sparse_infonce(pool, pos_pool, q_idx, pos_idx, neg_idx, float(temperature),
+                                   bool(key_grad), direction, keys)[0]
+
+
+# --- public forms ---------------------------------------------------------------------------
 
 
 class _PixelRows(torch.autograd.Function):
@@ -50,7 +97,7 @@ class _PixelRows(torch.autograd.Function):
     def backward(ctx, g):
         emb, index = ctx.saved_tensors
         # emb's strides: AccumulateGrad keeps it
-        return _lib().scatter_rows(g.contiguous(), index, emb).to(emb.dtype), None
+        return _library.scatter_rows(g.contiguous(), index, emb).to(emb.dtype), None
 
 
 def pixel_rows_at(emb: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -66,7 +113,7 @@ class _ClassSums(torch.autograd.Function):
     @staticmethod
     def forward(ctx, rows, lab, num_classes):
         ctx.save_for_backward(lab)
-        return cm.class_sums(rows.detach(), lab, num_classes)
+        return rc.class_sums(rows.detach(), lab, num_classes)
 
     @staticmethod
     def backward(ctx, g, _gc):
@@ -86,11 +133,10 @@ def philox(counter: torch.Tensor, seed: int, stream: int = 0, *, backend: str = 
     integer ops; "triton": the in-kernel generator; "native": the compiled extension, C++ on CPU
     tensors)."""
     be = resolve_backend(backend, counter.device, "philox", ("reference", "triton", "native"))
-    if be == "triton":
-        return _lib().philox(counter, seed, stream)
-    if be == "native":
-        return torch.ops.pixcon.philox4x32(counter.to(torch.int64) & (cm.TWO32 - 1), seed, stream)
-    return philox4x32(counter, seed, stream)
+    if be == "reference":
+        return philox4x32(counter, seed, stream)
+    with _scope(be, counter.device):
+        return _library.philox(counter, seed, stream)
 
 
 def class_means(emb: torch.Tensor, labels: torch.Tensor, num_classes: int, *,
@@ -107,14 +153,13 @@ def class_means(emb: torch.Tensor, labels: torch.Tensor, num_classes: int, *,
     check_positive_int("class_means", "num_classes", num_classes)
     be = resolve_backend(backend, emb.device, "class_means", NATIVE)
     with torch.no_grad():
-        if be == "triton":
-            sums, counts = _lib().class_sums(emb.detach(), labels, num_classes)
-        elif be == "native":
-            sums, counts = torch.ops.pixcon.class_sums_native(emb.detach(), labels, num_classes)
+        if be != "reference":
+            with _scope(be, emb.device):
+                sums, counts = class_stats(emb, labels, num_classes)
         else:
             rows = emb if emb.dim() == 2 else cm.pixel_rows(emb)
             rows = rows.detach().to(torch.promote_types(emb.dtype, torch.float32))
-            sums, counts = cm.class_sums(rows, labels, num_classes)
+            sums, counts = rc.class_sums(rows, labels, num_classes)
         if cross_rank:
             sums, counts = dist.class_stats(sums, counts)
         return sums, counts, cm.class_means_from_sums(sums, counts)
@@ -137,6 +182,9 @@ def sample_hard_queries(lab: torch.Tensor, hard: torch.Tensor, num_classes: int,
         raise ValueError("sample_hard_queries: num_classes x num_queries must be below 2^31 "
                          "(counter space)")
     be = resolve_backend(backend, lab.device, "sample_hard_queries", NATIVE)
+    if be != "reference":
+        with _scope(be, lab.device):
+            return hard_queries(lab, hard, num_classes, num_queries, seed)
     order, offsets, counts = cm.group_by_class(torch.where(hard, lab, -1), num_classes)
     rows = torch.arange(num_classes, device=lab.device)
     return sample_in_groups(order, offsets, counts, rows, num_queries, seed, STREAM_QUERY,
@@ -151,16 +199,14 @@ def sample_in_groups(order, offsets, counts, row_group, per_row: int, seed: int,
     empty. The sampler under hard queries (a group a class) and U2PL's queues (a group a
     class's filled slots)."""
     be = resolve_backend(backend, order.device, "sample_in_groups", NATIVE)
-    if be == "triton":
-        return _lib().sample_in_groups(order, offsets, counts, row_group, per_row, seed, stream)
-    if be == "native":
-        return torch.ops.pixcon.sample_in_groups_native(order, offsets, counts, row_group,
-                                                        per_row, seed, stream)
+    if be != "reference":
+        with _scope(be, order.device):
+            return groups_sample(order, offsets, counts, row_group, per_row, seed, stream)
     R = row_group.numel()
     r = philox4x32(torch.arange(R, device=order.device)[:, None] * per_row
                    + torch.arange(per_row, device=order.device), seed, stream)
     grp = row_group.to(torch.int64)[:, None].expand(-1, per_row)
-    pix = cm.pick_in_class(order, offsets, counts, grp, r[..., 0])
+    pix = rc.pick_in_class(order, offsets, counts, grp, r[..., 0])
     return torch.where(counts[grp] > 0, pix, -1).to(torch.int32)
 
 
@@ -183,14 +229,11 @@ def sample_negatives(row_class: torch.Tensor, cdf: torch.Tensor, lab: torch.Tens
         raise ValueError("sample_negatives: rows x num_negatives must be below 2^31 "
                          "(counter space)")
     be = resolve_backend(backend, lab.device, "sample_negatives", NATIVE)
+    if be != "reference":
+        with _scope(be, lab.device):
+            return relation_negatives(row_class, cdf, lab, num_negatives, seed)
     C = cdf.shape[0]
     order, offsets, counts = cm.group_by_class(lab, C)
-    if be == "triton":
-        return _lib().sample_negatives(row_class, cdf, order, offsets, counts, num_negatives,
-                                       seed, STREAM_NEGATIVE)
-    if be == "native":
-        return torch.ops.pixcon.sample_negatives_native(row_class, cdf, order, offsets, counts,
-                                                        num_negatives, seed, STREAM_NEGATIVE)
     R, N = row_class.numel(), num_negatives
     r = philox4x32(torch.arange(R, device=lab.device)[:, None] * N
                    + torch.arange(N, device=lab.device), seed, STREAM_NEGATIVE)
@@ -199,7 +242,7 @@ def sample_negatives(row_class: torch.Tensor, cdf: torch.Tensor, lab: torch.Tens
     ok = (row_class[:, None] >= 0) & (j < C)
     j = j.clamp(max=C - 1)
     ok &= counts[j] > 0
-    pix = cm.pick_in_class(order, offsets, counts, j, r[..., 1])
+    pix = rc.pick_in_class(order, offsets, counts, j, r[..., 1])
     return torch.where(ok, pix, -1).to(torch.int32)
 
 
@@ -260,15 +303,9 @@ def sparse_infonce(pool: torch.Tensor, q_idx: torch.Tensor, pos_idx: torch.Tenso
         check_index_range("sparse_infonce", "neg_idx", neg_idx, S, key_name)
         check_index_range("sparse_infonce", "pos_idx", pos_idx, pos_pool.shape[0], "pos_pool")
     be = resolve_backend(backend, dev, "sparse_infonce", NATIVE)
-    if be == "triton":
-        loss, _ = _lib().sparse_infonce(pool, pos_pool, q_idx, pos_idx, neg_idx,
-                                        float(temperature), bool(key_grad), keys)
-        return loss
-    if be == "native":
-        _lib()                                   # registers the native op's autograd
-        return torch.ops.pixcon.infonce_fwd_native(pool, pos_pool, q_idx, pos_idx, neg_idx,
-                                                   float(temperature), bool(key_grad),
-                                                   cm.EPS, keys)[0]
+    if be != "reference":
+        with _scope(be, dev):
+            return infonce(pool, q_idx, pos_idx, neg_idx, temperature, pos_pool, key_grad, keys)
     dt = torch.promote_types(pool.dtype, torch.float32)
     rows = (pool if pool.dim() == 2 else cm.pixel_rows(pool)).to(dt)
     if keys is not None:

@@ -14,9 +14,10 @@ import torch
 
 from .. import distributed as dist
 from .. import reference
-from ..reference import common as cm
-from ..reference.rng import STREAM_NEGATIVE, draw_seed
+from ..core import common as cm
+from ..core.rng import STREAM_NEGATIVE, draw_seed
 from . import _common as chk
+from . import _library as lib
 from . import primitives as prim
 
 
@@ -93,43 +94,43 @@ def reco_loss(emb, labels, probs, *, mask=None, ignore_index: int = 255,
               stats=dist.class_stats if cross_rank else None)
     if be == "reference":
         return reference.reco_loss(emb, labels, probs, mask, **kw)
-    return _reco_fused(emb, labels, probs, mask, backend=be, **kw)
+    with lib.kernels(be, emb.device):
+        return _reco_fused(emb, labels, probs, mask, **kw)
 
 
 def _reco_fused(emb, labels, probs, mask, *, ignore_index, strong_threshold, temperature,
-                num_queries, num_negatives, seed, relation_temperature, reduction, stats=None,
-                backend="triton"):
-    """The fused path; ``backend`` "triton" (GPU kernels) or "native" (compiled CPU kernels):
-    the same primitive calls, the same samples."""
+                num_queries, num_negatives, seed, relation_temperature, reduction, stats=None):
+    """The fused path, each primitive's op on the device's kernels: the same samples on every
+    device. Where the Triton kernels run, one gather pass and one kernel with its negatives
+    drawn inside (ReCo's own op); on the compiled CPU kernels, the shared samplers and InfoNCE."""
     B, D, h, w = emb.shape
     C, Q = probs.shape[1], num_queries
     rel_t = temperature if relation_temperature is None else relation_temperature
-    kb = dict(backend=backend)
+    one_pass = lib.triton_here(emb.device)
 
     lab = cm.pixel_labels(labels, (h, w), C, ignore_index, mask)          # (P,), -1 = invalid
     hard = cm.hard_pixels(probs, lab, strong_threshold)                   # prob(own) < threshold
-    if backend == "triton":     # one read of emb: class sums and contiguous rows to gather
-        rows, sums, counts = prim._lib().rows_and_class_sums(emb.detach(), lab, C)
-        means = cm.class_means_from_sums(sums, counts)
+    if one_pass:                # one read of emb: class sums and contiguous rows to gather
+        rows, sums, counts = lib.rows_and_class_sums(emb.detach(), lab, C)
     else:
-        sums, counts, means = prim.class_means(emb, lab, C, **kb)          # detached class means
+        sums, counts = prim.class_stats(emb, lab, C)                       # no gradient
+    means = cm.class_means_from_sums(sums, counts)
     present = counts > 0
     if stats is not None:                                                  # over all ranks
         means = cm.class_means_from_sums(*stats(sums, counts))
     cdf = cm.relation_cdf(means, present, rel_t)                           # P(j | c) thresholds
-    queries = prim.sample_hard_queries(lab, hard, C, Q, seed, **kb)        # (C, Q), -1 = none
+    queries = prim.hard_queries(lab, hard, C, Q, seed)                     # (C, Q), -1 = none
     cls = torch.arange(C, device=emb.device)[:, None].expand(C, Q)
     row_class = torch.where(queries >= 0, cls, -1).reshape(-1).to(torch.int32)
-    if backend == "triton":     # negatives regenerated in-kernel from their counters
+    if one_pass:                # negatives regenerated in-kernel from their counters
         order, offsets, counts_all = cm.group_by_class(lab, C)
-        per_query = prim._lib().reco_infonce(
+        per_query = lib.reco_infonce(
             emb, rows, means, queries.reshape(-1), Q, cdf, order, offsets, counts_all,
             num_negatives, seed, STREAM_NEGATIVE, float(temperature))[0].view(C, Q)
     else:
-        negatives = prim.sample_negatives(row_class, cdf, lab, num_negatives, seed, **kb)
-        per_query = prim.sparse_infonce(emb, queries.reshape(-1), row_class.clamp(min=0),
-                                        negatives, temperature=temperature, pos_pool=means,
-                                        check_values=False, **kb).view(C, Q)  # our samplers'
+        negatives = prim.relation_negatives(row_class, cdf, lab, num_negatives, seed)
+        per_query = prim.infonce(emb, queries.reshape(-1), row_class.clamp(min=0), negatives,
+                                 temperature, means).view(C, Q)
     if reduction == "none":
         return per_query
     K = present.sum()

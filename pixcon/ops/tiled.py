@@ -26,12 +26,11 @@ GPU ("triton"): pixcon_kernels.tiled, the same passes on tensor cores.
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
 from ..reference import common as ref_common
 from ..reference import contrastiveseg as ref
+from . import _library
 from ._common import FLOAT_DTYPES, INT_DTYPES, check_positive_float, check_tensor, resolve_backend
 
 PARALLEL_WORK = 2**27     # multiply-adds below which a CPU pass runs on one thread (tiled.cpp)
@@ -74,13 +73,17 @@ def _run(anchors, anchor_labels, keys, key_labels, temperature, backend, block, 
         if not positives:
             return None, None, nl
         return (*ref.contrast_terms(anchors.to(acc), ya, k, yk, temperature=temperature), nl)
-    from . import _library
+    with _library.kernels(be, anchors.device):
+        return contrast(anchors, ya, keys, yk, temperature, positives=positives, block=block)
+
+
+def contrast(anchors, anchor_labels, keys, key_labels, temperature, *, positives=True,
+             block=None):
+    """(terms, npos, nl) of the op pixcon::tiled_contrast on the device's kernels: the fused
+    form a loss calls inside its kernels() scope (checked arguments, int64 labels)."""
     block = [] if block is None else [int(b) for b in block]
-    args = (anchors, ya, keys, yk, float(temperature), positives, block)
-    interpret = (be == "triton" and anchors.device.type == "cpu"        # the tests' interpreter
-                 and not torch.compiler.is_compiling())
-    with _library.triton_on_cpu() if interpret else contextlib.nullcontext():
-        terms, npos, nl, _ = _library.tiled_contrast_op(*args)
+    terms, npos, nl, _ = _library.tiled_contrast_op(anchors, anchor_labels, keys, key_labels,
+                                                    float(temperature), positives, block)
     return terms, npos, nl
 
 

@@ -6,12 +6,16 @@ teacher's class mean, negatives are drawn from c's queue of unreliable teacher p
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
-from ..reference import common as cm
-from ..reference import u2pl as ref
-from ..reference.rng import draw_seed
+from .. import reference
+from ..core import common as cm
+from ..core import u2pl as steps
+from ..core.rng import draw_seed
 from . import _common as chk
+from . import _library as lib
 from . import primitives as prim
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -80,8 +84,8 @@ def u2pl_loss(emb, labels, teacher_probs, teacher_emb, bank, *, num_labeled: int
         raise ValueError(f"{op}: teacher_probs must be (B, C, h, w) = ({B}, C, {h}, {w}), got "
                          f"{tuple(teacher_probs.shape)}")
     C = teacher_probs.shape[1]
-    from ..nn.u2pl import UnreliableBank
-    if not isinstance(bank, UnreliableBank):
+    if not all(hasattr(bank, a) for a in ("push", "slots", "keys", "num_classes")):
+        # the queue bank's interface (pixcon.nn sits above this layer: no isinstance)
         raise TypeError(f"{op}: bank must be a pixcon.nn.UnreliableBank, got "
                         f"{type(bank).__name__}")
     if bank.num_classes != C or bank.dim != D:
@@ -115,23 +119,27 @@ def u2pl_loss(emb, labels, teacher_probs, teacher_emb, bank, *, num_labeled: int
         chk.check_pixel_values(op, emb, labels, C, ignore_index, probs=teacher_probs)
     gt = cm.pixel_labels(labels, (h, w), C, ignore_index)
 
-    def sampler(*args, **kw):
-        return prim.sample_in_groups(*args, backend=be, **kw)
-
     def fused_contrast(emb, a_idx, pos, keys, neg_idx, t):
         slots = torch.arange(a_idx.numel(), device=dev)
-        return prim.sparse_infonce(emb, a_idx, slots, neg_idx, temperature=t, pos_pool=pos,
-                                   keys=keys.to(emb.dtype), backend=be, check_values=False)
+        return prim.infonce(emb, a_idx, slots, neg_idx, t, pos, keys=keys.to(emb.dtype))
 
-    return ref.u2pl_loss(emb, gt, teacher_probs, teacher_emb, bank, num_labeled=num_labeled,
+    fused = be != "reference"
+    with lib.kernels(be, dev) if fused else contextlib.nullcontext():
+        loss = steps.u2pl_loss if fused else reference.u2pl.u2pl_loss
+        return loss(emb, gt, teacher_probs, teacher_emb, bank, num_labeled=num_labeled,
                          reliable=rel, unreliable=unrel, low_rank=low_rank, high_rank=high_rank,
                          anchor_threshold=float(anchor_threshold),
                          negative_threshold=float(negative_threshold),
                          temperature=float(temperature), num_queries=num_queries,
                          num_negatives=num_negatives, prototype=prototype, official=official,
-                         seed=draw_seed(seed), reduction=reduction, sampler=sampler,
-                         contrast=ref.reference_contrast if be == "reference" else fused_contrast,
-                         push_backend=be)
+                         seed=draw_seed(seed), reduction=reduction,
+                         sampler=prim.groups_sample if fused else _reference_sampler,
+                         contrast=fused_contrast if fused else reference.u2pl.reference_contrast,
+                         push_backend="auto" if fused else "reference")
+
+
+def _reference_sampler(*args):
+    return prim.sample_in_groups(*args, backend="reference")
 
 
 def _percentile(x, valid, q):

@@ -29,46 +29,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..core.cac import ALIGNMENTS, confidence, directional_mask, l2_terms, sampling_labels
 from .common import negative_lse
+
+__all__ = ["ALIGNMENTS", "confidence", "directional_mask", "l2_terms", "sampling_labels",
+           "pixel_terms", "official_pixel_terms", "directional_contrast_loss"]
 
 OFFICIAL_CHUNK = 8000
 OFFICIAL_EPS = 1e-8
-
-
-def confidence(logits):
-    """(max softmax probability, argmax) per row, detached, computed in float32 or wider."""
-    p = torch.softmax(logits.detach().to(torch.promote_types(logits.dtype, torch.float32)), 1)
-    return p.max(dim=1)
-
-
-ALIGNMENTS = ("contrastive", "l2")
-
-
-def directional_mask(c_anchor, c_target, pos_threshold, *, directional=True,
-                     positive_filtering=True):
-    """Pixels whose anchor view is pulled toward the target: the target is confident (above
-    the threshold: positive filtering) and strictly more confident than the anchor (the
-    directional mask; ties pull neither). A switch off drops its condition."""
-    keep = torch.ones_like(c_anchor, dtype=torch.bool)
-    if positive_filtering:
-        keep = keep & (c_target > pos_threshold)
-    if directional:
-        keep = keep & (c_anchor < c_target)
-    return keep
-
-
-def sampling_labels(y_anchor, negative_labels, negative_sampling=True):
-    """(anchor labels, negative labels) for the label filter of the negatives: as given with
-    negative sampling; without it 0 for every negative and 1 for every anchor, so that every
-    negative counts."""
-    if negative_sampling:
-        return y_anchor, negative_labels
-    return torch.ones_like(y_anchor), torch.zeros_like(negative_labels)
-
-
-def l2_terms(f_anchor, f_target):
-    """Experiment I's alignment: ||f_anchor - sg(f_target)||^2 per row (n,)."""
-    return (f_anchor - f_target.detach()).square().sum(dim=1)
 
 
 def pixel_terms(f_anchor, f_target, y_anchor, negatives, negative_labels, temperature):

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import torch
 
+from ..core.contrastiveseg import mean_over_anchors
 from . import common as cm
 from .rng import STREAM_ANCHOR, philox4x32
 
@@ -108,12 +109,6 @@ def contrast_terms(z, y, keys=None, key_labels=None, *, temperature: float):
     npos = pos.sum(dim=1)
     a = torch.where(pos, ell, 0.0).sum(dim=1) / npos.clamp(min=1)
     return -a, npos
-
-
-def mean_over_anchors(terms, npos, y, factor: float):
-    """(t / t_b) * mean of the per-anchor terms over anchors with a label and a positive."""
-    used = (y >= 0) & (npos > 0)
-    return factor * torch.where(used, terms, 0.0).sum() / used.sum().clamp(min=1)
 
 
 def pixel_contrast_loss(emb, labels, predict, *, ignore_index=255, max_samples=1024,

@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import torch
 
+from ..core.rng import STREAM_ANCHOR, STREAM_NEGATIVE, STREAM_QUERY, draw_seed, uniform_index
+
+__all__ = ["STREAM_ANCHOR", "STREAM_NEGATIVE", "STREAM_QUERY", "draw_seed", "uniform_index",
+           "philox4x32"]
+
 MASK32 = 0xFFFFFFFF
 KEY_A, KEY_B = 0x9E3779B9, 0xBB67AE85
 ROUND_A, ROUND_B = 0xD2511F53, 0xCD9E8D57
-
-# Streams (counter word c1) of the samplers. Fixed numbers: changing one changes every sample.
-STREAM_QUERY = 1       # hard-query sampling
-STREAM_NEGATIVE = 2    # negative class (word 0) and negative pixel (word 1)
-STREAM_ANCHOR = 3      # ContrastiveSeg anchors: one sort key per pixel (word 0)
 
 
 def _mulhilo(a: torch.Tensor, b: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,21 +52,3 @@ def philox4x32(counter: torch.Tensor, seed: int, stream: int = 0) -> torch.Tenso
     return torch.stack((c0, c1, c2, c3), dim=-1)
 
 
-def uniform_index(r: torch.Tensor, n: torch.Tensor | int) -> torch.Tensor:
-    """Map 32-bit draws r to integers uniform in [0, n): (r * n) >> 32 (n < 2^31)."""
-    if not torch.is_tensor(n):
-        n = torch.tensor(n, dtype=torch.int64, device=r.device)
-    return (r.to(torch.int64) * n.to(torch.int64)) >> 32
-
-
-def draw_seed(seed: int | None) -> int:
-    """The seed contract: an int in [0, 2^63) is used as is (anything else raises, rather than
-    wrapping two seeds onto one); None draws one 63-bit seed from torch's default CPU
-    generator, so ``torch.manual_seed`` controls every sample."""
-    if seed is None:
-        return int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64).item())
-    if not isinstance(seed, int) or isinstance(seed, bool):
-        raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
-    if not 0 <= seed < 2**63:
-        raise ValueError(f"seed must be in [0, 2^63), got {seed}")
-    return seed

@@ -1,0 +1,39 @@
+"""Contextrast's steps outside the kernels (specs/contextrast.md): error maps, BANE's negative
+mask, the anchors' fusion across layers, each layer's labels. Shared by the reference and the
+fused path."""
+from __future__ import annotations
+
+import torch
+
+from . import common as cm
+
+
+def error_map(gt: torch.Tensor, pred: torch.Tensor, reading: str = "R1") -> torch.Tensor:
+    """Class-wise error maps as one label map (B, h, w): R1 -> the GT class of a misclassified
+    pixel (false negatives of that class), R2 -> its predicted class (false positives); -1
+    elsewhere (correct or ignored, gt < 0)."""
+    wrong = (gt >= 0) & (pred != gt)
+    return torch.where(wrong, gt if reading == "R1" else pred, -1)
+
+
+def negative_mask(selected, err, num_classes, reading="R1"):
+    """(P, C) bool: pixel p is a negative of anchor c."""
+    c = torch.arange(num_classes, device=err.device)
+    if reading == "R1":
+        return selected[:, None] & (err[:, None] >= 0) & (err[:, None] != c[None, :])
+    return selected[:, None] & (err[:, None] == c[None, :])
+
+
+def fuse_anchors(anchors, present, w_low, w_high):
+    """â_i = w_l a_i + w_h a_I where the class is present at the deepest layer I, else a_i."""
+    deep, deep_present = anchors[-1], present[-1]
+    fused = [torch.where(deep_present[:, None], w_low * a + w_high * deep, a)
+             for a in anchors[:-1]]
+    return fused + [deep]
+
+
+def layer_labels(shape, labels, pred_labels, num_classes, ignore_index):
+    """Flat (P,) ground truth (-1 ignored) and predictions at a (B, D, h, w) layer."""
+    h, w = shape[-2:]
+    gt = cm.pixel_labels(labels, (h, w), num_classes, ignore_index)
+    return gt, cm.resize_nearest(pred_labels, (h, w)).reshape(-1)

@@ -1,0 +1,127 @@
+"""U2PL's steps (specs/u2pl.md): the class masks from ranks and thresholds, the queue grouping,
+the sampling of anchors and negatives, and the loss's sequence, into which a caller passes its
+sampler and its InfoNCE (the reference's gather, or the fused kernels). Shared by the reference
+and the fused path."""
+from __future__ import annotations
+
+import torch
+
+from . import common as cm
+from .rng import STREAM_NEGATIVE, STREAM_QUERY
+
+
+def official_onehot(gt: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """(B, C, h, w) bool: what the official ``label_onehot`` returns for labels gt (B, h, w),
+    -1 ignored (the official 255). Its ``scatter_`` writes every image's label into image 0
+    (the index has size 1 in the batch dimension), the ignored pixels first mapped to class 0;
+    then image 0's own ignored pixels are cleared. Image 0 gets the union, the others nothing
+    (specs/u2pl.md §3)."""
+    B = gt.shape[0]
+    cls = torch.arange(num_classes, device=gt.device)[None, :, None, None]
+    union = (gt.clamp(min=0)[:, None] == cls).any(dim=0)                     # (C, h, w)
+    out = torch.zeros((B, num_classes, *gt.shape[1:]), dtype=torch.bool, device=gt.device)
+    if B:
+        out[0] = union & (gt[0] >= 0)[None]
+    return out
+
+
+def ranks(prob: torch.Tensor) -> torch.Tensor:
+    """(P, C) position of each class in its pixel's descending order of prob (P, C); ties in
+    class order (a stable sort)."""
+    order = torch.sort(prob, dim=1, descending=True, stable=True).indices
+    pos = torch.arange(prob.shape[1], device=prob.device).expand_as(order)
+    return torch.empty_like(order).scatter_(1, order, pos)
+
+
+def class_masks(gt, prob, reliable, unreliable, num_labeled, hw, *, low_rank, high_rank,
+                anchor_threshold, negative_threshold, official):
+    """(V, A, N) (P, C) masks (see the module docstring) from flat labels gt (P,) (-1 ignored),
+    teacher probs (P, C), reliable / unreliable (P,) bool; the first num_labeled * hw pixels
+    are labelled. official: the code's reading, its one-hot (per half) included."""
+    P, C = prob.shape
+    cls = torch.arange(C, device=gt.device)
+    labelled = torch.arange(P, device=gt.device) < num_labeled * hw
+    rank = ranks(prob)
+    if official:
+        g = gt.view(-1, hw)
+        halves = [official_onehot(x.view(x.shape[0], 1, hw), C).view(x.shape[0], C, hw)
+                  for x in (g[:num_labeled], g[num_labeled:])]
+        onehot = torch.cat(halves).permute(0, 2, 1).reshape(P, C)
+        valid = onehot & unreliable[:, None]                         # high_valid_pixel
+        not_c = ~onehot                                              # label_l[:, c] == 0
+    else:
+        onehot = gt[:, None] == cls[None, :]
+        valid = unreliable[:, None] & (gt >= 0)[:, None]
+        not_c = ~onehot
+    low_valid = onehot & reliable[:, None]
+    anchors = low_valid & (prob > anchor_threshold)
+    class_mask = torch.where(labelled[:, None], (rank < low_rank) & not_c,
+                             (rank >= low_rank) & (rank < high_rank))
+    negatives = (prob < negative_threshold) & valid & class_mask
+    return low_valid, anchors, negatives
+
+
+def group_columns(mask: torch.Tensor):
+    """(order, offsets, counts) grouping the rows p of a (P, C) mask by column c, ascending p
+    within a column: the layout the samplers draw from."""
+    P, C = mask.shape
+    flat = torch.arange(C, device=mask.device)[:, None] * P + torch.arange(P, device=mask.device)
+    key = torch.where(mask.T, flat, C * P).reshape(-1)
+    sorted_key = torch.sort(key).values
+    counts = mask.sum(dim=0)
+    offsets = torch.cumsum(counts, 0) - counts
+    return sorted_key % P, offsets, counts
+
+
+def sample(anchors, bank, num_queries, num_negatives, seed, sampler):
+    """(a_idx (C*Q,) pixel of each anchor slot or -1, neg_idx (C*Q, N) bank rows or -1): anchor
+    (c, q) uniform among A[:, c] (counter c*Q + q, STREAM_QUERY), each of its negatives uniform
+    among c's filled queue slots (counter (c*Q + q)*N + n, STREAM_NEGATIVE). sampler: a
+    ``sample_in_groups`` (pixcon.ops.primitives) bound to a backend."""
+    C = anchors.shape[1]
+    dev = anchors.device
+    cls = torch.arange(C, device=dev)
+    a = sampler(*group_columns(anchors), cls, num_queries, seed, STREAM_QUERY).reshape(-1)
+    row_class = cls.repeat_interleave(num_queries)
+    neg = sampler(*bank.slots(), row_class, num_negatives, seed, STREAM_NEGATIVE)
+    return a, torch.where(a[:, None] >= 0, neg, -1)
+
+
+def u2pl_loss(emb, gt, probs, teacher_emb, bank, *, num_labeled, reliable, unreliable,
+              low_rank=3, high_rank=20, anchor_threshold=0.3, negative_threshold=1.0,
+              temperature=0.5, num_queries=256, num_negatives=50, prototype=None,
+              official=False, seed=0, reduction="mean", sampler, contrast,
+              push_backend="auto"):
+    """The loss on (B, D, h, w) student / teacher embeddings, flat labels gt (P,) at feature
+    resolution (-1 ignored), teacher probs (B, C, h, w), reliable / unreliable flat (P,) bool.
+    Pushes the negative candidates into ``bank`` first, as the official code does. sampler:
+    a backend's ``sample_in_groups``; contrast(emb, a_idx, pos (M, D), keys, neg_idx, t): the
+    per-anchor InfoNCE (the reference's gather, or the sparse InfoNCE kernels)."""
+    B, D, h, w = emb.shape
+    C = probs.shape[1]
+    dt = torch.promote_types(emb.dtype, torch.float32)
+    prob = probs.permute(0, 2, 3, 1).reshape(-1, C).to(torch.float32)
+    V, A, N = class_masks(gt, prob, reliable, unreliable, num_labeled, h * w,
+                          low_rank=low_rank, high_rank=high_rank,
+                          anchor_threshold=anchor_threshold,
+                          negative_threshold=negative_threshold, official=official)
+    teacher = cm.pixel_rows(teacher_emb.detach()).to(dt)          # (P, D): one row copy
+    bank.push(teacher, N.T, backend=push_backend)
+    counts = V.sum(dim=0)
+    valid = counts > 0
+    if prototype is None:
+        pos = (V.T.to(dt) @ teacher) / counts.clamp(min=1)[:, None].to(dt)
+    else:
+        pos = prototype.detach().to(dt)
+    a_idx, neg_idx = sample(A, bank, num_queries, num_negatives, seed, sampler)
+    per_anchor = contrast(emb, a_idx, pos.repeat_interleave(num_queries, 0), bank.keys,
+                          neg_idx, temperature)
+    per_class = per_anchor.view(C, num_queries).mean(dim=1) * valid
+    zero = emb.reshape(-1)[:1].sum() * 0          # every result stays connected to emb
+    if reduction == "none":
+        return per_class + zero
+    total = per_class.sum()
+    if reduction == "mean":
+        n = valid.sum()
+        total = torch.where(n > 1, total / n.clamp(min=1), 0.0)
+    return total + zero
