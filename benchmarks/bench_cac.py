@@ -18,7 +18,8 @@ import torch
 
 import torch.nn.functional as F
 
-import pixcon.bench as pb
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # benchkit, baselines
+import benchkit as pb  # noqa: E402
 from pixcon.ops import directional_contrast_loss
 from pixcon.reference.contrastiveseg import DENSE_LIMIT
 

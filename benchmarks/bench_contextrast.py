@@ -9,12 +9,14 @@ vs fused (Triton), forward+backward.
 """
 from __future__ import annotations
 
+import os
 import sys
 
 import torch
 
 
-import pixcon.bench as pb
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # benchkit, baselines
+import benchkit as pb  # noqa: E402
 from pixcon.ops import pixel_anchor_loss
 
 SIZES = {  # B, D, layer sizes (deep last), C

@@ -8,7 +8,7 @@ forward+backward time, peak extra memory and bytes saved for backward.
 
 Metrics: fwd_bwd_ms (median); peak_extra_mib (peak of memory allocated during forward+backward
 above what existed before: CUDA allocator statistics, on CPU the live tensor bytes counted op by
-op, see pixcon.bench.peak_extra_bytes; it includes emb's gradient, which any loss must produce,
+op, see pixcon.measure.peak_extra_bytes; it includes emb's gradient, which any loss must produce,
 reported as grad_mib); saved_mib (what autograd keeps for backward beyond the inputs).
 
 Setting "cityscapes" is specs/contrastiveseg.md §5 and §9: emb 8x256x128x256 fp32 (unit norm),
@@ -28,7 +28,8 @@ import torch
 
 import torch.nn.functional as F
 
-import pixcon.bench as pb
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # benchkit, baselines
+import benchkit as pb  # noqa: E402
 from pixcon.reference.contrastiveseg import DENSE_LIMIT
 from pixcon.ops import dense_contrast_loss, pixel_contrast_loss
 from pixcon.synthetic import reco_batch

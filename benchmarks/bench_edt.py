@@ -20,7 +20,8 @@ import numpy as np
 import torch
 
 
-import pixcon.bench as pb
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # benchkit, baselines
+import benchkit as pb  # noqa: E402
 from pixcon.ops import distance_transform
 
 SIZES = {

@@ -23,7 +23,8 @@ import torch
 
 
 import pixcon
-import pixcon.bench as pb
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # benchkit, baselines
+import benchkit as pb  # noqa: E402
 from pixcon.ops import reco_loss
 from pixcon.synthetic import reco_batch
 

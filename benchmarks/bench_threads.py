@@ -19,7 +19,8 @@ import sys
 
 import torch
 
-import pixcon.bench as pb
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # benchkit, baselines
+import benchkit as pb  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)

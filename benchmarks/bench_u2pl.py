@@ -17,7 +17,8 @@ import sys
 import torch
 import torch.nn.functional as F
 
-import pixcon.bench as pb
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # benchkit, baselines
+import benchkit as pb  # noqa: E402
 from pixcon.nn import UnreliableBank
 from pixcon.ops import u2pl_loss, u2pl_masks
 

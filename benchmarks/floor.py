@@ -1,11 +1,11 @@
 """The floor of each benchmark case and the estimate of the fused op as written, from the
-per-kernel cost model (pixcon_kernels/cost.py, whose docstring says what "must" counts) at an
+per-kernel cost model (tools/cost.py, whose docstring says what "must" counts) at an
 H100 SXM's nominal peaks. Until a GPU runs the suite these are estimates (not measured); with a
 GPU the suite puts the fused time beside them, as a multiple of the floor.
 """
 from __future__ import annotations
 
-from pixcon_kernels.cost import GPUS, rate
+from tools.cost import GPUS, rate
 
 H100 = GPUS["H100"]
 
@@ -18,9 +18,9 @@ def _bank_keys(bank: str, default: int) -> int:
 
 
 def model(row: dict):
-    """The per-kernel cost model of the fused op as written (pixcon_kernels/cost.py) for a
+    """The per-kernel cost model of the fused op as written (tools/cost.py) for a
     case, or None."""
-    from pixcon_kernels import cost as cm
+    from tools import cost as cm
     op = row["op"]
     if op == "reco_loss":
         B, D, h, w = row["shape"]
@@ -87,7 +87,7 @@ def markdown(rows) -> str:
     if not cases:
         return ""
     lines = ["Floor per case (estimates from an H100 SXM's nominal peaks, 3.35 TB/s, 67 TFLOPS "
-             "fp32, 165 TFLOPS 3xTF32: not measured; pixcon_kernels/cost.py says what is "
+             "fp32, 165 TFLOPS 3xTF32: not measured; tools/cost.py says what is "
              "counted):",
              "", "| op | size | case | MB moved | GFLOP | bound | floor ms (est.) | "
              "as written ms (est., cost.py) | fused ms (GPU) | fused / floor |",

@@ -38,7 +38,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 if HERE not in sys.path:
     sys.path.insert(0, HERE)
 
-import pixcon.bench as pb  # noqa: E402
+import benchkit as pb  # noqa: E402
 from pixcon._cli import HelpFormatter  # noqa: E402
 from pixcon.ops import dense_contrast_loss, directional_contrast_loss  # noqa: E402
 from pixcon.ops import pixel_contrast_loss  # noqa: E402

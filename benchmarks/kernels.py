@@ -2,7 +2,7 @@
 
     python -m benchmarks.kernels --device cuda --out kernels.json   # ./dev gpu runs this
 
-Each op of the cost model (pixcon_kernels/cost.py: the papers' settings) runs its fused path
+Each op of the cost model (tools/cost.py: the papers' settings) runs its fused path
 forward + backward once to compile, then once under torch.profiler. The model's entries name
 their Triton kernels (``_tiled_lse_kernel + _tiled_pos_kernel``; per-layer entries of one kernel
 are added up); every device kernel that is not one of pixcon's Triton kernels is counted as
@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from pixcon._cli import HelpFormatter, check_device  # noqa: E402
-from pixcon_kernels import cost  # noqa: E402
+from tools import cost  # noqa: E402
 
 TRITON_NAME = re.compile(r"_[A-Za-z0-9_]+?_kernel\b")
 TORCH = "torch ops"
@@ -69,7 +69,7 @@ def steps(device):
     """{(op name, setting): a fused forward+backward step} at the cost model's settings."""
     import torch.nn.functional as F
 
-    import pixcon.bench as pb
+    import benchkit as pb
     from pixcon.ops import (dense_contrast_loss, directional_contrast_loss, distance_transform,
                             pixel_anchor_loss)
     from pixcon.synthetic import reco_batch

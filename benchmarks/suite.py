@@ -50,6 +50,19 @@ SUITE = {
             "pixels", lambda r: math.prod(r["shape"])),
     "u2pl": ({"ci": ["tiny"], "cpu": ["tiny", "cpu"], "paper": ["voc"]}, "pixels", _pixels),
 }
+PRIMITIVES = ("edt",)          # benchmarks of a shared primitive, beside the methods'
+
+
+def _check_covers_methods():
+    """Every method of the table (pixcon.methods) has its benchmark here."""
+    from pixcon.methods import NAMES
+    missing = [n for n in NAMES if n not in SUITE]
+    if missing or set(SUITE) - set(NAMES) - set(PRIMITIVES):
+        raise KeyError(f"benchmarks/suite.py: SUITE must hold every method of pixcon.methods "
+                       f"and the primitives {PRIMITIVES}; missing {missing}")
+
+
+_check_covers_methods()
 
 
 def load(name: str):
@@ -198,7 +211,7 @@ def plots(rows, stem: str) -> list[str]:
 
 def write(rows, out: str, mode: str) -> list[str]:
     """JSON, Markdown and PNGs under ``out``; returns the paths written."""
-    import pixcon.bench as pb
+    import benchkit as pb
     stem = pb.write_results(rows, out, f"suite-{mode}", markdown(rows))
     try:
         pngs = plots(rows, stem)

@@ -14,7 +14,7 @@ import sys
 
 import torch
 
-from . import bench as pb
+from . import measure as pb
 from ._cli import HelpFormatter, check_device
 from .ops import reco_loss
 from .ops._common import triton_usable

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pixcon.bench import saved_bytes
+from pixcon.measure import saved_bytes
 from pixcon.ops import anchor_tiles as tiles
 from pixcon.reference import common as cm
 from pixcon.reference import contextrast as ref

@@ -181,9 +181,9 @@ def test_suite_ci_mode_runs_every_module_and_writes_json_markdown_plots(tmp_path
 
 
 def test_resident_set_rise_counts_what_a_call_touches():
-    """pixcon.bench.rss_peak_extra_bytes sees a 64 MiB buffer written and freed inside the call
+    """pixcon.measure.rss_peak_extra_bytes sees a 64 MiB buffer written and freed inside the call
     (Linux /proc; skipped elsewhere), and the live-tensor count agrees."""
-    import pixcon.bench as pb
+    import pixcon.measure as pb
     if not os.access("/proc/self/clear_refs", os.W_OK):
         pytest.skip("no /proc/self/clear_refs")
 

@@ -1,8 +1,8 @@
-"""The cost model (pixcon_kernels/cost.py): its settings are the benchmarks', its arithmetic is
+"""The cost model (tools/cost.py): its settings are the benchmarks', its arithmetic is
 what the docstring says, and its orderings hold (floor <= estimate as written)."""
 import pytest
 
-from pixcon_kernels import cost
+from tools import cost
 
 from .conftest import bench_module
 

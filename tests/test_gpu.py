@@ -1,11 +1,11 @@
 """GPU-only checks (marked ``gpu``; skipped without CUDA): what the interpreter cannot show --
 compiled kernels at full size, bfloat16 on the device, TF32 independence, no host syncs -- and
-the parity of every public op on CUDA tensors, at the small test shapes (pixcon.smoke) and at the
-papers' settings. The module ``./dev gpu`` runs first (python -m pixcon.gpucheck)."""
+the parity of every public op on CUDA tensors, at the small test shapes (tools.smoke) and at the
+papers' settings. The module ``./dev gpu`` runs first (python -m tools.gpucheck)."""
 import pytest
 import torch
 
-from pixcon import smoke
+from tools import smoke
 from pixcon.ops import class_means, reco_loss
 from pixcon.reference import common as cm
 from pixcon.synthetic import reco_batch
@@ -129,7 +129,8 @@ def test_trainer_lockstep_parity_on_device(loss):
     """The trainer on the embedded scenes at their real size (64x64, batch 8 + 8, official 256
     queries x 512 negatives for ReCo): the fused loss trains, the reference is computed on the
     same inputs every step. fp32 on both sides, same samples: 1e-4 absolute on losses of ~5."""
-    from pixcon.train.loop import Config, parity
+    from pixcon.train.experiments import parity
+    from pixcon.train.loop import Config
     cfg = Config(mode="semi", loss=loss, steps=20, eval_every=20, num_queries=256,
                  num_negatives=512, device="cuda", progress=False, train_length=64,
                  val_length=16)
@@ -137,11 +138,11 @@ def test_trainer_lockstep_parity_on_device(loss):
     assert res["lockstep_max_contrast_diff"] < 1e-4, res
 
 
-# --- every public op (pixcon.smoke: the cases that launch every kernel) ------------------------
+# --- every public op (tools.smoke: the cases that launch every kernel) ------------------------
 @pytest.mark.parametrize("case", smoke.CASES, ids=[c.name for c in smoke.CASES])
 def test_every_op_matches_reference_and_repeats_bitwise(case):
     """Triton on CUDA tensors against the reference on the same CUDA tensors, at the case's
-    float32 tolerance (pixcon.smoke says why); integer outputs equal. Run twice, the Triton
+    float32 tolerance (tools.smoke says why); integer outputs equal. Run twice, the Triton
     outputs are the same bits."""
     assert smoke.parity(case, "cuda") == []
 

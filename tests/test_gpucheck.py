@@ -1,4 +1,4 @@
-"""The prepared GPU command (./dev gpu, pixcon.gpucheck), rehearsed on a CPU so that it cannot rot
+"""The prepared GPU command (./dev gpu, tools.gpucheck), rehearsed on a CPU so that it cannot rot
 before a GPU appears: the dry run end to end (the launch script under the interpreter, the
 report writer on the recorded sample, the output folder's limits), the budget's drop order, the
 parsers on recorded tool output, and the one-line stop without CUDA."""
@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from pixcon import gpucheck as gc
+from tools import gpucheck as gc
 
 from .conftest import HAS_CUDA, INTERPRET
 
@@ -104,7 +104,7 @@ def test_without_cuda_it_stops_with_one_line(tmp_path):
 def test_kernel_table_matches_profiler_names_to_the_model():
     sys.path.insert(0, ROOT)
     from benchmarks import kernels as K
-    from pixcon_kernels import cost
+    from tools import cost
     cac = next(op for op in cost.ops() if op.name == "directional_contrast_loss")
     events = [("_tiled_lse_kernel", 1e-3, 2), ("_tiled_pos_kernel", 1e-3, 2),
               ("_tiled_bwd_da_kernel", 2e-3, 1), ("_tiled_bwd_dk_kernel", 1e-3, 1),

@@ -1,6 +1,6 @@
 """The GPU path without a GPU: every Triton kernel the test suite launched (recorded by
 conftest.py) and every launch the launchers make at the papers' full sizes in their GPU
-configuration (pixcon_kernels.aot.scenarios) is compiled for sm_80 and sm_90 in a separate
+configuration (tools.aot.scenarios) is compiled for sm_80 and sm_90 in a separate
 process without TRITON_INTERPRET. A compile error, a register spill or shared memory over the
 hardware limit fails, naming kernel, setting, target and the compiler's message. Runs last
 (conftest.py orders it)."""
@@ -20,7 +20,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def _aot(*args, timeout=900):
     env = {k: v for k, v in os.environ.items()
            if k not in ("TRITON_INTERPRET", "PIXCON_LAUNCH_CONFIG")}
-    return subprocess.run([sys.executable, "-m", "pixcon_kernels.aot", *args], cwd=ROOT,
+    return subprocess.run([sys.executable, "-m", "tools.aot", *args], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=timeout)
 
 

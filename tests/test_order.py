@@ -2,7 +2,7 @@
 on the order its programs run in.
 
 Under TRITON_INTERPRET=1 a launch runs its programs in grid order; ``pixcon_kernels.order`` (the
-switch PIXCON_INTERPRET_ORDER) runs them reversed or shuffled. Every case of ``pixcon.smoke``
+switch PIXCON_INTERPRET_ORDER) runs them reversed or shuffled. Every case of ``tools.smoke``
 (every public op, forward and backward, so every kernel) runs in the launchers' GPU
 configuration (many programs, partial sums across programs) in the three orders, and the
 outputs must be the same bits. (sparse_infonce's key gradient was summed with float atomics,
@@ -10,7 +10,7 @@ which round in program order, and failed here; it is now gathered per key in a f
 import pytest
 import torch
 
-from pixcon import smoke
+from tools import smoke
 
 from .conftest import HAS_CUDA, INTERPRET, triton_device
 

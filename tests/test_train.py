@@ -10,12 +10,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pixcon.train import metrics, protocols
+from pixcon.train import metrics
+from pixcon.workbench import protocols
 from pixcon.train import semisup as ss
 from pixcon.train.cli import TINY, main
-from pixcon.train.loop import Config, Trainer, parity, train
-from pixcon.train.model import DeepLabV3Plus
-from pixcon.train.scenes import GROUP_OF_CLASS, IGNORE, NUM_CLASSES, SceneDataset, make_scene
+from pixcon.train.experiments import parity
+from pixcon.train.loop import Config, Trainer, train
+from pixcon.workbench.model import DeepLabV3Plus
+from pixcon.workbench.scenes import GROUP_OF_CLASS, IGNORE, NUM_CLASSES, SceneDataset, make_scene
 
 TINY_CFG = dict(TINY, progress=False)
 
@@ -273,7 +275,7 @@ def _rgb(h=6, w=8, v=0):
 
 
 def test_voc_loader(tmp_path):
-    from pixcon.train.folders import load_folder
+    from pixcon.workbench.folders import load_folder
     lists = tmp_path / "ImageSets" / "Segmentation"
     lists.mkdir(parents=True)
     (lists / "train_aug.txt").write_text("b\na\n")
@@ -293,7 +295,7 @@ def test_voc_loader(tmp_path):
 
 
 def test_cityscapes_loader_maps_label_ids(tmp_path):
-    from pixcon.train.folders import load_folder
+    from pixcon.workbench.folders import load_folder
     for city, stem in (("zurich", "zurich_000001_000019"), ("aachen", "aachen_000000_000019")):
         _png(tmp_path / "leftImg8bit" / "train" / city / f"{stem}_leftImg8bit.png", _rgb())
         raw = np.array([[7, 8, 26, 33, 0, 1, 255, 24]] * 6, dtype=np.uint8)
@@ -309,7 +311,7 @@ def test_cityscapes_loader_maps_label_ids(tmp_path):
 
 
 def test_sun_loader_official_split(tmp_path):
-    from pixcon.train.folders import load_folder
+    from pixcon.workbench.folders import load_folder
     for part, names in (("train", ["t1", "t2"]), ("test", ["e1", "e2", "e3"])):
         for n in names:
             _png(tmp_path / "image" / part / f"{n}.jpg", _rgb())
@@ -322,7 +324,7 @@ def test_sun_loader_official_split(tmp_path):
 
 
 def test_folder_errors(tmp_path):
-    from pixcon.train.folders import load_folder
+    from pixcon.workbench.folders import load_folder
     with pytest.raises(ValueError, match="dataset must be"):
         load_folder("imagenet:/x", "train")
     with pytest.raises(FileNotFoundError, match="not a directory"):

@@ -13,8 +13,8 @@ from PIL import Image
 from pixcon import viz
 from pixcon.train.loop import Config, train
 from pixcon.train.cli import TINY
-from pixcon.train.model import DeepLabV3Plus
-from pixcon.train.scenes import IGNORE, NUM_CLASSES, SceneDataset
+from pixcon.workbench.model import DeepLabV3Plus
+from pixcon.workbench.scenes import IGNORE, NUM_CLASSES, SceneDataset
 from pixcon.viz import errors as verr
 from pixcon.viz import tsne as vtsne
 

@@ -6,10 +6,12 @@ resume, JSON/Markdown reports, and a parity mode that trains the same seed with 
 and the fused backend. ``python -m pixcon.train`` (or the ``pixcon`` script) runs the default
 comparison on the embedded procedural scenes; see ``pixcon.train.cli``.
 """
-from .loop import Config, compare, evaluate, parity, train
-from .model import DeepLabV3Plus
-from .protocols import partial_dataset, partial_label_map, partial_labels
-from .scenes import SceneDataset
+from ..workbench.config import Config
+from ..workbench.model import DeepLabV3Plus
+from ..workbench.protocols import partial_dataset, partial_label_map, partial_labels
+from ..workbench.scenes import SceneDataset
+from .experiments import compare, parity
+from .loop import evaluate, train
 
 __all__ = ["Config", "train", "compare", "parity", "evaluate", "DeepLabV3Plus", "SceneDataset",
            "partial_dataset", "partial_labels", "partial_label_map"]

@@ -18,9 +18,10 @@ import torch.nn.functional as F
 from ..data import image_labels, overlapping_crops
 from ..nn import DirectionalContrastLoss, ImageLevelLoss
 from ..nn.cac import ABLATION, loss_switches
+from ..workbench.data import normalize_images
+from ..workbench.model import FEATURE_STRIDE
 from . import semisup as ss
 
-FEATURE_STRIDE = {"small": 8, "resnet50": 16, "resnet101": 16}   # the deepest backbone stage
 
 
 class CACBranch(torch.nn.Module):
@@ -86,8 +87,8 @@ def cac_step(trainer, generator: torch.Generator, seed: int) -> dict:
     x1, x2, boxes1, boxes2 = cac_views([it[0] for it in items], crop=cfg.crop, stride=stride,
                                        context=ABLATION[cfg.cac_ablation]["context"],
                                        generator=generator)
-    out1 = trainer.net(ss.normalize_images(x1.to(dev)))
-    out2 = trainer.net(ss.normalize_images(x2.to(dev)))
+    out1 = trainer.net(normalize_images(x1.to(dev)))
+    out2 = trainer.net(normalize_images(x2.to(dev)))
     enc1, enc2 = out1.features[-1], out2.features[-1]
     lg1 = F.adaptive_avg_pool2d(out1.logits, enc1.shape[-2:])
     lg2 = F.adaptive_avg_pool2d(out2.logits, enc2.shape[-2:])

@@ -12,8 +12,6 @@ import math
 import torch
 import torch.nn.functional as F
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class MeanTeacher:
@@ -55,13 +53,6 @@ class MeanTeacher:
 
 def uniform(g: torch.Generator, lo: float, hi: float) -> float:
     return lo + (hi - lo) * float(torch.rand((), generator=g))
-
-
-def normalize_images(x: torch.Tensor) -> torch.Tensor:
-    """[0, 1] RGB -> ImageNet mean/std normalised (official, after augmentation)."""
-    mean = x.new_tensor(IMAGENET_MEAN)[:, None, None]
-    std = x.new_tensor(IMAGENET_STD)[:, None, None]
-    return (x - mean) / std
 
 
 def rescale_crop(image, label, conf=None, *, crop, scale=(1.0, 1.0), ignore_index=255,

@@ -27,8 +27,8 @@ def load_checkpoint(path, which: str = "teacher", device="cpu"):
     semi-supervised run unless ``which="student"``; ``heads`` the trained ContextrastLoss (its
     projection heads) or None."""
     from ..nn import ContextrastLoss
-    from ..train.loop import Config
-    from ..train.model import DeepLabV3Plus
+    from ..workbench.config import Config
+    from ..workbench.model import DeepLabV3Plus
     state = torch.load(path, map_location=device, weights_only=False)
     cfg = Config(**state["config"])
     weights = state["teacher"]["model"] if (which == "teacher" and state["teacher"]) \
@@ -115,7 +115,7 @@ def main(argv=None):
     except ImportError as e:
         print(f"pixcon.viz: {e}", file=sys.stderr)
         return 2
-    from ..train.loop import load_dataset
+    from ..workbench.data import load_dataset
     runs = {}
     for path in [a.checkpoint, *a.compare]:
         try:

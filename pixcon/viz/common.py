@@ -7,8 +7,7 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
-from ..train.loop import upsample
-from ..train.semisup import normalize_images
+from ..workbench.data import normalize_images, upsample
 
 
 def plt():

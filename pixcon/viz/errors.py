@@ -23,8 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from ..ops import class_means, distance_transform
-from ..train.loop import same_size_batches
-from ..train.semisup import normalize_images
+from ..workbench.data import normalize_images, same_size_batches
 from .common import evaluating, labels_at, plt
 
 

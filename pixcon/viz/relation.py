@@ -11,8 +11,7 @@ import numpy as np
 import torch
 
 from ..ops import class_means
-from ..train.loop import same_size_batches
-from ..train.semisup import normalize_images
+from ..workbench.data import normalize_images, same_size_batches
 from .common import evaluating, labels_at, plt as _plt, representation
 
 

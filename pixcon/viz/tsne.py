@@ -15,8 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..train.loop import same_size_batches
-from ..train.semisup import normalize_images
+from ..workbench.data import normalize_images, same_size_batches
 from .common import evaluating, labels_at, plt, representation
 from .panels import palette
 

@@ -17,7 +17,7 @@ How a launch becomes a compilation
        compilation run it) reports registers, stack and spill bytes; the PTX is searched for
        tensor-core instructions (``mma``/``wgmma``) and 16-byte vector loads.
 
-``python -m pixcon_kernels.aot`` (``./dev kernels``) writes the resource table; ``--check`` exits
+``python -m tools.aot`` (``./dev kernels``) writes the resource table; ``--check`` exits
 non-zero on a compile error, a spill or shared memory over the hardware limit. The test suite
 runs it with the launches its own interpreter tests recorded (tests/test_kernels_compile.py).
 """
@@ -79,7 +79,7 @@ def encode_launch(fn, args, kwargs, grid, setting: str) -> dict:
     """``config`` says whether the launcher chose its GPU configuration (a real GPU launch, or
     PIXCON_LAUNCH_CONFIG=gpu) or its interpreter one (compiled too, but its resources are
     information: no GPU ever runs it)."""
-    from ._utils import gpu_config
+    from pixcon_kernels._utils import gpu_config
     if callable(grid):
         grid = None
     return {"kernel": _kernel_name(fn), "setting": setting,
@@ -131,7 +131,7 @@ def _labels(P, C, gen):
 
 
 def _reco(rec, B, D, h, w, C, Q, N, dtype, tag):
-    from . import infonce, reco, sampling, segment
+    from pixcon_kernels import infonce, reco, sampling, segment
     gen = torch.Generator().manual_seed(0)
     rec.setting = tag
     emb = torch.randn(B, D, h, w, generator=gen).to(dtype)
@@ -161,7 +161,7 @@ def _reco(rec, B, D, h, w, C, Q, N, dtype, tag):
 
 
 def _contextrast(rec, B, D, sizes, C, dtype, tag):
-    from . import anchor, edt, segment
+    from pixcon_kernels import anchor, edt, segment
     gen = torch.Generator().manual_seed(0)
     for i, (h, w) in enumerate(sizes):
         rec.setting = f"{tag} {h}x{w}"
@@ -190,7 +190,7 @@ def _contextrast(rec, B, D, sizes, C, dtype, tag):
 def _tiled(rec, M, N, D, C, dtype, tag, positives=True):
     """The tiled contrast at M anchors x N keys (N None: in-batch, keys = anchors); positives
     False: the negatives' log-sum-exp alone (CAC)."""
-    from . import tiled
+    from pixcon_kernels import tiled
     gen = torch.Generator().manual_seed(0)
     rec.setting = tag
     a = torch.randn(M, D, generator=gen).to(dtype)
@@ -204,7 +204,7 @@ def _tiled(rec, M, N, D, C, dtype, tag, positives=True):
 
 
 def _edt(rec, shape, tag):
-    from . import edt
+    from pixcon_kernels import edt
     rec.setting = tag
     x = torch.randint(0, 2, shape)
     for squared in (False, True):
@@ -213,7 +213,7 @@ def _edt(rec, shape, tag):
 
 def _edt_pyramid(rec, B, sizes, tag):
     """BANE's error maps of every layer (int64, background -1) in one ragged launch."""
-    from . import edt
+    from pixcon_kernels import edt
     rec.setting = tag
     flat = torch.randint(-1, 19, (sum(B * h * w for h, w in sizes),))
     edt.distance_transform_ragged(flat, [(B, h, w) for h, w in sizes], -1, True)
@@ -221,7 +221,7 @@ def _edt_pyramid(rec, B, sizes, tag):
 
 def _bank_push(rec, P, C, D, S, tag):
     """U2PL's queue push at a batch of P pixel rows into C queues of S rows in all."""
-    from . import bank
+    from pixcon_kernels import bank
     gen = torch.Generator().manual_seed(0)
     rec.setting = tag
     keep = torch.rand(C, P, generator=gen) < 0.1
@@ -231,7 +231,7 @@ def _bank_push(rec, P, C, D, S, tag):
 
 
 def _philox(rec, n, tag):
-    from . import rng
+    from pixcon_kernels import rng
     rec.setting = tag
     rng.philox(torch.arange(n), 123, 1)
 
@@ -298,7 +298,7 @@ def scenarios(quick: bool = False):
 
 def _classes(rec, C):
     """The class-count-dependent kernels at C classes (small pixel count: only C matters)."""
-    from . import anchor, sampling, segment
+    from pixcon_kernels import anchor, sampling, segment
     gen = torch.Generator().manual_seed(C)
     rec.setting = f"C={C}"
     P, D = 4096, 256
@@ -565,7 +565,7 @@ def markdown(rows: list[dict], header: str) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m pixcon_kernels.aot", description=__doc__.split(
+    ap = argparse.ArgumentParser(prog="python -m tools.aot", description=__doc__.split(
         "\n\n")[0])
     ap.add_argument("--launches", action="append", default=[],
                     help="JSON file of recorded launches (from the test suite) to compile too")
@@ -578,7 +578,7 @@ def main(argv=None) -> int:
     ap.add_argument("--jobs", type=int, default=None)
     a = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
-        raise SystemExit("python -m pixcon_kernels.aot: unset TRITON_INTERPRET (kernels must "
+        raise SystemExit("python -m tools.aot: unset TRITON_INTERPRET (kernels must "
                          "compile, not interpret)")
     # every compilation runs ptxas and prints its -v log (no cache hit without a log); set
     # before triton is imported so that the compile workers inherit it
@@ -599,7 +599,7 @@ def main(argv=None) -> int:
         print("  " + b)
     if a.table:
         hdr = (f"# Triton kernels compiled for sm_80 and sm_90 (no GPU)\n\n"
-               f"Written by `./dev kernels` (`python -m pixcon_kernels.aot`): triton "
+               f"Written by `./dev kernels` (`python -m tools.aot`): triton "
                f"{triton.__version__}, torch {torch.__version__}. One row per distinct "
                f"specialization; settings name the launch that first produced it (+ how many "
                f"more share it). `config`: `gpu` = the launcher's GPU choice (checked: no spill, "
@@ -613,7 +613,7 @@ def main(argv=None) -> int:
                f"the Contextrast logits and gradients and the tiled contrast (`tiled.py`) use "
                f"tensor cores, fp32 through 3xTF32. The cost model (estimates) follows the "
                f"tables.")
-        from .cost import markdown as cost_markdown
+        from tools.cost import markdown as cost_markdown
         with open(a.table, "w") as f:
             f.write(markdown(rows, hdr) + "\n" + cost_markdown())
     if a.json:

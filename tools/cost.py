@@ -194,7 +194,7 @@ def _tiled(name, setting, M, N, D, sweeps_fwd, grad_gemms, recomputes, elt=F32,
     at most 256 columns of D: above that the logits are recomputed once per D block.
     Programs per SM from RESOURCES.md: the forward kernels 2 (4 warps, up to 255 registers),
     the gradient kernels 1 (8 warps, about 240)."""
-    from .tiled import launch_plan
+    from pixcon_kernels.tiled import launch_plan
     plan = launch_plan(M, N, D, elt == 8, gpu=True)
     G = 2.0 * M * N * D
     unit = "tf32x3" if elt == F32 else "bf16"
@@ -300,16 +300,30 @@ def edt(B, H, W, elt=I64) -> Op:
               note="the official code runs SciPy on the host: not modelled")
 
 
-def ops() -> list[Op]:
+def _reco_ops():
     out = [reco(**RECO_VOC), reco(**RECO_VOC, elt=2)]
     out[1].setting += " (bf16 emb)"
-    out.append(contextrast(**CONTEXTRAST_HRNET))
-    out += contrastiveseg(**CONTRASTIVESEG_CS)
-    out.append(cac(**CAC_CS))
-    out.append(dense(**DENSE))
-    out.append(edt(**EDT))
-    out.append(u2pl(**U2PL_VOC))
     return out
+
+
+# Each method of pixcon.methods at its paper's setting (the table is read: a method without a
+# model here is an error), then the shared primitives that have a benchmark of their own.
+MODELS = {
+    "reco": _reco_ops,
+    "contrastiveseg": lambda: contrastiveseg(**CONTRASTIVESEG_CS) + [dense(**DENSE)],
+    "cac": lambda: [cac(**CAC_CS)],
+    "contextrast": lambda: [contextrast(**CONTEXTRAST_HRNET)],
+    "u2pl": lambda: [u2pl(**U2PL_VOC)],
+}
+PRIMITIVES = {"edt": lambda: [edt(**EDT)]}
+
+
+def ops() -> list[Op]:
+    from pixcon.methods import NAMES
+    missing = [n for n in NAMES if n not in MODELS]
+    if missing:
+        raise KeyError(f"tools/cost.py has no model of the methods {missing} (pixcon.methods)")
+    return [op for n in (*NAMES, *PRIMITIVES) for op in {**MODELS, **PRIMITIVES}[n]()]
 
 
 def _ms(t):
@@ -319,7 +333,7 @@ def _ms(t):
 def markdown() -> str:
     H, A = GPUS["H100"], GPUS["A100"]
     lines = ["## Cost model at the papers' settings (estimates: no GPU has measured them)", "",
-             "From `pixcon_kernels/cost.py` (its docstring says what is counted): per kernel the "
+             "From `tools/cost.py` (its docstring says what is counted): per kernel the "
              "bytes it must move and moves as written, its FLOPs and unit; time = max(bytes / "
              "bandwidth, FLOPs / unit rate) / fill + 3 us a launch, fill = the share of the SMs "
              "the grid keeps busy over its waves (where the grid is modelled). Peaks: "

@@ -21,6 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 
+FEATURE_STRIDE = {"small": 8, "resnet50": 16, "resnet101": 16}   # the deepest backbone stage
+
 class SegOutput(NamedTuple):
     logits: torch.Tensor      # (B, C, H/4, W/4)
     rep: torch.Tensor         # (B, rep_dim, H/4, W/4)

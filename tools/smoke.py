@@ -5,7 +5,7 @@ One list serves four checks:
   reversed and shuffled program order, bitwise equal;
 - the GPU parity tests (tests/test_gpu.py): each case Triton against the reference on CUDA
   tensors, loss and gradients, with the tolerance the case states, and twice bitwise equal;
-- compute-sanitizer (``python -m pixcon.smoke --device cuda``, run by ``./dev gpu`` under
+- compute-sanitizer (``python -m tools.smoke --device cuda``, run by ``./dev gpu`` under
   ``memcheck`` and ``racecheck``): one small launch of every kernel, named as it runs;
 - the GPU command's dry run, which runs the same script under the interpreter.
 
@@ -25,9 +25,9 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from . import ops
-from .reference import common as cm
-from .synthetic import reco_batch
+from pixcon import ops
+from pixcon.core import common as cm
+from pixcon.synthetic import reco_batch
 
 
 @dataclass(frozen=True)
@@ -216,7 +216,7 @@ def _u2pl_make(dev, seed):
 
 
 def _u2pl_run(be, x):
-    from .nn import UnreliableBank
+    from pixcon.nn import UnreliableBank
     bank = UnreliableBank(5, 8, size=12).to(x["emb"].device)
     out = {}
     for step in range(2):                     # the second call samples a filled bank
@@ -272,8 +272,8 @@ def parity(case: Case, device, seed: int = 1) -> list[str]:
 
 
 def main(argv=None):
-    from ._cli import HelpFormatter, check_device
-    ap = argparse.ArgumentParser(prog="python -m pixcon.smoke", description=__doc__,
+    from pixcon._cli import HelpFormatter, check_device
+    ap = argparse.ArgumentParser(prog="python -m tools.smoke", description=__doc__,
                                  formatter_class=HelpFormatter)
     ap.add_argument("--device", default="cuda", help="cuda, or cpu under TRITON_INTERPRET=1")
     ap.add_argument("--seed", type=int, default=0)
@@ -281,8 +281,8 @@ def main(argv=None):
                     help="also check each case against the reference (what tests/test_gpu.py "
                          "does, for a machine without pytest)")
     args = ap.parse_args(argv)
-    check_device("python -m pixcon.smoke", args.device)
-    from pixcon_kernels.aot import Recorder
+    check_device("python -m tools.smoke", args.device)
+    from tools.aot import Recorder
     rec = Recorder(execute=True)              # names every kernel as it launches
     with rec.active():
         for case in CASES:

@@ -1,6 +1,6 @@
 """The prepared GPU command: everything a first, short GPU window must check and time, in one go.
 
-    ./dev gpu [--out DIR] [--budget SECONDS] [--skip PHASE ...]   # python -m pixcon.gpucheck
+    ./dev gpu [--out DIR] [--budget SECONDS] [--skip PHASE ...]   # python -m tools.gpucheck
     ./dev gpu --dry-run                                           # the rehearsal, on a CPU
 
 Made for a machine with one H100 or H200, its own Python with torch and Triton installed, nvcc,
@@ -26,7 +26,7 @@ at milliseconds, plus the official-style baselines at about a second each):
                      jobs); a failed or slow build is reported and the Triton phases still run
     parity   100 s   tests/test_gpu.py: every public op, Triton against the reference on CUDA
                      tensors, small shapes and the papers' settings; repeats bitwise equal
-    memcheck  50 s   compute-sanitizer --tool memcheck on python -m pixcon.smoke (every kernel
+    memcheck  50 s   compute-sanitizer --tool memcheck on python -m tools.smoke (every kernel
                      launched once, small)
     racecheck 70 s   the same under --tool racecheck (shared-memory hazards)
     bench     90 s   python -m benchmarks --mode paper --device cuda
@@ -41,7 +41,7 @@ the plan is made again for what is left.
 Without a CUDA device it stops at once with one line. ``--dry-run`` rehearses on a CPU what
 does not need CUDA: the plan and budget logic, the file layout and size limits, the launch
 script under the Triton interpreter (every kernel must launch), and the report writer fed with
-the recorded sample numbers in pixcon/data/gpucheck_sample.json (marked as such in the summary).
+the recorded sample numbers in tools/gpucheck_sample.json (marked as such in the summary).
 """
 from __future__ import annotations
 
@@ -55,8 +55,7 @@ import time
 from dataclasses import dataclass
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SAMPLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data",
-                      "gpucheck_sample.json")
+SAMPLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gpucheck_sample.json")
 MAX_FILES, MAX_BYTES, LOG_TAIL = 8, 16 << 20, 200_000
 BUDGET = 480
 SLACK = 15          # seconds a run may lag its plan before later phases are dropped
@@ -232,17 +231,17 @@ class Runner:
             cmd = [self.py, "-m", "pytest", "-q", "-o", "addopts=", "-p", "no:cacheprovider",
                    "tests/test_gpu.py"]
         else:                 # the small-shape parity of every op, without pytest
-            cmd = [self.py, "-m", "pixcon.smoke", "--device", "cuda", "--parity"]
+            cmd = [self.py, "-m", "tools.smoke", "--device", "cuda", "--parity"]
         rc, text, _ = _run(cmd, timeout, _env())
         res = parse_pytest(text)
         c = res["counts"]
         res["line"] = (", ".join(f"{n} {k}" for k, n in c.items()) or f"no result ({rc})") + (
-            "" if has_pytest else " (no pytest here: pixcon.smoke --parity, small shapes only)")
+            "" if has_pytest else " (no pytest here: tools.smoke --parity, small shapes only)")
         return res, text
 
     def _sanitize(self, tool, timeout):
         rc, text, _ = _run(["compute-sanitizer", "--tool", tool, "--print-limit", "20",
-                            self.py, "-m", "pixcon.smoke", "--device", "cuda"], timeout, _env())
+                            self.py, "-m", "tools.smoke", "--device", "cuda"], timeout, _env())
         res = parse_sanitizer(text, smoke_kernels(text))
         bad = [k for k, v in res["kernels"].items() if v != "clean"]
         res["line"] = (f"{res['errors']} errors; {len(res['kernels'])} kernels, "
@@ -317,7 +316,7 @@ class Runner:
         if phase.name == "env":
             return self.env(timeout)
         if phase.name == "memcheck":
-            rc, text, _ = _run([self.py, "-m", "pixcon.smoke", "--device", "cpu"], timeout,
+            rc, text, _ = _run([self.py, "-m", "tools.smoke", "--device", "cpu"], timeout,
                                _env({"TRITON_INTERPRET": "1"}))
             kernels = smoke_kernels(text)
             res = parse_sanitizer(sample["memcheck"], kernels)
@@ -393,7 +392,7 @@ def summary(report) -> str:
     lines = ["# pixcon on a GPU: ./dev gpu", ""]
     if report["dry_run"]:
         lines += ["**DRY RUN on a CPU: every number below but the launch script's is the "
-                  "recorded sample in pixcon/data/gpucheck_sample.json, not a measurement.**",
+                  "recorded sample in tools/gpucheck_sample.json, not a measurement.**",
                   ""]
     env = report["phases"].get("env", {}).get("info")
     if env:
@@ -454,8 +453,8 @@ def check_limits(out):
 
 
 def main(argv=None):
-    from ._cli import HelpFormatter
-    ap = argparse.ArgumentParser(prog="./dev gpu (python -m pixcon.gpucheck)",
+    from pixcon._cli import HelpFormatter
+    ap = argparse.ArgumentParser(prog="./dev gpu (python -m tools.gpucheck)",
                                  description=__doc__, formatter_class=HelpFormatter)
     ap.add_argument("--out", default=os.environ.get("OUT") or "gpucheck-out",
                     help="the output folder (default: $OUT, else ./gpucheck-out)")
