@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import torch
 
-from ..ops import pixel_anchor_loss, reco_loss
+import torch.nn.functional as F
+
+from ..ops import pixel_anchor_loss, pixel_contrast_loss, reco_loss
 
 
 class ReCoLoss(torch.nn.Module):
@@ -68,6 +70,50 @@ __all__ += ["ContextrastLoss"]
 from .memory import PixelMemoryBank  # noqa: E402
 
 __all__ += ["PixelMemoryBank"]
+
+
+class PixelContrastLoss(torch.nn.Module):
+    """ContrastiveSeg's pixel contrast with its projection head and, optionally, its memory
+    bank: the official ``convmlp`` head (1x1 conv C->C, BN, ReLU, 1x1 conv C->dim, then unit
+    length per pixel) on one feature map, :func:`pixcon.ops.pixel_contrast_loss` on the
+    projected embeddings, and, with ``memory_size``, a :class:`PixelMemoryBank` that the
+    anchors are contrasted with (the official memory variant) and that each call fills with
+    the batch's detached embeddings afterwards. The bank is a submodule: ``state_dict`` saves
+    it. Training only.
+
+    >>> crit = PixelContrastLoss(in_channels=512, num_classes=19, memory_size=5000)
+    >>> loss = ce + 0.1 * crit(features, labels, logits)
+    """
+
+    def __init__(self, in_channels: int, num_classes: int, dim: int = 256, *,
+                 memory_size: int | None = None, pixel_update_freq: int = 10,
+                 ignore_index: int = 255, **kwargs):
+        super().__init__()
+        c = in_channels
+        self.head = torch.nn.Sequential(torch.nn.Conv2d(c, c, 1), torch.nn.BatchNorm2d(c),
+                                        torch.nn.ReLU(inplace=True), torch.nn.Conv2d(c, dim, 1))
+        self.bank = None if memory_size is None else PixelMemoryBank(
+            num_classes, dim, memory_size, min(pixel_update_freq, memory_size),
+            ignore_index=ignore_index)
+        self.kwargs = dict(ignore_index=ignore_index, **kwargs)
+
+    def forward(self, features, labels, pred, seed=None, **overrides):
+        """features (B, C, h, w) (or a list: its last map); labels (B, H, W); pred: the
+        segmentation logits (B, K, h', w') or their argmax. ``overrides`` replace stored
+        keyword arguments for this call (e.g. backend=...)."""
+        if isinstance(features, (list, tuple)):
+            features = features[-1]
+        emb = F.normalize(self.head(features), dim=1)
+        if torch.is_tensor(pred) and pred.dim() == 4:
+            pred = pred.detach().argmax(dim=1)
+        kw = {**self.kwargs, **overrides}
+        loss = pixel_contrast_loss(emb, labels, pred, memory=self.bank, seed=seed, **kw)
+        if self.bank is not None and self.training:
+            self.bank.update(emb.detach(), labels, seed=seed)
+        return loss
+
+
+__all__ += ["PixelContrastLoss"]
 from .cac import (DirectionalContrastLoss, ImageLevelLoss, NegativeBank,  # noqa: E402
                   image_level_loss)
 

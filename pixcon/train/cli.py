@@ -24,7 +24,9 @@ if not torch.cuda.is_available():
 
 from .. import distributed as pdist  # noqa: E402
 from .._cli import HelpFormatter, check_device  # noqa: E402
-from .loop import LOSSES, Config, compare, parity, train  # noqa: E402
+from ..workbench.config import LOSSES, Config  # noqa: E402
+from .experiments import compare, parity  # noqa: E402
+from .loop import train  # noqa: E402
 
 # a tiny configuration: a few seconds a step even for the fused path under the Triton interpreter
 TINY = dict(scene_size=32, train_length=32, val_length=16, batch_size=2, crop=32, steps=30,
@@ -120,6 +122,9 @@ def main(argv=None):
                        help="CAC: add the image-level branch (labels from the masks)")
     p_run.add_argument("--image-level-weight", type=float, default=1.0,
                        help="CAC: lambda_w of the image-level loss")
+    p_run.add_argument("--memory-size", type=int, default=500,
+                       help="ContrastiveSeg: queue length per class of its memory bank "
+                            "(official 5000; 0: no bank, the in-batch contrast)")
     p_run.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     p_run.add_argument("--stop-at", type=int, default=None,
                        help="stop after this step, leaving a checkpoint (default: run all steps)")

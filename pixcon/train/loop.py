@@ -20,106 +20,15 @@ import torch
 import torch.nn.functional as F
 
 from .. import distributed as pdist
-from .. import ops
+from .. import methods, ops
 from ..progress import Progress
 from ..nn import ContextrastLoss, NegativeBank
-from . import metrics, protocols
+from . import metrics
 from . import semisup as ss
-from .model import DeepLabV3Plus
-
-LOSSES = ("none", "reco", "contextrast", "cac", "u2pl")
-DEFAULT_WEIGHT = {"none": 0.0, "reco": 1.0, "contextrast": 0.1, "cac": 0.1, "u2pl": 1.0}
-
-
-@dataclasses.dataclass
-class Config:
-    """Everything a run depends on. Defaults: the embedded scenes with 20 labelled images."""
-    dataset: str = "scenes"            # "scenes", "voc:ROOT", "cityscapes:ROOT", "sun:ROOT"
-    mode: str = "semi"                 # "sup" (labelled only) or "semi" (Mean Teacher + ClassMix)
-    loss: str = "none"                 # "none", "reco", "contextrast", "cac" or "u2pl" (the
-    #                                    last two semi only; u2pl also swaps in its unsupervised
-    #                                    loss and schedules, specs/u2pl.md §1, §4)
-    backend: str = "auto"              # pixcon backend of the contrastive loss
-    num_labels: int = 20               # labelled images (class-balanced pick); 0 = all
-    partial: str | None = None         # "p0", "p1", "p5", "p25": sparse labels on every image
-    min_classes: int = 3               # T of the partial-dataset protocol
-    steps: int = 800
-    batch_size: int = 8                # labelled and unlabelled images per step (sup: 2x labelled)
-    crop: int = 64
-    scale: tuple = (0.75, 1.25)        # random rescale of the labelled and the strong view
-    lr: float = 0.02
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    weak_threshold: float = 0.7        # pseudo-label confidence for the contrastive mask
-    strong_threshold: float = 0.97     # eta weighting and ReCo's hard-query threshold
-    loss_weight: float | None = None   # None: 1.0 for reco, 0.1 for contextrast and cac
-    num_queries: int = 64              # ReCo queries per class (official 256)
-    num_negatives: int = 128           # ReCo negatives per query (official 512)
-    temperature: float = 0.5
-    cac_ablation: str = "VIII"         # CAC: a row of the paper's ablation table (VIII = full)
-    cac_step_save: int = 1             # CAC: earlier steps kept in the negative bank
-    image_level: bool = False          # CAC: the image-level branch (labels from the masks)
-    image_level_weight: float = 1.0    # CAC: lambda_w of eq. 10 (the paper gives none)
-    quantize_conf: bool = True         # confidences as k/255 (the official PIL round trip)
-    backbone: str = "small"
-    rep_dim: int | None = None
-    eval_every: int = 100
-    eval_batch: int = 50
-    seed: int = 0
-    device: str = "cpu"
-    scene_size: int = 64               # embedded scenes only
-    train_length: int | None = None    # embedded scenes only: None = 400 train images
-    val_length: int | None = None      # embedded scenes only: None = 100 val images
-    out: str | None = None             # folder for checkpoint.pt, report.json, report.md
-    resume: bool = False               # continue from out/checkpoint.pt
-    stop_at: int | None = None         # stop after this step with a checkpoint (time slices)
-    progress: bool = True
-    figures: bool = True               # out/figures: prediction panels, relation, dendrogram
-
-    def validate(self):
-        if self.mode not in ("sup", "semi"):
-            raise ValueError(f"mode must be 'sup' or 'semi', got {self.mode!r}")
-        if self.loss not in LOSSES:
-            raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
-        if self.partial is not None and self.partial not in protocols.PARTIAL:
-            raise ValueError(f"partial must be one of {tuple(protocols.PARTIAL)}, got {self.partial!r}")
-        if self.loss == "cac":
-            from ..nn.cac import ABLATION
-            from .cac import FEATURE_STRIDE
-            if self.mode != "semi":
-                raise ValueError("loss 'cac' trains on unlabelled images: it needs mode 'semi'")
-            if self.cac_ablation not in ABLATION:
-                raise ValueError(f"cac_ablation must be one of {tuple(ABLATION)}, got "
-                                 f"{self.cac_ablation!r}")
-            if self.crop % FEATURE_STRIDE.get(self.backbone, 8):
-                raise ValueError(f"loss 'cac' needs crop to be a multiple of the feature stride "
-                                 f"{FEATURE_STRIDE.get(self.backbone, 8)}, got {self.crop}")
-        elif self.image_level:
-            raise ValueError("image_level is CAC's extension: it needs loss 'cac'")
-        if self.loss == "u2pl" and self.mode != "semi":
-            raise ValueError("loss 'u2pl' contrasts unreliable pseudo-labels: it needs mode 'semi'")
-        for name in ("steps", "batch_size", "crop", "eval_every", "eval_batch"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.num_labels < 0:
-            raise ValueError(f"num_labels must be >= 0 (0 = all), got {self.num_labels}")
-        if self.resume and not self.out:
-            raise ValueError("resume needs out (the folder holding checkpoint.pt)")
-
-    @property
-    def weight(self) -> float:
-        return DEFAULT_WEIGHT[self.loss] if self.loss_weight is None else self.loss_weight
-
-
-# --- data ------------------------------------------------------------------------------------
-def load_dataset(cfg: Config, split: str):
-    if cfg.dataset == "scenes":
-        from .scenes import SceneDataset
-        length = cfg.train_length if split == "train" else cfg.val_length
-        # fixed splits: the scenes do not depend on the run's seed
-        return SceneDataset(split, seed=0, size=cfg.scene_size, length=length)
-    from .folders import load_folder
-    return load_folder(cfg.dataset, split)
+from ..workbench import protocols
+from ..workbench.config import Config
+from ..workbench.data import load_dataset, normalize_images, same_size_batches, upsample
+from ..workbench.model import DeepLabV3Plus
 
 
 class Splits:
@@ -152,27 +61,9 @@ class Splits:
         return [it[0] for it in items], labels
 
 
-def same_size_batches(ds, batch: int):
-    """(images (b, 3, H, W), labels (b, H, W)) over ``ds`` in order, each batch at most
-    ``batch`` consecutive images of one size (folder datasets mix sizes)."""
-    items = []
-    for i in range(len(ds)):
-        it = ds[i]
-        if items and (len(items) == batch or it[0].shape != items[0][0].shape):
-            yield torch.stack([t[0] for t in items]), torch.stack([t[1] for t in items])
-            items = []
-        items.append(it)
-    if items:
-        yield torch.stack([t[0] for t in items]), torch.stack([t[1] for t in items])
-
-
 def step_generator(seed: int, step: int, rank: int = 0) -> torch.Generator:
     """The generator of step ``step`` on process ``rank`` (rank 0: the single-process run)."""
     return torch.Generator().manual_seed((seed * 1_000_003 + step + rank * 7_919_000_003) % (2**63))
-
-
-def upsample(x, size):
-    return F.interpolate(x, size=size, mode="bilinear", align_corners=True)
 
 
 # --- evaluation ------------------------------------------------------------------------------
@@ -184,7 +75,7 @@ def evaluate(model, ds, device, batch: int = 50) -> dict:
     model.eval()
     conf = torch.zeros(ds.num_classes, ds.num_classes, dtype=torch.int64)
     for x, y in same_size_batches(ds, batch):
-        logits = upsample(model(ss.normalize_images(x.to(device))).logits, y.shape[-2:])
+        logits = upsample(model(normalize_images(x.to(device))).logits, y.shape[-2:])
         conf += metrics.confusion_matrix(logits.argmax(1).cpu(), y, ds.num_classes)
     model.train(was)
     iou = metrics.iou_per_class(conf)
@@ -206,8 +97,9 @@ class Trainer:
         self.splits = Splits(self.train_ds, cfg)
         C = self.train_ds.num_classes
         torch.manual_seed(cfg.seed)
+        method = methods.BY_NAME.get(cfg.loss)
         self.student = DeepLabV3Plus(C, backbone=cfg.backbone, rep_dim=cfg.rep_dim,
-                                     representation=cfg.loss in ("reco", "u2pl")
+                                     representation=method is not None and method.representation
                                      ).to(self.device)
         self.extra = None
         self.bank = None
@@ -215,6 +107,14 @@ class Trainer:
             self.extra = ContextrastLoss(in_channels=self.student.backbone.channels,
                                          dim=self.student.rep_dim,
                                          backend=cfg.backend).to(self.device)
+        elif cfg.loss == "contrastiveseg":     # its projection head and memory bank
+            from ..nn import PixelContrastLoss
+            from ..workbench.model import FEATURE_STRIDE
+            fh = cfg.crop // FEATURE_STRIDE.get(cfg.backbone, 8)
+            self.extra = PixelContrastLoss(
+                self.student.backbone.channels[-1], C, self.student.rep_dim,
+                memory_size=cfg.memory_size or None, ignore_index=self.train_ds.ignore_index,
+                max_views=max(1, fh * fh // 8), backend=cfg.backend).to(self.device)
         elif cfg.loss == "cac":
             from .cac import FEATURE_STRIDE, CACBranch
             self.extra = CACBranch(self.student.backbone.channels[-1], self.student.rep_dim, C,
@@ -274,6 +174,8 @@ class Trainer:
                                  temperature=cfg.temperature, num_queries=cfg.num_queries,
                                  num_negatives=cfg.num_negatives)
         lab = torch.where(mask, labels, self.train_ds.ignore_index)
+        if cfg.loss == "contrastiveseg":         # samples anchors: the step's seed
+            return self.extra_net(out.features, lab, out.logits, seed=seed, backend=backend)
         return self.extra_net(out.features, lab, out.logits, backend=backend)
 
     def train_step(self):
@@ -291,7 +193,7 @@ class Trainer:
         for pg in self.opt.param_groups:
             pg["lr"] = self.lr_at(self.step)
         self.student.train()
-        out_l = self.net(ss.normalize_images(xl))
+        out_l = self.net(normalize_images(xl))
         sup = F.cross_entropy(upsample(out_l.logits, crop), yl, ignore_index=ignore)
         parts = {"sup": sup}
         if cfg.loss == "cac":
@@ -305,7 +207,7 @@ class Trainer:
             xu = xu.to(dev)
             with torch.no_grad():                                       # teacher in train mode
                 self.teacher.model.train()
-                pu = upsample(self.teacher.model(ss.normalize_images(xu)).logits, crop)
+                pu = upsample(self.teacher.model(normalize_images(xu)).logits, crop)
                 conf, pl = torch.softmax(pu, dim=1).max(dim=1)
                 if self.splits.sparse is not None:                      # partial: GT overrides
                     gu = gu.to(dev)
@@ -318,10 +220,10 @@ class Trainer:
             xu, pl, conf = ss.classmix(xu, pl, conf, generator=g)
             xu, pl, conf = ss.photometric(xu, pl, conf, generator=g)
             xu, pl, conf = xu.to(dev), pl.to(dev), conf.to(dev)
-            out_u = self.net(ss.normalize_images(xu))
+            out_u = self.net(normalize_images(xu))
             if cfg.loss == "u2pl":      # the teacher on both augmented halves; the schedules
                 with torch.no_grad():
-                    out_t = self.teacher.model(ss.normalize_images(torch.cat([xl, xu])))
+                    out_t = self.teacher.model(normalize_images(torch.cat([xl, xu])))
                 frac = 1.0 - self.step / cfg.steps          # alpha_t, the dropped share
                 parts["unsup"] = ops.u2pl_unsupervised_loss(
                     upsample(out_u.logits, crop), pl, upsample(out_t.logits[nl:], crop),
@@ -343,7 +245,7 @@ class Trainer:
             parts["contrast"] = self.extra(
                 out.rep, labels, torch.softmax(out_t.logits.float(), dim=1), out_t.rep,
                 num_labeled=nl, alpha=20.0 * frac, seed=seed)
-        if cfg.loss in ("reco", "contextrast"):
+        if cfg.loss in ("reco", "contextrast", "contrastiveseg"):
             probs = torch.softmax(out.logits.detach().float(), dim=1)
             parts["contrast"] = self.contrast_loss(out, labels, probs, mask, seed)
             if self.shadow_backend is not None:     # parity: the other backend, same inputs
@@ -481,66 +383,3 @@ def write_report(report: dict, stem: Path):
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 
-# --- comparisons -----------------------------------------------------------------------------
-COMPARE_ROWS = (("supervised CE", dict(mode="sup", loss="none")),
-                ("semi-supervised CE (Mean Teacher + ClassMix)", dict(mode="semi", loss="none")),
-                ("semi-supervised CE + ReCo", dict(mode="semi", loss="reco")))
-
-
-def compare(cfg: Config, rows=COMPARE_ROWS) -> dict:
-    """The README's main job: the same data, labels and seed trained as each row's mode and loss.
-    Returns {"rows": [{"name", "final_miou", "best_miou", "seconds"}], "table": markdown}."""
-    train_ds, val_ds = load_dataset(cfg, "train"), load_dataset(cfg, "val")
-    out = []
-    for name, over in rows:
-        sub = dataclasses.replace(cfg, **over,
-                                  out=os.path.join(cfg.out, over["mode"] + "-" + over["loss"])
-                                  if cfg.out else None)
-        rep = train(sub, train_ds=train_ds, val_ds=val_ds)
-        out.append({"name": name, "final_miou": rep["final_miou"], "best_miou": rep["best_miou"],
-                    "seconds": rep["seconds"], "num_labelled": rep["num_labelled"]})
-    head = (f"{cfg.dataset}, {out[0]['num_labelled']} labelled images, {cfg.steps} steps, seed "
-            f"{cfg.seed}")
-    lines = [f"| {head} | final mIoU % | best mIoU % | time s |", "|---|---|---|---|"]
-    lines += [f"| {r['name']} | {_pct(r['final_miou'])} | {_pct(r['best_miou'])} | "
-              f"{r['seconds']:.0f} |" for r in out]
-    result = {"rows": out, "table": "\n".join(lines), "config": dataclasses.asdict(cfg)}
-    if cfg.out:
-        os.makedirs(cfg.out, exist_ok=True)
-        Path(cfg.out, "compare.json").write_text(json.dumps(result, indent=1))
-        Path(cfg.out, "compare.md").write_text(result["table"] + "\n")
-    return result
-
-
-def parity(cfg: Config, backends=("triton", "reference")) -> dict:
-    """The fused path against the reference, two ways.
-
-    - lockstep: one run trained with ``backends[0]``; at every step the contrastive loss is also
-      computed by ``backends[1]`` on the identical inputs (weights, batch, sampling seed). Its
-      largest difference is the parity measure: both paths draw the same samples, so it is
-      fp32 rounding (~1e-6).
-    - trajectories: a second, independent run trained with ``backends[1]``; both final mIoUs and
-      the largest per-step difference between the runs are reported. The runs drift apart
-      (rounding moves a pixel across the hard-query threshold or the confidence mask, which
-      changes discrete samples), so this is information, not a tolerance.
-    """
-    if cfg.loss not in ("reco", "contextrast"):
-        raise ValueError("parity needs loss='reco' or 'contextrast'")
-    train_ds, val_ds = load_dataset(cfg, "train"), load_dataset(cfg, "val")
-    reps = {}
-    for k, be in enumerate(backends):
-        sub = dataclasses.replace(cfg, backend=be, out=os.path.join(cfg.out, be) if cfg.out else None)
-        reps[be] = Trainer(sub, train_ds, val_ds,
-                           shadow_backend=backends[1] if k == 0 else None).run()
-    a, b = (reps[be]["history"] for be in backends)
-    res = {"backends": list(backends),
-           "miou": {be: reps[be]["final_miou"] for be in backends},
-           "lockstep_max_contrast_diff": max(abs(x["contrast"] - x["shadow_contrast"]) for x in a),
-           "trajectory_max_contrast_diff": max(abs(x["contrast"] - y["contrast"])
-                                               for x, y in zip(a, b)),
-           "trajectory_max_loss_diff": max(abs(x["loss"] - y["loss"]) for x, y in zip(a, b)),
-           "steps": len(a), "config": dataclasses.asdict(cfg)}
-    if cfg.out:
-        os.makedirs(cfg.out, exist_ok=True)
-        Path(cfg.out, "parity.json").write_text(json.dumps(res, indent=1))
-    return res
