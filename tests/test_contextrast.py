@@ -281,11 +281,18 @@ def test_degenerate_layers(backend, case):
         assert loss.item() == 0.0
 
 
-@pytest.mark.interpret
+@pytest.mark.parametrize("kernels", ["cpu", pytest.param("triton", marks=pytest.mark.interpret)])
 @pytest.mark.parametrize("normalize", [True, False])
-def test_opcheck_anchor_ops(normalize, triton_kernels):
+def test_opcheck_anchor_ops(normalize, kernels):
     """The Contextrast ops on an NCHW map (schemas, fake kernels, autograd through the unit
-    rows), with the map's rows as the reference: inv_norms, unit_class_sums, anchor_contrast."""
+    rows), with the map's rows as the reference: inv_norms, unit_class_sums, anchor_contrast;
+    their CPU kernels (the tiles) and their Triton kernels, one op each."""
+    dev = DEV if kernels == "triton" else torch.device("cpu")
+    with lib.kernels("triton" if kernels == "triton" else "native", dev):
+        _opcheck_anchor_ops(normalize, dev, keep_logits=kernels == "triton")
+
+
+def _opcheck_anchor_ops(normalize, DEV, keep_logits):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 6, 4, 5, dtype=torch.float64, generator=g)
     x[0, :, 1, 2] = 0.0                                       # a zero pixel (norm below eps)
@@ -300,7 +307,9 @@ def test_opcheck_anchor_ops(normalize, triton_kernels):
     torch.library.opcheck(lib.inv_norms, (x,))
     torch.library.opcheck(lib.unit_class_sums, (x.requires_grad_(), inv, gt, 3, normalize))
     torch.library.opcheck(lib.anchor_contrast, (x, inv, a.requires_grad_(), gt, neg, 0.1, False,
-                                                normalize))
+                                                normalize, keep_logits))
+    torch.library.opcheck(lib.anchor_contrast, (x, inv, a, gt, neg, 0.1, True, normalize,
+                                                keep_logits))
     sums, _ = lib.unit_class_sums(x, inv, gt, 3, normalize)
     z = x.permute(0, 2, 3, 1).reshape(40, 6)                    # x requires grad by now
     z = torch.nn.functional.normalize(z, dim=1, eps=1e-8) if normalize else z

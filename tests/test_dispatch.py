@@ -10,13 +10,13 @@ from pixcon.reference import common as cm
 
 from .test_primitives import _infonce_case, _labels
 
-# The ops with a compiled CPU kernel, and those that exist only as Triton kernels.
+# The ops with a CPU kernel (C++, or Contextrast's Python tiles), and those that exist only as
+# Triton kernels.
 WITH_CPU = ("philox", "edt", "class_sums", "sample_in_groups", "sample_negatives",
             "sparse_infonce", "sparse_infonce_backward", "tiled_contrast",
-            "tiled_contrast_backward")
-TRITON_ONLY = ("edt_ragged", "bank_push", "rows_and_class_sums", "reco_infonce", "inv_norms",
-               "unit_class_sums", "unit_class_sums_backward", "anchor_contrast",
-               "anchor_contrast_backward")
+            "tiled_contrast_backward", "inv_norms", "unit_class_sums", "unit_class_sums_backward",
+            "anchor_contrast", "anchor_contrast_backward")
+TRITON_ONLY = ("edt_ragged", "bank_push", "rows_and_class_sums", "reco_infonce")
 
 
 def _has_cpu(name):
@@ -39,7 +39,7 @@ def test_no_second_name_per_backend():
 
 
 @pytest.mark.skipif(not pixcon.HAS_C, reason="extension not built")
-def test_cpu_kernels_are_cpp_and_the_scope_swaps_them_back():
+def test_cpu_kernels_and_the_scope_swaps_them_back():
     for name in WITH_CPU:
         assert _has_cpu(name), name
     for name in TRITON_ONLY:
@@ -54,7 +54,12 @@ def test_cpu_kernels_are_cpp_and_the_scope_swaps_them_back():
             assert torch.equal(torch.ops.pixcon.philox(counter, 9, 2), cpp)   # same bits
     for name in TRITON_ONLY:                         # the scope's registrations are gone
         assert not _has_cpu(name), name
+    for name in WITH_CPU:                            # and the CPU kernels are back
+        assert _has_cpu(name), name
     assert torch.equal(torch.ops.pixcon.philox(counter, 9, 2), cpp)
+    x = torch.randn(1, 3, 2, 2)
+    inv = torch.ops.pixcon.inv_norms(x)              # the Python CPU kernel, not the Triton one
+    assert torch.equal(inv, 1.0 / x.square().sum(1).sqrt().reshape(-1).clamp(min=1e-8))
 
 
 def _cases():

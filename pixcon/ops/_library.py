@@ -9,8 +9,10 @@ One name per op, a kernel per device: a caller never names a backend here. The p
 chooses it once (``kernels(backend, device)``): "native" is the CPU kernel of each op, "triton"
 on CUDA tensors the CUDA kernel, and "triton" on CPU tensors (the tests' interpreter) the same
 Triton functions registered over the CPU key for the duration of one scope
-(:func:`triton_on_cpu`). Ops without a CPU kernel (ReCo's one-pass kernel, Contextrast's
-anchor contrast, the bank push) are for CUDA tensors and for that scope."""
+(:func:`triton_on_cpu`). Contextrast's ops have Python CPU kernels (pixcon.ops.anchor_tiles:
+tiles of pixels, recomputed in backward, registered with ``register_kernel("cpu")``); the ops
+without a CPU kernel (ReCo's one-pass kernel, the bank push, the ragged EDT) are for CUDA
+tensors and for that scope."""
 from __future__ import annotations
 
 import contextlib
@@ -358,6 +360,12 @@ def _(x):
     return x.new_empty(_pool_size(x)[0], dtype=_acc(x.dtype))
 
 
+@inv_norms.register_kernel("cpu")
+def _(x):
+    from .anchor_tiles import inv_norms as cpu
+    return cpu(x)
+
+
 @torch.library.custom_op("pixcon::unit_class_sums", mutates_args=(), device_types="cuda")
 def unit_class_sums(x: Tensor, inv: Tensor, gt: Tensor, num_classes: int,
                     normalize: bool) -> tuple[Tensor, Tensor]:
@@ -365,6 +373,12 @@ def unit_class_sums(x: Tensor, inv: Tensor, gt: Tensor, num_classes: int,
     ``normalize`` False), differentiable w.r.t. x through the normalisation."""
     from pixcon_kernels.segment import class_sums as launch
     return launch(x, gt, num_classes, scale=inv)
+
+
+@unit_class_sums.register_kernel("cpu")
+def _(x, inv, gt, num_classes, normalize):
+    from .anchor_tiles import class_sums_forward
+    return class_sums_forward(x, inv, gt, num_classes, normalize)
 
 
 @unit_class_sums.register_fake
@@ -384,6 +398,12 @@ def unit_class_sums_backward(grad_sums: Tensor, x: Tensor, inv: Tensor, gt: Tens
 @unit_class_sums_backward.register_fake
 def _(grad_sums, x, inv, gt, normalize):
     return torch.empty_like(x)
+
+
+@unit_class_sums_backward.register_kernel("cpu")
+def _(grad_sums, x, inv, gt, normalize):
+    from .anchor_tiles import class_sums_backward
+    return class_sums_backward(grad_sums, x, inv, gt, normalize).to(x.dtype)
 
 
 def _unit_sums_setup(ctx, inputs, output):
@@ -408,20 +428,34 @@ torch.library.register_autograd("pixcon::unit_class_sums", _unit_sums_backward,
 
 @torch.library.custom_op("pixcon::anchor_contrast", mutates_args=(), device_types="cuda")
 def anchor_contrast(x: Tensor, inv: Tensor, anchors: Tensor, gt: Tensor, negcls: Tensor,
-                    temperature: float, only_own: bool,
-                    normalize: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                    temperature: float, only_own: bool, normalize: bool,
+                    keep_logits: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(per-class loss sums, NL, sigmoid sums, logits S (P, C)) of the rows x_p * inv_p
-    against the anchors; S is kept for backward (never recomputed)."""
+    against the anchors. keep_logits: the Triton kernel keeps S for backward (never
+    recomputed); the CPU kernel (pixcon.ops.anchor_tiles) keeps nothing of size P x C and
+    recomputes its tiles in backward (S empty)."""
+    if not keep_logits:
+        raise ValueError("pixcon::anchor_contrast: the Triton kernel keeps its logits "
+                         "(keep_logits=True)")
     from pixcon_kernels.anchor import anchor_forward
     return anchor_forward(x, inv, anchors, gt, negcls, temperature, only_own)
 
 
+@anchor_contrast.register_kernel("cpu")
+def _(x, inv, anchors, gt, negcls, temperature, only_own, normalize, keep_logits):
+    if keep_logits:
+        raise ValueError("pixcon::anchor_contrast: the CPU kernel recomputes its logits in "
+                         "backward (keep_logits=False)")
+    from .anchor_tiles import anchor_forward
+    return anchor_forward(x, inv, anchors, gt, negcls, temperature, only_own, normalize)
+
+
 @anchor_contrast.register_fake
-def _(x, inv, anchors, gt, negcls, temperature, only_own, normalize):
+def _(x, inv, anchors, gt, negcls, temperature, only_own, normalize, keep_logits):
     C, dt = anchors.shape[0], _acc(x.dtype)
     P = _pool_size(x)[0]
     return (x.new_empty(C, dtype=dt), x.new_empty(C, dtype=dt), x.new_empty(C, dtype=dt),
-            x.new_empty(P, C, dtype=dt))
+            x.new_empty((P, C) if keep_logits else (0,), dtype=dt))
 
 
 @torch.library.custom_op("pixcon::anchor_contrast_backward", mutates_args=(), device_types="cuda")
@@ -440,8 +474,16 @@ def _(grad, x, inv, anchors, gt, negcls, nl, sigsum, logits, temperature, only_o
     return torch.empty_like(x), torch.empty_like(anchors)
 
 
+@anchor_contrast_backward.register_kernel("cpu")
+def _(grad, x, inv, anchors, gt, negcls, nl, sigsum, logits, temperature, only_own, normalize):
+    from .anchor_tiles import anchor_backward
+    dx, da = anchor_backward(grad, x, inv, anchors, gt, negcls, nl, sigsum, temperature,
+                             only_own, normalize)
+    return dx.to(x.dtype), da.to(anchors.dtype)
+
+
 def _anchor_setup(ctx, inputs, output):
-    x, inv, anchors, gt, negcls, temperature, only_own, normalize = inputs
+    x, inv, anchors, gt, negcls, temperature, only_own, normalize, _keep = inputs
     _, nl, sigsum, logits = output
     ctx.save_for_backward(x, inv, anchors, gt, negcls, nl, sigsum, logits)
     ctx.args = (temperature, only_own, normalize)
@@ -455,7 +497,7 @@ def _anchor_backward(ctx, grad_loss, grad_nl, grad_sig, grad_logits):
     with _scope(ctx):
         dx, da = anchor_contrast_backward(grad_loss, x, inv, anchors, gt, negcls, nl, sigsum,
                                           logits, *ctx.args)
-    return dx, None, da, None, None, None, None, None
+    return dx, None, da, None, None, None, None, None, None
 
 
 torch.library.register_autograd("pixcon::anchor_contrast", _anchor_backward,

@@ -10,7 +10,6 @@ from .. import reference
 from ..core import contextrast as steps
 from . import _common as chk
 from . import _library as lib
-from . import anchor_tiles as tiles
 from .edt import edt, edt_pyramid
 
 READINGS = ("R1", "R2")
@@ -184,26 +183,21 @@ def pixel_anchor_loss(embs, labels, pred, *, num_classes: int | None = None,
 def _pa_fused(embs, labels, pred_labels, C, *, w_low, w_high, layer_weights, temperature, ks,
               ignore_index, normalize, detach_anchors, reading, stats=None):
     """The fused path, straight from each layer's NCHW embedding: no per-layer copy of it is
-    made or kept. Where the Triton kernels run: one kernel for the pixels' inverse norms, the class sums of the
-    unit rows, and the pixel x anchor contrast whose logits (P x C) are computed once and
-    kept for backward, which writes the NCHW gradient itself. On the compiled CPU kernels: the EDT
-    in BANE, and the class sums and pixel x anchor terms in tiles of pixels of the NCHW
-    embedding, products with the raw columns scaled by the inverse norms (the unit rows are
-    never made), recomputed in backward (``anchor_tiles``). Never pixels x pixels."""
-    native = lib.compiled_cpu(embs[0].device)
+    made or kept. Three ops a layer (pixcon::inv_norms, unit_class_sums, anchor_contrast) and
+    the EDT of every layer at once. Their Triton kernels keep the pixel x anchor logits (P x C)
+    for backward, which writes the NCHW gradient itself; their CPU kernels
+    (``anchor_tiles``) work in tiles of pixels, products with the raw columns scaled by the
+    inverse norms (the unit rows are never made), recomputed in backward. Never pixels x
+    pixels."""
+    keep_logits = lib.triton_here(embs[0].device)   # the CPU tiles recompute them instead
     layers, anchors, present = [], [], []
     for emb in embs:
         gt, pr = steps.layer_labels(emb.shape, labels, pred_labels, C, ignore_index)
-        if native:        # scale: the pixel norms, once per layer for both tile passes
-            scale = tiles.column_norms(emb) if normalize else None
-            sums = tiles.unit_class_sums(emb, gt, C, normalize=normalize, norms=scale)
-            counts = torch.zeros(C, dtype=torch.int64).index_add_(0, gt.clamp(min=0),
-                                                                  (gt >= 0).to(torch.int64))
-        else:             # scale: the inverse norms, as the Triton kernels take them
-            scale = (lib.inv_norms(emb.detach()) if normalize else
-                   torch.ones(gt.shape, dtype=torch.promote_types(emb.dtype, torch.float32),
-                              device=emb.device))
-            sums, counts = lib.unit_class_sums(emb, scale, gt, C, normalize)
+        # the inverse pixel norms, once per layer for every pass
+        scale = (lib.inv_norms(emb.detach()) if normalize else
+                 torch.ones(gt.shape, dtype=torch.promote_types(emb.dtype, torch.float32),
+                            device=emb.device))
+        sums, counts = lib.unit_class_sums(emb, scale, gt, C, normalize)
         layers.append((emb, scale, gt, pr, counts))                     # anchors keep their grad
         if stats is not None:                                          # over all ranks
             sums, counts = stats(sums, counts)
@@ -222,14 +216,9 @@ def _pa_fused(embs, labels, pred_labels, C, *, w_low, w_high, layer_weights, tem
         pres = counts > 0
         h, w = emb.shape[2:]
         sel = select_lowest(err.reshape(-1), d2.reshape(-1), C, ks, h * h + w * w + 1)
-        if native:
-            loss_sum = tiles.anchor_terms(emb, a_hat, gt, sel.reshape(-1), err.reshape(-1), C,
-                                          temperature, reading, normalize=normalize,
-                                          norms=scale)
-        else:
-            negcls = torch.where(sel, err.reshape(-1), -1)
-            loss_sum = lib.anchor_contrast(emb, scale, a_hat, gt, negcls, float(temperature),
-                                           reading == "R2", normalize)[0]
+        negcls = torch.where(sel, err.reshape(-1), -1)
+        loss_sum = lib.anchor_contrast(emb, scale, a_hat, gt, negcls, float(temperature),
+                                       reading == "R2", normalize, keep_logits)[0]
         per_class = loss_sum / counts.clamp(min=1).to(loss_sum.dtype)
         term = lam * per_class.sum() / pres.sum().clamp(min=1)
         total = term if total is None else total + term
