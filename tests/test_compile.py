@@ -159,3 +159,27 @@ def test_every_loss_compiles_from_a_cold_process(loss, tmp_path):
     p = subprocess.run([sys.executable, str(script), loss], capture_output=True, text=True,
                        env=env, cwd=root, timeout=300)
     assert p.returncode == 0 and "ok" in p.stdout, p.stderr[-2000:]
+
+
+@pytest.mark.parametrize("backend", ["reference", "native"])
+def test_torch_func_grad(backend):
+    """torch.func.grad on each loss: the reference's value equals torch.autograd's; the fused
+    ops' registered autograd is not transformed by functorch in torch 2.13 (README)."""
+    from pixcon import ops
+    from tools import smoke
+    cpu = torch.device("cpu")
+    r, cs, cac = smoke._reco_make(cpu, 0), smoke._cs_make(cpu, 0), smoke._cac_make(cpu, 0)
+    cases = [(lambda e: ops.reco_loss(e, r["labels"], r["probs"], num_queries=8,
+                                      num_negatives=16, seed=5, backend=backend), r["emb"]),
+             (lambda e: ops.dense_contrast_loss(e, cs["labels"], backend=backend), cs["emb"]),
+             (lambda e: ops.directional_contrast_loss(e, cac["f2"], cac["l1"], cac["l2"],
+                                                      cac["bank"], cac["lab"],
+                                                      backend=backend), cac["f1"])]
+    for fn, x in cases:
+        if backend == "native":
+            with pytest.raises(RuntimeError, match="setup_context"):
+                torch.func.grad(fn)(x)
+            continue
+        e = x.clone().requires_grad_()
+        want, = torch.autograd.grad(fn(e), e)
+        assert torch.equal(torch.func.grad(fn)(x), want)

@@ -87,11 +87,14 @@ class _PixelRows(torch.autograd.Function):
     map and then an out-of-place copy of it: twice the map's size)."""
 
     @staticmethod
-    def forward(ctx, emb, index):
-        ctx.save_for_backward(emb, index)
+    def forward(emb, index):
         B, D, h, w = emb.shape
         p = index.clamp(min=0)
         return emb[p // (h * w), :, (p // w) % h, p % w]
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):       # separate: torch.func transforms it too
+        ctx.save_for_backward(*inputs)
 
     @staticmethod
     def backward(ctx, g):
@@ -104,27 +107,6 @@ def pixel_rows_at(emb: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """(M, D) rows of the (B, D, h, w) map ``emb`` at flat pixel indices ``index`` (M,) (-1 rows
     read pixel 0 and get no gradient), differentiable; no copy of the map."""
     return _PixelRows.apply(emb, index)
-
-
-class _ClassSums(torch.autograd.Function):
-    """Per-class sums (C, D) and counts of rows (P, D) with gradient, saving only the labels
-    (index_add's own backward keeps the rows: P x D)."""
-
-    @staticmethod
-    def forward(ctx, rows, lab, num_classes):
-        ctx.save_for_backward(lab)
-        return rc.class_sums(rows.detach(), lab, num_classes)
-
-    @staticmethod
-    def backward(ctx, g, _gc):
-        (lab,) = ctx.saved_tensors
-        return g[lab.clamp(min=0)] * (lab >= 0)[:, None].to(g.dtype), None, None
-
-
-def class_sums(rows: torch.Tensor, lab: torch.Tensor, num_classes: int):
-    """(sums (C, D), counts (C,) int64) of rows (P, D) by class lab (-1 ignored), sums
-    differentiable w.r.t. rows; saves the labels only."""
-    return _ClassSums.apply(rows, lab, num_classes)
 
 
 def philox(counter: torch.Tensor, seed: int, stream: int = 0, *, backend: str = "auto"):
