@@ -293,6 +293,12 @@ def scenarios(quick: bool = False):
     ]
     for C in CLASS_COUNTS if not quick else (19, 150, 1024):
         out.append((f"classes C={C}", lambda r, C=C: _classes(r, C)))
+    from pixcon.methods import METHODS           # every method's kernels at its paper's setting
+    missing = [m.name for m in METHODS
+               if not any(n.startswith(p) for p in m.scenarios for n, _ in out)]
+    if missing:
+        raise KeyError(f"tools/aot.py: no scenario for the methods {missing} (their "
+                       "pixcon.methods entry names the scenario prefixes)")
     return out
 
 

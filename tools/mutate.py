@@ -248,6 +248,15 @@ def main(argv=None):
     ap.add_argument("--json", default=str(ROOT / "tools" / "mutants-last.json"),
                     help="where the results go")
     a = ap.parse_args(argv)
+    from pixcon.methods import METHODS      # every method has mutants of its own code
+    lacking = [m.name for m in METHODS if not any(
+        path in (f"pixcon/reference/{m.reference}.py", f"pixcon/core/{m.reference}.py",
+                 f"pixcon/ops/{m.op}.py", *(f"pixcon_kernels/{k}.py" for k in m.kernels))
+        for _, path, *_ in MUTANTS)]
+    if lacking:
+        print(f"tools/mutate.py: no mutant of the methods {lacking} (pixcon.methods)",
+              file=sys.stderr)
+        return 2
     chosen = [m for m in MUTANTS if not a.only or m[0].startswith(tuple(a.only))]
     if a.list:
         for name, path, _, _, tests, why in chosen:
