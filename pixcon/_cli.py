@@ -9,8 +9,9 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
     default is None or False say in their own words what happens when they are left out."""
 
     def _get_help_string(self, action):
-        if action.default is None or action.default is False:
-            return action.help
+        if action.default is None or action.default is False or \
+                isinstance(action, (argparse._StoreFalseAction, argparse._StoreTrueAction)):
+            return action.help                   # a flag's default is its absence
         return super()._get_help_string(action)
 
 

@@ -23,14 +23,15 @@ def uniform_index(r: torch.Tensor, n: torch.Tensor | int) -> torch.Tensor:
     return (r.to(torch.int64) * n.to(torch.int64)) >> 32
 
 
-def draw_seed(seed: int | None) -> int:
+def draw_seed(seed: int | None, op: str | None = None) -> int:
     """The seed contract: an int in [0, 2^63) is used as is (anything else raises, rather than
     wrapping two seeds onto one); None draws one 63-bit seed from torch's default CPU
-    generator, so ``torch.manual_seed`` controls every sample."""
+    generator, so ``torch.manual_seed`` controls every sample. ``op`` prefixes the errors."""
+    where = f"{op}: " if op else ""
     if seed is None:
         return int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64).item())
     if not isinstance(seed, int) or isinstance(seed, bool):
-        raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
+        raise TypeError(f"{where}seed must be an int or None, got {type(seed).__name__}")
     if not 0 <= seed < 2**63:
-        raise ValueError(f"seed must be in [0, 2^63), got {seed}")
+        raise ValueError(f"{where}seed must be in [0, 2^63), got {seed}")
     return seed

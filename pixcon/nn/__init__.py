@@ -5,6 +5,7 @@ import torch
 
 import torch.nn.functional as F
 
+from ..ops import _common as chk
 from ..ops import pixel_anchor_loss, pixel_contrast_loss, reco_loss
 
 
@@ -18,6 +19,11 @@ class ReCoLoss(torch.nn.Module):
     def __init__(self, *, ignore_index=255, strong_threshold=0.97, temperature=0.5,
                  num_queries=256, num_negatives=512, backend="auto", **kwargs):
         super().__init__()
+        op = "ReCoLoss"                 # what reco_loss would reject, rejected at construction
+        chk.check_positive_int(op, "num_queries", num_queries)
+        chk.check_positive_int(op, "num_negatives", num_negatives)
+        chk.check_positive_float(op, "temperature", temperature)
+        chk.check_positive_float(op, "strong_threshold", strong_threshold)
         self.kwargs = dict(ignore_index=ignore_index, strong_threshold=strong_threshold,
                            temperature=temperature, num_queries=num_queries,
                            num_negatives=num_negatives, backend=backend, **kwargs)

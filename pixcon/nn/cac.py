@@ -119,7 +119,7 @@ class NegativeBank(torch.nn.Module):
             check()
         parts = []
         if self.selected_num is not None:
-            seed = draw_seed(seed)
+            seed = draw_seed(seed, "NegativeBank.update")
         for v, (r, y) in enumerate(views):
             if self.selected_num is not None:          # smallest Philox keys: without replacement
                 counter = torch.arange(r.shape[0], device=r.device) + v * r.shape[0]

@@ -121,7 +121,7 @@ class PixelMemoryBank(torch.nn.Module):
             self._check_update(keys, labels, check_values)
             return (*keys.shape, *labels.shape)
 
-        seed = draw_seed(seed)
+        seed = draw_seed(seed, op)
         if self.cross_rank:                    # every rank enqueues the whole global batch
             seed = dist.checked(op, check, seed=seed, group=self.group)
             keys, labels = dist.gather_many(keys, labels, group=self.group)

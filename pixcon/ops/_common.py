@@ -189,9 +189,10 @@ def check_pixel_inputs(op: str, emb, labels, probs=None, mask=None, check_values
         if mask.dim() != 3 or mask.shape[0] != B:
             raise ValueError(f"{op}: mask must have shape (B, H, W) or (B, 1, H, W) with B = {B}, "
                              f"got {tuple(mask.shape)}")
-        if mask.shape[1] < h or mask.shape[2] < w:
-            raise ValueError(f"{op}: mask spatial size {tuple(mask.shape[1:])} is smaller than "
-                             f"emb's ({h}, {w})")
+        if tuple(mask.shape[1:]) not in (tuple(labels.shape[1:]), (h, w)):
+            # downsampled on its own grid, a mask at a third size would mark other pixels
+            raise ValueError(f"{op}: mask spatial size {tuple(mask.shape[1:])} must be the "
+                             f"labels' {tuple(labels.shape[1:])} or emb's ({h}, {w})")
         if mask.dtype != torch.bool:
             if mask.dtype not in FLOAT_DTYPES + INT_DTYPES:
                 raise TypeError(f"{op}: mask must be bool (or 0/1 numbers), got {mask.dtype}")

@@ -3,6 +3,8 @@ specs/contextrast.md. The fused path: Triton multi-label EDT, sort-based percent
 anchors from the class-sums primitive, pixel x anchor logits with a segmented log-sum-exp."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .. import distributed as dist
@@ -158,7 +160,12 @@ def pixel_anchor_loss(embs, labels, pred, *, num_classes: int | None = None,
     if len(layer_weights) != len(embs):
         raise ValueError(f"{op}: layer_weights has {len(layer_weights)} entries for "
                          f"{len(embs)} layers")
-    if abs(w_low + w_high - 1.0) > 1e-6:
+    if not all(isinstance(v, (int, float)) and math.isfinite(v) and v >= 0
+               for v in layer_weights):
+        raise ValueError(f"{op}: layer_weights must be finite and non-negative (a negative "
+                         f"weight turns a layer's loss into a reward), got {tuple(layer_weights)}")
+    if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in (w_low, w_high)) or \
+            abs(w_low + w_high - 1.0) > 1e-6:
         raise ValueError(f"{op}: w_low + w_high must be 1, got {w_low} + {w_high}")
     chk.check_positive_float(op, "temperature", temperature)
     if not 0 < ks <= 1:

@@ -168,7 +168,7 @@ def pixel_contrast_loss(emb, labels, predict, *, ignore_index: int = 255, max_sa
 
     Args:
         emb: (B, D, h, w) float embeddings, used as given (the official projection head
-            L2-normalises them; pixcon.nn.ProjectionHead does too).
+            L2-normalises them; pixcon.nn.PixelContrastLoss holds that head).
         labels: (B, H, W) integer ground truth at image or feature resolution, nearest-
             downsampled to (h, w); ``ignore_index`` (default 255, e.g. -1 for openseg) ignored.
         predict: (B, h, w) integer predictions at feature resolution (the argmax of the
@@ -202,7 +202,7 @@ def pixel_contrast_loss(emb, labels, predict, *, ignore_index: int = 255, max_sa
     pred = _predictions(op, predict, B, h, w)
     if pred.device != emb.device:
         raise ValueError(f"{op}: predict is on {pred.device} but emb is on {emb.device}")
-    seed = draw_seed(seed)
+    seed = draw_seed(seed, op)
     be = _backend(backend, emb.device, op)
     mem = None if memory is None else _memory_keys(op, memory, D, emb.device)
     gt = cm.pixel_labels(labels, (h, w), LABEL_LIMIT, ignore_index).view(B, h, w)

@@ -86,7 +86,7 @@ def reco_loss(emb, labels, probs, *, mask=None, ignore_index: int = 255,
                          f"(counter space), got {C} x {num_queries} x {num_negatives}")
     if chk.want_value_checks(check_values, emb.device):
         chk.check_pixel_values(op, emb, labels, C, ignore_index, probs)
-    seed = draw_seed(seed)
+    seed = draw_seed(seed, op)
     be = chk.resolve_backend(backend, emb.device, op, ("reference", "triton", "native"))
     kw = dict(ignore_index=ignore_index, strong_threshold=strong_threshold,
               temperature=temperature, num_queries=num_queries, num_negatives=num_negatives,

@@ -132,7 +132,7 @@ def u2pl_loss(emb, labels, teacher_probs, teacher_emb, bank, *, num_labeled: int
                          negative_threshold=float(negative_threshold),
                          temperature=float(temperature), num_queries=num_queries,
                          num_negatives=num_negatives, prototype=prototype, official=official,
-                         seed=draw_seed(seed), reduction=reduction,
+                         seed=draw_seed(seed, op), reduction=reduction,
                          sampler=prim.groups_sample if fused else _reference_sampler,
                          contrast=fused_contrast if fused else reference.u2pl.reference_contrast,
                          push_backend="auto" if fused else "reference")
