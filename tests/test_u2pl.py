@@ -358,3 +358,27 @@ def test_triton_push_equals_the_compaction(monkeypatch):
             assert torch.equal(b.keys, banks[0].keys)
             assert torch.equal(b.counts, banks[0].counts) and torch.equal(b.ptr, banks[0].ptr)
         assert banks[0].counts.tolist() == [10, 50, 7, 30]
+
+
+def test_class_masks_by_hand_at_the_boundaries():
+    """specs/u2pl.md §2 by hand, one image of four pixels, C = 4, low_rank 1, high_rank 3. An
+    unlabelled pixel is a negative of the classes ranked in [low_rank, high_rank): rank 3 is
+    not. An anchor needs its class's probability strictly above the threshold: a pixel at
+    exactly 0.5 is not one."""
+    prob = torch.tensor([[0.5, 0.25, 0.125, 0.125],     # ranks 0 1 2 3 (ties in class order)
+                         [0.75, 0.125, 0.0625, 0.0625],
+                         [0.0625, 0.0625, 0.125, 0.75],
+                         [0.25, 0.5, 0.125, 0.125]])
+    gt = torch.tensor([0, 0, 3, 1])
+    yes = torch.ones(4, dtype=torch.bool)
+    V, A, N = ref.class_masks(gt, prob, yes, yes, 0, 4, low_rank=1, high_rank=3,
+                              anchor_threshold=0.5, negative_threshold=1.0, official=False)
+    assert V.tolist() == [[True, False, False, False], [True, False, False, False],
+                          [False, False, False, True], [False, True, False, False]]
+    # strictly above 0.5: pixel 0 (0.5 for class 0) and pixel 3 (0.5 for class 1) are not
+    assert A.tolist() == [[False] * 4, [True, False, False, False],
+                          [False, False, False, True], [False] * 4]
+    # ranks 1 and 2 of each pixel: classes 1, 2 / 1, 2 / 2, 0 (0.0625 ties: class 0 first) /
+    # 0, 2; the class at rank 3 never
+    assert N.tolist() == [[False, True, True, False], [False, True, True, False],
+                          [True, False, True, False], [True, False, True, False]]
