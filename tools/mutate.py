@@ -138,8 +138,9 @@ MUTANTS = [
      "        keep_h = min(n_hard, n_view)", CSEG,
      "with few easy pixels, every view taken from the hard ones"),
     ("cseg-supcon-denominator", "pixcon/reference/contrastiveseg.py",
-     "    ell = (s - m) - torch.log(e + n)",
-     "    ell = (s - m) - torch.log((e * pos).sum(dim=1, keepdim=True) + n)", CSEG,
+     "    ell = -F.softplus(nl - s)",
+     "    ell = s - torch.logsumexp(s.masked_fill(~(neg | pos), float(\"-inf\")), dim=1,\n"
+     "                              keepdim=True)", CSEG,
      "SupCon's denominator (all positives) instead of each positive's own"),
     ("ctx-r1-uses-prediction", "pixcon/core/contextrast.py",
      'return torch.where(wrong, gt if reading == "R1" else pred, -1)',

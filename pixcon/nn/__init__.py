@@ -22,7 +22,7 @@ class ReCoLoss(torch.nn.Module):
         op = "ReCoLoss"                 # what reco_loss would reject, rejected at construction
         chk.check_positive_int(op, "num_queries", num_queries)
         chk.check_positive_int(op, "num_negatives", num_negatives)
-        chk.check_positive_float(op, "temperature", temperature)
+        chk.check_temperature(op, "temperature", temperature)
         chk.check_positive_float(op, "strong_threshold", strong_threshold)
         self.kwargs = dict(ignore_index=ignore_index, strong_threshold=strong_threshold,
                            temperature=temperature, num_queries=num_queries,

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 
 import torch
@@ -145,8 +146,23 @@ def check_positive_int(op: str, name: str, v, upper: int | None = None):
 
 
 def check_positive_float(op: str, name: str, v):
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0 or v != v:
-        raise ValueError(f"{op}: {name} must be a positive number, got {v!r}")
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0 or \
+            not math.isfinite(v):
+        raise ValueError(f"{op}: {name} must be a positive finite number, got {v!r}")
+
+
+# Logits are cos / t with |cos| <= 1: at t = 1e-4 they reach 1e4, whose exp overflows in any
+# float type, but every log-sum-exp here subtracts its maximum first. Below, 1 / t and the
+# gradients' 1 / t factors leave float32's range (t = 1e-38 gave inf, 1e-39 NaN).
+MIN_TEMPERATURE = 1e-4
+
+
+def check_temperature(op: str, name: str, v):
+    """A temperature: positive, finite, at least MIN_TEMPERATURE (no paper uses below 0.01)."""
+    check_positive_float(op, name, v)
+    if v < MIN_TEMPERATURE:
+        raise ValueError(f"{op}: {name} must be at least {MIN_TEMPERATURE:g} (below, the "
+                         f"logits' 1/{name} factor leaves float32's range), got {v!r}")
 
 
 def _check_binary_mask(op, mask, check_values):
@@ -216,6 +232,18 @@ def check_pixel_values(op: str, emb, labels, num_classes: int, ignore_index: int
         if not bool(((probs >= 0) & (probs <= 1)).all()):
             raise ValueError(f"{op}: probs must be probabilities in [0, 1] (softmax output), "
                              "found values outside or NaN")
+
+
+def guard_index_range(op: str, name: str, idx, upper: int, what: str, check_values=None):
+    """Every entry of idx in [-1, upper), whatever ``check_values`` says, because a wrong index
+    would read memory it must not: with value checks on (CPU default) the host check and its
+    message; off, a device-side assert (no host sync on CUDA; on CPU it raises at once).
+    Skipped under torch.compile, like the value checks."""
+    if want_value_checks(check_values, idx.device):
+        return check_index_range(op, name, idx, upper, what)
+    if idx.numel() and not torch.compiler.is_compiling():
+        torch._assert_async(((idx >= -1) & (idx < upper)).all(),
+                            f"{op}: {name} holds an index outside [-1, {upper}) ({what})")
 
 
 def check_index_range(op: str, name: str, idx, upper: int, what: str):

@@ -92,7 +92,7 @@ def directional_contrast_loss(feat1, feat2, logits1, logits2, negatives, negativ
     if isinstance(pos_threshold, bool) or not isinstance(pos_threshold, (int, float)) \
             or not 0 <= pos_threshold < 1:
         raise ValueError(f"{op}: pos_threshold must be in [0, 1), got {pos_threshold!r}")
-    chk.check_positive_float(op, "temperature", temperature)
+    chk.check_temperature(op, "temperature", temperature)
     if reduction not in ("mean", "none"):
         raise ValueError(f"{op}: reduction must be 'mean' or 'none', got {reduction!r}")
     for name, v in (("directional", directional), ("positive_filtering", positive_filtering),

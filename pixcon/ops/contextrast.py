@@ -167,7 +167,7 @@ def pixel_anchor_loss(embs, labels, pred, *, num_classes: int | None = None,
     if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in (w_low, w_high)) or \
             abs(w_low + w_high - 1.0) > 1e-6:
         raise ValueError(f"{op}: w_low + w_high must be 1, got {w_low} + {w_high}")
-    chk.check_positive_float(op, "temperature", temperature)
+    chk.check_temperature(op, "temperature", temperature)
     if not 0 < ks <= 1:
         raise ValueError(f"{op}: ks must be in (0, 1], got {ks!r}")
     if reading not in READINGS:

@@ -144,8 +144,8 @@ def _check_common(op, emb, labels, ignore_index, temperature, base_temperature):
     chk.check_pixel_inputs(op, emb, labels)
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"{op}: ignore_index must be an int, got {ignore_index!r}")
-    chk.check_positive_float(op, "temperature", temperature)
-    chk.check_positive_float(op, "base_temperature", base_temperature)
+    chk.check_temperature(op, "temperature", temperature)
+    chk.check_temperature(op, "base_temperature", base_temperature)
 
 
 def _check_values(op, emb, labels, ignore_index):

@@ -17,8 +17,8 @@ from ..core.rng import STREAM_NEGATIVE, STREAM_QUERY, draw_seed
 from ..reference import common as rc
 from ..reference.rng import philox4x32
 from . import _library
-from ._common import FLOAT_DTYPES, INT_DTYPES, check_index_range, check_positive_float, \
-    check_positive_int, check_tensor, resolve_backend, want_value_checks
+from ._common import FLOAT_DTYPES, INT_DTYPES, check_positive_int, check_temperature, \
+    check_tensor, guard_index_range, resolve_backend
 
 IDX = (torch.int32, torch.int64)
 NATIVE = ("reference", "triton", "native")   # primitives with compiled CPU kernels
@@ -193,12 +193,16 @@ def sample_in_groups(order, offsets, counts, row_group, per_row: int, seed: int,
 
 
 def sample_negatives(row_class: torch.Tensor, cdf: torch.Tensor, lab: torch.Tensor,
-                     num_negatives: int, seed: int, *, backend: str = "auto"):
+                     num_negatives: int, seed: int, *, backend: str = "auto",
+                     check_values: bool | None = None):
     """Relation-weighted negatives: for row r of class c = row_class[r] (-1: none) draw
     ``num_negatives`` pixels; each one's class j ~ cdf row c (pixcon.reference.common.relation_cdf)
     and the pixel uniform with replacement within class j (counter r*N + n of stream
     STREAM_NEGATIVE, word 0 for the class and word 1 for the pixel). Returns (R, N) int32,
-    -1 where the row has no class or no possible negative."""
+    -1 where the row has no class or no possible negative.
+    A row class outside [-1, C) is an error on every backend (check_values: the host check and
+    its message, else a device-side assert).
+    """
     check_tensor("sample_negatives", "lab", lab, ndim=1, dtypes=INT_DTYPES, kind="(P,)")
     check_tensor("sample_negatives", "row_class", row_class, ndim=1, dtypes=INT_DTYPES,
                  device=lab.device, kind="(R,)", like="lab")
@@ -210,6 +214,9 @@ def sample_negatives(row_class: torch.Tensor, cdf: torch.Tensor, lab: torch.Tens
     if row_class.numel() * num_negatives >= 2**31:
         raise ValueError("sample_negatives: rows x num_negatives must be below 2^31 "
                          "(counter space)")
+    # a row class past the table would read past it on the kernels: guarded on every backend
+    guard_index_range("sample_negatives", "row_class", row_class, cdf.shape[0], "the cdf's classes",
+                      check_values)
     be = resolve_backend(backend, lab.device, "sample_negatives", NATIVE)
     if be != "reference":
         with _scope(be, lab.device):
@@ -257,7 +264,7 @@ def sparse_infonce(pool: torch.Tensor, q_idx: torch.Tensor, pos_idx: torch.Tenso
     if pos_idx.shape[0] != M or neg_idx.shape[0] != M:
         raise ValueError(f"sparse_infonce: q_idx, pos_idx and neg_idx must have the same number "
                          f"of rows M, got {M}, {pos_idx.shape[0]}, {neg_idx.shape[0]}")
-    check_positive_float("sparse_infonce", "temperature", temperature)
+    check_temperature("sparse_infonce", "temperature", temperature)
     if pos_pool is None:
         pos_pool = pool if pool.dim() == 2 else cm.pixel_rows(pool)
     else:
@@ -280,10 +287,10 @@ def sparse_infonce(pool: torch.Tensor, q_idx: torch.Tensor, pos_idx: torch.Tenso
     if max(P, S) >= 2**31:
         raise ValueError(f"sparse_infonce: {key_name if S > P else 'pool'} has {max(P, S)} "
                          "rows; int32 indices need fewer than 2^31")
-    if want_value_checks(check_values, dev):
-        check_index_range("sparse_infonce", "q_idx", q_idx, P, "pool")
-        check_index_range("sparse_infonce", "neg_idx", neg_idx, S, key_name)
-        check_index_range("sparse_infonce", "pos_idx", pos_idx, pos_pool.shape[0], "pos_pool")
+    guard_index_range("sparse_infonce", "q_idx", q_idx, P, "pool", check_values)
+    guard_index_range("sparse_infonce", "neg_idx", neg_idx, S, key_name, check_values)
+    guard_index_range("sparse_infonce", "pos_idx", pos_idx, pos_pool.shape[0], "pos_pool",
+                      check_values)
     be = resolve_backend(backend, dev, "sparse_infonce", NATIVE)
     if be != "reference":
         with _scope(be, dev):

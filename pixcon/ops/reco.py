@@ -73,9 +73,9 @@ def reco_loss(emb, labels, probs, *, mask=None, ignore_index: int = 255,
     if strong_threshold > 1:
         raise ValueError(f"{op}: strong_threshold must be in (0, 1] (a probability; 1 makes "
                          f"every pixel below certainty hard), got {strong_threshold}")
-    chk.check_positive_float(op, "temperature", temperature)
+    chk.check_temperature(op, "temperature", temperature)
     if relation_temperature is not None:
-        chk.check_positive_float(op, "relation_temperature", relation_temperature)
+        chk.check_temperature(op, "relation_temperature", relation_temperature)
     chk.check_positive_int(op, "num_queries", num_queries)
     chk.check_positive_int(op, "num_negatives", num_negatives)
     if reduction not in ("mean", "none"):

@@ -31,7 +31,7 @@ import torch
 from ..reference import common as ref_common
 from ..reference import contrastiveseg as ref
 from . import _library
-from ._common import FLOAT_DTYPES, INT_DTYPES, check_positive_float, check_tensor, resolve_backend
+from ._common import FLOAT_DTYPES, INT_DTYPES, check_temperature, check_tensor, resolve_backend
 
 PARALLEL_WORK = 2**27     # multiply-adds below which a CPU pass runs on one thread (tiled.cpp)
 
@@ -57,7 +57,7 @@ def _check(anchors, anchor_labels, keys, key_labels, temperature, op):
         if key_labels.shape[0] != keys.shape[0]:
             raise ValueError(f"{op}: key_labels must have one entry per key ({keys.shape[0]}), "
                              f"got {key_labels.shape[0]}")
-    check_positive_float(op, "temperature", temperature)
+    check_temperature(op, "temperature", temperature)
 
 
 def _run(anchors, anchor_labels, keys, key_labels, temperature, backend, block, positives, op):

@@ -103,7 +103,7 @@ def u2pl_loss(emb, labels, teacher_probs, teacher_emb, bank, *, num_labeled: int
                     ("negative_threshold", negative_threshold)):
         if not (isinstance(v, (int, float)) and 0.0 <= v <= 1.0):
             raise ValueError(f"{op}: {name} must be a probability in [0, 1], got {v!r}")
-    chk.check_positive_float(op, "temperature", temperature)
+    chk.check_temperature(op, "temperature", temperature)
     chk.check_positive_int(op, "num_queries", num_queries)
     chk.check_positive_int(op, "num_negatives", num_negatives)
     if prototype is not None:

@@ -22,6 +22,7 @@ stacked view-major (row v*T + t is view v of pair t), as the official code does.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from ..core.contrastiveseg import mean_over_anchors
 from . import common as cm
@@ -102,10 +103,12 @@ def contrast_terms(z, y, keys=None, key_labels=None, *, temperature: float):
     pos = same
     if in_batch:
         pos = pos & ~torch.eye(len(y), dtype=torch.bool, device=y.device)
-    m = s.detach().amax(dim=1, keepdim=True).clamp(min=-1e30)      # stabiliser, cancels exactly
-    e = torch.exp(s - m)
-    n = (e * neg).sum(dim=1, keepdim=True)                          # negative mass
-    ell = (s - m) - torch.log(e + n)                                # per-positive log-probability
+    # per-positive log-probability log(e^s_p / (e^s_p + sum_neg e^s_n)) = -softplus(NL - s_p),
+    # NL the negatives' log-sum-exp (-inf without any: the term is 0). The official form
+    # subtracts the row's maximum over every key, the anchor itself included, and underflows
+    # to -inf when that one dominates (a large norm, a small temperature)
+    nl = torch.logsumexp(s.masked_fill(~neg, float("-inf")), dim=1, keepdim=True)
+    ell = -F.softplus(nl - s)
     npos = pos.sum(dim=1)
     a = torch.where(pos, ell, 0.0).sum(dim=1) / npos.clamp(min=1)
     return -a, npos

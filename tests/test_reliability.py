@@ -1,0 +1,113 @@
+"""Nothing silent (issue 30, first items): temperatures where the arithmetic leaves float32 are
+errors on every loss, and an index that would read past a table is an error on every backend
+whatever ``check_values`` says."""
+import pytest
+import torch
+
+from pixcon import ops
+from pixcon.ops import _common
+from pixcon.reference import common as cm
+from pixcon.synthetic import reco_batch
+
+from .conftest import triton_device
+
+BACKENDS = ["reference", "native", pytest.param("triton", marks=pytest.mark.interpret)]
+
+
+def _calls(t):
+    """Every public function with a temperature, called with temperature t."""
+    from tools import smoke
+    cpu = torch.device("cpu")
+    r, cs, cx, cac = (smoke._reco_make(cpu, 0), smoke._cs_make(cpu, 0),
+                      smoke._contextrast_make(cpu, 0), smoke._cac_make(cpu, 0))
+    z = torch.randn(6, 4)
+    y = torch.tensor([0, 0, 1, 1, 2, -1])
+    return {
+        "reco_loss": lambda: ops.reco_loss(r["emb"], r["labels"], r["probs"], temperature=t),
+        "reco_loss relation": lambda: ops.reco_loss(r["emb"], r["labels"], r["probs"],
+                                                    relation_temperature=t),
+        "pixel_contrast_loss": lambda: ops.pixel_contrast_loss(cs["emb"], cs["labels"],
+                                                               cs["pred"], temperature=t,
+                                                               max_samples=40, max_views=6),
+        "dense base": lambda: ops.dense_contrast_loss(cs["emb"], cs["labels"],
+                                                      base_temperature=t),
+        "pixel_anchor_loss": lambda: ops.pixel_anchor_loss(cx["embs"], cx["labels"],
+                                                           cx["logits"], temperature=t,
+                                                           layer_weights=(0.3, 1.0)),
+        "directional_contrast_loss": lambda: ops.directional_contrast_loss(
+            cac["f1"], cac["f2"], cac["l1"], cac["l2"], cac["bank"], cac["lab"], temperature=t),
+        "supervised_contrast": lambda: ops.supervised_contrast(z, y, temperature=t),
+        "sparse_infonce": lambda: ops.sparse_infonce(z, torch.tensor([0]), torch.tensor([1]),
+                                                     torch.tensor([[2, 3]]), temperature=t),
+    }
+
+
+@pytest.mark.parametrize("t", [1e-38, 1e-39, 0.5e-4, float("inf"), float("nan"), 0.0])
+def test_temperatures_outside_float32s_range_are_errors_everywhere(t):
+    for name, call in _calls(t).items():
+        with pytest.raises(ValueError, match="temperature must be"):
+            call()
+
+
+def test_the_smallest_temperature_is_finite():
+    for name, call in _calls(_common.MIN_TEMPERATURE).items():
+        out = call()
+        out = out[0] if isinstance(out, tuple) else out
+        assert torch.isfinite(out).all(), name
+
+
+def _negatives_case(dev):
+    lab = torch.tensor([0, 0, 1, 1, 2, 2, 2]).to(dev)
+    present = torch.ones(3, dtype=torch.bool, device=dev)
+    cdf = cm.relation_cdf(torch.randn(3, 4).to(dev), present, 0.5)
+    return lab, cdf
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("check_values", [True, False])
+def test_a_row_class_past_the_table_is_an_error_on_every_backend(backend, check_values):
+    dev = triton_device() if backend == "triton" else torch.device("cpu")
+    lab, cdf = _negatives_case(dev)
+    good = torch.tensor([0, 2, -1], device=dev)
+    ops.sample_negatives(good, cdf, lab, 4, 7, backend=backend, check_values=check_values)
+    for bad in (3, 100, -2):
+        row_class = torch.tensor([0, bad], device=dev)
+        with pytest.raises((ValueError, RuntimeError), match="row_class"):
+            ops.sample_negatives(row_class, cdf, lab, 4, 7, backend=backend,
+                                 check_values=check_values)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_infonce_indices_are_guarded_with_value_checks_off(backend):
+    dev = triton_device() if backend == "triton" else torch.device("cpu")
+    emb, _, _ = reco_batch(1, 4, 3, 3, num_classes=2, present=2, seed=0)
+    pool = emb.to(dev)
+    q, p = torch.tensor([0, 4], device=dev), torch.tensor([1, 2], device=dev)
+    for name, neg in (("neg_idx", torch.tensor([[3, 9], [5, 6]])),       # 9 rows: 9 is past
+                      ("neg_idx", torch.tensor([[3, -2], [5, 6]]))):
+        with pytest.raises(RuntimeError, match=name):
+            ops.sparse_infonce(pool, q, p, neg.to(dev), temperature=0.5, backend=backend,
+                               check_values=False)
+    with pytest.raises(ValueError, match="q_idx must hold row indices"):
+        ops.sparse_infonce(pool, torch.tensor([0, 9], device=dev), p,
+                           torch.tensor([[3, 4], [5, 6]], device=dev), temperature=0.5,
+                           backend=backend, check_values=True)
+
+
+def test_the_reference_contrast_is_finite_where_the_loss_is():
+    """The reference's per-positive terms come from the negatives' log-sum-exp: no row maximum
+    dominated by the anchor itself underflows them to -inf (an un-normalised case whose loss is
+    about 95.8, and unit rows at t = 0.005); equal to the compiled kernel's."""
+    g = torch.Generator().manual_seed(3)
+    y = torch.tensor([0, 0, 1, 1, 2, 2, 0, 1])
+    for z, t in ((3 * torch.randn(8, 4, generator=g), 0.1),
+                 (torch.nn.functional.normalize(torch.randn(8, 4, generator=g), dim=1), 0.005)):
+        ref, n_ref = ops.supervised_contrast(z, y, temperature=t, backend="reference")
+        nat, n_nat = ops.supervised_contrast(z, y, temperature=t, backend="native")
+        assert torch.isfinite(ref).all() and torch.equal(n_ref, n_nat)
+        assert torch.allclose(ref, nat, rtol=1e-5, atol=1e-4), (ref, nat)
+    emb = 5 * torch.randn(2, 4, 6, 6, generator=g)
+    labels = torch.randint(0, 3, (2, 6, 6), generator=g)
+    ref = ops.dense_contrast_loss(emb, labels, backend="reference")
+    nat = ops.dense_contrast_loss(emb, labels, backend="native")
+    assert torch.isfinite(ref) and torch.allclose(ref, nat, rtol=1e-5)
