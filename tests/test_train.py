@@ -528,8 +528,37 @@ def test_viz_cli_on_a_missing_or_wrong_file(tmp_path, capsys):
     (tmp_path / "junk.pt").write_text("not a checkpoint")
     assert viz.main([str(tmp_path / "junk.pt")]) == 2
     err = capsys.readouterr().err
-    assert err.count("is not a checkpoint written by pixcon.train") == 2
+    assert "no checkpoint at" in err and "nothing.pt" in err
+    assert err.count("is not a checkpoint written by pixcon.train") == 1
     assert "Traceback" not in err
+
+
+def test_checkpoint_faults_are_errors_naming_the_file(tmp_path):
+    """A flipped byte, an empty or foreign file, --resume without a checkpoint, an --out that
+    cannot hold files and a save that cannot be written: each a clear error naming the path
+    (issue 30 item 5); a good checkpoint round-trips."""
+    from pixcon.workbench.checkpoint import read_checkpoint, write_checkpoint
+    good = tmp_path / "good.pt"
+    write_checkpoint({"step": 3, "w": torch.arange(5.0)}, str(good))
+    assert read_checkpoint(str(good))["step"] == 3
+    data = bytearray(good.read_bytes())
+    data[-20] ^= 0x10                                     # one bit of the payload
+    bad = tmp_path / "flipped.pt"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="flipped.pt is damaged"):
+        read_checkpoint(str(bad))
+    for name, content in (("empty.pt", b""), ("random.pt", bytes(range(256)) * 4)):
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(ValueError, match=f"{name} is not a checkpoint written by"):
+            read_checkpoint(str(tmp_path / name))
+    with pytest.raises(OSError, match="could not write the checkpoint"):
+        write_checkpoint({"step": 1}, str(tmp_path / "no" / "such" / "dir.pt"))
+    assert not list((tmp_path).glob("**/*.tmp"))
+    with pytest.raises(FileNotFoundError, match="--resume: no checkpoint at .*run without"):
+        Trainer(Config(**TINY_CFG, out=str(tmp_path / "fresh"), resume=True))
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(OSError, match="--out .*afile/sub is not writable"):
+        Trainer(Config(**TINY_CFG, out=str(tmp_path / "afile" / "sub")))
 
 
 def test_without_matplotlib_core_and_trainer_run_and_pictures_say_why(tmp_path):

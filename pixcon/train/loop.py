@@ -26,6 +26,7 @@ from ..nn import ContextrastLoss, NegativeBank
 from . import metrics
 from . import semisup as ss
 from ..workbench import protocols
+from ..workbench.checkpoint import read_checkpoint, write_checkpoint
 from ..workbench.config import Config
 from ..workbench.data import load_dataset, normalize_images, same_size_batches, upsample
 from ..workbench.model import DeepLabV3Plus
@@ -137,7 +138,12 @@ class Trainer:
         self.teacher = ss.MeanTeacher(self.student) \
             if cfg.mode == "semi" and cfg.loss != "cac" else None
         self.step, self.history, self.evals = 0, [], []
-        if cfg.resume and os.path.isfile(self.ckpt_path):
+        if cfg.out:
+            _check_writable(cfg.out)
+        if cfg.resume:                    # on purpose: a missing checkpoint is an error
+            if not os.path.isfile(self.ckpt_path):
+                raise FileNotFoundError(f"--resume: no checkpoint at {self.ckpt_path} (run "
+                                        "without --resume to start fresh)")
             self.load(self.ckpt_path)
 
     def _ddp(self, module):
@@ -338,12 +344,10 @@ class Trainer:
                  "extra": self.extra.state_dict() if self.extra is not None else None,
                  "bank": self.bank.state_dict() if self.bank is not None else None,
                  "history": self.history, "evals": self.evals}
-        tmp = f"{path}.tmp"
-        torch.save(state, tmp)
-        os.replace(tmp, path)
+        write_checkpoint(state, path)
 
     def load(self, path):
-        state = torch.load(path, map_location=self.device, weights_only=False)
+        state = read_checkpoint(path, map_location=self.device)
         saved = state["config"]
         for k in ("dataset", "mode", "loss", "seed", "steps", "backbone", "num_labels", "partial"):
             if saved[k] != getattr(self.cfg, k):
@@ -358,6 +362,19 @@ class Trainer:
         if self.bank is not None and state.get("bank") is not None:
             self.bank.load_state_dict(state["bank"])
         self.step, self.history, self.evals = state["step"], state["history"], state["evals"]
+
+
+def _check_writable(out: str):
+    """--out exists (made if needed) and takes files, checked before the first step."""
+    try:
+        os.makedirs(out, exist_ok=True)
+        probe = os.path.join(out, ".pixcon-write-test")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise OSError(e.errno, f"--out {out} is not writable: {e.strerror or e} (checkpoints "
+                      "and reports go there; choose another folder or --no-save)") from e
 
 
 def train(cfg: Config, **datasets) -> dict:

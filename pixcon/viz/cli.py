@@ -29,7 +29,8 @@ def load_checkpoint(path, which: str = "teacher", device="cpu"):
     from ..nn import ContextrastLoss
     from ..workbench.config import Config
     from ..workbench.model import DeepLabV3Plus
-    state = torch.load(path, map_location=device, weights_only=False)
+    from ..workbench.checkpoint import read_checkpoint
+    state = read_checkpoint(path, map_location=device)
     cfg = Config(**state["config"])
     weights = state["teacher"]["model"] if (which == "teacher" and state["teacher"]) \
         else state["student"]
@@ -120,8 +121,10 @@ def main(argv=None):
     for path in [a.checkpoint, *a.compare]:
         try:
             runs[path] = load_checkpoint(path, a.model, a.device)
-        except (OSError, RuntimeError, KeyError, TypeError, EOFError,
-                pickle.UnpicklingError) as e:
+        except (OSError, ValueError) as e:          # missing, foreign or damaged: it says so
+            print(f"pixcon.viz: {e}", file=sys.stderr)
+            return 2
+        except (RuntimeError, KeyError, TypeError, EOFError, pickle.UnpicklingError) as e:
             first = str(e).splitlines()[0] if str(e) else ""
             print(f"pixcon.viz: {path} is not a checkpoint written by pixcon.train "
                   f"({type(e).__name__}: {first})", file=sys.stderr)
