@@ -80,6 +80,11 @@ def class_sums(x: torch.Tensor, lab: torch.Tensor, num_classes: int, rows: bool 
     T, TPI, G, tiles_per_prog = pixel_tiles(P, HW, BLOCK_P, min(512 if gpu else 4,
                                                               (8 << 20) // max(C * D, 1)))
     out_dt = torch_acc_dtype(x.dtype)
+    if P == 0:            # no pixel: no launch (a masked load from an empty tensor is invalid)
+        sums = torch.zeros(C, D, dtype=out_dt, device=x.device)
+        counts = torch.zeros(C, dtype=torch.int64, device=x.device)
+        return (sums, counts, torch.empty(0, D, dtype=x.dtype, device=x.device)) if rows \
+            else (sums, counts)
     part = torch.empty(G, C, D, dtype=out_dt, device=x.device)
     cnt = torch.empty(G, C, dtype=torch.int32, device=x.device)
     out_rows = torch.empty(P if rows else 0, D, dtype=x.dtype, device=x.device)

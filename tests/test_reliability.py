@@ -111,3 +111,51 @@ def test_the_reference_contrast_is_finite_where_the_loss_is():
     ref = ops.dense_contrast_loss(emb, labels, backend="reference")
     nat = ops.dense_contrast_loss(emb, labels, backend="native")
     assert torch.isfinite(ref) and torch.allclose(ref, nat, rtol=1e-5)
+
+
+def _empty_cases(dev):
+    i64 = dict(dtype=torch.long, device=dev)
+    cdf = cm.relation_cdf(torch.randn(3, 4).to(dev), torch.ones(3, dtype=torch.bool,
+                                                                  device=dev), 0.5)
+    return {
+        "class_means rows": lambda be: ops.class_means(torch.zeros(0, 4, device=dev),
+                                                       torch.zeros(0, **i64), 3, backend=be),
+        "class_means map": lambda be: ops.class_means(torch.zeros(0, 4, 3, 3, device=dev),
+                                                      torch.zeros(0, **i64), 3, backend=be),
+        "sparse_infonce M=0": lambda be: ops.sparse_infonce(
+            torch.randn(5, 4, device=dev), torch.zeros(0, **i64), torch.zeros(0, **i64),
+            torch.zeros(0, 3, **i64), temperature=0.5, backend=be),
+        "sparse_infonce N=0": lambda be: ops.sparse_infonce(
+            torch.randn(5, 4, device=dev), torch.tensor([1], device=dev),
+            torch.tensor([2], device=dev), torch.zeros(1, 0, **i64), temperature=0.5,
+            backend=be),
+        "sample_negatives": lambda be: ops.sample_negatives(
+            torch.zeros(0, **i64), cdf, torch.zeros(0, **i64), 4, 1, backend=be),
+        "sample_hard_queries": lambda be: ops.sample_hard_queries(
+            torch.zeros(0, **i64), torch.zeros(0, dtype=torch.bool, device=dev), 3, 4, 1,
+            backend=be),
+        "distance_transform B=0": lambda be: ops.distance_transform(
+            torch.zeros(0, 5, 5, **i64), backend=be),
+        "distance_transform W=0": lambda be: ops.distance_transform(
+            torch.zeros(2, 5, 0, **i64), backend=be),
+        "supervised_contrast": lambda be: ops.supervised_contrast(
+            torch.zeros(0, 4, device=dev), torch.zeros(0, **i64), temperature=0.5, backend=be),
+        "philox": lambda be: ops.philox(torch.zeros(0, **i64), 1, 1, backend=be),
+    }
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_inputs_give_empty_or_zero_answers_on_every_backend(backend):
+    """No crash on empty inputs (issue 30 item 2): the Triton class sums launched on zero
+    pixels read from an empty tensor (a segfault under the interpreter) and the reference
+    sampler indexed an empty order. Documented: an empty input gives an empty result, class
+    statistics of zeros, samples of -1."""
+    dev = triton_device() if backend == "triton" else torch.device("cpu")
+    for name, call in _empty_cases(dev).items():
+        out = call(backend)
+        out = out if isinstance(out, tuple) else (out,)
+        assert all(torch.isfinite(o.float()).all() for o in out), name
+        if name.startswith("class_means"):
+            assert not out[0].any() and not out[1].any(), name
+        if name == "sample_hard_queries":
+            assert bool((out[0] == -1).all()), name

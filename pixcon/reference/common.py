@@ -28,8 +28,10 @@ def class_sums(rows: torch.Tensor, lab: torch.Tensor, num_classes: int):
 def pick_in_class(order, offsets, counts, cls, r):
     """The pixel chosen by 32-bit draws r uniformly (with replacement) within class cls:
     order[offsets[cls] + (r * counts[cls]) >> 32] (clamped into order for empty classes,
-    whose picks the caller discards)."""
-    return order[(offsets[cls] + uniform_index(r, counts[cls])).clamp(max=max(len(order) - 1, 0))]
+    whose picks the caller discards; -1 everywhere when no item is in any class)."""
+    if len(order) == 0:
+        return torch.full(cls.shape, -1, dtype=order.dtype, device=order.device)
+    return order[(offsets[cls] + uniform_index(r, counts[cls])).clamp(max=len(order) - 1)]
 
 
 def negative_lse(z, y, keys=None, key_labels=None, *, temperature: float):
