@@ -1,6 +1,6 @@
 """Every command line's --help shows every default: each option either prints its default
-("(default: ...)", added by pixcon._cli.HelpFormatter) or, where the default is None or False,
-says in its help what happens when it is left out."""
+("(default: ...)", added by pixcon._cli.HelpFormatter) or, where the default is None or False
+or the option is a flag, says in its help what happens when it is left out."""
 import argparse
 import importlib
 import sys
@@ -54,7 +54,10 @@ def test_help_shows_every_default(module, monkeypatch):
             if not act.option_strings or act.default is argparse.SUPPRESS or act.dest == "help":
                 continue
             assert act.help, f"{module} {p.prog}: {act.option_strings[0]} has no help"
-            if act.default not in (None, False):
+            flag = isinstance(act, (argparse._StoreTrueAction, argparse._StoreFalseAction))
+            if flag:                # a flag's default is its absence: no "(default: True)"
+                assert "%(default)" not in HelpFormatter(p.prog)._get_help_string(act)
+            elif act.default not in (None, False):
                 shown = HelpFormatter(p.prog)._get_help_string(act)
                 assert "(default: %(default)s)" in shown, act.option_strings[0]
                 assert f"(default: {act.default}" in " ".join(text.split()), act.option_strings[0]

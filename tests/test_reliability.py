@@ -159,3 +159,41 @@ def test_empty_inputs_give_empty_or_zero_answers_on_every_backend(backend):
             assert not out[0].any() and not out[1].any(), name
         if name == "sample_hard_queries":
             assert bool((out[0] == -1).all()), name
+
+
+def test_nan_scores_that_an_op_argmaxes_are_errors():
+    """Logits with a NaN were argmaxed silently (issue 30 item 1): with the value checks on
+    (CPU default) each op that takes an argmax names the argument."""
+    from tools import smoke
+    cpu = torch.device("cpu")
+    cs, cx, cac = smoke._cs_make(cpu, 0), smoke._contextrast_make(cpu, 0), smoke._cac_make(cpu, 0)
+    nan_logits = cx["logits"].clone()
+    nan_logits[0, 1, 2, 3] = float("nan")
+    with pytest.raises(ValueError, match="pixel_anchor_loss: pred contains NaN"):
+        ops.pixel_anchor_loss(cx["embs"], cx["labels"], nan_logits, layer_weights=(0.3, 1.0))
+    with pytest.raises(ValueError, match="bane_negatives: pred contains NaN"):
+        ops.bane_negatives(cx["labels"], nan_logits, 5)
+    B, _, h, w = cs["emb"].shape
+    scores = torch.randn(B, 4, h, w)
+    scores[1, 0, 0, 0] = float("inf")
+    with pytest.raises(ValueError, match="pixel_contrast_loss: predict contains NaN or Inf"):
+        ops.pixel_contrast_loss(cs["emb"], cs["labels"], scores)
+    l1 = cac["l1"].clone()
+    l1[3, 2] = float("nan")
+    with pytest.raises(ValueError, match="directional_contrast_loss: logits1 contains NaN"):
+        ops.directional_contrast_loss(cac["f1"], cac["f2"], l1, cac["l2"], cac["bank"],
+                                      cac["lab"])
+    # off (as on CUDA), it is the documented gap: no host read
+    ops.pixel_anchor_loss(cx["embs"], cx["labels"], nan_logits, layer_weights=(0.3, 1.0),
+                          check_values=False)
+
+
+def test_overlap_boxes_outside_the_crop_are_errors():
+    maps = torch.randn(2, 3, 4, 4)                       # a 32 x 32 crop at stride 8
+    ok = torch.tensor([[0, 0, 16, 16], [8, 8, 32, 32]])
+    a, b = ops.overlap_rows(maps, maps, ok, ok)
+    assert a.shape == (4 + 9, 3) and b.shape == a.shape
+    for bad in ([0, 0, 40, 16], [-8, 0, 8, 8], [8, 8, 8, 16], [0, 4, 16, 16]):
+        boxes = torch.tensor([bad, [8, 8, 32, 32]])
+        with pytest.raises(ValueError, match=r"overlap_rows: boxes1\[0\]"):
+            ops.overlap_rows(maps, maps, boxes, ok)

@@ -148,7 +148,7 @@ def check_positive_int(op: str, name: str, v, upper: int | None = None):
 def check_positive_float(op: str, name: str, v):
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0 or \
             not math.isfinite(v):
-        raise ValueError(f"{op}: {name} must be a positive finite number, got {v!r}")
+        raise ValueError(f"{op}: {name} must be a positive number, and finite; got {v!r}")
 
 
 # Logits are cos / t with |cos| <= 1: at t = 1e-4 they reach 1e4, whose exp overflows in any
@@ -244,6 +244,15 @@ def guard_index_range(op: str, name: str, idx, upper: int, what: str, check_valu
     if idx.numel() and not torch.compiler.is_compiling():
         torch._assert_async(((idx >= -1) & (idx < upper)).all(),
                             f"{op}: {name} holds an index outside [-1, {upper}) ({what})")
+
+
+def check_finite_scores(op: str, name: str, scores, check_values=None):
+    """Data check (host sync, with the value checks): logits or probabilities that an op
+    argmaxes must be finite; a NaN would pick an arbitrary class silently."""
+    if scores.is_floating_point() and want_value_checks(check_values, scores.device) and \
+            not bool(torch.isfinite(scores).all()):
+        raise ValueError(f"{op}: {name} contains NaN or Inf (its argmax would pick an arbitrary "
+                         "class)")
 
 
 def check_index_range(op: str, name: str, idx, upper: int, what: str):

@@ -80,6 +80,8 @@ def directional_contrast_loss(feat1, feat2, logits1, logits2, negatives, negativ
             raise ValueError(f"{op}: {name} must have n = {n} rows like feat1, got {x.shape[0]}")
     if logits2.shape[1] != logits1.shape[1]:
         raise ValueError(f"{op}: logits1 and logits2 must have the same number of classes")
+    chk.check_finite_scores(op, "logits1", logits1)
+    chk.check_finite_scores(op, "logits2", logits2)
     chk.check_tensor(op, "negatives", negatives, ndim=2, dtypes=chk.FLOAT_DTYPES, device=dev,
                      kind="(N, D)", like="feat1")
     if negatives.shape[1] != D:
@@ -150,6 +152,18 @@ def _cac_fused(feat1, feat2, logits1, logits2, negatives, negative_labels, *, po
     return torch.stack(out) if reduction == "none" else out[0] + out[1]
 
 
+def _check_box(name, b, box, hw, stride):
+    """An overlap box inside its crop's map: 0 <= top < bottom <= h * stride (the same for
+    left/right), every side a multiple of ``stride``. A box outside gave 0 or truncated rows."""
+    t, l, btm, r = box
+    h, w = hw
+    if any(x % stride for x in box) or not (0 <= t < btm <= h * stride and
+                                             0 <= l < r <= w * stride):
+        raise ValueError(f"overlap_rows: {name}[{b}] = {tuple(box)} must be (top, left, bottom, "
+                         f"right) multiples of stride {stride} inside the crop's "
+                         f"{h * stride} x {w * stride} pixels, top < bottom and left < right")
+
+
 def overlap_rows(maps1, maps2, boxes1, boxes2, flips1=None, flips2=None, *, stride: int = 8):
     """Cut the aligned overlap rows out of two views' full maps.
 
@@ -174,6 +188,7 @@ def overlap_rows(maps1, maps2, boxes1, boxes2, flips1=None, flips2=None, *, stri
             chk.check_tensor("overlap_rows", f"maps{v + 1}", m, ndim=4, kind="(B, X, h, w)")
             parts = []
             for b in range(B):
+                _check_box(f"boxes{v + 1}", b, boxes[v][b], m.shape[2:], stride)
                 t, l, btm, r = (x // stride for x in boxes[v][b])
                 x = m[b].flip(-1) if flips[v][b] else m[b]
                 parts.append(x[:, t:btm, l:r].reshape(x.shape[0], -1).T)

@@ -17,11 +17,12 @@ from .edt import edt, edt_pyramid
 READINGS = ("R1", "R2")
 
 
-def _pred_labels(pred, num_classes, op):
+def _pred_labels(pred, num_classes, op, check_values=None):
     """(B, C, H, W) scores -> argmax labels; (B, H, W) integer labels pass through."""
     if pred.dim() == 4:
         if pred.shape[1] != num_classes:
             raise ValueError(f"{op}: pred has {pred.shape[1]} classes, expected {num_classes}")
+        chk.check_finite_scores(op, "pred", pred, check_values)
         return pred.argmax(dim=1)
     return pred.to(torch.int64)
 
@@ -176,7 +177,7 @@ def pixel_anchor_loss(embs, labels, pred, *, num_classes: int | None = None,
         for i, e in enumerate(embs):
             chk.check_pixel_values(op, e, labels, C, ignore_index, name=f"embs[{i}]")
     be = chk.resolve_backend(backend, embs[0].device, op, ("reference", "triton", "native"))
-    pred_labels = _pred_labels(pred, C, op)
+    pred_labels = _pred_labels(pred, C, op, check_values)
     kw = dict(w_low=w_low, w_high=w_high, layer_weights=layer_weights, temperature=temperature,
               ks=ks, ignore_index=ignore_index, normalize=normalize,
               detach_anchors=detach_anchors, reading=reading,

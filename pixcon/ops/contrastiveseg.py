@@ -31,7 +31,7 @@ def _backend(backend, device, op):
     return chk.resolve_backend(backend, device, op, BACKENDS)
 
 
-def _predictions(op, predict, B, h, w):
+def _predictions(op, predict, B, h, w, check_values=None):
     """(B, h, w) integer predictions: predict as given (integer map at feature or image
     resolution) or the argmax over classes of (B, C, h, w) logits/probabilities."""
     chk.check_tensor(op, "predict", predict, ndim=(3, 4), dtypes=chk.INT_DTYPES + chk.FLOAT_DTYPES)
@@ -40,6 +40,7 @@ def _predictions(op, predict, B, h, w):
             raise ValueError(f"{op}: a 4-D predict must be (B, C, h, w) = ({B}, C, {h}, {w}) "
                              f"float logits or probabilities, got {tuple(predict.shape)} "
                              f"{predict.dtype}")
+        chk.check_finite_scores(op, "predict", predict, check_values)
         predict = predict.detach().argmax(dim=1)
     elif predict.dtype not in chk.INT_DTYPES:
         raise TypeError(f"{op}: a 3-D predict must be an integer class map (the argmax of the "
@@ -199,7 +200,7 @@ def pixel_contrast_loss(emb, labels, predict, *, ignore_index: int = 255, max_sa
     chk.check_positive_int(op, "max_samples", max_samples, upper=2**24)
     chk.check_positive_int(op, "max_views", max_views)
     B, D, h, w = emb.shape
-    pred = _predictions(op, predict, B, h, w)
+    pred = _predictions(op, predict, B, h, w, check_values)
     if pred.device != emb.device:
         raise ValueError(f"{op}: predict is on {pred.device} but emb is on {emb.device}")
     seed = draw_seed(seed, op)
