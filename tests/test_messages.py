@@ -96,3 +96,41 @@ def test_a_loss_that_selected_nothing_says_which_setting_once(monkeypatch):
         warnings.simplefilter("error")
         warnings.filterwarnings("ignore", category=pixcon.SelectedNothingWarning)
         directional_contrast_loss(f1, f2, flat, flat, bank, blab)      # silenced by category
+
+
+def test_reco_and_u2pl_say_which_setting_selected_nothing(monkeypatch):
+    """Issue 31 item 4, its other two losses: ReCo on a confident network (every labelled
+    pixel's own-class probability at or above strong_threshold: no hard query) and U2PL on an
+    untrained teacher (no reliable pixel above anchor_threshold): an exact 0 and one warning
+    naming the setting; a setting that selects something is silent."""
+    import warnings
+
+    import pixcon
+    from pixcon.nn import UnreliableBank
+    from pixcon.ops import _common, reco_loss, u2pl_loss, u2pl_masks
+    monkeypatch.setattr(_common, "_WARNED", set())
+    g = torch.Generator().manual_seed(1)
+    emb = torch.randn(2, 8, 6, 6, generator=g, requires_grad=True)
+    labels = torch.randint(0, 3, (2, 6, 6), generator=g)
+    sure = torch.nn.functional.one_hot(labels, 3).permute(0, 3, 1, 2).float() * 0.999 + 0.0003
+    with pytest.warns(pixcon.SelectedNothingWarning, match="strong_threshold=0.97"):
+        loss = reco_loss(emb, labels, sure, num_queries=4, num_negatives=8, seed=0)
+    assert loss.item() == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loss = reco_loss(emb, labels, sure, num_queries=4, num_negatives=8, seed=0,
+                         strong_threshold=1.0)        # every pixel below 1: hard, no warning
+    assert loss.item() > 0
+    flat = torch.full((2, 3, 6, 6), 1 / 3)               # an untrained teacher
+    rel, unrel = u2pl_masks(flat, labels, 1, 20.0)
+    bank = UnreliableBank(3, 8, size=10)
+    with pytest.warns(pixcon.SelectedNothingWarning, match="anchor_threshold=0.5"):
+        loss = u2pl_loss(emb, labels, flat, emb.detach(), bank, num_labeled=1, reliable=rel,
+                         unreliable=unrel, anchor_threshold=0.5, num_queries=4,
+                         num_negatives=3, seed=0)
+    assert loss.item() == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        u2pl_loss(emb, labels, flat, emb.detach(), bank, num_labeled=1, reliable=rel,
+                  unreliable=unrel, anchor_threshold=0.3, num_queries=4, num_negatives=3,
+                  seed=0)                              # 1/3 > 0.3: anchors exist

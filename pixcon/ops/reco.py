@@ -87,6 +87,17 @@ def reco_loss(emb, labels, probs, *, mask=None, ignore_index: int = 255,
     if chk.want_value_checks(check_values, emb.device):
         chk.check_pixel_values(op, emb, labels, C, ignore_index, probs)
     seed = draw_seed(seed, op)
+
+    def no_hard_pixel():                 # labelled pixels exist, none below the threshold
+        h, w = emb.shape[2:]
+        lab = cm.pixel_labels(labels, (h, w), C, ignore_index, mask)
+        return (lab >= 0).any() & ~cm.hard_pixels(probs, lab, strong_threshold).any()
+
+    chk.warn_selected_nothing(
+        op, f"strong_threshold={strong_threshold}", no_hard_pixel, emb.device, check_values,
+        "every labelled pixel's probability of its own class is at or above it, so there is no "
+        "hard query (a confident network: ReCo contrasts hard pixels only, as the paper; raise "
+        "it, e.g. 0.99)")
     be = chk.resolve_backend(backend, emb.device, op, ("reference", "triton", "native"))
     kw = dict(ignore_index=ignore_index, strong_threshold=strong_threshold,
               temperature=temperature, num_queries=num_queries, num_negatives=num_negatives,

@@ -119,6 +119,18 @@ def u2pl_loss(emb, labels, teacher_probs, teacher_emb, bank, *, num_labeled: int
         chk.check_pixel_values(op, emb, labels, C, ignore_index, probs=teacher_probs)
     gt = cm.pixel_labels(labels, (h, w), C, ignore_index)
 
+    def no_anchor():                     # positives exist, but no pixel passes the threshold
+        prob = teacher_probs.permute(0, 2, 3, 1).reshape(-1, C).float()
+        V, A, _ = steps.class_masks(gt, prob, rel, unrel, num_labeled, h * w, low_rank=low_rank,
+                                    high_rank=high_rank, anchor_threshold=anchor_threshold,
+                                    negative_threshold=negative_threshold, official=official)
+        return V.any() & ~A.any()
+
+    chk.warn_selected_nothing(
+        op, f"anchor_threshold={anchor_threshold}", no_anchor, dev, check_values,
+        "no reliable pixel's teacher probability of its own class is above it (an untrained "
+        "teacher; lower it, or warm up with the supervised loss first as the paper does)")
+
     def fused_contrast(emb, a_idx, pos, keys, neg_idx, t):
         slots = torch.arange(a_idx.numel(), device=dev)
         return prim.infonce(emb, a_idx, slots, neg_idx, t, pos, keys=keys.to(emb.dtype))
