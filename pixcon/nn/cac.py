@@ -161,12 +161,12 @@ class DirectionalContrastLoss(torch.nn.Module):
     """
 
     def __init__(self, in_channels: int = 256, dim: int = 128, *, weight: float = 0.1,
-                 stride: int = 8, projector: bool = True, **kwargs):
+                 stride: int = 8, projector: bool = True, **loss_switches):
         super().__init__()
         self.projector = torch.nn.Sequential(
             torch.nn.Conv2d(in_channels, in_channels, 1), torch.nn.ReLU(inplace=True),
             torch.nn.Conv2d(in_channels, dim, 1)) if projector else None
-        self.weight, self.stride, self.kwargs = weight, stride, kwargs
+        self.weight, self.stride, self.kwargs = weight, stride, loss_switches
 
     def project(self, enc):
         return F.normalize(enc if self.projector is None else self.projector(enc), dim=1)
