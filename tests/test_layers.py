@@ -115,3 +115,17 @@ def test_the_check_sees_a_violation(tmp_path):
     names = _imports("pixcon.ops.x", str(src))
     assert "pixcon.train" in names and "pixcon.train.loop" in names
     assert _unit("pixcon.train.loop")[0] > _unit("pixcon.ops.x")[0]
+
+
+def test_every_package_is_installed():
+    """pyproject.toml lists the packages a wheel carries: every folder of pixcon/ and
+    pixcon_kernels/ with an __init__.py is among them (an editable install would not notice
+    one missing; a wheel would lack it)."""
+    import tomllib
+    listed = set(tomllib.load(open(os.path.join(ROOT, "pyproject.toml"), "rb"))
+                 ["tool"]["setuptools"]["packages"])
+    found = {os.path.relpath(d, ROOT).replace(os.sep, ".")
+             for pkg in ("pixcon", "pixcon_kernels")
+             for d, _, files in os.walk(os.path.join(ROOT, pkg)) if "__init__.py" in files}
+    assert found == listed, f"in the tree, not listed: {found - listed}; listed, not in the " \
+                            f"tree: {listed - found}"
