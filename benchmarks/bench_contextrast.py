@@ -64,12 +64,7 @@ def run(size="cpu", providers=PROVIDERS, device=None, reps=3, out=None, verbose=
                                      layer_weights=(0.1, 0.3, 0.7, 1.0)[-len(embs):],
                                      check_values=False)
 
-        def step():
-            for e in embs:
-                e.grad = None
-            loss = loss_fn()
-            loss.backward()
-            return loss
+        step = pb.fwd_bwd_step(embs, loss_fn)
 
         ms, peak, saved, loss = pb.measure(step, loss_fn, device, reps,
                                            embs + [labels, logits])

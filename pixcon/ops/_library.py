@@ -192,10 +192,11 @@ def _infonce_backward(ctx, grad_loss, _glse, _gv, _gc):
     if ctx.direction:                # the forward kept each query's direction: scale, scatter
         dq = _query_grads_from_direction(grad_loss, pool, pos_pool, q_idx, pos_idx, loss, lse,
                                          v, cbar, ctx.temperature, EPS)
-        return (_scatter(dq, q_idx, pool).to(pool.dtype),) + (None,) * 8
-    with _scope(ctx):
-        dq, dk, dpos = sparse_infonce_backward(grad_loss, pool, pos_pool, q_idx, pos_idx,
-                                               neg_idx, lse, ctx.temperature, ctx.key_grad, keys)
+    else:
+        with _scope(ctx):
+            dq, dk, dpos = sparse_infonce_backward(grad_loss, pool, pos_pool, q_idx, pos_idx,
+                                                   neg_idx, lse, ctx.temperature, ctx.key_grad,
+                                                   keys)
     if not ctx.key_grad:
         return (_scatter(dq, q_idx, pool).to(pool.dtype),) + (None,) * 8
     dpool = _add_query_grads(dk, dq, q_idx, pool)

@@ -169,8 +169,7 @@ def sample_hard_queries(lab: torch.Tensor, hard: torch.Tensor, num_classes: int,
             return hard_queries(lab, hard, num_classes, num_queries, seed)
     order, offsets, counts = cm.group_by_class(torch.where(hard, lab, -1), num_classes)
     rows = torch.arange(num_classes, device=lab.device)
-    return sample_in_groups(order, offsets, counts, rows, num_queries, seed, STREAM_QUERY,
-                            backend=be)
+    return reference_groups_sample(order, offsets, counts, rows, num_queries, seed, STREAM_QUERY)
 
 
 def sample_in_groups(order, offsets, counts, row_group, per_row: int, seed: int, stream: int, *,
@@ -184,6 +183,11 @@ def sample_in_groups(order, offsets, counts, row_group, per_row: int, seed: int,
     if be != "reference":
         with _scope(be, order.device):
             return groups_sample(order, offsets, counts, row_group, per_row, seed, stream)
+    return reference_groups_sample(order, offsets, counts, row_group, per_row, seed, stream)
+
+
+def reference_groups_sample(order, offsets, counts, row_group, per_row, seed, stream):
+    """sample_in_groups' reference: torch's Philox and the pick within a group."""
     R = row_group.numel()
     r = philox4x32(torch.arange(R, device=order.device)[:, None] * per_row
                    + torch.arange(per_row, device=order.device), seed, stream)

@@ -88,17 +88,17 @@ def reco_loss(emb, labels, probs, *, mask=None, ignore_index: int = 255,
         chk.check_pixel_values(op, emb, labels, C, ignore_index, probs)
     seed = draw_seed(seed, op)
 
-    def no_hard_pixel():                 # labelled pixels exist, none below the threshold
-        h, w = emb.shape[2:]
-        lab = cm.pixel_labels(labels, (h, w), C, ignore_index, mask)
-        return (lab >= 0).any() & ~cm.hard_pixels(probs, lab, strong_threshold).any()
-
+    be = chk.resolve_backend(backend, emb.device, op, ("reference", "triton", "native"))
+    lab = hard = None                    # the fused path's, read by the warning too
+    if be != "reference" or chk.want_value_checks(check_values, emb.device):
+        lab = cm.pixel_labels(labels, emb.shape[2:], C, ignore_index, mask)   # (P,), -1 invalid
+        hard = cm.hard_pixels(probs, lab, strong_threshold)                  # prob(own) < t
     chk.warn_selected_nothing(
-        op, f"strong_threshold={strong_threshold}", no_hard_pixel, emb.device, check_values,
+        op, f"strong_threshold={strong_threshold}", lambda: (lab >= 0).any() & ~hard.any(),
+        emb.device, check_values,
         "every labelled pixel's probability of its own class is at or above it, so there is no "
         "hard query (a confident network: ReCo contrasts hard pixels only, as the paper; raise "
         "it, e.g. 0.99)")
-    be = chk.resolve_backend(backend, emb.device, op, ("reference", "triton", "native"))
     kw = dict(ignore_index=ignore_index, strong_threshold=strong_threshold,
               temperature=temperature, num_queries=num_queries, num_negatives=num_negatives,
               seed=seed, relation_temperature=relation_temperature, reduction=reduction,
@@ -106,11 +106,12 @@ def reco_loss(emb, labels, probs, *, mask=None, ignore_index: int = 255,
     if be == "reference":
         return reference.reco_loss(emb, labels, probs, mask, **kw)
     with lib.kernels(be, emb.device):
-        return _reco_fused(emb, labels, probs, mask, **kw)
+        return _reco_fused(emb, labels, probs, mask, lab=lab, hard=hard, **kw)
 
 
 def _reco_fused(emb, labels, probs, mask, *, ignore_index, strong_threshold, temperature,
-                num_queries, num_negatives, seed, relation_temperature, reduction, stats=None):
+                num_queries, num_negatives, seed, relation_temperature, reduction, stats=None,
+                lab=None, hard=None):
     """The fused path, each primitive's op on the device's kernels: the same samples on every
     device. Where the Triton kernels run, one gather pass and one kernel with its negatives
     drawn inside (ReCo's own op); on the compiled CPU kernels, the shared samplers and InfoNCE."""
@@ -118,9 +119,9 @@ def _reco_fused(emb, labels, probs, mask, *, ignore_index, strong_threshold, tem
     C, Q = probs.shape[1], num_queries
     rel_t = temperature if relation_temperature is None else relation_temperature
     one_pass = lib.triton_here(emb.device)
-
-    lab = cm.pixel_labels(labels, (h, w), C, ignore_index, mask)          # (P,), -1 = invalid
-    hard = cm.hard_pixels(probs, lab, strong_threshold)                   # prob(own) < threshold
+    if lab is None:             # the caller's when it has them (reco_loss made them once)
+        lab = cm.pixel_labels(labels, (h, w), C, ignore_index, mask)      # (P,), -1 = invalid
+        hard = cm.hard_pixels(probs, lab, strong_threshold)               # prob(own) < threshold
     if one_pass:                # one read of emb: class sums and contiguous rows to gather
         rows, sums, counts = lib.rows_and_class_sums(emb.detach(), lab, C)
     else:

@@ -119,15 +119,13 @@ def u2pl_loss(emb, labels, teacher_probs, teacher_emb, bank, *, num_labeled: int
         chk.check_pixel_values(op, emb, labels, C, ignore_index, probs=teacher_probs)
     gt = cm.pixel_labels(labels, (h, w), C, ignore_index)
 
-    def no_anchor():                     # positives exist, but no pixel passes the threshold
-        prob = teacher_probs.permute(0, 2, 3, 1).reshape(-1, C).float()
-        V, A, _ = steps.class_masks(gt, prob, rel, unrel, num_labeled, h * w, low_rank=low_rank,
-                                    high_rank=high_rank, anchor_threshold=anchor_threshold,
-                                    negative_threshold=negative_threshold, official=official)
-        return V.any() & ~A.any()
-
-    chk.warn_selected_nothing(
-        op, f"anchor_threshold={anchor_threshold}", no_anchor, dev, check_values,
+    prob = teacher_probs.permute(0, 2, 3, 1).reshape(-1, C).float()
+    V, A, N = steps.class_masks(gt, prob, rel, unrel, num_labeled, h * w, low_rank=low_rank,
+                                high_rank=high_rank, anchor_threshold=anchor_threshold,
+                                negative_threshold=negative_threshold, official=official)
+    chk.warn_selected_nothing(          # positives exist, but no pixel passes the threshold
+        op, f"anchor_threshold={anchor_threshold}", lambda: V.any() & ~A.any(), dev,
+        check_values,
         "no reliable pixel's teacher probability of its own class is above it (an untrained "
         "teacher; lower it, or warm up with the supervised loss first as the paper does)")
 
@@ -145,13 +143,9 @@ def u2pl_loss(emb, labels, teacher_probs, teacher_emb, bank, *, num_labeled: int
                          temperature=float(temperature), num_queries=num_queries,
                          num_negatives=num_negatives, prototype=prototype, official=official,
                          seed=draw_seed(seed, op), reduction=reduction,
-                         sampler=prim.groups_sample if fused else _reference_sampler,
+                         sampler=prim.groups_sample if fused else prim.reference_groups_sample,
                          contrast=fused_contrast if fused else reference.u2pl.reference_contrast,
-                         push_backend="auto" if fused else "reference")
-
-
-def _reference_sampler(*args):
-    return prim.sample_in_groups(*args, backend="reference")
+                         push_backend="auto" if fused else "reference", masks=(V, A, N))
 
 
 def _percentile(x, valid, q):
