@@ -8,6 +8,14 @@ single-process behaviour, bit for bit) when no process group is initialised or i
     agree(op, error, ...)   one all_reduce(MAX) before a collective whose inputs may be bad on one
                             rank: an error on any rank raises on every rank instead of leaving the
                             others waiting in the gather; also agrees on a seed and on shapes
+    validated(op, check)    an op's checks run and, with cross-rank collectives ahead, agreed on
+
+Every collective waits at most ``get_timeout()`` seconds (default 600, env
+PIXCON_COLLECTIVE_TIMEOUT, or :func:`set_timeout`); past it :class:`CollectiveTimeout` names the
+op and the collective (another rank did not reach it: it raised, hung or runs another step).
+On gloo that is the collective's own wait; NCCL waits on the device, without the host, so there
+the process group's timeout applies (:func:`init_from_env` sets it to the same value; pass
+``timeout=`` to your own ``init_process_group``).
 
 Under DDP every rank's gradient is averaged, so a loss that is the same global value on every
 rank (sums and counts all-reduced through these functions) gives exactly the gradient of that
@@ -17,7 +25,27 @@ Collectives only from torch.distributed; gloo (CPU tensors) and NCCL (CUDA tenso
 """
 from __future__ import annotations
 
+import datetime
+import os
+
 import torch
+
+DEFAULT_TIMEOUT = 600.0
+_timeout = [float(os.environ.get("PIXCON_COLLECTIVE_TIMEOUT", DEFAULT_TIMEOUT))]
+
+
+def set_timeout(seconds: float):
+    """How long each pixcon collective waits for the other ranks (seconds, > 0)."""
+    import math
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or \
+            not math.isfinite(seconds) or seconds <= 0:
+        raise ValueError(f"set_timeout: seconds must be a finite number > 0, got {seconds!r}")
+    _timeout[0] = float(seconds)
+
+
+def get_timeout() -> float:
+    """The collective timeout in seconds (:func:`set_timeout`)."""
+    return _timeout[0]
 
 
 def _dist():
@@ -53,7 +81,8 @@ def init_from_env(device: str | torch.device = "cpu"):
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(seconds=get_timeout()))
     return dist.get_rank(), dist.get_world_size(), device
 
 
@@ -97,14 +126,40 @@ def exit_now(code: int = 0):
 
 
 def broadcast_state(module: torch.nn.Module, src: int = 0, *, buffers_only: bool = True,
-                    group=None):
+                    group=None, op: str = "broadcast_state"):
     """Copy rank ``src``'s buffers (and parameters unless buffers_only) to every rank."""
     if not is_distributed(group):
         return
     tensors = list(module.buffers()) if buffers_only else list(module.state_dict().values())
     works = [_dist().broadcast(t.data, src, group=group, async_op=True) for t in tensors]
     for w in works:
-        w.wait()
+        _wait(w, op, "broadcast", group)
+
+
+class RankError(RuntimeError):
+    """Raised on every rank when another rank's input to a collective step was invalid."""
+
+
+class CollectiveTimeout(RankError):
+    """A pixcon collective waited longer than :func:`get_timeout` for the other ranks."""
+
+
+def _wait(work, op, what, group=None):
+    """Wait for a collective's work, at most get_timeout() seconds where the host waits (gloo);
+    a timeout is a CollectiveTimeout naming the op."""
+    if _dist().get_backend(group) == "nccl":       # a device-side wait; the group's timeout
+        work.wait()
+        return
+    try:
+        work.wait(timeout=datetime.timedelta(seconds=get_timeout()))
+    except RuntimeError as e:
+        if "timed out" not in str(e).lower() and "timeout" not in str(e).lower():
+            raise
+        raise CollectiveTimeout(
+            f"{op}: the {what} across ranks did not complete within {get_timeout():g} s "
+            f"(rank {rank(group)} waited): another rank did not reach it (it raised, hung or "
+            f"runs another step). Set the limit with pixcon.distributed.set_timeout or "
+            f"PIXCON_COLLECTIVE_TIMEOUT") from e
 
 
 def _flag_device(group=None):
@@ -114,82 +169,94 @@ def _flag_device(group=None):
     return torch.device("cpu")
 
 
-def _gather_into(out, x, group, async_op=False):
+def _gather_into(out, x, group):
     dist = _dist()
     fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    return fn(out, x, group=group, async_op=async_op)
+    return fn(out, x, group=group, async_op=True)
+
+
+def _all_reduce(x, op, group, reduce=None):
+    """all_reduce x in place (sum, or ``reduce``), waited with the timeout."""
+    dist = _dist()
+    kw = {} if reduce is None else {"op": reduce}
+    _wait(dist.all_reduce(x, group=group, async_op=True, **kw), op, "all_reduce", group)
+    return x
 
 
 class _GatherRows(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, group):
+    def forward(ctx, x, group, op):
         W = world_size(group)
         out = x.new_empty((W * x.shape[0], *x.shape[1:]))
-        _gather_into(out, x.contiguous(), group)
-        ctx.group, ctx.rows, ctx.rank = group, x.shape[0], rank(group)
+        _wait(_gather_into(out, x.contiguous(), group), op, "all_gather", group)
+        ctx.group, ctx.rows, ctx.rank, ctx.op = group, x.shape[0], rank(group), op
         return out
 
     @staticmethod
-    def backward(ctx, g):
-        g = g.contiguous().clone()
-        _dist().all_reduce(g, group=ctx.group)       # d(sum over ranks' losses) / d(all rows)
-        return g[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows], None
+    def backward(ctx, g):       # d(sum over ranks' losses) / d(all rows)
+        g = _all_reduce(g.contiguous().clone(), f"{ctx.op} (backward)", ctx.group)
+        return g[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows], None, None
 
 
 class _AllReduceSum(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, group):
-        y = x.contiguous().clone()
-        _dist().all_reduce(y, group=group)
-        ctx.group = group
-        return y
+    def forward(ctx, x, group, op):
+        ctx.group, ctx.op = group, op
+        return _all_reduce(x.contiguous().clone(), op, group)
 
     @staticmethod
     def backward(ctx, g):
-        g = g.contiguous().clone()
-        _dist().all_reduce(g, group=ctx.group)
-        return g, None
+        return _all_reduce(g.contiguous().clone(), f"{ctx.op} (backward)", ctx.group), None, None
 
 
-def gather_rows(x: torch.Tensor, *, group=None) -> torch.Tensor:
+def gather_rows(x: torch.Tensor, *, group=None, op: str = "gather_rows") -> torch.Tensor:
     """(W * n, ...) all ranks' x (n, ...) in rank order; x itself without a process group.
     Every rank must pass the same shape (:func:`agree` checks it where inputs vary). The result
-    carries gradient to x when x requires it."""
+    carries gradient to x when x requires it. ``op``: the name a timeout error gives."""
     if not is_distributed(group):
         return x
     if x.requires_grad and torch.is_grad_enabled():
-        return _GatherRows.apply(x, group)
-    return _GatherRows.forward(_Ctx(), x.detach(), group)
+        return _GatherRows.apply(x, group, op)
+    return _GatherRows.forward(_Ctx(), x.detach(), group, op)
 
 
-def gather_many(*xs, group=None):
+def gather_many(*xs, group=None, op: str = "gather_many"):
     """gather_rows of several tensors without gradient, the gathers in flight together."""
     if not is_distributed(group):
         return xs
     outs, works = [], []
     for x in xs:
         out = x.new_empty((world_size(group) * x.shape[0], *x.shape[1:]))
-        works.append(_gather_into(out, x.detach().contiguous(), group, async_op=True))
+        works.append(_gather_into(out, x.detach().contiguous(), group))
         outs.append(out)
     for w in works:
-        w.wait()
+        _wait(w, op, "all_gather", group)
     return tuple(outs)
 
 
-def all_reduce_sum(x: torch.Tensor, *, group=None) -> torch.Tensor:
+def all_reduce_sum(x: torch.Tensor, *, group=None, op: str = "all_reduce_sum") -> torch.Tensor:
     """The sum of x over ranks (a new tensor); x itself without a process group. Carries
     gradient to x when x requires it (the backward sums the gradients of every rank's use)."""
     if not is_distributed(group):
         return x
     if x.requires_grad and torch.is_grad_enabled():
-        return _AllReduceSum.apply(x, group)
-    return _AllReduceSum.forward(_Ctx(), x.detach(), group)
+        return _AllReduceSum.apply(x, group, op)
+    return _AllReduceSum.forward(_Ctx(), x.detach(), group, op)
 
 
-def class_stats(sums: torch.Tensor, counts: torch.Tensor, *, group=None):
+def class_stats(sums: torch.Tensor, counts: torch.Tensor, *, group=None,
+                op: str = "class_stats"):
     """Per-class (sums (C, D), counts (C,)) summed over ranks: the statistics of the
     concatenated batch (class means are sums / counts). Sums keep their gradient."""
-    return all_reduce_sum(sums, group=group), all_reduce_sum(counts, group=group)
+    return (all_reduce_sum(sums, group=group, op=op),
+            all_reduce_sum(counts, group=group, op=op))
+
+
+def stats_for(op: str, group=None):
+    """:func:`class_stats` naming ``op`` in its errors (the ``stats=`` the losses take)."""
+    def stats(sums, counts):
+        return class_stats(sums, counts, group=group, op=op)
+    return stats
 
 
 def local_stats(sums, counts):
@@ -199,10 +266,6 @@ def local_stats(sums, counts):
 
 class _Ctx:
     """Stand-in for the autograd context when no graph is recorded."""
-
-
-class RankError(RuntimeError):
-    """Raised on every rank when another rank's input to a collective step was invalid."""
 
 
 SHAPE_SLOTS = 8
@@ -226,8 +289,7 @@ def agree(op: str, error: BaseException | None = None, *, seed: int | None = Non
     msg = torch.tensor([int(bad), me if bad else -1, -1 if seed is None else int(seed),
                         *shape, *[-s for s in shape]], dtype=torch.int64,
                        device=_flag_device(group))
-    _dist().all_reduce(msg, op=_dist().ReduceOp.MAX, group=group)
-    got = msg.tolist()
+    got = _all_reduce(msg, op, group, _dist().ReduceOp.MAX).tolist()   # the agreement
     if bad:
         raise error
     if got[0]:
@@ -250,3 +312,20 @@ def checked(op: str, check, *, seed: int | None = None, group=None):
     except (ValueError, TypeError) as e:
         shape, err = (), e
     return agree(op, err, seed=seed, shape=shape, group=group)
+
+
+def validated(op: str, check, *, agree_now: bool, group=None):
+    """An op's checks with cross-rank collectives ahead. ``check()`` validates (raising
+    ValueError/TypeError) and returns (value, shape): ``value`` is returned, ``shape`` (ints)
+    must be equal on every rank. With ``agree_now`` (cross-rank in a process group, and the
+    value checks on: a host sync) the outcome is agreed first (:func:`agree`), so a bad input on
+    one rank raises on every rank, and a shape or class-count mismatch is a RankError everywhere,
+    instead of one rank waiting in a collective the other never reaches."""
+    if not (agree_now and is_distributed(group)):
+        return check()[0]
+    try:
+        (value, shape), err = check(), None
+    except (ValueError, TypeError) as e:
+        value, shape, err = None, (), e
+    agree(op, err, shape=shape, group=group)
+    return value

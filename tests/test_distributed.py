@@ -146,6 +146,99 @@ def test_invalid_bank_update_on_one_rank_raises_on_every_rank(tmp_path):
         assert torch.equal(v, r1["after"][k]), k
 
 
+def _bad_loss_input(rank):
+    """The cross-rank losses with rank 1's input invalid (NaN, another class count, another
+    D, a wrong label): every rank raises at once, and the group still works afterwards."""
+    import time
+    emb, labels, probs = batch(rank)
+    nan = emb * float("nan")
+    pred = probs.argmax(1)
+    cases = {
+        "reco_nan": lambda: ops.reco_loss(emb if rank == 0 else nan, labels, probs,
+                                          num_queries=4, num_negatives=5, seed=1,
+                                          cross_rank=True),
+        "reco_classes": lambda: ops.reco_loss(
+            emb, labels, probs if rank == 0 else torch.cat([probs, probs[:, :1]], 1),
+            num_queries=4, num_negatives=5, seed=1, cross_rank=True),
+        "ctx_nan": lambda: ops.pixel_anchor_loss([emb if rank == 0 else nan], labels, pred,
+                                                 num_classes=C, layer_weights=(1.0,),
+                                                 cross_rank=True),
+        "ctx_label": lambda: ops.pixel_anchor_loss(
+            [emb], labels if rank == 0 else labels.clamp(max=C + 3), pred, num_classes=C,
+            layer_weights=(1.0,), cross_rank=True),
+        "ctx_dim": lambda: ops.pixel_anchor_loss([emb if rank == 0 else emb[:, :5]], labels,
+                                                 pred, num_classes=C, layer_weights=(1.0,),
+                                                 cross_rank=True),
+        "dense_nan": lambda: ops.dense_contrast_loss(emb if rank == 0 else nan, labels,
+                                                     cross_rank=True),
+    }
+    out = {}
+    for name, call in cases.items():
+        t0 = time.monotonic()
+        try:
+            call()
+            out[name] = None
+        except Exception as e:                 # noqa: BLE001 - the type is what is checked
+            out[name] = (type(e).__name__, str(e), time.monotonic() - t0)
+    out["after"] = float(ops.dense_contrast_loss(emb, labels, cross_rank=True))  # global
+    return out
+
+
+def test_bad_loss_input_on_one_rank_raises_on_every_rank_within_seconds(tmp_path):
+    r0, r1 = spawn(tmp_path, "_bad_loss_input")
+    for name in ("reco_nan", "ctx_nan", "ctx_label", "dense_nan"):
+        assert r1[name][0] == "ValueError", (name, r1[name])
+        assert r0[name][0] == "RankError" and "rank 1" in r0[name][1], (name, r0[name])
+    for name in ("reco_classes", "ctx_dim"):          # a count mismatch: RankError on both
+        for r in (r0, r1):
+            assert r[name][0] == "RankError" and "same shapes" in r[name][1], (name, r[name])
+    for r in (r0, r1):
+        for name, res in r.items():
+            if name != "after":
+                assert res[2] < 10, (name, res)       # raised together, nobody waited it out
+    assert r0["after"] == r1["after"]                  # the group still works, one global value
+
+
+def _timeout(rank):
+    """Rank 1 reaches the collective 3 s late; rank 0 waits 1 s: a CollectiveTimeout that names
+    the op there, and rank 1's late collective still completes (gloo pairs it with the
+    abandoned one), so the group lives on."""
+    import time
+    pdist.set_timeout(1 if rank == 0 else 30)
+    x = torch.ones(3)
+    out = {}
+    t0 = time.monotonic()
+    if rank == 1:
+        time.sleep(3)
+    try:
+        pdist.all_reduce_sum(x, op="my_loss")
+        out["first"] = None
+    except Exception as e:                      # noqa: BLE001 - the type is what is checked
+        out["first"] = (type(e).__name__, str(e), isinstance(e, pdist.RankError))
+    out["waited"] = time.monotonic() - t0
+    pdist.set_timeout(30)
+    out["next"] = pdist.all_reduce_sum(torch.full((2,), rank + 1.0), op="next").tolist()
+    return out
+
+
+def test_collective_timeout_names_the_op_and_the_group_lives_on(tmp_path):
+    r0, r1 = spawn(tmp_path, "_timeout")
+    name, msg, is_rank_error = r0["first"]
+    assert name == "CollectiveTimeout" and is_rank_error, r0
+    assert "my_loss" in msg and "1 s" in msg and "set_timeout" in msg, msg
+    assert r0["waited"] < 2.5, r0
+    assert r1["first"] is None
+    assert r0["next"] == r1["next"] == [3.0, 3.0]
+
+
+def test_timeout_setting_is_validated():
+    before = pdist.get_timeout()
+    for bad in (0, -1, float("nan"), float("inf"), "5", True):
+        with pytest.raises(ValueError, match="set_timeout: seconds"):
+            pdist.set_timeout(bad)
+    assert pdist.get_timeout() == before
+
+
 # --- cross-rank statistics -------------------------------------------------------------------
 def _stats(rank):
     emb, labels, probs = batch(rank)

@@ -130,7 +130,8 @@ class NegativeBank(torch.nn.Module):
         feats = torch.cat([p[0] for p in parts])
         labels = torch.cat([p[1] for p in parts])
         if self.cross_rank:
-            feats, labels = dist.gather_many(feats, labels, group=self.group)
+            feats, labels = dist.gather_many(feats, labels, group=self.group,
+                                             op="NegativeBank.update")
         self.entries.append((feats, labels))
         del self.entries[:-(self.step_save + 1)]
 

@@ -124,9 +124,9 @@ class PixelMemoryBank(torch.nn.Module):
         seed = draw_seed(seed, op)
         if self.cross_rank:                    # every rank enqueues the whole global batch
             seed = dist.checked(op, check, seed=seed, group=self.group)
-            keys, labels = dist.gather_many(keys, labels, group=self.group)
+            keys, labels = dist.gather_many(keys, labels, group=self.group, op=op)
             if not self._synced:           # the random initial queues: rank 0's everywhere
-                dist.broadcast_state(self, group=self.group)
+                dist.broadcast_state(self, group=self.group, op=op)
                 self._synced = True
         else:
             check()

@@ -107,7 +107,8 @@ class UnreliableBank(torch.nn.Module):
         if self.cross_rank and dist.is_distributed(self.group):
             dist.checked("UnreliableBank.push", check, group=self.group)
             # rows along dim 0 (pixels, or images of HW pixels), the mask's pixels alike
-            rows, mask_t = dist.gather_many(rows, mask.T.contiguous(), group=self.group)
+            rows, mask_t = dist.gather_many(rows, mask.T.contiguous(), group=self.group,
+                                           op="UnreliableBank.push")
             mask = mask_t.T
         else:
             check()

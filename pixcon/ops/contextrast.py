@@ -136,52 +136,60 @@ def pixel_anchor_loss(embs, labels, pred, *, num_classes: int | None = None,
     connected to every embedding's graph.
     """
     op = "pixel_anchor_loss"
-    if not isinstance(embs, (list, tuple)) or len(embs) == 0:
-        raise TypeError(f"{op}: embs must be a non-empty list of (B, D, h, w) tensors")
-    for i, e in enumerate(embs):
-        chk.check_tensor(op, f"embs[{i}]", e, ndim=4, dtypes=chk.FLOAT_DTYPES,
-                         device=embs[0].device, kind="(B, D, h, w)", like="embs[0]")
-        if e.shape[:2] != embs[0].shape[:2]:
-            raise ValueError(f"{op}: embs[{i}] has (B, D) = {tuple(e.shape[:2])}, embs[0] has "
-                             f"{tuple(embs[0].shape[:2])}")
-    chk.check_pixel_inputs(op, embs[0], labels)
-    chk.check_tensor(op, "pred", pred, ndim=(3, 4), device=embs[0].device,
-                     kind="(B, C, H, W) scores or (B, H, W) labels", like="embs[0]")
-    if pred.shape[0] != embs[0].shape[0]:
-        raise ValueError(f"{op}: pred has batch size {pred.shape[0]}, embs {embs[0].shape[0]}")
-    if pred.dim() == 4:
-        C = pred.shape[1]
-        if num_classes is not None and num_classes != C:
-            raise ValueError(f"{op}: num_classes={num_classes} but pred has {C} classes")
-    elif num_classes is None:
-        raise ValueError(f"{op}: give num_classes when pred holds labels")
-    else:
-        C = num_classes
-    chk.check_positive_int(op, "num_classes", C)
-    if len(layer_weights) != len(embs):
-        raise ValueError(f"{op}: layer_weights has {len(layer_weights)} entries for "
-                         f"{len(embs)} layers")
-    if not all(isinstance(v, (int, float)) and math.isfinite(v) and v >= 0
-               for v in layer_weights):
-        raise ValueError(f"{op}: layer_weights must be finite and non-negative (a negative "
-                         f"weight turns a layer's loss into a reward), got {tuple(layer_weights)}")
-    if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in (w_low, w_high)) or \
-            abs(w_low + w_high - 1.0) > 1e-6:
-        raise ValueError(f"{op}: w_low + w_high must be 1, got {w_low} + {w_high}")
-    chk.check_temperature(op, "temperature", temperature)
-    if not 0 < ks <= 1:
-        raise ValueError(f"{op}: ks must be in (0, 1], got {ks!r}")
-    if reading not in READINGS:
-        raise ValueError(f"{op}: reading must be 'R1' or 'R2', got {reading!r}")
-    if chk.want_value_checks(check_values, embs[0].device):
+    checks = (isinstance(embs, (list, tuple)) and len(embs) > 0
+              and chk.want_value_checks(check_values, embs[0].device))
+
+    def check():               # every rank together when cross_rank (distributed.validated)
+        if not isinstance(embs, (list, tuple)) or len(embs) == 0:
+            raise TypeError(f"{op}: embs must be a non-empty list of (B, D, h, w) tensors")
         for i, e in enumerate(embs):
-            chk.check_pixel_values(op, e, labels, C, ignore_index, name=f"embs[{i}]")
+            chk.check_tensor(op, f"embs[{i}]", e, ndim=4, dtypes=chk.FLOAT_DTYPES,
+                             device=embs[0].device, kind="(B, D, h, w)", like="embs[0]")
+            if e.shape[:2] != embs[0].shape[:2]:
+                raise ValueError(f"{op}: embs[{i}] has (B, D) = {tuple(e.shape[:2])}, embs[0] "
+                                 f"has {tuple(embs[0].shape[:2])}")
+        chk.check_pixel_inputs(op, embs[0], labels)
+        chk.check_tensor(op, "pred", pred, ndim=(3, 4), device=embs[0].device,
+                         kind="(B, C, H, W) scores or (B, H, W) labels", like="embs[0]")
+        if pred.shape[0] != embs[0].shape[0]:
+            raise ValueError(f"{op}: pred has batch size {pred.shape[0]}, embs "
+                             f"{embs[0].shape[0]}")
+        if pred.dim() == 4:
+            C = pred.shape[1]
+            if num_classes is not None and num_classes != C:
+                raise ValueError(f"{op}: num_classes={num_classes} but pred has {C} classes")
+        elif num_classes is None:
+            raise ValueError(f"{op}: give num_classes when pred holds labels")
+        else:
+            C = num_classes
+        chk.check_positive_int(op, "num_classes", C)
+        if len(layer_weights) != len(embs):
+            raise ValueError(f"{op}: layer_weights has {len(layer_weights)} entries for "
+                             f"{len(embs)} layers")
+        if not all(isinstance(v, (int, float)) and math.isfinite(v) and v >= 0
+                   for v in layer_weights):
+            raise ValueError(f"{op}: layer_weights must be finite and non-negative (a "
+                             f"negative weight turns a layer's loss into a reward), got "
+                             f"{tuple(layer_weights)}")
+        if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in (w_low, w_high)) or \
+                abs(w_low + w_high - 1.0) > 1e-6:
+            raise ValueError(f"{op}: w_low + w_high must be 1, got {w_low} + {w_high}")
+        chk.check_temperature(op, "temperature", temperature)
+        if not 0 < ks <= 1:
+            raise ValueError(f"{op}: ks must be in (0, 1], got {ks!r}")
+        if reading not in READINGS:
+            raise ValueError(f"{op}: reading must be 'R1' or 'R2', got {reading!r}")
+        if checks:
+            for i, e in enumerate(embs):
+                chk.check_pixel_values(op, e, labels, C, ignore_index, name=f"embs[{i}]")
+        return (C, _pred_labels(pred, C, op, check_values)), (C, embs[0].shape[1], len(embs))
+
+    C, pred_labels = dist.validated(op, check, agree_now=cross_rank and checks)
     be = chk.resolve_backend(backend, embs[0].device, op, ("reference", "triton", "native"))
-    pred_labels = _pred_labels(pred, C, op, check_values)
     kw = dict(w_low=w_low, w_high=w_high, layer_weights=layer_weights, temperature=temperature,
               ks=ks, ignore_index=ignore_index, normalize=normalize,
               detach_anchors=detach_anchors, reading=reading,
-              stats=dist.class_stats if cross_rank else None)
+              stats=dist.stats_for(op) if cross_rank else None)
     if be == "reference":
         return reference.contextrast.pixel_anchor_loss(list(embs), labels, pred_labels, C, **kw)
     with lib.kernels(be, embs[0].device):

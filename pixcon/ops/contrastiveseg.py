@@ -305,7 +305,8 @@ def _dense_cross_rank(emb, lab, temperature, base_temperature, be):
     lab, order = torch.sort(lab, stable=True)
     z = prim.pixel_rows_at(emb, order)
     z = z.to(acc) if be == "reference" or lib.compiled_cpu(z.device) else z
-    keys, key_labels = dist.gather_rows(z), dist.gather_rows(lab)
+    op = "dense_contrast_loss"
+    keys, key_labels = dist.gather_rows(z, op=op), dist.gather_rows(lab, op=op)
     if be == "reference":
         terms, npos, nl = supervised_contrast(z, lab, keys, key_labels, temperature=temperature,
                                               backend=be, with_lse=True)
@@ -315,6 +316,6 @@ def _dense_cross_rank(emb, lab, temperature, base_temperature, be):
     npos = npos - (lab >= 0).to(npos.dtype)                      # the anchor's own key
     terms = torch.where(npos > 0, (terms * (npos + 1) - self_term) / npos.clamp(min=1), 0.0)
     used = (lab >= 0) & (npos > 0)
-    num = dist.all_reduce_sum(torch.where(used, terms, 0.0).sum())
-    count = dist.all_reduce_sum(used.sum())
+    num = dist.all_reduce_sum(torch.where(used, terms, 0.0).sum(), op=op)
+    count = dist.all_reduce_sum(used.sum(), op=op)
     return (temperature / base_temperature) * num / count.clamp(min=1)

@@ -66,31 +66,38 @@ def reco_loss(emb, labels, probs, *, mask=None, ignore_index: int = 255,
     also those without hard pixels (official behaviour).
     """
     op = "reco_loss"
-    mask = chk.check_pixel_inputs(op, emb, labels, probs, mask, check_values)
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"{op}: ignore_index must be an int, got {ignore_index!r}")
-    chk.check_positive_float(op, "strong_threshold", strong_threshold)
-    if strong_threshold > 1:
-        raise ValueError(f"{op}: strong_threshold must be in (0, 1] (a probability; 1 makes "
-                         f"every pixel below certainty hard), got {strong_threshold}")
-    chk.check_temperature(op, "temperature", temperature)
-    if relation_temperature is not None:
-        chk.check_temperature(op, "relation_temperature", relation_temperature)
-    chk.check_positive_int(op, "num_queries", num_queries)
-    chk.check_positive_int(op, "num_negatives", num_negatives)
-    if reduction not in ("mean", "none"):
-        raise ValueError(f"{op}: reduction must be 'mean' or 'none', got {reduction!r}")
+    checks = chk.want_value_checks(check_values, emb.device)
+
+    def check():               # every rank together when cross_rank (distributed.validated)
+        m = chk.check_pixel_inputs(op, emb, labels, probs, mask, check_values)
+        if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+            raise TypeError(f"{op}: ignore_index must be an int, got {ignore_index!r}")
+        chk.check_positive_float(op, "strong_threshold", strong_threshold)
+        if strong_threshold > 1:
+            raise ValueError(f"{op}: strong_threshold must be in (0, 1] (a probability; 1 makes "
+                             f"every pixel below certainty hard), got {strong_threshold}")
+        chk.check_temperature(op, "temperature", temperature)
+        if relation_temperature is not None:
+            chk.check_temperature(op, "relation_temperature", relation_temperature)
+        chk.check_positive_int(op, "num_queries", num_queries)
+        chk.check_positive_int(op, "num_negatives", num_negatives)
+        if reduction not in ("mean", "none"):
+            raise ValueError(f"{op}: reduction must be 'mean' or 'none', got {reduction!r}")
+        C = probs.shape[1]
+        if C * num_queries * num_negatives >= 2**31:
+            raise ValueError(f"{op}: classes x num_queries x num_negatives must be below 2^31 "
+                             f"(counter space), got {C} x {num_queries} x {num_negatives}")
+        if checks:
+            chk.check_pixel_values(op, emb, labels, C, ignore_index, probs)
+        return m, (C, emb.shape[1])
+
+    mask = dist.validated(op, check, agree_now=cross_rank and checks)
     C = probs.shape[1]
-    if C * num_queries * num_negatives >= 2**31:
-        raise ValueError(f"{op}: classes x num_queries x num_negatives must be below 2^31 "
-                         f"(counter space), got {C} x {num_queries} x {num_negatives}")
-    if chk.want_value_checks(check_values, emb.device):
-        chk.check_pixel_values(op, emb, labels, C, ignore_index, probs)
     seed = draw_seed(seed, op)
 
     be = chk.resolve_backend(backend, emb.device, op, ("reference", "triton", "native"))
     lab = hard = None                    # the fused path's, read by the warning too
-    if be != "reference" or chk.want_value_checks(check_values, emb.device):
+    if be != "reference" or checks:
         lab = cm.pixel_labels(labels, emb.shape[2:], C, ignore_index, mask)   # (P,), -1 invalid
         hard = cm.hard_pixels(probs, lab, strong_threshold)                  # prob(own) < t
     chk.warn_selected_nothing(
@@ -102,7 +109,7 @@ def reco_loss(emb, labels, probs, *, mask=None, ignore_index: int = 255,
     kw = dict(ignore_index=ignore_index, strong_threshold=strong_threshold,
               temperature=temperature, num_queries=num_queries, num_negatives=num_negatives,
               seed=seed, relation_temperature=relation_temperature, reduction=reduction,
-              stats=dist.class_stats if cross_rank else None)
+              stats=dist.stats_for(op) if cross_rank else None)
     if be == "reference":
         return reference.reco_loss(emb, labels, probs, mask, **kw)
     with lib.kernels(be, emb.device):
