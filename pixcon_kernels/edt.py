@@ -27,7 +27,10 @@ from ._utils import gpu_config, next_pow2
 # "no differing pixel along this column": a constexpr, since a plain module global read inside
 # @triton.jit compiles only under the interpreter (the compiler raises NameError)
 FAR = tl.constexpr(1 << 30)
-MAX_SIDE = 32767       # G^2 + W^2 must stay below 2^31
+# FAR read back as a parabola's height: above any squared distance (G^2 + W^2 < 2^31), low
+# enough that the envelope's cross-products (heights times 2 W) stay inside int64
+BIG = tl.constexpr(1 << 40)
+MAX_SIDE = 32767       # G^2 < FAR, stored in int32
 
 
 @triton.jit
@@ -92,8 +95,10 @@ def _edt_cols_kernel(lab_ptr, g_ptr, buf_ptr, col_tab_ptr, bg, BLOCK_H: tl.const
 
 @triton.jit
 def _key(g_ptr, row, v, ok):
-    """A_v = G^2(v) + v^2 (int64) of the parabola at x' = v of each lane."""
+    """A_v = G^2(v) + v^2 (int64) of the parabola at x' = v of each lane (a column without a
+    differing pixel: BIG, so that any finite distance is below it)."""
     f = tl.load(g_ptr + row + v, mask=ok, other=0).to(tl.int64)
+    f = tl.where(f >= FAR, BIG, f)
     return f + v.to(tl.int64) * v
 
 
@@ -165,10 +170,11 @@ def _edt_rows_kernel(lab_ptr, g_ptr, out_ptr, v_ptr, top_ptr, end_ptr, row_tab_p
         best = tl.where(s > 0, tl.minimum(best, dl * dl), best)
         best = tl.where(e < W - 1, tl.minimum(best, dr * dr), best)
         best = tl.where(cur == bg, 0, best)
-        val = best.to(tl.float32)
-        if not SQUARED:
-            val = tl.sqrt(val)
-        tl.store(out_ptr + row + x, tl.where(best >= FAR, float("inf"), val), mask=on)
+        if SQUARED:                  # float64: exact (below 2^31 here)
+            val = best.to(tl.float64)
+        else:
+            val = tl.sqrt(best.to(tl.float32))
+        tl.store(out_ptr + row + x, tl.where(best >= BIG, float("inf"), val), mask=on)
         prev = tl.where(on, cur, prev)
 
 
@@ -190,13 +196,14 @@ def _tables(shapes, device, BLOCK_W):
 
 def distance_transform_ragged(flat: torch.Tensor, shapes, background: int, squared: bool):
     """flat: the maps' labels packed one after another (any integer/bool dtype, read as is),
-    shapes: [(N, H, W), ...]. Returns float32 distances packed the same way. Two launches for
-    the whole batch."""
+    shapes: [(N, H, W), ...]. Returns float32 distances (float64 squared distances) packed the
+    same way. Two launches for the whole batch."""
     for (_, H, W) in shapes:
         if H > MAX_SIDE or W > MAX_SIDE:
             raise ValueError(f"distance_transform: sides up to {MAX_SIDE} supported, got {H}x{W}")
     shapes = [s for s in shapes if s[0] * s[1] * s[2] > 0]
-    out = torch.empty(flat.numel(), dtype=torch.float32, device=flat.device)
+    out = torch.empty(flat.numel(), dtype=torch.float64 if squared else torch.float32,
+                      device=flat.device)
     if not shapes:
         return out
     lab = flat.contiguous()
@@ -224,7 +231,8 @@ def distance_transform_ragged(flat: torch.Tensor, shapes, background: int, squar
 
 
 def distance_transform(labels: torch.Tensor, background: int, squared: bool) -> torch.Tensor:
-    """labels: (..., H, W) integer/bool. Returns float32 distances of the same shape."""
+    """labels: (..., H, W) integer/bool. Returns float32 distances (float64 squared ones) of the
+    same shape."""
     H, W = labels.shape[-2:]
     N = labels.numel() // max(H * W, 1)
     out = distance_transform_ragged(labels.reshape(-1), [(N, H, W)], background, squared)

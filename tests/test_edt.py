@@ -136,6 +136,7 @@ def test_four_dim_batch_and_dtypes():
     for t in (torch.uint8, torch.int32, torch.int64):
         assert torch.equal(distance_transform(x.to(t)), a)
     assert a.shape == x.shape and a.dtype == torch.float32
+    assert distance_transform(x, squared=True).dtype == torch.float64
     b = distance_transform(x, backend="reference")
     assert torch.equal(a, b)
 
@@ -181,7 +182,7 @@ def test_pyramid_in_one_call_equals_each_map(backend, dtype):
     got = distance_transforms([m.to(dev) for m in maps], background=bg, squared=True,
                               backend=backend)
     for m, d in zip(maps, got):
-        assert d.shape == m.shape and d.dtype == torch.float32
+        assert d.shape == m.shape and d.dtype == torch.float64
         each = run(m, backend, labels=True, background=bg, squared=True)
         assert torch.equal(d.cpu(), each)
         for b in range(2):
@@ -196,3 +197,37 @@ def test_pyramid_in_one_call_equals_each_map(backend, dtype):
         shapes = [d for m in maps for d in (2, *m.shape[-2:])]
         with _library.kernels("triton", dev):
             torch.library.opcheck(_library.edt_ragged, (flat, shapes, bg, True))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("tall", [True, False])
+def test_squared_distances_are_exact_above_float32s_integers(backend, tall):
+    """Squared distances are float64, exact where float32 is not: on a 4100 x 2 map (or 2 x 4100)
+    with one zero pixel, 4099^2 = 16801801 is odd and above 2^24 (float32 rounds it to
+    16801800); distances stay float32. Triton takes the tall map only (the wide one's 4100-step
+    row sweep takes minutes in the interpreter)."""
+    if backend == "triton" and not tall:
+        pytest.skip("the interpreter runs a row's sweep one pixel at a time")
+    x = torch.ones(2, 4100, dtype=torch.bool)
+    x[0, 0] = False
+    want = (torch.arange(4100, dtype=torch.float64)[None] ** 2
+            + torch.tensor([[0.0], [1.0]], dtype=torch.float64))
+    if tall:
+        x, want = x.T.contiguous(), want.T.contiguous()
+    got = run(x, backend, squared=True)
+    assert got.dtype == torch.float64 and torch.equal(got, want)
+    assert got.max().item() == 16801802 and float(torch.tensor(16801801.0)) != 16801801
+    d = run(x, backend)
+    assert d.dtype == torch.float32 and torch.equal(d, want.sqrt().float())
+
+
+def test_maps_past_the_exact_range_are_errors_before_any_work():
+    """Sides beyond what the kernels' int32 column distances (or float64's exact integers for
+    squared distances) cover are clear errors; expanded views, so nothing is allocated."""
+    wide = torch.ones(1, 1, dtype=torch.bool).expand(1, 2**26 + 1)
+    with pytest.raises(ValueError, match="squared distances are float64.*2\\^26"):
+        distance_transform(wide, squared=True)
+    tall = torch.ones(1, 1, dtype=torch.bool).expand(2**31 - 2, 1)
+    for squared in (False, True):
+        with pytest.raises(ValueError, match="int32 column distances"):
+            distance_transform(tall, squared=squared)

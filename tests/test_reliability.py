@@ -197,3 +197,81 @@ def test_overlap_boxes_outside_the_crop_are_errors():
         boxes = torch.tensor([bad, [8, 8, 32, 32]])
         with pytest.raises(ValueError, match=r"overlap_rows: boxes1\[0\]"):
             ops.overlap_rows(maps, maps, boxes, ok)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", ["feat1", "feat2", "negatives"])
+def test_a_nan_feature_or_bank_row_is_an_error_on_every_backend(backend, name):
+    """One NaN bank row: a kernel that skips the row's logit (its label matches the anchor's)
+    gave a finite loss and the reference NaN. With the value checks (CPU default) every backend
+    names the argument; off, no host read happens (the documented gap, as on CUDA)."""
+    from tools import smoke
+    x = smoke._cac_make(torch.device("cpu"), 0)
+    dev = triton_device() if backend == "triton" else torch.device("cpu")
+    args = {k: x[k].to(dev) for k in ("f1", "f2", "l1", "l2", "bank", "lab")}
+    key = {"feat1": "f1", "feat2": "f2", "negatives": "bank"}[name]
+    args[key] = args[key].clone()
+    args[key][0] = float("nan")
+    call = (args["f1"], args["f2"], args["l1"], args["l2"], args["bank"], args["lab"])
+    with pytest.raises(ValueError, match=f"directional_contrast_loss: {name} contains NaN"):
+        ops.directional_contrast_loss(*call, backend=backend)
+    ops.directional_contrast_loss(*call, backend=backend, check_values=False)
+
+
+# --- bitwise-repeatable gradients (issue 30 item 4) -------------------------------------------
+def _with_threads(n, fn):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        return fn()
+    finally:
+        torch.set_num_threads(before)
+
+
+def _same_bits(a: dict, b: dict):
+    assert a.keys() == b.keys()
+    return [k for k in a if not torch.equal(a[k], b[k])]
+
+
+@pytest.mark.parametrize("case", __import__("tools.smoke", fromlist=["CASES"]).CASES,
+                         ids=lambda c: c.name)
+def test_every_op_repeats_bit_for_bit_at_one_and_two_threads(case):
+    """Each op's values and gradients (the smoke cases: every public op, its backward
+    included) on the compiled CPU kernels, run twice at each thread count: the same bits."""
+    from tools import smoke
+    for n in (1, 2):
+        first, again = (_with_threads(n, lambda: smoke.run_case(case, "native", "cpu", 3))
+                        for _ in range(2))
+        assert not _same_bits(first, again), (n, _same_bits(first, again))
+
+
+@pytest.mark.parametrize("key_grad", [False, True])
+@pytest.mark.parametrize("layout", ["rows", "map"])
+def test_infonce_gradient_with_repeated_queries_is_the_same_at_any_thread_count(key_grad,
+                                                                                 layout):
+    """Many queries on few rows (each row the query of about 200): their gradients are added in
+    a fixed order, so 1 and 2 threads and repeats give the same bits (index_put_ with
+    accumulate=True added them in thread order: up to 3e-8 apart)."""
+    g = torch.Generator().manual_seed(11)
+    pool = torch.randn(2, 32, 5, 4, generator=g) if layout == "map" else torch.randn(40, 32,
+                                                                                      generator=g)
+    M = 8000
+    q = torch.randint(-1, 40, (M,), generator=g)
+    p = torch.randint(0, 40, (M,), generator=g)
+    neg = torch.randint(-1, 40, (M, 6), generator=g)
+
+    def grad():
+        e = pool.clone().requires_grad_()
+        loss = ops.sparse_infonce(e, q, p, neg, temperature=0.2, key_grad=key_grad,
+                                  backend="native")
+        w = torch.linspace(0.5, 1.5, M)
+        return torch.autograd.grad((loss * w).sum(), e)[0]
+
+    runs = [_with_threads(n, grad) for n in (1, 2, 2, 1)]
+    assert all(torch.equal(runs[0], r) for r in runs[1:])
+    e64 = pool.double().requires_grad_()
+    loss = ops.sparse_infonce(e64, q, p, neg, temperature=0.2, key_grad=key_grad,
+                              backend="reference")
+    want, = torch.autograd.grad((loss * torch.linspace(0.5, 1.5, M, dtype=torch.float64)).sum(),
+                                e64)
+    torch.testing.assert_close(runs[0].double(), want, rtol=1e-4, atol=1e-4)   # float32 sums

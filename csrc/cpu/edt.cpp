@@ -26,8 +26,8 @@ constexpr int64_t kInf = std::numeric_limits<int64_t>::max() / 4;
 
 // Lower envelope of parabolas (x - v)^2 + f[v] over sites v in [lo, hi], evaluated at x in
 // [xlo, xhi]; sites with f >= kInf are skipped. out[x] receives the minimum. Intersections are
-// kept as exact rationals num / den (den > 0) and compared by cross-multiplication: no division,
-// no rounding (|num| < 2^40, den <= 2W, so products stay far inside int64).
+// kept as exact rationals num / den (den > 0) and compared by cross-multiplication in 128 bits:
+// no division, no rounding (|num| < 2^63 and den <= 2W for any map that fits in memory).
 void envelope(const int64_t* f, int64_t lo, int64_t hi, int64_t xlo, int64_t xhi,
               std::vector<int64_t>& v, std::vector<int64_t>& zn, std::vector<int64_t>& zd,
               int64_t* out) {
@@ -39,7 +39,10 @@ void envelope(const int64_t* f, int64_t lo, int64_t hi, int64_t xlo, int64_t xhi
       const int64_t p = v[k];
       const int64_t num = hq - (f[p] + p * p), den = 2 * (q - p);   // s = num / den
       // pop while s <= z[k]; z[0] = -inf never pops
-      if (k > 0 && num * zd[k] <= zn[k] * den) { --k; continue; }
+      if (k > 0 && static_cast<__int128>(num) * zd[k] <= static_cast<__int128>(zn[k]) * den) {
+        --k;
+        continue;
+      }
       ++k; v[k] = q; zn[k] = num; zd[k] = den;
       break;
     }
@@ -51,16 +54,19 @@ void envelope(const int64_t* f, int64_t lo, int64_t hi, int64_t xlo, int64_t xhi
   }
   int64_t j = 0;
   for (int64_t x = xlo; x <= xhi; ++x) {
-    while (j < k && zn[j + 1] < x * zd[j + 1]) ++j;                  // z[j+1] < x
+    while (j < k && zn[j + 1] < static_cast<__int128>(x) * zd[j + 1]) ++j;     // z[j+1] < x
     const int64_t d = x - v[j];
     out[x] = d * d + f[v[j]];
   }
 }
 
-constexpr int32_t kFar = 1 << 30;  // column distance "no differing pixel in this column"
+// column distance "no differing pixel in this column": above any distance in a column of fewer
+// than kFar rows (checked), and kFar + 1 still fits in int32
+constexpr int32_t kFar = std::numeric_limits<int32_t>::max() - 1;
 
-template <typename T>
-void edt_impl(const T* lab, int64_t N, int64_t H, int64_t W, T bg, int32_t* gcol, float* out,
+// out: float32 distances, or float64 squared distances (exact integers below 2^53)
+template <typename T, typename O>
+void edt_impl(const T* lab, int64_t N, int64_t H, int64_t W, T bg, int32_t* gcol, O* out,
               bool squared) {
   // pass 1: columns -> gcol = G (kFar where the column run touches no differing pixel). Two
   // branch-free row-major sweeps over blocks of columns (cache-friendly, vectorisable):
@@ -104,7 +110,7 @@ void edt_impl(const T* lab, int64_t N, int64_t H, int64_t W, T bg, int32_t* gcol
     for (int64_t r = begin; r < end; ++r) {
       const T* L = lab + r * W;
       const int32_t* G = gcol + r * W;
-      float* o = out + r * W;
+      O* o = out + r * W;
       int64_t x = 0;
       while (x < W) {
         int64_t e = x;
@@ -132,10 +138,10 @@ void edt_impl(const T* lab, int64_t N, int64_t H, int64_t W, T bg, int32_t* gcol
         x = e + 1;
       }
       const int64_t* __restrict__ dd = d2.data();
-      float* __restrict__ oo = o;
-      const float inf = std::numeric_limits<float>::infinity();
+      O* __restrict__ oo = o;
+      const O inf = std::numeric_limits<O>::infinity();
       if (squared) {
-        for (int64_t t = 0; t < W; ++t) oo[t] = dd[t] >= kInf ? inf : static_cast<float>(dd[t]);
+        for (int64_t t = 0; t < W; ++t) oo[t] = dd[t] >= kInf ? inf : static_cast<O>(dd[t]);
       } else {
         for (int64_t t = 0; t < W; ++t)
           oo[t] = dd[t] >= kInf ? inf : std::sqrt(static_cast<float>(dd[t]));
@@ -149,23 +155,32 @@ at::Tensor distance_transform_cpu(const at::Tensor& labels, int64_t background, 
   TORCH_CHECK(at::isIntegralType(labels.scalar_type(), /*includeBool=*/true),
               "distance_transform: labels must be bool or integer, got ", labels.scalar_type());
   const int64_t H = labels.size(-2), W = labels.size(-1);
+  TORCH_CHECK(H < kFar, "distance_transform: maps up to ", kFar - 1, " rows (int32 column "
+              "distances), got ", H);
+  TORCH_CHECK(!squared || std::max(H, W) <= (int64_t{1} << 26),
+              "distance_transform: squared distances are float64, exact below 2^53: sides up "
+              "to 2^26 with squared=True, got ", H, " x ", W);
   const int64_t N = H * W == 0 ? 0 : labels.numel() / (H * W);
-  auto out = at::empty(labels.sizes(), labels.options().dtype(at::kFloat));
+  auto out = at::empty(labels.sizes(), labels.options().dtype(squared ? at::kDouble : at::kFloat));
   if (N == 0) return out;
   auto g = at::empty({N, H, W}, labels.options().dtype(at::kInt));
   const bool small = labels.scalar_type() != at::kLong ||
                      (background >= INT32_MIN && background <= INT32_MAX &&
                       labels.min().item<int64_t>() >= INT32_MIN &&
                       labels.max().item<int64_t>() <= INT32_MAX);
-  if (small) {
-    auto lab = labels.to(at::kInt).contiguous();
-    edt_impl<int32_t>(lab.data_ptr<int32_t>(), N, H, W, static_cast<int32_t>(background),
-                      g.data_ptr<int32_t>(), out.data_ptr<float>(), squared);
-  } else {
-    auto lab = labels.contiguous();
-    edt_impl<int64_t>(lab.data_ptr<int64_t>(), N, H, W, background, g.data_ptr<int32_t>(),
-                      out.data_ptr<float>(), squared);
-  }
+  auto run = [&](auto* o) {
+    if (small) {
+      auto lab = labels.to(at::kInt).contiguous();
+      edt_impl<int32_t>(lab.data_ptr<int32_t>(), N, H, W, static_cast<int32_t>(background),
+                        g.data_ptr<int32_t>(), o, squared);
+    } else {
+      auto lab = labels.contiguous();
+      edt_impl<int64_t>(lab.data_ptr<int64_t>(), N, H, W, background, g.data_ptr<int32_t>(), o,
+                        squared);
+    }
+  };
+  if (squared) run(out.data_ptr<double>());
+  else run(out.data_ptr<float>());
   return out;
 }
 

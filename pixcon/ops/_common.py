@@ -234,6 +234,16 @@ def check_pixel_values(op: str, emb, labels, num_classes: int, ignore_index: int
                              "found values outside or NaN")
 
 
+INDEX_LIMIT = 2**31        # int32 pixel indices (the samplers' outputs, the kernels' gathers)
+
+
+def check_index_space(op: str, name: str, n: int):
+    """A pool of n rows (pixels) that int32 indices address: n < 2^31, or an error (the
+    samplers would wrap the index, a gather would alias a small valid one)."""
+    if n >= INDEX_LIMIT:
+        raise ValueError(f"{op}: {name} has {n} rows; int32 indices need fewer than 2^31")
+
+
 def guard_index_range(op: str, name: str, idx, upper: int, what: str, check_values=None):
     """Every entry of idx in [-1, upper), whatever ``check_values`` says, because a wrong index
     would read memory it must not: with value checks on (CPU default) the host check and its
@@ -244,6 +254,13 @@ def guard_index_range(op: str, name: str, idx, upper: int, what: str, check_valu
     if idx.numel() and not torch.compiler.is_compiling():
         torch._assert_async(((idx >= -1) & (idx < upper)).all(),
                             f"{op}: {name} holds an index outside [-1, {upper}) ({what})")
+
+
+def check_finite(op: str, name: str, x, check_values=None):
+    """Data check (host sync, with the value checks): features that enter a sum must be finite
+    (a NaN bank row is skipped by one kernel and poisons another's sum)."""
+    if want_value_checks(check_values, x.device) and not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{op}: {name} contains NaN or Inf")
 
 
 def check_finite_scores(op: str, name: str, scores, check_values=None):

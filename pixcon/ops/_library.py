@@ -57,9 +57,14 @@ def edt(labels: Tensor, background: int, squared: bool) -> Tensor:
     return launch(labels, background, squared)
 
 
+def _edt_dtype(squared):
+    """Distances in float32; squared distances in float64 (exact integers)."""
+    return torch.float64 if squared else torch.float32
+
+
 @edt.register_fake
 def _(labels, background, squared):
-    return labels.new_empty(labels.shape, dtype=torch.float32)
+    return labels.new_empty(labels.shape, dtype=_edt_dtype(squared))
 
 
 @torch.library.custom_op("pixcon::edt_ragged", mutates_args=(), device_types="cuda")
@@ -73,7 +78,7 @@ def edt_ragged(flat: Tensor, shapes: list[int], background: int, squared: bool) 
 
 @edt_ragged.register_fake
 def _(flat, shapes, background, squared):
-    return flat.new_empty(flat.shape, dtype=torch.float32)
+    return flat.new_empty(flat.shape, dtype=_edt_dtype(squared))
 
 
 # --- class sums ------------------------------------------------------------------------------
@@ -236,7 +241,7 @@ def scatter_rows(rows: Tensor, index: Tensor, like: Tensor) -> Tensor:
     One op, a kernel per device: this torch code serves every device, the CPU has a compiled
     kernel (csrc/cpu/scatter.cpp: pixel order within channel planes; here, row by row, each
     row's values lie h*w floats apart)."""
-    return _add_query_grads(torch.zeros_like(like, dtype=rows.dtype), rows, index, like)
+    return _index_put_rows(torch.zeros_like(like, dtype=rows.dtype), rows, index)
 
 
 @scatter_rows.register_fake
@@ -254,9 +259,30 @@ def _scatter(dq, q_idx, pool):
 
 def _add_query_grads(dpool, dq, q_idx, pool):
     """dpool (or zeros of pool's shape) plus each query's gradient row dq[m] at row q_idx[m]
-    (-1 rows skipped); rows of a (B, D, h, w) pool are its pixels."""
+    (-1 rows skipped); rows of a (B, D, h, w) pool are its pixels. Bitwise the same at any
+    thread count: on CPU through scatter_rows' compiled kernel (repeated rows added in a fixed
+    order; a (P, D) pool passed as the (1, D, 1, P) map of the same memory), elsewhere
+    ``index_put_(accumulate=True)``, which CUDA runs sorted (deterministic) and the CPU with
+    atomic adds (the order varies with the threads: used only without pixcon._C)."""
+    if pool.device.type == "cpu" and _cpu_scatter_built():
+        like = pool if pool.dim() == 4 else pool.t()[None, :, None, :]
+        out = scatter_rows(dq, q_idx, like)
+        out = out if pool.dim() == 4 else out[0, :, 0, :].t()
+        return out if dpool is None else dpool.add_(out)
     if dpool is None:        # in pool's own layout (channels-last stays so): autograd then takes
         dpool = torch.zeros_like(pool, dtype=dq.dtype)   # it as .grad instead of copying it
+    return _index_put_rows(dpool, dq, q_idx)
+
+
+def _cpu_scatter_built() -> bool:
+    """Whether pixcon._C's scatter_rows kernel is there (it is unless the extension is not
+    built; triton_on_cpu does not replace it)."""
+    import pixcon
+    return pixcon.HAS_C
+
+
+def _index_put_rows(dpool, dq, q_idx):
+    """dpool += dq[m] at row (pixel) q_idx[m], -1 skipped, with index_put_(accumulate=True)."""
     rows = dpool.permute(0, 2, 3, 1) if dpool.dim() == 4 else dpool   # (.., D) view of the rows
     valid = q_idx >= 0
     p = q_idx.clamp(min=0).to(torch.int64)

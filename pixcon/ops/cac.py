@@ -27,7 +27,7 @@ def directional_contrast_loss(feat1, feat2, logits1, logits2, negatives, negativ
                               reduction: str = "mean", backend: str = "auto",
                               official_numerics: bool = False, directional: bool = True,
                               positive_filtering: bool = True, negative_sampling: bool = True,
-                              alignment: str = "contrastive"):
+                              alignment: str = "contrastive", check_values: bool | None = None):
     """CAC's directional contrastive loss L1 + L2 (official ``loss1 + loss2``).
 
     Args:
@@ -60,6 +60,8 @@ def directional_contrast_loss(feat1, feat2, logits1, logits2, negatives, negativ
             ||f1 - sg(f2)||^2 (experiment I; no negatives, so ``negative_sampling`` does not
             apply). The projector and the two-crop context are switches of
             :class:`pixcon.nn.DirectionalContrastLoss` and :func:`pixcon.data.overlapping_crops`.
+        check_values: check that the features, the logits and the bank hold no NaN or Inf (a
+            host sync; default on for CPU tensors, off for CUDA, env PIXCON_CHECK_VALUES).
 
     Returns the scalar loss (float32; float64 for float64 features); nothing selected gives a
     zero connected to both features' graphs.
@@ -80,8 +82,8 @@ def directional_contrast_loss(feat1, feat2, logits1, logits2, negatives, negativ
             raise ValueError(f"{op}: {name} must have n = {n} rows like feat1, got {x.shape[0]}")
     if logits2.shape[1] != logits1.shape[1]:
         raise ValueError(f"{op}: logits1 and logits2 must have the same number of classes")
-    chk.check_finite_scores(op, "logits1", logits1)
-    chk.check_finite_scores(op, "logits2", logits2)
+    chk.check_finite_scores(op, "logits1", logits1, check_values)
+    chk.check_finite_scores(op, "logits2", logits2, check_values)
     chk.check_tensor(op, "negatives", negatives, ndim=2, dtypes=chk.FLOAT_DTYPES, device=dev,
                      kind="(N, D)", like="feat1")
     if negatives.shape[1] != D:
@@ -91,6 +93,8 @@ def directional_contrast_loss(feat1, feat2, logits1, logits2, negatives, negativ
     if negative_labels.shape[0] != negatives.shape[0]:
         raise ValueError(f"{op}: negative_labels must have one entry per negative "
                          f"({negatives.shape[0]}), got {negative_labels.shape[0]}")
+    for name, x in (("feat1", feat1), ("feat2", feat2), ("negatives", negatives)):
+        chk.check_finite(op, name, x, check_values)
     if isinstance(pos_threshold, bool) or not isinstance(pos_threshold, (int, float)) \
             or not 0 <= pos_threshold < 1:
         raise ValueError(f"{op}: pos_threshold must be in [0, 1), got {pos_threshold!r}")

@@ -8,6 +8,8 @@ from . import _common as chk
 from . import _library as lib
 
 NO_BACKGROUND = -(2**31)     # background=None: a value no label takes (and int32 can hold)
+MAX_SIDE = 2**31 - 3         # the compiled kernel's int32 column distances (Triton: 32767)
+MAX_SQUARED_SIDE = 2**26     # squared: H^2 + W^2 <= 2^53, exact in float64
 
 
 def distance_transform(x: torch.Tensor, *, squared: bool = False, labels: bool = False,
@@ -16,7 +18,8 @@ def distance_transform(x: torch.Tensor, *, squared: bool = False, labels: bool =
 
     Args:
         x: (H, W), (B, H, W) or (B, C, H, W) bool or integer tensor.
-        squared: return squared distances (exact integers, as float32).
+        squared: return squared distances, as float64: exact integers (sides up to 2^26, so
+            that every squared distance is below 2^53; a larger map is an error).
         labels: False (binary): non-zero pixels are foreground and get the distance to the
             nearest zero pixel, as ``scipy.ndimage.distance_transform_edt``. True
             (multi-label): every pixel whose value is not ``background`` gets the distance to the
@@ -30,7 +33,7 @@ def distance_transform(x: torch.Tensor, *, squared: bool = False, labels: bool =
             pixcon._C -- for CPU tensors, or the reference if the extension is not built),
             "reference", "triton", "native" ("cuda": its deprecated old name).
 
-    Returns float32 distances of x's shape: 0 on background, +inf for a pixel whose map has no
+    Returns float32 distances (float64 squared distances) of x's shape: 0 on background, +inf for a pixel whose map has no
     boundary for it at all (SciPy returns distances to a phantom pixel there). The image border
     is not a boundary. Not differentiable.
     """
@@ -42,6 +45,13 @@ def distance_transform(x: torch.Tensor, *, squared: bool = False, labels: bool =
     if isinstance(background, bool) or not isinstance(background, int):
         raise TypeError(f"distance_transform: background must be an int or None, got "
                         f"{background!r}")
+    H, W = x.shape[-2:]
+    if max(H, W) > MAX_SIDE:
+        raise ValueError(f"distance_transform: maps up to {MAX_SIDE} pixels a side (int32 "
+                         f"column distances), got {H} x {W}")
+    if squared and max(H, W) > MAX_SQUARED_SIDE:
+        raise ValueError(f"distance_transform: squared distances are float64, exact below "
+                         f"2^53: sides up to 2^26 with squared=True, got {H} x {W}")
     if labels:
         lab = x
         bg = background

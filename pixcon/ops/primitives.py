@@ -18,7 +18,7 @@ from ..reference import common as rc
 from ..reference.rng import philox4x32
 from . import _library
 from ._common import FLOAT_DTYPES, INT_DTYPES, check_positive_int, check_temperature, \
-    check_tensor, guard_index_range, resolve_backend
+    check_index_space, check_tensor, guard_index_range, resolve_backend
 
 IDX = (torch.int32, torch.int64)
 NATIVE = ("reference", "triton", "native")   # primitives with compiled CPU kernels
@@ -143,7 +143,7 @@ def class_means(emb: torch.Tensor, labels: torch.Tensor, num_classes: int, *,
             rows = rows.detach().to(torch.promote_types(emb.dtype, torch.float32))
             sums, counts = rc.class_sums(rows, labels, num_classes)
         if cross_rank:
-            sums, counts = dist.class_stats(sums, counts)
+            sums, counts = dist.class_stats(sums, counts, op="class_means")
         return sums, counts, cm.class_means_from_sums(sums, counts)
 
 
@@ -158,6 +158,7 @@ def sample_hard_queries(lab: torch.Tensor, hard: torch.Tensor, num_classes: int,
     if hard.shape != lab.shape:
         raise ValueError(f"sample_hard_queries: hard must have the shape of lab "
                          f"{tuple(lab.shape)}, got {tuple(hard.shape)}")
+    check_index_space("sample_hard_queries", "lab", lab.shape[0])
     check_positive_int("sample_hard_queries", "num_classes", num_classes)
     check_positive_int("sample_hard_queries", "num_queries", num_queries)
     if num_classes * num_queries >= 2**31:
@@ -179,6 +180,7 @@ def sample_in_groups(order, offsets, counts, row_group, per_row: int, seed: int,
     counter r * per_row + i of Philox ``stream``. (R, per_row) int32, -1 where the group is
     empty. The sampler under hard queries (a group a class) and U2PL's queues (a group a
     class's filled slots)."""
+    check_index_space("sample_in_groups", "order", order.numel())
     be = resolve_backend(backend, order.device, "sample_in_groups", NATIVE)
     if be != "reference":
         with _scope(be, order.device):
@@ -214,6 +216,7 @@ def sample_negatives(row_class: torch.Tensor, cdf: torch.Tensor, lab: torch.Tens
                  kind="(C, C)", like="lab")
     if cdf.shape[0] != cdf.shape[1]:
         raise ValueError(f"sample_negatives: cdf must be square (C, C), got {tuple(cdf.shape)}")
+    check_index_space("sample_negatives", "lab", lab.shape[0])
     check_positive_int("sample_negatives", "num_negatives", num_negatives)
     if row_class.numel() * num_negatives >= 2**31:
         raise ValueError("sample_negatives: rows x num_negatives must be below 2^31 "
@@ -288,9 +291,8 @@ def sparse_infonce(pool: torch.Tensor, q_idx: torch.Tensor, pos_idx: torch.Tenso
             raise ValueError("sparse_infonce: keys get no gradient; key_grad must be False with "
                              "a separate key pool")
         S, key_name = keys.shape[0], "keys"
-    if max(P, S) >= 2**31:
-        raise ValueError(f"sparse_infonce: {key_name if S > P else 'pool'} has {max(P, S)} "
-                         "rows; int32 indices need fewer than 2^31")
+    check_index_space("sparse_infonce", "pool", P)
+    check_index_space("sparse_infonce", key_name, S)
     guard_index_range("sparse_infonce", "q_idx", q_idx, P, "pool", check_values)
     guard_index_range("sparse_infonce", "neg_idx", neg_idx, S, key_name, check_values)
     guard_index_range("sparse_infonce", "pos_idx", pos_idx, pos_pool.shape[0], "pos_pool",

@@ -18,7 +18,8 @@ BIG = 1 << 40
 def distance_transform(labels: torch.Tensor, background: int = 0, squared: bool = False):
     H, W = labels.shape[-2:]
     N = labels.numel() // max(H * W, 1)
-    out = torch.empty(labels.shape, dtype=torch.float32, device=labels.device)
+    dtype = torch.float64 if squared else torch.float32    # squared: exact integers
+    out = torch.empty(labels.shape, dtype=dtype, device=labels.device)
     if N == 0 or H == 0 or W == 0:
         return out
     L = labels.reshape(N, H, W).to(torch.int64)
@@ -43,4 +44,4 @@ def distance_transform(labels: torch.Tensor, background: int = 0, squared: bool 
     d = d2.to(torch.float64)
     if not squared:
         d = d.sqrt()
-    return torch.where(inf, float("inf"), d).to(torch.float32)
+    return torch.where(inf, float("inf"), d).to(dtype)
