@@ -275,3 +275,24 @@ def test_infonce_gradient_with_repeated_queries_is_the_same_at_any_thread_count(
     want, = torch.autograd.grad((loss * torch.linspace(0.5, 1.5, M, dtype=torch.float64)).sum(),
                                 e64)
     torch.testing.assert_close(runs[0].double(), want, rtol=1e-4, atol=1e-4)   # float32 sums
+
+
+def test_pools_past_int32_indices_are_errors_in_every_sampler():
+    """The samplers return int32 pixel indices: a pool of 2^31 rows would wrap them (an index
+    of 2^32 + 5 read as 5). Expanded views, so nothing of that size is allocated."""
+    from pixcon.ops import primitives as prim
+    huge = torch.zeros(1, dtype=torch.int64).expand(2**31)
+    msg = "int32 indices need fewer than 2\\^31"
+    with pytest.raises(ValueError, match="sample_hard_queries: lab has 2147483648 rows; " + msg):
+        prim.sample_hard_queries(huge, torch.ones(1, dtype=torch.bool).expand(2**31), 3, 4, 0)
+    cdf = torch.tensor([[0, 2**32], [0, 2**32]], dtype=torch.int64)
+    with pytest.raises(ValueError, match="sample_negatives: lab has .* rows; " + msg):
+        prim.sample_negatives(torch.zeros(4, dtype=torch.int64), cdf, huge, 5, 0)
+    with pytest.raises(ValueError, match="sample_in_groups: order has .* rows; " + msg):
+        prim.sample_in_groups(huge, torch.zeros(2, dtype=torch.int64),
+                              torch.ones(2, dtype=torch.int64), torch.zeros(3, dtype=torch.int64),
+                              4, 0, 1)
+    with pytest.raises(ValueError, match="sparse_infonce: keys has .* rows; " + msg):
+        ops.sparse_infonce(torch.randn(5, 3), torch.tensor([0]), torch.tensor([1]),
+                           torch.tensor([[2]]), temperature=0.5,
+                           keys=torch.zeros(1, 3).expand(2**31, 3))
