@@ -124,3 +124,7 @@ from .cac import (DirectionalContrastLoss, ImageLevelLoss, NegativeBank,  # noqa
                   image_level_loss)
 
 __all__ += ["DirectionalContrastLoss", "NegativeBank", "ImageLevelLoss", "image_level_loss"]
+
+from .tap import FeatureTap  # noqa: E402
+
+__all__ += ["FeatureTap"]
