@@ -6,12 +6,29 @@ from __future__ import annotations
 
 import torch  # noqa: F401  (must be imported before the compiled extension: it loads libc10)
 
-try:
+
+def _load_extension() -> bool:
+    """pixcon._C (built by pip or setup.py), else a library ``python -m pixcon.build`` left in
+    the cache, else False: "auto" then runs the reference on CPU tensors and warns once
+    (pixcon.ExtensionWarning). PIXCON_EXTENSION=off loads neither and does not warn (the
+    reference-only setting)."""
     import importlib
-    importlib.import_module("pixcon._C")     # registers the compiled CPU kernels of pixcon:: ops
-    HAS_C = True
-except ImportError:  # a source checkout that was never built: the Python paths still work
-    HAS_C = False
+    import os
+    if os.environ.get("PIXCON_EXTENSION", "").lower() == "off":
+        return False
+    try:
+        importlib.import_module("pixcon._C")  # registers the compiled CPU kernels of pixcon:: ops
+        return True
+    except ImportError:
+        pass
+    from . import _build
+    try:
+        return _build.load_cached()
+    except OSError:                           # a stale or foreign library: build anew
+        return False
+
+
+HAS_C = _load_extension()
 
 __version__ = "0.1.0"
 
@@ -48,6 +65,7 @@ def _threads_from_env():
 
 _threads_from_env()
 
-from .ops._common import SelectedNothingWarning  # noqa: E402  (a loss that selected nothing)
+from .ops._common import ExtensionWarning, SelectedNothingWarning  # noqa: E402
 
-__all__ = ["HAS_C", "SelectedNothingWarning", "get_num_threads", "set_num_threads"]
+__all__ = ["HAS_C", "ExtensionWarning", "SelectedNothingWarning", "get_num_threads",
+           "set_num_threads"]

@@ -9,12 +9,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # its own layer or a higher one.
 LAYERS = (
     ("pixcon_kernels", "pixcon.core", "pixcon._cli", "pixcon.progress", "pixcon.distributed",
-     "pixcon.data", "pixcon.synthetic", "pixcon.measure", "pixcon.methods", "pixcon._C"),
+     "pixcon.data", "pixcon.synthetic", "pixcon.measure", "pixcon.methods", "pixcon._C",
+     "pixcon._build"),
     ("pixcon.reference",),
     ("pixcon.ops",),
     ("pixcon.nn",),
     ("pixcon.workbench",),
-    ("pixcon.viz", "pixcon.demo"),
+    ("pixcon.viz", "pixcon.demo", "pixcon.build"),
     ("pixcon.train",),
 )
 # Beyond the order: the references never import kernels; the fused paths and the banks never

@@ -35,6 +35,27 @@ def native_available() -> bool:
     return pixcon.HAS_C
 
 
+class ExtensionWarning(UserWarning):
+    """pixcon's compiled CPU kernels are not built: CPU tensors run the reference path."""
+
+
+_WARNED_NO_KERNELS = [False]
+
+
+def _warn_no_kernels(op: str):
+    """Once per process, where "auto" runs the reference because the kernels are missing."""
+    if _WARNED_NO_KERNELS[0] or os.environ.get("PIXCON_EXTENSION", "").lower() == "off":
+        return
+    _WARNED_NO_KERNELS[0] = True
+    import warnings
+    warnings.warn(f"{op}: pixcon's compiled CPU kernels are not built (pip installed pixcon "
+                  "without them, or this checkout was never built), so CPU tensors run the "
+                  "reference path: slower, with more memory. Build them once against this "
+                  "torch with `python -m pixcon.build` (needs a C++ compiler), or install with "
+                  "`pip install --no-build-isolation .` (this warning shows once per process)",
+                  ExtensionWarning, stacklevel=4)
+
+
 def resolve_backend(backend: str | None, device: torch.device, op: str,
                     implemented=("reference", "triton")) -> str:
     """'auto' (or None) means $PIXCON_BACKEND if set, else the fused Triton kernels for CUDA
@@ -56,8 +77,10 @@ def resolve_backend(backend: str | None, device: torch.device, op: str,
     if backend == "auto":
         if device.type == "cuda" and triton_available():
             return "triton"
-        if device.type == "cpu" and "native" in implemented and native_ok:
-            return "native"
+        if device.type == "cpu" and "native" in implemented:
+            if native_ok:
+                return "native"
+            _warn_no_kernels(op)
         return "reference"
     if backend not in BACKENDS:
         raise ValueError(f"{op}: backend must be one of {BACKENDS}, got {backend!r}")
@@ -73,8 +96,9 @@ def resolve_backend(backend: str | None, device: torch.device, op: str,
         raise RuntimeError(f"{op}: backend 'native' runs on CPU tensors; got {device.type} "
                            "tensors (use 'triton' or 'auto')")
     if backend == "native" and not native_ok:
-        raise RuntimeError(f"{op}: backend 'native' needs the compiled extension pixcon._C "
-                           "(pip install -e . --no-build-isolation)")
+        raise RuntimeError(f"{op}: backend 'native' needs pixcon's compiled CPU kernels, which "
+                           "are not built: `python -m pixcon.build`, or install with "
+                           "`pip install --no-build-isolation .`")
     return backend
 
 
