@@ -4,6 +4,29 @@ decade."""
 from __future__ import annotations
 
 
+# One colour per provider in every plot (matplotlib's tab10 by name), the same "+ bank" line
+# dashed; a provider not listed gets a colour from its name's hash, the same in every plot.
+COLOURS = {"official-style": "#d62728", "official": "#8c564b", "reference": "#1f77b4",
+           "native": "#2ca02c", "fused": "#ff7f0e", "pixcon triton": "#ff7f0e",
+           "pixcon C++ (all threads)": "#2ca02c", "pixcon C++ (1 thread)": "#17becf",
+           "scipy (CPU, per image/class)": "#7f7f7f", "edt package (CPU, per image)": "#9467bd",
+           "opencv exact (CPU, per image/class)": "#bcbd22"}
+SPARE = ("#e377c2", "#aec7e8", "#ffbb78", "#98df8a", "#c5b0d5", "#c49c94", "#dbdb8d")
+
+
+def colour(name: str) -> str:
+    """The provider's colour, fixed across plots (a "+ bank" line shares its provider's)."""
+    base = name.removesuffix(" + bank")
+    if base in COLOURS:
+        return COLOURS[base]
+    import zlib
+    return SPARE[zlib.crc32(base.encode()) % len(SPARE)]
+
+
+def _style(name: str) -> str:
+    return "--" if name.endswith(" + bank") else "-"
+
+
 def _wide(values):
     pos = [v for v in values if v > 0]
     return len(pos) > 1 and min(pos) == min(values) and max(pos) / min(pos) > 10
@@ -32,7 +55,8 @@ def line_plot(series: dict, path, *, title: str, xlabel: str, ylabel: str):
         xlabel = f"provider (one bar per case at {xlabel} = {xs[0]:g})"
     else:
         for name, pts in series.items():
-            ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=name)
+            ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=name,
+                    color=colour(name), linestyle=_style(name))
         ax.legend(fontsize=8, loc="best")
     if _wide(xs):
         ax.set_xscale("log")
@@ -56,7 +80,8 @@ def _bars(ax, series):
     for i, (name, pts) in enumerate(series.items()):
         for j, (_, y) in enumerate(pts):
             x = i - 0.4 + width * (j + 0.5)
-            ax.bar(x, y, width=width * 0.9, color=f"C{i}")
+            ax.bar(x, y, width=width * 0.9, color=colour(name),
+                   hatch="//" if name.endswith(" + bank") else None)
             ax.text(x, y, f"{y:,.0f}" if y >= 100 else f"{y:.3g}", ha="center", va="bottom",
                     fontsize=7)
     ax.set_xticks(range(len(series)), list(series), fontsize=8)

@@ -167,6 +167,9 @@ def markdown(rows) -> str:
         groups.setdefault((r["module"], r["size"]), []).append(r)
     for (name, size), rs in groups.items():
         parts.append(load(name).markdown(rs))
+        if any(r.get("loss") is not None for r in rs) and \
+                {r["provider"] for r in rs} & {"official-style", "official"}:
+            parts.append(LOSS_NOTE)
     import floor
     parts.append(floor.markdown(rows))
     rss = [r for r in rows if r.get("peak_rss_mib") is not None]
@@ -186,6 +189,19 @@ def markdown(rows) -> str:
 
 TITLES = {"time": "forward+backward time", "memory": "peak extra memory (live tensors)",
           "rss": "peak resident-set rise (the whole process)"}
+FORWARD_ONLY = {"distance_transform"}       # no backward: its plots say "forward time"
+
+
+def title(op: str, metric: str) -> str:
+    if metric == "time" and op in FORWARD_ONLY:
+        return "forward time (no backward: not differentiable)"
+    return TITLES[metric]
+
+
+LOSS_NOTE = ("The loss column differs between official-style and pixcon rows on purpose: the "
+             "official-style providers draw their samples with torch's generator (and read labels "
+             "as the official code does), pixcon's with its Philox streams, so each row's value is "
+             "its own sample's loss. Equal seeds give equal values across pixcon's backends.\n")
 
 
 def plots(rows, stem: str) -> list[str]:
@@ -201,7 +217,7 @@ def plots(rows, stem: str) -> list[str]:
                 series.setdefault(line_name(r), []).append((r["x"], r.get(key)))
             m = rs[0]
             path = line_plot(series, f"{stem}-{op}-{metric}.png",
-                             title=f"{op}: {TITLES[metric]}"
+                             title=f"{op}: {title(op, metric)}"
                                    f"\n{m['device']}, torch {m['torch']}, {m['date']}",
                              xlabel=m["x_label"], ylabel=f"{metric} ({unit})")
             if path:

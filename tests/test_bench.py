@@ -176,6 +176,7 @@ def test_suite_ci_mode_runs_every_module_and_writes_json_markdown_plots(tmp_path
     assert len(pngs) == 3 * len(ops) - 2                     # EDT has no memory columns
     md, = tmp_path.glob("*-suite-ci.md")
     assert all(op in md.read_text() for op in ops)
+    assert suite.LOSS_NOTE.strip() in md.read_text()    # official-style losses differ: said
     from PIL import Image
     assert Image.open(next(tmp_path.glob("*.png"))).size == (760, 460)     # a real PNG
 
@@ -365,3 +366,33 @@ def test_u2pl_official_style_baseline_has_the_method_value():
     assert got.item() == pytest.approx(want.item(), rel=1e-6)
     onehot = base._scatter_onehot(gt[:2], C).bool()
     assert torch.equal(onehot, ref.official_onehot(gt[:2], C))
+
+
+def test_plots_give_a_provider_one_colour_and_say_what_was_timed(tmp_path, monkeypatch):
+    """A provider keeps its colour from plot to plot (matplotlib's cycle gave it the colour of
+    its position), its "+ bank" line the same colour dashed; the EDT's plot says forward."""
+    pytest.importorskip("matplotlib")
+    import matplotlib.axes
+    plot, suite = bench_module("plot"), bench_module("suite")
+    drawn = []
+    real = matplotlib.axes.Axes.plot
+
+    def spy(ax, *a, **k):
+        drawn.append((k.get("label"), k.get("color"), k.get("linestyle")))
+        return real(ax, *a, **k)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", spy)
+    pts = [(1, 1.0), (10, 2.0)]
+    plot.line_plot({"native": pts, "official-style": pts}, tmp_path / "a.png", title="a",
+                   xlabel="x", ylabel="y")
+    plot.line_plot({"official-style": pts, "native + bank": pts, "zz new": pts},
+                   tmp_path / "b.png", title="b", xlabel="x", ylabel="y")
+    colour = {}
+    for name, c, style in drawn:
+        assert colour.setdefault(name.removesuffix(" + bank"), c) == c, name
+        assert style == ("--" if name.endswith(" + bank") else "-")
+    assert colour["native"] != colour["official-style"]
+    assert plot.colour("zz new") == colour["zz new"]
+    assert len(set(plot.COLOURS.values())) == len(plot.COLOURS) - 2   # triton = fused, C++ = native
+    assert suite.title("distance_transform", "time").startswith("forward time")
+    assert suite.title("reco_loss", "time") == "forward+backward time"

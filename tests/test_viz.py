@@ -93,6 +93,123 @@ def test_prediction_panels_bad_inputs(tmp_path, scenes):
         viz.prediction_panels(images[:, :2], labels, {}, tmp_path / "a.png", class_names=names)
 
 
+def _lab(rgb):
+    """CIELAB of sRGB rows (D65), for colour differences (delta E 1976)."""
+    c = np.asarray(rgb, dtype=np.float64) / 255.0
+    c = np.where(c > 0.04045, ((c + 0.055) / 1.055) ** 2.4, c / 12.92)
+    m = np.array([[0.4124, 0.3576, 0.1805], [0.2126, 0.7152, 0.0722], [0.0193, 0.1192, 0.9505]])
+    xyz = c @ m.T / np.array([0.95047, 1.0, 1.08883])
+    f = np.where(xyz > 0.008856, np.cbrt(xyz), 7.787 * xyz + 16 / 116)
+    return np.stack([116 * f[:, 1] - 16, 500 * (f[:, 0] - f[:, 1]), 200 * (f[:, 1] - f[:, 2])], 1)
+
+
+def test_the_distinct_palette_keeps_neighbouring_classes_apart():
+    """VOC's own map draws classes 1 and 8 as two dark reds; "distinct" (the scenes' and every
+    dataset without a map of its own) keeps each class far from the next at any count, and the
+    scenes' 9 classes far from each other."""
+    lab = _lab(viz.palette("distinct")[:255])
+    step = np.linalg.norm(lab[1:] - lab[:-1], axis=1)
+    assert step.min() > 60, step.min()
+    nine = lab[:NUM_CLASSES]
+    d = np.linalg.norm(nine[:, None] - nine[None], axis=-1) + np.eye(NUM_CLASSES) * 1e9
+    assert d.min() > 30, d.min()
+    voc = _lab(viz.palette("voc")[:21])
+    assert np.linalg.norm(voc[1:] - voc[:-1], axis=1).min() < step.min()
+    from pixcon.viz.cli import palette_of
+    for dataset, name in (("scenes", "distinct"), ("voc:/data", "voc"),
+                          ("cityscapes:/d", "cityscapes"), ("ade:/d", "distinct")):
+        assert palette_of(Config(dataset=dataset)) == name
+
+
+@pytest.mark.parametrize("num_classes", [150, 171])
+def test_the_legend_lists_every_class_inside_the_figure(tmp_path, monkeypatch, num_classes):
+    """ADE20K's 150 / COCO-Stuff's 171 classes, all present: every entry drawn, inside the
+    figure, right of the panels (one column was clipped to classes 57-96)."""
+    import matplotlib.figure
+    seen = {}
+    save = matplotlib.figure.Figure.savefig
+
+    def spy(fig, *a, **k):
+        fig.canvas.draw()
+        r = fig.canvas.get_renderer()
+        texts = [t.get_window_extent(r) for t in fig.legends[0].get_texts()]
+        right = max(ax.get_window_extent(r).x1 for ax in fig.axes)
+        seen.update(n=len(texts), right=right, box=fig.bbox,
+                    left=min(t.x0 for t in texts), out=[t for t in texts if not (
+                        t.x0 >= 0 and t.y0 >= 0 and t.x1 <= fig.bbox.x1 and t.y1 <= fig.bbox.y1)])
+        return save(fig, *a, **k)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", spy)
+    names = [f"class {k} {'long name ' * (k % 3)}".strip() for k in range(num_classes)]
+    labels = torch.arange(3 * 48 * 48).reshape(3, 48, 48) % num_classes
+    viz.prediction_panels(torch.rand(3, 3, 48, 48), labels, {"net": (labels + 7) % num_classes},
+                          tmp_path / "p.png", class_names=names, palette_name="distinct")
+    assert seen["n"] == num_classes and not seen["out"], seen
+    assert seen["left"] > seen["right"]                   # beside the panels, not over them
+    assert seen["left"] - seen["right"] < 100             # and near them (pixels at 100 dpi)
+
+
+class _Wrapped(torch.nn.Module):
+    """The test model behind another output convention."""
+
+    def __init__(self, inner, kind):
+        super().__init__()
+        self.inner, self.kind = inner, kind
+
+    def forward(self, x):
+        out = self.inner(x)
+        return {"tensor": lambda: out.logits, "tuple": lambda: (out.logits, out.rep),
+                "torchvision": lambda: {"out": out.logits},
+                "dict": lambda: {"logits": out.logits, "rep": out.rep,
+                                 "features": out.features}}[self.kind]()
+
+
+@pytest.mark.parametrize("kind", ["tensor", "tuple", "torchvision", "dict"])
+def test_figures_read_a_tensor_tuple_or_dict_output(scenes, model, kind):
+    """A model returning a tensor, a tuple (logits, rep), torchvision's {"out": ...} or a dict
+    gets the same predictions and relation as pixcon's SegOutput model (its rep when it gives
+    one, its logits when not)."""
+    wrapped = _Wrapped(model, kind).eval()
+    images = scenes.images[:3]
+    assert torch.equal(viz.common.predict(wrapped, images), viz.common.predict(model, images))
+    sim, counts = viz.class_relation(wrapped, scenes)
+    with_rep = kind in ("tuple", "dict")
+    if with_rep:
+        ref, _ = viz.class_relation(model, scenes)
+    else:
+        class LogitsOnly(torch.nn.Module):
+            def forward(self, x):
+                return model(x)._replace(rep=None)
+        ref, _ = viz.class_relation(LogitsOnly().eval(), scenes)
+    assert torch.allclose(sim, ref, equal_nan=True)
+    if kind == "dict":
+        verr.error_distance_curve(wrapped, scenes, max_distance=3)
+    else:
+        with pytest.raises(TypeError, match="needs the backbone stages"):
+            verr.error_distance_curve(wrapped, scenes, max_distance=3)
+    with pytest.raises(TypeError, match="cannot find logits in the model's output"):
+        viz.common.logits_of("not an output")
+
+
+def test_relation_cells_are_readable_or_left_to_the_json(tmp_path, monkeypatch):
+    import matplotlib.figure
+    sizes = []
+    save = matplotlib.figure.Figure.savefig
+
+    def spy(fig, *a, **k):
+        ax = fig.axes[0]
+        sizes.append(([t.get_fontsize() for t in ax.texts], ax.get_title()))
+        return save(fig, *a, **k)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", spy)
+    for C in (9, 150):
+        sim = torch.rand(C, C) * 2 - 1
+        viz.relation_png(sim, [f"c{k}" for k in range(C)], tmp_path / f"r{C}.png")
+    (small, title9), (big, title150) = sizes
+    assert len(small) == 81 and min(small) >= 8
+    assert not big and "values in relation.json" in title150
+
+
 # --- t-SNE ------------------------------------------------------------------------------------
 def test_keep_smallest_keys_is_the_per_class_minimum():
     g = torch.Generator().manual_seed(3)

@@ -49,17 +49,20 @@ def load_checkpoint(path, which: str = "teacher", device="cpu"):
 
 
 def palette_of(cfg) -> str:
-    """The built-in palette of a run's dataset ("voc" for the scenes and VOC)."""
+    """The built-in palette of a run's dataset: VOC's, Cityscapes' and SUN RGB-D's own, else
+    "distinct" (the scenes, folders of other datasets)."""
     name = cfg.dataset.partition(":")[0]
-    return name if name in ("cityscapes", "sun") else "voc"
+    return name if name in ("voc", "cityscapes", "sun") else "distinct"
 
 
 def write_figures(model, ds, out, *, which: str, palette_name: str = "voc", panels: int = 4,
-                  device="cpu", name: str = "prediction", others: dict | None = None):
+                  device="cpu", name: str = "prediction", others: dict | None = None,
+                  panels_title: str | None = None):
     """The figures every run gets: ``panels.png`` (the first ``panels`` images of ``ds``;
     ``model``'s predictions under ``name``, then those of ``others``, name -> model), ``relation.png``,
     ``dendrogram.png`` (with two classes present or more) and ``relation.json``, all of
-    ``model``. Returns the paths written."""
+    ``model``. ``which`` names ``model`` in the titles; ``panels_title`` (default: ``which``)
+    names every network of the panels. Returns the paths written."""
     from .panels import prediction_panels
     from .relation import class_relation, dendrogram_png, relation_png
     out = Path(out)
@@ -76,7 +79,7 @@ def write_figures(model, ds, out, *, which: str, palette_name: str = "voc", pane
     written = [prediction_panels(images, labels, columns, out / "panels.png",
                                  class_names=names, palette_name=palette_name,
                                  ignore_index=ds.ignore_index, device=device,
-                                 title=f"predictions: {which}")]
+                                 title=f"predictions: {panels_title or which}")]
     sim, counts = class_relation(model, ds, device)
     written.append(relation_png(sim, names, out / "relation.png",
                                 title=f"class relation: {which}"))
@@ -132,12 +135,21 @@ def main(argv=None):
     model, heads, cfg, state = runs[a.checkpoint]
     ds = load_dataset(cfg, "val")
     out = Path(a.out or Path(a.checkpoint).parent / "viz")
-    which = f"{a.model if state['teacher'] else 'student'} of {a.checkpoint} (step "
-    which += f"{state['step']}), {cfg.dataset} validation split"
     label = {p: f"{r[2].mode}+{r[2].loss} ({Path(p).parent.name})" for p, r in runs.items()}
+    if len(set(label.values())) < len(label):       # two runs of one kind in like-named folders
+        label = {p: f"{v} #{i + 1}" for i, (p, v) in enumerate(label.items())}
+
+    def network(path, st):
+        return (f"{a.model if st['teacher'] else 'student'} of {path} (step {st['step']})")
+
+    split = f"; {cfg.dataset} validation split"
+    which = network(a.checkpoint, state) + split          # the relation figures: this one
+    panels_title = "; ".join(f"{label[p]} = {network(p, r[3])}"        # each column named
+                             for p, r in runs.items()) + split if a.compare else None
     others = {label[p]: r[0] for p, r in runs.items() if p != a.checkpoint}
     written = write_figures(model, ds, out, which=which, palette_name=palette_of(cfg),
                             panels=a.panels, device=a.device, others=others,
+                            panels_title=panels_title,
                             name=label[a.checkpoint] if others else "prediction")
     if a.tsne:
         from .tsne import embedding_tsne

@@ -36,10 +36,52 @@ def evaluating(*modules):
             m.train(w)
 
 
+# What a model may return, and where the figures find each part (documented in the README):
+#   an object with attributes (pixcon's SegOutput): .logits, .rep (None: none), .features
+#   a dict: "logits" (or torchvision's "out"), "rep" (or "embedding"), "features"
+#   a tuple or list: (logits, rep, ...), the first element the logits
+#   a tensor: the logits
+LOGIT_KEYS, REP_KEYS, FEATURE_KEYS = ("logits", "out"), ("rep", "embedding"), ("features",)
+
+
+def _part(out, keys, position):
+    if torch.is_tensor(out):
+        return out if position == 0 else None
+    if isinstance(out, dict):
+        return next((out[k] for k in keys if out.get(k) is not None), None)
+    if isinstance(out, (tuple, list)) and not hasattr(out, "_fields"):
+        return out[position] if position is not None and len(out) > position else None
+    return next((getattr(out, k) for k in keys if getattr(out, k, None) is not None), None)
+
+
+def logits_of(out):
+    """The (B, C, h, w) logits of a model's output: a tensor, a dict ("logits" or "out"), a
+    tuple or list (its first element) or an object with ``.logits``."""
+    x = _part(out, LOGIT_KEYS, 0)
+    if not torch.is_tensor(x):
+        raise TypeError(f"pixcon.viz: cannot find logits in the model's output (a "
+                        f"{type(out).__name__}): return a tensor, a dict with 'logits' or "
+                        f"'out', a tuple whose first element is the logits, or an object "
+                        f"with .logits")
+    return x
+
+
 def representation(out):
-    """The embedding a figure reads from a ``SegOutput``: the representation head when the model
-    has one, its logits otherwise (a model trained without ReCo)."""
-    return out.rep if out.rep is not None else out.logits
+    """The embedding a figure reads: the representation head's output when the model returns
+    one (``.rep``, dict "rep"/"embedding", a tuple's second element), its logits otherwise (a
+    model trained without ReCo)."""
+    rep = _part(out, REP_KEYS, 1)
+    return rep if torch.is_tensor(rep) else logits_of(out)
+
+
+def features_of(out):
+    """The list of backbone stages a model's output carries (``.features`` or dict
+    "features"), for the error-distance figure."""
+    f = _part(out, FEATURE_KEYS, None)
+    if f is None:
+        raise TypeError("pixcon.viz: the error figure needs the backbone stages: return them "
+                        "as .features or a dict's 'features' (a list of (B, C_i, h_i, w_i))")
+    return list(f)
 
 
 @torch.no_grad()
@@ -51,7 +93,8 @@ def predict(model, images, device="cpu", batch: int = 50):
     with evaluating(model):
         for k in range(0, len(images), batch):
             x = images[k:k + batch].to(device)
-            out.append(upsample(model(normalize_images(x)).logits, x.shape[-2:]).argmax(1).cpu())
+            logits = logits_of(model(normalize_images(x)))
+            out.append(upsample(logits, x.shape[-2:]).argmax(1).cpu())
     return torch.cat(out)
 
 

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from ..ops import class_means, distance_transform
 from ..workbench.data import normalize_images, same_size_batches
-from .common import evaluating, labels_at, plt
+from .common import evaluating, features_of, labels_at, logits_of, plt
 
 
 def distance_bins(max_distance: int = 8) -> list[str]:
@@ -56,8 +56,9 @@ def error_distance_stats(emb, labels, pred, anchors, max_distance: int = 8):
 
 def _layers(model, x, heads):
     out = model(normalize_images(x))
-    feats = out.features if heads is None else [h(f) for h, f in zip(heads.heads, out.features)]
-    return out.logits.argmax(1), feats
+    feats = features_of(out)
+    feats = feats if heads is None else [h(f) for h, f in zip(heads.heads, feats)]
+    return logits_of(out).argmax(1), feats
 
 
 def _anchors(model, dataset, heads, device, batch):

@@ -40,23 +40,34 @@ def class_relation(model, dataset, device="cpu", batch: int = 50):
     return sim.cpu(), counts.cpu()
 
 
+NUMBERS_UP_TO = 30       # classes whose cosines are written in the cells (beyond: colour only)
+
+
 def relation_png(sim, names, path, *, title: str = "class relation"):
-    """Heat map of the relation matrix: cosine of class means, values written in the cells,
-    a colour bar, class names on both axes (columns rotated); absent classes grey."""
+    """Heat map of the relation matrix: cosine of class means, a colour bar, class names on both
+    axes (columns rotated); absent classes grey. Up to NUMBERS_UP_TO classes the values are
+    written in the cells at a readable size (cells 0.6 in, 8 pt); more classes (ADE20K's 150)
+    get small cells and colour only, the title pointing to relation.json for the numbers."""
     plt = _plt()
     sim = np.asarray(sim, dtype=np.float64)
     C = len(names)
-    size = 2.5 + 0.45 * C
+    numbers = C <= NUMBERS_UP_TO
+    cell = 0.6 if numbers else max(0.12, 9.0 / C)
+    tick = 8 if numbers else max(4, min(8, int(cell * 72 * 0.8)))
+    size = 2.5 + cell * C
     fig, ax = plt.subplots(figsize=(size + 1.5, size), dpi=100)
     cmap = plt.get_cmap("RdBu_r").with_extremes(bad="#a0a0a0")
     im = ax.imshow(np.ma.masked_invalid(sim), cmap=cmap, vmin=-1, vmax=1)
-    ax.set_xticks(range(C), names, rotation=60, ha="right", fontsize=8)
-    ax.set_yticks(range(C), names, fontsize=8)
-    for i in range(C):
-        for j in range(C):
-            if np.isfinite(sim[i, j]):
-                ax.text(j, i, f"{sim[i, j]:.2f}", ha="center", va="center", fontsize=6,
-                        color="white" if abs(sim[i, j]) > 0.6 else "black")
+    ax.set_xticks(range(C), names, rotation=60, ha="right", fontsize=tick)
+    ax.set_yticks(range(C), names, fontsize=tick)
+    if numbers:
+        for i in range(C):
+            for j in range(C):
+                if np.isfinite(sim[i, j]):
+                    ax.text(j, i, f"{sim[i, j]:.2f}", ha="center", va="center", fontsize=8,
+                            color="white" if abs(sim[i, j]) > 0.6 else "black")
+    else:
+        title += f" ({C} classes: values in relation.json)"
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="cos(class mean i, class mean j)")
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
