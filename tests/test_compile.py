@@ -131,33 +131,54 @@ else:
                              num_negatives=4, seed=0)
     e = x["emb"]
 e = e.detach().clone().requires_grad_()
-got = torch.compile(fn, fullgraph=True)(e)          # cold: no eager call before
-g_got, = torch.autograd.grad(got, e)
-want = fn(e, twin) if name == "u2pl" else fn(e)
-g_want, = torch.autograd.grad(want, e)
+import contextlib
+scope, compiler, launches = contextlib.nullcontext(), "inductor", [0]
+if sys.argv[2] == "triton":      # the Triton kernels under the interpreter, counted
+    import triton.runtime.interpreter as interp
+    from pixcon.ops._library import triton_on_cpu
+    run = interp.InterpretedFunction.run
+
+    def counted(self, *a, **k):
+        launches[0] += 1
+        return run(self, *a, **k)
+    interp.InterpretedFunction.run = counted
+    scope, compiler = triton_on_cpu(), "aot_eager"   # Inductor cannot wrap interpreted kernels
+with scope:
+    got = torch.compile(fn, fullgraph=True, backend=compiler)(e)   # cold: no eager call before
+    g_got, = torch.autograd.grad(got, e)
+    compiled_launches = launches[0]
+    want = fn(e, twin) if name == "u2pl" else fn(e)
+    g_want, = torch.autograd.grad(want, e)
 assert torch.allclose(got, want, rtol=1e-5, atol=1e-6), (float(got), float(want))
 assert torch.allclose(g_got, g_want, rtol=1e-4, atol=1e-6)
-print("ok", float(got))
+assert sys.argv[2] != "triton" or compiled_launches > 0, "no Triton kernel ran compiled"
+print("ok", float(got), compiled_launches)
 """
 
 
+@pytest.mark.parametrize("kernels", ["native", pytest.param("triton",
+                                                              marks=pytest.mark.interpret)])
 @pytest.mark.parametrize("loss", ["reco", "pixel_contrast", "dense", "pixel_anchor", "cac",
                                   "u2pl"])
-def test_every_loss_compiles_from_a_cold_process(loss, tmp_path):
+def test_every_loss_compiles_from_a_cold_process(loss, kernels, tmp_path):
     """Each public loss under torch.compile(fullgraph=True) in a fresh process, before any eager
-    call (the fakes and ops are registered at import), on the CPU default: value and gradient
-    equal to eager. (The reference backend follows the official code's data-dependent loops
-    and is not compiled fullgraph.)"""
+    call (the fakes and ops are registered at import): on the CPU default (Inductor) and on the
+    Triton kernels under the interpreter (inside an outer triton_on_cpu(), which a compiled
+    graph dispatches through; aot_eager, and the interpreted launches counted): value and
+    gradient equal to eager. (The reference backend follows the official code's data-dependent
+    loops and is not compiled fullgraph.)"""
     import os
     import subprocess
     import sys
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     script = tmp_path / "cold.py"
     script.write_text(COLD)
-    env = {**os.environ, "PYTHONPATH": root, "PIXCON_BACKEND": "native"}
+    env = {**os.environ, "PYTHONPATH": root, "PIXCON_BACKEND": kernels}
     env.pop("TRITON_INTERPRET", None)
-    p = subprocess.run([sys.executable, str(script), loss], capture_output=True, text=True,
-                       env=env, cwd=root, timeout=300)
+    if kernels == "triton":
+        env["TRITON_INTERPRET"] = "1"
+    p = subprocess.run([sys.executable, str(script), loss, kernels], capture_output=True,
+                       text=True, env=env, cwd=root, timeout=300)
     assert p.returncode == 0 and "ok" in p.stdout, p.stderr[-2000:]
 
 
