@@ -4,11 +4,23 @@ floor and the estimated time on an H100 and an A100, next to an estimate of the 
 code (the cost structure of benchmarks/baselines.py). Estimates, not measurements: no GPU has
 run them; the benchmark suite records measured times beside them when one does.
 
-    time(kernel) = max(bytes / bandwidth, FLOPs / rate of its unit) / fill + launches x LAUNCH_S
-    fill         = programs / (waves x SMs x programs per SM),  waves = ceil(programs / (SMs x
-                   programs per SM)): the share of the GPU a grid keeps busy (a 16-program grid
-                   on 132 SMs gets 16/132 of it; a kernel whose grid is not modelled, 1)
+    time(kernel) = max(max(bytes / bandwidth, FLOPs / (rate of its unit x efficiency)) / fill,
+                       waves x latency) + launches x LAUNCH_S
+    waves        = ceil(programs / (SMs x programs per SM)); latency: one program's chain of
+                   dependent steps (programs sharing an SM overlap theirs)
+    fill         = programs / (SMs x the programs the busiest SM runs): each program gets its
+                   SM's share of bandwidth and rate, divided among the programs there at once
+                   (a 16-program grid on 132 SMs gets 16/132 of the GPU; torch's own kernels,
+                   whose grids are not modelled, 1)
+    programs per SM: from pixcon_kernels/RESOURCES.md (the compile check's theoretical
+                   occupancy of the kernel on that GPU's architecture: registers, shared memory
+                   and warps), i.e. occupancy x 64 warps / the launch's warps
     floor(op)    = max(must bytes / bandwidth, must FLOPs / best rate)   (no launch cost)
+
+The grids are the launchers' own (``pixel_tiles``, ``tiled.launch_plan``, the EDT's row and
+column blocks). The official-style estimate uses the same model: its GEMMs run at
+OFFICIAL_GEMM_EFFICIENCY of the unit's peak (cuBLAS on large fp32 matrices), its elementwise
+passes at full bandwidth over every matrix it materialises.
 
 "must" counts what any implementation of the step has to do: every input read once, every
 output written once, each gathered row read once per use (ReCo's negatives: no cache reuse is
@@ -19,7 +31,10 @@ gathers. All figures fp32 inputs unless a row says otherwise.
 """
 from __future__ import annotations
 
+import functools
+import re
 from dataclasses import dataclass, field
+from pathlib import Path
 
 GPUS = {  # nominal peaks (NVIDIA datasheets), dense; "int": 32-bit integer ops
     "H100": dict(name="H100 SXM", bw=3.35e12, fma=67e12, tf32=494.7e12, bf16=989.4e12,
@@ -28,6 +43,9 @@ GPUS = {  # nominal peaks (NVIDIA datasheets), dense; "int": 32-bit integer ops
                  int=19.5e12, fp64=19.5e12, sms=108),
 }
 LAUNCH_S = 3e-6          # launch and tail of one kernel (or one small torch op)
+OFFICIAL_GEMM_EFFICIENCY = 0.7   # cuBLAS fp32 GEMMs: a stated share of the peak, not measured
+ARCH = {"H100": "sm_90", "A100": "sm_80"}
+RESOURCES = Path(__file__).resolve().parents[1] / "pixcon_kernels" / "RESOURCES.md"
 F32, I32, I64, SECTOR = 4, 4, 8, 32
 # the papers' settings (the same numbers as the benchmarks' SIZES, tested to stay so)
 RECO_VOC = dict(B=20, D=256, h=81, w=81, C=21, K=21, Q=256, N=512)
@@ -38,6 +56,28 @@ DENSE = dict(n=131072, D=256, C=19)
 EDT = dict(B=8, H=512, W=512)
 U2PL_VOC = dict(B=4, D=256, h=129, w=129, C=21, Q=256, N=50,
                 pushed=int(0.2 * 2 * 129 * 129) * 17)
+
+
+def gpu_key(gpu: dict) -> str:
+    return next(k for k, g in GPUS.items() if g is gpu or g == gpu)
+
+
+@functools.lru_cache(maxsize=None)
+def _occupancy(kernel: str, arch: str) -> float:
+    """The kernel's theoretical occupancy on ``arch`` (the summary of RESOURCES.md: the worst
+    case over its compiled GPU settings)."""
+    pat = re.compile(rf"^\| `{re.escape(kernel)}` \| {arch} \| \d+ \| \d+ \| \d+ \| \d+ "
+                     rf"\| ([\d.]+) \|", re.M)
+    m = pat.search(RESOURCES.read_text())
+    if m is None:
+        raise KeyError(f"tools/cost.py: {kernel} ({arch}) is not in {RESOURCES.name}: "
+                       "run ./dev kernels")
+    return float(m.group(1))
+
+
+def programs_per_sm(kernel: str, arch: str, warps: int) -> int:
+    """Programs of ``warps`` warps one SM holds: occupancy x 64 warps / warps (at least 1)."""
+    return max(1, round(_occupancy(kernel, arch) * 64 / warps))
 
 
 def rate(gpu: dict, unit: str) -> float:
@@ -58,24 +98,41 @@ class Kernel:
     latency: float = 0.0  # seconds of dependent steps no parallelism hides (a lower bound)
     must_flops: float | None = None    # FLOPs the step needs (default: as written)
     programs: int | None = None   # the grid (None: not modelled, taken as filling the GPU)
-    per_sm: int = 1               # programs one SM holds at once (registers, shared memory,
-    #                               warps: pixcon_kernels/RESOURCES.md)
+    per_sm: int | None = None     # programs one SM holds at once; None: from RESOURCES.md
+    triton: str | None = None     # the Triton kernel whose resources set per_sm
+    warps: int = 4                # its launch's warps
+    efficiency: float = 1.0       # share of the unit's peak its FLOPs run at
+
+    def slots(self, gpu: dict) -> int:
+        """Programs one SM of ``gpu`` holds at once."""
+        if self.per_sm is not None:
+            return self.per_sm
+        if self.triton is None:
+            return 1
+        return programs_per_sm(self.triton, ARCH[gpu_key(gpu)], self.warps)
 
     def waves(self, gpu: dict) -> int | None:
         if self.programs is None:
             return None
-        return max(-(-self.programs // (gpu["sms"] * self.per_sm)), 1)
+        return max(-(-self.programs // (gpu["sms"] * self.slots(gpu))), 1)
 
     def fill(self, gpu: dict) -> float:
-        """The share of the GPU's throughput the grid keeps busy: its programs over the slots
-        of the waves it takes (1 where the grid is not modelled)."""
+        """The share of the GPU's throughput the grid keeps busy: each program gets its SM's
+        share of bandwidth and rate, divided among the programs running there at once, so the
+        time is set by the busiest SM: (slots x full waves + its share of the last wave)
+        programs' work. fill = programs / (SMs x that) (1 where the grid is not modelled)."""
         if self.programs is None:
             return 1.0
-        return max(self.programs, 1) / (self.waves(gpu) * gpu["sms"] * self.per_sm)
+        S, k, n = gpu["sms"], self.slots(gpu), max(self.programs, 1)
+        full, rest = divmod(n, S * k)
+        return n / (S * (full * k + -(-rest // S)))
 
     def time(self, gpu: dict) -> float:
-        work = max(self.moved / gpu["bw"], self.flops / rate(gpu, self.unit)) / self.fill(gpu)
-        return max(work, self.latency) + self.launches * LAUNCH_S
+        """max(work / fill, waves x the chain of dependent steps of one program) + launches;
+        programs sharing an SM overlap their chains, each wave waits for its own."""
+        compute = self.flops / (rate(gpu, self.unit) * self.efficiency)
+        work = max(self.moved / gpu["bw"], compute) / self.fill(gpu)
+        return max(work, (self.waves(gpu) or 1) * self.latency) + self.launches * LAUNCH_S
 
     def needed_flops(self) -> float:
         return self.flops if self.must_flops is None else self.must_flops
@@ -109,6 +166,26 @@ def _pow2(n: int, lo: int = 16) -> int:
     return p
 
 
+def _cdiv(a, b):
+    return -(-a // b)
+
+
+def _class_sums_grid(P, HW, C, D):
+    """pixcon_kernels.segment.class_sums' GPU grid: (pixel-tile programs, class blocks, D
+    blocks)."""
+    from pixcon_kernels._utils import pixel_tiles
+    G = pixel_tiles(P, HW, 32, min(512, (8 << 20) // max(C * D, 1)))[2]
+    return G * _cdiv(C, 64) * _cdiv(D, 64)
+
+
+def _anchor_grid(P, HW, C, D):
+    """pixcon_kernels.anchor's GPU layout (64-pixel tiles over at most 264 programs, 32-class
+    blocks, 32-wide D chunks): (tiles T, programs G, terms programs G2, class blocks)."""
+    from pixcon_kernels._utils import pixel_tiles
+    T, _, G, per = pixel_tiles(P, HW, 64, 264)
+    return T, G, _cdiv(max(P, 1), per * 64), _cdiv(C, 32)
+
+
 def reco(B, D, h, w, C, K, Q, N, elt=F32) -> Op:
     """ReCo (pixcon_kernels.reco + segment): one read of emb for class sums and contiguous
     rows; in-kernel negatives; backward a scale and a scatter."""
@@ -118,12 +195,14 @@ def reco(B, D, h, w, C, K, Q, N, elt=F32) -> Op:
     ks = [
         Kernel("_class_sums_kernel (rows=True)", E + P * I32, 2 * E + P * I32
                + 2 * 512 * C * D * F32, 2.0 * P * _pow2(C) * D, "fma", must_flops=2.0 * P * D,
+               programs=_class_sums_grid(P, h * w, C, D), triton="_class_sums_kernel",
                note="reads emb once (pixel-contiguous tiles), writes the rows; one-hot FMA dot"),
         Kernel("torch glue (labels, hard mask, sort by class, query sampler, relation cdf)",
                P * (I32 + F32), P * C * F32 + 16 * P * I64, 0.0, "fma", launches=25,
                note="P-length passes; probs read once for the hard mask"),
         Kernel("_reco_infonce_kernel", rows + M * D * F32,
                rows + M * N * SECTOR + M * (D + 4) * F32, 6.0 * M * (N + 1) * D, "fma",
+               programs=M, triton="_reco_infonce_kernel",
                note="a gathered row is read once; + one 32-byte sector of `order` per negative"),
         Kernel("backward: scale, scatter into a zero map", E + M * D * F32,
                E + 3 * M * D * F32, 2.0 * M * D, "fma", launches=4,
@@ -133,9 +212,9 @@ def reco(B, D, h, w, C, K, Q, N, elt=F32) -> Op:
         Kernel("permute emb to rows, class means, masks", 0, 3 * E + P * C * F32 * 3, 0.0,
                launches=40),
         Kernel("per class: gather Q x (1+N) x D keys, cat, cosine, logsumexp", 0, 4 * rows,
-               4.0 * M * (N + 1) * D, launches=20 * K),
+               4.0 * M * (N + 1) * D, launches=20 * K, efficiency=OFFICIAL_GEMM_EFFICIENCY),
         Kernel("backward: cosine and gather grads, index_put", 0, 2 * rows + 2 * E,
-               4.0 * M * (N + 1) * D, launches=10 * K),
+               4.0 * M * (N + 1) * D, launches=10 * K, efficiency=OFFICIAL_GEMM_EFFICIENCY),
     ]
     return Op("reco_loss", f"VOC {B}x{D}x{h}x{w}, K={K}, Q={Q}, N={N}", ks, official)
 
@@ -149,35 +228,41 @@ def contextrast(B, D, layers, C, elt=F32) -> Op:
         E, S = P * D * elt, P * C * F32
         lab = 3 * P * I32
         tag = f"{h}x{w}"
+        T, G, G2, ncb = _anchor_grid(P, h * w, C, D)
+        a8 = dict(warps=8)
         ks += [
-            Kernel(f"_inv_norm_kernel {tag}", 0, E + P * F32, 2.0 * P * D),
+            Kernel(f"_inv_norm_kernel {tag}", 0, E + P * F32, 2.0 * P * D, programs=T,
+                   triton="_inv_norm_kernel", **a8),
             Kernel(f"_class_sums_kernel (scale) {tag}", E + P * I32, E + 2 * P * F32
-                   + 2 * 264 * C * D * F32, 2.0 * P * Cp * D, must_flops=2.0 * P * D),
+                   + 2 * 264 * C * D * F32, 2.0 * P * Cp * D, must_flops=2.0 * P * D,
+                   programs=_class_sums_grid(P, h * w, C, D), triton="_class_sums_kernel"),
             Kernel(f"BANE error map and selection {tag}", 2 * P * I64, 10 * P * I64, 0.0,
                    "int", launches=12, note="torch: one sort by (class, distance)"),
             Kernel(f"_logits_kernel {tag}", E + lab, E + lab + S, 2.0 * P * Cp * D, "tf32x3",
-                   must_flops=2.0 * P * C * D, note="S = z . a / t stored once"),
-            Kernel(f"_terms_kernel {tag}", 0, S + P * I32, 10.0 * P * Cp),
+                   must_flops=2.0 * P * C * D, programs=G * ncb, triton="_logits_kernel", **a8,
+                   note="S = z . a / t stored once"),
+            Kernel(f"_terms_kernel {tag}", 0, S + P * I32, 10.0 * P * Cp, programs=G2 * ncb,
+                   triton="_terms_kernel", **a8),
             Kernel(f"_da_kernel {tag}", E + lab, E + lab + (D // 32) * S, 2.0 * P * Cp * D,
-                   "tf32x3", must_flops=2.0 * P * C * D, note="S reread per 32-wide D block"),
+                   "tf32x3", must_flops=2.0 * P * C * D, programs=G * ncb * _cdiv(D, 32),
+                   triton="_da_kernel", **a8, note="S reread per 32-wide D block"),
             Kernel(f"_dx_kernel {tag}", E, 2 * E + S + lab, 2.0 * P * Cp * D, "tf32x3",
-                   must_flops=2.0 * P * C * D, note="writes the NCHW gradient"),
-            Kernel(f"_unit_sums_bwd_kernel {tag}", 0, 2 * E + P * 2 * I32, 4.0 * P * D),
+                   must_flops=2.0 * P * C * D, programs=T, triton="_dx_kernel", **a8,
+                   note="writes the NCHW gradient"),
+            Kernel(f"_unit_sums_bwd_kernel {tag}", 0, 2 * E + P * 2 * I32, 4.0 * P * D,
+                   programs=T, triton="_unit_sums_bwd_kernel", **a8),
             Kernel(f"autograd adds the two gradients {tag}", 0, 3 * E, P * D, launches=1),
         ]
         off += [
             Kernel(f"normalise, permute, one-hot anchors, logits {tag}", 0, 6 * E + 4 * S,
-                   2 * 2.0 * P * C * D, "fma", launches=20),
+                   2 * 2.0 * P * C * D, "fma", launches=20, efficiency=OFFICIAL_GEMM_EFFICIENCY),
             Kernel(f"BANE on the host (SciPy EDT per class), masks {tag}", 0, 2 * P * I64
                    + 6 * S, 0.0, launches=10 + C),
             Kernel(f"backward: logits, normalise, permute grads {tag}", 0, 6 * E + 3 * S,
-                   2 * 2.0 * P * C * D, "fma", launches=20),
+                   2 * 2.0 * P * C * D, "fma", launches=20, efficiency=OFFICIAL_GEMM_EFFICIENCY),
         ]
-    pyr = edt(B, *layers[0])                       # the largest layer bounds the latency
-    P_all = sum(B * h * w for h, w in layers)
-    ks.append(Kernel("EDT of every layer's error map (one ragged launch a pass)",
-                     P_all * (I64 + F32), P_all * (6 * I64 + 13 * I32), 72.0 * P_all, "int",
-                     launches=2, latency=sum(k.latency for k in pyr.kernels)))
+    ks += edt_kernels([(B, h, w) for h, w in layers], I64,
+                      "EDT of every layer's error map (one ragged launch)")
     layers_s = ", ".join(f"{h}x{w}" for h, w in layers)
     return Op("pixel_anchor_loss", f"B={B}, D={D}, C={C}, layers {layers_s}", ks, off,
               must_flops_unit="tf32x3",
@@ -193,7 +278,7 @@ def _tiled(name, setting, M, N, D, sweeps_fwd, grad_gemms, recomputes, elt=F32,
     are merged by torch: counted as the gradient's bytes once more. The gradient programs hold
     at most 256 columns of D: above that the logits are recomputed once per D block.
     Programs per SM from RESOURCES.md: the forward kernels 2 (4 warps, up to 255 registers),
-    the gradient kernels 1 (8 warps, about 240)."""
+    the gradient kernels 1 (8 warps, about 240), read from the table."""
     from pixcon_kernels.tiled import launch_plan
     plan = launch_plan(M, N, D, elt == 8, gpu=True)
     G = 2.0 * M * N * D
@@ -205,12 +290,13 @@ def _tiled(name, setting, M, N, D, sweeps_fwd, grad_gemms, recomputes, elt=F32,
         Kernel("_tiled_lse_kernel + _tiled_pos_kernel", A + Kb + 3 * M * F32,
                A + sweeps_fwd * Kb + 3 * M * F32 * plan["fwd_splits"],
                sweeps_fwd * G, unit, launches=2, must_flops=G, programs=plan["fwd_programs"],
-               per_sm=2, note=f"{sweeps_fwd:.2f} sweeps over the keys, "
+               triton="_tiled_lse_kernel", note=f"{sweeps_fwd:.2f} sweeps over the keys, "
                               f"{plan['fwd_splits']} key splits"),
         Kernel("_tiled_bwd_da_kernel + _tiled_bwd_dk_kernel", A + Kb + M * D * F32,
                A + (rec + grad_gemms) * Kb + 2 * M * D * F32 * plan["bwd_splits"],
                (rec + grad_gemms) * G, unit, launches=grad_gemms,
-               must_flops=grad_gemms * G, programs=plan["bwd_programs"], per_sm=1,
+               must_flops=grad_gemms * G, programs=plan["bwd_programs"],
+               triton="_tiled_bwd_da_kernel", warps=8,
                note=f"logits recomputed {rec}x, {plan['bwd_splits']} key splits"),
     ]
     return Op(name, setting, ks, official or [], must_flops_unit=unit)
@@ -225,7 +311,7 @@ def contrastiveseg(B, D, h, w, C, M, bank, elt=F32) -> list[Op]:
     for N, tag, key_grad in ((M, "in-batch", True), (bank, f"bank {C}x{bank // C}", False)):
         official = [Kernel("anchors x keys logits, masks, softmax, grads (materialised)", 0,
                            E + 10 * M * N * F32 + (M + N) * D * F32, 3 * 2.0 * M * N * D,
-                           "fma", launches=40)]
+                           "fma", launches=40, efficiency=OFFICIAL_GEMM_EFFICIENCY)]
         ops.append(_tiled("pixel_contrast_loss", f"Cityscapes {tag}: {M} anchors x {N} keys, "
                           f"D={D}", M, N, D, 1 + 1 / C, 2 if key_grad else 1, 2 if key_grad
                           else 1, elt, glue, official, key_grad=key_grad))
@@ -235,7 +321,7 @@ def contrastiveseg(B, D, h, w, C, M, bank, elt=F32) -> list[Op]:
 def cac(n, N, D, elt=F32) -> Op:
     official = [Kernel("anchors x negatives logits, exp, sums, grads (materialised)", 0,
                        8 * n * N * F32 + (n + N) * D * F32, 3 * 2.0 * n * N * D, "fma",
-                       launches=30)]
+                       launches=30, efficiency=OFFICIAL_GEMM_EFFICIENCY)]
     return _tiled("directional_contrast_loss", f"Cityscapes {n} anchors x {N} negatives, D={D}",
                   n, N, D, 1, 1, 1, elt, official=official, key_grad=False)
 
@@ -261,14 +347,16 @@ def u2pl(B, D, h, w, C, Q, N, pushed, elt=F32) -> Op:
         Kernel("torch glue (ranks: sort of the teacher probs, class masks, sampler groups)",
                P * C * F32, 6 * P * C * F32 + 4 * P * C * I64, 0.0, "fma", launches=40),
         Kernel("_bank_push_kernel (+ ranks in class, slots: torch)", 2 * pushed * D * F32,
-               2 * pushed * D * F32 + 3 * P * C * I64, 0.0, "fma", launches=10),
+               2 * pushed * D * F32 + 3 * P * C * I64, 0.0, "fma", launches=10,
+               programs=C * _cdiv(P, 64) * _cdiv(D, 128), triton="_bank_push_kernel"),
         Kernel("teacher class means (one GEMM)", E, E + P * C * F32, 2.0 * P * C * D, "tf32x3"),
         Kernel("_sample_in_groups_kernel", M * (N + 1) * I32, M * (N + 1) * (I32 + SECTOR), 0.0,
-               "int", launches=2),
+               "int", launches=2, programs=_cdiv(M * (N + 1), 256),
+               triton="_sample_in_groups_kernel"),
         Kernel("_infonce_fwd_kernel", rows + M * D * F32, rows + M * N * SECTOR,
-               4.0 * M * (N + 1) * D, "fma"),
+               4.0 * M * (N + 1) * D, "fma", programs=M, triton="_infonce_fwd_kernel"),
         Kernel("_infonce_bwd_kernel", rows + E, 2 * rows + E + M * D * F32,
-               6.0 * M * (N + 1) * D, "fma",
+               6.0 * M * (N + 1) * D, "fma", programs=M, triton="_infonce_bwd_kernel",
                note="recomputes the logits; the embedding's gradient written once"),
     ]
     official = [
@@ -277,27 +365,42 @@ def u2pl(B, D, h, w, C, Q, N, pushed, elt=F32) -> Op:
         Kernel("queues: concatenate on the host, copy each class's queue to the GPU", 0,
                2 * (30000 * C + 20000) * D * F32, 0.0, launches=4 * C),
         Kernel("per class: gather Q x N x D negatives, cosine, CE, backward", 0, 4 * rows,
-               8.0 * M * (N + 1) * D, launches=20 * C),
+               8.0 * M * (N + 1) * D, launches=20 * C, efficiency=OFFICIAL_GEMM_EFFICIENCY),
     ]
     return Op("u2pl_loss", f"VOC {B}x{D}x{h}x{w}, C={C}, Q={Q}, N={N}", ks, official)
 
 
-def edt(B, H, W, elt=I64) -> Op:
-    """The EDT of B maps (labels read as they are, int64 here): latency-bound passes, whose
-    dependent steps are counted at ~2000 cycles a column tile step (two loads, a scan, two
-    barriers) and ~150 cycles a row step (a few dependent L1 loads) at 1.755 GHz."""
-    P = B * H * W
-    clock = 1.755e9
-    ks = [
-        Kernel("_edt_cols_kernel", P * elt, 4 * P * elt + 3 * P * I32, 12.0 * P, "int",
-               latency=2 * -(-H // 32) * 2000 / clock,
-               note=f"2 x {-(-H // 32)} dependent 32-row tile steps per column block"),
-        Kernel("_edt_rows_kernel", P * F32, 2 * P * elt + 10 * P * I32, 60.0 * P, "int",
-               latency=2 * W * 150 / clock,
-               note=f"lower envelopes, O(W) a row: 2 x {W} dependent steps per lane (row)"),
+CLOCK = 1.755e9          # H100 SXM boost clock, for the EDT's dependent steps
+
+
+def edt_kernels(maps, elt, what=None) -> list[Kernel]:
+    """The EDT's two passes over maps [(B, H, W), ...] in one ragged launch each
+    (pixcon_kernels.edt): the column pass one program (4 warps) per map and 32 columns, walking
+    2 x ceil(H / 32) dependent 32-row tile steps (~2000 cycles each: two loads, a scan, two
+    barriers); the row pass one lane per row, 32 rows (one warp) a program, walking 2 W
+    dependent steps (~150 cycles: a few dependent L1 loads). Latency-bound: each pass takes
+    at least its longest program's chain."""
+    P = sum(B * H * W for B, H, W in maps)
+    Hm, Wm = max(H for _, H, _ in maps), max(W for _, _, W in maps)
+    cols = sum(B * _cdiv(W, 32) for B, _, W in maps)
+    rows = _cdiv(sum(B * H for B, H, _ in maps), 32)
+    tag = f" ({what})" if what else ""
+    return [
+        Kernel(f"_edt_cols_kernel{tag}", P * elt, 4 * P * elt + 3 * P * I32, 12.0 * P, "int",
+               latency=2 * _cdiv(Hm, 32) * 2000 / CLOCK, programs=cols,
+               triton="_edt_cols_kernel",
+               note=f"2 x {_cdiv(Hm, 32)} dependent 32-row tile steps per column block"),
+        Kernel(f"_edt_rows_kernel{tag}", P * F32, 2 * P * elt + 10 * P * I32, 60.0 * P, "int",
+               latency=2 * Wm * 150 / CLOCK, programs=rows, triton="_edt_rows_kernel", warps=1,
+               note=f"lower envelopes, O(W) a row: 2 x {Wm} dependent steps per lane (row)"),
     ]
-    return Op("distance_transform", f"{B}x{H}x{W} (int64 labels)", ks, must_flops_unit="int",
-              note="the official code runs SciPy on the host: not modelled")
+
+
+def edt(B, H, W, elt=I64) -> Op:
+    """The EDT of B maps (labels read as they are, int64 here): latency-bound passes."""
+    return Op("distance_transform", f"{B}x{H}x{W} (int64 labels)", edt_kernels([(B, H, W)], elt),
+              must_flops_unit="int", note="the official code runs SciPy on the host: not "
+                                          "modelled")
 
 
 def _reco_ops():
