@@ -42,13 +42,14 @@ def main(argv=None):
     images = ds.images[:4]
     labels = ds.labels[:4]
     names = list(ds.class_names)
+    from pixcon.viz.cli import palette_of
     viz.prediction_panels(images, labels, models, out / "panels.png", class_names=names,
-                          ignore_index=ds.ignore_index,
+                          ignore_index=ds.ignore_index, palette_name=palette_of(cfg),
                           title=f"embedded scenes, validation images 0-3, {a.steps} steps")
     sim, _ = viz.class_relation(models["CE + ReCo"], ds)
     viz.dendrogram_png(sim, names, out / "dendrogram.png",
                        title="class hierarchy of the CE + ReCo model (its representation head)")
-    viz.embedding_tsne(models, ds, out / "tsne.png", per_class=150,
+    viz.embedding_tsne(models, ds, out / "tsne.png", per_class=150, palette_name=palette_of(cfg),
                        title="pixel embeddings (t-SNE, 150 pixels per class): the CE model's "
                              "logits, the ReCo model's representation")
     curve = viz.error_distance_curve(models["CE + ReCo"], ds, max_distance=6)

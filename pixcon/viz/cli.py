@@ -55,8 +55,9 @@ def palette_of(cfg) -> str:
     return name if name in ("voc", "cityscapes", "sun") else "distinct"
 
 
-def write_figures(model, ds, out, *, which: str, palette_name: str = "voc", panels: int = 4,
-                  device="cpu", name: str = "prediction", others: dict | None = None,
+def write_figures(model, ds, out, *, which: str, palette_name: str = "distinct",
+                  panels: int = 4, device="cpu", name: str = "prediction",
+                  others: dict | None = None,
                   panels_title: str | None = None):
     """The figures every run gets: ``panels.png`` (the first ``panels`` images of ``ds``;
     ``model``'s predictions under ``name``, then those of ``others``, name -> model), ``relation.png``,

@@ -56,8 +56,8 @@ def _golden(n: int, levels=(0.62, 0.45)) -> np.ndarray:
 
 
 def palette(name: str = "voc", *, ignore_index: int = 255) -> np.ndarray:
-    """(256, 3) uint8 colour table ``name`` ("voc", "cityscapes", "sun"), the ignore label's
-    entry set to the ignore colour."""
+    """(256, 3) uint8 colour table ``name`` ("voc", "cityscapes", "sun", "distinct"), the
+    ignore label's entry set to the ignore colour."""
     if name == "voc":
         table = _voc()
     elif name == "cityscapes":
@@ -136,7 +136,7 @@ def _legend_layout(handles, fig_h):
 
 
 def prediction_panels(images, labels, predictions: dict, path, *, class_names,
-                      palette_name: str = "voc", ignore_index: int = 255, device="cpu",
+                      palette_name: str = "distinct", ignore_index: int = 255, device="cpu",
                       title: str | None = None):
     """Write a PNG grid: one row per image; columns image, ground truth, then each entry of
     ``predictions`` (name -> model or (N, H, W) labels) in order. A legend lists the classes

@@ -69,7 +69,7 @@ def _tsne():
 
 def embedding_tsne(models, dataset, path=None, *, per_class: int = 200, perplexity: float = 30.0,
                    seed: int = 0, device="cpu", batch: int = 50, embed=None,
-                   palette_name: str = "voc", title: str | None = None) -> dict:
+                   palette_name: str = "distinct", title: str | None = None) -> dict:
     """t-SNE of each model's class-balanced pixel sample. ``models``: a model or a dict
     name -> model (one panel each, in order). Writes a PNG to ``path`` when given.
     Returns {name: {"xy": (n, 2) array, "labels": (n,) array}}. The perplexity is capped at
@@ -92,7 +92,7 @@ def embedding_tsne(models, dataset, path=None, *, per_class: int = 200, perplexi
     return out
 
 
-def tsne_png(projections: dict, class_names, path, *, palette_name: str = "voc",
+def tsne_png(projections: dict, class_names, path, *, palette_name: str = "distinct",
              title: str | None = None):
     """Scatter plots of ``embedding_tsne``'s result side by side, one colour per class (the
     palette's), a shared legend of the classes that occur."""
