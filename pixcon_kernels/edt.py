@@ -104,7 +104,7 @@ def _key(g_ptr, row, v, ok):
 
 @triton.jit
 def _edt_rows_kernel(lab_ptr, g_ptr, out_ptr, v_ptr, top_ptr, end_ptr, row_tab_ptr, R, Wmax, bg,
-                     SQUARED: tl.constexpr, BLOCK_R: tl.constexpr):
+                     SQUARED: tl.constexpr, EXACT: tl.constexpr, BLOCK_R: tl.constexpr):
     """Lane r: row r of the ragged batch (table row (element offset, W)). Sweep 1 builds each
     run's lower envelope (stack of parabola positions v[s..top], in scratch) and records the
     run's top and end at its start s; sweep 2 walks each envelope and writes D^2 (or D)."""
@@ -170,8 +170,10 @@ def _edt_rows_kernel(lab_ptr, g_ptr, out_ptr, v_ptr, top_ptr, end_ptr, row_tab_p
         best = tl.where(s > 0, tl.minimum(best, dl * dl), best)
         best = tl.where(e < W - 1, tl.minimum(best, dr * dr), best)
         best = tl.where(cur == bg, 0, best)
-        if SQUARED:                  # float64: exact (below 2^31 here)
+        if EXACT:                    # float64 squared distances: exact (below 2^31 here)
             val = best.to(tl.float64)
+        elif SQUARED:
+            val = best.to(tl.float32)
         else:
             val = tl.sqrt(best.to(tl.float32))
         tl.store(out_ptr + row + x, tl.where(best >= BIG, float("inf"), val), mask=on)
@@ -194,15 +196,17 @@ def _tables(shapes, device, BLOCK_W):
     return torch.cat(cols).contiguous(), torch.cat(rows).contiguous()
 
 
-def distance_transform_ragged(flat: torch.Tensor, shapes, background: int, squared: bool):
+def distance_transform_ragged(flat: torch.Tensor, shapes, background: int, squared: bool,
+                              exact: bool = False):
     """flat: the maps' labels packed one after another (any integer/bool dtype, read as is),
-    shapes: [(N, H, W), ...]. Returns float32 distances (float64 squared distances) packed the
-    same way. Two launches for the whole batch."""
+    shapes: [(N, H, W), ...]. Returns float32 distances (or squared distances, exact below 2^24)
+    packed the same way; ``exact``: float64 squared distances. Two launches for the whole
+    batch."""
     for (_, H, W) in shapes:
         if H > MAX_SIDE or W > MAX_SIDE:
             raise ValueError(f"distance_transform: sides up to {MAX_SIDE} supported, got {H}x{W}")
     shapes = [s for s in shapes if s[0] * s[1] * s[2] > 0]
-    out = torch.empty(flat.numel(), dtype=torch.float64 if squared else torch.float32,
+    out = torch.empty(flat.numel(), dtype=torch.float64 if exact else torch.float32,
                       device=flat.device)
     if not shapes:
         return out
@@ -226,14 +230,16 @@ def distance_transform_ragged(flat: torch.Tensor, shapes, background: int, squar
     BLOCK_R = 32 if gpu_config() else 1024
     _edt_rows_kernel[(triton.cdiv(R, BLOCK_R),)](
         lab, g, out, scratch[0], scratch[1], scratch[2], row_tab, R, max(s[2] for s in shapes),
-        background, SQUARED=squared, BLOCK_R=BLOCK_R, num_warps=1 if gpu_config() else 4)
+        background, SQUARED=squared or exact, EXACT=exact, BLOCK_R=BLOCK_R,
+        num_warps=1 if gpu_config() else 4)
     return out
 
 
-def distance_transform(labels: torch.Tensor, background: int, squared: bool) -> torch.Tensor:
-    """labels: (..., H, W) integer/bool. Returns float32 distances (float64 squared ones) of the
-    same shape."""
+def distance_transform(labels: torch.Tensor, background: int, squared: bool,
+                       exact: bool = False) -> torch.Tensor:
+    """labels: (..., H, W) integer/bool. Returns float32 distances (or squared ones; ``exact``:
+    float64 squared distances) of the same shape."""
     H, W = labels.shape[-2:]
     N = labels.numel() // max(H * W, 1)
-    out = distance_transform_ragged(labels.reshape(-1), [(N, H, W)], background, squared)
+    out = distance_transform_ragged(labels.reshape(-1), [(N, H, W)], background, squared, exact)
     return out.view(labels.shape)

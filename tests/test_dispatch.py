@@ -12,7 +12,7 @@ from .test_primitives import _infonce_case, _labels
 
 # The ops with a CPU kernel (C++, or Contextrast's Python tiles), and those that exist only as
 # Triton kernels.
-WITH_CPU = ("philox", "edt", "class_sums", "sample_in_groups", "sample_negatives",
+WITH_CPU = ("philox", "edt", "edt_exact", "class_sums", "sample_in_groups", "sample_negatives",
             "sparse_infonce", "sparse_infonce_backward", "tiled_contrast",
             "tiled_contrast_backward", "inv_norms", "unit_class_sums", "unit_class_sums_backward",
             "anchor_contrast", "anchor_contrast_backward")
@@ -71,6 +71,7 @@ def _cases():
     return [
         (ops.philox.default, (torch.arange(11), 5, 1)),
         (ops.edt.default, ((torch.rand(2, 6, 7) < 0.4).to(torch.int32), 0, True)),
+        (ops.edt_exact.default, ((torch.rand(2, 6, 7) < 0.4).to(torch.int32), 0)),
         (ops.class_sums.default, (emb.detach().clone().requires_grad_(), lab, 3)),
         (ops.sample_in_groups.default, (order, off, cnt, torch.arange(3), 5, 11, 1)),
         (ops.sample_negatives.default, (torch.tensor([0, 2, -1]), cdf, order, off, cnt, 4, 11, 2)),

@@ -150,18 +150,20 @@ void edt_impl(const T* lab, int64_t N, int64_t H, int64_t W, T bg, int32_t* gcol
   });
 }
 
-at::Tensor distance_transform_cpu(const at::Tensor& labels, int64_t background, bool squared) {
+// exact: squared distances in float64 (exact integers below 2^53); else float32 distances or
+// squared distances (exact below 2^24: the losses' feature maps)
+at::Tensor transform(const at::Tensor& labels, int64_t background, bool squared, bool exact) {
   TORCH_CHECK(labels.dim() >= 2, "distance_transform: expected (..., H, W), got ", labels.sizes());
   TORCH_CHECK(at::isIntegralType(labels.scalar_type(), /*includeBool=*/true),
               "distance_transform: labels must be bool or integer, got ", labels.scalar_type());
   const int64_t H = labels.size(-2), W = labels.size(-1);
   TORCH_CHECK(H < kFar, "distance_transform: maps up to ", kFar - 1, " rows (int32 column "
               "distances), got ", H);
-  TORCH_CHECK(!squared || std::max(H, W) <= (int64_t{1} << 26),
+  TORCH_CHECK(!exact || std::max(H, W) <= (int64_t{1} << 26),
               "distance_transform: squared distances are float64, exact below 2^53: sides up "
               "to 2^26 with squared=True, got ", H, " x ", W);
   const int64_t N = H * W == 0 ? 0 : labels.numel() / (H * W);
-  auto out = at::empty(labels.sizes(), labels.options().dtype(squared ? at::kDouble : at::kFloat));
+  auto out = at::empty(labels.sizes(), labels.options().dtype(exact ? at::kDouble : at::kFloat));
   if (N == 0) return out;
   auto g = at::empty({N, H, W}, labels.options().dtype(at::kInt));
   const bool small = labels.scalar_type() != at::kLong ||
@@ -179,13 +181,26 @@ at::Tensor distance_transform_cpu(const at::Tensor& labels, int64_t background, 
                         squared);
     }
   };
-  if (squared) run(out.data_ptr<double>());
+  if (exact) run(out.data_ptr<double>());
   else run(out.data_ptr<float>());
   return out;
 }
 
+// op pixcon::edt: float32 (distances, or squared distances exact below 2^24)
+at::Tensor distance_transform_cpu(const at::Tensor& labels, int64_t background, bool squared) {
+  return transform(labels, background, squared, false);
+}
+
+// op pixcon::edt_exact: float64 squared distances, exact for every map that fits the guard
+at::Tensor distance_transform_exact_cpu(const at::Tensor& labels, int64_t background) {
+  return transform(labels, background, true, true);
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(pixcon, CPU, m) { m.impl("edt", &distance_transform_cpu); }
+TORCH_LIBRARY_IMPL(pixcon, CPU, m) {
+  m.impl("edt", &distance_transform_cpu);
+  m.impl("edt_exact", &distance_transform_exact_cpu);
+}
 
 }  // namespace pixcon

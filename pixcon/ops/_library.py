@@ -52,19 +52,29 @@ def _(counter, seed, stream):
 # --- distance transform ----------------------------------------------------------------------
 @torch.library.custom_op("pixcon::edt", mutates_args=(), device_types="cuda")
 def edt(labels: Tensor, background: int, squared: bool) -> Tensor:
-    """The batched exact EDT (Triton); labels are read in their own dtype."""
+    """The batched exact EDT (Triton); labels are read in their own dtype. float32 distances, or
+    squared distances (exact below 2^24: the losses' maps)."""
     from pixcon_kernels.edt import distance_transform as launch
     return launch(labels, background, squared)
 
 
-def _edt_dtype(squared):
-    """Distances in float32; squared distances in float64 (exact integers)."""
-    return torch.float64 if squared else torch.float32
-
-
 @edt.register_fake
 def _(labels, background, squared):
-    return labels.new_empty(labels.shape, dtype=_edt_dtype(squared))
+    return labels.new_empty(labels.shape, dtype=torch.float32)
+
+
+@torch.library.custom_op("pixcon::edt_exact", mutates_args=(), device_types="cuda")
+def edt_exact(labels: Tensor, background: int) -> Tensor:
+    """Squared distances in float64, exact integers (the public squared=True). A second op, not
+    a flag of pixcon::edt, so that each op's output dtype is fixed (Inductor with torch 2.13
+    misread a float64 pixcon::edt output as float32 inside a Contextrast graph)."""
+    from pixcon_kernels.edt import distance_transform as launch
+    return launch(labels, background, True, exact=True)
+
+
+@edt_exact.register_fake
+def _(labels, background):
+    return labels.new_empty(labels.shape, dtype=torch.float64)
 
 
 @torch.library.custom_op("pixcon::edt_ragged", mutates_args=(), device_types="cuda")
@@ -78,7 +88,7 @@ def edt_ragged(flat: Tensor, shapes: list[int], background: int, squared: bool) 
 
 @edt_ragged.register_fake
 def _(flat, shapes, background, squared):
-    return flat.new_empty(flat.shape, dtype=_edt_dtype(squared))
+    return flat.new_empty(flat.shape, dtype=torch.float32)
 
 
 # --- class sums ------------------------------------------------------------------------------
@@ -623,8 +633,8 @@ torch.library.register_autograd("pixcon::tiled_contrast", _tiled_backward,
 
 _TRITON_ON_CPU = [False]
 # The ops whose CUDA kernel is a Triton launcher, in the order they are defined above.
-_TRITON_OPS = (philox, edt, edt_ragged, class_sums, sample_in_groups, sample_negatives, bank_push,
-               sparse_infonce, sparse_infonce_backward, rows_and_class_sums, reco_infonce,
+_TRITON_OPS = (philox, edt, edt_exact, edt_ragged, class_sums, sample_in_groups,
+               sample_negatives, bank_push, sparse_infonce, sparse_infonce_backward, rows_and_class_sums, reco_infonce,
                inv_norms, unit_class_sums, unit_class_sums_backward, anchor_contrast,
                anchor_contrast_backward, tiled_contrast_op, tiled_contrast_backward)
 

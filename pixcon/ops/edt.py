@@ -63,22 +63,36 @@ def distance_transform(x: torch.Tensor, *, squared: bool = False, labels: bool =
     if be == "reference":
         return ref.distance_transform(lab, bg, squared)
     with lib.kernels(be, x.device):
-        return edt(lab, bg, squared)
+        return edt_exact(lab, bg) if squared else edt(lab, bg, False)
 
 
 def edt(lab, background: int, squared: bool) -> torch.Tensor:
     """The op pixcon::edt on the device's kernels (the fused form, inside a loss's kernels()
-    scope): multi-label, ``background`` pixels 0; labels read in their own dtype."""
+    scope): multi-label, ``background`` pixels 0; labels read in their own dtype. float32:
+    squared distances are exact below 2^24 (sides up to 2896), which the losses' feature maps
+    are; :func:`edt_exact` for any map."""
+    _check_background(lab, background)
+    return lib.edt(lab, background, squared)
+
+
+def edt_exact(lab, background: int) -> torch.Tensor:
+    """The op pixcon::edt_exact: float64 squared distances, exact integers."""
+    _check_background(lab, background)
+    return lib.edt_exact(lab, background)
+
+
+def _check_background(lab, background):
     if lib.triton_here(lab.device) and not -(2**31) <= background < 2**31:
         raise ValueError("distance_transform: background must fit in int32 on triton")
-    return lib.edt(lab, background, squared)
 
 
 def distance_transforms(maps, *, squared: bool = False, background: int,
                         backend: str = "auto") -> list[torch.Tensor]:
     """Multi-label distance transforms of several (B, H, W) maps of different sizes (a
     pyramid), as :func:`distance_transform` with ``labels=True``; on Triton all of them in one
-    launch per pass (the maps packed one after another, read in their own dtype)."""
+    launch per pass (the maps packed one after another, read in their own dtype). The fused
+    form of the losses: float32 also when squared (exact below 2^24: feature maps up to 2896 a
+    side); the reference returns float64 squared distances."""
     if not maps:
         return []
     be = chk.resolve_backend(backend, maps[0].device, "distance_transform",
