@@ -127,6 +127,38 @@ def test_nearest_indices_by_hand(n_in, n_out, expected):
     assert got == F.interpolate(x, size=n_out, mode="nearest")[0, 0].long().tolist()
 
 
+def _aten_nearest(n_in, n_out):
+    x = torch.arange(n_in, dtype=torch.float32)[None, None]
+    return F.interpolate(x, size=n_out, mode="nearest")[0, 0].long()
+
+
+def test_nearest_indices_equal_aten_over_a_sweep_of_sizes():
+    """Every in -> out size from 1 to 96 both ways (a rounding rule that agrees at the common
+    strides, e.g. 26 -> 22 or 60 -> 44, differs somewhere here), plus the papers' crops at their
+    strides (VOC 321 and 513, Cityscapes 769 and 1024, ADE 512, 4 / 8 / 16 / 32)."""
+    pairs = [(i, o) for i in range(1, 97) for o in range(1, 97)]
+    pairs += [(n, -(-n // s)) for n in (321, 513, 769, 1024, 512) for s in (4, 8, 16, 32)]
+    pairs += [(n, n // s) for n in (321, 513, 769, 1024, 512) for s in (4, 8, 16, 32)]
+    bad = [(i, o) for i, o in pairs if not torch.equal(cm.nearest_indices(i, o),
+                                                       _aten_nearest(i, o))]
+    assert not bad, bad[:10]
+
+
+@pytest.mark.parametrize("size", [(26, 22), (60, 44), (33, 65), (17, 5), (81, 81), (7, 129)])
+def test_every_label_resize_is_atens_nearest(size):
+    """resize_nearest (the losses' labels and masks), pixel_labels and the figures' labels_at
+    give exactly F.interpolate(mode="nearest") on random label maps, down and up."""
+    from pixcon.viz.common import labels_at
+    g = torch.Generator().manual_seed(sum(size))
+    labels = torch.randint(0, 7, (2, 50, 37), generator=g)
+    labels[labels == 6] = 255
+    want = F.interpolate(labels[:, None].float(), size=size, mode="nearest")[:, 0].long()
+    assert torch.equal(cm.resize_nearest(labels, size), want)
+    assert torch.equal(cm.pixel_labels(labels, size, 6, 255),
+                       torch.where(want == 255, -1, want).reshape(-1))
+    assert torch.equal(labels_at(labels, size, 6), torch.where(want == 255, -1, want))
+
+
 def test_labels_downsample_with_the_same_mapping_in_the_loss():
     """pixel_labels (shared by every backend) picks rows/columns floor(i * H/h): a 10 x 10 label
     map whose value is its row index, at 4 x 4, reads rows 0, 2, 5, 7."""
