@@ -23,7 +23,7 @@ import sys
 
 import torch
 
-from pixcon._cli import HelpFormatter, check_device
+from pixcon._cli import THREADS_HELP, HelpFormatter, apply_threads, check_device
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 if HERE not in sys.path:        # the bench modules import their siblings (baselines, plot)
@@ -246,6 +246,7 @@ def main(argv=None):
     ap.add_argument("--only", nargs="+", choices=list(SUITE), default=None,
                     help="these ops only (default: all)")
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    ap.add_argument("--threads", default="auto", help=THREADS_HELP)
     ap.add_argument("--reps", type=int, default=None,
                     help="timed repetitions per case (default: the mode's)")
     ap.add_argument("--official", default=None, metavar="reco=PATH",
@@ -264,6 +265,7 @@ def main(argv=None):
                     help="only redraw the plots of a suite JSON written before, next to it")
     a = ap.parse_args(argv)
     check_device("benchmarks", a.device)
+    apply_threads("benchmarks", a.threads)
     if a.replot:
         import json
         with open(a.replot) as f:

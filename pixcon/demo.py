@@ -15,7 +15,7 @@ import sys
 import torch
 
 from . import measure as pb
-from ._cli import HelpFormatter, check_device
+from ._cli import THREADS_HELP, HelpFormatter, apply_threads, check_device
 from .ops import reco_loss
 from .ops._common import triton_usable
 from .synthetic import reco_batch
@@ -43,6 +43,7 @@ def main(argv=None):
     ap.add_argument("--size", choices=SIZES, default="voc",
                     help="voc: 20x256x81x81 (the paper's VOC semi-supervised batch); small")
     ap.add_argument("--present", type=int, default=10, help="classes present (of 21)")
+    ap.add_argument("--threads", default="auto", help=THREADS_HELP)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                     help="cpu or cuda")
     ap.add_argument("--no-official", action="store_true", help="skip the official-style code")
@@ -50,6 +51,7 @@ def main(argv=None):
     ap.add_argument("--negatives", type=int, default=512, help="negatives per query")
     a = ap.parse_args(argv)
     check_device("pixcon.demo", a.device)
+    apply_threads("pixcon.demo", a.threads)
 
     device = torch.device(a.device)
     B, D, h, w = SIZES[a.size]

@@ -23,7 +23,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from .. import distributed as pdist  # noqa: E402
-from .._cli import HelpFormatter, check_device  # noqa: E402
+from .._cli import THREADS_HELP, HelpFormatter, apply_threads, check_device  # noqa: E402
 from ..workbench.config import LOSSES, Config  # noqa: E402
 from .experiments import compare, parity  # noqa: E402
 from .loop import train  # noqa: E402
@@ -62,6 +62,7 @@ def _add_config_args(p):
     p.add_argument("--seed", type=int, default=d.seed, help="data, weights and sampling seed")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cpu or cuda")
+    p.add_argument("--threads", default="auto", help=THREADS_HELP)
     p.add_argument("--out", default=None,
                    help="folder for checkpoints and reports (default: runs/compare, runs/MODE-LOSS "
                    "or runs/parity-LOSS)")
@@ -140,6 +141,8 @@ def main(argv=None):
         argv = ["compare"] + argv
     a = ap.parse_args(argv)
     check_device("pixcon.train", getattr(a, "device", None))
+    if getattr(a, "threads", None) is not None:
+        apply_threads("pixcon.train", a.threads)
 
     cfg = _config(a)
     if cfg.out and int(os.environ.get("RANK", "0")) == 0:     # before torchrun's group exists
