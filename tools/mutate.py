@@ -37,6 +37,7 @@ TRAIN = ["tests/test_train.py"]
 RECO_K = ["tests/test_reco.py"]
 EDT = ["tests/test_edt.py"]
 U2PL = ["tests/test_u2pl.py"]
+EDGES = ["tests/test_thresholds.py", "tests/test_semantics.py"]   # issue 33: equality, sizes
 
 MUTANTS = [
     # --- ReCo (specs/reco.md §1) ---------------------------------------------------------------
@@ -209,6 +210,20 @@ MUTANTS = [
      "anchors = low_valid & (prob > anchor_threshold)",
      "anchors = low_valid & (prob >= anchor_threshold)", U2PL,
      "anchors at exactly the threshold are kept (the official comparison is strict)"),
+    # --- edges: thresholds at equality, index mappings at sizes where rules differ (issue 33) ---
+    ("u2pl-negative-threshold-le", "pixcon/core/u2pl.py",
+     "negatives = (prob < negative_threshold)",
+     "negatives = (prob <= negative_threshold)", EDGES,
+     "a class at exactly the negative threshold counts as a negative"),
+    ("cac-gamma-inclusive", "pixcon/core/cac.py",
+     "        keep = keep & (c_target > pos_threshold)",
+     "        keep = keep & (c_target >= pos_threshold)", EDGES,
+     "a target at exactly gamma is confident (the official comparison is strict)"),
+    ("nearest-scale-float64", "pixcon/core/common.py",
+     "    src = torch.floor(dst.to(torch.float32) * scale).to(torch.int64)",
+     "    src = torch.floor(dst.to(torch.float64) * (in_size / out_size)).to(torch.int64)", EDGES,
+     "the nearest mapping's scale in float64 (ATen rounds it to float32): differs at a few "
+     "sizes only"),
 ]
 
 
