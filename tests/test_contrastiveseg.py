@@ -597,3 +597,63 @@ def test_bank_rejects_a_label_outside_its_classes_before_writing(bad):
     a.update(emb, labels, seed=1)
     b.update(emb, labels.to(torch.uint8), seed=1)
     assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
+
+
+def test_bank_queues_step_by_step_with_absent_classes_and_wraparound():
+    """Four updates of a bank with R = 7 slots and freq 3, written out by hand: per image in
+    order and per present class, K = min(count, 3) pixel slots from the class pointer (mod R),
+    the pointer advanced by K; one segment slot, the pointer by 1; an absent class (or one
+    ignored everywhere) keeps its pointers and every slot. Each written slot holds a unit row of
+    one of that image's pixels of that class, K distinct ones; every other slot is unchanged."""
+    C, R, freq, D, h, w = 4, 7, 3, 6, 3, 4
+    torch.manual_seed(0)
+    bank = PixelMemoryBank(C, dim=D, memory_size=R, pixel_update_freq=freq)
+    layouts = [   # per update, per image: the 3 x 4 label map (9 = ignored)
+        [[[0, 0, 0, 0], [0, 0, 1, 1], [9, 9, 9, 9]], [[2, 2, 2, 2], [2, 9, 9, 9], [0, 9, 9, 9]]],
+        [[[1, 9, 9, 9], [9, 9, 9, 9], [9, 9, 9, 9]], [[0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]]],
+        [[[0, 0, 2, 2], [0, 0, 2, 2], [9, 9, 9, 9]], [[1, 1, 1, 1], [9, 9, 9, 9], [9, 9, 9, 9]]],
+        [[[0, 0, 0, 0], [0, 0, 0, 0], [1, 1, 1, 1]], [[0, 1, 0, 1], [9, 9, 9, 9], [9, 9, 9, 9]]],
+    ]
+    pix_ptr, seg_ptr = [0] * C, [0] * C
+    g = torch.Generator().manual_seed(7)
+    for step, layout in enumerate(layouts):
+        labels = torch.tensor(layout)
+        labels[labels == 9] = 255
+        emb = torch.randn(2, D, h, w, generator=g)
+        before_pix, before_seg = bank.pixel_queue.clone(), bank.segment_queue.clone()
+        bank.update(emb, labels, seed=step)
+        written = {c: {} for c in range(C)}          # slot -> the image that wrote it
+        seg_written = {c: {} for c in range(C)}
+        for b in range(2):
+            for c in range(C):
+                n = int((labels[b] == c).sum())
+                if n == 0:
+                    continue
+                for j in range(min(n, freq)):
+                    written[c][(pix_ptr[c] + j) % R] = b
+                pix_ptr[c] = (pix_ptr[c] + min(n, freq)) % R
+                seg_written[c][seg_ptr[c]] = b
+                seg_ptr[c] = (seg_ptr[c] + 1) % R
+        assert bank.pixel_ptr.tolist() == pix_ptr, step
+        assert bank.segment_ptr.tolist() == seg_ptr, step
+        for c in range(C):
+            for slot in range(R):
+                got = bank.pixel_queue[c, slot]
+                if slot not in written[c]:
+                    assert torch.equal(got, before_pix[c, slot]), (step, c, slot)
+                    continue
+                b = written[c][slot]
+                rows = F.normalize(emb[b].permute(1, 2, 0)[labels[b] == c], dim=1)
+                assert (rows - got).abs().sum(1).min() < 1e-6, (step, c, slot)
+            for b in (0, 1):
+                slots = [s for s, bb in written[c].items() if bb == b]
+                vals = {tuple(bank.pixel_queue[c, s].tolist()) for s in slots}
+                assert len(vals) == len(slots), (step, c, b)
+            for slot in range(R):
+                got = bank.segment_queue[c, slot]
+                if slot not in seg_written[c]:
+                    assert torch.equal(got, before_seg[c, slot]), (step, c, slot)
+                    continue
+                b = seg_written[c][slot]
+                mean = F.normalize(emb[b][:, labels[b] == c].mean(1), dim=0)
+                assert_close(got, mean, rtol=0, atol=1e-6, what="segment mean")

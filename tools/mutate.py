@@ -224,6 +224,14 @@ MUTANTS = [
      "    src = torch.floor(dst.to(torch.float64) * (in_size / out_size)).to(torch.int64)", EDGES,
      "the nearest mapping's scale in float64 (ATen rounds it to float32): differs at a few "
      "sizes only"),
+    ("bank-segment-pointer-absent-classes", "pixcon/nn/memory.py",
+     "seg_p = torch.where(present, (seg_p + 1) % R, seg_p)",
+     "seg_p = (seg_p + 1) % R", CSEG,
+     "the segment pointer advances for classes absent from the image"),
+    ("bank-one-slot-too-many", "pixcon/nn/memory.py",
+     "used = j[None, :] < K[:, None]",
+     "used = j[None, :] <= K[:, None]", CSEG,
+     "an enqueue writes one pixel slot past the K it counts"),
 ]
 
 
