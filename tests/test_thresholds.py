@@ -53,7 +53,7 @@ def test_u2pl_anchors_strictly_above_and_negatives_strictly_below(dtype):
     negative_threshold (1.0), unreliable, the rank window. Values one ULP either side."""
     a_t = 0.3
     below, at, above = _around(a_t, dtype)
-    P, C = 3, 2
+    P = 3
     prob = torch.stack([torch.stack([p, 1 - p]) for p in (below, at, above)])
     gt = torch.zeros(P, dtype=torch.int64)
     reliable = torch.ones(P, dtype=torch.bool)
