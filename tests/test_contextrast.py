@@ -253,6 +253,24 @@ def test_anchor_fusion_uses_deep_anchor_only_where_present():
     assert torch.equal(fused[1], a_deep)
 
 
+def test_anchor_fusion_with_three_layers_reads_the_deepest_layer():
+    """With two layers "the deepest" and "the next deeper" are the same layer; with three they
+    are not (issue 33): layers 0 and 1 both fuse with layer 2's anchors, where the class is
+    present at layer 2, whatever layer 1 holds. Checked on the fused paths' step (pixcon.core)
+    and the reference's."""
+    from pixcon.core import contextrast as core_ctx
+    a0 = torch.tensor([[1.0, 0], [0, 1], [1, 1]])
+    a1 = torch.tensor([[5.0, 5], [7, 7], [9, 9]])
+    a2 = torch.tensor([[3.0, 0], [0, 0], [0, 0]])
+    present = [torch.ones(3, dtype=torch.bool), torch.ones(3, dtype=torch.bool),
+               torch.tensor([True, False, False])]         # class 1, 2 absent at layer 2 only
+    for fuse in (core_ctx.fuse_anchors, ref.fuse_anchors):
+        f0, f1, f2 = fuse([a0, a1, a2], present, 0.3, 0.7)
+        assert torch.allclose(f0, torch.tensor([[2.4, 0], [0, 1], [1, 1]]))
+        assert torch.allclose(f1, torch.tensor([[3.6, 1.5], [7, 7], [9, 9]]))
+        assert torch.equal(f2, a2)
+
+
 @pytest.mark.parametrize("backend", BACKENDS + ["native"])
 @pytest.mark.parametrize("case", ["no_errors", "class_absent_deep", "all_wrong_deep"])
 def test_degenerate_layers(backend, case):

@@ -224,6 +224,12 @@ MUTANTS = [
      "    src = torch.floor(dst.to(torch.float64) * (in_size / out_size)).to(torch.int64)", EDGES,
      "the nearest mapping's scale in float64 (ATen rounds it to float32): differs at a few "
      "sizes only"),
+    ("ctx-fuse-next-deeper", "pixcon/core/contextrast.py",
+     "    fused = [torch.where(deep_present[:, None], w_low * a + w_high * deep, a)\n"
+     "             for a in anchors[:-1]]",
+     "    fused = [torch.where(present[i + 1][:, None], w_low * a + w_high * anchors[i + 1], a)\n"
+     "             for i, a in enumerate(anchors[:-1])]", CTX,
+     "each layer fused with the next deeper layer's anchors (the same as the deepest for two)"),
     ("bank-segment-pointer-absent-classes", "pixcon/nn/memory.py",
      "seg_p = torch.where(present, (seg_p + 1) % R, seg_p)",
      "seg_p = (seg_p + 1) % R", CSEG,
