@@ -233,3 +233,19 @@ def test_maps_past_the_exact_range_are_errors_before_any_work():
     for squared in (False, True):
         with pytest.raises(ValueError, match="int32 column distances"):
             distance_transform(tall, squared=squared)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_binary_mode_reads_any_non_zero_value_as_foreground(backend):
+    """An integer map with several non-zero values (a label map passed without labels=True) is
+    binary: every non-zero pixel is foreground, distances to the nearest zero, as SciPy's; a
+    boundary between two non-zero values is no boundary (issue 33: how inputs are read)."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randint(0, 6, (2, 13, 11), generator=g)
+    x[x == 0] = torch.randint(1, 6, (int((x == 0).sum()),), generator=g)   # few zeros
+    x[:, 6, 5] = 0
+    got = run(x, backend, squared=True)
+    assert torch.equal(got, run((x != 0).to(torch.uint8), backend, squared=True))
+    for b in range(2):
+        assert np.array_equal(got[b].numpy(), scipy_sq(x[b].numpy() != 0))
+    assert not torch.equal(got, run(x, backend, squared=True, labels=True))
