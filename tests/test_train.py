@@ -644,3 +644,21 @@ def test_reco_mask_is_the_weak_threshold_on_quantised_confidences(monkeypatch):
     k = torch.round(conf * 255)
     assert bool((k == 178).any()) and bool((k == 179).any())
     assert not bool(mask[B:][k == 178].any()) and bool(mask[B:][k == 179].all())
+
+
+@pytest.mark.parametrize("loss", ["none", "u2pl"])
+def test_the_teacher_makes_pseudo_labels_in_train_mode_and_is_evaluated_in_eval(tmp_path, loss):
+    """The official pipelines pseudo-label with the teacher in train() mode (batch statistics,
+    its running statistics updated by its own forwards) and evaluate it in eval() (issue 33: how
+    modules are read). Every teacher forward's mode is recorded over a short semi run."""
+    cfg = Config(**dict(TINY_CFG, steps=2, eval_every=2, mode="semi", loss=loss),
+                 out=str(tmp_path / "r"))
+    trainer = Trainer(cfg)
+    modes = []
+    trainer.teacher.model.register_forward_pre_hook(
+        lambda m, args: modes.append((m.training, torch.is_grad_enabled())))
+    trainer.run()
+    training = [m for m, grad in modes if not grad and m]
+    assert len(training) >= 2, modes                           # a pseudo-label forward a step
+    assert any(not m for m, _ in modes), modes                 # the evaluation
+    assert all(not grad for _, grad in modes)                  # the teacher never records a graph

@@ -230,6 +230,10 @@ MUTANTS = [
      "    fused = [torch.where(present[i + 1][:, None], w_low * a + w_high * anchors[i + 1], a)\n"
      "             for i, a in enumerate(anchors[:-1])]", CTX,
      "each layer fused with the next deeper layer's anchors (the same as the deepest for two)"),
+    ("teacher-pseudo-labels-in-eval", "pixcon/train/loop.py",
+     "                self.teacher.model.train()\n",
+     "                self.teacher.model.eval()\n", TRAIN,
+     "the teacher makes pseudo-labels with its running statistics (official: train mode)"),
     ("bank-segment-pointer-absent-classes", "pixcon/nn/memory.py",
      "seg_p = torch.where(present, (seg_p + 1) % R, seg_p)",
      "seg_p = (seg_p + 1) % R", CSEG,
