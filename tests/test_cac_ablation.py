@@ -183,6 +183,12 @@ def test_image_level_module_and_empty_labels():
     assert torch.allclose(loss, want) and float(loss) > 0
     assert weak.classifier.weight.grad.abs().sum() > 0 and enc1.grad.abs().sum() > 0
     assert weak.logits(enc1).shape == (2, 5)
+    # the paper's global average pooling, then the linear classifier (issue 33: the operator,
+    # not only the shape): max pooling or a sum would differ on these features
+    by_hand = enc1.detach().mean(dim=(2, 3)) @ weak.classifier.weight.T + weak.classifier.bias
+    assert torch.allclose(weak.logits(enc1.detach()), by_hand, atol=1e-6)
+    assert not torch.allclose(weak.logits(enc1.detach()), enc1.detach().amax(dim=(2, 3))
+                              @ weak.classifier.weight.T + weak.classifier.bias, atol=1e-3)
 
 
 # --- the trainer: CAC end to end ---------------------------------------------------------------
