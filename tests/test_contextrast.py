@@ -69,6 +69,25 @@ def test_bane_matches_brute_force(backend, reading, ks):
     assert sel.sum() > 0
 
 
+@pytest.mark.parametrize("backend", BACKENDS + [pytest.param(
+    "native", marks=pytest.mark.skipif(not pixcon.HAS_C, reason="pixcon._C not built"))])
+def test_bane_at_distances_near_the_diagonal(backend):
+    """One error region covering the whole 40 x 50 map but its corner, so squared distances
+    reach 39^2 + 49^2, next to a one-pixel region of another class (issue 33: a bound that only
+    matters at the largest values, here the sort key's distance range): equal to brute force."""
+    H, W, C = 40, 50, 3
+    labels = torch.zeros(1, H, W, dtype=torch.int64)
+    labels[0, 0, 1] = 1
+    pred = torch.full((1, H, W), 2)
+    pred[0, 0, 0] = 0                                      # the one correct pixel: background
+    want_sel, want_err = brute_force_bane(labels, pred, C, 0.5, "R1")
+    dev = DEV if backend == "triton" else torch.device("cpu")
+    sel, err = bane_negatives(labels.to(dev), pred.to(dev), C, ks=0.5, backend=backend)
+    assert np.array_equal(err.cpu().numpy(), want_err)
+    assert np.array_equal(sel.cpu().numpy(), want_sel)
+    assert sel.sum() == math.ceil(0.5 * (H * W - 2)) + 1
+
+
 def test_bane_scores_input_and_region_covering_image():
     C = 3
     labels = torch.zeros(1, 6, 7, dtype=torch.long)
