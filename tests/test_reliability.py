@@ -292,6 +292,11 @@ def test_pools_past_int32_indices_are_errors_in_every_sampler():
         prim.sample_in_groups(huge, torch.zeros(2, dtype=torch.int64),
                               torch.ones(2, dtype=torch.int64), torch.zeros(3, dtype=torch.int64),
                               4, 0, 1)
+    with pytest.raises(ValueError, match="supervised_contrast: keys has .* rows; " + msg):
+        ops.supervised_contrast(torch.randn(4, 3), torch.zeros(4, dtype=torch.int64),
+                                torch.zeros(1, 3).expand(2**31, 3),
+                                torch.zeros(1, dtype=torch.int64).expand(2**31),
+                                temperature=0.1)
     with pytest.raises(ValueError, match="sparse_infonce: keys has .* rows; " + msg):
         ops.sparse_infonce(torch.randn(5, 3), torch.tensor([0]), torch.tensor([1]),
                            torch.tensor([[2]]), temperature=0.5,

@@ -31,7 +31,8 @@ import torch
 from ..reference import common as ref_common
 from ..reference import contrastiveseg as ref
 from . import _library
-from ._common import FLOAT_DTYPES, INT_DTYPES, check_temperature, check_tensor, resolve_backend
+from ._common import FLOAT_DTYPES, INT_DTYPES, check_index_space, check_temperature, \
+    check_tensor, resolve_backend
 
 PARALLEL_WORK = 2**27     # multiply-adds below which a CPU pass runs on one thread (tiled.cpp)
 
@@ -58,6 +59,9 @@ def _check(anchors, anchor_labels, keys, key_labels, temperature, op):
             raise ValueError(f"{op}: key_labels must have one entry per key ({keys.shape[0]}), "
                              f"got {key_labels.shape[0]}")
     check_temperature(op, "temperature", temperature)
+    check_index_space(op, "anchors", anchors.shape[0])        # int32 key ranges and counts
+    if keys is not None:
+        check_index_space(op, "keys", keys.shape[0])
 
 
 def _run(anchors, anchor_labels, keys, key_labels, temperature, backend, block, positives, op):
