@@ -270,25 +270,20 @@ def _scatter(dq, q_idx, pool):
 def _add_query_grads(dpool, dq, q_idx, pool):
     """dpool (or zeros of pool's shape) plus each query's gradient row dq[m] at row q_idx[m]
     (-1 rows skipped); rows of a (B, D, h, w) pool are its pixels. Bitwise the same at any
-    thread count: on CPU through scatter_rows' compiled kernel (repeated rows added in a fixed
-    order; a (P, D) pool passed as the (1, D, 1, P) map of the same memory), elsewhere
-    ``index_put_(accumulate=True)``, which CUDA runs sorted (deterministic) and the CPU with
-    atomic adds (the order varies with the threads: used only without pixcon._C)."""
-    if pool.device.type == "cpu" and _cpu_scatter_built():
-        like = pool if pool.dim() == 4 else pool.t()[None, :, None, :]
-        out = scatter_rows(dq, q_idx, like)
-        out = out if pool.dim() == 4 else out[0, :, 0, :].t()
+    thread count: on CPU a (P, D) pool takes ``index_add_`` (rows added in index order) and a
+    map scatter_rows' compiled kernel (repeated pixels added in a fixed order); elsewhere
+    ``index_put_(accumulate=True)``, which CUDA runs sorted (deterministic)."""
+    if pool.device.type == "cpu" and pool.dim() == 2:
+        dpool = torch.zeros_like(pool, dtype=dq.dtype) if dpool is None else dpool
+        return dpool.index_add_(0, q_idx.clamp(min=0).to(torch.int64),
+                                dq * (q_idx >= 0)[:, None])
+    import pixcon
+    if pool.device.type == "cpu" and pixcon.HAS_C:     # the compiled map scatter
+        out = scatter_rows(dq, q_idx, pool)
         return out if dpool is None else dpool.add_(out)
     if dpool is None:        # in pool's own layout (channels-last stays so): autograd then takes
         dpool = torch.zeros_like(pool, dtype=dq.dtype)   # it as .grad instead of copying it
     return _index_put_rows(dpool, dq, q_idx)
-
-
-def _cpu_scatter_built() -> bool:
-    """Whether pixcon._C's scatter_rows kernel is there (it is unless the extension is not
-    built; triton_on_cpu does not replace it)."""
-    import pixcon
-    return pixcon.HAS_C
 
 
 def _index_put_rows(dpool, dq, q_idx):
