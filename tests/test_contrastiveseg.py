@@ -636,24 +636,27 @@ def test_bank_queues_step_by_step_with_absent_classes_and_wraparound():
                 seg_ptr[c] = (seg_ptr[c] + 1) % R
         assert bank.pixel_ptr.tolist() == pix_ptr, step
         assert bank.segment_ptr.tolist() == seg_ptr, step
-        for c in range(C):
+        def check(queue, before, slots_of, c, written_ok):
+            """Each slot: unchanged unless written, else written_ok(value, image)."""
             for slot in range(R):
-                got = bank.pixel_queue[c, slot]
-                if slot not in written[c]:
-                    assert torch.equal(got, before_pix[c, slot]), (step, c, slot)
-                    continue
-                b = written[c][slot]
+                got = queue[c, slot]
+                if slot not in slots_of[c]:
+                    assert torch.equal(got, before[c, slot]), (step, c, slot)
+                else:
+                    written_ok(got, slots_of[c][slot], slot)
+
+        for c in range(C):
+            def own_pixel(got, b, slot, c=c):
                 rows = F.normalize(emb[b].permute(1, 2, 0)[labels[b] == c], dim=1)
                 assert (rows - got).abs().sum(1).min() < 1e-6, (step, c, slot)
+
+            def image_mean(got, b, slot, c=c):
+                mean = F.normalize(emb[b][:, labels[b] == c].mean(1), dim=0)
+                assert_close(got, mean, rtol=0, atol=1e-6, what="segment mean")
+
+            check(bank.pixel_queue, before_pix, written, c, own_pixel)
+            check(bank.segment_queue, before_seg, seg_written, c, image_mean)
             for b in (0, 1):
                 slots = [s for s, bb in written[c].items() if bb == b]
                 vals = {tuple(bank.pixel_queue[c, s].tolist()) for s in slots}
                 assert len(vals) == len(slots), (step, c, b)
-            for slot in range(R):
-                got = bank.segment_queue[c, slot]
-                if slot not in seg_written[c]:
-                    assert torch.equal(got, before_seg[c, slot]), (step, c, slot)
-                    continue
-                b = seg_written[c][slot]
-                mean = F.normalize(emb[b][:, labels[b] == c].mean(1), dim=0)
-                assert_close(got, mean, rtol=0, atol=1e-6, what="segment mean")
