@@ -619,9 +619,12 @@ def main(argv=None) -> int:
                f"the Contextrast logits and gradients and the tiled contrast (`tiled.py`) use "
                f"tensor cores, fp32 through 3xTF32. The cost model (estimates) follows the "
                f"tables.")
-        from tools.cost import markdown as cost_markdown
         with open(a.table, "w") as f:
-            f.write(markdown(rows, hdr) + "\n" + cost_markdown())
+            f.write(markdown(rows, hdr) + "\n")
+        from tools.cost import markdown as cost_markdown   # reads the table just written
+        cost = cost_markdown()
+        with open(a.table, "a") as f:
+            f.write(cost)
     if a.json:
         with open(a.json, "w") as f:
             json.dump(rows, f, indent=1)
