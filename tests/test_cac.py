@@ -270,6 +270,48 @@ def test_negative_bank_keeps_last_steps_oldest_first():
     assert other.step_save == 1 and torch.equal(other.negatives()[0], feats)
 
 
+def test_negative_bank_step_by_step_over_more_steps_than_it_keeps():
+    """Six updates of a bank that keeps step_save + 1 = 3 steps, written out by hand: after
+    update t the bank holds steps max(0, t - 2) .. t, oldest first; each step is view 1's rows
+    then view 2's, a (B, D, h, w) map read in (b, y, x) order, each row with its own
+    pseudo-label. With selected_num, each view keeps that many distinct rows of its own (rows
+    and labels still paired), drawn afresh at each step and seed, the same for the same seed."""
+    B, D, h, w = 2, 3, 2, 3
+    P = B * h * w
+
+    def view(step, v):                      # pixel (b, y, x) of view v at step: a unique id
+        ids = 1000.0 * step + 100.0 * v + torch.arange(P, dtype=torch.float64)
+        feat = ids.view(B, h, w)[:, None].expand(B, D, h, w) * torch.tensor([1.0, 2.0, 3.0],
+                                                          dtype=torch.float64).view(1, D, 1, 1)
+        return feat, (ids % 7).long().view(B, h, w)
+
+    bank = NegativeBank(step_save=2)
+    picked = NegativeBank(step_save=2, selected_num=4)
+    kept = []
+    for t in range(6):
+        (f1, y1), (f2, y2) = view(t, 1), view(t, 2)
+        bank.update(f1, f2, y1, y2)
+        picked.update(f1, f2, y1, y2, seed=t % 2)
+        kept = (kept + [t])[-3:]
+        feats, labels = bank.negatives()
+        ids = [1000.0 * s + 100.0 * v + p for s in kept for v in (1, 2) for p in range(P)]
+        assert len(bank) == len(kept) and feats[:, 0].tolist() == ids, t
+        assert torch.equal(feats, feats[:, :1] * torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64))
+        assert labels.dtype == torch.int64 and labels.tolist() == [int(i) % 7 for i in ids], t
+        pf, pl = picked.negatives()
+        assert pf.shape == (len(kept) * 2 * 4, D) and len(picked) == len(kept)
+        assert pl.tolist() == [int(i) % 7 for i in pf[:, 0].tolist()], t        # paired
+        for j, s in enumerate(kept):                     # 4 distinct rows of its own view
+            for v in (1, 2):
+                block = pf[(2 * j + v - 1) * 4:(2 * j + v) * 4, 0].tolist()
+                assert len(set(block)) == 4, (t, s, v)
+                assert all(1000 * s + 100 * v <= i < 1000 * s + 100 * v + P for i in block)
+    draws = [picked.entries[j][0][:4, 0] % 100 for j in range(3)]      # steps 3, 4, 5
+    assert torch.equal(draws[0], draws[2]) and not torch.equal(draws[0], draws[1])  # seed 1, 0, 1
+    first = picked.entries[-1][0][:, 0] % 100
+    assert not torch.equal(first[:4], first[4:])                        # views draw apart
+
+
 def test_negative_bank_subsample_and_validation():
     bank = NegativeBank(step_save=0, selected_num=4)
     f = torch.randn(1, 3, 2, 3)

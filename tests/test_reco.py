@@ -6,6 +6,7 @@ import time
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from pixcon.nn import ReCoLoss
 from pixcon.ops import reco_inputs_from_official, reco_loss
@@ -197,6 +198,35 @@ def test_official_calling_form_adapter():
     lab2, mask2 = reco_inputs_from_official(onehot, mask)
     a = reco_loss(emb, labels, probs, seed=3, backend="reference", **SMALL)
     b = reco_loss(emb, lab2, probs, mask=mask2, seed=3, backend="reference", **SMALL)
+    assert a.item() == b.item()
+
+
+def test_official_adapter_edge_cases_by_hand():
+    """The adapter pixel by pixel: an all-zero one-hot pixel is ignored (ignore_index, whatever
+    it is), a one-hot at class 0 is class 0 (not "no label"), the last class is kept; a mask
+    (B, 1, h, w) or (B, h, w), float or bool, is True wherever it is not 0. A loss through the
+    adapter equals the loss with those pixels ignored by hand."""
+    label = torch.zeros(2, 3, 2, 2)
+    label[0, 0, 0, 0] = 1                    # class 0
+    label[0, 2, 1, 0] = 1                    # the last class
+    label[0, 1, 1, 1] = 1
+    label[1, 1, 0, 1] = 1                    # image 1: one labelled pixel, three all-zero
+    mask = torch.tensor([[[[1.0, 0.0], [0.5, 1.0]]], [[[0.0, 1.0], [1.0, 2.0]]]])
+    for ignore, m in ((255, mask), (-1, mask[:, 0]), (7, mask != 0)):
+        lab, got = reco_inputs_from_official(label, m, ignore_index=ignore)
+        assert lab.dtype == torch.int64
+        assert lab.tolist() == [[[0, ignore], [2, 1]], [[ignore, 1], [ignore, ignore]]]
+        assert got.dtype == torch.bool
+        assert got.tolist() == [[[True, False], [True, True]], [[False, True], [True, True]]]
+    emb, labels, probs = reco_batch(2, 8, 6, 6, num_classes=5, present=4, seed=6)
+    onehot = (F.one_hot(labels.clamp(max=4), 5) * (labels < 5)[..., None]).permute(0, 3, 1, 2)
+    onehot = onehot.float()                  # the ignored pixels (255): all-zero already
+    onehot[:, :, :2] = 0                     # the top rows of both images: no label at all
+    lab, m = reco_inputs_from_official(onehot, torch.ones(2, 1, 6, 6))
+    by_hand = labels.clone()
+    by_hand[:, :2] = 255
+    a = reco_loss(emb, lab, probs, mask=m, seed=3, backend="reference", **SMALL)
+    b = reco_loss(emb, by_hand, probs, seed=3, backend="reference", **SMALL)
     assert a.item() == b.item()
 
 

@@ -67,6 +67,51 @@ def test_bank_keeps_the_newest_rows_per_class():
     assert torch.equal(other.keys, bank.keys) and torch.equal(other.ptr, bank.ptr)
 
 
+def test_bank_queues_step_by_step_with_absent_classes_and_overflow():
+    """Five pushes into rings of sizes (4, 2, 3, 5), written out by hand: class c's rows pushed
+    at one call, in row order, are L; the newest min(len L, size) of them go to slots ptr,
+    ptr + 1, ... (mod size), the pointer advances by that many, the count is capped at the
+    size. A class absent from a push keeps every slot, its pointer and its count. Row values
+    are unique ids, so every slot is compared exactly, rows given as (P, D) and as maps."""
+    sizes, D = (4, 2, 3, 5), 3
+    bank = UnreliableBank(4, D, sizes=sizes)
+    model = [[0.0] * s for s in sizes]
+    ptr, count = [0] * 4, [0] * 4
+    pushes = [   # per push: class -> the rows (of 6) it takes; absent classes take none
+        {0: [0, 1, 2], 1: [0, 3, 4, 5], 3: [1]},            # class 1 overflows (4 rows, size 2)
+        {0: [5], 2: [2, 3]},                                 # class 1 and 3 absent
+        {0: [0, 1, 2, 3, 4, 5], 2: [0, 1]},                  # class 0: 6 rows into 4, class 2 wraps
+        {},                                                  # nothing: nothing moves
+        {1: [2], 3: [0, 1, 2, 3, 4, 5]},                     # class 3 wraps past its size
+    ]
+    for step, take in enumerate(pushes):
+        vals = 100.0 * (step + 1) + torch.arange(6.0)        # row p's id: 100 (step + 1) + p
+        rows = vals[:, None] * torch.tensor([1.0, -1.0, 0.5])
+        mask = torch.zeros(4, 6, dtype=torch.bool)
+        for c, ps in take.items():
+            mask[c, ps] = True
+        if step % 2:                                         # (B, D, HW) maps: 2 images of 3
+            bank.push(rows.view(2, 3, D).permute(0, 2, 1), mask)
+        else:
+            bank.push(rows, mask)
+        for c, s in enumerate(sizes):
+            L = [float(vals[p]) for p in take.get(c, [])]
+            kept = L[-s:]
+            for j, v in enumerate(kept):
+                model[c][(ptr[c] + j) % s] = v
+            ptr[c] = (ptr[c] + len(kept)) % s
+            count[c] = min(count[c] + len(L), s)
+        assert bank.ptr.tolist() == ptr, step
+        assert bank.counts.tolist() == count, step
+        flat = [v for q in model for v in q]
+        assert bank.keys[:, 0].tolist() == flat, step
+        assert torch.equal(bank.keys, torch.tensor(flat)[:, None] * torch.tensor([1.0, -1.0, 0.5]))
+        order, offsets, counts = bank.slots()
+        assert offsets.tolist() == [0, 4, 6, 9] and torch.equal(counts, bank.counts)
+    assert model == [[302.0, 303.0, 304.0, 305.0], [502.0, 105.0], [301.0, 203.0, 300.0],
+                     [505.0, 501.0, 502.0, 503.0, 504.0]]
+
+
 def test_bank_validates_before_writing():
     bank = UnreliableBank(3, 2, size=4)
     before = bank.keys.clone()

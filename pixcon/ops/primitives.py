@@ -178,7 +178,7 @@ def sample_in_groups(order, offsets, counts, row_group, per_row: int, seed: int,
     """For row r, ``per_row`` items uniform with replacement within group row_group[r] >= 0 of
     a grouping (order, offsets, counts): item order[offsets[g] + floor(u counts[g])] with u from
     counter r * per_row + i of Philox ``stream``. (R, per_row) int32, -1 where the group is
-    empty. The sampler under hard queries (a group a class) and U2PL's queues (a group a
+    empty or row_group[r] is -1 (no group). The sampler under hard queries (a group a class) and U2PL's queues (a group a
     class's filled slots)."""
     check_index_space("sample_in_groups", "order", order.numel())
     be = resolve_backend(backend, order.device, "sample_in_groups", NATIVE)
@@ -194,8 +194,10 @@ def reference_groups_sample(order, offsets, counts, row_group, per_row, seed, st
     r = philox4x32(torch.arange(R, device=order.device)[:, None] * per_row
                    + torch.arange(per_row, device=order.device), seed, stream)
     grp = row_group.to(torch.int64)[:, None].expand(-1, per_row)
+    ok = grp >= 0
+    grp = grp.clamp(min=0)                  # a row without a group (-1) reads group 0, discarded
     pix = rc.pick_in_class(order, offsets, counts, grp, r[..., 0])
-    return torch.where(counts[grp] > 0, pix, -1).to(torch.int32)
+    return torch.where(ok & (counts[grp] > 0), pix, -1).to(torch.int32)
 
 
 def sample_negatives(row_class: torch.Tensor, cdf: torch.Tensor, lab: torch.Tensor,
