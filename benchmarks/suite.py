@@ -10,7 +10,9 @@
 Writes under --out (benchmarks/results): <date>-<device>-suite-<mode>.json (every row, tagged
 with device, threads, torch, triton, commit and date), .md (each module's table) and one PNG per
 op and metric (time and peak extra memory against problem size, a line per provider).
-On a CPU the suite is followed by the settings grid (benchmarks/grid.py: every contrastive loss
+On a CPU every row also gets its floor on this CPU's own roofline (benchmarks/roofline.py: sgemm,
+copy and gather rates measured in the run) and its time as a multiple of it. On a CPU the suite
+is followed by the settings grid (benchmarks/grid.py: every contrastive loss
 over a grid of settings at 1 and 2 threads, idle and loaded; "small" in --mode cpu).
 """
 from __future__ import annotations
@@ -151,6 +153,12 @@ def run_suite(mode: str, *, device=None, reps=None, only=None, official=None, pr
             rows += run_module(name, size, device=device, reps=reps, official=official)
     bar.update(len(jobs), "done")
     bar.close()
+    if device.type == "cpu":                 # this CPU's roofline, at this run's thread count
+        import roofline
+        rates = roofline.measure("small" if mode == "ci" else "full")
+        for r in rows:
+            r["cpu_roofline"] = rates
+            r.update(roofline.floor(r, rates))
     return rows
 
 
@@ -171,7 +179,9 @@ def markdown(rows) -> str:
                 {r["provider"] for r in rs} & {"official-style", "official"}:
             parts.append(LOSS_NOTE)
     import floor
+    import roofline
     parts.append(floor.markdown(rows))
+    parts.append(roofline.markdown(rows))
     rss = [r for r in rows if r.get("peak_rss_mib") is not None]
     if rss:
         fresh = any(r.get("fresh_process") for r in rss)

@@ -177,6 +177,15 @@ def test_suite_ci_mode_runs_every_module_and_writes_json_markdown_plots(tmp_path
     md, = tmp_path.glob("*-suite-ci.md")
     assert all(op in md.read_text() for op in ops)
     assert suite.LOSS_NOTE.strip() in md.read_text()    # official-style losses differ: said
+    rates = rows[0]["cpu_roofline"]                      # this CPU's roofline, every row
+    assert rates["threads"] == rows[0]["threads"]
+    assert all(rates[k] > 0 for k in ("sgemm_gflops", "copy_gbs", "gather_gbs"))
+    floored = [r for r in rows if r.get("cpu_floor_ms") is not None]
+    assert {r["module"] for r in floored} == set(suite.SUITE)
+    for r in floored:
+        assert r["x_cpu_floor"] == round(r["time_ms"] / r["cpu_floor_ms"], 1) or \
+            abs(r["x_cpu_floor"] - r["time_ms"] / r["cpu_floor_ms"]) < 0.2
+    assert "This CPU's roofline" in md.read_text()
     from PIL import Image
     assert Image.open(next(tmp_path.glob("*.png"))).size == (760, 460)     # a real PNG
 
@@ -263,6 +272,27 @@ def test_floor_estimates_by_hand():
                "directional_contrast_loss", "pixel_anchor_loss", "distance_transform"):
         assert f"| {op} |" in md
     assert "not measured" in md
+
+
+def test_cpu_floor_by_hand():
+    """benchmarks/roofline.py charges the floor's bytes at the copy rate and its FLOPs at the
+    sgemm rate: ReCo's VOC row above (1620.4 MB; 0.67 GFLOP + 2560 x 513 x 256 x 6) at 10 GB/s
+    and 100 GFLOP/s is memory-bound at 162 ms; at 1 GFLOP/s compute-bound; the time over it."""
+    roofline = bench_module("roofline")
+    row = {"op": "reco_loss", "shape": [20, 256, 81, 81], "num_classes": 21,
+           "present_classes": 10, "num_queries": 256, "num_negatives": 512, "time_ms": 324.08}
+    P, M = 20 * 81 * 81, 10 * 256
+    nbytes = 2 * P * 256 * 4 + 12 * P + M * 513 * 256 * 4 + 2 * M * 256 * 4
+    flops = 2 * P * 256 + 6 * M * 513 * 256 + 2 * M * 256
+    fast = roofline.floor(row, {"threads": 1, "sgemm_gflops": 100.0, "copy_gbs": 10.0,
+                                "gather_gbs": 2.0})
+    assert fast["cpu_floor_ms"] == pytest.approx(1e3 * nbytes / 10e9, abs=1e-3)
+    assert fast["cpu_floor_bound"] == "memory" and fast["x_cpu_floor"] == 2.0
+    slow = roofline.floor(row, {"threads": 1, "sgemm_gflops": 1.0, "copy_gbs": 10.0,
+                                "gather_gbs": 2.0})
+    assert slow["cpu_floor_bound"] == "compute"
+    assert slow["cpu_floor_ms"] == pytest.approx(1e3 * flops / 1e9, rel=1e-6)
+    assert roofline.floor({"op": "unknown", "time_ms": 1.0}, {}) == {}
 
 
 def test_contrastiveseg_bench_skips_the_reference_above_its_limit(monkeypatch):

@@ -43,6 +43,7 @@ def _kernels():
 
 @pytest.mark.slow
 @pytest.mark.interpret
+@pytest.mark.compile
 def test_every_kernel_compiles_for_sm80_sm90_without_spills(tmp_path):
     launches = conftest.LAUNCHES.launches if conftest.LAUNCHES is not None else []
     rec = tmp_path / "launches.json"
@@ -71,6 +72,7 @@ _SPILL = {"kernel": "tests._aot_fixtures:_spilling_kernel", "setting": "fixture"
 
 @pytest.mark.slow
 @pytest.mark.interpret
+@pytest.mark.compile
 def test_check_names_compile_errors_and_spills(tmp_path):
     """The check can fail: a kernel reading a plain module global (what the interpreter accepts
     and the compiler rejects) and a kernel holding a tile far larger than the register file."""

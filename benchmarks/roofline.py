@@ -1,0 +1,108 @@
+"""This CPU's own roofline, measured in the benchmark's process at its thread count, and each CPU
+row's floor on it (issue 32): how far an op is from what this machine can do at all.
+
+Three rates, each the best of a few repetitions (the machine's capability, not its average):
+- sgemm: ``torch.mm`` of two square fp32 matrices (2 n^3 FLOP), the rate every contraction of
+  the floor is charged at;
+- copy: ``Tensor.copy_`` of a buffer far larger than the caches (bytes read + written), the rate
+  every byte of the floor is charged at;
+- gather: ``index_select`` of random 1-KB rows (256 fp32) out of such a buffer (bytes gathered
+  + written), shown beside the others: a step that gathers random rows cannot beat it, so an op
+  whose floor is its gathers is at best copy / gather times slower than the floor says.
+
+A row's floor is the per-kernel accounting of benchmarks/floor.py (tools/cost.py: the bytes each
+step must move and the FLOPs it must do, the same counts as the GPU floors) over these rates:
+max(bytes / copy, FLOP / sgemm). The op's measured time over it is the "x floor" column.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+if HERE not in sys.path:        # floor.py, a sibling script
+    sys.path.insert(0, HERE)
+
+SIZES = {"small": dict(n=512, mib=64, rows=16384), "full": dict(n=1536, mib=512, rows=262144)}
+
+
+def _best(fn, reps):
+    fn()                                          # warm: first-touch pages, BLAS threads
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def _sgemm_time(n, g, reps):
+    a, b = torch.randn(n, n, generator=g), torch.randn(n, n, generator=g)
+    return _best(lambda: torch.mm(a, b), reps)
+
+
+def measure(size: str = "full", reps: int = 5) -> dict:
+    """{"threads", "sgemm_gflops", "copy_gbs", "gather_gbs", "size"} of this process now."""
+    s = SIZES[size]
+    g = torch.Generator().manual_seed(0)
+    n = s["n"]
+    t_mm = _sgemm_time(n, g, reps)
+    numel = s["mib"] * 2**20 // 4
+    src = torch.ones(numel)
+    dst = torch.empty_like(src)
+    t_copy = _best(lambda: dst.copy_(src), reps)
+    table = src.view(-1, 256)
+    idx = torch.randint(0, table.shape[0], (s["rows"],), generator=g)
+    out = torch.empty(s["rows"], 256)
+    t_gather = _best(lambda: torch.index_select(table, 0, idx, out=out), reps)
+    return {"threads": torch.get_num_threads(), "size": size,
+            "sgemm_gflops": round(2 * n**3 / t_mm / 1e9, 1),
+            "copy_gbs": round(2 * numel * 4 / t_copy / 1e9, 2),
+            "gather_gbs": round(2 * s["rows"] * 1024 / t_gather / 1e9, 2)}
+
+
+def machine(rates: dict) -> dict:
+    """The rates as a machine of tools/cost.py: every float unit at the sgemm rate (a CPU has no
+    tensor cores: tf32x3 costs one fp32 product, hence tf32 = 3 x sgemm), fp64 at half."""
+    f = rates["sgemm_gflops"] * 1e9
+    return dict(name=f"this CPU, {rates['threads']} thread(s)", bw=rates["copy_gbs"] * 1e9,
+                fma=f, tf32=3 * f, bf16=f, fp64=f / 2, int=f)
+
+
+def floor(row: dict, rates: dict) -> dict:
+    """The CPU floor columns of a row measured on this CPU (empty for a row without a model)."""
+    import floor as gpu_floor
+    m = gpu_floor.model(row)
+    if m is None or row.get("time_ms") is None:
+        return {}
+    cpu = machine(rates)
+    nbytes = sum(k.must for k in m.kernels)
+    flops = sum(k.needed_flops() for k in m.kernels if k.unit != "int")
+    t_mem, t_flop = nbytes / cpu["bw"], flops / cpu["fma"]
+    ms = 1e3 * max(t_mem, t_flop)
+    return {"cpu_floor_ms": round(ms, 3), "cpu_floor_bound": "memory" if t_mem >= t_flop
+            else "compute", "x_cpu_floor": round(row["time_ms"] / ms, 1) if ms > 0 else None}
+
+
+def markdown(rows) -> str:
+    """One line per CPU row with a floor: its time, the floor on this CPU and the multiple."""
+    rs = [r for r in rows if r.get("cpu_floor_ms") is not None]
+    if not rs:
+        return ""
+    rates = rs[0]["cpu_roofline"]
+    lines = [f"This CPU's roofline at {rates['threads']} thread(s), measured in this run: sgemm "
+             f"{rates['sgemm_gflops']} GFLOP/s, copy {rates['copy_gbs']} GB/s, random 1-KB "
+             f"rows {rates['gather_gbs']} GB/s. Floor = max(bytes that must move / copy, "
+             "FLOP that must run / sgemm), the same per-kernel counts as the GPU floors:", "",
+             "| op | size | case | provider | ms | MB moved | GFLOP | bound | CPU floor ms | "
+             "x floor |", "|---|---|---|---|---|---|---|---|---|---|"]
+    import floor as gpu_floor
+    for r in rs:
+        lines.append(f"| {r['op']} | {r['size']} | {gpu_floor._case(r)} | {r['provider']} | "
+                     f"{r['time_ms']:.2f} | {r.get('floor_mb', '-')} | "
+                     f"{r.get('floor_gflop', '-')} | {r['cpu_floor_bound']} | "
+                     f"{r['cpu_floor_ms']:.3f} | {r['x_cpu_floor']}x |")
+    return "\n".join(lines) + "\n"
