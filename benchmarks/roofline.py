@@ -82,9 +82,9 @@ def floor(row: dict, rates: dict) -> dict:
     nbytes = sum(k.must for k in m.kernels)
     flops = sum(k.needed_flops() for k in m.kernels if k.unit != "int")
     t_mem, t_flop = nbytes / cpu["bw"], flops / cpu["fma"]
-    ms = 1e3 * max(t_mem, t_flop)
-    return {"cpu_floor_ms": round(ms, 3), "cpu_floor_bound": "memory" if t_mem >= t_flop
-            else "compute", "x_cpu_floor": round(row["time_ms"] / ms, 1) if ms > 0 else None}
+    ms = float(f"{1e3 * max(t_mem, t_flop):.4g}")          # 4 significant digits, kept as is
+    return {"cpu_floor_ms": ms, "cpu_floor_bound": "memory" if t_mem >= t_flop else "compute",
+            "x_cpu_floor": round(row["time_ms"] / ms, 1) if ms > 0 else None}
 
 
 def markdown(rows) -> str:
@@ -104,5 +104,5 @@ def markdown(rows) -> str:
         lines.append(f"| {r['op']} | {r['size']} | {gpu_floor._case(r)} | {r['provider']} | "
                      f"{r['time_ms']:.2f} | {r.get('floor_mb', '-')} | "
                      f"{r.get('floor_gflop', '-')} | {r['cpu_floor_bound']} | "
-                     f"{r['cpu_floor_ms']:.3f} | {r['x_cpu_floor']}x |")
+                     f"{r['cpu_floor_ms']:.4g} | {r['x_cpu_floor']}x |")
     return "\n".join(lines) + "\n"

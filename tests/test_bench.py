@@ -183,8 +183,7 @@ def test_suite_ci_mode_runs_every_module_and_writes_json_markdown_plots(tmp_path
     floored = [r for r in rows if r.get("cpu_floor_ms") is not None]
     assert {r["module"] for r in floored} == set(suite.SUITE)
     for r in floored:
-        assert r["x_cpu_floor"] == round(r["time_ms"] / r["cpu_floor_ms"], 1) or \
-            abs(r["x_cpu_floor"] - r["time_ms"] / r["cpu_floor_ms"]) < 0.2
+        assert r["x_cpu_floor"] == round(r["time_ms"] / r["cpu_floor_ms"], 1)
     assert "This CPU's roofline" in md.read_text()
     from PIL import Image
     assert Image.open(next(tmp_path.glob("*.png"))).size == (760, 460)     # a real PNG
@@ -286,12 +285,12 @@ def test_cpu_floor_by_hand():
     flops = 2 * P * 256 + 6 * M * 513 * 256 + 2 * M * 256
     fast = roofline.floor(row, {"threads": 1, "sgemm_gflops": 100.0, "copy_gbs": 10.0,
                                 "gather_gbs": 2.0})
-    assert fast["cpu_floor_ms"] == pytest.approx(1e3 * nbytes / 10e9, abs=1e-3)
+    assert fast["cpu_floor_ms"] == pytest.approx(1e3 * nbytes / 10e9, rel=5e-4)   # 4 digits
     assert fast["cpu_floor_bound"] == "memory" and fast["x_cpu_floor"] == 2.0
     slow = roofline.floor(row, {"threads": 1, "sgemm_gflops": 1.0, "copy_gbs": 10.0,
                                 "gather_gbs": 2.0})
     assert slow["cpu_floor_bound"] == "compute"
-    assert slow["cpu_floor_ms"] == pytest.approx(1e3 * flops / 1e9, rel=1e-6)
+    assert slow["cpu_floor_ms"] == pytest.approx(1e3 * flops / 1e9, rel=5e-4)
     assert roofline.floor({"op": "unknown", "time_ms": 1.0}, {}) == {}
 
 
