@@ -301,3 +301,86 @@ def test_pools_past_int32_indices_are_errors_in_every_sampler():
         ops.sparse_infonce(torch.randn(5, 3), torch.tensor([0]), torch.tensor([1]),
                            torch.tensor([[2]]), temperature=0.5,
                            keys=torch.zeros(1, 3).expand(2**31, 3))
+
+
+# --- no tensor on the default device --------------------------------------------------------
+def _bank_calls():
+    """name -> a fresh call of a bank's update (then its readout), the bank built before the
+    call (construction may use the default device, as any torch.nn.Module's buffers do)."""
+    from pixcon.nn import NegativeBank, PixelMemoryBank, UnreliableBank
+    g = torch.Generator().manual_seed(3)
+    emb = torch.randn(2, 6, 5, 7, generator=g)
+    labels = torch.randint(0, 4, (2, 5, 7), generator=g)
+    labels[0, 0] = 255
+    rows = torch.randn(30, 6, generator=g)
+    mask = torch.rand(4, 30, generator=g) < 0.4
+
+    def pixel(official):
+        torch.manual_seed(0)                     # its queues start as random unit rows
+        bank = PixelMemoryBank(4, dim=6, memory_size=7, pixel_update_freq=3, official=official)
+        return lambda: (bank.update(emb, labels, seed=1), bank.keys(), bank.state_dict())
+
+    def unreliable():
+        bank = UnreliableBank(4, 6, sizes=(5, 3, 8, 2))
+        return lambda: (bank.push(rows, mask), bank.push(rows, ~mask), bank.state_dict())
+
+    def negative():
+        bank = NegativeBank(step_save=1, selected_num=9, cross_rank=False)
+        return lambda: (bank.update(emb, emb + 1, labels, labels, seed=2), bank.negatives())
+
+    return {"PixelMemoryBank": lambda: pixel(()),
+            "PixelMemoryBank official": lambda: pixel(("class0", "positions")),
+            "UnreliableBank": unreliable, "NegativeBank": negative}
+
+
+def _flat(x):
+    if torch.is_tensor(x):
+        return [x]
+    if isinstance(x, dict):
+        return [t for k in sorted(x) for t in _flat(x[k])]
+    if isinstance(x, (tuple, list)):
+        return [t for v in x for t in _flat(v)]
+    return []
+
+
+@pytest.mark.parametrize("backend", ["reference", "native"])
+def test_no_op_makes_a_tensor_on_the_default_device(backend):
+    """Every tensor an op or a bank makes follows its inputs' device: run under a default
+    device of "meta", every public op (the smoke cases, forward and backward; U2PL's with its
+    bank built outside) and every bank update gives what it gives on CPU. A factory call that
+    forgets ``device=`` makes a meta tensor there and fails; on a GPU it would be a CPU tensor
+    mixed into CUDA work."""
+    from pixcon.nn import UnreliableBank
+    from tools import smoke
+    cpu = torch.device("cpu")
+    for case in smoke.CASES:
+        if case.name.startswith("u2pl"):         # builds its bank inside: below
+            continue
+        x = case.make(cpu, 0)
+        want = case.run(backend, x)
+        with torch.device("meta"):
+            got = case.run(backend, x)
+        assert got.keys() == want.keys(), case.name
+        for k in want:
+            assert got[k].device == cpu and torch.equal(got[k], want[k]), (case.name, k)
+    x = smoke._u2pl_make(cpu, 0)
+    results = []
+    for default in ("cpu", "meta"):
+        bank = UnreliableBank(5, 8, size=12)
+        with torch.device(default):
+            results.append([ops.u2pl_loss(x["emb"], x["labels"], x["probs"], x["temb"], bank,
+                                          num_labeled=2, reliable=x["rel"],
+                                          unreliable=x["unrel"], num_queries=6, num_negatives=4,
+                                          seed=s, backend=backend) for s in (0, 1)]
+                           + [bank.keys.clone()])
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+    if backend == "native":                      # the banks have one path
+        return
+    for name, make in _bank_calls().items():
+        want = _flat(make()())
+        call = make()
+        with torch.device("meta"):
+            got = _flat(call())
+        assert len(got) == len(want), name
+        for a, b in zip(got, want):
+            assert a.device == cpu and torch.equal(a, b), name
