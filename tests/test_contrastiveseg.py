@@ -660,3 +660,38 @@ def test_bank_queues_step_by_step_with_absent_classes_and_wraparound():
                 slots = [s for s, bb in written[c].items() if bb == b]
                 vals = {tuple(bank.pixel_queue[c, s].tolist()) for s in slots}
                 assert len(vals) == len(slots), (step, c, b)
+
+
+@pytest.mark.parametrize("official", [(), ("positions",)])
+def test_bank_enqueues_exactly_the_documented_pixels(official):
+    """Which pixels the pixel queue takes, recomputed from the rule the docstring states: in
+    image b, class c's pixels p ordered by the Philox word 0 of counter b*hw + p under the seed
+    (stream 4), ties by pixel index; the first min(count, freq) of them, in that order, at the
+    class pointer. "positions" (the official perm values): each chosen pixel's rank among its
+    class's pixels in pixel order, read as a flat position. Maps of 192 pixels, classes of
+    dozens: an unstable sort, another counter, word or stream each pick other pixels."""
+    from pixcon.ops import philox
+    C, D, h, w, freq, R, seed = 3, 4, 12, 16, 5, 40, 11
+    g = torch.Generator().manual_seed(5)
+    emb = torch.randn(2, D, h, w, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, C, (2, h, w), generator=g)
+    labels[1, :6] = 255                              # image 1: fewer pixels of each class
+    labels[1][labels[1] == 2] = 255                  # class 2 absent from image 1
+    bank = PixelMemoryBank(C, dim=D, memory_size=R, pixel_update_freq=freq, official=official,
+                           cross_rank=False).double()
+    bank.update(emb, labels, seed=seed)
+    hw = h * w
+    ptr = [0] * C
+    for b in range(2):
+        word = philox(torch.arange(hw) + b * hw, seed, 4, backend="reference")[:, 0].tolist()
+        lab = labels[b].reshape(-1).tolist()
+        rows = F.normalize(emb[b].reshape(D, hw).T, dim=1)
+        for c in range(C):
+            mine = [p for p in range(hw) if lab[p] == c]
+            chosen = sorted(mine, key=lambda p: (word[p], p))[:freq]
+            if "positions" in official:
+                chosen = [mine.index(p) for p in chosen]
+            for j, p in enumerate(chosen):
+                assert torch.equal(bank.pixel_queue[c, (ptr[c] + j) % R], rows[p]), (b, c, j)
+            ptr[c] = (ptr[c] + len(chosen)) % R
+    assert bank.pixel_ptr.tolist() == ptr == [10, 10, 5]

@@ -105,3 +105,37 @@ def test_documented_signature_matches_the_code(name, text):
     module, attr = name.rsplit(".", 1)
     obj = getattr(importlib.import_module(module), attr)
     assert _params(text) == _code_params(obj), f"README: {name}({text.strip()})"
+
+
+def test_references_default_to_the_public_ops_settings():
+    """A reference function (pixcon.reference, pixcon.core) of a public op's name has the op's
+    defaults wherever both have one: a reference called with its defaults is the op called with
+    its own. Two documented exceptions: ``seed`` (the op's None draws one from torch's
+    generator; a reference takes the drawn int, 0 by default) and distance_transform's
+    ``background`` (the op's None in binary mode is the reference's 0)."""
+    import pkgutil
+
+    import pixcon.core
+    import pixcon.ops
+    import pixcon.reference
+    mods = [importlib.import_module(f"{pkg.__name__}.{m.name}")
+            for pkg in (pixcon.reference, pixcon.core) for m in pkgutil.iter_modules(pkg.__path__)]
+    compared = 0
+    for name in pixcon.ops.__all__:
+        op = inspect.signature(getattr(pixcon.ops, name)).parameters
+        for mod in mods:
+            ref = getattr(mod, name, None)
+            if not callable(ref):
+                continue
+            for p, prm in inspect.signature(ref).parameters.items():
+                if p not in op or prm.default is inspect.Parameter.empty or \
+                        op[p].default is inspect.Parameter.empty:
+                    continue
+                want = op[p].default
+                if p == "seed":
+                    want = 0
+                if (name, p) == ("distance_transform", "background"):
+                    want = 0
+                assert prm.default == want, f"{mod.__name__}.{name}({p}={prm.default!r}), op: {want!r}"
+                compared += 1
+    assert compared >= 40
