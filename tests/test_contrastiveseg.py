@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import pixcon
 from pixcon.nn import PixelMemoryBank
 from pixcon.ops import dense_contrast_loss, pixel_contrast_loss, supervised_contrast
 from pixcon.ops.contrastiveseg import sample_anchors
@@ -695,3 +696,97 @@ def test_bank_enqueues_exactly_the_documented_pixels(official):
                 assert torch.equal(bank.pixel_queue[c, (ptr[c] + j) % R], rows[p]), (b, c, j)
             ptr[c] = (ptr[c] + len(chosen)) % R
     assert bank.pixel_ptr.tolist() == ptr == [10, 10, 5]
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("native", marks=pytest.mark.skipif(
+    not pixcon.HAS_C, reason="pixcon._C not built"))])
+def test_any_label_values_name_the_classes(backend):
+    """ContrastiveSeg has no class count: labels are any integers, only their equality counts.
+    Classes 0..4 renamed (in the same order) to 0, 130, 4000, 70,000 and 2^31 - 1 give the same
+    losses, in-batch, with a bank and dense (ignore_index 255 stays ignored)."""
+    g = torch.Generator().manual_seed(2)
+    emb = F.normalize(torch.randn(2, 8, 9, 10, generator=g, dtype=torch.float64), dim=1)
+    labels = torch.randint(0, 5, (2, 9, 10), generator=g)
+    labels[0, :2] = 255
+    pred = torch.where((torch.rand(2, 9, 10, generator=g) < 0.6) & (labels < 5), labels, 0)
+    names = torch.tensor([0, 130, 4000, 70000, 2**31 - 1])
+    big = torch.where(labels == 255, 255, names[labels.clamp(max=4)])
+    bank = F.normalize(torch.randn(30, 8, generator=g, dtype=torch.float64), dim=1)
+    yb = torch.randint(0, 5, (30,), generator=g)
+    kw = dict(max_samples=40, max_views=6, seed=4, backend=backend)
+    for lab, p, mem in ((labels, pred, (bank, yb)), (big, names[pred], (bank, names[yb]))):
+        got = [pixel_contrast_loss(emb, lab, p, **kw), dense_contrast_loss(emb, lab,
+                                                                          backend=backend)]
+        if backend == "reference":
+            got.append(pixel_contrast_loss(emb, lab, p, memory=mem, **kw))
+        if lab is labels:
+            want = got
+    for a, b in zip(got, want):
+        assert_close(a, b, rtol=1e-12, atol=1e-12, what="renamed classes")
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("native", marks=pytest.mark.skipif(
+    not pixcon.HAS_C, reason="pixcon._C not built"))])
+def test_contrast_at_the_smallest_key_sets(backend):
+    """supervised_contrast where the sizes are smallest: anchors and no key (terms 0, no
+    positive); one anchor against a bank (its own terms); one key, a positive (|P| = 1, no
+    negative: the term is softplus(-inf) = 0); one key, a negative (no positive: 0)."""
+    z = F.normalize(torch.tensor([[1.0, 0.0], [0.6, 0.8], [0.0, 1.0]], dtype=torch.float64),
+                    dim=1)
+    y = torch.tensor([0, 1, 0])
+    kw = dict(temperature=0.5, backend=backend)
+    terms, npos = supervised_contrast(z, y, z[:0], y[:0], **kw)
+    assert terms.tolist() == [0.0] * 3 and npos.tolist() == [0] * 3
+    keys = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]], dtype=torch.float64)
+    yk = torch.tensor([0, 1, 0])
+    terms, npos = supervised_contrast(z[1:2], y[1:2], keys, yk, **kw)   # anchor of class 1
+    s = z[1] @ keys.T / 0.5
+    nl = torch.logsumexp(s[[0, 2]], 0)
+    assert npos.tolist() == [1]
+    assert_close(terms, F.softplus(nl - s[1])[None], rtol=1e-12, atol=0, what="one anchor")
+    terms, npos = supervised_contrast(z, y, keys[:1], yk[:1], **kw)       # one key, class 0
+    assert npos.tolist() == [1, 0, 1] and terms.tolist() == [0.0] * 3
+
+
+def test_mean_over_anchors_counts_the_anchors_it_uses():
+    """The reduction (t / t_b) * mean over anchors with a label and a positive, by hand: one
+    used anchor is its own mean; an anchor without a label or without a positive is left out."""
+    from pixcon.core.contrastiveseg import mean_over_anchors
+    terms = torch.tensor([2.0, 5.0, 7.0, 11.0])
+    one = mean_over_anchors(terms, torch.tensor([0, 3, 0, 2]), torch.tensor([1, 1, 2, -1]), 0.5)
+    assert one.item() == 0.5 * 5.0
+    two = mean_over_anchors(terms, torch.tensor([1, 3, 0, 2]), torch.tensor([1, 1, 2, 0]), 2.0)
+    assert two.item() == 2.0 * (2.0 + 5.0 + 11.0) / 3
+    assert mean_over_anchors(terms, torch.zeros(4, dtype=torch.long), torch.zeros(4), 1.0) == 0
+
+
+def test_bank_checks_and_its_initial_queues():
+    """A fresh bank's queues hold random unit rows (the official init: normalised randn along
+    D); labels smaller than the keys in either dimension are refused, equal is fine; a batch of
+    exactly memory_size / freq images fits; with check_values=False out-of-range labels are not
+    checked and their pixels are skipped, as ignored ones."""
+    bank = PixelMemoryBank(3, dim=4, memory_size=6, pixel_update_freq=2, cross_rank=False)
+    for q in (bank.segment_queue, bank.pixel_queue):
+        assert_close(q.norm(dim=2), torch.ones(3, 6), rtol=0, atol=1e-6, what="unit rows")
+        assert q.std() > 0.1
+    keys = torch.randn(3, 4, 5, 7)
+    labels = torch.randint(0, 3, (3, 5, 7))
+    for small in (labels[:, :4], labels[:, :, :6], labels[:, :4, :6]):
+        with pytest.raises(ValueError, match="at least"):
+            bank.update(keys, small, seed=0)
+    bank.update(keys, labels, seed=0)                 # 3 images x 2 = 6 slots = memory_size
+    with pytest.raises(ValueError, match="more than memory_size"):
+        bank.update(torch.randn(4, 4, 5, 7), torch.zeros(4, 5, 7, dtype=torch.long), seed=0)
+    clean = PixelMemoryBank(3, dim=4, memory_size=6, pixel_update_freq=2, cross_rank=False)
+    dirty = PixelMemoryBank(3, dim=4, memory_size=6, pixel_update_freq=2, cross_rank=False)
+    dirty.load_state_dict(clean.state_dict())
+    bad = labels.clone()
+    bad[0, 0, :3] = torch.tensor([3, -4, 7])          # out of range: skipped like 255
+    ign = labels.clone()
+    ign[0, 0, :3] = 255
+    with pytest.raises(ValueError, match="labels must be classes"):
+        dirty.update(keys, bad, seed=1)
+    dirty.update(keys, bad, seed=1, check_values=False)
+    clean.update(keys, ign, seed=1)
+    for k, v in clean.state_dict().items():
+        assert torch.equal(v, dirty.state_dict()[k]), k

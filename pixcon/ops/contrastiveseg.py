@@ -102,12 +102,14 @@ def sample_anchors(gt, pred, *, max_samples: int, max_views: int, seed: int):
 
 def _any_class_over(gt, max_views):
     """0-d bool: some (image, class) of gt (B, h, w), -1 ignored, has more than max_views
-    pixels (the official rule for keeping a class of an image)."""
+    pixels (the official rule for keeping a class of an image). Any class below 2^31: runs of a
+    sort, no table as large as the largest class (a bincount of 2^31 classes would be 16 GB)."""
     B = gt.shape[0]
-    lab = gt.reshape(B, -1)
-    K = int(lab.max().clamp(min=0)) + 1
-    key = torch.where(lab >= 0, lab + K * torch.arange(B, device=lab.device)[:, None], B * K)
-    return (torch.bincount(key.reshape(-1), minlength=B * K + 1)[:B * K] > max_views).any()
+    lab = gt.reshape(B, -1).to(torch.int64)        # classes below 2^31: (image, class) < 2^63
+    key = torch.where(lab >= 0, (torch.arange(B, device=lab.device)[:, None] << 31) | lab, -1)
+    key = torch.sort(key.reshape(-1)).values        # a run of equal keys per pair (-1: ignored)
+    size = torch.searchsorted(key, key, right=True) - torch.searchsorted(key, key)
+    return ((size > max_views) & (key >= 0)).any()
 
 
 def _check_views(op, T, max_samples, max_views, device, check_values):
