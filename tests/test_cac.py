@@ -346,6 +346,75 @@ def test_module_end_to_end_backward():
     assert crit.weight == 0.1
 
 
+def test_module_is_its_projector_then_the_functional_loss():
+    """DirectionalContrastLoss by hand: the projector conv1x1 -> ReLU -> conv1x1 then L2 along
+    channels; the bank updated with both full projected maps and their argmax pseudo-labels
+    under the given seed; the overlap cut with each view's own flips; the loss keywords passed
+    through; times weight."""
+    torch.manual_seed(1)
+    crit = DirectionalContrastLoss(6, 5, weight=0.3, pos_threshold=0.2, directional=False)
+    enc1, enc2 = torch.randn(2, 6, 8, 8), torch.randn(2, 6, 8, 8)
+    lg1, lg2 = torch.randn(2, 4, 8, 8) * 3, torch.randn(2, 4, 8, 8) * 3
+    crops = [overlapping_crops(80, 90, 64, seed=s) for s in range(2)]
+    b1, b2 = torch.tensor([c.box1 for c in crops]), torch.tensor([c.box2 for c in crops])
+    fl1, fl2 = torch.tensor([True, False]), torch.tensor([False, False])
+    conv1, conv2 = crit.projector[0], crit.projector[2]
+
+    def project(e):
+        return F.normalize(conv2(torch.relu(conv1(e))), dim=1)
+
+    p1, p2 = project(enc1), project(enc2)
+    assert torch.equal(crit.project(enc1), p1)
+    bank = NegativeBank(step_save=0, selected_num=50, cross_rank=False)
+    got = crit(enc1, enc2, lg1, lg2, b1, b2, fl1, fl2, bank, seed=7)
+    by_hand = NegativeBank(step_save=0, selected_num=50, cross_rank=False)
+    by_hand.update(p1, p2, lg1.argmax(1), lg2.argmax(1), seed=7)
+    for a, b in zip(bank.negatives(), by_hand.negatives()):
+        assert torch.equal(a, b)
+    (f1, g1), (f2, g2) = overlap_rows([p1, lg1], [p2, lg2], b1, b2, fl1, fl2, stride=8)
+    want = 0.3 * directional_contrast_loss(f1, f2, g1, g2, *by_hand.negatives(),
+                                           pos_threshold=0.2, directional=False)
+    assert torch.equal(got, want)
+    unflipped = crit(enc1, enc2, lg1, lg2, b1, b2, fl2, fl2, by_hand, update_bank=False)
+    assert not torch.equal(unflipped, got)          # the flips are read
+
+
+def test_negative_bank_takes_rows_and_names_its_arguments():
+    """NegativeBank.update with (P, D) rows and (P,) labels keeps them as given; selected_num
+    equal to the pixel count keeps every pixel; a label count that does not match names the
+    labels of that view."""
+    rows = torch.arange(12.0).view(6, 2)
+    lab = torch.arange(6)
+    bank = NegativeBank(step_save=0, selected_num=6, cross_rank=False)
+    bank.update(rows, rows + 100, lab, lab + 10, seed=3)
+    feats, labels = bank.negatives()
+    assert sorted(feats[:6, 0].tolist()) == rows[:, 0].tolist()
+    assert torch.equal(labels[:6], (feats[:6, 0] / 2).long())          # rows keep their label
+    plain = NegativeBank(step_save=0, cross_rank=False)
+    plain.update(rows, rows + 100, lab, lab + 10)
+    assert torch.equal(plain.negatives()[0], torch.cat([rows, rows + 100]))
+    for args, name in (((rows, rows, lab[:5], lab), "labels1"), ((rows, rows, lab, lab[:4]),
+                                                                  "labels2")):
+        with pytest.raises(ValueError, match=f"{name} must have one pseudo-label per pixel"):
+            plain.update(*args)
+
+
+def test_image_level_loss_by_hand():
+    """The multi-label loss with 0/1 targets of any dtype (bool, int, float) is the mean BCE
+    with logits, and a shape mismatch names the argument."""
+    x1 = torch.tensor([[2.0, -1.0], [0.5, 0.0]])
+    x2 = torch.tensor([[-2.0, 1.0], [0.0, 3.0]])
+    y = torch.tensor([[1, 0], [0, 1]])
+    bce = F.binary_cross_entropy_with_logits
+    want = 0.5 * (bce(x1, y.float()) + bce(x2, y.float()))
+    from pixcon.nn import image_level_loss
+    for t in (y, y.bool(), y.float()):
+        assert_close(image_level_loss(x1, x2, t), want, rtol=1e-6, atol=0, what=str(t.dtype))
+    for args, name in (((x1, x2[:1], y), "logits2"), ((x1, x2, y[:, :1]), "targets")):
+        with pytest.raises(ValueError, match=f"{name} must have logits1's shape"):
+            image_level_loss(*args)
+
+
 def _bank_worker(rank, world, init, out):
     import torch.distributed as dist
 

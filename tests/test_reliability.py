@@ -384,3 +384,35 @@ def test_no_op_makes_a_tensor_on_the_default_device(backend):
         assert len(got) == len(want), name
         for a, b in zip(got, want):
             assert a.device == cpu and torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_references_compute_half_inputs_in_float32(dtype):
+    """A reference given fp16 / bf16 tensors computes in float32 (the documented promotion):
+    its loss equals, bit for bit, the reference on the same values as float32, and its
+    gradients that one's rounded to the leaf's dtype (every smoke case with a float input)."""
+    from tools import smoke
+    cpu = torch.device("cpu")
+
+    def cast(x, dt):
+        if torch.is_tensor(x):
+            return x.to(dt) if x.is_floating_point() else x
+        if isinstance(x, list):
+            return [cast(v, dt) for v in x]
+        return x
+
+    for case in smoke.CASES:
+        x = case.make(cpu, 0)
+        half = {k: cast(v, dtype) for k, v in x.items()}
+        if half.keys() == {k for k, v in x.items() if not torch.is_tensor(v) or
+                           not v.is_floating_point()}:
+            continue
+        if case.name.startswith("distance"):
+            continue
+        wide = {k: cast(v, torch.float32) for k, v in half.items()}
+        a, b = case.run("reference", half), case.run("reference", wide)
+        for k in b:
+            if k == "bank":                     # the queue keeps the rows' own dtype
+                continue
+            want = b[k].to(a[k].dtype)           # a gradient comes in its leaf's dtype
+            assert torch.equal(a[k], want), (case.name, k)
