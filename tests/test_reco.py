@@ -479,3 +479,61 @@ def test_mask_must_be_binary():
     a = reco_loss(emb, labels, probs, mask=m, seed=3, backend="reference", **SMALL)
     b = reco_loss(emb, labels, probs, mask=m.float(), seed=3, backend="reference", **SMALL)
     assert a.item() == b.item()
+
+
+NATIVE_OR_REF = ["reference", pytest.param("native", marks=pytest.mark.skipif(
+    not __import__("pixcon").HAS_C, reason="pixcon._C not built"))]
+
+
+@pytest.mark.parametrize("backend", NATIVE_OR_REF)
+def test_class_counts_at_their_edges(backend):
+    """ReCo's class rules where a count is at its edge, by hand on one 2 x 3 image (D = 2):
+    - exactly two present classes give a loss (K >= 2 is the rule; one class gives 0);
+    - a class without hard pixels (class 0 here, all confident) is skipped, and the classes
+      after it still draw queries (it is not the last one);
+    - a class whose only hard pixel is pixel 0 draws pixel 0 for every query;
+    - num_queries = 1 works.
+    The per-query losses are checked against the formula with its negatives all of the other
+    class (two classes: the relation softmax has one choice)."""
+    emb = torch.tensor([[[[1.0, 0.6, 0.0], [0.8, 0.0, 0.3]],
+                         [[0.0, 0.8, 1.0], [0.6, 1.0, 0.9]]]], dtype=torch.float64)
+    labels = torch.tensor([[[1, 0, 0], [0, 1, 1]]])
+    probs = torch.zeros(1, 2, 2, 3, dtype=torch.float64)
+    probs[0, 0] = torch.tensor([[0.5, 0.99, 0.99], [0.99, 0.5, 0.5]])   # class 0: confident
+    probs[0, 1] = 1 - probs[0, 0]
+    probs[0, 1, 0, 0] = 0.2                  # class 1's hard pixels: 0 only (4, 5 confident)
+    probs[0, 0, 0, 0] = 0.8
+    probs[0, 1, 1, 1:] = 0.99
+    probs[0, 0, 1, 1:] = 0.01
+    for Q in (1, 3):
+        per = reco_loss(emb, labels, probs, num_queries=Q, num_negatives=4, seed=2,
+                        temperature=0.5, reduction="none", backend=backend)
+        assert per.shape == (2, Q) and per[0].tolist() == [0.0] * Q      # class 0: no query
+        x = F.normalize(emb[0].reshape(2, -1).T, dim=1)
+        m1 = F.normalize(emb[0].reshape(2, -1).T[[0, 4, 5]].mean(0), dim=0)
+        q = x[0]                                                        # pixel 0, every query
+        neg = (x[[1, 2, 3]] @ q) / 0.5
+        assert per[1].tolist() != [0.0] * Q
+        for k in range(Q):                  # 4 negatives among pixels 1, 2, 3 (class 0)
+            assert per[1, k] > 0
+        mean = reco_loss(emb, labels, probs, num_queries=Q, num_negatives=4, seed=2,
+                         temperature=0.5, backend=backend)
+        assert_close(mean, per.sum() / (Q * 2), rtol=1e-12, atol=0, what="1 / (Q |K|)")
+        lo = torch.logsumexp(torch.cat([(q @ m1)[None] / 0.5, neg.min().repeat(4)]), 0) \
+            - (q @ m1) / 0.5
+        hi = torch.logsumexp(torch.cat([(q @ m1)[None] / 0.5, neg.max().repeat(4)]), 0) \
+            - (q @ m1) / 0.5
+        assert ((per[1] >= lo - 1e-12) & (per[1] <= hi + 1e-12)).all()
+    one = torch.zeros_like(labels)                                      # one class: 0
+    assert reco_loss(emb, one, probs, backend=backend, **SMALL).item() == 0.0
+
+
+def test_reco_samples_without_two_classes_draw_nothing():
+    """reco_samples with fewer than two present classes: every query and negative is -1."""
+    from pixcon.reference.reco import reco_samples
+    x = torch.randn(6, 3)
+    lab = torch.tensor([2, 2, -1, 2, 2, 2])
+    q, n, means, K = reco_samples(x, lab, lab >= 0, 4, num_queries=3, num_negatives=5, seed=0,
+                                  relation_temperature=0.5)
+    assert K == 1 and q.tolist() == [[-1] * 3] * 4 and n.shape == (4, 3, 5)
+    assert (n == -1).all()
