@@ -317,3 +317,23 @@ def test_scatter_rows_cpu_kernel_equals_its_torch_kernel(layout, dtype):
     tol = 1e-12 if dtype == torch.float64 else 2e-3
     assert torch.allclose(got.double(), want.double(), rtol=tol, atol=tol)
     torch.library.opcheck(L.scatter_rows, (rows, idx, like))
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("native", marks=pytest.mark.skipif(
+    not pixcon.HAS_C, reason="pixcon._C not built"))])
+def test_group_sampler_at_the_smallest_groupings(backend):
+    """sample_in_groups where the grouping is smallest: one item in all (its group always
+    draws it, the others -1), empty groups at the end of the order (their offset is the
+    order's length), and a row without a group."""
+    from pixcon.ops.primitives import sample_in_groups
+    order = torch.tensor([7])
+    offsets, counts = torch.tensor([0, 0, 1, 1]), torch.tensor([0, 1, 0, 0])
+    rows = torch.tensor([1, 0, 2, 3, -1, 1])
+    got = sample_in_groups(order, offsets, counts, rows, 3, 5, 1, backend=backend)
+    assert got.tolist() == [[7] * 3, [-1] * 3, [-1] * 3, [-1] * 3, [-1] * 3, [7] * 3]
+    order = torch.tensor([4, 2, 9])
+    offsets, counts = torch.tensor([0, 2, 3, 3]), torch.tensor([2, 1, 0, 0])
+    got = sample_in_groups(order, offsets, counts, torch.tensor([3, 1, 0, 2]), 40, 6, 2,
+                           backend=backend)
+    assert got[0].tolist() == [-1] * 40 and got[1].tolist() == [9] * 40
+    assert set(got[2].tolist()) == {4, 2} and got[3].tolist() == [-1] * 40

@@ -362,6 +362,40 @@ def test_u2pl_loss_module_keeps_its_bank_in_the_state_dict():
         crit(emb, labels, probs, temb, num_labeled=2)
 
 
+def test_u2pl_loss_module_is_the_functional_loss_on_its_bank():
+    """U2PLLoss by hand: its bank has the given sizes (cross_rank and group passed on); with
+    alpha, the masks are u2pl_masks at the loss's own ignore_index; given both masks, those
+    are used (one mask alone is not enough: the other is made from alpha); the loss keywords
+    reach u2pl_loss."""
+    from pixcon.nn import U2PLLoss
+    emb, temb, probs, labels, rel, unrel = batch(seed=5)
+    labels = torch.where(labels == 255, 0, labels)
+    labels[0, :2] = 3                                   # ignore_index=3: the loss's own
+    kw = dict(num_queries=4, num_negatives=3, temperature=0.3, ignore_index=3)
+    crit = U2PLLoss(5, 8, sizes=(9, 10, 11, 12, 13), cross_rank=False, group="g", **kw)
+    assert crit.bank.sizes.tolist() == [9, 10, 11, 12, 13]
+    assert crit.bank.cross_rank is False and crit.bank.group == "g"
+    assert U2PLLoss(5, 8).bank.sizes.tolist() == [30000] * 5
+    assert U2PLLoss(5, 8).bank.cross_rank is True
+    r3, u3 = u2pl_masks(probs, labels, 2, 40.0, ignore_index=3)
+    bank = UnreliableBank(5, 8, sizes=(9, 10, 11, 12, 13), cross_rank=False)
+    got = crit(emb, labels, probs, temb, num_labeled=2, alpha=40.0, seed=1)
+    want = u2pl_loss(emb, labels, probs, temb, bank, num_labeled=2, reliable=r3,
+                     unreliable=u3, seed=1, **kw)
+    assert torch.equal(got, want) and torch.equal(crit.bank.keys, bank.keys)
+    got = crit(emb, labels, probs, temb, num_labeled=2, reliable=rel, unreliable=unrel, seed=2)
+    want = u2pl_loss(emb, labels, probs, temb, bank, num_labeled=2, reliable=rel,
+                     unreliable=unrel, seed=2, **kw)
+    assert torch.equal(got, want)
+    for masks in (dict(reliable=rel), dict(unreliable=unrel)):
+        with pytest.raises(ValueError, match="alpha"):
+            crit(emb, labels, probs, temb, num_labeled=2, **masks)
+    got = crit(emb, labels, probs, temb, num_labeled=2, alpha=40.0, reliable=rel, seed=3)
+    want = u2pl_loss(emb, labels, probs, temb, bank, num_labeled=2, reliable=r3,
+                     unreliable=u3, seed=3, **kw)
+    assert torch.equal(got, want)
+
+
 def test_trainer_u2pl_mode_trains_and_resumes_exactly(tmp_path):
     """--loss u2pl: U2PL's unsupervised loss and contrast on the embedded scenes; the queues go
     into the checkpoint, so a resumed run repeats an uninterrupted one."""
