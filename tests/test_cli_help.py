@@ -14,7 +14,7 @@ sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]
 COMMANDS = ["pixcon.train.cli", "pixcon.demo", "pixcon.viz", "benchmarks.suite",
             "benchmarks.bench_reco", "benchmarks.bench_cac", "benchmarks.bench_contrastiveseg",
             "benchmarks.bench_contextrast", "benchmarks.bench_edt", "benchmarks.bench_threads",
-            "benchmarks.grid"]
+            "benchmarks.grid", "tools.mutmut_pass"]
 
 
 class _Stop(Exception):

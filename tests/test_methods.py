@@ -76,3 +76,21 @@ def test_contrastiveseg_trains_with_its_bank_and_resumes(tmp_path):
     assert t.step == 2 and int(t.extra.bank.pixel_ptr.sum()) > 0   # the bank came back
     resumed = t.run()
     assert [h["loss"] for h in resumed["history"]] == [h["loss"] for h in full["history"]]
+
+
+def test_mutmut_notes_account_for_survivors_by_function_and_line(tmp_path, monkeypatch):
+    """tools/mutmut_pass.py keys a survivor by its function and mutated line (mutmut's numbers
+    shift when a function changes), and reads the notes' table rows, `|` inside code escaped."""
+    mp = importlib.import_module("tools.mutmut_pass")
+    key = mp._key("pixcon.nn.memory.xǁPixelMemoryBankǁ_labels__mutmut_56",
+                  ["-    return torch.where(ok, lab, -1)", "+    return torch.where(ok, lab, -2)"])
+    assert key == "pixcon.nn.memory.PixelMemoryBank._labels | return torch.where(ok, lab, -2)"
+    assert mp._key("pixcon.core.common.x_own_class_prob__mutmut_3", ["+    p = 1"]) == \
+        "pixcon.core.common.own_class_prob | p = 1"
+    notes = tmp_path / "notes.md"
+    notes.write_text("| function | mutated line | verdict |\n|---|---|---|\n"
+                     "| `pixcon.nn.memory.PixelMemoryBank._labels` | "
+                     "`return torch.where(ok, lab, -2)` | equivalent: readers test < 0 |\n"
+                     "| `pixcon.core.common.f` | `a \\| b` | equivalent |\n")
+    monkeypatch.setattr(mp, "NOTES", notes)
+    assert mp.noted() == {key, "pixcon.core.common.f | a | b"}

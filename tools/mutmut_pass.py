@@ -91,19 +91,21 @@ def _diff(py, tree, name):
 def _key(name, diff):
     """A survivor's key in the notes: its function and its changed line (names shift when a
     function's source changes; the pair does not)."""
-    func = re.sub(r"__mutmut_\d+$", "", name).replace(".x_", ".")
+    func = re.sub(r"\.x[_ǁ]", ".", re.sub(r"__mutmut_\d+$", "", name)).replace("ǁ", ".")
     new = next((ln[1:].strip() for ln in diff if ln.startswith("+")), "")
     return f"{func} | {new}"
 
 
 def noted():
-    """Keys the notes account for: the rows of its tables, `function | mutated line | verdict`."""
+    """Keys the notes account for: their table rows `| `function` | `mutated line` | verdict |`
+    (code in backticks, a `|` inside it escaped as `\\|`)."""
     keys = set()
     if NOTES.exists():
         for ln in NOTES.read_text().splitlines():
-            cells = [c.strip().strip("`") for c in ln.strip().strip("|").split("|")]
-            if len(cells) >= 3 and cells[0] and not set(cells[0]) <= {"-", ":"}:
-                keys.add(f"{cells[0]} | {cells[1]}".replace("\\|", "|"))
+            cells = [c.strip() for c in re.split(r"(?<!\\)\|", ln.strip().strip("|"))]
+            if len(cells) >= 3 and cells[0].startswith("`") and cells[1].startswith("`"):
+                func, line = (c.strip("`").replace("\\|", "|") for c in cells[:2])
+                keys.add(f"{func} | {line}")
     return keys
 
 
@@ -114,8 +116,11 @@ def main(argv=None):
     ap.add_argument("--budget", type=float, default=2400, help="seconds for mutmut run")
     ap.add_argument("--children", type=int, default=1, help="mutants run at once")
     ap.add_argument("--only", nargs="*", default=[], help="mutant name globs (default: all)")
-    ap.add_argument("--tree", default=None, help="reuse this copy (keeps mutmut's results)")
-    ap.add_argument("--json", default=str(ROOT / "tools" / "mutmut-last.json"))
+    ap.add_argument("--tree", default=None,
+                    help="the copy to work in, kept with mutmut's results so that a later run "
+                         "goes on from them (left out: a fresh temporary copy)")
+    ap.add_argument("--json", default=str(ROOT / "tools" / "mutmut-last.json"),
+                    help="where the counts and the survivors with their diffs go")
     a = ap.parse_args(argv)
     py = _python()
     tree = Path(a.tree) if a.tree else Path(tempfile.mkdtemp(prefix="pixcon-mutmut-"))
