@@ -87,25 +87,16 @@ def sample(anchors, bank, num_queries, num_negatives, seed, sampler):
     return a, torch.where(a[:, None] >= 0, neg, -1)
 
 
-def u2pl_loss(emb, gt, probs, teacher_emb, bank, *, num_labeled, reliable, unreliable,
-              low_rank=3, high_rank=20, anchor_threshold=0.3, negative_threshold=1.0,
-              temperature=0.5, num_queries=256, num_negatives=50, prototype=None,
-              official=False, seed=0, reduction="mean", sampler, contrast,
-              push_backend="auto", masks=None):
-    """The loss on (B, D, h, w) student / teacher embeddings, flat labels gt (P,) at feature
-    resolution (-1 ignored), teacher probs (B, C, h, w), reliable / unreliable flat (P,) bool.
-    Pushes the negative candidates into ``bank`` first, as the official code does. sampler:
-    a backend's ``sample_in_groups``; contrast(emb, a_idx, pos (M, D), keys, neg_idx, t): the
-    per-anchor InfoNCE (the reference's gather, or the sparse InfoNCE kernels). masks: the
-    (V, A, N) of :func:`class_masks` when the caller has made them."""
-    B, D, h, w = emb.shape
-    C = probs.shape[1]
+def u2pl_loss(emb, teacher_emb, bank, masks, *, temperature, num_queries, num_negatives,
+              prototype, seed, reduction, sampler, contrast, push_backend):
+    """The loss on (B, D, h, w) student / teacher embeddings given the (V, A, N) (P, C) masks of
+    :func:`class_masks` (the op makes them once, for its checks and this). Pushes the negative
+    candidates into ``bank`` first, as the official code does. sampler: a backend's
+    ``sample_in_groups``; contrast(emb, a_idx, pos (M, D), keys, neg_idx, t): the per-anchor
+    InfoNCE (the reference's gather, or the sparse InfoNCE kernels)."""
+    V, A, N = masks
+    C = V.shape[1]
     dt = torch.promote_types(emb.dtype, torch.float32)
-    prob = probs.permute(0, 2, 3, 1).reshape(-1, C).to(torch.float32)
-    V, A, N = masks if masks is not None else class_masks(
-        gt, prob, reliable, unreliable, num_labeled, h * w, low_rank=low_rank,
-        high_rank=high_rank, anchor_threshold=anchor_threshold,
-        negative_threshold=negative_threshold, official=official)
     teacher = cm.pixel_rows(teacher_emb.detach()).to(dt)          # (P, D): one row copy
     bank.push(teacher, N.T, backend=push_backend)
     counts = V.sum(dim=0)

@@ -136,16 +136,12 @@ def u2pl_loss(emb, labels, teacher_probs, teacher_emb, bank, *, num_labeled: int
     fused = be != "reference"
     with lib.kernels(be, dev) if fused else contextlib.nullcontext():
         loss = steps.u2pl_loss if fused else reference.u2pl.u2pl_loss
-        return loss(emb, gt, teacher_probs, teacher_emb, bank, num_labeled=num_labeled,
-                         reliable=rel, unreliable=unrel, low_rank=low_rank, high_rank=high_rank,
-                         anchor_threshold=float(anchor_threshold),
-                         negative_threshold=float(negative_threshold),
-                         temperature=float(temperature), num_queries=num_queries,
-                         num_negatives=num_negatives, prototype=prototype, official=official,
-                         seed=draw_seed(seed, op), reduction=reduction,
-                         sampler=prim.groups_sample if fused else prim.reference_groups_sample,
-                         contrast=fused_contrast if fused else reference.u2pl.reference_contrast,
-                         push_backend="auto" if fused else "reference", masks=(V, A, N))
+        return loss(emb, teacher_emb, bank, (V, A, N), temperature=float(temperature),
+                    num_queries=num_queries, num_negatives=num_negatives, prototype=prototype,
+                    seed=draw_seed(seed, op), reduction=reduction,
+                    sampler=prim.groups_sample if fused else prim.reference_groups_sample,
+                    contrast=fused_contrast if fused else reference.u2pl.reference_contrast,
+                    push_backend="auto" if fused else "reference")
 
 
 def _percentile(x, valid, q):
