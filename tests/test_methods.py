@@ -91,6 +91,7 @@ def test_mutmut_notes_account_for_survivors_by_function_and_line(tmp_path, monke
     notes.write_text("| function | mutated line | verdict |\n|---|---|---|\n"
                      "| `pixcon.nn.memory.PixelMemoryBank._labels` | "
                      "`return torch.where(ok, lab, -2)` | equivalent: readers test < 0 |\n"
-                     "| `pixcon.core.common.f` | `a \\| b` | equivalent |\n")
+                     "| `pixcon.core.common.f` | `a \\| b` | equivalent |\n"
+                     "| `pixcon.core.common.g` | `c = 1` | open: no test yet |\n")
     monkeypatch.setattr(mp, "NOTES", notes)
     assert mp.noted() == {key, "pixcon.core.common.f | a | b"}

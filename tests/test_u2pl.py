@@ -101,6 +101,7 @@ def test_bank_queues_step_by_step_with_absent_classes_and_overflow():
                 model[c][(ptr[c] + j) % s] = v
             ptr[c] = (ptr[c] + len(kept)) % s
             count[c] = min(count[c] + len(L), s)
+        assert bank.ptr.dtype == bank.counts.dtype == torch.int64
         assert bank.ptr.tolist() == ptr, step
         assert bank.counts.tolist() == count, step
         flat = [v for q in model for v in q]
@@ -390,6 +391,14 @@ def test_u2pl_loss_module_is_the_functional_loss_on_its_bank():
     for masks in (dict(reliable=rel), dict(unreliable=unrel)):
         with pytest.raises(ValueError, match="alpha"):
             crit(emb, labels, probs, temb, num_labeled=2, **masks)
+    plain = U2PLLoss(5, 8, size=20, cross_rank=False, num_queries=4, num_negatives=3)
+    lab255 = labels.clone()
+    lab255[0, :2] = 255                                  # the default ignore_index: 255
+    r255, u255 = u2pl_masks(probs, lab255, 2, 40.0)
+    twin = UnreliableBank(5, 8, size=20, cross_rank=False)
+    assert torch.equal(plain(emb, lab255, probs, temb, num_labeled=2, alpha=40.0, seed=4),
+                       u2pl_loss(emb, lab255, probs, temb, twin, num_labeled=2, reliable=r255,
+                                 unreliable=u255, seed=4, num_queries=4, num_negatives=3))
     got = crit(emb, labels, probs, temb, num_labeled=2, alpha=40.0, reliable=rel, seed=3)
     want = u2pl_loss(emb, labels, probs, temb, bank, num_labeled=2, reliable=r3,
                      unreliable=u3, seed=3, **kw)

@@ -98,12 +98,14 @@ def _key(name, diff):
 
 def noted():
     """Keys the notes account for: their table rows `| `function` | `mutated line` | verdict |`
-    (code in backticks, a `|` inside it escaped as `\\|`)."""
+    (code in backticks, a `|` inside it escaped as `\\|`), but for verdicts "open ..." (a
+    survivor listed, not yet killed or argued)."""
     keys = set()
     if NOTES.exists():
         for ln in NOTES.read_text().splitlines():
             cells = [c.strip() for c in re.split(r"(?<!\\)\|", ln.strip().strip("|"))]
-            if len(cells) >= 3 and cells[0].startswith("`") and cells[1].startswith("`"):
+            if len(cells) >= 3 and cells[0].startswith("`") and cells[1].startswith("`") \
+                    and not cells[2].startswith("open"):
                 func, line = (c.strip("`").replace("\\|", "|") for c in cells[:2])
                 keys.add(f"{func} | {line}")
     return keys

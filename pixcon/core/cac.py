@@ -28,7 +28,7 @@ def directional_mask(c_anchor, c_target, pos_threshold, *, directional=True,
     return keep
 
 
-def sampling_labels(y_anchor, negative_labels, negative_sampling=True):
+def sampling_labels(y_anchor, negative_labels, negative_sampling):
     """(anchor labels, negative labels) for the label filter of the negatives: as given with
     negative sampling; without it 0 for every negative and 1 for every anchor, so that every
     negative counts."""
