@@ -357,7 +357,7 @@ def test_module_is_its_projector_then_the_functional_loss():
     lg1, lg2 = torch.randn(2, 4, 8, 8) * 3, torch.randn(2, 4, 8, 8) * 3
     crops = [overlapping_crops(80, 90, 64, seed=s) for s in range(2)]
     b1, b2 = torch.tensor([c.box1 for c in crops]), torch.tensor([c.box2 for c in crops])
-    fl1, fl2 = torch.tensor([True, False]), torch.tensor([False, False])
+    fl1, fl2 = torch.tensor([True, False]), torch.tensor([False, True])
     conv1, conv2 = crit.projector[0], crit.projector[2]
 
     def project(e):
@@ -375,8 +375,13 @@ def test_module_is_its_projector_then_the_functional_loss():
     want = 0.3 * directional_contrast_loss(f1, f2, g1, g2, *by_hand.negatives(),
                                            pos_threshold=0.2, directional=False)
     assert torch.equal(got, want)
-    unflipped = crit(enc1, enc2, lg1, lg2, b1, b2, fl2, fl2, by_hand, update_bank=False)
-    assert not torch.equal(unflipped, got)          # the flips are read
+    no = torch.tensor([False, False])
+    for f1_, f2_ in ((no, fl2), (fl1, no)):         # each view's flips are read
+        other = crit(enc1, enc2, lg1, lg2, b1, b2, f1_, f2_, by_hand, update_bank=False)
+        assert not torch.equal(other, got)
+    for bad in (-1, True, 1.0, "2"):
+        with pytest.raises(ValueError, match="step_save must be an int >= 0"):
+            NegativeBank(step_save=bad)
 
 
 def test_negative_bank_takes_rows_and_names_its_arguments():

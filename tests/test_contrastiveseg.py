@@ -696,6 +696,17 @@ def test_bank_enqueues_exactly_the_documented_pixels(official):
                 assert torch.equal(bank.pixel_queue[c, (ptr[c] + j) % R], rows[p]), (b, c, j)
             ptr[c] = (ptr[c] + len(chosen)) % R
     assert bank.pixel_ptr.tolist() == ptr == [10, 10, 5]
+    full = torch.tensor([[[0, 0, 1], [1, 2, 2]]])          # every pixel labelled; class 2's
+    small = PixelMemoryBank(C, dim=D, memory_size=R, pixel_update_freq=freq, official=official,
+                            cross_rank=False).double()      # two pixels end the sorted order
+    e = torch.randn(1, D, 2, 3, generator=g, dtype=torch.float64)
+    small.update(e, full, seed=seed)
+    rows = F.normalize(e[0].reshape(D, 6).T, dim=1)
+    word = philox(torch.arange(6), seed, 4, backend="reference")[:, 0].tolist()
+    mine = sorted([4, 5], key=lambda p: (word[p], p))
+    want = [[4, 5].index(p) if "positions" in official else p for p in mine]
+    for j, p in enumerate(want):
+        assert torch.equal(small.pixel_queue[2, j], rows[p])
 
 
 @pytest.mark.parametrize("backend", ["reference", pytest.param("native", marks=pytest.mark.skipif(
@@ -737,6 +748,7 @@ def test_contrast_at_the_smallest_key_sets(backend):
     kw = dict(temperature=0.5, backend=backend)
     terms, npos = supervised_contrast(z, y, z[:0], y[:0], **kw)
     assert terms.tolist() == [0.0] * 3 and npos.tolist() == [0] * 3
+    assert npos.dtype == torch.int64
     keys = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]], dtype=torch.float64)
     yk = torch.tensor([0, 1, 0])
     terms, npos = supervised_contrast(z[1:2], y[1:2], keys, yk, **kw)   # anchor of class 1
@@ -746,6 +758,22 @@ def test_contrast_at_the_smallest_key_sets(backend):
     assert_close(terms, F.softplus(nl - s[1])[None], rtol=1e-12, atol=0, what="one anchor")
     terms, npos = supervised_contrast(z, y, keys[:1], yk[:1], **kw)       # one key, class 0
     assert npos.tolist() == [1, 0, 1] and terms.tolist() == [0.0] * 3
+
+
+def test_no_kept_class_gives_zero_even_against_a_bank():
+    """No (image, class) pair over max_views: no anchor, so a zero (connected to emb), also with
+    a bank whose keys would give any anchor a loss; the reference sampler returns nothing."""
+    g = torch.Generator().manual_seed(1)
+    emb = F.normalize(torch.randn(2, 4, 3, 3, generator=g), dim=1).requires_grad_()
+    labels = torch.randint(0, 3, (2, 3, 3), generator=g)
+    bank = (F.normalize(torch.randn(8, 4, generator=g), dim=1), torch.arange(8) % 3)
+    for memory in (None, bank):
+        loss = pixel_contrast_loss(emb, labels, labels, max_views=20, memory=memory,
+                                   backend="reference")
+        assert loss.item() == 0.0 and loss.requires_grad
+    assert ref.sample_anchors(labels, labels, max_samples=10, max_views=20, seed=0)[2:] == (0, 0)
+    idx, lab, _, _ = ref.sample_anchors(labels, labels, max_samples=10, max_views=20, seed=0)
+    assert idx.shape == lab.shape == (0,)
 
 
 def test_mean_over_anchors_counts_the_anchors_it_uses():
@@ -786,6 +814,11 @@ def test_bank_checks_and_its_initial_queues():
     ign[0, 0, :3] = 255
     with pytest.raises(ValueError, match="labels must be classes"):
         dirty.update(keys, bad, seed=1)
+    official = PixelMemoryBank(3, dim=4, memory_size=6, pixel_update_freq=2, cross_rank=False,
+                               official=("class0",))
+    k, lab = official.keys()                          # classes 1, 2, then 2R zero rows of 0
+    assert k.shape == (36, 4) and lab.tolist() == [1] * 12 + [2] * 12 + [0] * 12
+    assert k[24:].abs().sum() == 0
     dirty.update(keys, bad, seed=1, check_values=False)
     clean.update(keys, ign, seed=1)
     for k, v in clean.state_dict().items():

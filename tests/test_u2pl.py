@@ -377,6 +377,16 @@ def test_u2pl_loss_module_is_the_functional_loss_on_its_bank():
     assert crit.bank.sizes.tolist() == [9, 10, 11, 12, 13]
     assert crit.bank.cross_rank is False and crit.bank.group == "g"
     assert U2PLLoss(5, 8).bank.sizes.tolist() == [30000] * 5
+    assert U2PLLoss(5, 8, size=7).bank.sizes.tolist() == [7] * 5
+    bank = UnreliableBank(2, 3, size=4)
+    maps = torch.randn(2, 3, 5)                          # (B, D, HW): HW != D
+    bank.push(maps, torch.ones(2, 10, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"^UnreliableBank.push: rows have D = 4"):
+        bank.push(torch.randn(2, 4, 5), torch.ones(2, 10, dtype=torch.bool))
+    nan = torch.full((10, 3), float("nan"))
+    with pytest.raises(ValueError, match=r"^UnreliableBank.push: rows to enqueue contain NaN"):
+        bank.push(nan, torch.ones(2, 10, dtype=torch.bool))
+    bank.push(nan, torch.ones(2, 10, dtype=torch.bool), check_values=False)   # not checked
     assert U2PLLoss(5, 8).bank.cross_rank is True
     r3, u3 = u2pl_masks(probs, labels, 2, 40.0, ignore_index=3)
     bank = UnreliableBank(5, 8, sizes=(9, 10, 11, 12, 13), cross_rank=False)
