@@ -249,3 +249,24 @@ def test_binary_mode_reads_any_non_zero_value_as_foreground(backend):
     for b in range(2):
         assert np.array_equal(got[b].numpy(), scipy_sq(x[b].numpy() != 0))
     assert not torch.equal(got, run(x, backend, squared=True, labels=True))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_one_pixel_and_empty_maps(backend):
+    """Maps of one pixel (a foreground pixel with no boundary anywhere is +inf, background 0;
+    multi-label: the only label has no other value, +inf) and maps with a zero side or no map
+    at all give results of their own shape."""
+    dev = triton_device() if backend == "triton" else torch.device("cpu")
+    x = torch.tensor([[[1]], [[0]], [[3]]], device=dev)
+    for squared in (False, True):
+        d = distance_transform(x, squared=squared, backend=backend).cpu()
+        assert d.shape == (3, 1, 1) and d.flatten().tolist() == [float("inf"), 0.0,
+                                                                 float("inf")]
+        d = distance_transform(x, labels=True, squared=squared, backend=backend).cpu()
+        assert d.flatten().tolist() == [float("inf")] * 3
+    for shape in ((2, 0, 3), (2, 3, 0), (0, 3, 3)):
+        d = distance_transform(torch.zeros(shape, dtype=torch.long, device=dev), backend=backend)
+        assert d.shape == shape and d.dtype == torch.float32
+        d = distance_transform(torch.zeros(shape, dtype=torch.long, device=dev), squared=True,
+                               backend=backend)
+        assert d.shape == shape and d.dtype == torch.float64

@@ -347,7 +347,7 @@ def _flat(x):
 def test_no_op_makes_a_tensor_on_the_default_device(backend):
     """Every tensor an op or a bank makes follows its inputs' device: run under a default
     device of "meta", every public op (the smoke cases, forward and backward; U2PL's with its
-    bank built outside) and every bank update gives what it gives on CPU. A factory call that
+    bank built outside, in both readings) and every bank update gives what it gives on CPU. A factory call that
     forgets ``device=`` makes a meta tensor there and fails; on a GPU it would be a CPU tensor
     mixed into CUDA work."""
     from pixcon.nn import UnreliableBank
@@ -371,7 +371,8 @@ def test_no_op_makes_a_tensor_on_the_default_device(backend):
             results.append([ops.u2pl_loss(x["emb"], x["labels"], x["probs"], x["temb"], bank,
                                           num_labeled=2, reliable=x["rel"],
                                           unreliable=x["unrel"], num_queries=6, num_negatives=4,
-                                          seed=s, backend=backend) for s in (0, 1)]
+                                          seed=s, official=s == 1, backend=backend)
+                            for s in (0, 1)]
                            + [bank.keys.clone()])
     assert all(torch.equal(a, b) for a, b in zip(*results))
     if backend == "native":                      # the banks have one path

@@ -480,3 +480,31 @@ def test_class_masks_by_hand_at_the_boundaries():
     # 0, 2; the class at rank 3 never
     assert N.tolist() == [[False, True, True, False], [False, True, True, False],
                           [True, False, True, False], [True, False, True, False]]
+
+
+def test_labelled_negatives_stop_before_low_rank():
+    """specs/u2pl.md §2, labelled pixels: a negative of class c when c is not the pixel's
+    label and ranks strictly below low_rank in its teacher probabilities. One labelled image of
+    two pixels, C = 4, low_rank 2: pixel 0 (label 0) ranks 0, 1, 2, 3 -> negative of class 1
+    only (class 2 is at rank 2 = low_rank); pixel 1 (label 3, ranked 1) -> negative of the
+    class at rank 0 only. Its own class never is."""
+    prob = torch.tensor([[0.4, 0.3, 0.2, 0.1], [0.5, 0.1, 0.05, 0.35]])
+    gt = torch.tensor([0, 3])
+    yes = torch.ones(2, dtype=torch.bool)
+    _, _, N = ref.class_masks(gt, prob, yes, yes, 1, 2, low_rank=2, high_rank=3,
+                              anchor_threshold=0.0, negative_threshold=1.0, official=False)
+    assert N.tolist() == [[False, True, False, False], [True, False, False, False]]
+
+
+def test_bank_and_seeds_keep_their_types_and_names():
+    """A float64 queue stays float64 after a push of float32 rows; its pointers and counts are
+    int64; a bad seed's error names the op."""
+    bank = UnreliableBank(2, 3, size=4, dtype=torch.float64)
+    bank.push(torch.randn(5, 3), torch.ones(2, 5, dtype=torch.bool))
+    assert bank.keys.dtype == torch.float64
+    assert bank.counts.dtype == bank.ptr.dtype == bank.sizes.dtype == torch.int64
+    emb, temb, probs, labels, rel, unrel = batch(seed=2)
+    for bad, err in ((-1, ValueError), (2**63, ValueError), (1.5, TypeError)):
+        with pytest.raises(err, match=r"^u2pl_loss: seed must be"):
+            u2pl_loss(emb, labels, probs, temb, UnreliableBank(5, 8, size=10), num_labeled=2,
+                      reliable=rel, unreliable=unrel, seed=bad)
