@@ -8,7 +8,7 @@ import torch
 from . import common as cm
 
 
-def error_map(gt: torch.Tensor, pred: torch.Tensor, reading: str = "R1") -> torch.Tensor:
+def error_map(gt: torch.Tensor, pred: torch.Tensor, reading: str) -> torch.Tensor:
     """Class-wise error maps as one label map (B, h, w): R1 -> the GT class of a misclassified
     pixel (false negatives of that class), R2 -> its predicted class (false positives); -1
     elsewhere (correct or ignored, gt < 0)."""
@@ -16,7 +16,7 @@ def error_map(gt: torch.Tensor, pred: torch.Tensor, reading: str = "R1") -> torc
     return torch.where(wrong, gt if reading == "R1" else pred, -1)
 
 
-def negative_mask(selected, err, num_classes, reading="R1"):
+def negative_mask(selected, err, num_classes, reading):
     """(P, C) bool: pixel p is a negative of anchor c."""
     c = torch.arange(num_classes, device=err.device)
     if reading == "R1":
