@@ -432,3 +432,23 @@ def test_bane_bad_input(kw, exc, msg):
     args.update(kw)
     with pytest.raises(exc, match=msg):
         bane_negatives(args.pop("labels"), args.pop("pred"), args.pop("num_classes"), **args)
+
+
+def test_detached_anchors_change_the_gradient_not_the_value():
+    """detach_anchors=True stops the gradient through the class means: the same loss value, a
+    different gradient, the same on the reference and the compiled path."""
+    from tools import smoke
+    x = smoke._contextrast_make(torch.device("cpu"), 0)
+    out = {}
+    backends = ["reference"] + (["native"] if pixcon.HAS_C else [])
+    for be in backends:
+        for detach in (False, True):
+            embs = [e.clone().requires_grad_() for e in x["embs"]]
+            loss = pixel_anchor_loss(embs, x["labels"], x["logits"], layer_weights=(0.3, 1.0),
+                                     detach_anchors=detach, backend=be)
+            out[be, detach] = (loss.detach(), torch.autograd.grad(loss, embs))
+    for be in backends:
+        assert torch.allclose(out[be, True][0], out[be, False][0], rtol=1e-6, atol=0)
+        assert not torch.allclose(out[be, True][1][0], out[be, False][1][0], rtol=1e-3, atol=1e-6)
+        for a, b in zip(out[be, True][1], out["reference", True][1]):
+            assert_close(a, b, rtol=1e-4, atol=1e-6, what=f"{be} detached gradient")

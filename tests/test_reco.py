@@ -537,3 +537,28 @@ def test_reco_samples_without_two_classes_draw_nothing():
                                   relation_temperature=0.5)
     assert K == 1 and q.tolist() == [[-1] * 3] * 4 and n.shape == (4, 3, 5)
     assert (n == -1).all()
+
+
+def test_relation_table_is_computed_in_float64_by_hand():
+    """relation_cdf's thresholds are floor(cumsum(p) 2^32) of the float64 softmax over the other
+    present classes (float32 means included), the last allowed class's at 2^32, a row without
+    any other present class all zero. Three classes of 2-D means at temperature 0.5, class 3
+    absent, by hand with Python floats."""
+    means = torch.tensor([[1.0, 0.0], [0.6, 0.8], [0.28, 0.96], [0.0, 1.0]])
+    present = torch.tensor([True, True, True, False])
+    got = cm.relation_cdf(means, present, 0.5)
+    m = [[a / math.hypot(a, b), b / math.hypot(a, b)] for a, b in means.double().tolist()]
+    want = []
+    for c in range(4):
+        others = [j for j in range(3) if j != c] if c < 3 else []
+        e = {j: math.exp((m[c][0] * m[j][0] + m[c][1] * m[j][1]) / 0.5) for j in others}
+        z = sum(e.values())
+        row, acc = [], 0.0
+        for j in range(4):
+            acc += e.get(j, 0.0) / z if others else 0.0
+            row.append(math.floor(acc * 2**32))
+        if others:
+            last = max(others)
+            row = [2**32 if j >= last else min(v, 2**32 - 1) for j, v in enumerate(row)]
+        want.append(row)
+    assert got.tolist() == want

@@ -662,3 +662,20 @@ def test_the_teacher_makes_pseudo_labels_in_train_mode_and_is_evaluated_in_eval(
     assert len(training) >= 2, modes                           # a pseudo-label forward a step
     assert any(not m for m, _ in modes), modes                 # the evaluation
     assert all(not grad for _, grad in modes)                  # the teacher never records a graph
+
+
+def test_unsupervised_loss_with_one_valid_pixel_by_hand():
+    """The official unsupervised loss where the counts are smallest: an image with one valid
+    pseudo-label (confident) and one ignored pixel is eta = 1 times that pixel's CE; a second
+    image with two valid pixels, one confident, weighs its CEs by 1/2; the mean runs over the
+    three valid pixels."""
+    from pixcon.train.semisup import unsupervised_loss
+    logits = torch.tensor([[[[2.0, 0.5]], [[0.0, 1.0]]], [[[1.0, -1.0]], [[0.5, 2.0]]]])
+    pseudo = torch.tensor([[[0, 255]], [[1, 0]]])
+    conf = torch.tensor([[[0.99, 0.2]], [[0.98, 0.5]]])
+    ce = F.cross_entropy(logits, pseudo, ignore_index=255, reduction="none")
+    want = (1.0 * ce[0, 0, 0] + 0.5 * ce[1, 0, 0] + 0.5 * ce[1, 0, 1]) / 3
+    got = unsupervised_loss(logits, pseudo, conf, strong_threshold=0.97)
+    assert torch.allclose(got, want, rtol=1e-6, atol=0)
+    one = unsupervised_loss(logits[:1], pseudo[:1], conf[:1], strong_threshold=0.97)
+    assert torch.allclose(one, ce[0, 0, 0], rtol=1e-6, atol=0)

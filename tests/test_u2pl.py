@@ -508,3 +508,17 @@ def test_bank_and_seeds_keep_their_types_and_names():
         with pytest.raises(err, match=r"^u2pl_loss: seed must be"):
             u2pl_loss(emb, labels, probs, temb, UnreliableBank(5, 8, size=10), num_labeled=2,
                       reliable=rel, unreliable=unrel, seed=bad)
+
+
+def test_an_anchor_at_pixel_zero_keeps_its_negatives():
+    """U2PL's sampling, by hand on its smallest case: class 0's only anchor is pixel 0, so every
+    query of class 0 is pixel 0, and each of them draws its negatives from class 0's filled
+    queue slots (an anchor index of 0 is an anchor, not "none"); class 1 has no anchor: -1."""
+    from pixcon.core.u2pl import sample
+    A = torch.zeros(5, 2, dtype=torch.bool)
+    A[0, 0] = True
+    bank = UnreliableBank(2, 3, sizes=(4, 4))
+    bank.push(torch.randn(3, 3), torch.tensor([[True, True, True], [False, False, False]]))
+    a, neg = sample(A, bank, 3, 2, 7, prim.reference_groups_sample)
+    assert a.tolist() == [0, 0, 0, -1, -1, -1]
+    assert ((neg[:3] >= 0) & (neg[:3] < 3)).all() and (neg[3:] == -1).all()
