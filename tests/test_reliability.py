@@ -417,3 +417,23 @@ def test_references_compute_half_inputs_in_float32(dtype):
                 continue
             want = b[k].to(a[k].dtype)           # a gradient comes in its leaf's dtype
             assert torch.equal(a[k], want), (case.name, k)
+
+
+def test_empty_branches_make_no_tensor_on_the_default_device():
+    """The early returns too (an empty side of the contrast, no kept class, empty maps) make
+    their tensors on the inputs' device: under a default device of "meta" they give CPU
+    results. So does the seed drawn for seed=None (torch's CPU generator, whatever the default
+    device: on "cuda" it would have been a device tensor read back)."""
+    cpu = torch.device("cpu")
+    z = torch.nn.functional.normalize(torch.randn(3, 4), dim=1)
+    y = torch.tensor([0, 1, 0])
+    emb = torch.randn(1, 4, 3, 3)
+    labels = torch.randint(0, 2, (1, 3, 3))
+    empty = torch.zeros(2, 0, 3, dtype=torch.long)
+    with torch.device("meta"):
+        terms, npos = ops.supervised_contrast(z, y, z[:0], y[:0], temperature=0.5,
+                                              backend="reference")
+        loss = ops.pixel_contrast_loss(emb, labels, labels, max_views=20, backend="reference")
+        d = ops.distance_transform(empty, backend="reference")
+    assert terms.device == npos.device == loss.device == d.device == cpu
+    assert npos.tolist() == [0, 0, 0] and loss.item() == 0.0 and d.shape == (2, 0, 3)

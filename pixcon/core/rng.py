@@ -29,7 +29,7 @@ def draw_seed(seed: int | None, op: str | None = None) -> int:
     generator, so ``torch.manual_seed`` controls every sample. ``op`` prefixes the errors."""
     where = f"{op}: " if op else ""
     if seed is None:
-        return int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64).item())
+        return int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64, device="cpu").item())
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise TypeError(f"{where}seed must be an int or None, got {type(seed).__name__}")
     if not 0 <= seed < 2**63:
