@@ -823,3 +823,27 @@ def test_bank_checks_and_its_initial_queues():
     clean.update(keys, ign, seed=1)
     for k, v in clean.state_dict().items():
         assert torch.equal(v, dirty.state_dict()[k]), k
+
+
+def test_a_bank_of_another_dtype_and_strided_uint8_labels():
+    """Keys of another dtype than the embeddings are read in the embeddings' compute dtype (a
+    float64 bank with float32 anchors gives the float32 bank's loss, as float32); the official
+    strided labels work in any integer dtype (uint8 equals int64)."""
+    g = torch.Generator().manual_seed(4)
+    emb = F.normalize(torch.randn(2, 4, 6, 6, generator=g), dim=1)
+    labels = torch.randint(0, 3, (2, 6, 6), generator=g)
+    keys = F.normalize(torch.randn(12, 4, generator=g), dim=1)
+    yk = torch.arange(12) % 3
+    kw = dict(max_views=2, seed=1, backend="reference")
+    a = pixel_contrast_loss(emb, labels, labels, memory=(keys, yk), **kw)
+    b = pixel_contrast_loss(emb, labels, labels, memory=(keys.double(), yk), **kw)
+    assert a.dtype == b.dtype == torch.float32 and torch.equal(a, b)
+    banks = []
+    for dt in (torch.int64, torch.uint8):
+        torch.manual_seed(0)
+        bank = PixelMemoryBank(3, dim=4, memory_size=8, pixel_update_freq=2, label_stride=2,
+                               cross_rank=False)
+        bank.update(emb[:, :, :3, :3], labels.to(dt), seed=2)
+        banks.append(bank.state_dict())
+    for k in banks[0]:
+        assert torch.equal(banks[0][k], banks[1][k]), k

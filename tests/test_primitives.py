@@ -337,3 +337,12 @@ def test_group_sampler_at_the_smallest_groupings(backend):
                            backend=backend)
     assert got[0].tolist() == [-1] * 40 and got[1].tolist() == [9] * 40
     assert set(got[2].tolist()) == {4, 2} and got[3].tolist() == [-1] * 40
+
+
+def test_group_by_class_has_one_entry_per_class():
+    """group_by_class: C offsets and C counts (the ignored pixels, last in the order, are no
+    group), by hand."""
+    from pixcon.core.common import group_by_class
+    order, offsets, counts = group_by_class(torch.tensor([2, -1, 0, 2, -1, 1]), 4)
+    assert order.tolist() == [2, 5, 0, 3, 1, 4]
+    assert offsets.tolist() == [0, 1, 2, 4] and counts.tolist() == [1, 1, 2, 0]

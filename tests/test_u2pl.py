@@ -522,3 +522,30 @@ def test_an_anchor_at_pixel_zero_keeps_its_negatives():
     a, neg = sample(A, bank, 3, 2, 7, prim.reference_groups_sample)
     assert a.tolist() == [0, 0, 0, -1, -1, -1]
     assert ((neg[:3] >= 0) & (neg[:3] < 3)).all() and (neg[3:] == -1).all()
+
+
+def test_rank_ties_go_in_class_order_at_voc_size():
+    """ranks(): a pixel's classes in descending probability, ties in class order, at C = 21
+    (torch's unstable sort reorders ties from 17 entries a row up): one class at 0.5, the other
+    twenty tied, so class c > 0 ranks c."""
+    from pixcon.core.u2pl import ranks
+    prob = torch.full((30, 21), 0.025)
+    prob[:, 0] = 0.5
+    prob[7, 0], prob[7, 20] = 0.025, 0.5                   # pixel 7: class 20 first
+    r = ranks(prob)
+    assert r[0].tolist() == list(range(21))
+    assert r[7].tolist() == list(range(1, 21)) + [0]
+
+
+def test_a_float64_queue_with_float32_embeddings():
+    """The queue's keys are read in the embeddings' compute dtype: a float64 bank fed float32
+    teacher rows gives the float32 bank's losses, bit for bit, as float32."""
+    emb, temb, probs, labels, rel, unrel = batch(seed=3)
+    out = []
+    for dt in (torch.float32, torch.float64):
+        bank = UnreliableBank(5, 8, size=20, dtype=dt)
+        out.append([u2pl_loss(emb, labels, probs, temb, bank, num_labeled=2, reliable=rel,
+                              unreliable=unrel, num_queries=4, num_negatives=3, seed=s,
+                              backend="reference") for s in (0, 1)])
+    for a, b in zip(*out):
+        assert a.dtype == b.dtype == torch.float32 and torch.equal(a, b)
