@@ -446,3 +446,21 @@ def test_negative_bank_all_gathers_across_ranks(tmp_path):
     assert torch.equal(b0[0], b1[0]) and torch.equal(b0[1], b1[1])
     assert b0[0][:, 0].tolist() == [0.0] * 4 + [10.0] * 4 + [1.0] * 4 + [11.0] * 4
     assert b0[1].tolist() == [0] * 4 + [10] * 4 + [1] * 4 + [11] * 4
+
+
+def test_module_cuts_the_overlap_at_its_own_stride():
+    """DirectionalContrastLoss(stride=4) cuts the overlap of stride-4 maps at stride 4 (the
+    overlap_rows default is 8): it equals the functional loss on rows cut at 4."""
+    torch.manual_seed(2)
+    crit = DirectionalContrastLoss(6, 5, stride=4, pos_threshold=0.2)
+    enc1, enc2 = torch.randn(2, 6, 16, 16), torch.randn(2, 6, 16, 16)
+    lg1, lg2 = torch.randn(2, 4, 16, 16) * 3, torch.randn(2, 4, 16, 16) * 3
+    crops = [overlapping_crops(80, 90, 64, seed=s) for s in range(2)]
+    b1, b2 = torch.tensor([c.box1 for c in crops]), torch.tensor([c.box2 for c in crops])
+    fl = torch.tensor([False, True])
+    bank = NegativeBank(step_save=0, cross_rank=False)
+    got = crit(enc1, enc2, lg1, lg2, b1, b2, fl, fl, bank)
+    p1, p2 = crit.project(enc1), crit.project(enc2)
+    (f1, g1), (f2, g2) = overlap_rows([p1, lg1], [p2, lg2], b1, b2, fl, fl, stride=4)
+    want = 0.1 * directional_contrast_loss(f1, f2, g1, g2, *bank.negatives(), pos_threshold=0.2)
+    assert torch.equal(got, want)

@@ -452,3 +452,30 @@ def test_detached_anchors_change_the_gradient_not_the_value():
         assert not torch.allclose(out[be, True][1][0], out[be, False][1][0], rtol=1e-3, atol=1e-6)
         for a, b in zip(out[be, True][1], out["reference", True][1]):
             assert_close(a, b, rtol=1e-4, atol=1e-6, what=f"{be} detached gradient")
+
+
+@pytest.mark.parametrize("reading", ["R1", "R2"])
+def test_bane_on_thick_error_regions_against_brute_force(reading):
+    """BANE where distances vary inside an error region: blocks of classes 0, 1, 2 each
+    misclassified over a thick band; the kept pixels of each class are its ceil(ks n) nearest
+    to a pixel of another error value (ties by flat index), by brute force, on every backend."""
+    gt = torch.zeros(1, 14, 15, dtype=torch.long)
+    gt[0, :, 5:10], gt[0, :, 10:] = 1, 2
+    pred = gt.clone()
+    pred[0, 2:12, 1:5], pred[0, 3:13, 5:10], pred[0, 1:9, 10:14] = 2, 0, 1
+    err = torch.where(pred != gt, gt if reading == "R1" else pred, -1)[0]
+    H, W = err.shape
+    ys, xs = torch.meshgrid(torch.arange(H), torch.arange(W), indexing="ij")
+    want = torch.zeros(H * W, dtype=torch.bool)
+    for c in range(3):
+        cells = [(y, x) for y in range(H) for x in range(W) if err[y, x] == c]
+        other = err != c
+        d2 = [int(((ys - y) ** 2 + (xs - x) ** 2)[other].min()) for y, x in cells]
+        keep = sorted(range(len(cells)), key=lambda i: (d2[i], cells[i]))[:math.ceil(0.5 * len(cells))]
+        for i in keep:
+            want[cells[i][0] * W + cells[i][1]] = True
+    backends = ["reference"] + (["native"] if pixcon.HAS_C else [])
+    for be in backends:
+        sel, e = bane_negatives(gt, pred, 3, ks=0.5, reading=reading, backend=be)
+        assert torch.equal(e[0], err), be
+        assert torch.equal(sel.reshape(-1), want), be

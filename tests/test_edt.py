@@ -270,3 +270,17 @@ def test_one_pixel_and_empty_maps(backend):
         d = distance_transform(torch.zeros(shape, dtype=torch.long, device=dev), squared=True,
                                backend=backend)
         assert d.shape == shape and d.dtype == torch.float64
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_label_dtypes_give_the_same_transform(backend):
+    """Multi-label maps in uint8, int8, int32 and int64 give the same distances (a background
+    of None, -2^31 internally, is no uint8 value: a comparison in the map's own dtype would
+    wrap it onto a label)."""
+    dev = triton_device() if backend == "triton" else torch.device("cpu")
+    g = torch.Generator().manual_seed(3)
+    x = torch.randint(0, 4, (2, 9, 11), generator=g)
+    want = distance_transform(x.to(dev), labels=True, backend=backend).cpu()
+    for dt in (torch.uint8, torch.int8, torch.int32):
+        got = distance_transform(x.to(dt).to(dev), labels=True, backend=backend).cpu()
+        assert torch.equal(got, want), dt
