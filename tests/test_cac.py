@@ -464,3 +464,19 @@ def test_module_cuts_the_overlap_at_its_own_stride():
     (f1, g1), (f2, g2) = overlap_rows([p1, lg1], [p2, lg2], b1, b2, fl, fl, stride=4)
     want = 0.1 * directional_contrast_loss(f1, f2, g1, g2, *bank.negatives(), pos_threshold=0.2)
     assert torch.equal(got, want)
+
+
+def test_official_arithmetic_by_hand():
+    """official_pixel_terms, one anchor by hand in float64 (specs/cac.md §6): m = max(pos, the
+    logits), den = e^(pos - m) + the kept negatives' e^(s - m), the term
+    -log(e^(pos - m) / (den + 1e-8) + 1e-8); negatives of the anchor's own label are not kept."""
+    fa = torch.tensor([[0.6, 0.8]], dtype=torch.float64)
+    ft = torch.tensor([[1.0, 0.0]], dtype=torch.float64)
+    neg = torch.tensor([[0.0, 1.0], [0.8, 0.6], [1.0, 0.0]], dtype=torch.float64)
+    yn = torch.tensor([1, 2, 0])
+    got = ref.official_pixel_terms(fa, ft, torch.tensor([0]), neg, yn, 0.5)
+    pos, s = 0.6 / 0.5, [0.8 / 0.5, (0.48 + 0.48) / 0.5]       # kept: labels 1 and 2
+    m = max(pos, 0.8 / 0.5, 0.96 / 0.5, 0.6 / 0.5)
+    den = math.exp(pos - m) + sum(math.exp(v - m) for v in s)
+    want = -math.log(math.exp(pos - m) / (den + 1e-8) + 1e-8)
+    assert abs(got.item() - want) <= 1e-14 * abs(want)
