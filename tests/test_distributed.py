@@ -103,6 +103,31 @@ def test_banks_hold_the_same_entries_on_both_ranks(tmp_path):
                        if r0["neg"][0].dtype == torch.float32 else torch.cat([f0, f0 + 1, f1, f1 + 1]))
 
 
+def _global_batch(rank):
+    """A batch of 2 images per rank fits memory_size 10 with freq 3 (6 slots) alone, but the
+    global batch of 4 (12 slots) does not: a cross-rank bank refuses it on every rank, a
+    rank-local one (cross_rank=False) takes it, and so does one whose group is its own rank."""
+    import torch.distributed as dist
+    emb, labels, _ = batch(rank)
+    own = [dist.new_group([r]) for r in range(WORLD)][rank]      # every rank makes both
+    out = {}
+    for name, kw in (("world", dict(cross_rank=True)), ("local", dict(cross_rank=False)),
+                     ("own group", dict(cross_rank=True, group=own))):
+        bank = PixelMemoryBank(C, dim=8, memory_size=10, pixel_update_freq=3, **kw)
+        try:
+            bank.update(emb, labels, seed=1)
+            out[name] = None
+        except ValueError as e:
+            out[name] = str(e)
+    return out
+
+
+def test_the_global_batch_must_fit_a_cross_rank_bank(tmp_path):
+    for r in spawn(tmp_path, "_global_batch"):
+        assert "a batch of 4 images" in r["world"] and "more than memory_size = 10" in r["world"]
+        assert r["local"] is None and r["own group"] is None
+
+
 def _bad_update(rank):
     """Rank 1's input is invalid (or of another shape): every rank must raise, none hang."""
     out = {}
