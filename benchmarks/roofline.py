@@ -79,11 +79,10 @@ def floor(row: dict, rates: dict) -> dict:
     if m is None or row.get("time_ms") is None:
         return {}
     cpu = machine(rates)
-    nbytes = sum(k.must for k in m.kernels)
-    flops = sum(k.needed_flops() for k in m.kernels if k.unit != "int")
-    t_mem, t_flop = nbytes / cpu["bw"], flops / cpu["fma"]
-    ms = float(f"{1e3 * max(t_mem, t_flop):.4g}")          # 4 significant digits, kept as is
-    return {"cpu_floor_ms": ms, "cpu_floor_bound": "memory" if t_mem >= t_flop else "compute",
+    t = m.floor(cpu)                                       # the GPU floors' own arithmetic
+    t_mem = sum(k.must for k in m.kernels) / cpu["bw"]
+    ms = float(f"{1e3 * t:.4g}")                            # 4 significant digits, kept as is
+    return {"cpu_floor_ms": ms, "cpu_floor_bound": "memory" if t_mem >= t else "compute",
             "x_cpu_floor": round(row["time_ms"] / ms, 1) if ms > 0 else None}
 
 
