@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -72,13 +71,10 @@ def _config():
 
 
 def _copy_tree(dst: Path):
-    files = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True,
-                           check=True).stdout.decode().split("\0")
-    files += [str(p.relative_to(ROOT)) for p in (ROOT / "pixcon").glob("_C*.so")]
-    for f in filter(None, files):
-        if (ROOT / f).is_file():
-            (dst / f).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / f, dst / f)
+    """tools/mutate.py's copy (tracked files and the built extension), with mutmut's config."""
+    sys.path.insert(0, str(ROOT))
+    from tools.mutate import _copy_tree as copy
+    copy(dst)
     (dst / "setup.cfg").write_text(_config())
 
 
