@@ -16,6 +16,7 @@ extern "C" PyObject* PyInit__C(void) {
 namespace pixcon {
 void set_num_threads(int64_t n) { thread_cap().store(std::max<int64_t>(n, 0)); }
 int64_t get_num_threads() { return thread_cap().load(); }
+void set_anchor_tile(int64_t n) { anchor_tile().store(std::max<int64_t>(n, 0)); }
 int64_t tiled_threads(int64_t work, int64_t items);   // cpu/tiled.cpp
 }  // namespace pixcon
 
@@ -27,6 +28,8 @@ TORCH_LIBRARY_FRAGMENT(pixcon, m) {
   // The most threads the compiled CPU kernels use (0: torch's intra-op setting).
   m.def("set_num_threads(int n) -> ()", &pixcon::set_num_threads);
   m.def("get_num_threads() -> int", &pixcon::get_num_threads);
+  // Pixels per tile of Contextrast's CPU kernels (0: their own choice): the tests split images.
+  m.def("set_anchor_tile(int n) -> ()", &pixcon::set_anchor_tile);
   // How many threads a pass of the tiled contrast's CPU kernel uses for `work` multiply-adds in
   // `items` work items (its one rule: one thread below 2^27; pixcon.ops.tiled documents it).
   m.def("tiled_threads(int work, int items) -> int", &pixcon::tiled_threads);

@@ -21,6 +21,13 @@ inline std::atomic<int64_t>& thread_cap() {
   return cap;
 }
 
+// Pixels per tile of Contextrast's CPU kernels (anchor.cpp; 0: their own choice). The tests set
+// it small to split images into many tiles.
+inline std::atomic<int64_t>& anchor_tile() {
+  static std::atomic<int64_t> n{0};
+  return n;
+}
+
 // The grain for `range` items costing about work_per_item units each: at least at_least items
 // and kMinTaskWork units per task, and at most thread_cap() tasks.
 inline int64_t grain_for(int64_t range, int64_t work_per_item, int64_t at_least = 1) {

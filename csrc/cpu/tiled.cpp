@@ -31,6 +31,7 @@
 #include <numeric>
 #include <vector>
 
+#include "items.h"
 #include "parallel.h"
 
 namespace pixcon {
@@ -268,23 +269,6 @@ Plan make_plan(const at::Tensor& a, const at::Tensor& ya, const c10::optional<at
   p.nta = (Mv + p.BM - 1) / p.BM;
   p.nch = (Nv + p.CH - 1) / p.CH;
   return p;
-}
-
-// Run fn(item, scratch) for item in [0, n) on tiled_threads(work, n) threads, items claimed one
-// at a time from a shared counter; scratch is the thread's own (BM x BN) buffer.
-template <typename T, typename F>
-void for_items(int64_t n, int64_t work, int64_t buf, const F& fn) {
-  if (n <= 0) return;
-  const int64_t nt = tiled_threads(work, n);
-  std::atomic<int64_t> next{0};
-  auto worker = [&](int64_t, int64_t) {
-    // pool threads do not inherit the caller's dispatch state: stay below autograd there too
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    at::Tensor scratch = at::empty({buf}, at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
-    for (int64_t it = next.fetch_add(1); it < n; it = next.fetch_add(1)) fn(it, scratch);
-  };
-  if (nt == 1) worker(0, 1);
-  else at::parallel_for(0, nt, 1, worker);
 }
 
 // s (bm x bn, row-major in buf) = A[i0:i0+bm] . K[j0:j0+bn]^T / t

@@ -9,9 +9,7 @@ One name per op, a kernel per device: a caller never names a backend here. The p
 chooses it once (``kernels(backend, device)``): "native" is the CPU kernel of each op, "triton"
 on CUDA tensors the CUDA kernel, and "triton" on CPU tensors (the tests' interpreter) the same
 Triton functions registered over the CPU key for the duration of one scope
-(:func:`triton_on_cpu`). Contextrast's ops have Python CPU kernels (pixcon.ops.anchor_tiles:
-tiles of pixels, recomputed in backward, registered with ``register_kernel("cpu")``); the ops
-without a CPU kernel (ReCo's one-pass kernel, the bank push, the ragged EDT) are for CUDA
+(:func:`triton_on_cpu`). The ops without a CPU kernel (ReCo's one-pass kernel, the bank push, the ragged EDT) are for CUDA
 tensors and for that scope."""
 from __future__ import annotations
 
@@ -392,12 +390,6 @@ def _(x):
     return x.new_empty(_pool_size(x)[0], dtype=_acc(x.dtype))
 
 
-@inv_norms.register_kernel("cpu")
-def _(x):
-    from .anchor_tiles import inv_norms as cpu
-    return cpu(x)
-
-
 @torch.library.custom_op("pixcon::unit_class_sums", mutates_args=(), device_types="cuda")
 def unit_class_sums(x: Tensor, inv: Tensor, gt: Tensor, num_classes: int,
                     normalize: bool) -> tuple[Tensor, Tensor]:
@@ -405,12 +397,6 @@ def unit_class_sums(x: Tensor, inv: Tensor, gt: Tensor, num_classes: int,
     ``normalize`` False), differentiable w.r.t. x through the normalisation."""
     from pixcon_kernels.segment import class_sums as launch
     return launch(x, gt, num_classes, scale=inv)
-
-
-@unit_class_sums.register_kernel("cpu")
-def _(x, inv, gt, num_classes, normalize):
-    from .anchor_tiles import class_sums_forward
-    return class_sums_forward(x, inv, gt, num_classes, normalize)
 
 
 @unit_class_sums.register_fake
@@ -430,12 +416,6 @@ def unit_class_sums_backward(grad_sums: Tensor, x: Tensor, inv: Tensor, gt: Tens
 @unit_class_sums_backward.register_fake
 def _(grad_sums, x, inv, gt, normalize):
     return torch.empty_like(x)
-
-
-@unit_class_sums_backward.register_kernel("cpu")
-def _(grad_sums, x, inv, gt, normalize):
-    from .anchor_tiles import class_sums_backward
-    return class_sums_backward(grad_sums, x, inv, gt, normalize).to(x.dtype)
 
 
 def _unit_sums_setup(ctx, inputs, output):
@@ -464,22 +444,13 @@ def anchor_contrast(x: Tensor, inv: Tensor, anchors: Tensor, gt: Tensor, negcls:
                     keep_logits: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(per-class loss sums, NL, sigmoid sums, logits S (P, C)) of the rows x_p * inv_p
     against the anchors. keep_logits: the Triton kernel keeps S for backward (never
-    recomputed); the CPU kernel (pixcon.ops.anchor_tiles) keeps nothing of size P x C and
+    recomputed); the CPU kernel (csrc/cpu/anchor.cpp) keeps nothing of size P x C and
     recomputes its tiles in backward (S empty)."""
     if not keep_logits:
         raise ValueError("pixcon::anchor_contrast: the Triton kernel keeps its logits "
                          "(keep_logits=True)")
     from pixcon_kernels.anchor import anchor_forward
     return anchor_forward(x, inv, anchors, gt, negcls, temperature, only_own)
-
-
-@anchor_contrast.register_kernel("cpu")
-def _(x, inv, anchors, gt, negcls, temperature, only_own, normalize, keep_logits):
-    if keep_logits:
-        raise ValueError("pixcon::anchor_contrast: the CPU kernel recomputes its logits in "
-                         "backward (keep_logits=False)")
-    from .anchor_tiles import anchor_forward
-    return anchor_forward(x, inv, anchors, gt, negcls, temperature, only_own, normalize)
 
 
 @anchor_contrast.register_fake
@@ -504,14 +475,6 @@ def anchor_contrast_backward(grad: Tensor, x: Tensor, inv: Tensor, anchors: Tens
 @anchor_contrast_backward.register_fake
 def _(grad, x, inv, anchors, gt, negcls, nl, sigsum, logits, temperature, only_own, normalize):
     return torch.empty_like(x), torch.empty_like(anchors)
-
-
-@anchor_contrast_backward.register_kernel("cpu")
-def _(grad, x, inv, anchors, gt, negcls, nl, sigsum, logits, temperature, only_own, normalize):
-    from .anchor_tiles import anchor_backward
-    dx, da = anchor_backward(grad, x, inv, anchors, gt, negcls, nl, sigsum, temperature,
-                             only_own, normalize)
-    return dx.to(x.dtype), da.to(anchors.dtype)
 
 
 def _anchor_setup(ctx, inputs, output):

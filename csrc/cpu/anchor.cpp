@@ -1,0 +1,525 @@
+// Contextrast's per-layer statistics on the CPU: the kernels of the ops pixcon::inv_norms,
+// unit_class_sums, anchor_contrast and their backwards (schemas in pixcon/ops/_library.py; the
+// same contract as their Triton kernels, pixcon_kernels.anchor), straight from the NCHW embedding
+// in tiles of one image's pixels, recomputed in backward. With x_p the pixel's raw column,
+// inv_p = 1 / max(|x_p|, eps) (ones without normalisation), t the temperature:
+//
+//   class sums     S_c = sum_{p : g_p = c} inv_p x_p                                  (C, D)
+//   logits         s_{c,p} = inv_p (a_c . x_p) / t                                    (C, n)
+//   anchor terms   L_c = sum_{p : g_p = c, c has negatives} softplus(NL_c - s_{g_p,p})
+//                  NL_c = log sum_{q negative of c} exp(s_{c,q})                      (C,)
+//
+// Backward, with sigma_p = sigmoid(NL_g - s_{g,p}), Sig_c (the forward's sigmoid sums) and the
+// incoming gradient G (C,): ds_{c,q} = G_c Sig_c exp(s_{c,q} - NL_c) on negatives, ds_{g,p} -=
+// G_g sigma_p on positives; W = ds inv / t; then
+//
+//   dx = a^T W - x inv^2 on (s . ds),     da = W x^T
+//
+// (on: the norm is above eps, where the normalisation's radial term exists). The class sums'
+// backward is the same with dz_p = dS_{g_p}. Nothing of size P x C is kept: the forward keeps one
+// positive logit per pixel while it runs, the backward remakes each tile's logits (one BLAS call).
+//
+// Parallel shape: one pass = one region of work items claimed from a counter (items.h). An item
+// is a chunk of consecutive tiles with its own partial sums ((C, D), online log-sum-exp (C,)),
+// merged in chunk order afterwards; the chunks depend on the sizes only, so results are the same
+// on any number of threads. A tile holds (D + 2C) x n values of about 768 KiB (L2) and never
+// spans two images; BLAS runs single-threaded inside the region.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <tuple>
+#include <vector>
+
+#include "items.h"
+#include "memory.h"
+#include "parallel.h"
+
+namespace pixcon {
+namespace {
+
+// Each norm is clamped to at least eps (torch.cosine_similarity's; pixcon.core.common.EPS).
+constexpr double kEps = 1e-8;
+
+// A scalar loop's element costs about this many of BLAS's multiply-adds (the unit of
+// tiled_threads' rule): a pass over a 90-million-element embedding is worth two threads.
+constexpr int64_t kScalar = 16;
+
+at::ScalarType acc_type(const at::Tensor& x) {
+  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// The tiles of a (B, D, h, w) map and their chunks.
+struct Tiles {
+  int64_t B, D, HW, n, per_img, count, chunks;
+  Tiles(const at::Tensor& x, int64_t C, int64_t elt) {
+    TORCH_CHECK(x.dim() == 4, "the Contextrast CPU kernels take a (B, D, h, w) map, got ",
+                x.sizes());
+    B = x.size(0); D = x.size(1); HW = x.size(2) * x.size(3);
+    const int64_t set = anchor_tile().load(std::memory_order_relaxed);
+    n = set > 0 ? set : std::clamp<int64_t>((196608 / std::max<int64_t>(D + 2 * C, 1)) / 16 * 16,
+                                            16, 4096);
+    n = std::max<int64_t>(std::min(n, HW), 1);
+    per_img = HW > 0 ? (HW + n - 1) / n : 0;
+    count = B * per_img;
+    // at most 64 chunks, and their (C, D) partials within 64 MiB
+    const int64_t cap = std::max<int64_t>((int64_t{64} << 20) / std::max<int64_t>(C * D * elt, 1), 1);
+    chunks = std::min<int64_t>({count, 64, cap});
+  }
+  int64_t first(int64_t k) const { return k * count / chunks; }     // chunk k: [first(k), first(k+1))
+  // tile i: image b, pixels [lo, lo + len) of it
+  void tile(int64_t i, int64_t& b, int64_t& lo, int64_t& len) const {
+    b = i / per_img;
+    lo = (i % per_img) * n;
+    len = std::min(n, HW - lo);
+  }
+};
+
+// The (D, len) columns of a tile in T: a view of x when it is already T (row stride HW), else a
+// converted copy (half inputs compute in float32).
+template <typename T>
+at::Tensor cols(const at::Tensor& x, const Tiles& tl, int64_t b, int64_t lo, int64_t len) {
+  at::Tensor v = x.select(0, b).view({tl.D, tl.HW}).narrow(1, lo, len);
+  const auto st = c10::CppTypeToScalarType<T>::value;
+  return v.scalar_type() == st ? v : v.to(st);
+}
+
+template <typename T>
+const T* ptr(const at::Tensor& t) { return t.template data_ptr<T>(); }
+
+// ---- inv_norms -------------------------------------------------------------------------------
+at::Tensor inv_norms_cpu(const at::Tensor& x_) {
+  const at::Tensor x = x_.contiguous();
+  const Tiles tl(x, 0, 0);
+  at::Tensor out = at::empty({tl.B * tl.HW}, x.options().dtype(acc_type(x)));
+  AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "inv_norms", [&] {
+    using T = scalar_t;
+    T* o = out.data_ptr<T>();
+    for_items<T>(tl.count, kScalar * tl.B * tl.HW * tl.D, 0, [&](int64_t i, at::Tensor&) {
+      int64_t b, lo, len;
+      tl.tile(i, b, lo, len);
+      const at::Tensor X = cols<T>(x, tl, b, lo, len);
+      const T* xp = ptr<T>(X);
+      const int64_t ld = X.stride(0);
+      T* op = o + b * tl.HW + lo;
+      std::fill(op, op + len, T(0));
+      for (int64_t d = 0; d < tl.D; ++d) {
+        const T* xr = xp + d * ld;
+        for (int64_t p = 0; p < len; ++p) op[p] += xr[p] * xr[p];
+      }
+      for (int64_t p = 0; p < len; ++p) op[p] = T(1) / std::max(std::sqrt(op[p]), T(kEps));
+    });
+  });
+  return out;
+}
+
+// The per-pixel factors of tile (b, lo, len): s_p = inv_p and on_p (1 where the norm is above eps
+// and the normalisation is on, else 0).
+template <typename T>
+void scales(const T* inv, bool normalize, int64_t off, int64_t len, T* s, T* on) {
+  for (int64_t p = 0; p < len; ++p) {
+    s[p] = inv[off + p];
+    on[p] = normalize && s[p] * T(kEps) < T(1) ? T(1) : T(0);
+  }
+}
+
+// ---- unit_class_sums -------------------------------------------------------------------------
+// The runs of equal class in a tile's labels: run r covers pixels [at[r], at[r + 1]) of class
+// cls[r] (C for ignored and out-of-range pixels). Segmentation labels come in regions, so runs are
+// long, and every inner loop below is a vector loop over one run with its class's value
+// broadcast: no gathers, no scatters, no branches per pixel.
+constexpr int64_t kShortRun = 8;      // runs shorter than this on average: pixel by pixel
+
+// (gc: each pixel's class, C where ignored, when given.)
+void class_runs(const int64_t* g, int64_t len, int64_t C, std::vector<int64_t>& at,
+                std::vector<int64_t>& cls, int64_t* gc = nullptr) {
+  at.clear();
+  cls.clear();
+  for (int64_t p = 0; p < len; ++p) {
+    const int64_t c = g[p] >= 0 && g[p] < C ? g[p] : C;
+    if (gc) gc[p] = c;
+    if (p == 0 || c != cls.back()) {
+      at.push_back(p);
+      cls.push_back(c);
+    }
+  }
+  at.push_back(len);
+}
+
+// sum_i a[i] b[i] in 64-byte lanes (a fixed order)
+template <typename T>
+inline __attribute__((always_inline)) T dot(const T* a, const T* b, int64_t n) {
+  typedef T V __attribute__((vector_size(64)));
+  constexpr int64_t L = 64 / sizeof(T);
+  V acc{};
+  int64_t i = 0;
+  for (; i + L <= n; i += L) {
+    V u, v;
+    std::memcpy(&u, a + i, sizeof(V));
+    std::memcpy(&v, b + i, sizeof(V));
+    acc += u * v;
+  }
+  T r = 0;
+  for (int64_t j = 0; j < L; ++j) r += acc[j];
+  for (; i < n; ++i) r += a[i] * b[i];
+  return r;
+}
+
+// sums[c, d] += sum over the run's pixels of s_p x[d, p], every run of a tile (x: D rows, ld apart)
+// (Short runs, labels scattered pixel by pixel: one pixel at a time.)
+template <typename T>
+__attribute__((target_clones("avx512f", "avx2", "default")))
+void sums_tile(int64_t D, int64_t len, int64_t ld, const T* __restrict__ x,
+               const T* __restrict__ s, const int64_t* g, const int64_t* at, const int64_t* cls,
+               int64_t runs, int64_t C, T* __restrict__ sums) {
+  const bool by_run = runs * kShortRun <= len;
+  for (int64_t d = 0; d < D; ++d) {
+    const T* xr = x + d * ld;
+    if (by_run) {
+      for (int64_t r = 0; r < runs; ++r)
+        if (cls[r] < C) sums[cls[r] * D + d] += dot(s + at[r], xr + at[r], at[r + 1] - at[r]);
+    } else {
+      for (int64_t p = 0; p < len; ++p)
+        if (g[p] >= 0 && g[p] < C) sums[g[p] * D + d] += s[p] * xr[p];
+    }
+  }
+}
+
+// The class sums' gradient on a tile: out[d, p] = s_p G[g_p, d] - x[d, p] s_p^3 on_p (G_g . x_p),
+// 0 for ignored pixels. Gt: G transposed, (D, C + 1) with a zero column C; g: each pixel's class,
+// C where ignored (read when the runs are short).
+template <typename T>
+__attribute__((target_clones("avx512f", "avx2", "default")))
+void sums_grad_tile(int64_t D, int64_t len, int64_t ld, const T* __restrict__ x,
+                    const T* __restrict__ s, const T* __restrict__ on, const int64_t* g,
+                    const int64_t* at,
+                    const int64_t* cls, int64_t runs, const T* Gt, int64_t Cp,
+                    T* __restrict__ coef, T* __restrict__ out, int64_t ldo) {
+  const bool by_run = runs * kShortRun <= len;
+  for (int64_t p = 0; p < len; ++p) coef[p] = 0;
+  for (int64_t d = 0; d < D; ++d) {
+    const T *xr = x + d * ld, *gr = Gt + d * Cp;
+    if (!by_run) {
+      for (int64_t p = 0; p < len; ++p) coef[p] += gr[g[p]] * xr[p];
+      continue;
+    }
+    for (int64_t r = 0; r < runs; ++r) {
+      const T gv = gr[cls[r]];
+      for (int64_t p = at[r]; p < at[r + 1]; ++p) coef[p] += gv * xr[p];
+    }
+  }
+  for (int64_t p = 0; p < len; ++p) coef[p] *= s[p] * s[p] * s[p] * on[p];
+  for (int64_t d = 0; d < D; ++d) {
+    const T *xr = x + d * ld, *gr = Gt + d * Cp;
+    T* o = out + d * ldo;
+    if (!by_run) {
+      for (int64_t p = 0; p < len; ++p) o[p] = s[p] * gr[g[p]] - xr[p] * coef[p];
+      continue;
+    }
+    for (int64_t r = 0; r < runs; ++r) {
+      const T gv = gr[cls[r]];
+      if (cls[r] == Cp - 1) {
+        for (int64_t p = at[r]; p < at[r + 1]; ++p) o[p] = 0;
+      } else {
+        for (int64_t p = at[r]; p < at[r + 1]; ++p) o[p] = s[p] * gv - xr[p] * coef[p];
+      }
+    }
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> class_sums_cpu(const at::Tensor& x_, const at::Tensor& inv_,
+                                                  const at::Tensor& gt_, int64_t num_classes,
+                                                  bool normalize) {
+  const at::Tensor x = x_.contiguous();
+  const auto acc = acc_type(x);
+  const int64_t C = num_classes;
+  const Tiles tl(x, C, at::elementSize(acc));
+  const int64_t D = tl.D, P = tl.B * tl.HW;
+  TORCH_CHECK(gt_.numel() == P && inv_.numel() == P,
+              "unit_class_sums: gt and inv must have one entry per pixel (", P, ")");
+  const at::Tensor gt = gt_.to(at::kLong).contiguous(), inv = inv_.to(acc).contiguous();
+  const int64_t* g = gt.data_ptr<int64_t>();
+  at::Tensor counts = at::zeros({C}, x.options().dtype(at::kLong));
+  int64_t* cnt = counts.data_ptr<int64_t>();
+  for (int64_t p = 0; p < P; ++p)
+    if (g[p] >= 0 && g[p] < C) ++cnt[g[p]];
+  at::Tensor part = at::zeros({std::max<int64_t>(tl.chunks, 1), C, D}, x.options().dtype(acc));
+  AT_DISPATCH_FLOATING_TYPES(acc, "unit_class_sums", [&] {
+    using T = scalar_t;
+    const T* iv = ptr<T>(inv);
+    for_items<T>(tl.chunks, kScalar * P * D, 2 * tl.n, [&](int64_t k, at::Tensor& buf) {
+      T* sums = part[k].data_ptr<T>();
+      T* s = buf.data_ptr<T>();
+      T* on = s + tl.n;
+      std::vector<int64_t> at, cls;
+      for (int64_t i = tl.first(k); i < tl.first(k + 1); ++i) {
+        int64_t b, lo, len;
+        tl.tile(i, b, lo, len);
+        const at::Tensor X = cols<T>(x, tl, b, lo, len);
+        const int64_t off = b * tl.HW + lo;
+        scales(iv, normalize, off, len, s, on);
+        class_runs(g + off, len, C, at, cls);
+        sums_tile<T>(D, len, X.stride(0), ptr<T>(X), s, g + off, at.data(), cls.data(),
+                     static_cast<int64_t>(cls.size()), C, sums);
+      }
+    });
+  });
+  at::Tensor sums = part[0].clone();
+  for (int64_t k = 1; k < tl.chunks; ++k) sums.add_(part[k]);         // chunk order: fixed
+  return {sums, counts};
+}
+
+at::Tensor class_sums_backward_cpu(const at::Tensor& gs_, const at::Tensor& x_,
+                                   const at::Tensor& inv_, const at::Tensor& gt_, bool normalize) {
+  const at::Tensor x = x_.contiguous();
+  const auto acc = acc_type(x);
+  const int64_t C = gs_.size(0);
+  const Tiles tl(x, C, at::elementSize(acc));
+  const int64_t D = tl.D, P = tl.B * tl.HW;
+  const at::Tensor gt = gt_.to(at::kLong).contiguous(), inv = inv_.to(acc).contiguous();
+  // G transposed, with a zero column for ignored pixels: (D, C + 1)
+  const at::Tensor Gt = at::cat({gs_.to(acc), at::zeros({1, D}, x.options().dtype(acc))}).t()
+                            .contiguous();
+  at::Tensor grad = empty_large(x.sizes(), x.options().dtype(acc));
+  AT_DISPATCH_FLOATING_TYPES(acc, "unit_class_sums_backward", [&] {
+    using T = scalar_t;
+    const T* iv = ptr<T>(inv);
+    const int64_t* g = gt.data_ptr<int64_t>();
+    T* out = grad.data_ptr<T>();
+    for_items<T>(tl.count, 2 * kScalar * P * D, 3 * tl.n, [&](int64_t i, at::Tensor& buf) {
+      int64_t b, lo, len;
+      tl.tile(i, b, lo, len);
+      const at::Tensor X = cols<T>(x, tl, b, lo, len);
+      const int64_t off = b * tl.HW + lo;
+      T *s = buf.data_ptr<T>(), *on = s + tl.n, *coef = on + tl.n;
+      scales(iv, normalize, off, len, s, on);
+      std::vector<int64_t> at, cls, gc(len);
+      class_runs(g + off, len, C, at, cls, gc.data());
+      // z . dz = inv (dS_g . x), then the radial factor inv^2 (z . dz), then the gradient
+      sums_grad_tile<T>(D, len, X.stride(0), ptr<T>(X), s, on, gc.data(), at.data(), cls.data(),
+                        static_cast<int64_t>(cls.size()), ptr<T>(Gt), C + 1, coef,
+                        out + b * D * tl.HW + lo, tl.HW);
+    });
+  });
+  return grad.to(x_.scalar_type());
+}
+
+// ---- anchor_contrast -------------------------------------------------------------------------
+// Is pixel q (error class nc, -1 if not selected) a negative of anchor c? R1: of every anchor but
+// its own class's; R2 (only_own): of its own class's only.
+inline bool negative_of(int64_t nc, int64_t c, bool only_own) {
+  return only_own ? nc == c : (nc >= 0 && nc != c);
+}
+
+template <typename T>
+T softplus(T v) { return v > T(20) ? v : std::log1p(std::exp(v)); }    // torch's threshold 20
+template <typename T>
+T sigmoid(T v) { return T(1) / (T(1) + std::exp(-v)); }
+
+// S (C x len, row stride len, in buf) = a @ X, then column p scaled by f_p = inv_p / t.
+template <typename T>
+at::Tensor tile_logits(const at::Tensor& a, const at::Tensor& X, T* buf, const T* f, int64_t C,
+                       int64_t len) {
+  at::Tensor S = at::from_blob(buf, {C, len}, X.options());
+  at::mm_out(S, a, X);
+  for (int64_t c = 0; c < C; ++c) {
+    T* row = buf + c * len;
+    for (int64_t p = 0; p < len; ++p) row[p] *= f[p];
+  }
+  return S;
+}
+
+// Tile i of a pass over the logits: its image b, pixels [lo, lo + len), its columns (returned),
+// f = inv / t and on per pixel, and its logits in sb.
+template <typename T>
+at::Tensor logits_of_tile(const Tiles& tl, const at::Tensor& x, const at::Tensor& a, const T* iv,
+                          bool normalize, T inv_t, int64_t i, T* sb, T* f, T* on, int64_t& b,
+                          int64_t& lo, int64_t& len) {
+  tl.tile(i, b, lo, len);
+  scales(iv, normalize, b * tl.HW + lo, len, f, on);
+  for (int64_t p = 0; p < len; ++p) f[p] *= inv_t;
+  at::Tensor X = cols<T>(x, tl, b, lo, len);
+  tile_logits<T>(a, X, sb, f, a.size(0), len);
+  return X;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> anchor_forward_cpu(
+    const at::Tensor& x_, const at::Tensor& inv_, const at::Tensor& anchors,
+    const at::Tensor& gt_, const at::Tensor& negcls_, double temperature, bool only_own,
+    bool normalize, bool keep_logits) {
+  TORCH_CHECK_VALUE(!keep_logits, "pixcon::anchor_contrast: the CPU kernel recomputes its logits "
+                    "in backward (keep_logits=False)");
+  const at::Tensor x = x_.contiguous();
+  const auto acc = acc_type(x);
+  const int64_t C = anchors.size(0);
+  const Tiles tl(x, C, at::elementSize(acc));
+  const int64_t D = tl.D, P = tl.B * tl.HW, K = std::max<int64_t>(tl.chunks, 1);
+  TORCH_CHECK(anchors.size(1) == D, "anchor_contrast: anchors must be (C, ", D, ")");
+  const at::Tensor gt = gt_.to(at::kLong).contiguous(), nc = negcls_.to(at::kLong).contiguous();
+  const at::Tensor inv = inv_.to(acc).contiguous(), a = anchors.to(acc).contiguous();
+  const auto opt = x.options().dtype(acc);
+  at::Tensor loss = at::zeros({C}, opt), sig = at::zeros({C}, opt);
+  at::Tensor nl = at::full({C}, -std::numeric_limits<double>::infinity(), opt);
+  AT_DISPATCH_FLOATING_TYPES(acc, "anchor_contrast", [&] {
+    using T = scalar_t;
+    const T ninf = -std::numeric_limits<T>::infinity();
+    const T *iv = ptr<T>(inv), inv_t = T(1.0 / temperature);
+    const int64_t *g = gt.data_ptr<int64_t>(), *ncp = nc.data_ptr<int64_t>();
+    std::vector<T> pos(P, T(0));                 // s_{g_p, p}: the positive logit of each pixel
+    std::vector<T> mx(K * C, ninf), se(K * C, T(0));   // per chunk: online log-sum-exp
+    // pass 1: the logits of every tile, the negatives' log-sum-exp per chunk, the positives
+    for_items<T>(K, P * C * D, C * tl.n + 2 * tl.n, [&](int64_t k, at::Tensor& buf) {
+      T *sb = buf.data_ptr<T>(), *f = sb + C * tl.n, *on = f + tl.n;
+      T *m = mx.data() + k * C, *e = se.data() + k * C;
+      for (int64_t i = tl.first(k); i < tl.first(k + 1); ++i) {
+        int64_t b, lo, len;
+        logits_of_tile<T>(tl, x, a, iv, normalize, inv_t, i, sb, f, on, b, lo, len);
+        const int64_t off = b * tl.HW + lo;
+        for (int64_t p = 0; p < len; ++p) {
+          const int64_t gp = g[off + p], q = ncp[off + p];
+          if (gp >= 0 && gp < C) pos[off + p] = sb[gp * len + p];
+          if (!only_own && q < 0) continue;
+          for (int64_t c = only_own ? q : 0; c < (only_own ? q + 1 : C); ++c) {
+            if (c < 0 || c >= C || !negative_of(q, c, only_own)) continue;
+            const T v = sb[c * len + p];
+            if (v > m[c]) {
+              e[c] = (m[c] == ninf ? T(0) : e[c] * std::exp(m[c] - v)) + T(1);
+              m[c] = v;
+            } else if (m[c] != ninf) {
+              e[c] += std::exp(v - m[c]);
+            }
+          }
+        }
+      }
+    });
+    // merge the chunks in order: NL_c
+    T* nlp = nl.data_ptr<T>();
+    for (int64_t c = 0; c < C; ++c) {
+      T m = ninf, e = 0;
+      for (int64_t k = 0; k < K; ++k) {
+        const T mk = mx[k * C + c], ek = se[k * C + c];
+        if (mk == ninf) continue;
+        if (mk > m) { e = (m == ninf ? T(0) : e * std::exp(m - mk)) + ek; m = mk; }
+        else e += ek * std::exp(mk - m);
+      }
+      nlp[c] = m == ninf ? ninf : m + std::log(e);
+    }
+    // pass 2: softplus(NL_g - s_{g,p}) and its sigmoid over the pixels of classes with negatives
+    std::vector<T> pl(K * C, T(0)), ps(K * C, T(0));
+    for_items<T>(K, 0, 0, [&](int64_t k, at::Tensor&) {
+      for (int64_t i = tl.first(k); i < tl.first(k + 1); ++i) {
+        int64_t b, lo, len;
+        tl.tile(i, b, lo, len);
+        const int64_t off = b * tl.HW + lo;
+        for (int64_t p = off; p < off + len; ++p) {
+          const int64_t gp = g[p];
+          if (gp < 0 || gp >= C || nlp[gp] == ninf) continue;
+          const T v = nlp[gp] - pos[p];
+          pl[k * C + gp] += softplus(v);
+          ps[k * C + gp] += sigmoid(v);
+        }
+      }
+    });
+    T *lp = loss.data_ptr<T>(), *sp = sig.data_ptr<T>();
+    for (int64_t k = 0; k < K; ++k)
+      for (int64_t c = 0; c < C; ++c) { lp[c] += pl[k * C + c]; sp[c] += ps[k * C + c]; }
+  });
+  return {loss, nl, sig, at::empty({0}, opt)};
+}
+
+std::tuple<at::Tensor, at::Tensor> anchor_backward_cpu(
+    const at::Tensor& grad_, const at::Tensor& x_, const at::Tensor& inv_,
+    const at::Tensor& anchors, const at::Tensor& gt_, const at::Tensor& negcls_,
+    const at::Tensor& nl_, const at::Tensor& sig_, const at::Tensor& /*logits: recomputed*/,
+    double temperature, bool only_own, bool normalize) {
+  const at::Tensor x = x_.contiguous();
+  const auto acc = acc_type(x);
+  const int64_t C = anchors.size(0);
+  const Tiles tl(x, C, at::elementSize(acc));
+  const int64_t D = tl.D, P = tl.B * tl.HW, K = std::max<int64_t>(tl.chunks, 1);
+  const at::Tensor gt = gt_.to(at::kLong).contiguous(), nc = negcls_.to(at::kLong).contiguous();
+  const at::Tensor inv = inv_.to(acc).contiguous(), a = anchors.to(acc).contiguous();
+  const at::Tensor aT = a.t().contiguous();
+  const at::Tensor G = grad_.to(acc).contiguous(), nl = nl_.to(acc).contiguous();
+  const at::Tensor sig = sig_.to(acc).contiguous();
+  at::Tensor grad = empty_large(x.sizes(), x.options().dtype(acc));
+  at::Tensor part = at::zeros({K, C, D}, x.options().dtype(acc));
+  AT_DISPATCH_FLOATING_TYPES(acc, "anchor_contrast_backward", [&] {
+    using T = scalar_t;
+    const T ninf = -std::numeric_limits<T>::infinity();
+    const T *iv = ptr<T>(inv), *Gp = ptr<T>(G), *nlp = ptr<T>(nl), *sgp = ptr<T>(sig);
+    const T inv_t = T(1.0 / temperature);
+    const int64_t *g = gt.data_ptr<int64_t>(), *ncp = nc.data_ptr<int64_t>();
+    std::vector<T> wneg(C), nl0(C);             // G_c Sig_c on each negative; NL (0: none)
+    for (int64_t c = 0; c < C; ++c) {
+      wneg[c] = Gp[c] * sgp[c];
+      nl0[c] = nlp[c] == ninf ? T(0) : nlp[c];
+    }
+    T* out = grad.data_ptr<T>();
+    for_items<T>(K, 3 * P * C * D, 2 * C * tl.n + 3 * tl.n, [&](int64_t k, at::Tensor& buf) {
+      T *sb = buf.data_ptr<T>(), *ds = sb + C * tl.n, *f = ds + C * tl.n, *on = f + tl.n;
+      T* coef = on + tl.n;
+      at::Tensor da = part[k];
+      for (int64_t i = tl.first(k); i < tl.first(k + 1); ++i) {
+        int64_t b, lo, len;
+        const at::Tensor X = logits_of_tile<T>(tl, x, a, iv, normalize, inv_t, i, sb, f, on, b,
+                                               lo, len);
+        const int64_t off = b * tl.HW + lo;
+        std::fill(ds, ds + C * len, T(0));
+        for (int64_t p = 0; p < len; ++p) {
+          const int64_t gp = g[off + p], q = ncp[off + p];
+          if (only_own || q >= 0) {
+            for (int64_t c = only_own ? q : 0; c < (only_own ? q + 1 : C); ++c) {
+              if (c < 0 || c >= C || !negative_of(q, c, only_own)) continue;
+              ds[c * len + p] = wneg[c] * std::exp(sb[c * len + p] - nl0[c]);
+            }
+          }
+          if (gp >= 0 && gp < C && nlp[gp] != ninf)
+            ds[gp * len + p] -= Gp[gp] * sigmoid(nl0[gp] - sb[gp * len + p]);
+        }
+        // z . dz = s . ds per pixel; then W = ds inv / t in place
+        std::fill(coef, coef + len, T(0));
+        for (int64_t c = 0; c < C; ++c) {
+          const T *sr = sb + c * len, *dr = ds + c * len;
+          for (int64_t p = 0; p < len; ++p) coef[p] += sr[p] * dr[p];
+        }
+        for (int64_t c = 0; c < C; ++c) {
+          T* dr = ds + c * len;
+          for (int64_t p = 0; p < len; ++p) dr[p] *= f[p];
+        }
+        for (int64_t p = 0; p < len; ++p) coef[p] *= iv[off + p] * iv[off + p] * on[p];
+        const at::Tensor W = at::from_blob(ds, {C, len}, X.options());
+        da.addmm_(W, X.t());
+        at::Tensor dst = grad.select(0, b).view({D, tl.HW}).narrow(1, lo, len);
+        at::mm_out(dst, aT, W);
+        const T* xp = ptr<T>(X);
+        const int64_t ld = X.stride(0);
+        for (int64_t d = 0; d < D; ++d) {
+          const T* xr = xp + d * ld;
+          T* o = out + (b * D + d) * tl.HW + lo;
+          for (int64_t p = 0; p < len; ++p) o[p] -= xr[p] * coef[p];
+        }
+      }
+    });
+  });
+  at::Tensor da = part[0].clone();
+  for (int64_t k = 1; k < K; ++k) da.add_(part[k]);                  // chunk order: fixed
+  return {grad.to(x_.scalar_type()), da.to(anchors.scalar_type())};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pixcon, CPU, m) {
+  m.impl("inv_norms", &inv_norms_cpu);
+  m.impl("unit_class_sums", &class_sums_cpu);
+  m.impl("unit_class_sums_backward", &class_sums_backward_cpu);
+  m.impl("anchor_contrast", &anchor_forward_cpu);
+  m.impl("anchor_contrast_backward", &anchor_backward_cpu);
+}
+
+}  // namespace pixcon
