@@ -28,14 +28,18 @@ def nearest_indices(in_size: int, out_size: int, device=None) -> torch.Tensor:
 
 
 def resize_nearest(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Nearest resize of a (B, H, W) map of any dtype (labels, masks) to (B, h, w)."""
+    """Nearest resize of the last two dims of a (..., H, W) map of any dtype (labels, masks,
+    scores) to (..., h, w): a strided copy for whole factors (src = dst * H / h exactly), else
+    one gather of the kept pixels."""
     H, W = x.shape[-2:]
     h, w = size
     if (H, W) == (h, w):
         return x
+    if H % h == 0 and W % w == 0:      # whole factors: every (H/h)-th row and column
+        return x[..., ::H // h, ::W // w].contiguous()
     iy = nearest_indices(H, h, x.device)
     ix = nearest_indices(W, w, x.device)
-    return x.index_select(-2, iy).index_select(-1, ix)
+    return x[..., iy[:, None], ix]
 
 
 def pixel_labels(labels: torch.Tensor, size: tuple[int, int], num_classes: int,

@@ -33,7 +33,12 @@ def fuse_anchors(anchors, present, w_low, w_high):
 
 
 def layer_labels(shape, labels, pred_labels, num_classes, ignore_index):
-    """Flat (P,) ground truth (-1 ignored) and predictions at a (B, D, h, w) layer."""
+    """Flat (P,) ground truth (-1 ignored) and predictions at a (B, D, h, w) layer. pred_labels:
+    (B, H', W') classes, or (B, C, H', W') scores: resized first, then their argmax (the same
+    labels as argmax then resize, each kept pixel's own argmax, at a fraction of the reads)."""
     h, w = shape[-2:]
     gt = cm.pixel_labels(labels, (h, w), num_classes, ignore_index)
-    return gt, cm.resize_nearest(pred_labels, (h, w)).reshape(-1)
+    pr = cm.resize_nearest(pred_labels, (h, w))
+    # max(dim).indices: the first maximum, as argmax, but a vector loop over the classes where
+    # argmax across dim 1 is a strided scalar one (9 vs 46 ms at HRNet's first layer)
+    return gt, (pr.max(dim=1).indices if pr.dim() == 4 else pr).reshape(-1)

@@ -17,13 +17,14 @@ from .edt import edt, edt_pyramid
 READINGS = ("R1", "R2")
 
 
-def _pred_labels(pred, num_classes, op, check_values=None):
-    """(B, C, H, W) scores -> argmax labels; (B, H, W) integer labels pass through."""
+def _pred_labels(pred, num_classes, op, check_values=None, argmax=True):
+    """(B, C, H, W) scores -> argmax labels (argmax False: the checked scores, for a caller that
+    takes the argmax at each layer's resolution); (B, H, W) integer labels pass through."""
     if pred.dim() == 4:
         if pred.shape[1] != num_classes:
             raise ValueError(f"{op}: pred has {pred.shape[1]} classes, expected {num_classes}")
         chk.check_finite_scores(op, "pred", pred, check_values)
-        return pred.argmax(dim=1)
+        return pred.argmax(dim=1) if argmax else pred
     return pred.to(torch.int64)
 
 
@@ -182,18 +183,20 @@ def pixel_anchor_loss(embs, labels, pred, *, num_classes: int | None = None,
         if checks:
             for i, e in enumerate(embs):
                 chk.check_pixel_values(op, e, labels, C, ignore_index, name=f"embs[{i}]")
-        return (C, _pred_labels(pred, C, op, check_values)), (C, embs[0].shape[1], len(embs))
+        return (C, _pred_labels(pred, C, op, check_values, argmax=False)), \
+            (C, embs[0].shape[1], len(embs))
 
-    C, pred_labels = dist.validated(op, check, agree_now=cross_rank and checks)
+    C, pred_in = dist.validated(op, check, agree_now=cross_rank and checks)
     be = chk.resolve_backend(backend, embs[0].device, op, ("reference", "triton", "native"))
     kw = dict(w_low=w_low, w_high=w_high, layer_weights=layer_weights, temperature=temperature,
               ks=ks, ignore_index=ignore_index, normalize=normalize,
               detach_anchors=detach_anchors, reading=reading,
               stats=dist.stats_for(op) if cross_rank else None)
     if be == "reference":
+        pred_labels = pred_in.argmax(dim=1) if pred_in.dim() == 4 else pred_in
         return reference.contextrast.pixel_anchor_loss(list(embs), labels, pred_labels, C, **kw)
-    with lib.kernels(be, embs[0].device):
-        return _pa_fused(list(embs), labels, pred_labels, C, **kw)
+    with lib.kernels(be, embs[0].device):           # scores: each layer takes its own argmax
+        return _pa_fused(list(embs), labels, pred_in, C, **kw)
 
 
 def _pa_fused(embs, labels, pred_labels, C, *, w_low, w_high, layer_weights, temperature, ks,
@@ -201,10 +204,10 @@ def _pa_fused(embs, labels, pred_labels, C, *, w_low, w_high, layer_weights, tem
     """The fused path, straight from each layer's NCHW embedding: no per-layer copy of it is
     made or kept. Three ops a layer (pixcon::inv_norms, unit_class_sums, anchor_contrast) and
     the EDT of every layer at once. Their Triton kernels keep the pixel x anchor logits (P x C)
-    for backward, which writes the NCHW gradient itself; their CPU kernels
-    (``anchor_tiles``) work in tiles of pixels, products with the raw columns scaled by the
-    inverse norms (the unit rows are never made), recomputed in backward. Never pixels x
-    pixels."""
+    for backward, which writes the NCHW gradient itself; their CPU kernels (csrc/cpu/anchor.cpp)
+    work in tiles of pixels, products with the raw columns scaled by the inverse norms (the unit
+    rows are never made), recomputed in backward. Never pixels x pixels. ``pred_labels``: labels
+    or scores, whose argmax each layer takes at its own resolution."""
     keep_logits = lib.triton_here(embs[0].device)   # the CPU tiles recompute them instead
     layers, anchors, present = [], [], []
     for emb in embs:
