@@ -364,6 +364,51 @@ def speedups(rows):
     return out, cells
 
 
+# The threads criteria of issue 32, on the CPU default's own times: with the other core busy, two
+# threads at most this much slower than one; idle, two at least this much faster than one where
+# the work parallelises (a cell whose one-thread idle step takes PARALLEL_MS or more: below it
+# the kernels' own rule runs most passes on one thread).
+LOADED_MAX, IDLE_MIN, PARALLEL_MS = 1.5, 1.6, 100.0
+
+
+def thread_ratios(rows):
+    """[(op, case, 1-idle / 2-idle, 2-loaded / 1-loaded, 1-idle ms)] of the native provider, for
+    the cells measured in all four conditions."""
+    out = []
+    for (op, case), conds in table(rows).items():
+        t = {c: conds.get(c, {}).get("native") for c in CONDITIONS}
+        if None in t.values():
+            continue
+        out.append((op, case, t["1-idle"] / t["2-idle"], t["2-loaded"] / t["1-loaded"],
+                    t["1-idle"]))
+    return out
+
+
+def threads_markdown(rows) -> str:
+    """The 1- vs 2-thread ratios per cell and how many meet the criteria."""
+    r = thread_ratios(rows)
+    if not r:
+        return ""
+    par = [x for x in r if x[4] >= PARALLEL_MS]
+    ok_loaded = [x for x in r if x[3] <= LOADED_MAX]
+    ok_idle = [x for x in par if x[2] >= IDLE_MIN]
+    lines = ["## Threads: two against one, idle and loaded", "",
+             f"Loaded (another process holds a core): 2 threads at most {LOADED_MAX}x slower "
+             f"than 1 in {len(ok_loaded)} of {len(r)} cells (worst "
+             f"{max(x[3] for x in r):.2f}x). Idle: 2 threads at least {IDLE_MIN}x faster than 1 "
+             f"in {len(ok_idle)} of the {len(par)} cells whose one-thread step takes "
+             f"{PARALLEL_MS:.0f} ms or more" + (f" (least {min(x[2] for x in par):.2f}x)"
+                                               if par else "") + ". The CPU default only.", "",
+             "| op | case | 1-idle ms | idle: 1 / 2 threads | loaded: 2 / 1 threads |",
+             "|---|---|---|---|---|"]
+    for op, case, idle, loaded, ms in r:
+        flag_i = "" if ms < PARALLEL_MS or idle >= IDLE_MIN else " **"
+        flag_l = "" if loaded <= LOADED_MAX else " **"
+        lines.append(f"| {op} | {case} | {_ms(ms)} | {idle:.2f}x{flag_i} | {loaded:.2f}x{flag_l} |")
+    lines += ["", "(** misses its criterion.)", ""]
+    return "\n".join(lines)
+
+
 def summary_table(rows) -> str:
     """One line per op: the CPU default's speed-up over each other provider, smallest and
     largest over the grid's cells and conditions."""
@@ -406,6 +451,7 @@ def markdown(rows, grid) -> str:
             lines.append("")
     lines += ["Speed-up of the CPU default, smallest and largest over every setting and "
               "condition where the other provider runs:", "", summary_table(rows)]
+    lines += [threads_markdown(rows)]
     for op in dict.fromkeys(r["op"] for r in rows):
         lines += [f"## {op}", "", "| case | " + " | ".join(conds) + " |",
                   "|---|" + "---|" * len(conds)]

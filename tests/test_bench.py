@@ -324,6 +324,29 @@ def test_grid_ci_runs_every_case_in_every_condition(tmp_path):
     assert len(list(tmp_path.glob("*-grid-ci-*.png"))) == (3 if _has_matplotlib() else 0)
 
 
+def test_grid_thread_ratios_by_hand():
+    """The threads section: 1-idle / 2-idle and 2-loaded / 1-loaded of the native times only,
+    the idle criterion counted over the cells of 100 ms or more, a cell missing a condition left
+    out, every miss flagged."""
+    mod = bench_module("grid")
+    times = {"a": (200.0, 200.0, 100.0, 400.0), "b": (50.0, 50.0, 40.0, 60.0),
+             "c": (300.0, 300.0, 250.0, 330.0)}     # in CONDITIONS order
+    rows = [{"op": "x", "case": case, "condition": cond, "provider": "native", "ms": ms}
+            for case, ts in times.items() for cond, ms in zip(mod.CONDITIONS, ts)]
+    rows += [{"op": "x", "case": c, "condition": cond, "provider": "reference", "ms": 1.0}
+             for c in "ab" for cond in mod.CONDITIONS]
+    rows += [{"op": "x", "case": "d", "condition": "1-idle", "provider": "native", "ms": 9.0}]
+    r = mod.thread_ratios(rows)
+    assert [(x[1], x[2], x[3]) for x in r] == [("a", 2.0, 2.0), ("b", 1.25, 1.2),
+                                               ("c", 1.2, 1.1)]
+    md = mod.threads_markdown(rows)
+    assert "1 of 3 cells (worst 2.00x)" not in md and "in 2 of 3 cells (worst 2.00x)" in md
+    assert "in 1 of the 2 cells whose one-thread step takes 100 ms or more (least 1.20x)" in md
+    assert "| x | a | 200 | 2.00x | 2.00x ** |" in md
+    assert "| x | b | 50 | 1.25x | 1.20x |" in md                # under 100 ms: no idle flag
+    assert "| x | c | 300 | 1.20x ** | 1.10x |" in md
+
+
 def test_grid_busy_core_lives_only_inside_its_block():
     mod = bench_module("grid")
     with mod.BusyCore(seconds=30) as busy:
