@@ -64,6 +64,19 @@ def measure(size: str = "full", reps: int = 5) -> dict:
             "gather_gbs": round(2 * s["rows"] * 1024 / t_gather / 1e9, 2)}
 
 
+def main(argv=None):
+    """python -m benchmarks.roofline [--size small|full]: this machine's rates as JSON, with the
+    threads and OpenMP wait policy they were measured under."""
+    import argparse
+    import json
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.roofline", description=__doc__)
+    ap.add_argument("--size", choices=list(SIZES), default="full")
+    a = ap.parse_args(argv)
+    print(json.dumps({**measure(a.size),
+                      "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset")}))
+    return 0
+
+
 def machine(rates: dict) -> dict:
     """The rates as a machine of tools/cost.py: every float unit at the sgemm rate (a CPU has no
     tensor cores: tf32x3 costs one fp32 product, hence tf32 = 3 x sgemm), fp64 at half."""
@@ -105,3 +118,7 @@ def markdown(rows) -> str:
                      f"{r.get('floor_gflop', '-')} | {r['cpu_floor_bound']} | "
                      f"{r['cpu_floor_ms']:.4g} | {r['x_cpu_floor']}x |")
     return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -4,7 +4,29 @@ Public API: ``pixcon.ops`` (functional losses and primitives) and ``pixcon.nn`` 
 """
 from __future__ import annotations
 
-import torch  # noqa: F401  (must be imported before the compiled extension: it loads libc10)
+import os as _os
+import sys as _sys
+
+PROGRAMS = ("pixcon", "benchmarks")    # python -m <one of these>...: pixcon's own programs
+
+
+def _passive_wait_default(argv, torch_loaded: bool) -> bool:
+    """Whether pixcon's own command-line programs (``python -m pixcon.train``, ``pixcon.demo``,
+    ``benchmarks``, ...; argv: the interpreter's command line) start OpenMP with passive waiting:
+    when OMP_WAIT_POLICY is unset and torch, which loads OpenMP and reads it once, is not loaded
+    yet. Threads that spin at the end of each parallel region take the time of the one thread
+    whose core another process shares: with one core of two busy, Contextrast's step took 2.7x
+    longer on 2 threads than on 1 with spinning, 1.1x with passive waiting (idle: the same within
+    noise). A library imported into someone else's program changes nothing."""
+    if torch_loaded or "OMP_WAIT_POLICY" in _os.environ or "-m" not in argv[:-1]:
+        return False
+    return argv[argv.index("-m") + 1].split(".")[0] in PROGRAMS
+
+
+if _passive_wait_default(getattr(_sys, "orig_argv", []), "torch" in _sys.modules):
+    _os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+
+import torch  # noqa: E402,F401  (must be imported before the compiled extension: it loads libc10)
 
 
 def _load_extension() -> bool:

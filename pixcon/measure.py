@@ -184,6 +184,9 @@ def metadata(device: torch.device) -> dict:
     return {"device": name, "torch": torch.__version__, "triton": triton_version,
             "commit": commit or "unknown",
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "triton_interpret": os.environ.get("TRITON_INTERPRET") == "1"}
+            "triton_interpret": os.environ.get("TRITON_INTERPRET") == "1",
+            # OpenMP's wait policy as the process started (pixcon/__init__.py: PASSIVE for
+            # pixcon's own programs unless set): it decides how 2 threads fare on a loaded core
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset")}
 
 

@@ -46,3 +46,40 @@ def test_every_cli_takes_threads_and_names_a_bad_value(argv):
     assert "--threads must be a positive integer or 'auto'" in r.stderr, r.stderr[-800:]
     assert "Traceback" not in r.stderr
 
+
+
+@pytest.mark.parametrize("argv,loaded,env,want", [
+    (["python", "-m", "pixcon.train", "--steps", "3"], False, None, True),
+    (["python", "-m", "benchmarks", "--mode", "cpu"], False, None, True),
+    (["python", "-m", "benchmarks.grid"], False, None, True),
+    (["python", "-m", "pixcon.train"], True, None, False),          # torch already loaded OpenMP
+    (["python", "-m", "pixcon.train"], False, "ACTIVE", False),     # the user's own choice
+    (["python", "-m", "pytest", "tests"], False, None, False),      # someone else's program
+    (["python", "train.py", "-m"], False, None, False),
+    (["python", "-c", "import pixcon"], False, None, False),
+    ([], False, None, False),
+])
+def test_passive_waiting_only_for_pixcons_own_programs(monkeypatch, argv, loaded, env, want):
+    if env is None:
+        monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    else:
+        monkeypatch.setenv("OMP_WAIT_POLICY", env)
+    assert pixcon._passive_wait_default(argv, loaded) is want
+
+
+def test_a_benchmark_program_starts_with_passive_waiting():
+    """python -m benchmarks.roofline (a program of ours): OMP_WAIT_POLICY is PASSIVE in it, as
+    recorded in its output, unless the caller set it; python -c is someone else's program."""
+    import json
+    import os
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    code = "import os, benchmarks; print(os.environ.get('OMP_WAIT_POLICY'))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.stdout.strip() == "None", out.stderr
+    for given, want in ((None, "PASSIVE"), ("ACTIVE", "ACTIVE")):
+        e = env if given is None else {**env, "OMP_WAIT_POLICY": given}
+        probe = subprocess.run([sys.executable, "-m", "benchmarks.roofline", "--size", "small"],
+                               capture_output=True, text=True, env=e)
+        assert probe.returncode == 0, probe.stderr
+        got = json.loads(probe.stdout)
+        assert got["omp_wait_policy"] == want and got["sgemm_gflops"] > 0
