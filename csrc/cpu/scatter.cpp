@@ -15,6 +15,7 @@
 #include <numeric>
 #include <vector>
 
+#include "memory.h"
 #include "parallel.h"
 
 namespace pixcon {
@@ -29,9 +30,9 @@ at::Tensor scatter_rows_cpu(const at::Tensor& rows_in, const at::Tensor& index_i
               "scatter_rows: rows must be (M, D) with one index per row");
   const int64_t M = rows_in.size(0), D = like.size(1), h = like.size(2), w = like.size(3);
   const int64_t P = like.size(0) * h * w;
-  auto out = at::empty_like(like, like.options().dtype(rows_in.scalar_type()));
+  auto out = on_huge_pages(at::empty_like(like, like.options().dtype(rows_in.scalar_type())));
   TORCH_CHECK(out.is_non_overlapping_and_dense(), "scatter_rows: like must be dense");
-  std::memset(out.data_ptr(), 0, out.numel() * out.element_size());   // this thread (see below)
+  zero_fill(out);
   const at::Tensor rows = rows_in.t().contiguous();                 // (D, M): planes read in order
   const at::Tensor idx = index_in.to(at::kLong).contiguous();
   const int64_t* ip = idx.data_ptr<int64_t>();
