@@ -17,6 +17,7 @@
 #include <cstdint>
 #include <limits>
 #include <vector>
+#include "memory.h"
 #include "parallel.h"
 
 namespace pixcon {
@@ -163,9 +164,9 @@ at::Tensor transform(const at::Tensor& labels, int64_t background, bool squared,
               "distance_transform: squared distances are float64, exact below 2^53: sides up "
               "to 2^26 with squared=True, got ", H, " x ", W);
   const int64_t N = H * W == 0 ? 0 : labels.numel() / (H * W);
-  auto out = at::empty(labels.sizes(), labels.options().dtype(exact ? at::kDouble : at::kFloat));
+  auto out = empty_large(labels.sizes(), labels.options().dtype(exact ? at::kDouble : at::kFloat));
   if (N == 0) return out;
-  auto g = at::empty({N, H, W}, labels.options().dtype(at::kInt));
+  auto g = empty_large({N, H, W}, labels.options().dtype(at::kInt));
   const bool small = labels.scalar_type() != at::kLong ||
                      (background >= INT32_MIN && background <= INT32_MAX &&
                       labels.min().item<int64_t>() >= INT32_MIN &&

@@ -26,6 +26,7 @@
 #include <limits>
 #include <vector>
 
+#include "memory.h"
 #include "parallel.h"
 #include "pool.h"
 
@@ -220,8 +221,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> infonce_bwd_cpu(
   auto g_t = grad.to(in.acc).contiguous(), lse = lse_in.to(in.acc).contiguous();
   const int64_t ps_r = pos.stride(0), ps_d = pos.stride(1);
   auto dq = at::zeros({M, D}, opts);
-  at::Tensor dk = key_grad ? at::zeros(pool_in.sizes(), opts) : at::empty({0}, opts);
-  at::Tensor dpos = key_grad ? at::zeros(pos_pool.sizes(), opts) : at::empty({0}, opts);
+  at::Tensor dk = at::empty({0}, opts), dpos = at::empty({0}, opts);
+  if (key_grad) {                    // pool-sized zeros: on huge pages, zeroed by the threads
+    dk = empty_large(pool_in.sizes(), opts);
+    dpos = empty_large(pos_pool.sizes(), opts);
+    zero_fill(dk);
+    zero_fill(dpos);
+  }
   const double inv_t = 1.0 / temperature;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pool_in.scalar_type(), "infonce_bwd",
                                   [&] {

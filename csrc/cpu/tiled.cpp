@@ -32,6 +32,7 @@
 #include <vector>
 
 #include "items.h"
+#include "memory.h"
 #include "parallel.h"
 
 namespace pixcon {
@@ -196,7 +197,7 @@ at::Tensor rows_in(const at::Tensor& x, const at::Tensor& perm, at::ScalarType a
   at::Tensor src = x.detach().to(acc).contiguous();
   if (!perm.defined()) return src;
   const int64_t n = perm.numel(), D = src.size(1), bytes = D * src.element_size();
-  at::Tensor out = at::empty({n, D}, src.options());
+  at::Tensor out = empty_large({n, D}, src.options());
   const int64_t* pp = perm.data_ptr<int64_t>();
   const char* s = static_cast<const char*>(src.data_ptr());
   char* o = static_cast<char*>(out.data_ptr());
@@ -209,7 +210,7 @@ at::Tensor unsort(const at::Tensor& x, const at::Tensor& perm) {
   if (!perm.defined()) return x;
   at::Tensor src = x.contiguous();
   const int64_t n = perm.numel(), bytes = (n ? src.numel() / n : 0) * src.element_size();
-  at::Tensor out = at::empty_like(src);
+  at::Tensor out = on_huge_pages(at::empty_like(src));
   const int64_t* pp = perm.data_ptr<int64_t>();
   const char* s = static_cast<const char*>(src.data_ptr());
   char* o = static_cast<char*>(out.data_ptr());
