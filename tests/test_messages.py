@@ -80,6 +80,11 @@ def test_a_loss_that_selected_nothing_says_which_setting_once(monkeypatch):
     with pytest.warns(pixcon.SelectedNothingWarning, match="max_views=100") as rec:
         loss = pixel_contrast_loss(emb, labels, labels, seed=0)
     assert loss.item() == 0 and len(rec) == 1 and "17x17" in str(rec[0].message)
+    assert rec[0].filename == __file__                  # it points at the caller's line
+    monkeypatch.setattr(_common, "_WARNED", set())      # the reference says the same, here too
+    with pytest.warns(pixcon.SelectedNothingWarning, match="max_views=100") as rec:
+        pixel_contrast_loss(emb, labels, labels, seed=0, backend="reference")
+    assert rec[0].filename == __file__
     with warnings.catch_warnings():
         warnings.simplefilter("error")                # once per process: silent now
         pixel_contrast_loss(emb, labels, labels, seed=0)

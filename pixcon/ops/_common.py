@@ -111,10 +111,12 @@ class SelectedNothingWarning(UserWarning):
 _WARNED: set = set()
 
 
-def warn_selected_nothing(op: str, setting: str, nothing, device, check_values, hint: str):
+def warn_selected_nothing(op: str, setting: str, nothing, device, check_values, hint: str,
+                          stacklevel: int = 3):
     """Warn once per process and (op, setting) that the loss is zero because ``setting``
     selected nothing. ``nothing``: a callable giving a 0-d bool tensor, evaluated only where
-    value checks run (CPU tensors by default: no host sync on a GPU)."""
+    value checks run (CPU tensors by default: no host sync on a GPU). stacklevel: the user's
+    frame as warnings.warn counts from here (3: the caller of the function that calls this)."""
     if (op, setting) in _WARNED or not want_value_checks(None if check_values is None
                                                          else check_values, device):
         return
@@ -123,7 +125,7 @@ def warn_selected_nothing(op: str, setting: str, nothing, device, check_values, 
         _WARNED.add((op, setting))
         warnings.warn(f"{op}: the loss is 0 because {setting} selected nothing: {hint} "
                       "(this warning shows once per process)", SelectedNothingWarning,
-                      stacklevel=3)
+                      stacklevel=stacklevel)
 
 
 def want_value_checks(check_values: bool | None, device: torch.device) -> bool:

@@ -211,26 +211,31 @@ def pixel_contrast_loss(emb, labels, predict, *, ignore_index: int = 255, max_sa
     gt = cm.pixel_labels(labels, (h, w), LABEL_LIMIT, ignore_index).view(B, h, w)
     if chk.want_value_checks(check_values, emb.device):
         _check_values(op, emb, labels, ignore_index)
-    chk.warn_selected_nothing(
-        op, f"max_views={max_views}", lambda: ~_any_class_over(gt, max_views), emb.device,
-        check_values, f"no (image, class) pair has more than max_views labelled pixels at the "
-        f"feature resolution {h}x{w}; lower max_views for small maps (a class should cover "
-        f"more than max_views of its image's h*w = {h * w} pixels)")
+
+    def warn(nothing, stacklevel):
+        chk.warn_selected_nothing(
+            op, f"max_views={max_views}", nothing, emb.device, check_values,
+            f"no (image, class) pair has more than max_views labelled pixels at the feature "
+            f"resolution {h}x{w}; lower max_views for small maps (a class should cover more "
+            f"than max_views of its image's h*w = {h * w} pixels)", stacklevel)
+
     if be == "reference":
+        warn(lambda: ~_any_class_over(gt, max_views), 4)
         return reference.contrastiveseg.pixel_contrast_loss(
             emb, labels, pred, ignore_index=ignore_index, max_samples=max_samples,
             max_views=max_views, temperature=temperature, base_temperature=base_temperature,
             memory=mem, seed=seed)
     with lib.kernels(be, emb.device):
         return _pixel_contrast_fused(emb, gt, pred, mem, max_samples, max_views, temperature,
-                                     base_temperature, seed, check_values)
+                                     base_temperature, seed, check_values, warn)
 
 
 def _pixel_contrast_fused(emb, gt, pred, mem, max_samples, max_views, temperature,
-                          base_temperature, seed, check_values):
+                          base_temperature, seed, check_values, warn):
     op = "pixel_contrast_loss"
     index, y, T, n_view = sample_anchors(gt, pred, max_samples=max_samples,
                                          max_views=max_views, seed=seed)
+    warn(lambda: T == 0, 5)          # T: the kept (image, class) pairs, from the sampler's counts
     _check_views(op, T, max_samples, max_views, emb.device, check_values)
     cpu = lib.compiled_cpu(emb.device)
     if cpu and not torch.compiler.is_compiling():
