@@ -1,2 +1,5 @@
 """pixcon's benchmark suite: ``python -m benchmarks`` (see suite.py)."""
-import pixcon  # noqa: F401  (first, before torch: it sets OpenMP's wait policy for our programs)
+import importlib
+
+# pixcon first, before torch: it sets OpenMP's wait policy for our programs (pixcon/__init__.py)
+importlib.import_module("pixcon")

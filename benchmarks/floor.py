@@ -5,7 +5,15 @@ GPU the suite puts the fused time beside them, as a multiple of the floor.
 """
 from __future__ import annotations
 
-from tools.cost import GPUS, rate
+import os
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+for _p in (HERE, os.path.dirname(HERE)):  # the sibling bench_* modules paper_cases() reads and
+    if _p not in sys.path:                # tools/ at the root, however this file is loaded
+        sys.path.insert(0, _p)
+
+from tools.cost import GPUS, rate  # noqa: E402
 
 H100 = GPUS["H100"]
 
@@ -140,7 +148,4 @@ def paper_cases() -> list[dict]:
 
 
 if __name__ == "__main__":
-    import os
-    import sys
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     print(markdown(paper_cases()))

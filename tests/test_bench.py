@@ -292,6 +292,27 @@ def test_cpu_floor_by_hand():
     assert slow["cpu_floor_bound"] == "compute"
     assert slow["cpu_floor_ms"] == pytest.approx(1e3 * flops / 1e9, rel=5e-4)
     assert roofline.floor({"op": "unknown", "time_ms": 1.0}, {}) == {}
+    assert "x_cpu_blas_floor" not in fast                        # ReCo: no class-sized side
+
+
+def test_class_sized_blas_floor_by_hand():
+    """Contextrast's contractions have a class-sized side: its second floor charges the same
+    FLOPs at the class-sized sgemm rate (given here: 25 GFLOP/s where square sgemm is 100), so at
+    a compute-bound setting it is 4x the first; the rate is measured once per class count and
+    kept in the rates."""
+    roofline = bench_module("roofline")
+    row = {"op": "pixel_anchor_loss", "batch": 8, "dim": 256, "classes": 19,
+           "layers": [[128, 256], [64, 128], [32, 64], [16, 32]], "time_ms": 500.0}
+    rates = {"threads": 1, "sgemm_gflops": 100.0, "copy_gbs": 1000.0, "gather_gbs": 2.0,
+             "class_sgemm": {"19": 25.0}}
+    got = roofline.floor(row, rates)
+    assert got["cpu_floor_bound"] == "compute" and got["cpu_blas_gflops"] == 25.0
+    assert got["cpu_blas_floor_ms"] == pytest.approx(4 * got["cpu_floor_ms"], rel=1e-3)
+    assert got["x_cpu_blas_floor"] == round(500.0 / got["cpu_blas_floor_ms"], 1)
+    small = {"threads": 1, "sgemm_gflops": 100.0, "copy_gbs": 10.0, "gather_gbs": 2.0,
+             "size": "small"}
+    roofline.floor({**row, "classes": 5}, small)                # measured at 5 classes, kept
+    assert set(small["class_sgemm"]) == {"5"} and small["class_sgemm"]["5"] > 0
 
 
 def test_contrastiveseg_bench_skips_the_reference_above_its_limit(monkeypatch):
