@@ -58,9 +58,11 @@ else:
                     f"run `python -m pixcon.build`")
 
     # -fopenmp: without it at::parallel_for silently runs on one thread. -g0: setuptools adds
-    # -g, which doubles compile time and makes the .so ~50x larger.
+    # -g, which doubles compile time and makes the .so ~50x larger. -fno-math-errno: no kernel
+    # reads errno, and with it set GCC keeps every sqrt scalar (pixcon/_build.py: the same flags).
     ext_modules = [CppExtension("pixcon._C", sources,
-                                extra_compile_args={"cxx": ["-O3", "-g0", "-fopenmp"]},
+                                extra_compile_args={"cxx": ["-O3", "-g0", "-fopenmp",
+                                                            "-fno-math-errno"]},
                                 extra_link_args=["-fopenmp"])]
     cmdclass["build_ext"] = OptionalBuildExtension
 

@@ -48,7 +48,7 @@ SUITE = {
     "contextrast": ({"ci": ["tiny"], "cpu": ["tiny", "cpu"], "paper": ["hrnet"]},
                     "pixels of the first layer",
                     lambda r: r["batch"] * r["layers"][0][0] * r["layers"][0][1]),
-    "edt": ({"ci": ["tiny"], "cpu": ["tiny", "bane"], "paper": ["pyramid", "large"]},
+    "edt": ({"ci": ["tiny"], "cpu": ["tiny", "bane"], "paper": ["pyramid", "large", "512"]},
             "pixels", lambda r: math.prod(r["shape"])),
     "u2pl": ({"ci": ["tiny"], "cpu": ["tiny", "cpu"], "paper": ["voc"]}, "pixels", _pixels),
 }

@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 
 NAME = "pixcon_cpu_kernels"
-FLAGS = ["-O3", "-g0", "-fopenmp"]     # -fopenmp: at::parallel_for is serial without it
+# -fopenmp: at::parallel_for is serial without it; -fno-math-errno: vector square roots (setup.py)
+FLAGS = ["-O3", "-g0", "-fopenmp", "-fno-math-errno"]
 
 
 def source_dir() -> Path | None:

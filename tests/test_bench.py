@@ -235,6 +235,29 @@ def test_edt_peers_compute_what_pixcon_computes(peer, C):
     assert abs(theirs - ours).max() < tol * max(1.0, ours.max())
 
 
+def test_edt_against_peers_by_hand():
+    """bench_edt's comparison: per (shape, classes), pixcon's row at each thread count against
+    the fastest OpenCV / edt-package row at the same count, and SciPy's; a binary and a
+    multi-label map of one shape are kept apart."""
+    mod = bench_module("bench_edt")
+
+    def row(C, provider, ms, threads=1):
+        return {"shape": [8, 512, 512], "classes": C, "provider": provider, "ms": ms,
+                "threads": threads}
+    rows = [row(0, "scipy (CPU, per image/class)", 80.0),
+            row(0, "opencv exact (CPU, per image/class), 1 thread", 40.0),
+            row(0, "opencv exact (CPU, per image/class), 2 threads", 15.0, 2),
+            row(0, "edt package (CPU, per image), 1 thread", 30.0),
+            row(0, "pixcon C++ (1 thread)", 10.0),
+            row(0, "pixcon C++ (all threads)", 10.0, 2),
+            row(19, "scipy (CPU, per image/class)", 1500.0),
+            row(19, "edt package (CPU, per image), 1 thread", 70.0),
+            row(19, "pixcon C++ (1 thread)", 20.0)]
+    got = mod.against_peers(rows)
+    assert [(g[1], g[2], g[4].split(" ")[0], g[5], g[6]) for g in got] == [
+        (0, 1, "edt", 3.0, 8.0), (0, 2, "opencv", 1.5, 8.0), (19, 1, "edt", 3.5, 75.0)]
+
+
 def test_thread_study_tiny_runs_every_op(tmp_path):
     """benchmarks/bench_threads.py --tiny: every op's native provider at 1 and 2 threads,
     interleaved; one row per case with both medians (no timing is asserted)."""

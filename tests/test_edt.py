@@ -284,3 +284,26 @@ def test_label_dtypes_give_the_same_transform(backend):
     for dt in (torch.uint8, torch.int8, torch.int32):
         got = distance_transform(x.to(dt).to(dev), labels=True, backend=backend).cpu()
         assert torch.equal(got, want), dt
+
+
+@pytest.mark.skipif(not pixcon.HAS_C, reason="not built")
+def test_native_byte_maps_and_wide_backgrounds():
+    """The compiled kernel reads bool and uint8 maps as bytes (background 0..255), other labels
+    as int32 where labels and background fit, else int64: every route gives the int64 route's
+    distances, on region maps (long runs: the envelope) and speckle (short runs: all sites),
+    including a background outside int32, which no int32 label equals (no truncation)."""
+    g = torch.Generator().manual_seed(11)
+    coarse = torch.randint(0, 2, (3, 1, 6, 9), generator=g).float()
+    regions = torch.nn.functional.interpolate(coarse, scale_factor=(9, 13))[:, 0].long()
+    speckle = (torch.rand(3, 54, 117, generator=g) < 0.3).long()
+    for m in (regions, speckle, regions ^ speckle):
+        want = torch.ops.pixcon.edt(m, 0, True)                       # int64 labels
+        for dt in (torch.bool, torch.uint8, torch.int32):
+            assert torch.equal(torch.ops.pixcon.edt(m.to(dt), 0, True), want), dt
+        assert torch.equal(torch.ops.pixcon.edt(m.to(torch.uint8), 1, False),
+                           torch.ops.pixcon.edt(m, 1, False))           # background 1
+        wide = 2**40                                                   # no pixel is background
+        got = torch.ops.pixcon.edt(m.to(torch.int32), wide, True)
+        assert torch.equal(got, torch.ops.pixcon.edt(m, wide, True))
+        assert torch.equal(got, torch.ops.pixcon.edt(m, -(2**31), True))  # as "None"
+        assert torch.equal(got.double(), run(m, "reference", labels=True, squared=True))

@@ -15,6 +15,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <vector>
 #include "memory.h"
@@ -24,30 +25,35 @@ namespace pixcon {
 namespace {
 
 constexpr int64_t kInf = std::numeric_limits<int64_t>::max() / 4;
+constexpr int64_t kNarrow = int64_t{1} << 14;    // sides below this: 64-bit envelope products
+constexpr int64_t kBrute = 32;    // runs shorter than this: all sites, no envelope
 
 // Lower envelope of parabolas (x - v)^2 + f[v] over sites v in [lo, hi], evaluated at x in
 // [xlo, xhi]; sites with f >= kInf are skipped. out[x] receives the minimum. Intersections are
-// kept as exact rationals num / den (den > 0) and compared by cross-multiplication in 128 bits:
-// no division, no rounding (|num| < 2^63 and den <= 2W for any map that fits in memory).
-void envelope(const int64_t* f, int64_t lo, int64_t hi, int64_t xlo, int64_t xhi,
-              std::vector<int64_t>& v, std::vector<int64_t>& zn, std::vector<int64_t>& zd,
-              int64_t* out) {
-  int64_t k = -1;  // envelope sites v[0..k]; parabola k is lowest on (z[k], z[k+1]]
+// kept as exact rationals num / den (den > 0) and compared by cross-multiplication: no division,
+// no rounding. M: the products' type, 128 bits for any map that fits in memory (|num| < 2^63,
+// den <= 2W), 64 bits where the map's sides are below kNarrow (|num| < 2^31, den < 2^16: every
+// product below 2^47), a third of the row pass's time there.
+template <typename M>
+void envelope(const int64_t* __restrict__ f, int64_t lo, int64_t hi, int64_t xlo, int64_t xhi,
+              int64_t* __restrict__ v, int64_t* __restrict__ hv, int64_t* __restrict__ zn,
+              int64_t* __restrict__ zd, int64_t* __restrict__ out) {
+  int64_t k = -1;  // envelope sites v[0..k] (hv = f[v] + v^2); parabola k lowest on (z[k], z[k+1]]
   for (int64_t q = lo; q <= hi; ++q) {
     if (f[q] >= kInf) continue;
     const int64_t hq = f[q] + q * q;
-    while (k >= 0) {
-      const int64_t p = v[k];
-      const int64_t num = hq - (f[p] + p * p), den = 2 * (q - p);   // s = num / den
-      // pop while s <= z[k]; z[0] = -inf never pops
-      if (k > 0 && static_cast<__int128>(num) * zd[k] <= static_cast<__int128>(zn[k]) * den) {
-        --k;
-        continue;
-      }
-      ++k; v[k] = q; zn[k] = num; zd[k] = den;
-      break;
+    if (k < 0) {
+      k = 0; v[0] = q; hv[0] = hq;
+      continue;
     }
-    if (k < 0) { k = 0; v[0] = q; }
+    int64_t num, den;                     // s = num / den, where parabolas k and q meet
+    for (;;) {                            // pop while s <= z[k]; z[0] = -inf never pops
+      num = hq - hv[k];
+      den = 2 * (q - v[k]);
+      if (k == 0 || static_cast<M>(num) * zd[k] > static_cast<M>(zn[k]) * den) break;
+      --k;
+    }
+    ++k; v[k] = q; hv[k] = hq; zn[k] = num; zd[k] = den;
   }
   if (k < 0) {
     for (int64_t x = xlo; x <= xhi; ++x) out[x] = kInf;
@@ -55,7 +61,7 @@ void envelope(const int64_t* f, int64_t lo, int64_t hi, int64_t xlo, int64_t xhi
   }
   int64_t j = 0;
   for (int64_t x = xlo; x <= xhi; ++x) {
-    while (j < k && zn[j + 1] < static_cast<__int128>(x) * zd[j + 1]) ++j;     // z[j+1] < x
+    while (j < k && zn[j + 1] < static_cast<M>(x) * zd[j + 1]) ++j;     // z[j+1] < x
     const int64_t d = x - v[j];
     out[x] = d * d + f[v[j]];
   }
@@ -65,13 +71,82 @@ void envelope(const int64_t* f, int64_t lo, int64_t hi, int64_t xlo, int64_t xhi
 // than kFar rows (checked), and kFar + 1 still fits in int32
 constexpr int32_t kFar = std::numeric_limits<int32_t>::max() - 1;
 
+// Pass 1 on a block of nx columns (row stride W): G = distance along the column to the nearest
+// differing pixel (kFar where the column run touches none), 0 on the background. Two branch-free
+// row-major sweeps (cache-friendly, vector loops): up = distance to the nearest differing pixel
+// above, then down, G = min(up, down). bl: nx ints of scratch.
+template <typename T>
+__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+void column_block(const T* L, int32_t* G, int64_t H, int64_t W, int64_t nx, T bg, int32_t* bl) {
+  for (int64_t x = 0; x < nx; ++x) G[x] = kFar;
+  for (int64_t y = 1; y < H; ++y) {   // restrict: labels and G never alias (vectorises)
+    const T* __restrict__ l = L + y * W;
+    const T* __restrict__ la = l - W;
+    int32_t* __restrict__ g = G + y * W;
+    const int32_t* __restrict__ ga = g - W;
+    for (int64_t x = 0; x < nx; ++x)
+      g[x] = l[x] != la[x] ? 1 : std::min(ga[x] + 1, kFar);
+  }
+  for (int64_t x = 0; x < nx; ++x) bl[x] = kFar;
+  for (int64_t y = H - 1; y >= 0; --y) {
+    const T* __restrict__ l = L + y * W;
+    int32_t* __restrict__ g = G + y * W;
+    int32_t* __restrict__ b = bl;
+    if (y < H - 1) {
+      const T* __restrict__ lb = l + W;
+      for (int64_t x = 0; x < nx; ++x)
+        b[x] = l[x] != lb[x] ? 1 : std::min(b[x] + 1, kFar);
+    }
+    for (int64_t x = 0; x < nx; ++x) g[x] = l[x] == bg ? 0 : std::min(g[x], b[x]);
+  }
+}
+
+// Pass 2 on one row, run by run. A run [x, e] of one label is bounded by differing pixels at
+// x - 1 and e + 1 (cost 0 sites); short runs are solved by brute force, long ones by the
+// envelope. f, d2, v, hv, zn, zd: scratch of W (+ 2) entries; cut: W + 1 bytes, 1 where a
+// run ends (one vector pass, then memchr finds each run's end).
+template <typename T, typename O>
+__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+void row_pass(const T* L, const int32_t* G, O* o, int64_t W, T bg, bool squared, bool narrow,
+              int64_t* f, int64_t* d2, int64_t* v, int64_t* hv, int64_t* zn, int64_t* zd,
+              uint8_t* __restrict__ cut) {
+  for (int64_t t = 0; t + 1 < W; ++t) cut[t] = L[t] != L[t + 1];
+  cut[W - 1] = 1;
+  int64_t x = 0;
+  while (x < W) {
+    const int64_t e = static_cast<const uint8_t*>(std::memchr(cut + x, 1, W - x)) - cut;
+    if (L[x] == bg) {
+      for (int64_t t = x; t <= e; ++t) d2[t] = 0;
+    } else {
+      // the run's sites and the differing pixels just outside it (cost 0)
+      const int64_t lo = x > 0 ? x - 1 : x, hi = e + 1 < W ? e + 1 : e;
+      for (int64_t t = lo; t <= hi; ++t)
+        f[t] = (t < x || t > e) ? 0 : (G[t] >= kFar ? kInf : static_cast<int64_t>(G[t]) * G[t]);
+      if (e - x < kBrute) {            // short runs: every site, a branch-free vector loop
+        for (int64_t t = x; t <= e; ++t) {
+          int64_t best = kInf;
+          for (int64_t u = lo; u <= hi; ++u) best = std::min(best, (t - u) * (t - u) + f[u]);
+          d2[t] = best;
+        }
+      } else if (narrow) envelope<int64_t>(f, lo, hi, x, e, v, hv, zn, zd, d2);
+      else envelope<__int128>(f, lo, hi, x, e, v, hv, zn, zd, d2);
+    }
+    x = e + 1;
+  }
+  const O inf = std::numeric_limits<O>::infinity();
+  if (squared) {
+    for (int64_t t = 0; t < W; ++t) o[t] = d2[t] >= kInf ? inf : static_cast<O>(d2[t]);
+  } else {        // two loops: GCC vectorises neither a sqrt under a condition nor a scalar one
+    for (int64_t t = 0; t < W; ++t) o[t] = std::sqrt(static_cast<float>(d2[t]));
+    for (int64_t t = 0; t < W; ++t) o[t] = d2[t] >= kInf ? inf : o[t];
+  }
+}
+
 // out: float32 distances, or float64 squared distances (exact integers below 2^53)
 template <typename T, typename O>
 void edt_impl(const T* lab, int64_t N, int64_t H, int64_t W, T bg, int32_t* gcol, O* out,
               bool squared) {
-  // pass 1: columns -> gcol = G (kFar where the column run touches no differing pixel). Two
-  // branch-free row-major sweeps over blocks of columns (cache-friendly, vectorisable):
-  // up = distance to the nearest differing pixel above, then down, G = min(up, down).
+  // pass 1: columns, in blocks of kCols (two sweeps per block)
   constexpr int64_t kCols = 512;
   const int64_t nblk = (W + kCols - 1) / kCols;
   const int64_t grain = grain_for(N * nblk, 2 * H * std::min(W, kCols));    // two sweeps per block
@@ -79,75 +154,17 @@ void edt_impl(const T* lab, int64_t N, int64_t H, int64_t W, T bg, int32_t* gcol
     std::vector<int32_t> below(kCols);
     for (int64_t i = begin; i < end; ++i) {
       const int64_t n = i / nblk, x0 = (i % nblk) * kCols, nx = std::min(W, x0 + kCols) - x0;
-      const T* L = lab + n * H * W + x0;
-      int32_t* G = gcol + n * H * W + x0;
-      int32_t* __restrict__ bl = below.data();
-      for (int64_t x = 0; x < nx; ++x) G[x] = kFar;
-      for (int64_t y = 1; y < H; ++y) {   // restrict: labels and G never alias (vectorises)
-        const T* __restrict__ l = L + y * W;
-        const T* __restrict__ la = l - W;
-        int32_t* __restrict__ g = G + y * W;
-        const int32_t* __restrict__ ga = g - W;
-        for (int64_t x = 0; x < nx; ++x)
-          g[x] = l[x] != la[x] ? 1 : std::min(ga[x] + 1, kFar);
-      }
-      for (int64_t x = 0; x < nx; ++x) bl[x] = kFar;
-      for (int64_t y = H - 1; y >= 0; --y) {
-        const T* __restrict__ l = L + y * W;
-        int32_t* __restrict__ g = G + y * W;
-        if (y < H - 1) {
-          const T* __restrict__ lb = l + W;
-          for (int64_t x = 0; x < nx; ++x)
-            bl[x] = l[x] != lb[x] ? 1 : std::min(bl[x] + 1, kFar);
-        }
-        for (int64_t x = 0; x < nx; ++x) g[x] = l[x] == bg ? 0 : std::min(g[x], bl[x]);
-      }
+      column_block<T>(lab + n * H * W + x0, gcol + n * H * W + x0, H, W, nx, bg, below.data());
     }
   });
-  // pass 2: rows, run by run. A run [x, e] of one label is bounded by differing pixels at x - 1
-  // and e + 1 (cost 0 sites); short runs are solved by brute force, long ones by the envelope.
+  // pass 2: rows. f < H^2 + W^2 + W^2 and den <= 2W: 64-bit products suffice below kNarrow.
+  const bool narrow = H < kNarrow && W < kNarrow;
   at::parallel_for(0, N * H, grain_for(N * H, 4 * W, 16), [&](int64_t begin, int64_t end) {
-    std::vector<int64_t> f(W), d2(W), v(W + 2), zn(W + 2), zd(W + 2);
-    for (int64_t r = begin; r < end; ++r) {
-      const T* L = lab + r * W;
-      const int32_t* G = gcol + r * W;
-      O* o = out + r * W;
-      int64_t x = 0;
-      while (x < W) {
-        int64_t e = x;
-        while (e + 1 < W && L[e + 1] == L[x]) ++e;
-        if (L[x] == bg) {
-          for (int64_t t = x; t <= e; ++t) d2[t] = 0;
-        } else if (e - x < 12) {
-          for (int64_t t = x; t <= e; ++t) {
-            int64_t best = kInf;
-            if (x > 0) best = (t - x + 1) * (t - x + 1);
-            if (e + 1 < W) best = std::min(best, (e + 1 - t) * (e + 1 - t));
-            for (int64_t u = x; u <= e; ++u) {
-              if (G[u] >= kFar) continue;
-              const int64_t c = (t - u) * (t - u) + static_cast<int64_t>(G[u]) * G[u];
-              best = std::min(best, c);
-            }
-            d2[t] = best;
-          }
-        } else {
-          const int64_t lo = x > 0 ? x - 1 : x, hi = e + 1 < W ? e + 1 : e;
-          for (int64_t t = lo; t <= hi; ++t)
-            f[t] = (t < x || t > e) ? 0 : (G[t] >= kFar ? kInf : static_cast<int64_t>(G[t]) * G[t]);
-          envelope(f.data(), lo, hi, x, e, v, zn, zd, d2.data());
-        }
-        x = e + 1;
-      }
-      const int64_t* __restrict__ dd = d2.data();
-      O* __restrict__ oo = o;
-      const O inf = std::numeric_limits<O>::infinity();
-      if (squared) {
-        for (int64_t t = 0; t < W; ++t) oo[t] = dd[t] >= kInf ? inf : static_cast<O>(dd[t]);
-      } else {
-        for (int64_t t = 0; t < W; ++t)
-          oo[t] = dd[t] >= kInf ? inf : std::sqrt(static_cast<float>(dd[t]));
-      }
-    }
+    std::vector<int64_t> f(W), d2(W), v(W + 2), hv(W + 2), zn(W + 2), zd(W + 2);
+    std::vector<uint8_t> cut(W + 1);
+    for (int64_t r = begin; r < end; ++r)
+      row_pass<T, O>(lab + r * W, gcol + r * W, out + r * W, W, bg, squared, narrow, f.data(),
+                     d2.data(), v.data(), hv.data(), zn.data(), zd.data(), cut.data());
   });
 }
 
@@ -167,17 +184,24 @@ at::Tensor transform(const at::Tensor& labels, int64_t background, bool squared,
   auto out = empty_large(labels.sizes(), labels.options().dtype(exact ? at::kDouble : at::kFloat));
   if (N == 0) return out;
   auto g = empty_large({N, H, W}, labels.options().dtype(at::kInt));
-  const bool small = labels.scalar_type() != at::kLong ||
-                     (background >= INT32_MIN && background <= INT32_MAX &&
-                      labels.min().item<int64_t>() >= INT32_MIN &&
-                      labels.max().item<int64_t>() <= INT32_MAX);
+  // bytes (binary masks) as they are; other labels as int32 where they and the background fit,
+  // else int64 (a background outside int32 is compared in int64: no truncation)
+  const auto st = labels.scalar_type();
+  const bool bytes = (st == at::kByte || st == at::kBool) && background >= 0 && background <= 255;
+  const bool small = background >= INT32_MIN && background <= INT32_MAX &&
+                     (st != at::kLong || (labels.min().item<int64_t>() >= INT32_MIN &&
+                                          labels.max().item<int64_t>() <= INT32_MAX));
   auto run = [&](auto* o) {
-    if (small) {
+    if (bytes) {
+      auto lab = labels.contiguous();
+      edt_impl<uint8_t>(static_cast<const uint8_t*>(lab.data_ptr()), N, H, W,
+                        static_cast<uint8_t>(background), g.data_ptr<int32_t>(), o, squared);
+    } else if (small) {
       auto lab = labels.to(at::kInt).contiguous();
       edt_impl<int32_t>(lab.data_ptr<int32_t>(), N, H, W, static_cast<int32_t>(background),
                         g.data_ptr<int32_t>(), o, squared);
     } else {
-      auto lab = labels.contiguous();
+      auto lab = labels.to(at::kLong).contiguous();
       edt_impl<int64_t>(lab.data_ptr<int64_t>(), N, H, W, background, g.data_ptr<int32_t>(), o,
                         squared);
     }
