@@ -368,7 +368,8 @@ def _check_writable(out: str):
     """--out exists (made if needed) and takes files, checked before the first step."""
     try:
         os.makedirs(out, exist_ok=True)
-        probe = os.path.join(out, ".pixcon-write-test")
+        # a name of this process's own: every rank of a torchrun job probes the same folder
+        probe = os.path.join(out, f".pixcon-write-test-{os.getpid()}")
         with open(probe, "w") as f:
             f.write("ok")
         os.remove(probe)
