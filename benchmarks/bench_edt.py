@@ -202,15 +202,19 @@ def against_peers(rows):
     for shape, C in dict.fromkeys(("x".join(map(str, r["shape"])), r["classes"]) for r in rows):
         rs = [r for r in rows if "x".join(map(str, r["shape"])) == shape and r["classes"] == C]
         scipy = next((r["ms"] for r in rs if r["provider"].startswith("scipy")), None)
+        # the thread count from the providers' names (the suite tags every row with its own
+        # "threads"): pixcon's "(1 thread)" row against the peers' ", 1 thread" rows, its
+        # "(all threads)" row against their ", N threads" rows
+        peers_ = [p for p in rs if p["provider"].startswith(("opencv", "edt"))]
         for r in rs:
             if not r["provider"].startswith("pixcon C++"):
                 continue
-            n = r["threads"]
-            same = [p for p in rs if p["provider"].startswith(("opencv", "edt")) and
-                    p["provider"].endswith(f", {n} thread" + ("s" if n > 1 else ""))]
+            one = r["provider"].endswith("(1 thread)")
+            same = [p for p in peers_ if p["provider"].endswith(", 1 thread") == one]
             if not same:
                 continue
             best = min(same, key=lambda p: p["ms"])
+            n = 1 if one else int(best["provider"].rsplit(", ", 1)[1].split()[0])
             out.append((shape, r["classes"], n, r["ms"], best["provider"], best["ms"] / r["ms"],
                         scipy / r["ms"] if scipy else float("nan")))
     return out
