@@ -163,3 +163,18 @@ def test_saves_no_copy_of_the_embedding():
     nbytes = saved_bytes(lambda: tiles.anchor_terms(
         x, tiles.unit_class_sums(x, gt, 4) / 10, gt, sel, err, 4, 0.1), [x])
     assert nbytes < x.numel() * x.element_size() // 4         # labels and (C,) stats only
+
+
+@pytest.mark.parametrize("shape", [(0, 4, 3, 3), (2, 4, 0, 3)], ids=["no-image", "no-row"])
+def test_empty_maps(shape):
+    """A map without pixels: zero sums and terms, -inf NL (no negative), an empty gradient; the
+    kernels have no tile and no chunk (a division by the chunk count crashed here)."""
+    x = torch.zeros(shape, requires_grad=True)
+    P = shape[0] * shape[2] * shape[3]
+    gt = torch.zeros(P, dtype=torch.long)
+    a = torch.randn(2, 4)
+    terms = tiles.anchor_terms(x, a, gt, gt >= 0, gt, 2, 0.1)
+    sums = tiles.unit_class_sums(x, gt, 2)
+    assert terms.eq(0).all() and sums.eq(0).all() and sums.shape == (2, 4)
+    (terms.sum() + sums.sum()).backward()
+    assert x.grad.shape == shape

@@ -71,7 +71,8 @@ struct Tiles {
     const int64_t cap = std::max<int64_t>((int64_t{64} << 20) / std::max<int64_t>(C * D * elt, 1), 1);
     chunks = std::min<int64_t>({count, 64, cap});
   }
-  int64_t first(int64_t k) const { return k * count / chunks; }     // chunk k: [first(k), first(k+1))
+  // chunk k: tiles [first(k), first(k + 1)); no tile at all (an empty map): no chunk
+  int64_t first(int64_t k) const { return chunks > 0 ? k * count / chunks : 0; }
   // tile i: image b, pixels [lo, lo + len) of it
   void tile(int64_t i, int64_t& b, int64_t& lo, int64_t& len) const {
     b = i / per_img;
