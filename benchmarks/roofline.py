@@ -45,9 +45,10 @@ def _best(fn, reps):
     return best
 
 
-def _sgemm_time(n, g, reps):
-    a, b = torch.randn(n, n, generator=g), torch.randn(n, n, generator=g)
-    return _best(lambda: torch.mm(a, b), reps)
+def _mm_gflops(m, k, n, g, reps):
+    """GFLOP/s of torch.mm of an (m x k) and a (k x n) fp32 matrix (2 m k n FLOP)."""
+    a, b = torch.randn(m, k, generator=g), torch.randn(k, n, generator=g)
+    return round(2 * m * k * n / _best(lambda: torch.mm(a, b), reps) / 1e9, 1)
 
 
 # ops whose contractions have a class-sized side, and the row field that gives it
@@ -57,9 +58,7 @@ CLASS_SIDE = {"pixel_anchor_loss": "classes"}
 def class_sgemm(C: int, size: str = "full", reps: int = 5) -> float:
     """GFLOP/s of torch.mm (C x 256) @ (256 x N), N = 65536 (full) or 8192 (small)."""
     n = 65536 if size == "full" else 8192
-    g = torch.Generator().manual_seed(1)
-    a, b = torch.randn(C, 256, generator=g), torch.randn(256, n, generator=g)
-    return round(2 * C * 256 * n / _best(lambda: torch.mm(a, b), reps) / 1e9, 1)
+    return _mm_gflops(C, 256, n, torch.Generator().manual_seed(1), reps)
 
 
 def measure(size: str = "full", reps: int = 5) -> dict:
@@ -67,7 +66,7 @@ def measure(size: str = "full", reps: int = 5) -> dict:
     s = SIZES[size]
     g = torch.Generator().manual_seed(0)
     n = s["n"]
-    t_mm = _sgemm_time(n, g, reps)
+    sgemm = _mm_gflops(n, n, n, g, reps)
     numel = s["mib"] * 2**20 // 4
     src = torch.ones(numel)
     dst = torch.empty_like(src)
@@ -77,7 +76,7 @@ def measure(size: str = "full", reps: int = 5) -> dict:
     out = torch.empty(s["rows"], 256)
     t_gather = _best(lambda: torch.index_select(table, 0, idx, out=out), reps)
     return {"threads": torch.get_num_threads(), "size": size,
-            "sgemm_gflops": round(2 * n**3 / t_mm / 1e9, 1),
+            "sgemm_gflops": sgemm,
             "copy_gbs": round(2 * numel * 4 / t_copy / 1e9, 2),
             "gather_gbs": round(2 * s["rows"] * 1024 / t_gather / 1e9, 2)}
 

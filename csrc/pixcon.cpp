@@ -4,6 +4,7 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include "cpu/items.h"
 #include "cpu/parallel.h"
 
 // A bare Python module: `import pixcon._C` loads the library and runs the registrations below
@@ -17,7 +18,6 @@ namespace pixcon {
 void set_num_threads(int64_t n) { thread_cap().store(std::max<int64_t>(n, 0)); }
 int64_t get_num_threads() { return thread_cap().load(); }
 void set_anchor_tile(int64_t n) { anchor_tile().store(std::max<int64_t>(n, 0)); }
-int64_t tiled_threads(int64_t work, int64_t items);   // cpu/tiled.cpp
 }  // namespace pixcon
 
 TORCH_LIBRARY_FRAGMENT(pixcon, m) {

@@ -311,10 +311,31 @@ at::Tensor class_sums_backward_cpu(const at::Tensor& gs_, const at::Tensor& x_,
 }
 
 // ---- anchor_contrast -------------------------------------------------------------------------
-// Is pixel q (error class nc, -1 if not selected) a negative of anchor c? R1: of every anchor but
-// its own class's; R2 (only_own): of its own class's only.
-inline bool negative_of(int64_t nc, int64_t c, bool only_own) {
-  return only_own ? nc == c : (nc >= 0 && nc != c);
+// fn(c) for every anchor c that a pixel of error class nc (-1: not selected) is a negative of.
+// R1: every anchor but its own class's; R2 (only_own): its own class's only.
+template <typename F>
+inline void for_negatives(int64_t nc, int64_t C, bool only_own, const F& fn) {
+  if (nc < 0) return;
+  if (only_own) {
+    if (nc < C) fn(nc);
+    return;
+  }
+  for (int64_t c = 0; c < C; ++c)
+    if (c != nc) fn(c);
+}
+
+// Add (mk, ek), a log-sum-exp as its maximum and the sum of exp(. - max), into (m, e); a single
+// value v is (v, 1). -inf: nothing yet.
+template <typename T>
+inline void lse_add(T& m, T& e, T mk, T ek) {
+  const T ninf = -std::numeric_limits<T>::infinity();
+  if (mk == ninf) return;
+  if (mk > m) {
+    e = (m == ninf ? T(0) : e * std::exp(m - mk)) + ek;
+    m = mk;
+  } else {
+    e += ek * std::exp(mk - m);
+  }
 }
 
 template <typename T>
@@ -384,17 +405,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> anchor_forward_cpu(
         for (int64_t p = 0; p < len; ++p) {
           const int64_t gp = g[off + p], q = ncp[off + p];
           if (gp >= 0 && gp < C) pos[off + p] = sb[gp * len + p];
-          if (!only_own && q < 0) continue;
-          for (int64_t c = only_own ? q : 0; c < (only_own ? q + 1 : C); ++c) {
-            if (c < 0 || c >= C || !negative_of(q, c, only_own)) continue;
-            const T v = sb[c * len + p];
-            if (v > m[c]) {
-              e[c] = (m[c] == ninf ? T(0) : e[c] * std::exp(m[c] - v)) + T(1);
-              m[c] = v;
-            } else if (m[c] != ninf) {
-              e[c] += std::exp(v - m[c]);
-            }
-          }
+          for_negatives(q, C, only_own,
+                        [&](int64_t c) { lse_add(m[c], e[c], sb[c * len + p], T(1)); });
         }
       }
     });
@@ -402,12 +414,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> anchor_forward_cpu(
     T* nlp = nl.data_ptr<T>();
     for (int64_t c = 0; c < C; ++c) {
       T m = ninf, e = 0;
-      for (int64_t k = 0; k < K; ++k) {
-        const T mk = mx[k * C + c], ek = se[k * C + c];
-        if (mk == ninf) continue;
-        if (mk > m) { e = (m == ninf ? T(0) : e * std::exp(m - mk)) + ek; m = mk; }
-        else e += ek * std::exp(mk - m);
-      }
+      for (int64_t k = 0; k < K; ++k) lse_add(m, e, mx[k * C + c], se[k * C + c]);
       nlp[c] = m == ninf ? ninf : m + std::log(e);
     }
     // pass 2: softplus(NL_g - s_{g,p}) and its sigmoid over the pixels of classes with negatives
@@ -474,12 +481,9 @@ std::tuple<at::Tensor, at::Tensor> anchor_backward_cpu(
         std::fill(ds, ds + C * len, T(0));
         for (int64_t p = 0; p < len; ++p) {
           const int64_t gp = g[off + p], q = ncp[off + p];
-          if (only_own || q >= 0) {
-            for (int64_t c = only_own ? q : 0; c < (only_own ? q + 1 : C); ++c) {
-              if (c < 0 || c >= C || !negative_of(q, c, only_own)) continue;
-              ds[c * len + p] = wneg[c] * std::exp(sb[c * len + p] - nl0[c]);
-            }
-          }
+          for_negatives(q, C, only_own, [&](int64_t c) {
+            ds[c * len + p] = wneg[c] * std::exp(sb[c * len + p] - nl0[c]);
+          });
           if (gp >= 0 && gp < C && nlp[gp] != ninf)
             ds[gp * len + p] -= Gp[gp] * sigmoid(nl0[gp] - sb[gp * len + p]);
         }

@@ -15,11 +15,11 @@
 #include <numeric>
 #include <vector>
 
+#include "items.h"
 #include "memory.h"
 #include "parallel.h"
 
 namespace pixcon {
-int64_t tiled_threads(int64_t work, int64_t items);   // tiled.cpp: the one-thread rule
 namespace {
 
 at::Tensor scatter_rows_cpu(const at::Tensor& rows_in, const at::Tensor& index_in,
