@@ -39,6 +39,7 @@
 #include "items.h"
 #include "memory.h"
 #include "parallel.h"
+#include "vec.h"
 
 namespace pixcon {
 namespace {
@@ -150,25 +151,6 @@ void class_runs(const int64_t* g, int64_t len, int64_t C, std::vector<int64_t>& 
     }
   }
   at.push_back(len);
-}
-
-// sum_i a[i] b[i] in 64-byte lanes (a fixed order)
-template <typename T>
-inline __attribute__((always_inline)) T dot(const T* a, const T* b, int64_t n) {
-  typedef T V __attribute__((vector_size(64)));
-  constexpr int64_t L = 64 / sizeof(T);
-  V acc{};
-  int64_t i = 0;
-  for (; i + L <= n; i += L) {
-    V u, v;
-    std::memcpy(&u, a + i, sizeof(V));
-    std::memcpy(&v, b + i, sizeof(V));
-    acc += u * v;
-  }
-  T r = 0;
-  for (int64_t j = 0; j < L; ++j) r += acc[j];
-  for (; i < n; ++i) r += a[i] * b[i];
-  return r;
 }
 
 // sums[c, d] += sum over the run's pixels of s_p x[d, p], every run of a tile (x: D rows, ld apart)

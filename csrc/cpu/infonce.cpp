@@ -24,11 +24,13 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "memory.h"
 #include "parallel.h"
 #include "pool.h"
+#include "vec.h"
 
 namespace pixcon {
 namespace {
@@ -43,20 +45,38 @@ A dot(const T* a, int64_t sa, const U* b, int64_t sb, int64_t D) {
   return acc;
 }
 
-// Dot product of two contiguous rows: four partial sums (a fixed order, so the same bits on any
-// thread count) that the compiler can keep in vector registers.
+// Dot product of two contiguous rows: vector lanes (vec.h) where both rows are already in the
+// accumulation type, four partial sums otherwise (half / bfloat16 rows); a fixed order either way,
+// so the same bits on any thread count. Compiled per ISA: this and row_scale_add are the inner
+// loops of every gathered row.
 template <typename A, typename T, typename U>
+__attribute__((target_clones("avx512f", "avx2", "default")))
 A dot_rows(const T* a, const U* b, int64_t D) {
-  A s0 = 0, s1 = 0, s2 = 0, s3 = 0;
-  int64_t d = 0;
-  for (; d + 4 <= D; d += 4) {
-    s0 += static_cast<A>(a[d]) * static_cast<A>(b[d]);
-    s1 += static_cast<A>(a[d + 1]) * static_cast<A>(b[d + 1]);
-    s2 += static_cast<A>(a[d + 2]) * static_cast<A>(b[d + 2]);
-    s3 += static_cast<A>(a[d + 3]) * static_cast<A>(b[d + 3]);
+  if constexpr (std::is_same_v<T, A> && std::is_same_v<U, A>) {
+    return pixcon::dot(a, b, D);
+  } else {
+    A s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+    int64_t d = 0;
+    for (; d + 4 <= D; d += 4) {
+      s0 += static_cast<A>(a[d]) * static_cast<A>(b[d]);
+      s1 += static_cast<A>(a[d + 1]) * static_cast<A>(b[d + 1]);
+      s2 += static_cast<A>(a[d + 2]) * static_cast<A>(b[d + 2]);
+      s3 += static_cast<A>(a[d + 3]) * static_cast<A>(b[d + 3]);
+    }
+    for (; d < D; ++d) s0 += static_cast<A>(a[d]) * static_cast<A>(b[d]);
+    return (s0 + s1) + (s2 + s3);
   }
-  for (; d < D; ++d) s0 += static_cast<A>(a[d]) * static_cast<A>(b[d]);
-  return (s0 + s1) + (s2 + s3);
+}
+
+// y = y * s + c * x for a row x of D (y in the accumulation type)
+template <typename A, typename T>
+__attribute__((target_clones("avx512f", "avx2", "default")))
+void row_scale_add(A* __restrict__ y, A s, A c, const T* __restrict__ x, int64_t D) {
+  if constexpr (std::is_same_v<T, A>) {
+    scale_add(y, s, c, x, D);
+  } else {
+    for (int64_t d = 0; d < D; ++d) y[d] = y[d] * s + c * static_cast<A>(x[d]);
+  }
 }
 
 // The index tensors as contiguous int64 and the positives (R x D, small) in the accumulation
@@ -79,19 +99,53 @@ inline void prefetch_row(const T* row, int64_t D) {
     __builtin_prefetch(p + off);
 }
 
+// How many gathered rows ahead the loops ask for (ReCo at VOC, 2 threads: 2 rows ahead left the
+// dot products waiting on memory, 4 to 8 were as fast as each other)
+constexpr int64_t kAhead = 4;
+
 template <typename A>
 A inv_norm(A sq, double eps) { return A(1) / std::max(std::sqrt(sq), static_cast<A>(eps)); }
 
 // The pool as contiguous (P, D) rows (a channels-first map's rows are strided by h*w: every
 // gathered row would touch D cache lines) -- a transient copy, never saved -- and the inverse
 // norm 1 / max(|row|, eps) of every row, computed once instead of once per use.
+// A dense channels-first map is transposed here in blocks of kBlock pixels (D x kBlock read a
+// cache line at a time, written as kBlock rows while in L1, their norms taken there), each
+// thread writing its own run of pixels into a fresh block on huge pages. ATen's permuted copy
+// into fresh memory took 37-40 ms at U2PL's 68 MB map (most of it first-touch faults taken by
+// threads writing interleaved pieces of the same pages); this, about a third of that.
+constexpr int64_t kBlock = 16;
+
 template <typename T, typename A>
 std::pair<at::Tensor, at::Tensor> rows_and_inv_norms(const at::Tensor& pool, double eps) {
   const int64_t D = pool.size(1);
-  at::Tensor rows = pool.dim() == 4 ? pool.permute({0, 2, 3, 1}).reshape({-1, D}) : pool;
-  rows = rows.contiguous();
+  const auto acc = c10::CppTypeToScalarType<A>::value;
+  if (pool.dim() == 4 && pool.is_contiguous() && D > 1 && pool.numel() > 0) {
+    const int64_t B = pool.size(0), HW = pool.size(2) * pool.size(3), P = B * HW;
+    auto rows = empty_large({P, D}, pool.options());
+    auto inv = at::empty({P}, pool.options().dtype(acc));
+    const T* src = pool.template data_ptr<T>();
+    T* dst = rows.template data_ptr<T>();
+    A* ip = inv.template data_ptr<A>();
+    const int64_t per_image = (HW + kBlock - 1) / kBlock, blocks = B * per_image;
+    at::parallel_for(0, blocks, grain_for(blocks, kBlock * D), [&](int64_t k0, int64_t k1) {
+      for (int64_t k = k0; k < k1; ++k) {
+        const int64_t b = k / per_image, s0 = (k % per_image) * kBlock;
+        const int64_t n = std::min(kBlock, HW - s0);
+        const T* in = src + b * D * HW + s0;
+        T* out = dst + (b * HW + s0) * D;
+        for (int64_t d = 0; d < D; ++d)
+          for (int64_t i = 0; i < n; ++i) out[i * D + d] = in[d * HW + i];
+        for (int64_t i = 0; i < n; ++i)
+          ip[b * HW + s0 + i] = inv_norm(dot_rows<A>(out + i * D, out + i * D, D), eps);
+      }
+    });
+    return {rows, inv};
+  }
+  at::Tensor rows = pool.dim() == 4 ? pool.permute({0, 2, 3, 1}) : pool;
+  rows = rows.contiguous().reshape({-1, D});
   const int64_t P = rows.size(0);
-  auto inv = at::empty({P}, pool.options().dtype(c10::CppTypeToScalarType<A>::value));
+  auto inv = at::empty({P}, pool.options().dtype(acc));
   const T* x = rows.template data_ptr<T>();
   A* ip = inv.template data_ptr<A>();
   at::parallel_for(0, P, grain_for(P, D, 256), [&](int64_t p0, int64_t p1) {
@@ -104,7 +158,7 @@ std::pair<at::Tensor, at::Tensor> rows_and_inv_norms(const at::Tensor& pool, dou
 // rows_and_inv_norms), the positives, and the query / positive / negative indices.
 template <typename T, typename A>
 struct Views {
-  at::Tensor rows, inv, krows;    // owners of x, qinv and kx
+  at::Tensor rows, inv, krows, local;    // owners of x, qinv, kx and (with keys) qp
   const T *x, *kx;                // query rows; negative rows (x itself without keys)
   const A *qinv, *pp;
   const int64_t *qp, *pip, *np;
@@ -115,14 +169,59 @@ struct Views {
   }
 };
 
+// The queries' own rows (M, D) and inverse norms, row m for query m (zeros where q < 0): all a
+// pass reads of the pool when the negatives come from separate keys. A channels-first map's row
+// is D values h*w apart; reading M of them beats transposing the whole map when M is a small
+// part of it (U2PL at VOC: 5,376 anchors of 66,564 pixels).
+template <typename T, typename A>
+std::pair<at::Tensor, at::Tensor> query_rows(const at::Tensor& pool, const int64_t* qp, int64_t M,
+                                             double eps) {
+  const int64_t D = pool.size(1), sd = pool.stride(1);
+  const bool map = pool.dim() == 4;
+  const int64_t w = map ? pool.size(3) : 1, HW = map ? pool.size(2) * w : 1;
+  auto offset = [&](int64_t p) {       // of pixel p's first value
+    if (!map) return p * pool.stride(0);
+    const int64_t s = p % HW;
+    return (p / HW) * pool.stride(0) + (s / w) * pool.stride(2) + (s % w) * pool.stride(3);
+  };
+  auto rows = at::empty({M, D}, pool.options());
+  auto inv = at::empty({M}, pool.options().dtype(c10::CppTypeToScalarType<A>::value));
+  const T* src = pool.template data_ptr<T>();
+  T* dst = rows.template data_ptr<T>();
+  A* ip = inv.template data_ptr<A>();
+  at::parallel_for(0, M, grain_for(M, 4 * D), [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) {
+      T* out = dst + m * D;
+      if (qp[m] < 0) {
+        for (int64_t d = 0; d < D; ++d) out[d] = T(0);
+        ip[m] = A(0);
+        continue;
+      }
+      const T* in = src + offset(qp[m]);
+      for (int64_t d = 0; d < D; ++d) out[d] = in[d * sd];
+      ip[m] = inv_norm(dot_rows<A>(out, out, D), eps);
+    }
+  });
+  return {rows, inv};
+}
+
 template <typename T, typename A>
 Views<T, A> views(const Inputs& in, const at::Tensor& pool, const std::optional<at::Tensor>& keys,
                   double eps) {
+  const int64_t* qp = in.q.data_ptr<int64_t>();
+  if (keys.has_value()) {            // only the queries' rows; query m reads row m
+    const int64_t M = in.q.numel();
+    auto [rows, inv] = query_rows<T, A>(pool, qp, M, eps);
+    at::Tensor local = at::where(in.q >= 0, at::arange(M, in.q.options()), -1);
+    at::Tensor krows = keys->contiguous();
+    return {rows, inv, krows, local, rows.template data_ptr<T>(), krows.template data_ptr<T>(),
+            inv.template data_ptr<A>(), in.pos.template data_ptr<A>(),
+            local.data_ptr<int64_t>(), in.pi.data_ptr<int64_t>(), in.ni.data_ptr<int64_t>(), eps};
+  }
   auto [rows, inv] = rows_and_inv_norms<T, A>(pool, eps);
   const T* x = rows.template data_ptr<T>();
-  at::Tensor krows = keys.has_value() ? keys->contiguous() : rows;
-  return {rows, inv, krows, x, krows.template data_ptr<T>(), inv.template data_ptr<A>(),
-          in.pos.template data_ptr<A>(), in.q.data_ptr<int64_t>(), in.pi.data_ptr<int64_t>(),
+  return {rows, inv, rows, at::Tensor(), x, x, inv.template data_ptr<A>(),
+          in.pos.template data_ptr<A>(), qp, in.pi.data_ptr<int64_t>(),
           in.ni.data_ptr<int64_t>(), eps};
 }
 
@@ -177,8 +276,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> infonce_fwd_cpu(
           for (int64_t d = 0; d < D; ++d) vs[d] = p[d * ps_d] * p_inv;
         for (int64_t j = 0; j < N; ++j) {
           const int64_t k_idx = np[m * N + j];
-          if (j + 2 < N && np[m * N + j + 2] >= 0)    // random rows: fetch two keys ahead
-            prefetch_row(kx + np[m * N + j + 2] * D, D);
+          if (j + kAhead < N && np[m * N + j + kAhead] >= 0)    // random rows: fetch ahead
+            prefetch_row(kx + np[m * N + j + kAhead] * D, D);
           if (k_idx < 0) continue;
           const scalar_t* k = kx + k_idx * D;
           const A k_inv = v.kinv(k_idx, D);
@@ -188,11 +287,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> infonce_fwd_cpu(
           else { e = std::exp(s - mx); l += e; }
           if (!direction) continue;
           c = c * scale + e * s;
-          const A ek = e * k_inv;
-          if (scale != 1)
-            for (int64_t d = 0; d < D; ++d) vs[d] = vs[d] * scale + ek * static_cast<A>(k[d]);
-          else
-            for (int64_t d = 0; d < D; ++d) vs[d] += ek * static_cast<A>(k[d]);
+          row_scale_add(vs, scale, e * k_inv, k, D);
         }
         ep[m] = mx + std::log(l);
         lp[m] = ep[m] - s_pos;
@@ -249,7 +344,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> infonce_bwd_cpu(
       w[0] = g * (std::exp(cosv[0] * A(inv_t) - l) - 1);
       for (int64_t j = 0; j < N; ++j) {
         const int64_t k_idx = np[m * N + j];
-        if (j + 2 < N && np[m * N + j + 2] >= 0) prefetch_row(kx + np[m * N + j + 2] * D, D);
+        if (j + kAhead < N && np[m * N + j + kAhead] >= 0)
+          prefetch_row(kx + np[m * N + j + kAhead] * D, D);
         if (k_idx < 0) { w[j + 1] = 0; cosv[j + 1] = 0; continue; }
         cosv[j + 1] = dot_rows<A>(a, kx + k_idx * D, D) * a_inv * v.kinv(k_idx, D);
         w[j + 1] = g * std::exp(cosv[j + 1] * A(inv_t) - l);
@@ -272,7 +368,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> infonce_bwd_cpu(
           const scalar_t* k = kx + k_idx * D;
           const A c = w[j + 1] * v.kinv(k_idx, D);
           coef += w[j + 1] * cosv[j + 1];
-          for (int64_t d = 0; d < D; ++d) out[d] += c * static_cast<A>(k[d]);
+          row_scale_add(out, A(1), c, k, D);
         }
         for (int64_t d = 0; d < D; ++d)
           out[d] = (out[d] - coef * a_inv * static_cast<A>(a[d])) * a_inv * A(inv_t);
