@@ -191,6 +191,21 @@ def test_loss_equals_a_per_class_restatement_on_the_same_samples(official):
     assert torch.equal(touched & ~sampled, torch.zeros_like(touched))   # only at anchors
 
 
+@pytest.mark.parametrize("shape,density", [((37, 5), 0.3), ((1, 1), 1.0), ((9, 3), 0.0),
+                                           ((50, 4), 1.0)])
+def test_group_columns_lists_each_class_rows_in_order(shape, density):
+    """(order, offsets, counts): class c's rows are order[offsets[c]: offsets[c] + counts[c]],
+    ascending, as a loop over the mask's columns lists them (the samplers draw from there)."""
+    g = torch.Generator().manual_seed(int(100 * density) + shape[0])
+    mask = torch.rand(*shape, generator=g) < density
+    order, offsets, counts = ref.group_columns(mask)
+    assert order.shape == (mask.numel(),) and order.dtype == torch.int64
+    for c in range(shape[1]):
+        want = [p for p in range(shape[0]) if mask[p, c]]
+        o, n = int(offsets[c]), int(counts[c])
+        assert order[o:o + n].tolist() == want
+
+
 def test_readings_differ_only_where_the_spec_says():
     """One image per half: anchors and positive sets agree. The official negatives need the
     pixel's own label to be c, so they lose every labelled negative; with two images per half
@@ -456,6 +471,32 @@ def test_triton_push_equals_the_compaction(monkeypatch):
             assert torch.equal(b.keys, banks[0].keys)
             assert torch.equal(b.counts, banks[0].counts) and torch.equal(b.ptr, banks[0].ptr)
         assert banks[0].counts.tolist() == [10, 50, 7, 30]
+
+
+@pytest.mark.skipif(not pixcon.HAS_C, reason="the compiled CPU kernels are not built")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_native_push_equals_the_compaction(dtype):
+    """The compiled CPU push (csrc/cpu/bank.cpp) writes what the compaction writes, rows given
+    as (P, D) or read in place from (B, D, HW) maps whose HW is not a multiple of its 16-pixel
+    blocks, with the rings wrapping; "auto" on CPU tensors is that kernel."""
+    g = torch.Generator().manual_seed(9)
+    rows = torch.randn(3, 5, 37, generator=g).to(dtype)            # (B, D, HW): 111 pixels
+    mask = torch.rand(4, 111, generator=g) < 0.3
+    mask[:, 17:50] = False                                          # whole blocks pushed by none
+    banks = []
+    for be, r in (("reference", rows), ("native", rows), ("auto", rows),
+                  ("native", rows.permute(0, 2, 1).reshape(-1, 5))):
+        bank = UnreliableBank(4, 5, sizes=(10, 50, 7, 30), dtype=dtype)
+        with torch.profiler.profile() as prof:
+            for _ in range(3):
+                bank.push(r, mask, backend=be)
+        ran = {e.name for e in prof.events()}
+        assert ("pixcon::bank_push" in ran) == (be != "reference"), be
+        banks.append(bank)
+    for b in banks[1:]:
+        assert torch.equal(b.keys, banks[0].keys)
+        assert torch.equal(b.counts, banks[0].counts) and torch.equal(b.ptr, banks[0].ptr)
+    assert banks[0].counts.tolist() == [10, 50, 7, 30] and banks[0].keys.abs().sum() > 0
 
 
 def test_class_masks_by_hand_at_the_boundaries():

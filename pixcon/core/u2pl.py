@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import torch
 
-from . import common as cm
 from .rng import STREAM_NEGATIVE, STREAM_QUERY
 
 
@@ -65,12 +64,19 @@ def group_columns(mask: torch.Tensor):
     """(order, offsets, counts) grouping the rows p of a (P, C) mask by column c, ascending p
     within a column: the layout the samplers draw from."""
     P, C = mask.shape
-    flat = torch.arange(C, device=mask.device)[:, None] * P + torch.arange(P, device=mask.device)
-    key = torch.where(mask.T, flat, C * P).reshape(-1)
-    sorted_key = torch.sort(key).values
+    dev = mask.device
+    # A stable partition of the column-major (class, row) pairs, kept ones first, without a sort
+    # (31 ms for U2PL's 1.4M pairs on CPU; this, 5 ms) nor a compaction (a host sync on CUDA):
+    # a kept pair goes to its rank among the kept ones, every other pair after them in order,
+    # so the destinations are a permutation and the scatter writes each place once.
+    m = mask.T.reshape(-1)
+    kept = torch.cumsum(m, 0)                                  # kept pairs up to and including j
+    j = torch.arange(C * P, device=dev)
+    dest = torch.where(m, kept - 1, kept[-1:] + (j - kept))   # kept[-1:]: all kept, no sync
+    order = torch.empty(C * P, dtype=torch.int64, device=dev).scatter_(0, dest, j % P)
     counts = mask.sum(dim=0)
     offsets = torch.cumsum(counts, 0) - counts
-    return sorted_key % P, offsets, counts
+    return order, offsets, counts
 
 
 def sample(anchors, bank, num_queries, num_negatives, seed, sampler):
@@ -88,32 +94,36 @@ def sample(anchors, bank, num_queries, num_negatives, seed, sampler):
 
 
 def u2pl_loss(emb, teacher_emb, bank, masks, *, temperature, num_queries, num_negatives,
-              prototype, seed, reduction, sampler, contrast, push_backend):
+              prototype, seed, reduction, sampler, contrast, push_backend, check_values=None):
     """The loss on (B, D, h, w) student / teacher embeddings given the (V, A, N) (P, C) masks of
     :func:`class_masks` (the op makes them once, for its checks and this). Pushes the negative
     candidates into ``bank`` first, as the official code does. sampler: a backend's
     ``sample_in_groups``; contrast(emb, a_idx, pos (M, D), keys, neg_idx, t): the per-anchor
-    InfoNCE (the reference's gather, or the sparse InfoNCE kernels)."""
+    InfoNCE (the reference's gather, or the sparse InfoNCE kernels); check_values: the push's
+    (the pushed teacher rows finite), as the op's."""
     V, A, N = masks
     C = V.shape[1]
     dt = torch.promote_types(emb.dtype, torch.float32)
-    teacher = cm.pixel_rows(teacher_emb.detach()).to(dt)          # (P, D): one row copy
-    bank.push(teacher, N.T, backend=push_backend)
+    B, D = teacher_emb.shape[:2]
+    teacher = teacher_emb.detach().reshape(B, D, -1).to(dt)      # (B, D, HW): no row copy
+    bank.push(teacher, N.T, backend=push_backend, check_values=check_values)
     counts = V.sum(dim=0)
     valid = counts > 0
-    if prototype is None:
-        pos = (V.T.to(dt) @ teacher) / counts.clamp(min=1)[:, None].to(dt)
+    if prototype is None:                  # class sums, one (D, HW) @ (HW, C) product per image
+        sums = torch.bmm(teacher, V.to(dt).view(B, -1, C)).sum(dim=0)          # (D, C)
+        pos = sums.T / counts.clamp(min=1)[:, None].to(dt)
     else:
         pos = prototype.detach().to(dt)
     a_idx, neg_idx = sample(A, bank, num_queries, num_negatives, seed, sampler)
     per_anchor = contrast(emb, a_idx, pos.repeat_interleave(num_queries, 0), bank.keys,
                           neg_idx, temperature)
+    # per_anchor hangs off emb whatever was sampled (both contrasts read emb's rows), so every
+    # result stays connected to emb without adding an emb-sized zero gradient (35 ms at VOC)
     per_class = per_anchor.view(C, num_queries).mean(dim=1) * valid
-    zero = emb.reshape(-1)[:1].sum() * 0          # every result stays connected to emb
     if reduction == "none":
-        return per_class + zero
+        return per_class
     total = per_class.sum()
     if reduction == "mean":
         n = valid.sum()
         total = torch.where(n > 1, total / n.clamp(min=1), 0.0)
-    return total + zero
+    return total

@@ -141,7 +141,7 @@ def u2pl_loss(emb, labels, teacher_probs, teacher_emb, bank, *, num_labeled: int
                     seed=draw_seed(seed, op), reduction=reduction,
                     sampler=prim.groups_sample if fused else prim.reference_groups_sample,
                     contrast=fused_contrast if fused else reference.u2pl.reference_contrast,
-                    push_backend="auto" if fused else "reference")
+                    push_backend="auto" if fused else "reference", check_values=check_values)
 
 
 def _percentile(x, valid, q):

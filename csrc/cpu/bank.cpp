@@ -1,0 +1,85 @@
+// U2PL's queue push on the CPU (op pixcon::bank_push; the same contract as
+// pixcon_kernels.bank, plus channels-first maps): keys[slot[c, p]] = rows[p] wherever
+// keep[c, p]. Row by row, each row read once and copied to every queue that keeps it, rows
+// split over threads in chunks: the slots of one push are distinct, so no two threads write one
+// row and the result does not depend on the split. This replaces a compaction (nonzero), a gather of the kept rows into a fresh
+// (pairs, D) tensor and an index_put: at U2PL's VOC setting 186,000 pairs, 107 ms of the step on
+// this project's 2-core machine.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "parallel.h"
+
+namespace pixcon {
+namespace {
+
+constexpr int64_t kBlock = 16;    // pixels of a channels-first map transposed at once
+
+// rows: (P, D), or a dense (B, D, HW) channels-first map (pixel p = b HW + s), read in blocks of
+// kBlock pixels transposed into a buffer (one cache line of each channel per block): the caller
+// makes no (P, D) copy of the map.
+void bank_push_cpu(const at::Tensor& keys, const at::Tensor& rows_in, const at::Tensor& keep_in,
+                   const at::Tensor& slot_in) {
+  TORCH_CHECK(keys.dim() == 2 && keys.is_contiguous(), "bank_push: keys must be (S, D) contiguous");
+  const bool map = rows_in.dim() == 3;
+  TORCH_CHECK((rows_in.dim() == 2 || map) && rows_in.size(1) == keys.size(1) &&
+                  rows_in.scalar_type() == keys.scalar_type(),
+              "bank_push: rows must be (P, D) or (B, D, HW) in keys' dtype");
+  const int64_t P = map ? rows_in.size(0) * rows_in.size(2) : rows_in.size(0);
+  TORCH_CHECK(keep_in.dim() == 2 && keep_in.size(1) == P && slot_in.sizes() == keep_in.sizes(),
+              "bank_push: keep and slot must be (C, P)");
+  const int64_t C = keep_in.size(0), S = keys.size(0), D = keys.size(1);
+  const int64_t HW = map ? rows_in.size(2) : 1;
+  const at::Tensor rows = rows_in.contiguous();
+  const at::Tensor keep = keep_in.to(at::kBool).contiguous();
+  const at::Tensor slot = slot_in.to(at::kLong).contiguous();
+  const bool* kp = keep.data_ptr<bool>();
+  const int64_t* sp = slot.data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, keys.scalar_type(), "bank_push", [&] {
+    const scalar_t* src = rows.data_ptr<scalar_t>();
+    scalar_t* dst = keys.data_ptr<scalar_t>();
+    auto put = [&](int64_t p, const scalar_t* row) {    // row p into every queue keeping it
+      for (int64_t c = 0; c < C; ++c) {
+        if (!kp[c * P + p]) continue;
+        const int64_t s = sp[c * P + p];
+        TORCH_CHECK(s >= 0 && s < S, "bank_push: slot ", s, " outside the bank's ", S, " rows");
+        std::memcpy(dst + s * D, row, D * sizeof(scalar_t));
+      }
+    };
+    if (!map) {
+      at::parallel_for(0, P, grain_for(P, C + D), [&](int64_t p0, int64_t p1) {
+        for (int64_t p = p0; p < p1; ++p) put(p, src + p * D);
+      });
+      return;
+    }
+    const int64_t per_image = (HW + kBlock - 1) / kBlock, blocks = rows.size(0) * per_image;
+    at::parallel_for(0, blocks, grain_for(blocks, kBlock * (C + D)), [&](int64_t k0, int64_t k1) {
+      std::vector<scalar_t> buf(kBlock * D);
+      for (int64_t k = k0; k < k1; ++k) {
+        const int64_t b = k / per_image, s0 = (k % per_image) * kBlock;
+        const int64_t n = std::min(kBlock, HW - s0), p0 = b * HW + s0;
+        bool any = false;
+        for (int64_t c = 0; c < C && !any; ++c)
+          for (int64_t i = 0; i < n; ++i) any |= kp[c * P + p0 + i];
+        if (!any) continue;
+        const scalar_t* in = src + b * D * HW + s0;
+        for (int64_t d = 0; d < D; ++d)
+          for (int64_t i = 0; i < n; ++i) buf[i * D + d] = in[d * HW + i];
+        for (int64_t i = 0; i < n; ++i) put(p0 + i, buf.data() + i * D);
+      }
+    });
+  });
+}
+
+}  // namespace
+}  // namespace pixcon
+
+TORCH_LIBRARY_IMPL(pixcon, CPU, m) {
+  m.impl("bank_push", &pixcon::bank_push_cpu);
+}
