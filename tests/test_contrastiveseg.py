@@ -19,6 +19,7 @@ import torch.nn.functional as F
 import pixcon
 from pixcon.nn import PixelMemoryBank
 from pixcon.ops import dense_contrast_loss, pixel_contrast_loss, supervised_contrast
+from pixcon.ops import _library as lib
 from pixcon.ops.contrastiveseg import sample_anchors
 from pixcon.reference import contrastiveseg as ref
 
@@ -160,20 +161,43 @@ def test_sampler_n_view_and_view_major_order():
     assert pix_img.tolist() == [0, 0, 1] * 3
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2, 3, 4, 5])
-def test_vectorised_sampler_equals_reference(seed):
-    """The sort-based sampler of the fused path draws exactly the reference's anchors (fresh
-    seeds, odd shapes, ignore labels, several images)."""
+def _sampler_kernels():
+    """The op's kernels on CPU tensors: the compiled one (where built) and the torch form (the
+    CUDA kernel, run on CPU tensors inside the Triton scope)."""
+    out = [("torch", lambda *a, **k: lib.kernels("triton", torch.device("cpu")))]
+    if pixcon.HAS_C:
+        out.append(("compiled", lambda *a, **k: contextlib.nullcontext()))
+    return out
+
+
+@pytest.mark.parametrize("kernel", _sampler_kernels(), ids=lambda k: k[0])
+@pytest.mark.parametrize("seed", [0, 1, 2, 3, 4, 5, 6, 7])
+def test_vectorised_sampler_equals_reference(seed, kernel):
+    """Both kernels of the fused path's sampler draw exactly the reference's anchors (fresh
+    seeds, odd shapes, ignore labels, several images; seed 6: labels past 2^16 and 2^31 (not
+    classes); seed 7: more kept pairs than max_samples, so n_view = 0 and no anchor, where the
+    reference raises and the op leaves the check to the loss)."""
     g = torch.Generator().manual_seed(100 + seed)
     B, h, w, C = 1 + seed % 3, 7 + seed, 5 + 2 * seed, 2 + seed
     gt = torch.randint(-1, C, (B, h, w), generator=g)
+    if seed == 6:
+        gt = torch.where(gt > 2, gt * 40000 + 3, gt)                     # sparse large labels
+        gt[0, 0, :3] = 2 ** 31 + 5
     pred = torch.where(torch.rand(B, h, w, generator=g) < 0.5, gt,
                        torch.randint(0, C, (B, h, w), generator=g))
     kw = dict(max_samples=20 + 3 * seed, max_views=2 + seed % 4, seed=seed)
+    if seed == 7:
+        kw.update(max_samples=3, max_views=1)
+        with kernel[1]():
+            idx, lab, T, nv = sample_anchors(gt, pred, **kw)
+        assert int(T) > 3 and int(nv) == 0
+        assert bool((idx == -1).all()) and bool((lab == -1).all())
+        return
     i1, l1, T1, n1 = ref.sample_anchors(gt, pred, **kw)
-    i2, l2, T2, n2 = sample_anchors(gt, pred, **kw)       # the op on this device's kernel
+    with kernel[1]():
+        i2, l2, T2, n2 = sample_anchors(gt, pred, **kw)
     n = len(i1)
-    assert (T1, n1) == (int(T2), int(n2))
+    assert (T1, n1) == (int(T2), int(n2)) and n > 0
     assert torch.equal(i1, i2[:n]) and torch.equal(l1, l2[:n])
     assert bool((i2[n:] == -1).all()) and bool((l2[n:] == -1).all())
 

@@ -9,8 +9,9 @@ One name per op, a kernel per device: a caller never names a backend here. The p
 chooses it once (``kernels(backend, device)``): "native" is the CPU kernel of each op, "triton"
 on CUDA tensors the CUDA kernel, and "triton" on CPU tensors (the tests' interpreter) the same
 Triton functions registered over the CPU key for the duration of one scope
-(:func:`triton_on_cpu`). The ops without a CPU kernel (ReCo's one-pass kernel, the bank push, the ragged EDT) are for CUDA
-tensors and for that scope."""
+(:func:`triton_on_cpu`). The ops without a CPU kernel (ReCo's one-pass kernel, the ragged EDT)
+are for CUDA tensors and for that scope. ``sample_anchors``' CUDA kernel is torch code, not
+Triton: inside that scope CPU tensors run it too."""
 from __future__ import annotations
 
 import contextlib
@@ -128,10 +129,30 @@ def _(row_class, cdf, order, offsets, counts, per_row, seed, stream):
     return order.new_empty(row_class.numel(), per_row, dtype=torch.int32)
 
 
+# --- ContrastiveSeg's hard anchors ------------------------------------------------------------
+@torch.library.custom_op("pixcon::sample_anchors", mutates_args=(), device_types="cuda")
+def sample_anchors(gt: Tensor, pred: Tensor, max_samples: int, max_views: int,
+                   seed: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(index (M,), labels (M,), T (), n_view ()) int64: pixcon.ops.contrastiveseg's sampler.
+    Its CUDA kernel is the torch form (two stable sorts; no host sync), its CPU kernel
+    compiled (csrc/cpu/hard_anchors.cpp)."""
+    from .contrastiveseg import sample_anchors_torch
+    return sample_anchors_torch(gt, pred, max_samples=max_samples, max_views=max_views,
+                                seed=seed)
+
+
+@sample_anchors.register_fake
+def _(gt, pred, max_samples, max_views, seed):
+    one = gt.new_empty((max_samples,), dtype=torch.int64)
+    return one, torch.empty_like(one), one.new_empty(()), one.new_empty(())
+
+
 # --- queue-bank push (U2PL) ------------------------------------------------------------------
 @torch.library.custom_op("pixcon::bank_push", mutates_args=("keys",), device_types="cuda")
 def bank_push(keys: Tensor, rows: Tensor, keep: Tensor, slot: Tensor) -> None:
-    """keys[slot[c, p]] = rows[p] wherever keep[c, p], with no host sync (the Triton push)."""
+    """keys[slot[c, p]] = rows[p] wherever keep[c, p], with no host sync (the Triton push).
+    rows: (P, D); the compiled CPU kernel (csrc/cpu/bank.cpp) also reads a dense (B, D, HW)
+    channels-first map in place (pixel p = b HW + s)."""
     from pixcon_kernels.bank import bank_push as launch
     launch(keys, rows, keep, slot)
 
@@ -590,9 +611,10 @@ torch.library.register_autograd("pixcon::tiled_contrast", _tiled_backward,
 
 
 _TRITON_ON_CPU = [False]
-# The ops whose CUDA kernel is a Triton launcher, in the order they are defined above.
+# The ops whose CUDA kernel is a Triton launcher (or, for sample_anchors, torch code on the Triton
+# ops), in the order they are defined above.
 _TRITON_OPS = (philox, edt, edt_exact, edt_ragged, class_sums, sample_in_groups,
-               sample_negatives, bank_push, sparse_infonce, sparse_infonce_backward, rows_and_class_sums, reco_infonce,
+               sample_negatives, sample_anchors, bank_push, sparse_infonce, sparse_infonce_backward, rows_and_class_sums, reco_infonce,
                inv_norms, unit_class_sums, unit_class_sums_backward, anchor_contrast,
                anchor_contrast_backward, tiled_contrast_op, tiled_contrast_backward)
 

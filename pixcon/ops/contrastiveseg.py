@@ -52,13 +52,19 @@ def _predictions(op, predict, B, h, w, check_values=None):
 
 
 def sample_anchors(gt, pred, *, max_samples: int, max_views: int, seed: int):
-    """Segmentation-aware hard anchors, vectorised (one sort by key, one by group; no sync).
+    """Segmentation-aware hard anchors, no host sync: op ``pixcon::sample_anchors``, whose CUDA
+    kernel is :func:`sample_anchors_torch` and whose CPU kernel is compiled
+    (csrc/cpu/hard_anchors.cpp: per (image, class) pair a bounded heap of the smallest keys, no
+    sort of every pixel). gt, pred: (B, h, w) at feature resolution, gt -1 = ignored. Returns
+    (index (max_samples,) flat pixel indices, -1 in unused slots; labels (max_samples,), -1
+    unused; T; n_view) with T and n_view 0-d tensors, rows in the official view-major order
+    (slot v*T + t): the same samples as pixcon.reference.contrastiveseg.sample_anchors."""
+    return lib.sample_anchors(gt, pred, int(max_samples), int(max_views), int(seed))
 
-    gt, pred: (B, h, w) at feature resolution, gt -1 = ignored. Returns (index (max_samples,)
-    flat pixel indices, -1 in unused slots; labels (max_samples,), -1 unused; T; n_view) with T
-    and n_view 0-d tensors, rows in the official view-major order (slot v*T + t). The same
-    samples as pixcon.reference.contrastiveseg.sample_anchors, on the device's kernels (inside
-    a loss's kernels() scope)."""
+
+def sample_anchors_torch(gt, pred, *, max_samples: int, max_views: int, seed: int):
+    """:func:`sample_anchors` vectorised in torch (one sort by key, one by group): the op's
+    CUDA kernel, and its kernel on CPU tensors inside triton_on_cpu."""
     B = gt.shape[0]
     g, p = gt.reshape(-1).to(torch.int64), pred.reshape(-1).to(torch.int64)
     P, dev = g.numel(), g.device
