@@ -287,6 +287,24 @@ def test_label_dtypes_give_the_same_transform(backend):
 
 
 @pytest.mark.skipif(not pixcon.HAS_C, reason="not built")
+@pytest.mark.skipif(not pixcon.HAS_C, reason="the compiled CPU kernels are not built")
+@pytest.mark.parametrize("W", [16383, 16385])
+def test_native_envelope_scratch_widths_equal_scipy(W):
+    """The row pass keeps its envelope in 32-bit scratch below 2^14 per side and in 64-bit (128-bit
+    products) from there: maps on both sides of the switch, with long runs (the envelope) and
+    short ones (all sites), give SciPy's squared distances exactly, as float64 and float32."""
+    g = torch.Generator().manual_seed(W)
+    m = torch.rand(3, W, generator=g) > 0.002                          # runs of hundreds
+    m[1, 200:260:3] = False                                             # and runs of 2
+    m[2] = True                                                         # a row without a zero
+    m[2, -1] = False
+    want = scipy_sq(m.numpy())
+    got = torch.ops.pixcon.edt_exact(m, 0)
+    assert np.array_equal(got.numpy(), want)
+    got32 = torch.ops.pixcon.edt(m, 0, True)
+    assert got32.dtype == torch.float32 and np.array_equal(got32.numpy(), want.astype(np.float32))
+
+
 def test_native_byte_maps_and_wide_backgrounds():
     """The compiled kernel reads bool and uint8 maps as bytes (background 0..255), other labels
     as int32 where labels and background fit, else int64: every route gives the int64 route's

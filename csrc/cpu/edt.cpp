@@ -24,45 +24,48 @@
 namespace pixcon {
 namespace {
 
-constexpr int64_t kInf = std::numeric_limits<int64_t>::max() / 4;
-constexpr int64_t kNarrow = int64_t{1} << 14;    // sides below this: 64-bit envelope products
+// "no site": a quarter of the scratch type's range, so sums of two stay in it
+template <typename I>
+constexpr I kInf = std::numeric_limits<I>::max() / 4;
+constexpr int64_t kNarrow = int64_t{1} << 14;    // sides below this: 32-bit scratch, 64-bit products
 constexpr int64_t kBrute = 32;    // runs shorter than this: all sites, no envelope
 
 // Lower envelope of parabolas (x - v)^2 + f[v] over sites v in [lo, hi], evaluated at x in
 // [xlo, xhi]; sites with f >= kInf are skipped. out[x] receives the minimum. Intersections are
 // kept as exact rationals num / den (den > 0) and compared by cross-multiplication: no division,
-// no rounding. M: the products' type, 128 bits for any map that fits in memory (|num| < 2^63,
-// den <= 2W), 64 bits where the map's sides are below kNarrow (|num| < 2^31, den < 2^16: every
-// product below 2^47), a third of the row pass's time there.
-template <typename M>
-void envelope(const int64_t* __restrict__ f, int64_t lo, int64_t hi, int64_t xlo, int64_t xhi,
-              int64_t* __restrict__ v, int64_t* __restrict__ hv, int64_t* __restrict__ zn,
-              int64_t* __restrict__ zd, int64_t* __restrict__ out) {
+// no rounding. I: the scratch's type, M: the products'. Any map that fits in memory: I 64 bits,
+// M 128 (|num| < 2^63, den <= 2W). Sides below kNarrow: I 32 bits (f < 2^28, hv < 2^29, den <
+// 2^15, distances below kInf<int32_t> = 2^29 - 1) and M 64 (every product below 2^44): half the
+// scratch's bytes, and 64-bit products were a third of the row pass's time against 128.
+template <typename I, typename M>
+void envelope(const I* __restrict__ f, int64_t lo, int64_t hi, int64_t xlo, int64_t xhi,
+              I* __restrict__ v, I* __restrict__ hv, I* __restrict__ zn, I* __restrict__ zd,
+              I* __restrict__ out) {
   int64_t k = -1;  // envelope sites v[0..k] (hv = f[v] + v^2); parabola k lowest on (z[k], z[k+1]]
   for (int64_t q = lo; q <= hi; ++q) {
-    if (f[q] >= kInf) continue;
-    const int64_t hq = f[q] + q * q;
+    if (f[q] >= kInf<I>) continue;
+    const I hq = f[q] + static_cast<I>(q * q);
     if (k < 0) {
-      k = 0; v[0] = q; hv[0] = hq;
+      k = 0; v[0] = static_cast<I>(q); hv[0] = hq;
       continue;
     }
-    int64_t num, den;                     // s = num / den, where parabolas k and q meet
+    I num, den;                           // s = num / den, where parabolas k and q meet
     for (;;) {                            // pop while s <= z[k]; z[0] = -inf never pops
       num = hq - hv[k];
-      den = 2 * (q - v[k]);
+      den = static_cast<I>(2 * (q - v[k]));
       if (k == 0 || static_cast<M>(num) * zd[k] > static_cast<M>(zn[k]) * den) break;
       --k;
     }
-    ++k; v[k] = q; hv[k] = hq; zn[k] = num; zd[k] = den;
+    ++k; v[k] = static_cast<I>(q); hv[k] = hq; zn[k] = num; zd[k] = den;
   }
   if (k < 0) {
-    for (int64_t x = xlo; x <= xhi; ++x) out[x] = kInf;
+    for (int64_t x = xlo; x <= xhi; ++x) out[x] = kInf<I>;
     return;
   }
   int64_t j = 0;
   for (int64_t x = xlo; x <= xhi; ++x) {
     while (j < k && zn[j + 1] < static_cast<M>(x) * zd[j + 1]) ++j;     // z[j+1] < x
-    const int64_t d = x - v[j];
+    const I d = static_cast<I>(x - v[j]);
     out[x] = d * d + f[v[j]];
   }
 }
@@ -105,11 +108,15 @@ void column_block(const T* L, int32_t* G, int64_t H, int64_t W, int64_t nx, T bg
 // x - 1 and e + 1 (cost 0 sites); short runs are solved by brute force, long ones by the
 // envelope. f, d2, v, hv, zn, zd: scratch of W (+ 2) entries; cut: W + 1 bytes, 1 where a
 // run ends (one vector pass, then memchr finds each run's end).
-template <typename T, typename O>
+// G may be the same memory as o (float32 outputs): it is copied to gr (W ints of scratch) with
+// memcpy, whose byte reads the compiler keeps ahead of the row's float stores.
+template <typename T, typename O, typename I, typename M>
 __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-void row_pass(const T* L, const int32_t* G, O* o, int64_t W, T bg, bool squared, bool narrow,
-              int64_t* f, int64_t* d2, int64_t* v, int64_t* hv, int64_t* zn, int64_t* zd,
-              uint8_t* __restrict__ cut) {
+void row_pass(const T* L, const int32_t* G_in, O* o, int64_t W, T bg, bool squared, I* f, I* d2,
+              I* v, I* hv, I* zn, I* zd, uint8_t* __restrict__ cut, int32_t* __restrict__ gr) {
+  constexpr I inf_site = kInf<I>;
+  std::memcpy(gr, G_in, W * sizeof(int32_t));
+  const int32_t* G = gr;
   for (int64_t t = 0; t + 1 < W; ++t) cut[t] = L[t] != L[t + 1];
   cut[W - 1] = 1;
   int64_t x = 0;
@@ -121,28 +128,31 @@ void row_pass(const T* L, const int32_t* G, O* o, int64_t W, T bg, bool squared,
       // the run's sites and the differing pixels just outside it (cost 0)
       const int64_t lo = x > 0 ? x - 1 : x, hi = e + 1 < W ? e + 1 : e;
       for (int64_t t = lo; t <= hi; ++t)
-        f[t] = (t < x || t > e) ? 0 : (G[t] >= kFar ? kInf : static_cast<int64_t>(G[t]) * G[t]);
+        f[t] = (t < x || t > e) ? 0 : (G[t] >= kFar ? inf_site : static_cast<I>(G[t]) * G[t]);
       if (e - x < kBrute) {            // short runs: every site, a branch-free vector loop
         for (int64_t t = x; t <= e; ++t) {
-          int64_t best = kInf;
-          for (int64_t u = lo; u <= hi; ++u) best = std::min(best, (t - u) * (t - u) + f[u]);
+          I best = inf_site;
+          for (int64_t u = lo; u <= hi; ++u)
+            best = std::min(best, static_cast<I>((t - u) * (t - u)) + f[u]);
           d2[t] = best;
         }
-      } else if (narrow) envelope<int64_t>(f, lo, hi, x, e, v, hv, zn, zd, d2);
-      else envelope<__int128>(f, lo, hi, x, e, v, hv, zn, zd, d2);
+      } else {
+        envelope<I, M>(f, lo, hi, x, e, v, hv, zn, zd, d2);
+      }
     }
     x = e + 1;
   }
   const O inf = std::numeric_limits<O>::infinity();
   if (squared) {
-    for (int64_t t = 0; t < W; ++t) o[t] = d2[t] >= kInf ? inf : static_cast<O>(d2[t]);
+    for (int64_t t = 0; t < W; ++t) o[t] = d2[t] >= inf_site ? inf : static_cast<O>(d2[t]);
   } else {        // two loops: GCC vectorises neither a sqrt under a condition nor a scalar one
     for (int64_t t = 0; t < W; ++t) o[t] = std::sqrt(static_cast<float>(d2[t]));
-    for (int64_t t = 0; t < W; ++t) o[t] = d2[t] >= kInf ? inf : o[t];
+    for (int64_t t = 0; t < W; ++t) o[t] = d2[t] >= inf_site ? inf : o[t];
   }
 }
 
-// out: float32 distances, or float64 squared distances (exact integers below 2^53)
+// out: float32 distances, or float64 squared distances (exact integers below 2^53); gcol may be
+// out's own memory for float32 (see transform)
 template <typename T, typename O>
 void edt_impl(const T* lab, int64_t N, int64_t H, int64_t W, T bg, int32_t* gcol, O* out,
               bool squared) {
@@ -157,15 +167,22 @@ void edt_impl(const T* lab, int64_t N, int64_t H, int64_t W, T bg, int32_t* gcol
       column_block<T>(lab + n * H * W + x0, gcol + n * H * W + x0, H, W, nx, bg, below.data());
     }
   });
-  // pass 2: rows. f < H^2 + W^2 + W^2 and den <= 2W: 64-bit products suffice below kNarrow.
-  const bool narrow = H < kNarrow && W < kNarrow;
-  at::parallel_for(0, N * H, grain_for(N * H, 4 * W, 16), [&](int64_t begin, int64_t end) {
-    std::vector<int64_t> f(W), d2(W), v(W + 2), hv(W + 2), zn(W + 2), zd(W + 2);
-    std::vector<uint8_t> cut(W + 1);
-    for (int64_t r = begin; r < end; ++r)
-      row_pass<T, O>(lab + r * W, gcol + r * W, out + r * W, W, bg, squared, narrow, f.data(),
-                     d2.data(), v.data(), hv.data(), zn.data(), zd.data(), cut.data());
-  });
+  // pass 2: rows (32-bit scratch and 64-bit products below kNarrow: see envelope)
+  auto rows = [&](auto zero, auto product) {
+    using I = decltype(zero);
+    using M = decltype(product);
+    at::parallel_for(0, N * H, grain_for(N * H, 4 * W, 16), [&](int64_t begin, int64_t end) {
+      std::vector<I> f(W), d2(W), v(W + 2), hv(W + 2), zn(W + 2), zd(W + 2);
+      std::vector<uint8_t> cut(W + 1);
+      std::vector<int32_t> gr(W);
+      for (int64_t r = begin; r < end; ++r)
+        row_pass<T, O, I, M>(lab + r * W, gcol + r * W, out + r * W, W, bg, squared, f.data(),
+                             d2.data(), v.data(), hv.data(), zn.data(), zd.data(), cut.data(),
+                             gr.data());
+    });
+  };
+  if (H < kNarrow && W < kNarrow) rows(int32_t{0}, int64_t{0});
+  else rows(int64_t{0}, __int128{0});
 }
 
 // exact: squared distances in float64 (exact integers below 2^53); else float32 distances or
@@ -183,7 +200,13 @@ at::Tensor transform(const at::Tensor& labels, int64_t background, bool squared,
   const int64_t N = H * W == 0 ? 0 : labels.numel() / (H * W);
   auto out = empty_large(labels.sizes(), labels.options().dtype(exact ? at::kDouble : at::kFloat));
   if (N == 0) return out;
-  auto g = empty_large({N, H, W}, labels.options().dtype(at::kInt));
+  // The column distances G (int32) live in the float32 output itself: a row's G is read (into
+  // the envelope's sites) before that row's distances are written over it, and rows never read
+  // each other's G. A separate G was a second fresh image-sized block per call, and the kernel
+  // zeroing its pages was a fifth of the time at 8 x 1024 x 2048. Float64 outputs (twice as
+  // wide: row r would overwrite rows 2r and 2r + 1 of G) keep their own.
+  auto g = exact ? empty_large({N, H, W}, labels.options().dtype(at::kInt))
+                 : out.view(at::kInt);
   // bytes (binary masks) as they are; other labels as int32 where they and the background fit,
   // else int64 (a background outside int32 is compared in int64: no truncation)
   const auto st = labels.scalar_type();
