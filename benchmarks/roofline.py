@@ -7,8 +7,9 @@ Three rates, each the best of a few repetitions (the machine's capability, not i
 - copy: ``Tensor.copy_`` of a buffer far larger than the caches (bytes read + written), the rate
   every byte of the floor is charged at;
 - gather: ``index_select`` of random 1-KB rows (256 fp32) out of such a buffer (bytes gathered
-  + written), shown beside the others: a step that gathers random rows cannot beat it, so an op
-  whose floor is its gathers is at best copy / gather times slower than the floor says.
+  + written), shown beside the others;
+- random-row reads: the same rows gathered 4,096 at a time into one 4-MB buffer that stays in
+  cache (bytes gathered): the rate at which this CPU reads random rows out of memory at all.
 
 A row's floor is the per-kernel accounting of benchmarks/floor.py (tools/cost.py: the bytes each
 step must move and the FLOPs it must do, the same counts as the GPU floors) over these rates:
@@ -19,6 +20,11 @@ square-matrix sgemm is a rate BLAS does not reach: ``torch.mm`` of (C x 256) @ (
 quarter to a third of it here. For those rows a second floor charges the FLOPs at that measured
 class-sized rate ("x BLAS floor"): the best a pass of BLAS can do on this CPU, the bar of issue
 32 item 2 where the first floor is out of a CPU's reach.
+
+Likewise where a step's bytes are random rows (ReCo's and U2PL's negatives: the model's
+``gathered`` bytes, a row read once per use), the first floor charges them at the streaming
+rate, which random 1-KB rows do not reach on a CPU (a third of it here): a second floor charges
+them at the measured random-row read rate and the rest at the copy rate ("x gather floor").
 """
 from __future__ import annotations
 
@@ -62,7 +68,8 @@ def class_sgemm(C: int, size: str = "full", reps: int = 5) -> float:
 
 
 def measure(size: str = "full", reps: int = 5) -> dict:
-    """{"threads", "sgemm_gflops", "copy_gbs", "gather_gbs", "size"} of this process now."""
+    """{"threads", "sgemm_gflops", "copy_gbs", "gather_gbs", "row_read_gbs", "size"} of this
+    process now."""
     s = SIZES[size]
     g = torch.Generator().manual_seed(0)
     n = s["n"]
@@ -75,10 +82,19 @@ def measure(size: str = "full", reps: int = 5) -> dict:
     idx = torch.randint(0, table.shape[0], (s["rows"],), generator=g)
     out = torch.empty(s["rows"], 256)
     t_gather = _best(lambda: torch.index_select(table, 0, idx, out=out), reps)
+    chunk = 4096
+    buf = torch.empty(chunk, 256)
+
+    def read_rows():
+        for i in range(0, s["rows"], chunk):
+            torch.index_select(table, 0, idx[i:i + chunk], out=buf[:len(idx[i:i + chunk])])
+
+    t_read = _best(read_rows, reps)
     return {"threads": torch.get_num_threads(), "size": size,
             "sgemm_gflops": sgemm,
             "copy_gbs": round(2 * numel * 4 / t_copy / 1e9, 2),
-            "gather_gbs": round(2 * s["rows"] * 1024 / t_gather / 1e9, 2)}
+            "gather_gbs": round(2 * s["rows"] * 1024 / t_gather / 1e9, 2),
+            "row_read_gbs": round(s["rows"] * 1024 / t_read / 1e9, 2)}
 
 
 def main(argv=None):
@@ -125,6 +141,13 @@ def floor(row: dict, rates: dict) -> dict:
         blas = float(f"{1e3 * m.floor(machine({**rates, 'sgemm_gflops': table[str(C)]})):.4g}")
         out.update(cpu_blas_floor_ms=blas, cpu_blas_gflops=table[str(C)],
                    x_cpu_blas_floor=round(row["time_ms"] / blas, 1) if blas > 0 else None)
+    gathered = m.gathered()
+    if gathered > 0 and rates.get("row_read_gbs"):
+        must = sum(k.must for k in m.kernels)
+        t_bytes = (must - gathered) / cpu["bw"] + gathered / (rates["row_read_gbs"] * 1e9)
+        g = float(f"{1e3 * max(t_bytes, t):.4g}")
+        out.update(cpu_gather_floor_ms=g, gathered_mb=round(gathered / 1e6, 1),
+                   x_cpu_gather_floor=round(row["time_ms"] / g, 1) if g > 0 else None)
     return out
 
 
@@ -136,10 +159,12 @@ def markdown(rows) -> str:
     rates = rs[0]["cpu_roofline"]
     lines = [f"This CPU's roofline at {rates['threads']} thread(s), measured in this run: sgemm "
              f"{rates['sgemm_gflops']} GFLOP/s, copy {rates['copy_gbs']} GB/s, random 1-KB "
-             f"rows {rates['gather_gbs']} GB/s. Floor = max(bytes that must move / copy, "
+             f"rows {rates['gather_gbs']} GB/s (gathered + written), random-row reads "
+             f"{rates.get('row_read_gbs', '-')} GB/s. Floor = max(bytes that must move / copy, "
              "FLOP that must run / sgemm), the same per-kernel counts as the GPU floors:", "",
              "| op | size | case | provider | ms | MB moved | GFLOP | bound | CPU floor ms | "
-             "x floor | x BLAS floor |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "x floor | x BLAS floor | x gather floor |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     import floor as gpu_floor
     for r in rs:
         lines.append(f"| {r['op']} | {r['size']} | {gpu_floor._case(r)} | {r['provider']} | "
@@ -147,10 +172,16 @@ def markdown(rows) -> str:
                      f"{r.get('floor_gflop', '-')} | {r['cpu_floor_bound']} | "
                      f"{r['cpu_floor_ms']:.4g} | {r['x_cpu_floor']}x | " +
                      (f"{r['x_cpu_blas_floor']}x (at {r['cpu_blas_gflops']} GFLOP/s) |"
-                      if r.get("x_cpu_blas_floor") is not None else "- |"))
+                      if r.get("x_cpu_blas_floor") is not None else "- |") +
+                     (f" {r['x_cpu_gather_floor']}x ({r['gathered_mb']} MB of random rows) |"
+                      if r.get("x_cpu_gather_floor") is not None else " - |"))
     if any(r.get("x_cpu_blas_floor") is not None for r in rs):
         lines += ["", "x BLAS floor: the FLOPs charged at the rate torch.mm reaches on this CPU "
                   "for (classes x 256) @ (256 x 65536), the contraction shape of those ops."]
+    if any(r.get("x_cpu_gather_floor") is not None for r in rs):
+        lines += ["", "x gather floor: the random rows the step must read (each gathered row "
+                  "once per use) charged at the random-row read rate, the other bytes at the "
+                  "copy rate."]
     return "\n".join(lines) + "\n"
 
 

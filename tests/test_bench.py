@@ -318,6 +318,31 @@ def test_cpu_floor_by_hand():
     assert "x_cpu_blas_floor" not in fast                        # ReCo: no class-sized side
 
 
+def test_gather_floor_by_hand():
+    """ReCo's negatives are random rows: the gather floor charges the 2560 x 513 rows of 1 KB
+    the step gathers at the random-row read rate (given: 5 GB/s) and its other bytes at the
+    copy rate (10 GB/s); without a measured read rate, or for an op with no gathered rows, no
+    such column."""
+    roofline = bench_module("roofline")
+    row = {"op": "reco_loss", "shape": [20, 256, 81, 81], "num_classes": 21,
+           "present_classes": 10, "num_queries": 256, "num_negatives": 512, "time_ms": 324.08}
+    P, M = 20 * 81 * 81, 10 * 256
+    gathered = M * 513 * 256 * 4
+    other = 2 * P * 256 * 4 + 12 * P + 2 * M * 256 * 4
+    rates = {"threads": 1, "sgemm_gflops": 100.0, "copy_gbs": 10.0, "gather_gbs": 2.0,
+             "row_read_gbs": 5.0}
+    got = roofline.floor(row, rates)
+    want = 1e3 * (other / 10e9 + gathered / 5e9)
+    assert got["cpu_gather_floor_ms"] == pytest.approx(want, rel=5e-4)
+    assert got["gathered_mb"] == round(gathered / 1e6, 1)
+    assert got["x_cpu_gather_floor"] == round(324.08 / got["cpu_gather_floor_ms"], 1)
+    assert got["cpu_gather_floor_ms"] > got["cpu_floor_ms"]
+    assert "x_cpu_gather_floor" not in roofline.floor(row, {**rates, "row_read_gbs": None})
+    cac = {"op": "directional_contrast_loss", "anchors": 8100, "negatives": 129600, "dim": 128,
+           "time_ms": 1.0}
+    assert "x_cpu_gather_floor" not in roofline.floor(cac, rates)
+
+
 def test_class_sized_blas_floor_by_hand():
     """Contextrast's contractions have a class-sized side: its second floor charges the same
     FLOPs at the class-sized sgemm rate (given here: 25 GFLOP/s where square sgemm is 100), so at

@@ -102,6 +102,8 @@ class Kernel:
     triton: str | None = None     # the Triton kernel whose resources set per_sm
     warps: int = 4                # its launch's warps
     efficiency: float = 1.0       # share of the unit's peak its FLOPs run at
+    gathered: float = 0.0         # of ``must``, the bytes read as random rows (a CPU reads
+                                  # them at its random-row rate, not its streaming rate)
 
     def slots(self, gpu: dict) -> int:
         """Programs one SM of ``gpu`` holds at once."""
@@ -155,6 +157,10 @@ class Op:
         flops = sum(k.needed_flops() for k in self.kernels if k.unit != "int")
         return max(must / gpu["bw"], flops / rate(gpu, self.must_flops_unit))
 
+    def gathered(self) -> float:
+        """Bytes of the floor's ``must`` that are random-row reads."""
+        return sum(k.gathered for k in self.kernels)
+
     def official_estimate(self, gpu: dict) -> float | None:
         return sum(k.time(gpu) for k in self.official) if self.official else None
 
@@ -202,7 +208,7 @@ def reco(B, D, h, w, C, K, Q, N, elt=F32) -> Op:
                note="P-length passes; probs read once for the hard mask"),
         Kernel("_reco_infonce_kernel", rows + M * D * F32,
                rows + M * N * SECTOR + M * (D + 4) * F32, 6.0 * M * (N + 1) * D, "fma",
-               programs=M, triton="_reco_infonce_kernel",
+               programs=M, triton="_reco_infonce_kernel", gathered=rows,
                note="a gathered row is read once; + one 32-byte sector of `order` per negative"),
         Kernel("backward: scale, scatter into a zero map", E + M * D * F32,
                E + 3 * M * D * F32, 2.0 * M * D, "fma", launches=4,
@@ -354,9 +360,11 @@ def u2pl(B, D, h, w, C, Q, N, pushed, elt=F32) -> Op:
                "int", launches=2, programs=_cdiv(M * (N + 1), 256),
                triton="_sample_in_groups_kernel"),
         Kernel("_infonce_fwd_kernel", rows + M * D * F32, rows + M * N * SECTOR,
-               4.0 * M * (N + 1) * D, "fma", programs=M, triton="_infonce_fwd_kernel"),
+               4.0 * M * (N + 1) * D, "fma", programs=M, triton="_infonce_fwd_kernel",
+               gathered=rows),
         Kernel("_infonce_bwd_kernel", rows + E, 2 * rows + E + M * D * F32,
                6.0 * M * (N + 1) * D, "fma", programs=M, triton="_infonce_bwd_kernel",
+               gathered=rows,
                note="recomputes the logits; the embedding's gradient written once"),
     ]
     official = [
