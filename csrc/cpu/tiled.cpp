@@ -265,7 +265,7 @@ Plan make_plan(const at::Tensor& a, const at::Tensor& ya, const c10::optional<at
   p.BM = given ? block[0] : p.small ? 128 : std::clamp<int64_t>((Mv + 15) / 16, 16, 64);
   p.BN = given ? block[1] : 512;
   TORCH_CHECK(p.BM > 0 && p.BN > 0, "tiled_contrast: block sizes must be positive");
-  p.BNK = given || p.small ? p.BN : std::clamp<int64_t>((Nv + 15) / 16, 64, p.BN);
+  p.BNK = given || p.small ? p.BN : std::clamp<int64_t>((Nv + 3) / 4, 64, p.BN);
   p.CH = p.small && !given ? std::max<int64_t>(Nv, 1) : std::max<int64_t>(p.BN, (4096 / p.BN) * p.BN);
   p.nta = (Mv + p.BM - 1) / p.BM;
   p.nch = (Nv + p.CH - 1) / p.CH;
