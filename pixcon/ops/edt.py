@@ -55,9 +55,9 @@ def distance_transform(x: torch.Tensor, *, squared: bool = False, labels: bool =
     if labels:
         lab = x
         bg = background
-    else:
-        lab = (x != 0).to(torch.uint8)
-        bg = 0
+    else:      # a bool mask is read as its bytes (0 / 1); converting it took 50 ms at 8 x 1024
+        lab = x.view(torch.uint8) if x.dtype == torch.bool else (x != 0).to(torch.uint8)
+        bg = 0     # x 2048 (as long as the transform), other dtypes are compared with 0
     be = chk.resolve_backend(backend, x.device, "distance_transform",
                              ("reference", "triton", "native"))
     if be == "reference":
