@@ -1,7 +1,11 @@
 """InfoNCE over sparse pixel sets: per query row m, one positive and N negatives given as row
 indices, cosine logits over a temperature, online log-sum-exp. Nothing of size M x N x D (nor
 M x N) is ever stored: the forward keeps one (max, sum) pair per query, the backward recomputes
-the logits from the indices and the saved log-sum-exp.
+the logits from the indices and the saved log-sum-exp; or, without key gradients, the forward
+also keeps each query's softmax-weighted mean unit key (one D-row a query: keep_direction) and
+the backward is a scale and a scatter, reading no key again. A program holds its query's row
+and walks the negatives in whole-row tiles (D up to 512: 8 rows of 512 per tile on a GPU),
+each key row read once.
 
     s_j   = cos(a_m, k_j) / t,   k_0 = positive, k_1..N = negatives (index -1: absent)
     loss_m = logsumexp_j s_j - s_0          (0 where the query index is -1)
@@ -34,88 +38,82 @@ def _row(p, HW, s_b, s_s):
 
 
 @triton.jit
-def _sq_norm(ptr, base, s_d, Dv, ACC: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Squared norm of the first Dv elements (Dv = D for a valid row, 0 for an absent one:
-    masks are then plain comparisons, never a scalar bool combined into a block mask, which
-    the Triton 3.9 interpreter rejects)."""
-    acc = tl.zeros([BLOCK_D], dtype=ACC)
-    for d0 in range(0, Dv, BLOCK_D):
-        d = d0 + tl.arange(0, BLOCK_D)
-        v = tl.load(ptr + base + d.to(tl.int64) * s_d, mask=d < Dv, other=0.0).to(ACC)
-        acc += v * v
-    return tl.sum(acc, axis=0)
+def _key_tile(k_ptr, k_rows, k_sd, k_ok, d, dm, ACC: tl.constexpr):
+    """A block of negative rows, whole: (BLOCK_N, D_PAD), zeros where absent or past D."""
+    return tl.load(k_ptr + k_rows[:, None] + d[None, :].to(tl.int64) * k_sd,
+                   mask=k_ok[:, None] & dm[None, :], other=0.0).to(ACC)
 
 
 @triton.jit
-def _dot(a_ptr, a_base, a_sd, b_ptr, b_base, b_sd, Dv, ACC: tl.constexpr,
-         BLOCK_D: tl.constexpr):
-    acc = tl.zeros([BLOCK_D], dtype=ACC)
-    for d0 in range(0, Dv, BLOCK_D):
-        d = d0 + tl.arange(0, BLOCK_D)
-        dm = d < Dv
-        a = tl.load(a_ptr + a_base + d.to(tl.int64) * a_sd, mask=dm, other=0.0).to(ACC)
-        b = tl.load(b_ptr + b_base + d.to(tl.int64) * b_sd, mask=dm, other=0.0).to(ACC)
-        acc += a * b
-    return tl.sum(acc, axis=0)
-
-
-@triton.jit
-def _neg_block(q_ptr, q_base, q_sd, k_ptr, k_rows, k_sd, k_ok, D, ACC: tl.constexpr,
-               BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Dot products with the query and squared norms of a block of negative rows."""
-    dot = tl.zeros([BLOCK_N], dtype=ACC)
-    ksq = tl.zeros([BLOCK_N], dtype=ACC)
-    for d0 in range(0, D, BLOCK_D):
-        d = d0 + tl.arange(0, BLOCK_D)
-        dm = d < D
-        a = tl.load(q_ptr + q_base + d.to(tl.int64) * q_sd, mask=dm, other=0.0).to(ACC)
-        k = tl.load(k_ptr + k_rows[:, None] + d[None, :].to(tl.int64) * k_sd,
-                    mask=k_ok[:, None] & dm[None, :], other=0.0).to(ACC)
-        dot += tl.sum(k * a[None, :], axis=1)
-        ksq += tl.sum(k * k, axis=1)
-    return dot, ksq
+def _query_and_positive(q_ptr, pos_ptr, qi, pi, Dv, d, q_HW, q_sb, q_ss, q_sd, p_sr, p_sd, eps,
+                        ACC: tl.constexpr):
+    """Query row a and positive row p (D_PAD wide, zeros past Dv: an absent query reads
+    nothing), their inverse norms and cos(a, p)."""
+    a = tl.load(q_ptr + _row(tl.maximum(qi, 0), q_HW, q_sb, q_ss) + d.to(tl.int64) * q_sd,
+                mask=d < Dv, other=0.0).to(ACC)
+    p = tl.load(pos_ptr + tl.maximum(pi, 0).to(tl.int64) * p_sr + d.to(tl.int64) * p_sd,
+                mask=d < Dv, other=0.0).to(ACC)
+    a_inv = 1.0 / tl.maximum(tl.sqrt(tl.sum(a * a, axis=0)), eps)
+    p_inv = 1.0 / tl.maximum(tl.sqrt(tl.sum(p * p, axis=0)), eps)
+    return a, p, a_inv, p_inv, tl.sum(a * p, axis=0) * a_inv * p_inv
 
 
 @triton.jit
 def _infonce_fwd_kernel(q_ptr, k_ptr, pos_ptr, qidx_ptr, pidx_ptr, nidx_ptr, loss_ptr, lse_ptr,
-                        N, D, q_HW, q_sb, q_ss, q_sd, k_HW, k_sb, k_ss, k_sd, p_sr, p_sd,
-                        inv_t, eps, ACC: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_D: tl.constexpr):
+                        v_ptr, cbar_ptr, N, D, q_HW, q_sb, q_ss, q_sd, k_HW, k_sb, k_ss, k_sd,
+                        p_sr, p_sd, inv_t, eps, ACC: tl.constexpr, KEEP_DIR: tl.constexpr,
+                        BLOCK_N: tl.constexpr, D_PAD: tl.constexpr):
+    """One query a program: its row, positive and running sums in registers, the negatives in
+    whole-row tiles (each key row read once, its dot product and norm from the same tile).
+    KEEP_DIR: also the softmax-weighted mean unit key v (D,) and mean cosine cbar, rescaled with
+    the running maximum like the sum itself (flash attention's output accumulator), so that the
+    backward is a scale and a scatter."""
     m = tl.program_id(0)
     qi = tl.load(qidx_ptr + m)
     ok = qi >= 0
     Dv = tl.where(ok, D, 0)                 # valid lengths: D, N for a query, 0 for none
     Nv = tl.where(ok, N, 0)
     pi = tl.load(pidx_ptr + m)
-    q_base = _row(tl.maximum(qi, 0), q_HW, q_sb, q_ss)
-    p_base = tl.maximum(pi, 0).to(tl.int64) * p_sr
-    a_inv = 1.0 / tl.maximum(tl.sqrt(_sq_norm(q_ptr, q_base, q_sd, Dv, ACC, BLOCK_D)), eps)
-    p_inv = 1.0 / tl.maximum(tl.sqrt(_sq_norm(pos_ptr, p_base, p_sd, Dv, ACC, BLOCK_D)), eps)
-    s_pos = _dot(q_ptr, q_base, q_sd, pos_ptr, p_base, p_sd, Dv, ACC, BLOCK_D) \
-        * a_inv * p_inv * inv_t
+    d = tl.arange(0, D_PAD)
+    dm = d < D
+    a, p, a_inv, p_inv, cos_pos = _query_and_positive(q_ptr, pos_ptr, qi, pi, Dv, d, q_HW, q_sb,
+                                                      q_ss, q_sd, p_sr, p_sd, eps, ACC)
+    s_pos = cos_pos * inv_t
     m_run = s_pos
     l_run = s_pos * 0.0 + 1.0
+    v = p * p_inv                           # KEEP_DIR: sum of e^(s - m_run) k^ (positive first)
+    c = s_pos                               #           sum of e^(s - m_run) s
     for n0 in range(0, N, BLOCK_N):
         n = n0 + tl.arange(0, BLOCK_N)
         kidx = tl.load(nidx_ptr + m.to(tl.int64) * N + n, mask=n < Nv, other=-1)
         k_ok = kidx >= 0
-        dot, ksq = _neg_block(q_ptr, q_base, q_sd, k_ptr, _row(tl.maximum(kidx, 0), k_HW, k_sb,
-                              k_ss), k_sd, k_ok, D, ACC, BLOCK_N, BLOCK_D)
-        s = dot * a_inv / tl.maximum(tl.sqrt(ksq), eps) * inv_t
+        k = _key_tile(k_ptr, _row(tl.maximum(kidx, 0), k_HW, k_sb, k_ss), k_sd, k_ok, d, dm, ACC)
+        k_inv = 1.0 / tl.maximum(tl.sqrt(tl.sum(k * k, axis=1)), eps)
+        s = tl.sum(k * a[None, :], axis=1) * a_inv * k_inv * inv_t
         s = tl.where(k_ok, s, float("-inf"))
         m_new = tl.maximum(m_run, tl.max(s, axis=0))
-        l_run = l_run * tl.exp(m_run - m_new) + tl.sum(tl.exp(s - m_new), axis=0)
+        scale = tl.exp(m_run - m_new)
+        e = tl.exp(s - m_new)               # 0 for absent keys
+        l_run = l_run * scale + tl.sum(e, axis=0)
+        if KEEP_DIR:
+            v = v * scale + tl.sum((e * k_inv)[:, None] * k, axis=0)
+            c = c * scale + tl.sum(e * tl.where(k_ok, s, 0.0), axis=0)
         m_run = m_new
     lse = m_run + tl.log(l_run)
     tl.store(loss_ptr + m, tl.where(ok, lse - s_pos, 0.0))
     tl.store(lse_ptr + m, tl.where(ok, lse, 0.0))
+    if KEEP_DIR:
+        tl.store(v_ptr + m.to(tl.int64) * D + d, tl.where(ok, v / l_run, 0.0), mask=dm)
+        tl.store(cbar_ptr + m, tl.where(ok, c / l_run / inv_t, 0.0))
 
 
 @triton.jit
 def _infonce_bwd_kernel(q_ptr, k_ptr, pos_ptr, qidx_ptr, pidx_ptr, nidx_ptr, lse_ptr, g_ptr,
                         dq_ptr, N, D, q_HW, q_sb, q_ss, q_sd, k_HW, k_sb, k_ss, k_sd, p_sr, p_sd,
                         inv_t, eps, ACC: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_D: tl.constexpr):
+                        D_PAD: tl.constexpr):
+    """One query a program, dq accumulated in registers and stored once (no round trip through
+    memory between iterations); the logits recomputed from whole-row key tiles."""
     m = tl.program_id(0)
     qi = tl.load(qidx_ptr + m)
     ok = qi >= 0
@@ -125,45 +123,25 @@ def _infonce_bwd_kernel(q_ptr, k_ptr, pos_ptr, qidx_ptr, pidx_ptr, nidx_ptr, lse
     g = tl.load(g_ptr + m).to(ACC)
     g = tl.where(ok, g, 0.0)
     lse = tl.load(lse_ptr + m).to(ACC)
-    q_base = _row(tl.maximum(qi, 0), q_HW, q_sb, q_ss)
-    p_base = tl.maximum(pi, 0).to(tl.int64) * p_sr
-    dq_row = dq_ptr + m.to(tl.int64) * D
-    a_inv = 1.0 / tl.maximum(tl.sqrt(_sq_norm(q_ptr, q_base, q_sd, Dv, ACC, BLOCK_D)), eps)
-    p_inv = 1.0 / tl.maximum(tl.sqrt(_sq_norm(pos_ptr, p_base, p_sd, Dv, ACC, BLOCK_D)), eps)
-    cos_pos = _dot(q_ptr, q_base, q_sd, pos_ptr, p_base, p_sd, Dv, ACC, BLOCK_D) * a_inv * p_inv
+    d = tl.arange(0, D_PAD)
+    dm = d < D
+    a, p, a_inv, p_inv, cos_pos = _query_and_positive(q_ptr, pos_ptr, qi, pi, Dv, d, q_HW, q_sb,
+                                                      q_ss, q_sd, p_sr, p_sd, eps, ACC)
     w_pos = g * (tl.exp(cos_pos * inv_t - lse) - 1.0)
     coef = w_pos * cos_pos                                  # sum_j w_j cos_j
-    # dq <- w_pos * p^ (then += sum_j w_j k^_j over the negatives)
-    for d0 in range(0, D, BLOCK_D):
-        d = d0 + tl.arange(0, BLOCK_D)
-        dm = d < D
-        pv = tl.load(pos_ptr + p_base + d.to(tl.int64) * p_sd, mask=d < Dv, other=0.0).to(ACC)
-        tl.store(dq_row + d, w_pos * pv * p_inv, mask=dm)
+    dq = w_pos * p_inv * p                                  # sum_j w_j k^_j
     for n0 in range(0, N, BLOCK_N):
         n = n0 + tl.arange(0, BLOCK_N)
         kidx = tl.load(nidx_ptr + m.to(tl.int64) * N + n, mask=n < Nv, other=-1)
         k_ok = kidx >= 0
-        k_rows = _row(tl.maximum(kidx, 0), k_HW, k_sb, k_ss)
-        dot, ksq = _neg_block(q_ptr, q_base, q_sd, k_ptr, k_rows, k_sd, k_ok, D, ACC, BLOCK_N,
-                              BLOCK_D)
-        k_inv = 1.0 / tl.maximum(tl.sqrt(ksq), eps)
-        cos = dot * a_inv * k_inv
+        k = _key_tile(k_ptr, _row(tl.maximum(kidx, 0), k_HW, k_sb, k_ss), k_sd, k_ok, d, dm, ACC)
+        k_inv = 1.0 / tl.maximum(tl.sqrt(tl.sum(k * k, axis=1)), eps)
+        cos = tl.sum(k * a[None, :], axis=1) * a_inv * k_inv
         w = tl.where(k_ok, g * tl.exp(cos * inv_t - lse), 0.0)
         coef += tl.sum(w * cos, axis=0)
-        for d0 in range(0, D, BLOCK_D):
-            d = d0 + tl.arange(0, BLOCK_D)
-            dm = d < D
-            k = tl.load(k_ptr + k_rows[:, None] + d[None, :].to(tl.int64) * k_sd,
-                        mask=k_ok[:, None] & dm[None, :], other=0.0).to(ACC)
-            acc = tl.load(dq_row + d, mask=dm, other=0.0)
-            tl.store(dq_row + d, acc + tl.sum((w * k_inv)[:, None] * k, axis=0), mask=dm)
+        dq += tl.sum((w * k_inv)[:, None] * k, axis=0)
     # dq = (sum_j w_j k^_j - coef a^) / (t |a|)
-    for d0 in range(0, D, BLOCK_D):
-        d = d0 + tl.arange(0, BLOCK_D)
-        dm = d < D
-        a = tl.load(q_ptr + q_base + d.to(tl.int64) * q_sd, mask=d < Dv, other=0.0).to(ACC)
-        acc = tl.load(dq_row + d, mask=dm, other=0.0)
-        tl.store(dq_row + d, (acc - coef * a * a_inv) * a_inv * inv_t, mask=dm)
+    tl.store(dq_ptr + m.to(tl.int64) * D + d, (dq - coef * a * a_inv) * a_inv * inv_t, mask=dm)
 
 
 @triton.jit
@@ -224,15 +202,18 @@ def _key_grad(pool, keys, q_idx, key_of_pair, query_of_pair, lse, grad, temperat
 
 
 def _blocks(D: int, dtype: torch.dtype):
-    # GPU: 16 x 32 key tiles (fewer than 72 registers, no spill on sm_80/sm_90 with triton 3.6-3.9;
-    # wider tiles spilled a few bytes on sm_80/sm_90 under 3.6)
-    BLOCK_D = min(next_pow2(D), 32 if gpu_config() else 128)
-    BLOCK_N = 16 if gpu_config() else 64
-    if gpu_config() and dtype == torch.float64:
-        BLOCK_D = min(BLOCK_D, 16)              # fp64 values take two registers each
+    """(BLOCK_N, D_PAD, launch options): whole-row key tiles of about 4096 values on a GPU
+    (16 rows at D = 256, 8 at 512, at least 2; fp64 values take two registers each: half), 64
+    rows under the interpreter."""
+    D_PAD = next_pow2(D)
+    if gpu_config():
+        budget = 2048 if dtype == torch.float64 else 4096
+        BLOCK_N = max(2, min(16, budget // D_PAD))
+    else:
+        BLOCK_N = 64
     # maxnreg: without a bound ptxas sometimes settles on 64 registers and spills a few bytes
     opts = dict(maxnreg=255) if gpu_config() else {}
-    return BLOCK_N, BLOCK_D, opts
+    return BLOCK_N, D_PAD, opts
 
 
 def _key_layout(pool, keys, layout):
@@ -244,27 +225,30 @@ def _key_layout(pool, keys, layout):
 
 
 def infonce_forward(pool, pos_pool, q_idx, pos_idx, neg_idx, temperature: float, eps=1e-8,
-                    keys=None):
+                    keys=None, keep_direction: bool = False):
     """pool: (P, D) rows or a (B, D, h, w) map (queries and negatives are its rows); pos_pool:
     (R, D) rows; q_idx, pos_idx: (M,) int; neg_idx: (M, N) int (-1 = absent); keys: (S, D) rows
     the negatives index instead of pool's. Returns per-query loss and log-sum-exp, (M,) float32
-    (float64 for float64 pool)."""
+    (float64 for float64 pool), and with keep_direction each query's softmax-weighted mean unit
+    key v (M, D) and mean cosine cbar (M,) (else None, None)."""
     pool, P, D, HW, s_b, s_s, s_d = pool_layout(pool)
     keys, k_HW, k_sb, k_ss, k_sd = _key_layout(pool, keys, (HW, s_b, s_s, s_d))
     M, N = neg_idx.shape
     dt = torch_acc_dtype(pool.dtype)
     loss = torch.empty(M, dtype=dt, device=pool.device)
     lse = torch.empty(M, dtype=dt, device=pool.device)
+    v = torch.empty((M, D) if keep_direction else (0,), dtype=dt, device=pool.device)
+    cbar = torch.empty(M if keep_direction else 0, dtype=dt, device=pool.device)
     if M == 0:
-        return loss, lse
-    BLOCK_N, BLOCK_D, opts = _blocks(D, pool.dtype)
+        return loss, lse, *((v, cbar) if keep_direction else (None, None))
+    BLOCK_N, D_PAD, opts = _blocks(D, pool.dtype)
     _infonce_fwd_kernel[(M,)](
         pool, keys, pos_pool, q_idx.to(torch.int32).contiguous(),
         pos_idx.to(torch.int32).contiguous(), neg_idx.to(torch.int32).contiguous(), loss, lse,
-        N, D, HW, s_b, s_s, s_d, k_HW, k_sb, k_ss, k_sd, pos_pool.stride(0), pos_pool.stride(1),
-        1.0 / temperature, eps, ACC=acc_dtype(pool.dtype), BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
-        **opts)
-    return loss, lse
+        v, cbar, N, D, HW, s_b, s_s, s_d, k_HW, k_sb, k_ss, k_sd, pos_pool.stride(0),
+        pos_pool.stride(1), 1.0 / temperature, eps, ACC=acc_dtype(pool.dtype),
+        KEEP_DIR=bool(keep_direction), BLOCK_N=BLOCK_N, D_PAD=D_PAD, **opts)
+    return loss, lse, *((v, cbar) if keep_direction else (None, None))
 
 
 def infonce_backward(grad, pool, pos_pool, q_idx, pos_idx, neg_idx, lse, temperature: float,
@@ -283,13 +267,13 @@ def infonce_backward(grad, pool, pos_pool, q_idx, pos_idx, neg_idx, lse, tempera
         zeros = (torch.zeros(pool.shape, dtype=dt, device=pool.device),
                  torch.zeros(pos_pool.shape, dtype=dt, device=pool.device))
         return dq, *(zeros if key_grad else (None, None))
-    BLOCK_N, BLOCK_D, opts = _blocks(D, pool.dtype)
+    BLOCK_N, D_PAD, opts = _blocks(D, pool.dtype)
     _infonce_bwd_kernel[(M,)](
         pool, keys, pos_pool, q_idx.to(torch.int32).contiguous(),
         pos_idx.to(torch.int32).contiguous(), neg_idx.to(torch.int32).contiguous(),
         lse.contiguous(), grad.contiguous(), dq,
         N, D, HW, s_b, s_s, s_d, k_HW, k_sb, k_ss, k_sd, pos_pool.stride(0), pos_pool.stride(1),
-        1.0 / temperature, eps, ACC=acc_dtype(pool.dtype), BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
+        1.0 / temperature, eps, ACC=acc_dtype(pool.dtype), BLOCK_N=BLOCK_N, D_PAD=D_PAD,
         **opts)
     if not key_grad:
         return dq, None, None

@@ -84,18 +84,17 @@ def _cases():
          (emb.detach().clone().requires_grad_(), pos, q, p, neg, 0.5, False, False)),
         (ops.sparse_infonce.default,
          (emb.detach().clone(), pos.clone().requires_grad_(), q, p, neg, 0.5, True, False)),
+        (ops.sparse_infonce.default,
+         (emb.detach().clone().requires_grad_(), pos, q, p, neg, 0.5, False, True)),
     ]
 
 
 @pytest.mark.skipif(not pixcon.HAS_C, reason="extension not built")
 def test_opcheck_cpu_kernels():
     """Schema, fake kernel, autograd registration and dispatch of each op's C++ kernel (the
-    InfoNCE forward also with the CPU kernel's kept direction)."""
+    InfoNCE forward also with its kept direction)."""
     for op, args in _cases():
         torch.library.opcheck(op, args)
-    emb, pos, q, p, neg = _infonce_case(torch.float64, M=4, N=6, shape=(1, 5, 3, 3))
-    torch.library.opcheck(torch.ops.pixcon.sparse_infonce.default,
-                          (emb.requires_grad_(), pos, q, p, neg, 0.5, False, True))
 
 
 @pytest.mark.interpret
@@ -108,10 +107,36 @@ def test_opcheck_triton_kernels_on_cpu():
             torch.library.opcheck(op, args)
 
 
-def test_triton_kernel_refuses_the_cpu_kernels_direction():
-    emb, pos, q, p, neg = _infonce_case(torch.float32, M=2, N=3, shape=(1, 4, 2, 2))
-    with pytest.raises(ValueError, match="keep_direction"):
-        _library.sparse_infonce._init_fn(emb, pos, q, p, neg, 0.5, False, True)
+@pytest.mark.interpret
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_both_kernels_keep_the_same_direction(dtype, monkeypatch):
+    """keep_direction on the Triton kernel (in its GPU launch configuration too: whole-row key
+    tiles of 8 x 64) keeps what the C++ kernel keeps: each query's softmax-weighted mean unit
+    key v and mean cosine cbar (zero for an absent query), and the backward made from them equals
+    the one that recomputes the logits. Tolerance: fp32 sums of 64 products and one exp per key,
+    in another order (~1e-6 relative)."""
+    if not _common.triton_usable(torch.device("cpu"))[0]:
+        pytest.skip("the Triton interpreter is not on")
+    emb, pos, q, p, neg = _infonce_case(dtype, M=7, N=19, shape=(2, 64, 3, 5))
+    tol = 1e-11 if dtype == torch.float64 else 2e-6
+    ops = torch.ops.pixcon
+    want = ops.sparse_infonce(emb, pos, q, p, neg, 0.4, False, True) if pixcon.HAS_C else None
+    for config in ("interpreter", "gpu"):
+        monkeypatch.setenv("PIXCON_LAUNCH_CONFIG", config)
+        with _library.triton_on_cpu():
+            loss, lse, v, cbar = ops.sparse_infonce(emb, pos, q, p, neg, 0.4, False, True)
+            e = emb.clone().requires_grad_()
+            g_dir, = torch.autograd.grad(ops.sparse_infonce(e, pos, q, p, neg, 0.4, False, True)[0]
+                                         .sum(), e)
+            g_rec, = torch.autograd.grad(ops.sparse_infonce(e, pos, q, p, neg, 0.4, False, False)[0]
+                                         .sum(), e)
+        assert v.shape == (7, 64) and cbar.shape == (7,)
+        assert v[7 // 2].abs().sum() == 0 and cbar[7 // 2] == 0 and loss[7 // 2] == 0
+        assert torch.allclose(g_dir, g_rec, rtol=tol * 10, atol=tol)
+        assert g_dir.abs().sum() > 0
+        if want is not None:
+            for got, ref, what in zip((loss, lse, v, cbar), want, ("loss", "lse", "v", "cbar")):
+                assert torch.allclose(got, ref, rtol=tol * 10, atol=tol), what
 
 
 def _loss_calls():

@@ -155,9 +155,27 @@ def _reco(rec, B, D, h, w, C, Q, N, dtype, tag):
     reco.reco_infonce(torch.empty(P, D, dtype=dtype), means, q, Q, cdf, order, offsets, counts,
                       N, 1, 2, 0.5)
     # the general sparse InfoNCE (explicit index sets; a ReCo op before the one-pass path)
-    loss, lse = infonce.infonce_forward(emb, means, q, pidx, neg, 0.5)
+    loss, lse, _, _ = infonce.infonce_forward(emb, means, q, pidx, neg, 0.5)
+    infonce.infonce_forward(emb, means, q, pidx, neg, 0.5, keep_direction=True)   # U2PL's form
     for key_grad in (False, True):
         infonce.infonce_backward(torch.ones(C * Q), emb, means, q, pidx, neg, lse, 0.5, key_grad)
+
+
+def _infonce(rec, B, D, h, w, M, N, dtype, tag):
+    """The sparse InfoNCE alone (U2PL's: negatives from a bank of rows; the direction kept, and
+    the recomputing backward with and without key gradients) at M queries x N negatives."""
+    from pixcon_kernels import infonce
+    gen = torch.Generator().manual_seed(0)
+    rec.setting = tag
+    emb = torch.randn(B, D, h, w, generator=gen).to(dtype)
+    bank = torch.randn(4 * M, D, generator=gen).to(dtype)
+    q = torch.randint(-1, B * h * w, (M,), generator=gen, dtype=torch.int32)
+    neg = torch.randint(-1, 4 * M, (M, N), generator=gen, dtype=torch.int32)
+    pos = torch.randn(21, D, generator=gen)
+    pidx = torch.randint(0, 21, (M,), generator=gen, dtype=torch.int32)
+    infonce.infonce_forward(emb, pos, q, pidx, neg, 0.5, keys=bank, keep_direction=True)
+    loss, lse, _, _ = infonce.infonce_forward(emb, pos, q, pidx, neg, 0.5, keys=bank)
+    infonce.infonce_backward(torch.ones(M), emb, pos, q, pidx, neg, lse, 0.5, False, keys=bank)
 
 
 def _contextrast(rec, B, D, sizes, C, dtype, tag):
@@ -290,6 +308,9 @@ def scenarios(quick: bool = False):
         ("philox", lambda r: _philox(r, 1 << 20, "philox 2^20")),
         ("U2PL bank push VOC", lambda r: _bank_push(r, 4 * 129 * 129, 21, 256, 650000,
                                                     "U2PL push 4x129x129 into 21 queues")),
+        ("U2PL sparse InfoNCE VOC and D=512", lambda r: [
+            _infonce(r, 4, D, 129, 129, 21 * 256, 50, dt, f"U2PL InfoNCE D={D} {n}")
+            for D in (256, 512) for dt, n in ((torch.float32, "fp32"), (torch.bfloat16, "bf16"))]),
     ]
     for C in CLASS_COUNTS if not quick else (19, 150, 1024):
         out.append((f"classes C={C}", lambda r, C=C: _classes(r, C)))

@@ -344,7 +344,8 @@ def u2pl(B, D, h, w, C, Q, N, pushed, elt=F32) -> Op:
     """U2PL (pixcon.ops.u2pl on the sparse InfoNCE kernels): the (pixels x classes) masks from a
     sort of the teacher probabilities, the push of ``pushed`` negative rows into the queues,
     the teacher class means (one GEMM), the samplers, and the sparse InfoNCE reading the bank's
-    rows in place, forward and (Triton) backward recomputing them. ``pushed``: rows queued a
+    rows in place once, in the forward, which keeps each query's direction; the backward is a
+    scale and a scatter. ``pushed``: rows queued a
     step (at VOC about 20% of the unlabelled pixels x 17 classes of rank 3..19)."""
     P, M = B * h * w, C * Q
     E = P * D * elt
@@ -359,13 +360,14 @@ def u2pl(B, D, h, w, C, Q, N, pushed, elt=F32) -> Op:
         Kernel("_sample_in_groups_kernel", M * (N + 1) * I32, M * (N + 1) * (I32 + SECTOR), 0.0,
                "int", launches=2, programs=_cdiv(M * (N + 1), 256),
                triton="_sample_in_groups_kernel"),
-        Kernel("_infonce_fwd_kernel", rows + M * D * F32, rows + M * N * SECTOR,
-               4.0 * M * (N + 1) * D, "fma", programs=M, triton="_infonce_fwd_kernel",
-               gathered=rows),
-        Kernel("_infonce_bwd_kernel", rows + E, 2 * rows + E + M * D * F32,
-               6.0 * M * (N + 1) * D, "fma", programs=M, triton="_infonce_bwd_kernel",
-               gathered=rows,
-               note="recomputes the logits; the embedding's gradient written once"),
+        Kernel("_infonce_fwd_kernel (KEEP_DIR)", rows + 2 * M * D * F32,
+               rows + M * N * SECTOR + M * D * F32, 6.0 * M * (N + 1) * D, "fma",
+               programs=M, triton="_infonce_fwd_kernel", gathered=rows,
+               note="whole-row key tiles, each read once; keeps each query's direction v"),
+        Kernel("backward from the kept direction (scale, scatter into a zero map)",
+               E + 3 * M * D * F32, E + 5 * M * D * F32, 8.0 * M * D, "fma", launches=8,
+               note="reads v, the query rows and positives; the embedding's gradient written "
+                    "once; no key read again"),
     ]
     official = [
         Kernel("per class: masked-select copies, mean, sort of the probs", 0,

@@ -168,15 +168,16 @@ def sparse_infonce(pool: Tensor, pos_pool: Tensor, q_idx: Tensor, pos_idx: Tenso
                    neg_idx: Tensor, temperature: float, key_grad: bool, keep_direction: bool,
                    keys: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(loss, lse, v, cbar) per query. keys: the negatives' rows when they are not pool's (no
-    gradient). keep_direction (CPU kernel only, without key_grad): also keep each query's
-    softmax-weighted mean unit key v (M, D) and mean cosine cbar (M,), so that the backward
-    is a scale and a scatter; else both are empty and the backward recomputes."""
-    if keep_direction:
-        raise ValueError("pixcon::sparse_infonce: keep_direction is the CPU kernel's; the "
-                         "Triton kernel recomputes in backward")
+    gradient). keep_direction (without key_grad): also keep each query's softmax-weighted mean
+    unit key v (M, D) and mean cosine cbar (M,), so that the backward is a scale and a scatter;
+    else both are empty and the backward recomputes."""
     from pixcon_kernels.infonce import infonce_forward
-    loss, lse = infonce_forward(pool, pos_pool, q_idx, pos_idx, neg_idx, temperature, keys=keys)
-    return loss, lse, loss.new_empty(0), loss.new_empty(0)
+    direction = keep_direction and not key_grad
+    loss, lse, v, cbar = infonce_forward(pool, pos_pool, q_idx, pos_idx, neg_idx, temperature,
+                                         keys=keys, keep_direction=direction)
+    if not direction:
+        v, cbar = loss.new_empty(0), loss.new_empty(0)
+    return loss, lse, v, cbar
 
 
 @sparse_infonce.register_fake
@@ -250,7 +251,7 @@ def _pool_rows(pool, idx):
 
 
 def _query_grads_from_direction(g, pool, pos_pool, q_idx, pos_idx, loss, lse, v, cbar, t, eps):
-    """dL/da_m = g_m / (t |a_m|) ((v_m - p^_m) - (cbar_m - cos_0m) a^_m) from what the native
+    """dL/da_m = g_m / (t |a_m|) ((v_m - p^_m) - (cbar_m - cos_0m) a^_m) from what the
     forward kept (v: softmax-weighted mean unit key, cbar: softmax-weighted mean cosine;
     cos_0 = t (lse - loss), the positive's cosine). (M, D); rows of absent queries are zero."""
     dt = v.dtype

@@ -70,10 +70,10 @@ def relation_negatives(row_class, cdf, lab, num_negatives, seed):
 
 
 def infonce(pool, q_idx, pos_idx, neg_idx, temperature, pos_pool, key_grad=False, keys=None):
-    """sparse_infonce's fused form (checked arguments; pos_pool given): the loss (M,). The CPU
-    kernel keeps each query's direction for a one-scatter backward when no key gets a
-    gradient."""
-    direction = _library.compiled_cpu(pool.device) and not key_grad
+    """sparse_infonce's fused form (checked arguments; pos_pool given): the loss (M,). Without
+    key gradients the forward keeps each query's direction (one D-row a query) for a backward
+    that is a scale and a scatter, on every kernel."""
+    direction = not key_grad
     return _library.sparse_infonce(pool, pos_pool, q_idx, pos_idx, neg_idx, float(temperature),
                                    bool(key_grad), direction, keys)[0]
 
