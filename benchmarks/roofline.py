@@ -86,8 +86,8 @@ def measure(size: str = "full", reps: int = 5) -> dict:
     buf = torch.empty(chunk, 256)
 
     def read_rows():
-        for i in range(0, s["rows"], chunk):
-            torch.index_select(table, 0, idx[i:i + chunk], out=buf[:len(idx[i:i + chunk])])
+        for part in idx.split(chunk):
+            torch.index_select(table, 0, part, out=buf[:len(part)])
 
     t_read = _best(read_rows, reps)
     return {"threads": torch.get_num_threads(), "size": size,

@@ -2,9 +2,9 @@
 // pixcon_kernels.bank, plus channels-first maps): keys[slot[c, p]] = rows[p] wherever
 // keep[c, p]. Row by row, each row read once and copied to every queue that keeps it, rows
 // split over threads in chunks: the slots of one push are distinct, so no two threads write one
-// row and the result does not depend on the split. This replaces a compaction (nonzero), a gather of the kept rows into a fresh
-// (pairs, D) tensor and an index_put: at U2PL's VOC setting 186,000 pairs, 107 ms of the step on
-// this project's 2-core machine.
+// row and the result does not depend on the split. This replaces a compaction (nonzero), a gather
+// of the kept rows into a fresh (pairs, D) tensor and an index_put: at U2PL's VOC setting
+// 186,000 pairs, 107 ms of the step on this project's 2-core machine.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -15,15 +15,14 @@
 #include <vector>
 
 #include "parallel.h"
+#include "pool.h"
 
 namespace pixcon {
 namespace {
 
-constexpr int64_t kBlock = 16;    // pixels of a channels-first map transposed at once
-
 // rows: (P, D), or a dense (B, D, HW) channels-first map (pixel p = b HW + s), read in blocks of
-// kBlock pixels transposed into a buffer (one cache line of each channel per block): the caller
-// makes no (P, D) copy of the map.
+// kPixelBlock pixels transposed into a buffer (pool.h): the caller makes no (P, D) copy of the
+// map.
 void bank_push_cpu(const at::Tensor& keys, const at::Tensor& rows_in, const at::Tensor& keep_in,
                    const at::Tensor& slot_in) {
   TORCH_CHECK(keys.dim() == 2 && keys.is_contiguous(), "bank_push: keys must be (S, D) contiguous");
@@ -58,19 +57,19 @@ void bank_push_cpu(const at::Tensor& keys, const at::Tensor& rows_in, const at::
       });
       return;
     }
-    const int64_t per_image = (HW + kBlock - 1) / kBlock, blocks = rows.size(0) * per_image;
-    at::parallel_for(0, blocks, grain_for(blocks, kBlock * (C + D)), [&](int64_t k0, int64_t k1) {
-      std::vector<scalar_t> buf(kBlock * D);
+    const int64_t per_image = (HW + kPixelBlock - 1) / kPixelBlock;
+    const int64_t blocks = rows.size(0) * per_image;
+    at::parallel_for(0, blocks, grain_for(blocks, kPixelBlock * (C + D)),
+                     [&](int64_t k0, int64_t k1) {
+      std::vector<scalar_t> buf(kPixelBlock * D);
       for (int64_t k = k0; k < k1; ++k) {
-        const int64_t b = k / per_image, s0 = (k % per_image) * kBlock;
-        const int64_t n = std::min(kBlock, HW - s0), p0 = b * HW + s0;
+        const int64_t b = k / per_image, s0 = (k % per_image) * kPixelBlock;
+        const int64_t n = std::min(kPixelBlock, HW - s0), p0 = b * HW + s0;
         bool any = false;
         for (int64_t c = 0; c < C && !any; ++c)
           for (int64_t i = 0; i < n; ++i) any |= kp[c * P + p0 + i];
         if (!any) continue;
-        const scalar_t* in = src + b * D * HW + s0;
-        for (int64_t d = 0; d < D; ++d)
-          for (int64_t i = 0; i < n; ++i) buf[i * D + d] = in[d * HW + i];
+        pixel_rows_block(src + b * D * HW, HW, D, s0, n, buf.data());
         for (int64_t i = 0; i < n; ++i) put(p0 + i, buf.data() + i * D);
       }
     });

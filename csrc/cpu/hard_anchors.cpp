@@ -91,22 +91,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sample_anchors_cpu(
       }
     }
   });
-  // the kept pairs in (image, class) order, their first slot index t
-  int64_t T = 0;
-  for (int64_t b = 0; b < B; ++b)
-    for (size_t k = 0; k < pairs[b].label.size(); ++k) T += hard[b][k] + easy[b][k] > max_views;
+  // the kept pairs in (image, class) order: first_t[b], the slot index t of image b's first
+  std::vector<int64_t> first_t(B + 1, 0);
+  for (int64_t b = 0; b < B; ++b) {
+    first_t[b + 1] = first_t[b];
+    for (size_t k = 0; k < pairs[b].label.size(); ++k)
+      first_t[b + 1] += hard[b][k] + easy[b][k] > max_views;
+  }
+  const int64_t T = first_t[B];
   const int64_t n_view = std::min(M / std::max<int64_t>(T, 1), max_views);
   auto index = at::full({M}, -1, g.options());
   auto labels = at::full({M}, -1, g.options());
   int64_t* ip = index.data_ptr<int64_t>();
   int64_t* lp = labels.data_ptr<int64_t>();
   if (n_view > 0 && T > 0) {          // n_view > 0: T <= M, every kept pair has its slots
-    std::vector<int64_t> first_t(B, 0);
-    for (int64_t b = 1; b < B; ++b) {
-      first_t[b] = first_t[b - 1];
-      for (size_t k = 0; k < pairs[b - 1].label.size(); ++k)
-        first_t[b] += hard[b - 1][k] + easy[b - 1][k] > max_views;
-    }
     at::parallel_for(0, B, grain_for(B, HW), [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
         const size_t K = pairs[b].label.size();

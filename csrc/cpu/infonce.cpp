@@ -109,12 +109,11 @@ A inv_norm(A sq, double eps) { return A(1) / std::max(std::sqrt(sq), static_cast
 // The pool as contiguous (P, D) rows (a channels-first map's rows are strided by h*w: every
 // gathered row would touch D cache lines) -- a transient copy, never saved -- and the inverse
 // norm 1 / max(|row|, eps) of every row, computed once instead of once per use.
-// A dense channels-first map is transposed here in blocks of kBlock pixels (D x kBlock read a
-// cache line at a time, written as kBlock rows while in L1, their norms taken there), each
-// thread writing its own run of pixels into a fresh block on huge pages. ATen's permuted copy
-// into fresh memory took 37-40 ms at U2PL's 68 MB map (most of it first-touch faults taken by
-// threads writing interleaved pieces of the same pages); this, about a third of that.
-constexpr int64_t kBlock = 16;
+// A dense channels-first map is transposed here in blocks of kPixelBlock pixels (pool.h: written
+// as rows while in L1, their norms taken there), each thread writing its own run of pixels into
+// a fresh block on huge pages. ATen's permuted copy into fresh memory took 37-40 ms at U2PL's
+// 68 MB map (most of it first-touch faults taken by threads writing interleaved pieces of the
+// same pages); this, about a third of that.
 
 template <typename T, typename A>
 std::pair<at::Tensor, at::Tensor> rows_and_inv_norms(const at::Tensor& pool, double eps) {
@@ -127,15 +126,13 @@ std::pair<at::Tensor, at::Tensor> rows_and_inv_norms(const at::Tensor& pool, dou
     const T* src = pool.template data_ptr<T>();
     T* dst = rows.template data_ptr<T>();
     A* ip = inv.template data_ptr<A>();
-    const int64_t per_image = (HW + kBlock - 1) / kBlock, blocks = B * per_image;
-    at::parallel_for(0, blocks, grain_for(blocks, kBlock * D), [&](int64_t k0, int64_t k1) {
+    const int64_t per_image = (HW + kPixelBlock - 1) / kPixelBlock, blocks = B * per_image;
+    at::parallel_for(0, blocks, grain_for(blocks, kPixelBlock * D), [&](int64_t k0, int64_t k1) {
       for (int64_t k = k0; k < k1; ++k) {
-        const int64_t b = k / per_image, s0 = (k % per_image) * kBlock;
-        const int64_t n = std::min(kBlock, HW - s0);
-        const T* in = src + b * D * HW + s0;
+        const int64_t b = k / per_image, s0 = (k % per_image) * kPixelBlock;
+        const int64_t n = std::min(kPixelBlock, HW - s0);
         T* out = dst + (b * HW + s0) * D;
-        for (int64_t d = 0; d < D; ++d)
-          for (int64_t i = 0; i < n; ++i) out[i * D + d] = in[d * HW + i];
+        pixel_rows_block(src + b * D * HW, HW, D, s0, n, out);
         for (int64_t i = 0; i < n; ++i)
           ip[b * HW + s0 + i] = inv_norm(dot_rows<A>(out + i * D, out + i * D, D), eps);
       }
@@ -176,17 +173,11 @@ struct Views {
 template <typename T, typename A>
 std::pair<at::Tensor, at::Tensor> query_rows(const at::Tensor& pool, const int64_t* qp, int64_t M,
                                              double eps) {
-  const int64_t D = pool.size(1), sd = pool.stride(1);
-  const bool map = pool.dim() == 4;
-  const int64_t w = map ? pool.size(3) : 1, HW = map ? pool.size(2) * w : 1;
-  auto offset = [&](int64_t p) {       // of pixel p's first value
-    if (!map) return p * pool.stride(0);
-    const int64_t s = p % HW;
-    return (p / HW) * pool.stride(0) + (s / w) * pool.stride(2) + (s % w) * pool.stride(3);
-  };
+  const Pool pl(pool);
+  const int64_t D = pl.D;
   auto rows = at::empty({M, D}, pool.options());
   auto inv = at::empty({M}, pool.options().dtype(c10::CppTypeToScalarType<A>::value));
-  const T* src = pool.template data_ptr<T>();
+  const T* src = pl.t.template data_ptr<T>();
   T* dst = rows.template data_ptr<T>();
   A* ip = inv.template data_ptr<A>();
   at::parallel_for(0, M, grain_for(M, 4 * D), [&](int64_t m0, int64_t m1) {
@@ -197,8 +188,8 @@ std::pair<at::Tensor, at::Tensor> query_rows(const at::Tensor& pool, const int64
         ip[m] = A(0);
         continue;
       }
-      const T* in = src + offset(qp[m]);
-      for (int64_t d = 0; d < D; ++d) out[d] = in[d * sd];
+      const T* in = src + pl.row(qp[m]);
+      for (int64_t d = 0; d < D; ++d) out[d] = in[d * pl.s_d];
       ip[m] = inv_norm(dot_rows<A>(out, out, D), eps);
     }
   });

@@ -28,4 +28,18 @@ struct Pool {
   int64_t row(int64_t p) const { return (p / HW) * s_b + (p % HW) * s_s; }
 };
 
+// Pixels read from a dense channels-first image at a time when its rows are wanted: a block's
+// D x kPixelBlock values are one cache line per channel.
+constexpr int64_t kPixelBlock = 16;
+
+// out[i * D + d] = image[d * HW + s0 + i] for the n <= kPixelBlock pixels from s0 of one dense
+// (D, HW) image: its pixels as n contiguous rows.
+template <typename T>
+inline void pixel_rows_block(const T* image, int64_t HW, int64_t D, int64_t s0, int64_t n,
+                             T* out) {
+  const T* in = image + s0;
+  for (int64_t d = 0; d < D; ++d)
+    for (int64_t i = 0; i < n; ++i) out[i * D + d] = in[d * HW + i];
+}
+
 }  // namespace pixcon
