@@ -246,6 +246,7 @@ def _bank_push(rec, P, C, D, S, tag):
     slot = torch.randint(0, S, (C, P), generator=gen)
     for dt in (torch.float32, torch.bfloat16):
         bank.bank_push(torch.empty(S, D, dtype=dt), torch.randn(P, D).to(dt), keep, slot)
+    bank.bank_push(torch.empty(S, D), torch.randn(4, D, P // 4), keep, slot)   # a map in place
 
 
 def _philox(rec, n, tag):

@@ -124,14 +124,10 @@ class UnreliableBank(torch.nn.Module):
         slot = self.offsets[:, None] + (self.ptr[:, None] + rank - drop[:, None]) % size
         dev = self.keys.device
         import pixcon
-        native = dev.type == "cpu" and pixcon.HAS_C and not lib.triton_here(dev)
-        if backend == "triton" or (backend in ("auto", "native") and (lib.triton_here(dev)
-                                                                      or native)):
-            # the compiled CPU kernel reads a map in place; the Triton one takes (P, D) rows
-            in_place = rows.dim() == 2 or (native and backend != "triton")
-            flat = rows if in_place else rows.permute(0, 2, 1).reshape(-1, self.dim)
-            with lib.kernels(backend if backend == "triton" else "native", dev):
-                lib.bank_push(self.keys, flat.to(self.keys.dtype), keep, slot)
+        has_kernel = lib.triton_here(dev) or (dev.type == "cpu" and pixcon.HAS_C)
+        if backend == "triton" or (backend != "reference" and has_kernel):
+            with lib.kernels("triton" if backend == "triton" else "native", dev):
+                lib.bank_push(self.keys, rows.to(self.keys.dtype), keep, slot)
         else:
             c, p = keep.nonzero(as_tuple=True)
             self.keys[slot[c, p]] = _gather(rows, p).to(self.keys.dtype)

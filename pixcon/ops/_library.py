@@ -151,8 +151,8 @@ def _(gt, pred, max_samples, max_views, seed):
 @torch.library.custom_op("pixcon::bank_push", mutates_args=("keys",), device_types="cuda")
 def bank_push(keys: Tensor, rows: Tensor, keep: Tensor, slot: Tensor) -> None:
     """keys[slot[c, p]] = rows[p] wherever keep[c, p], with no host sync (the Triton push).
-    rows: (P, D); the compiled CPU kernel (csrc/cpu/bank.cpp) also reads a dense (B, D, HW)
-    channels-first map in place (pixel p = b HW + s)."""
+    rows: (P, D), or a (B, D, HW) channels-first map read in place (pixel p = b HW + s), on
+    both kernels."""
     from pixcon_kernels.bank import bank_push as launch
     launch(keys, rows, keep, slot)
 
