@@ -118,15 +118,18 @@ def test_thread_rule_at_its_boundary():
 
 
 @native
-@pytest.mark.parametrize("keys", [False, True])
-def test_same_bits_on_one_and_two_threads(keys):
+@pytest.mark.parametrize("M, K", [(2100, None), (2100, 2300), (600, 20000)])
+def test_same_bits_on_one_and_two_threads(M, K):
     """Above the rule's boundary the passes run on two threads with items claimed in any order;
     partial results merge in a fixed order, so loss and gradients are bitwise those of one
-    thread."""
-    M, D = 2100, 32
+    thread. In-batch and 2,300 keys: the backward's per-anchor-tile key-gradient slabs (33 x
+    keys x D, under tiled.cpp's kPartialBytes); 20,000 keys: over it (16 x 20,000 x 32 floats),
+    the key pass that recomputes the logits."""
+    D = 32
+    keys = K is not None
     a, y = rows(M, D, 5, 21, torch.float32)
-    k, yk = rows(2300, D, 5, 22, torch.float32, absent=False)
-    assert M * (2300 if keys else M) * D >= PARALLEL_WORK
+    k, yk = rows(K or 1, D, 5, 22, torch.float32, absent=False)
+    assert M * (K or M) * D >= PARALLEL_WORK
     old = torch.get_num_threads()
     outs = []
     try:

@@ -9,7 +9,23 @@
 #include <atomic>
 #include <cstdint>
 
+// MKL's per-thread thread count. libtorch_cpu exports MKL's; the weak reference is null where
+// torch was built with another BLAS.
+extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));   // mkl_service.h: the C entry
+
 namespace pixcon {
+
+// BLAS single-threaded on this thread while in scope. MKL chooses its sgemm kernel by its thread
+// setting: a 38 x 512 x 32 product gave other last bits at a setting of 2 than of 1, even run on
+// one thread inside a parallel region, so a pass's bits followed torch.set_num_threads. Every
+// item runs under it (and the single-thread sweeps that call BLAS outside for_items).
+struct SerialBlas {
+  int prev = 0;
+  SerialBlas() { if (MKL_Set_Num_Threads_Local) prev = MKL_Set_Num_Threads_Local(1); }
+  ~SerialBlas() { if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(prev); }
+  SerialBlas(const SerialBlas&) = delete;
+  SerialBlas& operator=(const SerialBlas&) = delete;
+};
 
 // Threads for a pass of `work` multiply-adds split into `items` items: one below 2^27 (a
 // parallel region costs a wake-up, on a loaded machine a scheduler tick), else torch's intra-op
@@ -26,6 +42,7 @@ void for_items(int64_t n, int64_t work, int64_t buf, const F& fn) {
   auto worker = [&](int64_t, int64_t) {
     // pool threads do not inherit the caller's dispatch state: stay below autograd there too
     at::AutoDispatchBelowADInplaceOrView below_autograd;
+    SerialBlas serial_blas;
     at::Tensor scratch = at::empty({buf}, at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
     for (int64_t it = next.fetch_add(1); it < n; it = next.fetch_add(1)) fn(it, scratch);
   };
