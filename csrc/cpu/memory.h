@@ -40,16 +40,38 @@ inline at::Tensor on_huge_pages(at::Tensor t) {
   return t;
 }
 
-// Zero a dense tensor's bytes, in 4 MiB pieces over the intra-op threads above 32 MiB (the page
-// faults of a fresh block are taken by the thread that first writes a page: both cores share
-// them; 268 MiB took 38 ms on one thread).
+// Zero a dense tensor's bytes over the intra-op threads, in 4 MiB pieces above 32 MiB. A
+// fresh block's first write takes a page fault in which the kernel zeroes the page: memset then
+// writes every byte a second time (268 MiB: 17.5 ms at 2 threads, against 8.5 ms for the faults
+// alone). So above 32 MiB the whole pages inside the block are discarded instead (madvise
+// MADV_DONTNEED: private anonymous memory, as every CPU allocator hands out, reads back as
+// zeros) and each 4 KiB page is faulted in by one write, pieces split over the threads as
+// before; the partial pages at either end are memset. Where madvise refuses, memset throughout.
 inline void zero_fill(at::Tensor& t) {
   char* p = static_cast<char*>(t.data_ptr());
   const int64_t bytes = t.numel() * t.element_size(), piece = int64_t{4} << 20;
+  constexpr uintptr_t kPage = 4096;
+  const uintptr_t a = reinterpret_cast<uintptr_t>(p);
+  char* lo = reinterpret_cast<char*>((a + kPage - 1) & ~(kPage - 1));
+  char* hi = reinterpret_cast<char*>((a + bytes) & ~(kPage - 1));
+  const bool discard = bytes > 8 * piece && hi > lo && madvise(lo, hi - lo, MADV_DONTNEED) == 0;
+  if (discard) {
+    std::memset(p, 0, lo - p);
+    std::memset(hi, 0, p + bytes - hi);
+  }
   const int64_t n = (bytes + piece - 1) / piece;
   at::parallel_for(0, n, bytes > 8 * piece ? 1 : n, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i)
-      std::memset(p + i * piece, 0, std::min(piece, bytes - i * piece));
+    for (int64_t i = i0; i < i1; ++i) {
+      char* b = p + i * piece;
+      char* e = p + std::min(bytes, (i + 1) * piece);
+      if (!discard) {
+        std::memset(b, 0, e - b);
+        continue;
+      }
+      // one write per page of the discarded range: the fault maps a zeroed page
+      for (char* q = std::max(b, lo); q < std::min(e, hi); q += kPage)
+        *reinterpret_cast<volatile char*>(q) = 0;
+    }
   });
 }
 
