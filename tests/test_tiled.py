@@ -118,14 +118,15 @@ def test_thread_rule_at_its_boundary():
 
 
 @native
-@pytest.mark.parametrize("M, K", [(2100, None), (2100, 2300), (600, 20000)])
-def test_same_bits_on_one_and_two_threads(M, K):
+@pytest.mark.parametrize("M, K, D", [(2100, None, 32), (2100, 2300, 32), (600, 20000, 32),
+                                     (300, 70000, 64)])
+def test_same_bits_on_one_and_two_threads(M, K, D):
     """Above the rule's boundary the passes run on two threads with items claimed in any order;
     partial results merge in a fixed order, so loss and gradients are bitwise those of one
-    thread. In-batch and 2,300 keys: the backward's per-anchor-tile key-gradient slabs (33 x
-    keys x D, under tiled.cpp's kPartialBytes); 20,000 keys: over it (16 x 20,000 x 32 floats),
-    the key pass that recomputes the logits."""
-    D = 32
+    thread. The backward's key-gradient slabs (tiled.cpp kPartialBytes): one per anchor tile
+    (in-batch, 2,300 keys), groups of tiles (20,000 keys: 13 slabs for 16 tiles), and too
+    large for two (70,000 keys x 64: the key pass that recomputes the logits). The gradients
+    also match the float64 reference (fp32 sums over up to 70,000 keys: rtol 1e-4)."""
     keys = K is not None
     a, y = rows(M, D, 5, 21, torch.float32)
     k, yk = rows(K or 1, D, 5, 22, torch.float32, absent=False)
@@ -146,6 +147,11 @@ def test_same_bits_on_one_and_two_threads(M, K):
     (t1, nl1, g1), (t2, nl2, g2) = outs
     assert torch.equal(t1, t2) and torch.equal(nl1, nl2)
     assert all(torch.equal(x, z) for x, z in zip(g1, g2))
+    ins = [a.double().requires_grad_()] + ([k.double().requires_grad_()] if keys else [])
+    t0, _ = supervised_contrast(ins[0], y, ins[1] if keys else None, yk if keys else None,
+                                temperature=0.1, backend="reference")
+    for x, w in zip(g1, torch.autograd.grad(t0.sum(), ins)):
+        assert_close(x.double(), w, rtol=1e-4, atol=1e-6, what="grad against the reference")
 
 
 @native

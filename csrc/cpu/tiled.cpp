@@ -41,7 +41,7 @@ namespace pixcon {
 // parallel region costs a wake-up, and on a loaded machine a wake-up can wait a scheduler tick.
 constexpr int64_t kParallelWork = int64_t{1} << 27;
 
-// The backward's per-anchor-tile key-gradient slabs are used up to this many bytes (below).
+// The backward's key-gradient slabs (one per group of anchor tiles) take at most this (below).
 constexpr int64_t kPartialBytes = int64_t{32} << 20;
 
 // Threads for a pass of `work` multiply-adds split into `items` items (the documented rule).
@@ -456,40 +456,47 @@ std::tuple<at::Tensor, at::Tensor> backward_impl(const Plan& p, const at::Tensor
     dlogits<T>(p, s.template data_ptr<T>(), i0, i1, j0, bn, nl, cw.data(), c.data());
     return s;
   };
-  // Key gradients from per-tile partials where they are small (in-batch ContrastiveSeg: 16 tiles
-  // x 1,024 x 256 floats, 16 MiB): each anchor tile's ds is computed once and feeds both its da
-  // rows and its own (keys x D) slab of dk, and the slabs are summed in tile order afterwards.
-  // Three GEMMs per tile instead of four (the passes below recompute the logits for dk). Chosen
-  // from the sizes alone, so the same bits on any thread count.
+  // Key gradients from slabs, where at least two (keys x D) slabs fit in kPartialBytes: the
+  // anchor tiles fall into G groups of consecutive tiles (G = tiles, or as many slabs as fit:
+  // in-batch ContrastiveSeg 16 groups of one tile, dense at 3,072 pixels 10 of about five), an
+  // item is a group, and each tile's ds is computed once and feeds both its da rows and its
+  // group's slab of dk (tiles in order); the slabs are summed in group order afterwards. Three
+  // GEMMs a tile instead of the four of the two passes below, which recompute the logits for dk
+  // (so two threads did a third more work than one). G comes from the sizes alone: the same bits
+  // on any thread count.
   const int64_t Nv = p.N - p.kv0;
-  const bool partials =
-      need_dk && p.nta > 1 && p.nta * Nv * p.D * int64_t(sizeof(T)) <= kPartialBytes;
-  if (partials) {
-    at::Tensor slabs = empty_large({p.nta, Nv, p.D}, p.A.options());
-    std::vector<char> wrote(p.nta, 0);
-    for_items<T>(p.nta, work, p.BM * BNK, [&](int64_t ti, at::Tensor& buf) {
-      const int64_t i0 = p.av0 + ti * p.BM, i1 = std::min(i0 + p.BM, M);
-      if (!tile_live(i0, i1)) return;
-      wrote[ti] = 1;
-      at::Tensor dAi = dA.narrow(0, i0, i1 - i0), Ai = p.A.narrow(0, i0, i1 - i0);
-      at::Tensor slab = slabs.select(0, ti);
-      for (int64_t j0 = p.kv0; j0 < p.N; j0 += BNK) {
-        const int64_t bn = std::min(BNK, p.N - j0);
-        at::Tensor s = ds(buf, i0, i1, j0, bn);
-        dAi.addmm_(s, p.K.narrow(0, j0, bn));
-        at::Tensor out = slab.narrow(0, j0 - p.kv0, bn);
-        at::mm_out(out, s.t(), Ai);
+  const int64_t G = need_dk ? std::min(p.nta, kPartialBytes / std::max<int64_t>(
+                                                  Nv * p.D * int64_t(sizeof(T)), 1))
+                            : 0;
+  if (G >= 2) {
+    at::Tensor slabs = empty_large({G, Nv, p.D}, p.A.options());
+    std::vector<char> wrote(G, 0);
+    for_items<T>(G, work, p.BM * BNK, [&](int64_t gi, at::Tensor& buf) {
+      at::Tensor slab = slabs.select(0, gi);
+      for (int64_t ti = gi * p.nta / G; ti < (gi + 1) * p.nta / G; ++ti) {
+        const int64_t i0 = p.av0 + ti * p.BM, i1 = std::min(i0 + p.BM, M);
+        if (!tile_live(i0, i1)) continue;
+        at::Tensor dAi = dA.narrow(0, i0, i1 - i0), Ai = p.A.narrow(0, i0, i1 - i0);
+        for (int64_t j0 = p.kv0; j0 < p.N; j0 += BNK) {
+          const int64_t bn = std::min(BNK, p.N - j0);
+          at::Tensor s = ds(buf, i0, i1, j0, bn);
+          dAi.addmm_(s, p.K.narrow(0, j0, bn));
+          at::Tensor out = slab.narrow(0, j0 - p.kv0, bn);
+          if (wrote[gi]) out.addmm_(s.t(), Ai);
+          else at::mm_out(out, s.t(), Ai);
+        }
+        wrote[gi] = 1;
       }
     });
-    // dk rows = the written slabs' rows added in tile order, rows split over the threads
+    // dk rows = the written slabs' rows added in group order, rows split over the threads
     const int64_t rows_per = std::max<int64_t>(1, (int64_t{1} << 14) / p.D);
     const int64_t nr = (Nv + rows_per - 1) / rows_per;
     for_items<T>(nr, work, 1, [&](int64_t it, at::Tensor&) {
       const int64_t r0 = it * rows_per, n = std::min(rows_per, Nv - r0) * p.D;
       T* o = dK.template data_ptr<T>() + (p.kv0 + r0) * p.D;
-      for (int64_t ti = 0; ti < p.nta; ++ti) {
-        if (!wrote[ti]) continue;
-        const T* src = slabs.template data_ptr<T>() + (ti * Nv + r0) * p.D;
+      for (int64_t gi = 0; gi < G; ++gi) {
+        if (!wrote[gi]) continue;
+        const T* src = slabs.template data_ptr<T>() + (gi * Nv + r0) * p.D;
         for (int64_t e = 0; e < n; ++e) o[e] += src[e];
       }
     });
