@@ -456,6 +456,28 @@ std::tuple<at::Tensor, at::Tensor> backward_impl(const Plan& p, const at::Tensor
     dlogits<T>(p, s.template data_ptr<T>(), i0, i1, j0, bn, nl, cw.data(), c.data());
     return s;
   };
+  const int64_t Nv = p.N - p.kv0;
+  // anchor tiles [t0, t1) in order, each ds tile computed once and added into its da rows and,
+  // where dk_rows (the Nv valid keys' rows) is given, into dk_rows: written over while `fresh`
+  // (cleared after the first tile with a live row), added to after
+  auto sweep = [&](at::Tensor& buf, int64_t t0, int64_t t1, const at::Tensor& dk_rows,
+                   bool& fresh) {
+    for (int64_t ti = t0; ti < t1; ++ti) {
+      const int64_t i0 = p.av0 + ti * p.BM, i1 = std::min(i0 + p.BM, M);
+      if (!tile_live(i0, i1)) continue;
+      at::Tensor dAi = dA.narrow(0, i0, i1 - i0), Ai = p.A.narrow(0, i0, i1 - i0);
+      for (int64_t j0 = p.kv0; j0 < p.N; j0 += BNK) {
+        const int64_t bn = std::min(BNK, p.N - j0);
+        at::Tensor s = ds(buf, i0, i1, j0, bn);
+        dAi.addmm_(s, p.K.narrow(0, j0, bn));
+        if (!dk_rows.defined()) continue;
+        at::Tensor out = dk_rows.narrow(0, j0 - p.kv0, bn);
+        if (fresh) at::mm_out(out, s.t(), Ai);
+        else out.addmm_(s.t(), Ai);
+      }
+      fresh = false;
+    }
+  };
   // Key gradients from slabs, where at least two (keys x D) slabs fit in kPartialBytes: the
   // anchor tiles fall into G groups of consecutive tiles (G = tiles, or as many slabs as fit:
   // in-batch ContrastiveSeg 16 groups of one tile, dense at 3,072 pixels 10 of about five), an
@@ -464,7 +486,6 @@ std::tuple<at::Tensor, at::Tensor> backward_impl(const Plan& p, const at::Tensor
   // GEMMs a tile instead of the four of the two passes below, which recompute the logits for dk
   // (so two threads did a third more work than one). G comes from the sizes alone: the same bits
   // on any thread count.
-  const int64_t Nv = p.N - p.kv0;
   const int64_t G = need_dk ? std::min(p.nta, kPartialBytes / std::max<int64_t>(
                                                   Nv * p.D * int64_t(sizeof(T)), 1))
                             : 0;
@@ -472,21 +493,9 @@ std::tuple<at::Tensor, at::Tensor> backward_impl(const Plan& p, const at::Tensor
     at::Tensor slabs = empty_large({G, Nv, p.D}, p.A.options());
     std::vector<char> wrote(G, 0);
     for_items<T>(G, work, p.BM * BNK, [&](int64_t gi, at::Tensor& buf) {
-      at::Tensor slab = slabs.select(0, gi);
-      for (int64_t ti = gi * p.nta / G; ti < (gi + 1) * p.nta / G; ++ti) {
-        const int64_t i0 = p.av0 + ti * p.BM, i1 = std::min(i0 + p.BM, M);
-        if (!tile_live(i0, i1)) continue;
-        at::Tensor dAi = dA.narrow(0, i0, i1 - i0), Ai = p.A.narrow(0, i0, i1 - i0);
-        for (int64_t j0 = p.kv0; j0 < p.N; j0 += BNK) {
-          const int64_t bn = std::min(BNK, p.N - j0);
-          at::Tensor s = ds(buf, i0, i1, j0, bn);
-          dAi.addmm_(s, p.K.narrow(0, j0, bn));
-          at::Tensor out = slab.narrow(0, j0 - p.kv0, bn);
-          if (wrote[gi]) out.addmm_(s.t(), Ai);
-          else at::mm_out(out, s.t(), Ai);
-        }
-        wrote[gi] = 1;
-      }
+      bool fresh = true;
+      sweep(buf, gi * p.nta / G, (gi + 1) * p.nta / G, slabs.select(0, gi), fresh);
+      wrote[gi] = !fresh;
     });
     // dk rows = the written slabs' rows added in group order, rows split over the threads
     const int64_t rows_per = std::max<int64_t>(1, (int64_t{1} << 14) / p.D);
@@ -505,17 +514,8 @@ std::tuple<at::Tensor, at::Tensor> backward_impl(const Plan& p, const at::Tensor
     // same order per output row as the two passes below, so the same bits.
     SerialBlas serial_blas;
     at::Tensor buf = at::empty({p.BM * BNK}, p.A.options());
-    for (int64_t i0 = p.av0; i0 < M; i0 += p.BM) {
-      const int64_t i1 = std::min(i0 + p.BM, M);
-      if (!tile_live(i0, i1)) continue;
-      at::Tensor dAi = dA.narrow(0, i0, i1 - i0), Ai = p.A.narrow(0, i0, i1 - i0);
-      for (int64_t j0 = p.kv0; j0 < p.N; j0 += BNK) {
-        const int64_t bn = std::min(BNK, p.N - j0);
-        at::Tensor s = ds(buf, i0, i1, j0, bn);
-        dAi.addmm_(s, p.K.narrow(0, j0, bn));
-        if (need_dk) dK.narrow(0, j0, bn).addmm_(s.t(), Ai);
-      }
-    }
+    bool fresh = false;                                   // dK is zeros: accumulate from the start
+    sweep(buf, 0, p.nta, need_dk ? dK.narrow(0, p.kv0, Nv) : at::Tensor(), fresh);
   } else {
     // da: an item = one anchor tile, over every key tile
     for_items<T>(p.nta, work, p.BM * BNK, [&](int64_t ti, at::Tensor& buf) {
