@@ -1,7 +1,8 @@
 """distance_transform benchmark: pixcon (C++ on CPU, Triton on GPU) vs SciPy (per image, per
 class, as users call it today) and, where installed, OpenCV's exact mode (per image, per class),
 the ``edt`` package (multi-label, per image) and, on a GPU, CuPy's and cuCIM's
-distance_transform_edt (per image, per class).
+distance_transform_edt (per image, per class). The CPU peers are optional:
+``pip install opencv-python-headless edt`` (the table says which were missing).
 
     python benchmarks/bench_edt.py                  # all sizes that fit the device
     python benchmarks/bench_edt.py --size tiny      # seconds; what CI runs
@@ -94,6 +95,17 @@ def edt_batch(maps, C, threads=1):
                      for b in range(a.shape[0])])
 
 
+PEER_PACKAGES = {"OpenCV": ("cv2", "opencv-python-headless"), "the edt package": ("edt", "edt")}
+
+
+def _installed(module):
+    try:
+        __import__(module)
+    except ImportError:
+        return False
+    return True
+
+
 def peers(device, threads=None):
     """{name: fn(maps, C)} of the installed CPU peers (SciPy always, one thread); OpenCV and the
     edt package at 1 thread and at ``threads`` (all cores by default), as pixcon runs."""
@@ -101,9 +113,7 @@ def peers(device, threads=None):
     many = threads or os.cpu_count()
     for module, name, fn in (("cv2", "opencv exact (CPU, per image/class)", opencv_batch),
                              ("edt", "edt package (CPU, per image)", edt_batch)):
-        try:
-            __import__(module)
-        except ImportError:
+        if not _installed(module):
             continue
         out[f"{name}, 1 thread"] = fn
         if many > 1:
@@ -183,6 +193,10 @@ def markdown(rows) -> str:
     if len({tuple(r["shape"]) for r in rows}) > 1:
         lines += ["", "Whole set: " + ", ".join(f"{k} {v:.3f} ms" for k, v in total.items())]
     vs = against_peers(rows)
+    missing = [name for name in PEER_PACKAGES if not _installed(PEER_PACKAGES[name][0])]
+    if missing and any(r["provider"].startswith("pixcon C++") for r in rows):
+        lines += ["", "Not installed, so not compared: " + ", ".join(
+            f"{name} (pip install {PEER_PACKAGES[name][1]})" for name in missing) + "."]
     if vs:
         lines += ["", "pixcon against the best of OpenCV and the edt package at the same thread "
                   "count (issue 32 item 5 asks for 2x; SciPy 4x):", "",
