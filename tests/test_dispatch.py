@@ -13,7 +13,7 @@ from .test_primitives import _infonce_case, _labels
 # The ops with a CPU kernel (C++, or Contextrast's Python tiles), and those that exist only as
 # Triton kernels.
 WITH_CPU = ("philox", "edt", "edt_exact", "class_sums", "sample_in_groups", "sample_negatives",
-            "sample_anchors", "bank_push", "sparse_infonce", "sparse_infonce_backward",
+            "sample_anchors", "class_ranks", "group_columns", "bank_push", "sparse_infonce", "sparse_infonce_backward",
             "tiled_contrast", "tiled_contrast_backward", "inv_norms", "unit_class_sums",
             "unit_class_sums_backward", "anchor_contrast", "anchor_contrast_backward")
 TRITON_ONLY = ("edt_ragged", "rows_and_class_sums", "reco_infonce")
@@ -76,6 +76,8 @@ def _cases():
         (ops.sample_in_groups.default, (order, off, cnt, torch.arange(3), 5, 11, 1)),
         (ops.sample_negatives.default, (torch.tensor([0, 2, -1]), cdf, order, off, cnt, 4, 11, 2)),
         (ops.sample_anchors.default, (lab.view(1, 3, 3) - 1, lab.view(1, 3, 3).flip(-1), 6, 2, 4)),
+        (ops.class_ranks.default, (torch.tensor([[0.2, 0.5, 0.2], [0.1, 0.1, 0.8]]),)),
+        (ops.group_columns.default, (torch.tensor([[True, False], [True, True], [False, False]]),)),
         (ops.bank_push.default,                   # 9 rows into a 12-row bank, 2 classes
          (torch.zeros(12, 5, dtype=torch.float64), emb.detach()[0].reshape(5, 9).T.contiguous(),
           torch.tensor([[True, False] * 4 + [True], [False] * 8 + [True]]),

@@ -578,6 +578,33 @@ def test_rank_ties_go_in_class_order_at_voc_size():
     assert r[7].tolist() == list(range(1, 21)) + [0]
 
 
+@pytest.mark.skipif(not pixcon.HAS_C, reason="the compiled CPU kernels are not built")
+@pytest.mark.parametrize("P, C, seed", [(1, 1, 0), (257, 21, 1), (99, 33, 2), (40, 150, 3)])
+def test_compiled_ranks_and_groups_equal_their_torch_forms(P, C, seed):
+    """pixcon::class_ranks and pixcon::group_columns (the fused path's, compiled on the CPU)
+    give exactly the torch forms' results: ranks with ties (probabilities from 4 levels, so most
+    rows tie; -0.0 ties with 0.0), NaN (first, as torch.sort puts it), C above the counting
+    kernel's 64 (a stable sort); groups of masks of every density, empty and full columns included, the
+    permutation's tail too."""
+    from pixcon.core import u2pl as core
+    g = torch.Generator().manual_seed(seed)
+    prob = torch.randint(0, 4, (P, C), generator=g).float() / 4
+    prob[P // 2, C // 2] = float("nan")
+    prob[::3, -1] = -0.0                                # ties with 0.0
+    for dt in (torch.float32, torch.float64):
+        assert torch.equal(torch.ops.pixcon.class_ranks(prob.to(dt)), core.ranks(prob.to(dt)))
+    for density in (0.0, 0.2, 0.7, 1.0):
+        mask = torch.rand(P, C, generator=g) < density
+        mask[:, 0] = False
+        mask[:, -1] = True
+        got = torch.ops.pixcon.group_columns(mask)
+        want = core.group_columns(mask)
+        assert all(torch.equal(x, y) for x, y in zip(got, want)), density
+    mask = torch.rand(C, P, generator=g) < 0.5          # a transposed view: read as (P, C)
+    assert all(torch.equal(x, y) for x, y in zip(torch.ops.pixcon.group_columns(mask.T),
+                                                 core.group_columns(mask.T)))
+
+
 def test_a_float64_queue_with_float32_embeddings():
     """The queue's keys are read in the embeddings' compute dtype: a float64 bank fed float32
     teacher rows gives the float32 bank's losses, bit for bit, as float32."""

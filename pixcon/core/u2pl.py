@@ -33,14 +33,15 @@ def ranks(prob: torch.Tensor) -> torch.Tensor:
 
 
 def class_masks(gt, prob, reliable, unreliable, num_labeled, hw, *, low_rank, high_rank,
-                anchor_threshold, negative_threshold, official):
+                anchor_threshold, negative_threshold, official, ranks_of=ranks):
     """(V, A, N) (P, C) masks (see the module docstring) from flat labels gt (P,) (-1 ignored),
     teacher probs (P, C), reliable / unreliable (P,) bool; the first num_labeled * hw pixels
-    are labelled. official: the code's reading, its one-hot (per half) included."""
+    are labelled. official: the code's reading, its one-hot (per half) included. ranks_of:
+    :func:`ranks` or an equal kernel (the op pixcon::class_ranks)."""
     P, C = prob.shape
     cls = torch.arange(C, device=gt.device)
     labelled = torch.arange(P, device=gt.device) < num_labeled * hw
-    rank = ranks(prob)
+    rank = ranks_of(prob)
     if official:
         g = gt.view(-1, hw)
         halves = [official_onehot(x.view(x.shape[0], 1, hw), C).view(x.shape[0], C, hw)
@@ -79,28 +80,30 @@ def group_columns(mask: torch.Tensor):
     return order, offsets, counts
 
 
-def sample(anchors, bank, num_queries, num_negatives, seed, sampler):
+def sample(anchors, bank, num_queries, num_negatives, seed, sampler, grouped=group_columns):
     """(a_idx (C*Q,) pixel of each anchor slot or -1, neg_idx (C*Q, N) bank rows or -1): anchor
     (c, q) uniform among A[:, c] (counter c*Q + q, STREAM_QUERY), each of its negatives uniform
     among c's filled queue slots (counter (c*Q + q)*N + n, STREAM_NEGATIVE). sampler: a
-    ``sample_in_groups`` (pixcon.ops.primitives) bound to a backend."""
+    ``sample_in_groups`` (pixcon.ops.primitives) bound to a backend; grouped:
+    :func:`group_columns` or an equal kernel (the op pixcon::group_columns)."""
     C = anchors.shape[1]
     dev = anchors.device
     cls = torch.arange(C, device=dev)
-    a = sampler(*group_columns(anchors), cls, num_queries, seed, STREAM_QUERY).reshape(-1)
+    a = sampler(*grouped(anchors), cls, num_queries, seed, STREAM_QUERY).reshape(-1)
     row_class = cls.repeat_interleave(num_queries)
     neg = sampler(*bank.slots(), row_class, num_negatives, seed, STREAM_NEGATIVE)
     return a, torch.where(a[:, None] >= 0, neg, -1)
 
 
 def u2pl_loss(emb, teacher_emb, bank, masks, *, temperature, num_queries, num_negatives,
-              prototype, seed, reduction, sampler, contrast, push_backend, check_values=None):
+              prototype, seed, reduction, sampler, contrast, push_backend, check_values=None,
+              grouped=group_columns):
     """The loss on (B, D, h, w) student / teacher embeddings given the (V, A, N) (P, C) masks of
     :func:`class_masks` (the op makes them once, for its checks and this). Pushes the negative
     candidates into ``bank`` first, as the official code does. sampler: a backend's
     ``sample_in_groups``; contrast(emb, a_idx, pos (M, D), keys, neg_idx, t): the per-anchor
     InfoNCE (the reference's gather, or the sparse InfoNCE kernels); check_values: the push's
-    (the pushed teacher rows finite), as the op's."""
+    (the pushed teacher rows finite), as the op's; grouped: as :func:`sample`'s."""
     V, A, N = masks
     C = V.shape[1]
     dt = torch.promote_types(emb.dtype, torch.float32)
@@ -114,7 +117,7 @@ def u2pl_loss(emb, teacher_emb, bank, masks, *, temperature, num_queries, num_ne
         pos = sums.T / counts.clamp(min=1)[:, None].to(dt)
     else:
         pos = prototype.detach().to(dt)
-    a_idx, neg_idx = sample(A, bank, num_queries, num_negatives, seed, sampler)
+    a_idx, neg_idx = sample(A, bank, num_queries, num_negatives, seed, sampler, grouped)
     per_anchor = contrast(emb, a_idx, pos.repeat_interleave(num_queries, 0), bank.keys,
                           neg_idx, temperature)
     # per_anchor hangs off emb whatever was sampled (both contrasts read emb's rows), so every

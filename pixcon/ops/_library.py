@@ -10,8 +10,8 @@ chooses it once (``kernels(backend, device)``): "native" is the CPU kernel of ea
 on CUDA tensors the CUDA kernel, and "triton" on CPU tensors (the tests' interpreter) the same
 Triton functions registered over the CPU key for the duration of one scope
 (:func:`triton_on_cpu`). The ops without a CPU kernel (ReCo's one-pass kernel, the ragged EDT)
-are for CUDA tensors and for that scope. ``sample_anchors``' CUDA kernel is torch code, not
-Triton: inside that scope CPU tensors run it too."""
+are for CUDA tensors and for that scope. The CUDA kernels of ``sample_anchors``, ``class_ranks``
+and ``group_columns`` are torch code, not Triton: inside that scope CPU tensors run it too."""
 from __future__ import annotations
 
 import contextlib
@@ -145,6 +145,37 @@ def sample_anchors(gt: Tensor, pred: Tensor, max_samples: int, max_views: int,
 def _(gt, pred, max_samples, max_views, seed):
     one = gt.new_empty((max_samples,), dtype=torch.int64)
     return one, torch.empty_like(one), one.new_empty(()), one.new_empty(())
+
+
+# --- U2PL's class ranks and class groups ----------------------------------------------------
+@torch.library.custom_op("pixcon::class_ranks", mutates_args=(), device_types="cuda")
+def class_ranks(prob: Tensor) -> Tensor:
+    """(P, C) int64: each class's position in its pixel's descending order of prob (P, C), ties
+    in class order. The CUDA kernel is the torch form (pixcon.core.u2pl.ranks: a stable sort),
+    the CPU kernel compiled (csrc/cpu/groups.cpp)."""
+    from ..core.u2pl import ranks
+    return ranks(prob)
+
+
+@class_ranks.register_fake
+def _(prob):
+    return prob.new_empty(prob.shape, dtype=torch.int64)
+
+
+@torch.library.custom_op("pixcon::group_columns", mutates_args=(), device_types="cuda")
+def group_columns(mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(order (C P,), offsets (C,), counts (C,)) int64 grouping the rows of a (P, C) bool mask
+    by column (pixcon.core.u2pl.group_columns, its torch form and the CUDA kernel; the CPU
+    kernel is compiled, the same permutation)."""
+    from ..core.u2pl import group_columns as torch_form
+    return torch_form(mask)
+
+
+@group_columns.register_fake
+def _(mask):
+    P, C = mask.shape
+    return (mask.new_empty(P * C, dtype=torch.int64), mask.new_empty(C, dtype=torch.int64),
+            mask.new_empty(C, dtype=torch.int64))
 
 
 # --- queue-bank push (U2PL) ------------------------------------------------------------------
@@ -615,7 +646,7 @@ _TRITON_ON_CPU = [False]
 # The ops whose CUDA kernel is a Triton launcher (or, for sample_anchors, torch code on the Triton
 # ops), in the order they are defined above.
 _TRITON_OPS = (philox, edt, edt_exact, edt_ragged, class_sums, sample_in_groups,
-               sample_negatives, sample_anchors, bank_push, sparse_infonce, sparse_infonce_backward, rows_and_class_sums, reco_infonce,
+               sample_negatives, sample_anchors, class_ranks, group_columns, bank_push, sparse_infonce, sparse_infonce_backward, rows_and_class_sums, reco_infonce,
                inv_norms, unit_class_sums, unit_class_sums_backward, anchor_contrast,
                anchor_contrast_backward, tiled_contrast_op, tiled_contrast_backward)
 

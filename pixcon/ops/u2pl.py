@@ -120,28 +120,32 @@ def u2pl_loss(emb, labels, teacher_probs, teacher_emb, bank, *, num_labeled: int
     gt = cm.pixel_labels(labels, (h, w), C, ignore_index)
 
     prob = teacher_probs.permute(0, 2, 3, 1).reshape(-1, C).float()
-    V, A, N = steps.class_masks(gt, prob, rel, unrel, num_labeled, h * w, low_rank=low_rank,
-                                high_rank=high_rank, anchor_threshold=anchor_threshold,
-                                negative_threshold=negative_threshold, official=official)
-    chk.warn_selected_nothing(          # positives exist, but no pixel passes the threshold
-        op, f"anchor_threshold={anchor_threshold}", lambda: V.any() & ~A.any(), dev,
-        check_values,
-        "no reliable pixel's teacher probability of its own class is above it (an untrained "
-        "teacher; lower it, or warm up with the supervised loss first as the paper does)")
+    fused = be != "reference"
 
     def fused_contrast(emb, a_idx, pos, keys, neg_idx, t):
         slots = torch.arange(a_idx.numel(), device=dev)
         return prim.infonce(emb, a_idx, slots, neg_idx, t, pos, keys=keys.to(emb.dtype))
 
-    fused = be != "reference"
     with lib.kernels(be, dev) if fused else contextlib.nullcontext():
+        # the fused path ranks and groups with the ops pixcon::class_ranks / group_columns
+        # (compiled on the CPU), the reference with their torch forms: the same masks
+        V, A, N = steps.class_masks(gt, prob, rel, unrel, num_labeled, h * w, low_rank=low_rank,
+                                    high_rank=high_rank, anchor_threshold=anchor_threshold,
+                                    negative_threshold=negative_threshold, official=official,
+                                    ranks_of=lib.class_ranks if fused else steps.ranks)
+        chk.warn_selected_nothing(      # positives exist, but no pixel passes the threshold
+            op, f"anchor_threshold={anchor_threshold}", lambda: V.any() & ~A.any(), dev,
+            check_values,
+            "no reliable pixel's teacher probability of its own class is above it (an untrained "
+            "teacher; lower it, or warm up with the supervised loss first as the paper does)")
         loss = steps.u2pl_loss if fused else reference.u2pl.u2pl_loss
         return loss(emb, teacher_emb, bank, (V, A, N), temperature=float(temperature),
                     num_queries=num_queries, num_negatives=num_negatives, prototype=prototype,
                     seed=draw_seed(seed, op), reduction=reduction,
                     sampler=prim.groups_sample if fused else prim.reference_groups_sample,
                     contrast=fused_contrast if fused else reference.u2pl.reference_contrast,
-                    push_backend="auto" if fused else "reference", check_values=check_values)
+                    push_backend="auto" if fused else "reference", check_values=check_values,
+                    grouped=lib.group_columns if fused else steps.group_columns)
 
 
 def _percentile(x, valid, q):
