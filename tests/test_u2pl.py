@@ -475,18 +475,20 @@ def test_triton_push_equals_the_compaction(monkeypatch):
 
 @pytest.mark.skipif(not pixcon.HAS_C, reason="the compiled CPU kernels are not built")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
-def test_native_push_equals_the_compaction(dtype):
+@pytest.mark.parametrize("D", [5, 32])
+def test_native_push_equals_the_compaction(dtype, D):
     """The compiled CPU push (csrc/cpu/bank.cpp) writes what the compaction writes, rows given
     as (P, D) or read in place from (B, D, HW) maps whose HW is not a multiple of its 16-pixel
-    blocks, with the rings wrapping; "auto" on CPU tensors is that kernel."""
+    blocks, with the rings wrapping; "auto" on CPU tensors is that kernel. D = 32 in float32:
+    the rows stored non-temporally (where the CPU has AVX-512)."""
     g = torch.Generator().manual_seed(9)
-    rows = torch.randn(3, 5, 37, generator=g).to(dtype)            # (B, D, HW): 111 pixels
+    rows = torch.randn(3, D, 37, generator=g).to(dtype)            # (B, D, HW): 111 pixels
     mask = torch.rand(4, 111, generator=g) < 0.3
     mask[:, 17:50] = False                                          # whole blocks pushed by none
     banks = []
     for be, r in (("reference", rows), ("native", rows), ("auto", rows),
-                  ("native", rows.permute(0, 2, 1).reshape(-1, 5))):
-        bank = UnreliableBank(4, 5, sizes=(10, 50, 7, 30), dtype=dtype)
+                  ("native", rows.permute(0, 2, 1).reshape(-1, D))):
+        bank = UnreliableBank(4, D, sizes=(10, 50, 7, 30), dtype=dtype)
         with torch.profiler.profile() as prof:
             for _ in range(3):
                 bank.push(r, mask, backend=be)
