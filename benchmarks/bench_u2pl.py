@@ -83,11 +83,27 @@ def make_step(provider, inputs, size):
     return loss_fn, pb.fwd_bwd_step(emb, loss_fn), keys
 
 
+def pushed_rows(inputs, size):
+    """The (class, pixel) pairs a step pushes into the queues at these inputs (the negative
+    candidates of u2pl_loss's defaults): the floor's push bytes (benchmarks/floor.py)."""
+    from pixcon.core import common as cm
+    from pixcon.core import u2pl as steps
+    B, L, D, h, w, C, sizes, Q, N = SIZES[size]
+    emb, labels, probs, temb, rel, unrel, queue = inputs
+    gt = cm.pixel_labels(labels, (h, w), C, 255)
+    prob = probs.permute(0, 2, 3, 1).reshape(-1, C).float()
+    masks = steps.class_masks(gt, prob, rel.reshape(-1), unrel.reshape(-1), L, h * w,
+                              low_rank=3, high_rank=20, anchor_threshold=0.3,
+                              negative_threshold=1.0, official=False)
+    return int(masks[2].sum())
+
+
 def run(size="cpu", providers=PROVIDERS, device=None, reps=3, out=None, verbose=True):
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     meta = pb.metadata(device)
     B, L, D, h, w, C, sizes, Q, N = SIZES[size]
     inputs = make_inputs(size, device)
+    pushed = pushed_rows(inputs, size)
     rows = []
     for provider in providers:
         if not pb.can_run(provider, device, meta):
@@ -100,7 +116,7 @@ def run(size="cpu", providers=PROVIDERS, device=None, reps=3, out=None, verbose=
         rows.append({"op": "u2pl_loss", "provider": provider, "size": size,
                      "shape": [B, D, h, w], "num_classes": C, "num_labeled": L,
                      "queue_keys": sum(sizes), "num_queries": Q, "num_negatives": N,
-                     **pb.step_metrics(ms, peak, saved, loss), **meta})
+                     "pushed": pushed, **pb.step_metrics(ms, peak, saved, loss), **meta})
     if out:
         pb.write_results(rows, out, f"u2pl-{size}", markdown(rows))
     return rows

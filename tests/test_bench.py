@@ -445,6 +445,15 @@ def test_bench_u2pl_tiny_writes_results(tmp_path):
     for p in set(by) - {"reference", "official-style"}:
         assert by[p]["loss"] == pytest.approx(by["reference"]["loss"], rel=1e-5), p
     assert sorted(p.suffix for p in tmp_path.iterdir()) == [".json", ".md"]
+    # the floor's push bytes: the rows one step pushes, counted by an empty bank of roomy queues
+    from pixcon.nn import UnreliableBank
+    from pixcon.ops import u2pl_loss
+    emb, labels, probs, temb, rel, unrel, _ = mod.make_inputs("tiny", "cpu")
+    B, L, D, h, w, C = mod.SIZES["tiny"][:6]
+    bank = UnreliableBank(C, D, sizes=(10**4,) * C)
+    u2pl_loss(emb, labels, probs, temb, bank, num_labeled=L, reliable=rel, unreliable=unrel,
+              seed=1)
+    assert by["reference"]["pushed"] == int(bank.counts.sum()) > 0
 
 
 def test_u2pl_official_style_baseline_has_the_method_value():

@@ -16,9 +16,10 @@ def test_settings_are_the_benchmarks():
     assert cost.CONTRASTIVESEG_CS == dict(B=B, D=D, h=h, w=w, C=C, M=M, bank=C * 2 * R)
     n, N, D, _ = bench_module("bench_cac").SIZES["cityscapes"]
     assert cost.CAC_CS == dict(n=n, N=N, D=D)
-    B, L, D, h, w, C, _, Q, N = bench_module("bench_u2pl").SIZES["voc"]
-    assert cost.U2PL_VOC == dict(B=B, D=D, h=h, w=w, C=C, Q=Q, N=N,
-                                 pushed=int(0.2 * (B - L) * h * w) * 17)
+    u2pl = bench_module("bench_u2pl")
+    B, L, D, h, w, C, _, Q, N = u2pl.SIZES["voc"]
+    pushed = u2pl.pushed_rows(u2pl.make_inputs("voc", "cpu"), "voc")
+    assert cost.U2PL_VOC == dict(B=B, D=D, h=h, w=w, C=C, Q=Q, N=N, pushed=pushed)
 
 
 def test_reco_infonce_kernel_by_hand():

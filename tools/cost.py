@@ -55,7 +55,7 @@ CAC_CS = dict(n=8100, N=129600, D=128)
 DENSE = dict(n=131072, D=256, C=19)
 EDT = dict(B=8, H=512, W=512)
 U2PL_VOC = dict(B=4, D=256, h=129, w=129, C=21, Q=256, N=50,
-                pushed=int(0.2 * 2 * 129 * 129) * 17)
+                pushed=186_524)      # the pairs bench_u2pl's VOC inputs push (pushed_rows)
 
 
 def gpu_key(gpu: dict) -> str:
@@ -345,8 +345,8 @@ def u2pl(B, D, h, w, C, Q, N, pushed, elt=F32) -> Op:
     sort of the teacher probabilities, the push of ``pushed`` negative rows into the queues,
     the teacher class means (one GEMM), the samplers, and the sparse InfoNCE reading the bank's
     rows in place once, in the forward, which keeps each query's direction; the backward is a
-    scale and a scatter. ``pushed``: rows queued a
-    step (at VOC about 20% of the unlabelled pixels x 17 classes of rank 3..19)."""
+    scale and a scatter. ``pushed``: rows queued a step (the benchmark's VOC inputs: 186,524,
+    about 2.8 a pixel)."""
     P, M = B * h * w, C * Q
     E = P * D * elt
     rows = M * (N + 1) * D * elt
