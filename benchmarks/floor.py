@@ -142,8 +142,10 @@ def paper_cases() -> list[dict]:
         for B, H, W, _ in bench_edt.SIZES[size]:
             rows.append({"op": "distance_transform", "size": size, "shape": [B, H, W]})
     B, L, D, h, w, C, _, Q, N = bench_u2pl.SIZES["voc"]
+    from tools.cost import U2PL_VOC               # its pushed rows, counted at the VOC inputs
     rows.append({"op": "u2pl_loss", "size": "voc", "shape": [B, D, h, w], "num_classes": C,
-                 "num_labeled": L, "num_queries": Q, "num_negatives": N})
+                 "num_labeled": L, "num_queries": Q, "num_negatives": N,
+                 "pushed": U2PL_VOC["pushed"]})
     for r in rows:
         r.update(estimate(r), provider="-")
     return rows
