@@ -5,6 +5,7 @@
 #include <torch/library.h>
 
 #include "cpu/items.h"
+#include "cpu/memory.h"
 #include "cpu/parallel.h"
 
 // A bare Python module: `import pixcon._C` loads the library and runs the registrations below
@@ -18,6 +19,11 @@ namespace pixcon {
 void set_num_threads(int64_t n) { thread_cap().store(std::max<int64_t>(n, 0)); }
 int64_t get_num_threads() { return thread_cap().load(); }
 void set_anchor_tile(int64_t n) { anchor_tile().store(std::max<int64_t>(n, 0)); }
+void zero_fill_op(const at::Tensor& t) {
+  TORCH_CHECK(t.device().is_cpu() && t.is_contiguous(), "zero_fill_: a contiguous CPU tensor");
+  at::Tensor x = t;
+  zero_fill(x);
+}
 }  // namespace pixcon
 
 TORCH_LIBRARY_FRAGMENT(pixcon, m) {
@@ -33,4 +39,7 @@ TORCH_LIBRARY_FRAGMENT(pixcon, m) {
   // How many threads a pass of the tiled contrast's CPU kernel uses for `work` multiply-adds in
   // `items` work items (its one rule: one thread below 2^27; pixcon.ops.tiled documents it).
   m.def("tiled_threads(int work, int items) -> int", &pixcon::tiled_threads);
+  // The zeroing of the CPU kernels' embedding-sized outputs (cpu/memory.h), for its tests: above
+  // 32 MiB it discards the block's whole pages and memsets the partial ones at its ends.
+  m.def("zero_fill_(Tensor(a!) self) -> ()", &pixcon::zero_fill_op);
 }

@@ -231,3 +231,18 @@ def test_backend_names(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         reco_loss(emb, labels, probs, seed=3, num_queries=4, num_negatives=8, backend="native")
+
+
+@pytest.mark.parametrize("mib, offset", [(40, 1001), (40, 0), (1, 7)])
+def test_zero_fill_zeroes_dirty_memory_and_nothing_around_it(mib, offset):
+    """csrc/cpu/memory.h's zero_fill (the kernels' embedding-sized gradients start with it):
+    above 32 MiB it discards the block's whole pages (MADV_DONTNEED) and memsets the partial
+    pages at either end, below it memsets. On memory full of NaN, from a start that is not at a
+    page boundary (offset floats in), every element reads back 0 and the floats just outside the
+    tensor keep their NaN."""
+    n = mib * 2**20 // 4
+    base = torch.full((n + offset + 3000,), float("nan"))
+    t = base[offset:offset + n]
+    torch.ops.pixcon.zero_fill_(t)
+    assert bool((t == 0).all())
+    assert bool(base[:offset].isnan().all()) and bool(base[offset + n:].isnan().all())
