@@ -11,6 +11,7 @@ into full queues first, as the official code does. Metrics as bench_reco.
 """
 from __future__ import annotations
 
+import inspect
 import os
 import sys
 
@@ -92,9 +93,11 @@ def pushed_rows(inputs, size):
     emb, labels, probs, temb, rel, unrel, queue = inputs
     gt = cm.pixel_labels(labels, (h, w), C, 255)
     prob = probs.permute(0, 2, 3, 1).reshape(-1, C).float()
+    default = {k: v.default for k, v in inspect.signature(u2pl_loss).parameters.items()}
     masks = steps.class_masks(gt, prob, rel.reshape(-1), unrel.reshape(-1), L, h * w,
-                              low_rank=3, high_rank=20, anchor_threshold=0.3,
-                              negative_threshold=1.0, official=False)
+                              **{k: default[k] for k in ("low_rank", "high_rank", "official",
+                                                         "anchor_threshold",
+                                                         "negative_threshold")})
     return int(masks[2].sum())
 
 

@@ -18,7 +18,7 @@ namespace pixcon {
 // BLAS single-threaded on this thread while in scope. MKL chooses its sgemm kernel by its thread
 // setting: a 38 x 512 x 32 product gave other last bits at a setting of 2 than of 1, even run on
 // one thread inside a parallel region, so a pass's bits followed torch.set_num_threads. Every
-// item runs under it (and the single-thread sweeps that call BLAS outside for_items).
+// item runs under it.
 struct SerialBlas {
   int prev = 0;
   SerialBlas() { if (MKL_Set_Num_Threads_Local) prev = MKL_Set_Num_Threads_Local(1); }

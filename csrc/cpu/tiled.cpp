@@ -510,12 +510,12 @@ std::tuple<at::Tensor, at::Tensor> backward_impl(const Plan& p, const at::Tensor
       }
     });
   } else if (tiled_threads(work, p.nta) == 1 && (!need_dk || tiled_threads(work, nk) == 1)) {
-    // one thread: one sweep, each tile's ds feeding both gradients. The same BLAS calls in the
-    // same order per output row as the two passes below, so the same bits.
-    SerialBlas serial_blas;
-    at::Tensor buf = at::empty({p.BM * BNK}, p.A.options());
-    bool fresh = false;                                   // dK is zeros: accumulate from the start
-    sweep(buf, 0, p.nta, need_dk ? dK.narrow(0, p.kv0, Nv) : at::Tensor(), fresh);
+    // one thread: one sweep (one item), each tile's ds feeding both gradients. The same BLAS
+    // calls in the same order per output row as the two passes below, so the same bits.
+    for_items<T>(1, work, p.BM * BNK, [&](int64_t, at::Tensor& buf) {
+      bool fresh = false;                                 // dK is zeros: accumulate from the start
+      sweep(buf, 0, p.nta, need_dk ? dK.narrow(0, p.kv0, Nv) : at::Tensor(), fresh);
+    });
   } else {
     // da: an item = one anchor tile, over every key tile
     for_items<T>(p.nta, work, p.BM * BNK, [&](int64_t ti, at::Tensor& buf) {
