@@ -161,20 +161,33 @@ def _da_kernel(x_ptr, inv_ptr, s_ptr, gt_ptr, neg_ptr, nl_ptr, gc_ptr, coef_ptr,
 
 
 @triton.jit
-def _dx_kernel(x_ptr, inv_ptr, a_ptr, s_ptr, gt_ptr, neg_ptr, nl_ptr, gc_ptr, coef_ptr, dx_ptr,
-               C, D, HW, s_b, s_s, s_d, o_b, o_s, o_d, TPI, inv_t, eps, ACC: tl.constexpr,
-               PREC: tl.constexpr, ONLY_OWN: tl.constexpr, NORMALIZE: tl.constexpr,
-               BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Program t writes the gradient of tile t's pixels into dx (strides o_*): for each D chunk
-    dz = sum over class blocks of g @ a / t, then dx = inv (dz - z r), r = sum_c g S."""
+def _dx_kernel(x_ptr, inv_ptr, a_ptr, s_ptr, gt_ptr, neg_ptr, nl_ptr, gc_ptr, coef_ptr, ds_ptr,
+               dx_ptr, C, D, HW, s_b, s_s, s_d, o_b, o_s, o_d, TPI, inv_t, eps,
+               ACC: tl.constexpr, PREC: tl.constexpr, ONLY_OWN: tl.constexpr,
+               NORMALIZE: tl.constexpr, HAS_DS: tl.constexpr, BLOCK_P: tl.constexpr,
+               BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Program t writes the gradient of tile t's pixels into dx (strides o_*), once: for each D
+    chunk dz = sum over class blocks of g @ a / t (+ dS_gt: the gradient of the layer's class
+    sums, HAS_DS), then dx = inv (dz - z r), r = sum_c g S (+ z . dS_gt)."""
     b, hw, pm, p = pixel_tile(tl.program_id(0), TPI, HW, BLOCK_P)
     inv = tl.load(inv_ptr + p, mask=pm, other=0.0).to(ACC)
+    if HAS_DS:
+        gt = tl.load(gt_ptr + p, mask=pm, other=-1)
+        ok = pm & (gt >= 0) & (gt < C)
+        row = tl.maximum(gt, 0).to(tl.int64) * D
     if NORMALIZE:
         r = tl.zeros([BLOCK_P], dtype=ACC)
         for c0 in range(0, C, BLOCK_C):
             ds, s = _dlogits(s_ptr, gt_ptr, neg_ptr, nl_ptr, gc_ptr, coef_ptr, p, pm,
                              c0 + tl.arange(0, BLOCK_C), C, ACC, ONLY_OWN)
             r += tl.sum(ds * s, axis=1)
+        if HAS_DS:                                   # z . dS_gt = inv (x . dS_gt)
+            for d0 in range(0, D, BLOCK_D):
+                d = d0 + tl.arange(0, BLOCK_D)
+                gv = tl.load(ds_ptr + row[:, None] + d[None, :],
+                             mask=ok[:, None] & (d < D)[None, :], other=0.0).to(ACC)
+                x = pixel_chunk(x_ptr, b, hw, pm, d, D, s_b, s_s, s_d).to(ACC)
+                r += tl.sum(gv * x, axis=1) * inv
         # z = x / max(|x|, eps): the radial term only where the norm is above eps
         r = tl.where(inv * eps < 1.0, r, 0.0)
     for d0 in range(0, D, BLOCK_D):
@@ -188,6 +201,9 @@ def _dx_kernel(x_ptr, inv_ptr, a_ptr, s_ptr, gt_ptr, neg_ptr, nl_ptr, gc_ptr, co
                         mask=(c < C)[:, None] & (d < D)[None, :], other=0.0).to(ACC)
             dz += tl.dot(ds, a, input_precision=PREC)
         dx = dz * inv_t
+        if HAS_DS:
+            dx += tl.load(ds_ptr + row[:, None] + d[None, :],
+                          mask=ok[:, None] & (d < D)[None, :], other=0.0).to(ACC)
         if NORMALIZE:
             x = pixel_chunk(x_ptr, b, hw, pm, d, D, s_b, s_s, s_d).to(ACC)
             dx = (dx - x * (r * inv)[:, None]) * inv[:, None]
@@ -296,36 +312,51 @@ def anchor_forward(x, inv, anchors, gt, negcls, temperature: float, only_own: bo
     return loss.sum(0), nl, sig.sum(0), S
 
 
-def anchor_backward(grad, x, inv, anchors, gt, negcls, nl, sigsum, S, temperature: float,
-                    only_own: bool, normalize: bool, eps: float = 1e-8):
-    """Gradients of sum_c grad[c] * loss_sum[c] w.r.t. x (x's shape and strides; through the
-    unit rows x * inv when ``normalize``) and anchors (C, D), from the stored logits S."""
-    C = anchors.shape[0]
-    lay, meta, opts = _setup(x, C)
+def _backward_args(grad, x, inv, anchors, gt, negcls, nl, sigsum):
     dt = torch_acc_dtype(x.dtype)
-    D = lay["D"]
-    anchors = anchors.to(dt).contiguous()
-    gt, negcls = gt.to(torch.int32).contiguous(), negcls.to(torch.int32).contiguous()
     grad = grad.to(dt).contiguous()
-    coef = (grad * sigsum).contiguous()
-    nl, inv = nl.contiguous(), inv.contiguous()
-    dx = torch.empty_like(lay["x"], dtype=dt)
-    _, _, _, _, o_b, o_s, o_d = pool_layout(dx)
-    inv_t = 1.0 / temperature
-    prec = _precision(x.dtype)
-    common = (gt, negcls, nl, grad, coef)
-    # da on a GPU: 32-pixel tiles (64 sit at 188-255 registers and spill on sm_80 for some
+    return (inv.contiguous(), anchors.to(dt).contiguous(),
+            (gt.to(torch.int32).contiguous(), negcls.to(torch.int32).contiguous(),
+             nl.contiguous(), grad, (grad * sigsum).contiguous()))
+
+
+def anchor_da(grad, x, inv, anchors, gt, negcls, nl, sigsum, S, temperature: float,
+              only_own: bool):
+    """Gradient (C, D) w.r.t. the anchors of sum_c grad[c] * loss_sum[c], from the stored
+    logits S (partials over pixel ranges, summed in order)."""
+    C = anchors.shape[0]
+    dt = torch_acc_dtype(x.dtype)
+    inv, _, common = _backward_args(grad, x, inv, anchors, gt, negcls, nl, sigsum)
+    # 32-pixel tiles on a GPU (64 sit at 188-255 registers and spill on sm_80 for some
     # specialisations, e.g. images of at most 64 pixels)
-    ly, mt, _ = _setup(x, C, 32) if gpu_config() else (lay, meta, opts)
+    ly, mt, opts = _setup(x, C, 32 if gpu_config() else 64)
+    D = ly["D"]
     da = torch.empty(ly["G"], C, D, dtype=dt, device=x.device)
     _da_kernel[(ly["G"], ly["n_cb"], triton.cdiv(D, mt["BLOCK_D"]))](
         ly["x"], inv, S, *common, da, C, D, ly["HW"], *ly["strides"], ly["T"], ly["TPI"],
-        ly["tiles_per_prog"], inv_t, PREC=prec, ONLY_OWN=only_own, **mt, **opts)
+        ly["tiles_per_prog"], 1.0 / temperature, PREC=_precision(x.dtype), ONLY_OWN=only_own,
+        **mt, **opts)
+    return da.sum(0)
+
+
+def anchor_dx(grad, x, inv, anchors, gt, negcls, nl, sigsum, S, dsums, temperature: float,
+              only_own: bool, normalize: bool, eps: float = 1e-8):
+    """Gradient w.r.t. x (x's shape and strides; through the unit rows x * inv when
+    ``normalize``) of sum_c grad[c] * loss_sum[c], from the stored logits S, plus that of the
+    class sums of its unit rows given their gradient dsums (C, D) (empty: none): one write."""
+    C = anchors.shape[0]
+    lay, meta, opts = _setup(x, C)
+    dt = torch_acc_dtype(x.dtype)
+    inv, anchors, common = _backward_args(grad, x, inv, anchors, gt, negcls, nl, sigsum)
+    has_ds = dsums.numel() > 0
+    dsums = dsums.to(dt).contiguous() if has_ds else anchors
+    dx = torch.empty_like(lay["x"], dtype=dt)
+    _, _, _, _, o_b, o_s, o_d = pool_layout(dx)
     _dx_kernel[(lay["T"],)](
-        lay["x"], inv, anchors, S, *common, dx, C, D, lay["HW"], *lay["strides"], o_b, o_s,
-        o_d, lay["TPI"], inv_t, eps, PREC=prec, ONLY_OWN=only_own, NORMALIZE=normalize,
-        **meta, **opts)
-    return dx, da.sum(0)
+        lay["x"], inv, anchors, S, *common, dsums, dx, C, lay["D"], lay["HW"], *lay["strides"],
+        o_b, o_s, o_d, lay["TPI"], 1.0 / temperature, eps, PREC=_precision(x.dtype),
+        ONLY_OWN=only_own, NORMALIZE=normalize, HAS_DS=has_ds, **meta, **opts)
+    return dx
 
 
 def unit_sums_backward(grad_sums, x, inv, gt, normalize: bool, eps: float = 1e-8):

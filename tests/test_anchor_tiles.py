@@ -80,6 +80,34 @@ def test_anchor_terms_equal_the_dense_formula_and_gradcheck(tile, reading, norma
                                         normalize=normalize), (emb.requires_grad_(), av))
 
 
+@pytest.mark.parametrize("D", [5, 3], ids=["kept", "remade"])
+def test_backward_keeps_or_remakes_its_weights(tile, D):
+    """Backward pass A keeps each pixel's C + 1 weights for pass B when they are no larger than
+    the pixel's embedding row (D = 5, C = 4 in float64), else pass B remakes them from a second
+    product (D = 3); both give the dense formula's gradients, also with the class sums'
+    gradient folded into pass B (the fused loss's one write of the pixels' gradient)."""
+    emb, gt, sel, err, a = case(seed=11, D=D, w=36, regions=True)
+    x, av = emb.clone().requires_grad_(), a.clone().requires_grad_()
+    lib = pixcon.ops._library
+    inv = lib.inv_norms(x.detach())
+    neg = torch.where(sel, err, -1)
+    loss, nl, sig, S = lib.anchor_contrast(x.detach(), inv, a, gt, neg, 0.3, False, True, False)
+    G = torch.randn(4, dtype=torch.float64)
+    dS = torch.randn(4, D, dtype=torch.float64)
+    da, kept = lib.anchor_contrast_da(G, x.detach(), inv, a, gt, neg, nl, sig, S, 0.3, False,
+                                      True)
+    assert kept.numel() == (x.numel() // D * 5 if D == 5 else 0)
+    dx = lib.anchor_contrast_dx(G, x.detach(), inv, a, gt, neg, nl, sig, S, kept, dS, 0.3,
+                                False, True)
+    want = dense_terms(x, av, gt, sel, err, 4, 0.3, "R1")
+    z = F.normalize(cm.pixel_rows(x), dim=1, eps=cm.EPS)
+    keep = gt >= 0
+    sums = z.new_zeros(4, D).index_add(0, gt[keep], z[keep])
+    w_x, w_a = torch.autograd.grad((want * G).sum() + (sums * dS).sum(), [x, av])
+    assert torch.allclose(dx, w_x, rtol=1e-10, atol=1e-12)
+    assert torch.allclose(da, w_a, rtol=1e-10, atol=1e-12)
+
+
 def test_class_without_negatives_gives_zero(tile):
     emb, gt, sel, err, a = case(seed=4)
     err = torch.where(err == 2, -1, err)

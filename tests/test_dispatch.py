@@ -15,7 +15,8 @@ from .test_primitives import _infonce_case, _labels
 WITH_CPU = ("philox", "edt", "edt_exact", "class_sums", "sample_in_groups", "sample_negatives",
             "sample_anchors", "class_ranks", "group_columns", "bank_push", "sparse_infonce", "sparse_infonce_backward",
             "tiled_contrast", "tiled_contrast_backward", "inv_norms", "unit_class_sums",
-            "unit_class_sums_backward", "anchor_contrast", "anchor_contrast_backward")
+            "unit_class_sums_backward", "anchor_contrast", "anchor_contrast_da",
+            "anchor_contrast_dx")
 TRITON_ONLY = ("edt_ragged", "rows_and_class_sums", "reco_infonce")
 
 

@@ -198,9 +198,11 @@ def _contextrast(rec, B, D, sizes, C, dtype, tag):
         a = torch.randn(C, D, generator=gen)
         for only_own in flags:
             _, nl, sig, S = anchor.anchor_forward(x, inv, a, gt, negcls, 0.1, only_own)
+            anchor.anchor_da(torch.ones(C), x, inv, a, gt, negcls, nl, sig, S, 0.1, only_own)
             for normalize in norms:
-                anchor.anchor_backward(torch.ones(C), x, inv, a, gt, negcls, nl, sig, S, 0.1,
-                                       only_own, normalize)
+                for ds in (a[:0], a):                  # the class sums' gradient folded in or not
+                    anchor.anchor_dx(torch.ones(C), x, inv, a, gt, negcls, nl, sig, S, ds, 0.1,
+                                     only_own, normalize)
         for normalize in norms:
             anchor.unit_sums_backward(a, x, inv, gt, normalize)
 
@@ -344,7 +346,8 @@ def _classes(rec, C):
     x = z.T.reshape(1, D, 64, 64)                          # an NCHW map of the same pixels
     inv = torch.ones(P)
     _, nl, sig, S = anchor.anchor_forward(x, inv, a, gt, negcls, 0.1, False)
-    anchor.anchor_backward(torch.ones(C), x, inv, a, gt, negcls, nl, sig, S, 0.1, False, True)
+    anchor.anchor_da(torch.ones(C), x, inv, a, gt, negcls, nl, sig, S, 0.1, False)
+    anchor.anchor_dx(torch.ones(C), x, inv, a, gt, negcls, nl, sig, S, a, 0.1, False, True)
 
 
 def capture_scenarios(quick: bool = False) -> list[dict]:

@@ -16,8 +16,13 @@
 //   dx = a^T W - x inv^2 on (s . ds),     da = W x^T
 //
 // (on: the norm is above eps, where the normalisation's radial term exists). The class sums'
-// backward is the same with dz_p = dS_{g_p}. Nothing of size P x C is kept: the forward keeps one
-// positive logit per pixel while it runs, the backward remakes each tile's logits (one BLAS call).
+// backward is the same with dz_p = dS_{g_p}. The backward is two passes, so that each pixel's
+// gradient is written once with both terms: pass A (anchor_contrast_da) gives da, which the
+// caller turns into the gradient dS of the layer's class sums (through the anchors' fusion
+// across layers); pass B (anchor_contrast_dx) writes dx = a^T W + inv dS_g - x (inv^2 on (s . ds)
+// + inv^3 on (dS_g . x)). Nothing of size P x C is kept by the forward: it keeps one positive
+// logit per pixel while it runs; pass A remakes each tile's logits (one BLAS call) and keeps W
+// for pass B when C + 1 floats a pixel are no more than its embedding row (else B remakes it).
 //
 // Parallel shape: one pass = one region of work items claimed from a counter (items.h). An item
 // is a chunk of consecutive tiles with its own partial sums ((C, D), online log-sum-exp (C,)),
@@ -173,46 +178,66 @@ void sums_tile(int64_t D, int64_t len, int64_t ld, const T* __restrict__ x,
   }
 }
 
-// The class sums' gradient on a tile: out[d, p] = s_p G[g_p, d] - x[d, p] s_p^3 on_p (G_g . x_p),
-// 0 for ignored pixels. Gt: G transposed, (D, C + 1) with a zero column C; g: each pixel's class,
-// C where ignored (read when the runs are short).
+// The class sums' gradient on a tile, in two steps. Gt: their gradient G transposed, (D, C + 1)
+// with a zero column C; g: each pixel's class, C where ignored (read when the runs are short).
+// Radial factor: coef[p] += s_p^3 on_p (G_{g_p} . x_p).
 template <typename T>
 __attribute__((target_clones("avx512f", "avx2", "default")))
-void sums_grad_tile(int64_t D, int64_t len, int64_t ld, const T* __restrict__ x,
-                    const T* __restrict__ s, const T* __restrict__ on, const int64_t* g,
-                    const int64_t* at,
-                    const int64_t* cls, int64_t runs, const T* Gt, int64_t Cp,
-                    T* __restrict__ coef, T* __restrict__ out, int64_t ldo) {
+void sums_radial(int64_t D, int64_t len, int64_t ld, const T* __restrict__ x,
+                 const T* __restrict__ s, const T* __restrict__ on, const int64_t* g,
+                 const int64_t* at, const int64_t* cls, int64_t runs, const T* Gt, int64_t Cp,
+                 T* __restrict__ u, T* __restrict__ coef) {
   const bool by_run = runs * kShortRun <= len;
-  for (int64_t p = 0; p < len; ++p) coef[p] = 0;
+  for (int64_t p = 0; p < len; ++p) u[p] = 0;
   for (int64_t d = 0; d < D; ++d) {
     const T *xr = x + d * ld, *gr = Gt + d * Cp;
     if (!by_run) {
-      for (int64_t p = 0; p < len; ++p) coef[p] += gr[g[p]] * xr[p];
+      for (int64_t p = 0; p < len; ++p) u[p] += gr[g[p]] * xr[p];
       continue;
     }
     for (int64_t r = 0; r < runs; ++r) {
       const T gv = gr[cls[r]];
-      for (int64_t p = at[r]; p < at[r + 1]; ++p) coef[p] += gv * xr[p];
+      for (int64_t p = at[r]; p < at[r + 1]; ++p) u[p] += gv * xr[p];
     }
   }
-  for (int64_t p = 0; p < len; ++p) coef[p] *= s[p] * s[p] * s[p] * on[p];
+  for (int64_t p = 0; p < len; ++p) coef[p] += u[p] * s[p] * s[p] * s[p] * on[p];
+}
+
+// The pixels' gradient: out[d, p] = s_p G[g_p, d] - x[d, p] coef_p (G: Gt as above; coef: the
+// radial factor of every term), added to out when `add` (the anchor products are there).
+template <typename T>
+__attribute__((target_clones("avx512f", "avx2", "default")))
+void grad_out(int64_t D, int64_t len, int64_t ld, const T* __restrict__ x,
+              const T* __restrict__ s, const int64_t* g, const int64_t* at, const int64_t* cls,
+              int64_t runs, const T* Gt, int64_t Cp, const T* __restrict__ coef, bool add,
+              T* __restrict__ out, int64_t ldo) {
+  const bool by_run = runs * kShortRun <= len;
   for (int64_t d = 0; d < D; ++d) {
     const T *xr = x + d * ld, *gr = Gt + d * Cp;
     T* o = out + d * ldo;
     if (!by_run) {
-      for (int64_t p = 0; p < len; ++p) o[p] = s[p] * gr[g[p]] - xr[p] * coef[p];
+      if (add) {
+        for (int64_t p = 0; p < len; ++p) o[p] += s[p] * gr[g[p]] - xr[p] * coef[p];
+      } else {
+        for (int64_t p = 0; p < len; ++p) o[p] = s[p] * gr[g[p]] - xr[p] * coef[p];
+      }
       continue;
     }
     for (int64_t r = 0; r < runs; ++r) {
       const T gv = gr[cls[r]];
-      if (cls[r] == Cp - 1) {
-        for (int64_t p = at[r]; p < at[r + 1]; ++p) o[p] = 0;
+      if (add) {
+        for (int64_t p = at[r]; p < at[r + 1]; ++p) o[p] += s[p] * gv - xr[p] * coef[p];
       } else {
         for (int64_t p = at[r]; p < at[r + 1]; ++p) o[p] = s[p] * gv - xr[p] * coef[p];
       }
     }
   }
+}
+
+// G (C, D) transposed, with a zero column for ignored pixels: (D, C + 1); zeros when G is empty
+at::Tensor padded_t(const at::Tensor& G, int64_t C, int64_t D, const at::TensorOptions& opt) {
+  if (G.numel() == 0) return at::zeros({D, C + 1}, opt);
+  return at::cat({G.to(opt.dtype()), at::zeros({1, D}, opt)}).t().contiguous();
 }
 
 std::tuple<at::Tensor, at::Tensor> class_sums_cpu(const at::Tensor& x_, const at::Tensor& inv_,
@@ -265,28 +290,29 @@ at::Tensor class_sums_backward_cpu(const at::Tensor& gs_, const at::Tensor& x_,
   const Tiles tl(x, C, at::elementSize(acc));
   const int64_t D = tl.D, P = tl.B * tl.HW;
   const at::Tensor gt = gt_.to(at::kLong).contiguous(), inv = inv_.to(acc).contiguous();
-  // G transposed, with a zero column for ignored pixels: (D, C + 1)
-  const at::Tensor Gt = at::cat({gs_.to(acc), at::zeros({1, D}, x.options().dtype(acc))}).t()
-                            .contiguous();
+  const at::Tensor Gt = padded_t(gs_, C, D, x.options().dtype(acc));
   at::Tensor grad = empty_large(x.sizes(), x.options().dtype(acc));
   AT_DISPATCH_FLOATING_TYPES(acc, "unit_class_sums_backward", [&] {
     using T = scalar_t;
     const T* iv = ptr<T>(inv);
     const int64_t* g = gt.data_ptr<int64_t>();
     T* out = grad.data_ptr<T>();
-    for_items<T>(tl.count, 2 * kScalar * P * D, 3 * tl.n, [&](int64_t i, at::Tensor& buf) {
+    for_items<T>(tl.count, 2 * kScalar * P * D, 4 * tl.n, [&](int64_t i, at::Tensor& buf) {
       int64_t b, lo, len;
       tl.tile(i, b, lo, len);
       const at::Tensor X = cols<T>(x, tl, b, lo, len);
       const int64_t off = b * tl.HW + lo;
-      T *s = buf.data_ptr<T>(), *on = s + tl.n, *coef = on + tl.n;
+      T *s = buf.data_ptr<T>(), *on = s + tl.n, *coef = on + tl.n, *u = coef + tl.n;
       scales(iv, normalize, off, len, s, on);
       std::vector<int64_t> at, cls, gc(len);
       class_runs(g + off, len, C, at, cls, gc.data());
+      const int64_t runs = static_cast<int64_t>(cls.size());
       // z . dz = inv (dS_g . x), then the radial factor inv^2 (z . dz), then the gradient
-      sums_grad_tile<T>(D, len, X.stride(0), ptr<T>(X), s, on, gc.data(), at.data(), cls.data(),
-                        static_cast<int64_t>(cls.size()), ptr<T>(Gt), C + 1, coef,
-                        out + b * D * tl.HW + lo, tl.HW);
+      std::fill(coef, coef + len, T(0));
+      sums_radial<T>(D, len, X.stride(0), ptr<T>(X), s, on, gc.data(), at.data(), cls.data(),
+                     runs, ptr<T>(Gt), C + 1, u, coef);
+      grad_out<T>(D, len, X.stride(0), ptr<T>(X), s, gc.data(), at.data(), cls.data(), runs,
+                  ptr<T>(Gt), C + 1, coef, false, out + b * D * tl.HW + lo, tl.HW);
     });
   });
   return grad.to(x_.scalar_type());
@@ -432,7 +458,65 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> anchor_forward_cpu(
   return {loss, nl, sig, at::empty({0}, opt)};
 }
 
-std::tuple<at::Tensor, at::Tensor> anchor_backward_cpu(
+// The backward's per-call constants, and what it does on one tile.
+template <typename T>
+struct Backward {
+  int64_t C;
+  bool only_own, normalize;
+  const T *iv, *G, *nl;
+  const int64_t *g, *nc;
+  T inv_t;
+  std::vector<T> wneg, nl0;                 // G_c Sig_c on each negative; NL (0: none)
+
+  Backward(int64_t C_, bool own, bool norm, const T* iv_, const T* G_, const T* nl_,
+           const T* sig, const int64_t* g_, const int64_t* nc_, T inv_t_)
+      : C(C_), only_own(own), normalize(norm), iv(iv_), G(G_), nl(nl_), g(g_), nc(nc_),
+        inv_t(inv_t_), wneg(C_), nl0(C_) {
+    for (int64_t c = 0; c < C; ++c) {
+      wneg[c] = G[c] * sig[c];
+      nl0[c] = std::isinf(nl[c]) ? T(0) : nl[c];
+    }
+  }
+
+  // From tile (off, len)'s logits sb (C x len): W = ds inv / t in w (C x len) and each pixel's
+  // radial factor coef_p = inv_p^2 on_p (s . ds)_p (z . dz = s . ds).
+  void weights(const T* sb, const T* f, const T* on, int64_t off, int64_t len, T* w,
+               T* coef) const {
+    const T ninf = -std::numeric_limits<T>::infinity();
+    std::fill(w, w + C * len, T(0));
+    for (int64_t p = 0; p < len; ++p) {
+      const int64_t gp = g[off + p], q = nc[off + p];
+      for_negatives(q, C, only_own, [&](int64_t c) {
+        w[c * len + p] = wneg[c] * std::exp(sb[c * len + p] - nl0[c]);
+      });
+      if (gp >= 0 && gp < C && nl[gp] != ninf)
+        w[gp * len + p] -= G[gp] * sigmoid(nl0[gp] - sb[gp * len + p]);
+    }
+    std::fill(coef, coef + len, T(0));
+    for (int64_t c = 0; c < C; ++c) {
+      const T *sr = sb + c * len, *dr = w + c * len;
+      for (int64_t p = 0; p < len; ++p) coef[p] += sr[p] * dr[p];
+    }
+    for (int64_t c = 0; c < C; ++c) {
+      T* dr = w + c * len;
+      for (int64_t p = 0; p < len; ++p) dr[p] *= f[p];
+    }
+    for (int64_t p = 0; p < len; ++p) coef[p] *= iv[off + p] * iv[off + p] * on[p];
+  }
+};
+
+// What pass A keeps for pass B: each tile's W and coef, (C + 1) x len values at (off) (C + 1),
+// when C + 1 accumulator values are no larger than the pixel's embedding row (else nothing:
+// pass B remakes them, one more product).
+int64_t kept_size(const at::Tensor& x, int64_t C) {
+  const int64_t D = x.size(1), P = x.size(0) * x.size(2) * x.size(3);
+  const int64_t acc = static_cast<int64_t>(at::elementSize(acc_type(x)));
+  return (C + 1) * acc <= D * static_cast<int64_t>(x.element_size()) ? P * (C + 1) : 0;
+}
+
+// Pass A of the backward: the anchors' gradient da = W x^T (partials per chunk, merged in
+// order), and what pass B needs (kept_size).
+std::tuple<at::Tensor, at::Tensor> anchor_da_cpu(
     const at::Tensor& grad_, const at::Tensor& x_, const at::Tensor& inv_,
     const at::Tensor& anchors, const at::Tensor& gt_, const at::Tensor& negcls_,
     const at::Tensor& nl_, const at::Tensor& sig_, const at::Tensor& /*logits: recomputed*/,
@@ -444,69 +528,98 @@ std::tuple<at::Tensor, at::Tensor> anchor_backward_cpu(
   const int64_t D = tl.D, P = tl.B * tl.HW, K = std::max<int64_t>(tl.chunks, 1);
   const at::Tensor gt = gt_.to(at::kLong).contiguous(), nc = negcls_.to(at::kLong).contiguous();
   const at::Tensor inv = inv_.to(acc).contiguous(), a = anchors.to(acc).contiguous();
-  const at::Tensor aT = a.t().contiguous();
   const at::Tensor G = grad_.to(acc).contiguous(), nl = nl_.to(acc).contiguous();
   const at::Tensor sig = sig_.to(acc).contiguous();
-  at::Tensor grad = empty_large(x.sizes(), x.options().dtype(acc));
+  at::Tensor kept = at::empty({kept_size(x, C)}, x.options().dtype(acc));
   at::Tensor part = at::zeros({K, C, D}, x.options().dtype(acc));
-  AT_DISPATCH_FLOATING_TYPES(acc, "anchor_contrast_backward", [&] {
+  AT_DISPATCH_FLOATING_TYPES(acc, "anchor_contrast_da", [&] {
     using T = scalar_t;
-    const T ninf = -std::numeric_limits<T>::infinity();
-    const T *iv = ptr<T>(inv), *Gp = ptr<T>(G), *nlp = ptr<T>(nl), *sgp = ptr<T>(sig);
-    const T inv_t = T(1.0 / temperature);
-    const int64_t *g = gt.data_ptr<int64_t>(), *ncp = nc.data_ptr<int64_t>();
-    std::vector<T> wneg(C), nl0(C);             // G_c Sig_c on each negative; NL (0: none)
-    for (int64_t c = 0; c < C; ++c) {
-      wneg[c] = Gp[c] * sgp[c];
-      nl0[c] = nlp[c] == ninf ? T(0) : nlp[c];
-    }
-    T* out = grad.data_ptr<T>();
-    for_items<T>(K, 3 * P * C * D, (2 * C + D) * tl.n + 3 * tl.n, [&](int64_t k, at::Tensor& buf) {
-      T *sb = buf.data_ptr<T>(), *ds = sb + C * tl.n, *f = ds + C * tl.n, *on = f + tl.n;
+    const Backward<T> bw(C, only_own, normalize, ptr<T>(inv), ptr<T>(G), ptr<T>(nl), ptr<T>(sig),
+                         gt.data_ptr<int64_t>(), nc.data_ptr<int64_t>(), T(1.0 / temperature));
+    T* kp = kept.numel() ? kept.data_ptr<T>() : nullptr;
+    for_items<T>(K, 2 * P * C * D, (2 * C + D) * tl.n + 3 * tl.n, [&](int64_t k, at::Tensor& buf) {
+      T *sb = buf.data_ptr<T>(), *w = sb + C * tl.n, *f = w + C * tl.n, *on = f + tl.n;
       T *coef = on + tl.n, *xb = coef + tl.n;
       at::Tensor da = part[k];
       for (int64_t i = tl.first(k); i < tl.first(k + 1); ++i) {
         int64_t b, lo, len;
-        const at::Tensor X = logits_of_tile<T>(tl, x, a, iv, normalize, inv_t, i, sb, f, on, xb,
-                                               b, lo, len);
+        const at::Tensor X = logits_of_tile<T>(tl, x, a, bw.iv, normalize, bw.inv_t, i, sb, f,
+                                               on, xb, b, lo, len);
         const int64_t off = b * tl.HW + lo;
-        std::fill(ds, ds + C * len, T(0));
-        for (int64_t p = 0; p < len; ++p) {
-          const int64_t gp = g[off + p], q = ncp[off + p];
-          for_negatives(q, C, only_own, [&](int64_t c) {
-            ds[c * len + p] = wneg[c] * std::exp(sb[c * len + p] - nl0[c]);
-          });
-          if (gp >= 0 && gp < C && nlp[gp] != ninf)
-            ds[gp * len + p] -= Gp[gp] * sigmoid(nl0[gp] - sb[gp * len + p]);
-        }
-        // z . dz = s . ds per pixel; then W = ds inv / t in place
-        std::fill(coef, coef + len, T(0));
-        for (int64_t c = 0; c < C; ++c) {
-          const T *sr = sb + c * len, *dr = ds + c * len;
-          for (int64_t p = 0; p < len; ++p) coef[p] += sr[p] * dr[p];
-        }
-        for (int64_t c = 0; c < C; ++c) {
-          T* dr = ds + c * len;
-          for (int64_t p = 0; p < len; ++p) dr[p] *= f[p];
-        }
-        for (int64_t p = 0; p < len; ++p) coef[p] *= iv[off + p] * iv[off + p] * on[p];
-        const at::Tensor W = at::from_blob(ds, {C, len}, X.options());
-        da.addmm_(W, X.t());
-        at::Tensor dst = grad.select(0, b).view({D, tl.HW}).narrow(1, lo, len);
-        at::mm_out(dst, aT, W);
-        const T* xp = ptr<T>(X);
-        const int64_t ld = X.stride(0);
-        for (int64_t d = 0; d < D; ++d) {
-          const T* xr = xp + d * ld;
-          T* o = out + (b * D + d) * tl.HW + lo;
-          for (int64_t p = 0; p < len; ++p) o[p] -= xr[p] * coef[p];
-        }
+        T* wt = kp ? kp + off * (C + 1) : w;           // W straight into what is kept
+        bw.weights(sb, f, on, off, len, wt, kp ? wt + C * len : coef);
+        da.addmm_(at::from_blob(wt, {C, len}, X.options()), X.t());
       }
     });
   });
   at::Tensor da = part[0].clone();
   for (int64_t k = 1; k < K; ++k) da.add_(part[k]);                  // chunk order: fixed
-  return {grad.to(x_.scalar_type()), da.to(anchors.scalar_type())};
+  return {da.to(anchors.scalar_type()), kept};
+}
+
+// Pass B: each pixel's gradient written once, dx = a^T W + inv dS_g - x (coef + inv^3 on
+// (dS_g . x)): the anchor terms' (W, coef: kept by pass A or remade) and, given the gradient dS
+// (C, D) of the layer's unit class sums (empty: none), theirs.
+at::Tensor anchor_dx_cpu(
+    const at::Tensor& grad_, const at::Tensor& x_, const at::Tensor& inv_,
+    const at::Tensor& anchors, const at::Tensor& gt_, const at::Tensor& negcls_,
+    const at::Tensor& nl_, const at::Tensor& sig_, const at::Tensor& /*logits: recomputed*/,
+    const at::Tensor& kept_, const at::Tensor& dsums, double temperature, bool only_own,
+    bool normalize) {
+  const at::Tensor x = x_.contiguous();
+  const auto acc = acc_type(x);
+  const int64_t C = anchors.size(0);
+  const Tiles tl(x, C, at::elementSize(acc));
+  const int64_t D = tl.D, P = tl.B * tl.HW;
+  const at::Tensor gt = gt_.to(at::kLong).contiguous(), nc = negcls_.to(at::kLong).contiguous();
+  const at::Tensor inv = inv_.to(acc).contiguous(), a = anchors.to(acc).contiguous();
+  const at::Tensor aT = a.t().contiguous();
+  const at::Tensor G = grad_.to(acc).contiguous(), nl = nl_.to(acc).contiguous();
+  const at::Tensor sig = sig_.to(acc).contiguous(), kept = kept_.to(acc).contiguous();
+  TORCH_CHECK(kept.numel() == 0 || kept.numel() == P * (C + 1),
+              "anchor_contrast_dx: kept must be anchor_contrast_da's (", P * (C + 1), " values)");
+  const bool has_ds = dsums.numel() > 0;
+  const at::Tensor Gt = padded_t(dsums, C, D, x.options().dtype(acc));
+  at::Tensor grad = empty_large(x.sizes(), x.options().dtype(acc));
+  AT_DISPATCH_FLOATING_TYPES(acc, "anchor_contrast_dx", [&] {
+    using T = scalar_t;
+    const Backward<T> bw(C, only_own, normalize, ptr<T>(inv), ptr<T>(G), ptr<T>(nl), ptr<T>(sig),
+                         gt.data_ptr<int64_t>(), nc.data_ptr<int64_t>(), T(1.0 / temperature));
+    const T* kp = kept.numel() ? kept.data_ptr<T>() : nullptr;
+    T* out = grad.data_ptr<T>();
+    const int64_t work = (kp ? 1 : 2) * P * C * D + (has_ds ? 2 : 1) * kScalar * P * D;
+    for_items<T>(tl.count, work, (2 * C + D) * tl.n + 4 * tl.n, [&](int64_t i, at::Tensor& buf) {
+      T *sb = buf.data_ptr<T>(), *w = sb + C * tl.n, *f = w + C * tl.n, *on = f + tl.n;
+      T *coef = on + tl.n, *u = coef + tl.n, *xb = u + tl.n;
+      int64_t b, lo, len;
+      at::Tensor X;
+      const T* wt = w;
+      if (kp) {
+        tl.tile(i, b, lo, len);
+        scales(bw.iv, normalize, b * tl.HW + lo, len, f, on);
+        X = cols<T>(x, tl, b, lo, len);
+        wt = kp + (b * tl.HW + lo) * (C + 1);
+        std::copy(wt + C * len, wt + (C + 1) * len, coef);
+      } else {
+        X = logits_of_tile<T>(tl, x, a, bw.iv, normalize, bw.inv_t, i, sb, f, on, xb, b, lo,
+                              len);
+        bw.weights(sb, f, on, b * tl.HW + lo, len, w, coef);          // f = inv / t here
+        scales(bw.iv, normalize, b * tl.HW + lo, len, f, on);          // f = inv from here on
+      }
+      const int64_t off = b * tl.HW + lo;
+      at::Tensor dst = grad.select(0, b).view({D, tl.HW}).narrow(1, lo, len);
+      at::mm_out(dst, aT, at::from_blob(const_cast<T*>(wt), {C, len}, X.options()));
+      std::vector<int64_t> at, cls, gc(len);
+      class_runs(bw.g + off, len, C, at, cls, gc.data());
+      const int64_t runs = static_cast<int64_t>(cls.size());
+      if (has_ds)
+        sums_radial<T>(D, len, X.stride(0), ptr<T>(X), f, on, gc.data(), at.data(), cls.data(),
+                       runs, ptr<T>(Gt), C + 1, u, coef);
+      grad_out<T>(D, len, X.stride(0), ptr<T>(X), f, gc.data(), at.data(), cls.data(), runs,
+                  ptr<T>(Gt), C + 1, coef, true, out + b * D * tl.HW + lo, tl.HW);
+    });
+  });
+  return grad.to(x_.scalar_type());
 }
 
 }  // namespace
@@ -516,7 +629,8 @@ TORCH_LIBRARY_IMPL(pixcon, CPU, m) {
   m.impl("unit_class_sums", &class_sums_cpu);
   m.impl("unit_class_sums_backward", &class_sums_backward_cpu);
   m.impl("anchor_contrast", &anchor_forward_cpu);
-  m.impl("anchor_contrast_backward", &anchor_backward_cpu);
+  m.impl("anchor_contrast_da", &anchor_da_cpu);
+  m.impl("anchor_contrast_dx", &anchor_dx_cpu);
 }
 
 }  // namespace pixcon

@@ -32,6 +32,18 @@ def fuse_anchors(anchors, present, w_low, w_high):
     return fused + [deep]
 
 
+def fuse_anchors_backward(grads, present, w_low, w_high):
+    """The gradients of the anchors a_i from those of the fused â_i (:func:`fuse_anchors`):
+    da_i = w_l dâ_i where the class is present at layer I, else dâ_i (i < I), and
+    da_I = dâ_I + sum_{i < I} w_h dâ_i where present at I."""
+    deep_present = present[-1][:, None]
+    out = [torch.where(deep_present, w_low * g, g) for g in grads[:-1]]
+    deep = grads[-1]
+    for g in grads[:-1]:
+        deep = deep + torch.where(deep_present, w_high * g, 0.0)
+    return out + [deep]
+
+
 def layer_labels(shape, labels, pred_labels, num_classes, ignore_index):
     """Flat (P,) ground truth (-1 ignored) and predictions at a (B, D, h, w) layer. pred_labels:
     (B, H', W') classes, or (B, C, H', W') scores: resized first, then their argmax (the same

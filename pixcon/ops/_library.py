@@ -514,20 +514,58 @@ def _(x, inv, anchors, gt, negcls, temperature, only_own, normalize, keep_logits
             x.new_empty((P, C) if keep_logits else (0,), dtype=dt))
 
 
-@torch.library.custom_op("pixcon::anchor_contrast_backward", mutates_args=(), device_types="cuda")
-def anchor_contrast_backward(grad: Tensor, x: Tensor, inv: Tensor, anchors: Tensor, gt: Tensor,
-                             negcls: Tensor, nl: Tensor, sigsum: Tensor, logits: Tensor,
-                             temperature: float, only_own: bool,
-                             normalize: bool) -> tuple[Tensor, Tensor]:
-    from pixcon_kernels.anchor import anchor_backward
-    dx, da = anchor_backward(grad, x, inv, anchors, gt, negcls, nl, sigsum, logits,
-                             temperature, only_own, normalize)
-    return dx.to(x.dtype), da.to(anchors.dtype)
+# The backward in two ops, so that a caller can fold the gradient of the layer's class sums (which
+# needs the anchors' gradient of every layer first) into the one write of the pixels' gradient.
+@torch.library.custom_op("pixcon::anchor_contrast_da", mutates_args=(), device_types="cuda")
+def anchor_contrast_da(grad: Tensor, x: Tensor, inv: Tensor, anchors: Tensor, gt: Tensor,
+                       negcls: Tensor, nl: Tensor, sigsum: Tensor, logits: Tensor,
+                       temperature: float, only_own: bool,
+                       normalize: bool) -> tuple[Tensor, Tensor]:
+    """Backward pass A: (the anchors' gradient (C, D), what pass B reuses). The Triton kernels
+    reread the kept logits (nothing more kept: an empty tensor); the CPU kernel keeps each
+    pixel's C + 1 backward weights when they are no larger than its embedding row."""
+    from pixcon_kernels.anchor import anchor_da
+    da = anchor_da(grad, x, inv, anchors, gt, negcls, nl, sigsum, logits, temperature, only_own)
+    return da.to(anchors.dtype), x.new_empty(0, dtype=_acc(x.dtype))
 
 
-@anchor_contrast_backward.register_fake
+@anchor_contrast_da.register_fake
 def _(grad, x, inv, anchors, gt, negcls, nl, sigsum, logits, temperature, only_own, normalize):
-    return torch.empty_like(x), torch.empty_like(anchors)
+    P, D = _pool_size(x)
+    C, size = anchors.shape[0], torch.finfo(_acc(x.dtype)).bits // 8
+    kept = P * (C + 1) if logits.numel() == 0 and (C + 1) * size <= D * x.element_size() else 0
+    return torch.empty_like(anchors), x.new_empty(kept, dtype=_acc(x.dtype))
+
+
+@torch.library.custom_op("pixcon::anchor_contrast_dx", mutates_args=(), device_types="cuda")
+def anchor_contrast_dx(grad: Tensor, x: Tensor, inv: Tensor, anchors: Tensor, gt: Tensor,
+                       negcls: Tensor, nl: Tensor, sigsum: Tensor, logits: Tensor, kept: Tensor,
+                       dsums: Tensor, temperature: float, only_own: bool,
+                       normalize: bool) -> Tensor:
+    """Backward pass B: the gradient w.r.t. x of the anchor terms and, given dsums (C, D) (empty:
+    none), of the class sums of x's unit rows by gt, written once."""
+    from pixcon_kernels.anchor import anchor_dx
+    return anchor_dx(grad, x, inv, anchors, gt, negcls, nl, sigsum, logits, dsums, temperature,
+                     only_own, normalize).to(x.dtype)
+
+
+@anchor_contrast_dx.register_fake
+def _(grad, x, inv, anchors, gt, negcls, nl, sigsum, logits, kept, dsums, temperature, only_own,
+      normalize):
+    return torch.empty_like(x)
+
+
+def anchor_contrast_grads(grad, x, inv, anchors, gt, negcls, nl, sigsum, logits, args,
+                          dsums_of=None):
+    """(dx, da) of sum_c grad[c] * loss_sum[c]: pass A, then dsums_of(da) (the gradient of the
+    layer's class sums, or None), then pass B. args: (temperature, only_own, normalize)."""
+    da, kept = anchor_contrast_da(grad, x, inv, anchors, gt, negcls, nl, sigsum, logits, *args)
+    dsums = dsums_of(da) if dsums_of is not None else None
+    if dsums is None:
+        dsums = x.new_empty(0, dtype=_acc(x.dtype))
+    dx = anchor_contrast_dx(grad, x, inv, anchors, gt, negcls, nl, sigsum, logits, kept, dsums,
+                            *args)
+    return dx, da
 
 
 def _anchor_setup(ctx, inputs, output):
@@ -543,8 +581,8 @@ def _anchor_backward(ctx, grad_loss, grad_nl, grad_sig, grad_logits):
     if grad_loss is None:
         grad_loss = torch.zeros_like(nl)
     with _scope(ctx):
-        dx, da = anchor_contrast_backward(grad_loss, x, inv, anchors, gt, negcls, nl, sigsum,
-                                          logits, *ctx.args)
+        dx, da = anchor_contrast_grads(grad_loss, x, inv, anchors, gt, negcls, nl, sigsum,
+                                       logits, ctx.args)
     return dx, None, da, None, None, None, None, None, None
 
 
@@ -648,7 +686,7 @@ _TRITON_ON_CPU = [False]
 _TRITON_OPS = (philox, edt, edt_exact, edt_ragged, class_sums, sample_in_groups,
                sample_negatives, sample_anchors, class_ranks, group_columns, bank_push, sparse_infonce, sparse_infonce_backward, rows_and_class_sums, reco_infonce,
                inv_norms, unit_class_sums, unit_class_sums_backward, anchor_contrast,
-               anchor_contrast_backward, tiled_contrast_op, tiled_contrast_backward)
+               anchor_contrast_da, anchor_contrast_dx, tiled_contrast_op, tiled_contrast_backward)
 
 
 @contextlib.contextmanager

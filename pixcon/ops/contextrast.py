@@ -3,6 +3,7 @@ specs/contextrast.md. The fused path: Triton multi-label EDT, sort-based percent
 anchors from the class-sums primitive, pixel x anchor logits with a segmented log-sum-exp."""
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -190,55 +191,125 @@ def pixel_anchor_loss(embs, labels, pred, *, num_classes: int | None = None,
     be = chk.resolve_backend(backend, embs[0].device, op, ("reference", "triton", "native"))
     kw = dict(w_low=w_low, w_high=w_high, layer_weights=layer_weights, temperature=temperature,
               ks=ks, ignore_index=ignore_index, normalize=normalize,
-              detach_anchors=detach_anchors, reading=reading,
-              stats=dist.stats_for(op) if cross_rank else None)
+              detach_anchors=detach_anchors, reading=reading)
     if be == "reference":
         pred_labels = pred_in.argmax(dim=1) if pred_in.dim() == 4 else pred_in
-        return reference.contextrast.pixel_anchor_loss(list(embs), labels, pred_labels, C, **kw)
+        return reference.contextrast.pixel_anchor_loss(
+            list(embs), labels, pred_labels, C, stats=dist.stats_for(op) if cross_rank else None,
+            **kw)
+    rank_sum = functools.partial(dist.all_reduce_sum, op=op) if cross_rank else None
     with lib.kernels(be, embs[0].device):           # scores: each layer takes its own argmax
-        return _pa_fused(list(embs), labels, pred_in, C, **kw)
+        return _pa_fused(list(embs), labels, pred_in, C, rank_sum=rank_sum, **kw)
 
 
 def _pa_fused(embs, labels, pred_labels, C, *, w_low, w_high, layer_weights, temperature, ks,
-              ignore_index, normalize, detach_anchors, reading, stats=None):
+              ignore_index, normalize, detach_anchors, reading, rank_sum=None):
     """The fused path, straight from each layer's NCHW embedding: no per-layer copy of it is
-    made or kept. Three ops a layer (pixcon::inv_norms, unit_class_sums, anchor_contrast) and
-    the EDT of every layer at once. Their Triton kernels keep the pixel x anchor logits (P x C)
-    for backward, which writes the NCHW gradient itself; their CPU kernels (csrc/cpu/anchor.cpp)
-    work in tiles of pixels, products with the raw columns scaled by the inverse norms (the unit
-    rows are never made), recomputed in backward. Never pixels x pixels. ``pred_labels``: labels
-    or scores, whose argmax each layer takes at its own resolution."""
-    keep_logits = lib.triton_here(embs[0].device)   # the CPU tiles recompute them instead
-    layers, anchors, present = [], [], []
+    made or kept. The labels and BANE negatives first (the EDT of every layer at once), then
+    :class:`_Layers`: per layer the ops pixcon::inv_norms, unit_class_sums and anchor_contrast
+    forward, and a backward that writes each embedding's gradient once. ``pred_labels``: labels
+    or scores, whose argmax each layer takes at its own resolution. ``rank_sum``: the sum over
+    ranks of a tensor (cross_rank), None on one process."""
+    gts, negs = [], []
     for emb in embs:
         gt, pr = steps.layer_labels(emb.shape, labels, pred_labels, C, ignore_index)
-        # the inverse pixel norms, once per layer for every pass
-        scale = (lib.inv_norms(emb.detach()) if normalize else
-                 torch.ones(gt.shape, dtype=torch.promote_types(emb.dtype, torch.float32),
-                            device=emb.device))
-        sums, counts = lib.unit_class_sums(emb, scale, gt, C, normalize)
-        layers.append((emb, scale, gt, pr, counts))                     # anchors keep their grad
-        if stats is not None:                                          # over all ranks
-            sums, counts = stats(sums, counts)
-        a = sums / counts.clamp(min=1).to(sums.dtype)[:, None]
-        anchors.append(a.detach() if detach_anchors else a)
-        present.append(counts > 0)
-    fused = steps.fuse_anchors(anchors, present, w_low, w_high)
+        gts.append(gt)
+        negs.append(steps.error_map(gt.view(emb.shape[0], *emb.shape[2:]),
+                                    pr.view(emb.shape[0], *emb.shape[2:]), reading))
     # BANE: every layer's error map, and their distance transforms in one call (Triton: one
     # launch per pass for the whole pyramid)
-    errs = [steps.error_map(gt.view(e.shape[0], *e.shape[2:]), pr.view(e.shape[0], *e.shape[2:]),
-                          reading) for (e, _, gt, pr, _) in layers]
-    d2s = edt_pyramid(errs, -1, True)
-    total = None                         # every term hangs off each layer's ops: connected
-    for (emb, scale, gt, pr, counts), err, d2, a_hat, lam in zip(layers, errs, d2s, fused,
-                                                               layer_weights):
-        pres = counts > 0
+    d2s = edt_pyramid(negs, -1, True)
+    for i, (emb, err, d2) in enumerate(zip(embs, negs, d2s)):
         h, w = emb.shape[2:]
         sel = select_lowest(err.reshape(-1), d2.reshape(-1), C, ks, h * h + w * w + 1)
-        negcls = torch.where(sel, err.reshape(-1), -1)
-        loss_sum = lib.anchor_contrast(emb, scale, a_hat, gt, negcls, float(temperature),
-                                       reading == "R2", normalize, keep_logits)[0]
+        negs[i] = torch.where(sel, err.reshape(-1), -1)
+    cfg = (C, float(temperature), reading == "R2", normalize, w_low, w_high, detach_anchors,
+           rank_sum, lib.triton_here(embs[0].device))
+    I = len(embs)
+    out = _Layers.apply(cfg, *embs, *gts, *negs)
+    total = None                         # every term hangs off each layer's ops: connected
+    for loss_sum, counts, lam in zip(out[:I], out[I:], layer_weights):
         per_class = loss_sum / counts.clamp(min=1).to(loss_sum.dtype)
-        term = lam * per_class.sum() / pres.sum().clamp(min=1)
+        term = lam * per_class.sum() / (counts > 0).sum().clamp(min=1)
         total = term if total is None else total + term
     return total
+
+
+class _Layers(torch.autograd.Function):
+    """All layers' anchor terms, from the embeddings: forward (per layer) the inverse pixel
+    norms, the class sums of the unit rows, the anchors a = S / n fused across layers, the
+    anchor contrast's per-class loss sums; returns (loss sums..., this rank's counts...).
+
+    Backward in two passes per layer, so that each embedding's gradient is written once: pass A
+    (pixcon::anchor_contrast_da) gives every layer's dâ; their fusion's backward gives each
+    layer's class-sums gradient dS = da / n (summed over ranks when the anchors are); pass B
+    (pixcon::anchor_contrast_dx) writes the embedding's gradient with both terms. (As separate
+    ops with their own autograd, the class sums' gradient would be a second embedding-sized
+    tensor that autograd adds to the first.)"""
+
+    @staticmethod
+    def forward(ctx, cfg, *tensors):
+        C, t, only_own, normalize, w_low, w_high, detach, rank_sum, keep = cfg
+        I = len(tensors) // 3
+        embs, gts, negs = tensors[:I], tensors[I:2 * I], tensors[2 * I:]
+        invs, sums, counts = [], [], []
+        for emb, gt in zip(embs, gts):
+            inv = (lib.inv_norms(emb) if normalize else
+                   torch.ones(gt.shape, dtype=torch.promote_types(emb.dtype, torch.float32),
+                              device=emb.device))
+            s, n = lib.unit_class_sums(emb, inv, gt, C, normalize)
+            invs.append(inv)
+            sums.append(s)
+            counts.append(n)
+        if rank_sum is not None:        # the anchors of the concatenated batch of all ranks
+            sums = [rank_sum(s) for s in sums]
+            n_all = [rank_sum(n) for n in counts]
+        else:
+            n_all = counts
+        anchors = [s / n.clamp(min=1).to(s.dtype)[:, None] for s, n in zip(sums, n_all)]
+        present = [n > 0 for n in n_all]
+        fused = steps.fuse_anchors(anchors, present, w_low, w_high)
+        outs = [lib.anchor_contrast(emb, inv, a, gt, neg, t, only_own, normalize, keep)
+                for emb, inv, a, gt, neg in zip(embs, invs, fused, gts, negs)]
+        ctx.save_for_backward(*embs, *gts, *negs, *invs, *fused, *present[-1:], *n_all,
+                              *[o[k] for o in outs for k in (1, 2, 3)])
+        ctx.cfg, ctx.layers = cfg, I
+        lib._remember_scope(ctx)
+        ctx.mark_non_differentiable(*counts)
+        return (*[o[0] for o in outs], *counts)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        C, t, only_own, normalize, w_low, w_high, detach, rank_sum, _ = ctx.cfg
+        I = ctx.layers
+        saved = ctx.saved_tensors
+        embs, gts, negs = saved[:I], saved[I:2 * I], saved[2 * I:3 * I]
+        invs, fused = saved[3 * I:4 * I], saved[4 * I:5 * I]
+        deep_present, n_all = saved[5 * I], saved[5 * I + 1:6 * I + 1]
+        stats = saved[6 * I + 1:]
+        args = (t, only_own, normalize)
+        with lib._scope(ctx):
+            inputs = []
+            for i in range(I):
+                G = grads[i] if grads[i] is not None else torch.zeros_like(stats[3 * i])
+                inputs.append((G, embs[i], invs[i], fused[i], gts[i], negs[i],
+                               *stats[3 * i:3 * i + 3]))
+            passes = [lib.anchor_contrast_da(*x, *args) for x in inputs]          # pass A
+            if detach:
+                dsums = [None] * I
+            else:
+                da = steps.fuse_anchors_backward([d for d, _ in passes],
+                                                 [None] * (I - 1) + [deep_present], w_low,
+                                                 w_high)
+                dsums = [d / n.clamp(min=1).to(d.dtype)[:, None] for d, n in zip(da, n_all)]
+                if rank_sum is not None:
+                    dsums = [rank_sum(d) for d in dsums]
+            dx = []
+            for i in range(I):                                                    # pass B
+                if not ctx.needs_input_grad[1 + i]:
+                    dx.append(None)
+                    continue
+                ds = dsums[i] if dsums[i] is not None else \
+                    embs[i].new_empty(0, dtype=passes[i][1].dtype)
+                dx.append(lib.anchor_contrast_dx(*inputs[i], passes[i][1], ds, *args))
+        return (None, *dx, *[None] * (2 * I))
