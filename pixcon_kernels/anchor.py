@@ -16,7 +16,9 @@ fp64 dots for fp64), and stored; every later step reads S instead of recomputing
             pixels:  dz_p = sum_c g_pc a_c / t, and with unit rows
                      dx_p = inv_p (dz_p - z_p (z_p . dz_p)),  z_p . dz_p = sum_c g_pc S_pc
                      written straight into the NCHW gradient (the radial term needs no pass
-                     over D: it is a sum over the logits)
+                     over D: it is a sum over the logits); given the gradient dS of the
+                     layer's class sums (anchor_dx's dsums), dz_p += dS_{gt_p} and
+                     z_p . dz_p += inv_p (x_p . dS_{gt_p}): one write of the gradient
 
 Classes are tiled (BLOCK_C a GPU block), so registers and shared memory do not grow with C.
 Negatives are given per pixel by ``negcls``: -1 = nobody's negative; R1 (``ONLY_OWN`` False):

@@ -137,6 +137,23 @@ def test_unit_class_sums_and_gradcheck(tile, regions):
         0, gt[keep], cm.pixel_rows(x)[keep]))
 
 
+@pytest.mark.parametrize("C", [4, 33], ids=["one-hot-product", "run-loops"])
+@pytest.mark.parametrize("regions", [False, True], ids=["scattered", "regions"])
+def test_unit_class_sums_both_kernels(tile, C, regions):
+    """Up to 32 classes the sums are one product per tile with the scaled one-hot rows, above
+    that the run loops: both equal the dense sums, and the inverse norms come out of the same
+    read."""
+    emb, gt, _, _, _ = case(seed=12, C=C, w=36, regions=regions)
+    sums, counts, inv = pixcon.ops._library.unit_class_sums(emb, gt, C, True)
+    rows = cm.pixel_rows(emb)
+    z = F.normalize(rows, dim=1, eps=cm.EPS)
+    keep = gt >= 0
+    assert torch.allclose(sums, z.new_zeros(C, 5).index_add(0, gt[keep], z[keep]), rtol=1e-12,
+                          atol=1e-12)
+    assert torch.equal(counts, torch.bincount(gt[keep], minlength=C))
+    assert torch.allclose(inv, 1 / rows.norm(dim=1).clamp(min=cm.EPS), rtol=1e-14, atol=0)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_lower_precisions_compute_in_float32(tile, dtype):
     """Inputs in float32 or half: the terms, sums and gradients equal the dense formula in float64

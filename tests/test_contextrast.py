@@ -342,12 +342,14 @@ def _opcheck_anchor_ops(normalize, DEV, keep_logits):
     if normalize:        # eps reaches the kernel as a float32 scalar: 1e-8 to 6e-8 relative
         assert_close(inv, 1 / rows.norm(dim=1).clamp(min=1e-8), rtol=1e-7, atol=0, what="inv")
     torch.library.opcheck(lib.inv_norms, (x,))
-    torch.library.opcheck(lib.unit_class_sums, (x.requires_grad_(), inv, gt, 3, normalize))
+    torch.library.opcheck(lib.unit_class_sums, (x.requires_grad_(), gt, 3, normalize))
     torch.library.opcheck(lib.anchor_contrast, (x, inv, a.requires_grad_(), gt, neg, 0.1, False,
                                                 normalize, keep_logits))
     torch.library.opcheck(lib.anchor_contrast, (x, inv, a, gt, neg, 0.1, True, normalize,
                                                 keep_logits))
-    sums, _ = lib.unit_class_sums(x, inv, gt, 3, normalize)
+    sums, _, inv_sums = lib.unit_class_sums(x, gt, 3, normalize)
+    # the same inverse norms from the sums' pass (its sum of squares may round with FMAs)
+    assert_close(inv_sums, inv, rtol=1e-14, atol=0, what="inv from unit_class_sums")
     z = x.permute(0, 2, 3, 1).reshape(40, 6)                    # x requires grad by now
     z = torch.nn.functional.normalize(z, dim=1, eps=1e-8) if normalize else z
     onehot = torch.nn.functional.one_hot(gt.clamp(min=0), 3).to(z.dtype) * (gt >= 0)[:, None]

@@ -252,12 +252,10 @@ def contextrast(B, D, layers, C, elt=F32) -> Op:
             Kernel(f"_da_kernel {tag}", E + lab, E + lab + (D // 32) * S, 2.0 * P * Cp * D,
                    "tf32x3", must_flops=2.0 * P * C * D, programs=G * ncb * _cdiv(D, 32),
                    triton="_da_kernel", **a8, note="S reread per 32-wide D block"),
-            Kernel(f"_dx_kernel {tag}", E, 2 * E + S + lab, 2.0 * P * Cp * D, "tf32x3",
-                   must_flops=2.0 * P * C * D, programs=T, triton="_dx_kernel", **a8,
-                   note="writes the NCHW gradient"),
-            Kernel(f"_unit_sums_bwd_kernel {tag}", 0, 2 * E + P * 2 * I32, 4.0 * P * D,
-                   programs=T, triton="_unit_sums_bwd_kernel", **a8),
-            Kernel(f"autograd adds the two gradients {tag}", 0, 3 * E, P * D, launches=1),
+            Kernel(f"_dx_kernel {tag}", E, 3 * E + S + lab, 2.0 * P * Cp * D + 4.0 * P * D,
+                   "tf32x3", must_flops=2.0 * P * C * D, programs=T, triton="_dx_kernel", **a8,
+                   note="writes the NCHW gradient once, class sums' term folded in (x read "
+                        "twice)"),
         ]
         off += [
             Kernel(f"normalise, permute, one-hot anchors, logits {tag}", 0, 6 * E + 4 * S,

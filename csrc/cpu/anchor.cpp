@@ -234,52 +234,90 @@ void grad_out(int64_t D, int64_t len, int64_t ld, const T* __restrict__ x,
   }
 }
 
-// G (C, D) transposed, with a zero column for ignored pixels: (D, C + 1); zeros when G is empty
+// G (C, D) transposed, with a zero column for ignored pixels: (D, C + 1); zeros without G
 at::Tensor padded_t(const at::Tensor& G, int64_t C, int64_t D, const at::TensorOptions& opt) {
-  if (G.numel() == 0) return at::zeros({D, C + 1}, opt);
+  if (!G.defined() || G.numel() == 0) return at::zeros({D, C + 1}, opt);
   return at::cat({G.to(opt.dtype()), at::zeros({1, D}, opt)}).t().contiguous();
 }
 
-std::tuple<at::Tensor, at::Tensor> class_sums_cpu(const at::Tensor& x_, const at::Tensor& inv_,
-                                                  const at::Tensor& gt_, int64_t num_classes,
-                                                  bool normalize) {
+// Up to this many classes the class sums are one product per tile, E x^T with E (C x len) the
+// pixels' one-hot rows scaled by inv: 2C multiply-adds a value at BLAS speed beat the run loops'
+// one at scalar speed (segmentation labels come in runs of a few pixels at the deeper layers).
+constexpr int64_t kOneHotClasses = 32;
+
+// The (D, len) columns of tile (b, lo, len) copied into xb (contiguous: MKL's products with rows
+// HW apart run at a third of the speed), and with `normalize` each pixel's inverse norm
+// 1 / max(|x_p|, eps) in s (ones without); one read of the tile.
+template <typename T>
+__attribute__((target_clones("avx512f", "avx2", "default")))
+void copy_and_norms(const T* __restrict__ src, int64_t ld, int64_t D, int64_t len,
+                    bool normalize, T* __restrict__ xb, T* __restrict__ s) {
+  for (int64_t p = 0; p < len; ++p) s[p] = 0;
+  for (int64_t d = 0; d < D; ++d) {
+    const T* r = src + d * ld;
+    T* o = xb + d * len;
+    for (int64_t p = 0; p < len; ++p) {
+      o[p] = r[p];
+      s[p] += r[p] * r[p];
+    }
+  }
+  for (int64_t p = 0; p < len; ++p)
+    s[p] = normalize ? T(1) / std::max(std::sqrt(s[p]), T(kEps)) : T(1);
+}
+
+// The class sums, counts and inverse norms in one read of the map.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> class_sums_cpu(const at::Tensor& x_,
+                                                              const at::Tensor& gt_,
+                                                              int64_t num_classes,
+                                                              bool normalize) {
   const at::Tensor x = x_.contiguous();
   const auto acc = acc_type(x);
   const int64_t C = num_classes;
   const Tiles tl(x, C, at::elementSize(acc));
   const int64_t D = tl.D, P = tl.B * tl.HW;
-  TORCH_CHECK(gt_.numel() == P && inv_.numel() == P,
-              "unit_class_sums: gt and inv must have one entry per pixel (", P, ")");
-  const at::Tensor gt = gt_.to(at::kLong).contiguous(), inv = inv_.to(acc).contiguous();
+  TORCH_CHECK(gt_.numel() == P, "unit_class_sums: gt must have one entry per pixel (", P, ")");
+  const at::Tensor gt = gt_.to(at::kLong).contiguous();
   const int64_t* g = gt.data_ptr<int64_t>();
   at::Tensor counts = at::zeros({C}, x.options().dtype(at::kLong));
   int64_t* cnt = counts.data_ptr<int64_t>();
   for (int64_t p = 0; p < P; ++p)
     if (g[p] >= 0 && g[p] < C) ++cnt[g[p]];
+  at::Tensor inv = at::empty({P}, x.options().dtype(acc));
   at::Tensor part = at::zeros({std::max<int64_t>(tl.chunks, 1), C, D}, x.options().dtype(acc));
+  const bool onehot = C <= kOneHotClasses;
   AT_DISPATCH_FLOATING_TYPES(acc, "unit_class_sums", [&] {
     using T = scalar_t;
-    const T* iv = ptr<T>(inv);
-    for_items<T>(tl.chunks, kScalar * P * D, 2 * tl.n, [&](int64_t k, at::Tensor& buf) {
-      T* sums = part[k].data_ptr<T>();
-      T* s = buf.data_ptr<T>();
-      T* on = s + tl.n;
+    T* iv = inv.data_ptr<T>();
+    const int64_t scratch = (D + (onehot ? C : 0)) * tl.n;
+    const int64_t work = (onehot ? 2 * C : kScalar) * P * D;
+    for_items<T>(tl.chunks, work, scratch, [&](int64_t k, at::Tensor& buf) {
+      at::Tensor sums = part[k];
+      T *xb = buf.data_ptr<T>(), *e = xb + D * tl.n;
       std::vector<int64_t> at, cls;
       for (int64_t i = tl.first(k); i < tl.first(k + 1); ++i) {
         int64_t b, lo, len;
         tl.tile(i, b, lo, len);
         const at::Tensor X = cols<T>(x, tl, b, lo, len);
         const int64_t off = b * tl.HW + lo;
-        scales(iv, normalize, off, len, s, on);
-        class_runs(g + off, len, C, at, cls);
-        sums_tile<T>(D, len, X.stride(0), ptr<T>(X), s, g + off, at.data(), cls.data(),
-                     static_cast<int64_t>(cls.size()), C, sums);
+        T* s = iv + off;
+        copy_and_norms<T>(ptr<T>(X), X.stride(0), D, len, normalize, xb, s);
+        if (onehot) {
+          std::fill(e, e + C * len, T(0));
+          for (int64_t p = 0; p < len; ++p)
+            if (g[off + p] >= 0 && g[off + p] < C) e[g[off + p] * len + p] = s[p];
+          sums.addmm_(at::from_blob(e, {C, len}, X.options()),
+                      at::from_blob(xb, {D, len}, X.options()).t());
+        } else {
+          class_runs(g + off, len, C, at, cls);
+          sums_tile<T>(D, len, len, xb, s, g + off, at.data(), cls.data(),
+                       static_cast<int64_t>(cls.size()), C, sums.data_ptr<T>());
+        }
       }
     });
   });
   at::Tensor sums = part[0].clone();
   for (int64_t k = 1; k < tl.chunks; ++k) sums.add_(part[k]);         // chunk order: fixed
-  return {sums, counts};
+  return {sums, counts, inv};
 }
 
 at::Tensor class_sums_backward_cpu(const at::Tensor& gs_, const at::Tensor& x_,
@@ -579,7 +617,14 @@ at::Tensor anchor_dx_cpu(
   TORCH_CHECK(kept.numel() == 0 || kept.numel() == P * (C + 1),
               "anchor_contrast_dx: kept must be anchor_contrast_da's (", P * (C + 1), " values)");
   const bool has_ds = dsums.numel() > 0;
-  const at::Tensor Gt = padded_t(dsums, C, D, x.options().dtype(acc));
+  // Up to kOneHotClasses classes the class sums' terms are products too: a^T W + dS^T E in one
+  // (E: the tile's one-hot rows scaled by inv) and u = dS x read at each pixel's class; above
+  // that the run loops (Gt).
+  const bool onehot = has_ds && C <= kOneHotClasses;
+  const at::Tensor Gt = padded_t(onehot ? at::Tensor() : dsums, C, D, x.options().dtype(acc));
+  const at::Tensor dS = has_ds ? dsums.to(acc).contiguous() : at::Tensor();
+  const at::Tensor A = onehot ? at::cat({aT, dS.t()}, 1).contiguous() : aT;     // (D, C or 2C)
+  const int64_t K2 = A.size(1);
   at::Tensor grad = empty_large(x.sizes(), x.options().dtype(acc));
   AT_DISPATCH_FLOATING_TYPES(acc, "anchor_contrast_dx", [&] {
     using T = scalar_t;
@@ -588,18 +633,24 @@ at::Tensor anchor_dx_cpu(
     const T* kp = kept.numel() ? kept.data_ptr<T>() : nullptr;
     T* out = grad.data_ptr<T>();
     const int64_t work = (kp ? 1 : 2) * P * C * D + (has_ds ? 2 : 1) * kScalar * P * D;
-    for_items<T>(tl.count, work, (2 * C + D) * tl.n + 4 * tl.n, [&](int64_t i, at::Tensor& buf) {
-      T *sb = buf.data_ptr<T>(), *w = sb + C * tl.n, *f = w + C * tl.n, *on = f + tl.n;
+    for_items<T>(tl.count, work, (C + K2 + 2 * D) * tl.n + 4 * tl.n, [&](int64_t i, at::Tensor& buf) {
+      T *sb = buf.data_ptr<T>(), *w = sb + C * tl.n, *f = w + K2 * tl.n, *on = f + tl.n;
       T *coef = on + tl.n, *u = coef + tl.n, *xb = u + tl.n;
       int64_t b, lo, len;
       at::Tensor X;
-      const T* wt = w;
       if (kp) {
         tl.tile(i, b, lo, len);
         scales(bw.iv, normalize, b * tl.HW + lo, len, f, on);
         X = cols<T>(x, tl, b, lo, len);
-        wt = kp + (b * tl.HW + lo) * (C + 1);
+        const T* wt = kp + (b * tl.HW + lo) * (C + 1);
+        std::copy(wt, wt + C * len, w);
         std::copy(wt + C * len, wt + (C + 1) * len, coef);
+        if (onehot && X.stride(0) != len) {           // the products' operand, contiguous
+          const T* src = ptr<T>(X);
+          for (int64_t d = 0; d < D; ++d)
+            std::memcpy(xb + d * len, src + d * X.stride(0), len * sizeof(T));
+          X = at::from_blob(xb, {D, len}, X.options());
+        }
       } else {
         X = logits_of_tile<T>(tl, x, a, bw.iv, normalize, bw.inv_t, i, sb, f, on, xb, b, lo,
                               len);
@@ -607,10 +658,32 @@ at::Tensor anchor_dx_cpu(
         scales(bw.iv, normalize, b * tl.HW + lo, len, f, on);          // f = inv from here on
       }
       const int64_t off = b * tl.HW + lo;
+      const int64_t* g = bw.g + off;
       at::Tensor dst = grad.select(0, b).view({D, tl.HW}).narrow(1, lo, len);
-      at::mm_out(dst, aT, at::from_blob(const_cast<T*>(wt), {C, len}, X.options()));
+      if (onehot) {
+        T* e = w + C * len;                            // E under W: one (2C, len) operand
+        std::fill(e, e + C * len, T(0));
+        for (int64_t p = 0; p < len; ++p)
+          if (g[p] >= 0 && g[p] < C) e[g[p] * len + p] = f[p];
+        at::Tensor ob = at::from_blob(xb + D * tl.n, {D, len}, X.options());
+        at::mm_out(ob, A, at::from_blob(w, {2 * C, len}, X.options()));
+        at::Tensor U = at::from_blob(sb, {C, len}, X.options());
+        at::mm_out(U, dS, X);                          // u_p = (dS x)_{g_p, p}
+        for (int64_t p = 0; p < len; ++p)
+          if (g[p] >= 0 && g[p] < C) coef[p] += sb[g[p] * len + p] * f[p] * f[p] * f[p] * on[p];
+        const T* xp = ptr<T>(X);
+        const int64_t ld = X.stride(0);
+        const T* obp = ptr<T>(ob);
+        for (int64_t d = 0; d < D; ++d) {
+          const T *xr = xp + d * ld, *t = obp + d * len;
+          T* o = out + (b * D + d) * tl.HW + lo;
+          for (int64_t p = 0; p < len; ++p) o[p] = t[p] - xr[p] * coef[p];
+        }
+        return;
+      }
+      at::mm_out(dst, aT, at::from_blob(w, {C, len}, X.options()));
       std::vector<int64_t> at, cls, gc(len);
-      class_runs(bw.g + off, len, C, at, cls, gc.data());
+      class_runs(g, len, C, at, cls, gc.data());
       const int64_t runs = static_cast<int64_t>(cls.size());
       if (has_ds)
         sums_radial<T>(D, len, X.stride(0), ptr<T>(X), f, on, gc.data(), at.data(), cls.data(),

@@ -444,19 +444,24 @@ def _(x):
 
 
 @torch.library.custom_op("pixcon::unit_class_sums", mutates_args=(), device_types="cuda")
-def unit_class_sums(x: Tensor, inv: Tensor, gt: Tensor, num_classes: int,
-                    normalize: bool) -> tuple[Tensor, Tensor]:
-    """Class sums (C, D) and counts of the rows x_p * inv_p (inv: inv_norms(x), or ones with
-    ``normalize`` False), differentiable w.r.t. x through the normalisation."""
+def unit_class_sums(x: Tensor, gt: Tensor, num_classes: int,
+                    normalize: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Class sums (C, D) and counts of the rows x_p * inv_p, and inv (P,): 1 / max(|x_p|, eps)
+    (ones with ``normalize`` False); differentiable w.r.t. x through the normalisation. The CPU
+    kernel makes all three in one read of x; the Triton kernels in two (inv_norms, then the
+    scaled class sums)."""
+    from pixcon_kernels.anchor import inv_norms as norms
     from pixcon_kernels.segment import class_sums as launch
-    return launch(x, gt, num_classes, scale=inv)
+    inv = norms(x) if normalize else \
+        torch.ones(_pool_size(x)[0], dtype=_acc(x.dtype), device=x.device)
+    return (*launch(x, gt, num_classes, scale=inv), inv)
 
 
 @unit_class_sums.register_fake
-def _(x, inv, gt, num_classes, normalize):
-    D = _pool_size(x)[1]
+def _(x, gt, num_classes, normalize):
+    P, D = _pool_size(x)
     return (x.new_empty(num_classes, D, dtype=_acc(x.dtype)),
-            x.new_empty(num_classes, dtype=torch.int64))
+            x.new_empty(num_classes, dtype=torch.int64), x.new_empty(P, dtype=_acc(x.dtype)))
 
 
 @torch.library.custom_op("pixcon::unit_class_sums_backward", mutates_args=(), device_types="cuda")
@@ -472,19 +477,19 @@ def _(grad_sums, x, inv, gt, normalize):
 
 
 def _unit_sums_setup(ctx, inputs, output):
-    x, inv, gt, num_classes, normalize = inputs
-    ctx.save_for_backward(x, inv, gt)
+    x, gt, num_classes, normalize = inputs
+    ctx.save_for_backward(x, output[2], gt)
     ctx.normalize = normalize
     _remember_scope(ctx)
 
 
-def _unit_sums_backward(ctx, grad_sums, _grad_counts):
+def _unit_sums_backward(ctx, grad_sums, _grad_counts, _grad_inv):
     x, inv, gt = ctx.saved_tensors
     if grad_sums is None:
-        return None, None, None, None, None
+        return None, None, None, None
     with _scope(ctx):
         dx = unit_class_sums_backward(grad_sums, x, inv, gt, ctx.normalize)
-    return dx, None, None, None, None
+    return dx, None, None, None
 
 
 torch.library.register_autograd("pixcon::unit_class_sums", _unit_sums_backward,

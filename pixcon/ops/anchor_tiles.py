@@ -35,20 +35,19 @@ def _inv(emb, norms, normalize, dt):
         1.0 / norms.to(dt).clamp(min=cm.EPS)
 
 
-def unit_class_sums(emb, gt, num_classes: int, *, normalize: bool = True, norms=None):
+def unit_class_sums(emb, gt, num_classes: int, *, normalize: bool = True):
     """(C, D) sums of the unit rows of emb (B, D, h, w) by class gt (flat (P,), -1 ignored),
-    differentiable w.r.t. emb (the op pixcon::unit_class_sums on CPU tensors); computes in
-    float32 or wider. norms: the (P,) pixel norms of emb when the caller has them."""
-    dt = torch.promote_types(emb.dtype, torch.float32)
-    return _library.unit_class_sums(emb, _inv(emb, norms, normalize, dt), gt, num_classes,
-                                    normalize)[0]
+    differentiable w.r.t. emb (the op pixcon::unit_class_sums on CPU tensors: the sums and the
+    pixels' inverse norms in one read); computes in float32 or wider."""
+    return _library.unit_class_sums(emb, gt, num_classes, normalize)[0]
 
 
 def anchor_terms(emb, a_hat, gt, sel, err, num_classes: int, temperature: float,
                  reading: str = "R1", *, normalize: bool = True, norms=None):
     """(C,) per-class sums of softplus(NL_c - z_p . a_c / t) over c's pixels (0 for a class
     without negatives), differentiable w.r.t. emb and the anchors a_hat (C, D) (the op
-    pixcon::anchor_contrast on CPU tensors). norms as for :func:`unit_class_sums`."""
+    pixcon::anchor_contrast on CPU tensors). norms: the (P,) pixel norms of emb when the caller
+    has them (else one read of emb makes them)."""
     dt = torch.promote_types(emb.dtype, torch.float32)
     negcls = torch.where(sel, err, -1)
     return _library.anchor_contrast(emb, _inv(emb, norms, normalize, dt), a_hat, gt, negcls,

@@ -254,10 +254,7 @@ class _Layers(torch.autograd.Function):
         embs, gts, negs = tensors[:I], tensors[I:2 * I], tensors[2 * I:]
         invs, sums, counts = [], [], []
         for emb, gt in zip(embs, gts):
-            inv = (lib.inv_norms(emb) if normalize else
-                   torch.ones(gt.shape, dtype=torch.promote_types(emb.dtype, torch.float32),
-                              device=emb.device))
-            s, n = lib.unit_class_sums(emb, inv, gt, C, normalize)
+            s, n, inv = lib.unit_class_sums(emb, gt, C, normalize)
             invs.append(inv)
             sums.append(s)
             counts.append(n)
