@@ -80,29 +80,32 @@ def test_anchor_terms_equal_the_dense_formula_and_gradcheck(tile, reading, norma
                                         normalize=normalize), (emb.requires_grad_(), av))
 
 
-@pytest.mark.parametrize("D", [5, 3], ids=["kept", "remade"])
-def test_backward_keeps_or_remakes_its_weights(tile, D):
+@pytest.mark.parametrize("D, C, regions", [(5, 4, True), (3, 4, True), (5, 48, False)],
+                         ids=["kept", "remade", "many-classes"])
+def test_backward_keeps_or_remakes_its_weights(tile, D, C, regions):
     """Backward pass A keeps each pixel's C + 1 weights for pass B when they are no larger than
     the pixel's embedding row (D = 5, C = 4 in float64), else pass B remakes them from a second
-    product (D = 3); both give the dense formula's gradients, also with the class sums'
-    gradient folded into pass B (the fused loss's one write of the pixels' gradient)."""
-    emb, gt, sel, err, a = case(seed=11, D=D, w=36, regions=True)
+    product (D = 3, and D = 5 with 48 classes); all give the dense formula's gradients, also
+    with the class sums' gradient folded into pass B (the fused loss's one write of the pixels'
+    gradient): as products over a tile's classes, or with 48 classes scattered over a whole
+    image's tile (more than 32 in it), the run loops."""
+    emb, gt, sel, err, a = case(seed=11, D=D, C=C, w=36, regions=regions)
     x, av = emb.clone().requires_grad_(), a.clone().requires_grad_()
     lib = pixcon.ops._library
     inv = lib.inv_norms(x.detach())
     neg = torch.where(sel, err, -1)
     loss, nl, sig, S = lib.anchor_contrast(x.detach(), inv, a, gt, neg, 0.3, False, True, False)
-    G = torch.randn(4, dtype=torch.float64)
-    dS = torch.randn(4, D, dtype=torch.float64)
+    G = torch.randn(C, dtype=torch.float64)
+    dS = torch.randn(C, D, dtype=torch.float64)
     da, kept = lib.anchor_contrast_da(G, x.detach(), inv, a, gt, neg, nl, sig, S, 0.3, False,
                                       True)
-    assert kept.numel() == (x.numel() // D * 5 if D == 5 else 0)
+    assert kept.numel() == (x.numel() // D * (C + 1) if (C + 1) <= D else 0)
     dx = lib.anchor_contrast_dx(G, x.detach(), inv, a, gt, neg, nl, sig, S, kept, dS, 0.3,
                                 False, True)
-    want = dense_terms(x, av, gt, sel, err, 4, 0.3, "R1")
+    want = dense_terms(x, av, gt, sel, err, C, 0.3, "R1")
     z = F.normalize(cm.pixel_rows(x), dim=1, eps=cm.EPS)
     keep = gt >= 0
-    sums = z.new_zeros(4, D).index_add(0, gt[keep], z[keep])
+    sums = z.new_zeros(C, D).index_add(0, gt[keep], z[keep])
     w_x, w_a = torch.autograd.grad((want * G).sum() + (sums * dS).sum(), [x, av])
     assert torch.allclose(dx, w_x, rtol=1e-10, atol=1e-12)
     assert torch.allclose(da, w_a, rtol=1e-10, atol=1e-12)
@@ -137,12 +140,12 @@ def test_unit_class_sums_and_gradcheck(tile, regions):
         0, gt[keep], cm.pixel_rows(x)[keep]))
 
 
-@pytest.mark.parametrize("C", [4, 33], ids=["one-hot-product", "run-loops"])
+@pytest.mark.parametrize("C", [4, 48])
 @pytest.mark.parametrize("regions", [False, True], ids=["scattered", "regions"])
 def test_unit_class_sums_both_kernels(tile, C, regions):
-    """Up to 32 classes the sums are one product per tile with the scaled one-hot rows, above
-    that the run loops: both equal the dense sums, and the inverse norms come out of the same
-    read."""
+    """A tile of up to 32 classes takes its sums as one product with its classes' scaled one-hot
+    rows, a tile of more (48 classes scattered over a whole image's tile) the run loops: both
+    equal the dense sums, and the inverse norms come out of the same read."""
     emb, gt, _, _, _ = case(seed=12, C=C, w=36, regions=regions)
     sums, counts, inv = pixcon.ops._library.unit_class_sums(emb, gt, C, True)
     rows = cm.pixel_rows(emb)

@@ -240,10 +240,38 @@ at::Tensor padded_t(const at::Tensor& G, int64_t C, int64_t D, const at::TensorO
   return at::cat({G.to(opt.dtype()), at::zeros({1, D}, opt)}).t().contiguous();
 }
 
-// Up to this many classes the class sums are one product per tile, E x^T with E (C x len) the
-// pixels' one-hot rows scaled by inv: 2C multiply-adds a value at BLAS speed beat the run loops'
-// one at scalar speed (segmentation labels come in runs of a few pixels at the deeper layers).
+// Up to this many classes in a tile the class sums are one product, E x^T with E (K x len) the
+// pixels' one-hot rows over the tile's K classes scaled by inv: 2K multiply-adds a value at BLAS
+// speed beat the run loops' one at scalar speed (labels come in runs of a few pixels at the
+// deeper layers); above it, the run loops.
 constexpr int64_t kOneHotClasses = 32;
+
+// The classes present in a tile, in order of first appearance (list), and each pixel's row in
+// that list (idx; -1 where ignored): the one-hot products take only the tile's classes (a tile
+// of a segmentation map holds a few), so they cost 2 K multiply-adds a value for K classes.
+struct TileClasses {
+  std::vector<int64_t> list, slot;
+  std::vector<int64_t> idx;
+  int64_t make(const int64_t* g, int64_t len, int64_t C) {
+    if (static_cast<int64_t>(slot.size()) != C) slot.assign(C, -1);
+    for (const int64_t c : list) slot[c] = -1;
+    list.clear();
+    idx.resize(len);
+    for (int64_t p = 0; p < len; ++p) {
+      const int64_t c = g[p];
+      if (c < 0 || c >= C) {
+        idx[p] = -1;
+        continue;
+      }
+      if (slot[c] < 0) {
+        slot[c] = static_cast<int64_t>(list.size());
+        list.push_back(c);
+      }
+      idx[p] = slot[c];
+    }
+    return static_cast<int64_t>(list.size());
+  }
+};
 
 // The (D, len) columns of tile (b, lo, len) copied into xb (contiguous: MKL's products with rows
 // HW apart run at a third of the speed), and with `normalize` each pixel's inverse norm
@@ -284,16 +312,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> class_sums_cpu(const at::Tensor& 
     if (g[p] >= 0 && g[p] < C) ++cnt[g[p]];
   at::Tensor inv = at::empty({P}, x.options().dtype(acc));
   at::Tensor part = at::zeros({std::max<int64_t>(tl.chunks, 1), C, D}, x.options().dtype(acc));
-  const bool onehot = C <= kOneHotClasses;
+  const int64_t kmax = std::min(C, kOneHotClasses);
   AT_DISPATCH_FLOATING_TYPES(acc, "unit_class_sums", [&] {
     using T = scalar_t;
     T* iv = inv.data_ptr<T>();
-    const int64_t scratch = (D + (onehot ? C : 0)) * tl.n;
-    const int64_t work = (onehot ? 2 * C : kScalar) * P * D;
-    for_items<T>(tl.chunks, work, scratch, [&](int64_t k, at::Tensor& buf) {
-      at::Tensor sums = part[k];
-      T *xb = buf.data_ptr<T>(), *e = xb + D * tl.n;
+    const int64_t scratch = (D + kmax) * tl.n + kmax * D;
+    for_items<T>(tl.chunks, 2 * kmax * P * D, scratch, [&](int64_t k, at::Tensor& buf) {
+      T* sums = part[k].data_ptr<T>();
+      T *xb = buf.data_ptr<T>(), *e = xb + D * tl.n, *r = e + kmax * tl.n;
       std::vector<int64_t> at, cls;
+      TileClasses tc;
       for (int64_t i = tl.first(k); i < tl.first(k + 1); ++i) {
         int64_t b, lo, len;
         tl.tile(i, b, lo, len);
@@ -301,16 +329,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> class_sums_cpu(const at::Tensor& 
         const int64_t off = b * tl.HW + lo;
         T* s = iv + off;
         copy_and_norms<T>(ptr<T>(X), X.stride(0), D, len, normalize, xb, s);
-        if (onehot) {
-          std::fill(e, e + C * len, T(0));
+        const int64_t K = tc.make(g + off, len, C);
+        if (K <= kmax) {
+          std::fill(e, e + K * len, T(0));
           for (int64_t p = 0; p < len; ++p)
-            if (g[off + p] >= 0 && g[off + p] < C) e[g[off + p] * len + p] = s[p];
-          sums.addmm_(at::from_blob(e, {C, len}, X.options()),
-                      at::from_blob(xb, {D, len}, X.options()).t());
+            if (tc.idx[p] >= 0) e[tc.idx[p] * len + p] = s[p];
+          at::Tensor R = at::from_blob(r, {K, D}, X.options());
+          at::mm_out(R, at::from_blob(e, {K, len}, X.options()),
+                     at::from_blob(xb, {D, len}, X.options()).t());
+          for (int64_t c = 0; c < K; ++c) {
+            T* o = sums + tc.list[c] * D;
+            const T* q = r + c * D;
+            for (int64_t d = 0; d < D; ++d) o[d] += q[d];
+          }
         } else {
           class_runs(g + off, len, C, at, cls);
           sums_tile<T>(D, len, len, xb, s, g + off, at.data(), cls.data(),
-                       static_cast<int64_t>(cls.size()), C, sums.data_ptr<T>());
+                       static_cast<int64_t>(cls.size()), C, sums);
         }
       }
     });
@@ -620,22 +655,26 @@ at::Tensor anchor_dx_cpu(
   // Up to kOneHotClasses classes the class sums' terms are products too: a^T W + dS^T E in one
   // (E: the tile's one-hot rows scaled by inv) and u = dS x read at each pixel's class; above
   // that the run loops (Gt).
-  const bool onehot = has_ds && C <= kOneHotClasses;
-  const at::Tensor Gt = padded_t(onehot ? at::Tensor() : dsums, C, D, x.options().dtype(acc));
+  // Tiles of at most kOneHotClasses classes take the class sums' terms as products too:
+  // a^T W + dS_t^T E and u = dS_t x read at each pixel's class, dS_t the rows of the tile's K
+  // classes, E their one-hot rows scaled by inv; other tiles the run loops (Gt).
+  const at::Tensor Gt = padded_t(dsums, C, D, x.options().dtype(acc));
   const at::Tensor dS = has_ds ? dsums.to(acc).contiguous() : at::Tensor();
-  const at::Tensor A = onehot ? at::cat({aT, dS.t()}, 1).contiguous() : aT;     // (D, C or 2C)
-  const int64_t K2 = A.size(1);
+  const int64_t kmax = has_ds ? std::min(C, kOneHotClasses) : 0;
   at::Tensor grad = empty_large(x.sizes(), x.options().dtype(acc));
   AT_DISPATCH_FLOATING_TYPES(acc, "anchor_contrast_dx", [&] {
     using T = scalar_t;
     const Backward<T> bw(C, only_own, normalize, ptr<T>(inv), ptr<T>(G), ptr<T>(nl), ptr<T>(sig),
                          gt.data_ptr<int64_t>(), nc.data_ptr<int64_t>(), T(1.0 / temperature));
     const T* kp = kept.numel() ? kept.data_ptr<T>() : nullptr;
+    const T* dsp = has_ds ? ptr<T>(dS) : nullptr;
     T* out = grad.data_ptr<T>();
-    const int64_t work = (kp ? 1 : 2) * P * C * D + (has_ds ? 2 : 1) * kScalar * P * D;
-    for_items<T>(tl.count, work, (C + K2 + 2 * D) * tl.n + 4 * tl.n, [&](int64_t i, at::Tensor& buf) {
-      T *sb = buf.data_ptr<T>(), *w = sb + C * tl.n, *f = w + K2 * tl.n, *on = f + tl.n;
-      T *coef = on + tl.n, *u = coef + tl.n, *xb = u + tl.n;
+    const int64_t work = (kp ? 1 : 2) * P * C * D + (has_ds ? 4 * kmax : kScalar) * P * D;
+    const int64_t scratch = (2 * C + kmax + 2 * D + 4) * tl.n + kmax * D;
+    for_items<T>(tl.count, work, scratch, [&](int64_t i, at::Tensor& buf) {
+      T *sb = buf.data_ptr<T>(), *w = sb + C * tl.n, *e = w + C * tl.n, *f = e + kmax * tl.n;
+      T *on = f + tl.n, *coef = on + tl.n, *u = coef + tl.n, *xb = u + tl.n, *ob = xb + D * tl.n;
+      T* dsb = ob + D * tl.n;
       int64_t b, lo, len;
       at::Tensor X;
       if (kp) {
@@ -645,12 +684,6 @@ at::Tensor anchor_dx_cpu(
         const T* wt = kp + (b * tl.HW + lo) * (C + 1);
         std::copy(wt, wt + C * len, w);
         std::copy(wt + C * len, wt + (C + 1) * len, coef);
-        if (onehot && X.stride(0) != len) {           // the products' operand, contiguous
-          const T* src = ptr<T>(X);
-          for (int64_t d = 0; d < D; ++d)
-            std::memcpy(xb + d * len, src + d * X.stride(0), len * sizeof(T));
-          X = at::from_blob(xb, {D, len}, X.options());
-        }
       } else {
         X = logits_of_tile<T>(tl, x, a, bw.iv, normalize, bw.inv_t, i, sb, f, on, xb, b, lo,
                               len);
@@ -659,28 +692,37 @@ at::Tensor anchor_dx_cpu(
       }
       const int64_t off = b * tl.HW + lo;
       const int64_t* g = bw.g + off;
-      at::Tensor dst = grad.select(0, b).view({D, tl.HW}).narrow(1, lo, len);
-      if (onehot) {
-        T* e = w + C * len;                            // E under W: one (2C, len) operand
-        std::fill(e, e + C * len, T(0));
+      TileClasses tc;
+      const int64_t K = has_ds ? tc.make(g, len, C) : 0;
+      if (has_ds && K <= kmax) {
+        if (X.stride(0) != len) {                      // the products' operand, contiguous
+          const T* src = ptr<T>(X);
+          for (int64_t d = 0; d < D; ++d)
+            std::memcpy(xb + d * len, src + d * X.stride(0), len * sizeof(T));
+          X = at::from_blob(xb, {D, len}, X.options());
+        }
+        std::fill(e, e + K * len, T(0));
         for (int64_t p = 0; p < len; ++p)
-          if (g[p] >= 0 && g[p] < C) e[g[p] * len + p] = f[p];
-        at::Tensor ob = at::from_blob(xb + D * tl.n, {D, len}, X.options());
-        at::mm_out(ob, A, at::from_blob(w, {2 * C, len}, X.options()));
-        at::Tensor U = at::from_blob(sb, {C, len}, X.options());
-        at::mm_out(U, dS, X);                          // u_p = (dS x)_{g_p, p}
+          if (tc.idx[p] >= 0) e[tc.idx[p] * len + p] = f[p];
+        for (int64_t c = 0; c < K; ++c)
+          std::copy(dsp + tc.list[c] * D, dsp + (tc.list[c] + 1) * D, dsb + c * D);
+        const at::Tensor dSt = at::from_blob(dsb, {K, D}, X.options());
+        at::Tensor O = at::from_blob(ob, {D, len}, X.options());
+        at::mm_out(O, aT, at::from_blob(w, {C, len}, X.options()));
+        O.addmm_(dSt.t(), at::from_blob(e, {K, len}, X.options()));
+        at::Tensor U = at::from_blob(sb, {K, len}, X.options());
+        at::mm_out(U, dSt, X);                         // u_p = (dS x)_{g_p, p}
         for (int64_t p = 0; p < len; ++p)
-          if (g[p] >= 0 && g[p] < C) coef[p] += sb[g[p] * len + p] * f[p] * f[p] * f[p] * on[p];
+          if (tc.idx[p] >= 0) coef[p] += sb[tc.idx[p] * len + p] * f[p] * f[p] * f[p] * on[p];
         const T* xp = ptr<T>(X);
-        const int64_t ld = X.stride(0);
-        const T* obp = ptr<T>(ob);
         for (int64_t d = 0; d < D; ++d) {
-          const T *xr = xp + d * ld, *t = obp + d * len;
+          const T *xr = xp + d * len, *t = ob + d * len;
           T* o = out + (b * D + d) * tl.HW + lo;
           for (int64_t p = 0; p < len; ++p) o[p] = t[p] - xr[p] * coef[p];
         }
         return;
       }
+      at::Tensor dst = grad.select(0, b).view({D, tl.HW}).narrow(1, lo, len);
       at::mm_out(dst, aT, at::from_blob(w, {C, len}, X.options()));
       std::vector<int64_t> at, cls, gc(len);
       class_runs(g, len, C, at, cls, gc.data());
