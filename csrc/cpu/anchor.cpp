@@ -31,6 +31,7 @@
 // spans two images; BLAS runs single-threaded inside the region.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
+#include <immintrin.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -331,7 +332,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> class_sums_cpu(const at::Tensor& 
         copy_and_norms<T>(ptr<T>(X), X.stride(0), D, len, normalize, xb, s);
         const int64_t K = tc.make(g + off, len, C);
         if (K <= kmax) {
-          std::fill(e, e + K * len, T(0));
+          if (X.stride(0) != len) {                      // the products' operand, contiguous
+          const T* src = ptr<T>(X);
+          for (int64_t d = 0; d < D; ++d)
+            std::memcpy(xb + d * len, src + d * X.stride(0), len * sizeof(T));
+          X = at::from_blob(xb, {D, len}, X.options());
+        }
+        std::fill(e, e + K * len, T(0));
           for (int64_t p = 0; p < len; ++p)
             if (tc.idx[p] >= 0) e[tc.idx[p] * len + p] = s[p];
           at::Tensor R = at::from_blob(r, {K, D}, X.options());
@@ -630,6 +637,31 @@ std::tuple<at::Tensor, at::Tensor> anchor_da_cpu(
   return {da.to(anchors.scalar_type()), kept};
 }
 
+// o[p] = t[p] - x[p] c[p] for p < n, each element one fused multiply-add. Float rows on AVX-512
+// are stored non-temporally: pass B writes the embedding-sized gradient once and nothing reads
+// it back in this op, so a plain store's read of each line first (its read-for-ownership) is
+// wasted traffic. The caller fences (_mm_sfence) before its results are read.
+__attribute__((target("avx512f,fma"))) void fms_stream(float* o, const float* t, const float* x,
+                                                       const float* c, int64_t n) {
+  int64_t p = 0;
+  for (; p < n && (reinterpret_cast<uintptr_t>(o + p) & 63) != 0; ++p)
+    o[p] = std::fma(-x[p], c[p], t[p]);
+  for (; p + 16 <= n; p += 16)
+    _mm512_stream_ps(o + p, _mm512_fnmadd_ps(_mm512_loadu_ps(x + p), _mm512_loadu_ps(c + p),
+                                             _mm512_loadu_ps(t + p)));
+  for (; p < n; ++p) o[p] = std::fma(-x[p], c[p], t[p]);
+}
+
+template <typename T>
+bool fms_streamed(T*, const T*, const T*, const T*, int64_t) { return false; }
+template <>
+bool fms_streamed<float>(float* o, const float* t, const float* x, const float* c, int64_t n) {
+  static const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("fma");
+  if (!avx512) return false;
+  fms_stream(o, t, x, c, n);
+  return true;
+}
+
 // Pass B: each pixel's gradient written once, dx = a^T W + inv dS_g - x (coef + inv^3 on
 // (dS_g . x)): the anchor terms' (W, coef: kept by pass A or remade) and, given the gradient dS
 // (C, D) of the layer's unit class sums (empty: none), theirs.
@@ -695,12 +727,6 @@ at::Tensor anchor_dx_cpu(
       TileClasses tc;
       const int64_t K = has_ds ? tc.make(g, len, C) : 0;
       if (has_ds && K <= kmax) {
-        if (X.stride(0) != len) {                      // the products' operand, contiguous
-          const T* src = ptr<T>(X);
-          for (int64_t d = 0; d < D; ++d)
-            std::memcpy(xb + d * len, src + d * X.stride(0), len * sizeof(T));
-          X = at::from_blob(xb, {D, len}, X.options());
-        }
         std::fill(e, e + K * len, T(0));
         for (int64_t p = 0; p < len; ++p)
           if (tc.idx[p] >= 0) e[tc.idx[p] * len + p] = f[p];
@@ -715,11 +741,17 @@ at::Tensor anchor_dx_cpu(
         for (int64_t p = 0; p < len; ++p)
           if (tc.idx[p] >= 0) coef[p] += sb[tc.idx[p] * len + p] * f[p] * f[p] * f[p] * on[p];
         const T* xp = ptr<T>(X);
+        bool fenced = false;
         for (int64_t d = 0; d < D; ++d) {
           const T *xr = xp + d * len, *t = ob + d * len;
           T* o = out + (b * D + d) * tl.HW + lo;
+          if (fms_streamed(o, t, xr, coef, len)) {
+            fenced = true;
+            continue;
+          }
           for (int64_t p = 0; p < len; ++p) o[p] = t[p] - xr[p] * coef[p];
         }
+        if (fenced) _mm_sfence();                      // the streamed rows visible to readers
         return;
       }
       at::Tensor dst = grad.select(0, b).view({D, tl.HW}).narrow(1, lo, len);
