@@ -290,6 +290,24 @@ def test_anchor_fusion_with_three_layers_reads_the_deepest_layer():
         assert torch.equal(f2, a2)
 
 
+def test_fusion_backward_in_closed_form_equals_autograd():
+    """The fused path's backward takes the anchors' gradients through the fusion in closed form
+    (core.contextrast.fuse_anchors_backward): the same as autograd through fuse_anchors, with
+    three layers and a class absent at the deepest."""
+    from pixcon.core import contextrast as core_ctx
+    g = torch.Generator().manual_seed(3)
+    anchors = [torch.randn(4, 5, dtype=torch.float64, generator=g).requires_grad_()
+               for _ in range(3)]
+    deep = torch.tensor([True, False, True, True])
+    present = [torch.ones(4, dtype=torch.bool)] * 2 + [deep]
+    fused = core_ctx.fuse_anchors(anchors, present, 0.3, 0.7)
+    grads = [torch.randn(4, 5, dtype=torch.float64, generator=g) for _ in range(3)]
+    want = torch.autograd.grad(fused, anchors, grads)
+    got = core_ctx.fuse_anchors_backward(grads, deep, 0.3, 0.7)
+    for p, q in zip(got, want):
+        assert torch.allclose(p, q, rtol=1e-15, atol=1e-15)
+
+
 @pytest.mark.parametrize("backend", BACKENDS + ["native"])
 @pytest.mark.parametrize("case", ["no_errors", "class_absent_deep", "all_wrong_deep"])
 def test_degenerate_layers(backend, case):

@@ -332,13 +332,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> class_sums_cpu(const at::Tensor& 
         copy_and_norms<T>(ptr<T>(X), X.stride(0), D, len, normalize, xb, s);
         const int64_t K = tc.make(g + off, len, C);
         if (K <= kmax) {
-          if (X.stride(0) != len) {                      // the products' operand, contiguous
-          const T* src = ptr<T>(X);
-          for (int64_t d = 0; d < D; ++d)
-            std::memcpy(xb + d * len, src + d * X.stride(0), len * sizeof(T));
-          X = at::from_blob(xb, {D, len}, X.options());
-        }
-        std::fill(e, e + K * len, T(0));
+          std::fill(e, e + K * len, T(0));
           for (int64_t p = 0; p < len; ++p)
             if (tc.idx[p] >= 0) e[tc.idx[p] * len + p] = s[p];
           at::Tensor R = at::from_blob(r, {K, D}, X.options());
@@ -727,6 +721,12 @@ at::Tensor anchor_dx_cpu(
       TileClasses tc;
       const int64_t K = has_ds ? tc.make(g, len, C) : 0;
       if (has_ds && K <= kmax) {
+        if (X.stride(0) != len) {                      // the products' operand, contiguous
+          const T* src = ptr<T>(X);
+          for (int64_t d = 0; d < D; ++d)
+            std::memcpy(xb + d * len, src + d * X.stride(0), len * sizeof(T));
+          X = at::from_blob(xb, {D, len}, X.options());
+        }
         std::fill(e, e + K * len, T(0));
         for (int64_t p = 0; p < len; ++p)
           if (tc.idx[p] >= 0) e[tc.idx[p] * len + p] = f[p];
@@ -743,7 +743,7 @@ at::Tensor anchor_dx_cpu(
         const T* xp = ptr<T>(X);
         bool fenced = false;
         for (int64_t d = 0; d < D; ++d) {
-          const T *xr = xp + d * len, *t = ob + d * len;
+          const T *xr = xp + d * X.stride(0), *t = ob + d * len;
           T* o = out + (b * D + d) * tl.HW + lo;
           if (fms_streamed(o, t, xr, coef, len)) {
             fenced = true;

@@ -32,11 +32,12 @@ def fuse_anchors(anchors, present, w_low, w_high):
     return fused + [deep]
 
 
-def fuse_anchors_backward(grads, present, w_low, w_high):
-    """The gradients of the anchors a_i from those of the fused â_i (:func:`fuse_anchors`):
-    da_i = w_l dâ_i where the class is present at layer I, else dâ_i (i < I), and
-    da_I = dâ_I + sum_{i < I} w_h dâ_i where present at I."""
-    deep_present = present[-1][:, None]
+def fuse_anchors_backward(grads, deep_present, w_low, w_high):
+    """The gradients of the anchors a_i from those of the fused â_i (:func:`fuse_anchors`;
+    deep_present: the (C,) classes present at the deepest layer I): da_i = w_l dâ_i where the
+    class is present at I, else dâ_i (i < I), and da_I = dâ_I + sum_{i < I} w_h dâ_i where
+    present at I."""
+    deep_present = deep_present[:, None]
     out = [torch.where(deep_present, w_low * g, g) for g in grads[:-1]]
     deep = grads[-1]
     for g in grads[:-1]:

@@ -206,8 +206,8 @@ def _pa_fused(embs, labels, pred_labels, C, *, w_low, w_high, layer_weights, tem
               ignore_index, normalize, detach_anchors, reading, rank_sum=None):
     """The fused path, straight from each layer's NCHW embedding: no per-layer copy of it is
     made or kept. The labels and BANE negatives first (the EDT of every layer at once), then
-    :class:`_Layers`: per layer the ops pixcon::inv_norms, unit_class_sums and anchor_contrast
-    forward, and a backward that writes each embedding's gradient once. ``pred_labels``: labels
+    :class:`_Layers`: per layer the ops pixcon::unit_class_sums (with the inverse norms) and
+    anchor_contrast forward, and a backward that writes each embedding's gradient once. ``pred_labels``: labels
     or scores, whose argmax each layer takes at its own resolution. ``rank_sum``: the sum over
     ranks of a tensor (cross_rank), None on one process."""
     gts, negs = [], []
@@ -295,8 +295,7 @@ class _Layers(torch.autograd.Function):
             if detach:
                 dsums = [None] * I
             else:
-                da = steps.fuse_anchors_backward([d for d, _ in passes],
-                                                 [None] * (I - 1) + [deep_present], w_low,
+                da = steps.fuse_anchors_backward([d for d, _ in passes], deep_present, w_low,
                                                  w_high)
                 dsums = [d / n.clamp(min=1).to(d.dtype)[:, None] for d, n in zip(da, n_all)]
                 if rank_sum is not None:
