@@ -100,6 +100,18 @@ at::Tensor cols(const at::Tensor& x, const Tiles& tl, int64_t b, int64_t lo, int
 template <typename T>
 const T* ptr(const at::Tensor& t) { return t.template data_ptr<T>(); }
 
+// X (D, len) itself when contiguous, else copied into xb: MKL's products with a (D, len) operand
+// whose rows lie HW apart ran at 70 GFLOP/s a thread where a contiguous copy runs at 180-200
+// (19 x 256 x 668, this project's CPU), and the copy costs less than the difference.
+template <typename T>
+at::Tensor contiguous_cols(const at::Tensor& X, T* xb) {
+  const int64_t D = X.size(0), len = X.size(1);
+  if (X.stride(0) == len) return X;
+  const T* src = ptr<T>(X);
+  for (int64_t d = 0; d < D; ++d) std::memcpy(xb + d * len, src + d * X.stride(0), len * sizeof(T));
+  return at::from_blob(xb, {D, len}, X.options());
+}
+
 // ---- inv_norms -------------------------------------------------------------------------------
 at::Tensor inv_norms_cpu(const at::Tensor& x_) {
   const at::Tensor x = x_.contiguous();
@@ -272,6 +284,13 @@ struct TileClasses {
     }
     return static_cast<int64_t>(list.size());
   }
+  // e (K x len): pixel p's one-hot row over the tile's classes, scaled by s_p
+  template <typename T>
+  void scaled_onehot(const T* s, int64_t len, T* e) const {
+    std::fill(e, e + static_cast<int64_t>(list.size()) * len, T(0));
+    for (int64_t p = 0; p < len; ++p)
+      if (idx[p] >= 0) e[idx[p] * len + p] = s[p];
+  }
 };
 
 // The (D, len) columns of tile (b, lo, len) copied into xb (contiguous: MKL's products with rows
@@ -332,9 +351,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> class_sums_cpu(const at::Tensor& 
         copy_and_norms<T>(ptr<T>(X), X.stride(0), D, len, normalize, xb, s);
         const int64_t K = tc.make(g + off, len, C);
         if (K <= kmax) {
-          std::fill(e, e + K * len, T(0));
-          for (int64_t p = 0; p < len; ++p)
-            if (tc.idx[p] >= 0) e[tc.idx[p] * len + p] = s[p];
+          tc.scaled_onehot(s, len, e);
           at::Tensor R = at::from_blob(r, {K, D}, X.options());
           at::mm_out(R, at::from_blob(e, {K, len}, X.options()),
                      at::from_blob(xb, {D, len}, X.options()).t());
@@ -440,10 +457,8 @@ at::Tensor tile_logits(const at::Tensor& a, const at::Tensor& X, T* buf, const T
 
 // Tile i of a pass over the logits: its image b, pixels [lo, lo + len), its columns (returned),
 // f = inv / t and on per pixel, and its logits in sb.
-// The columns are copied into xb (D x n), contiguous: MKL's products with a (D, len) operand
-// whose rows lie HW apart ran at 70 GFLOP/s a thread where a contiguous copy runs at 180-200
-// (19 x 256 x 668, this project's CPU), and the copy costs less than the difference; the
-// backward's two products and its last loop read the copy too.
+// The columns are copied into xb (D x n), contiguous (contiguous_cols); the backward's products
+// read the copy too.
 template <typename T>
 at::Tensor logits_of_tile(const Tiles& tl, const at::Tensor& x, const at::Tensor& a, const T* iv,
                           bool normalize, T inv_t, int64_t i, T* sb, T* f, T* on, T* xb,
@@ -451,13 +466,7 @@ at::Tensor logits_of_tile(const Tiles& tl, const at::Tensor& x, const at::Tensor
   tl.tile(i, b, lo, len);
   scales(iv, normalize, b * tl.HW + lo, len, f, on);
   for (int64_t p = 0; p < len; ++p) f[p] *= inv_t;
-  at::Tensor X = cols<T>(x, tl, b, lo, len);
-  if (X.stride(0) != len) {
-    const T* src = ptr<T>(X);
-    for (int64_t d = 0; d < tl.D; ++d)
-      std::memcpy(xb + d * len, src + d * X.stride(0), len * sizeof(T));
-    X = at::from_blob(xb, {tl.D, len}, X.options());
-  }
+  const at::Tensor X = contiguous_cols<T>(cols<T>(x, tl, b, lo, len), xb);
   tile_logits<T>(a, X, sb, f, a.size(0), len);
   return X;
 }
@@ -721,15 +730,8 @@ at::Tensor anchor_dx_cpu(
       TileClasses tc;
       const int64_t K = has_ds ? tc.make(g, len, C) : 0;
       if (has_ds && K <= kmax) {
-        if (X.stride(0) != len) {                      // the products' operand, contiguous
-          const T* src = ptr<T>(X);
-          for (int64_t d = 0; d < D; ++d)
-            std::memcpy(xb + d * len, src + d * X.stride(0), len * sizeof(T));
-          X = at::from_blob(xb, {D, len}, X.options());
-        }
-        std::fill(e, e + K * len, T(0));
-        for (int64_t p = 0; p < len; ++p)
-          if (tc.idx[p] >= 0) e[tc.idx[p] * len + p] = f[p];
+        X = contiguous_cols<T>(X, xb);                 // the products' operand
+        tc.scaled_onehot(f, len, e);
         for (int64_t c = 0; c < K; ++c)
           std::copy(dsp + tc.list[c] * D, dsp + (tc.list[c] + 1) * D, dsb + c * D);
         const at::Tensor dSt = at::from_blob(dsb, {K, D}, X.options());
