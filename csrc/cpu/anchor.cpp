@@ -20,15 +20,22 @@
 // gradient is written once with both terms: pass A (anchor_contrast_da) gives da, which the
 // caller turns into the gradient dS of the layer's class sums (through the anchors' fusion
 // across layers); pass B (anchor_contrast_dx) writes dx = a^T W + inv dS_g - x (inv^2 on (s . ds)
-// + inv^3 on (dS_g . x)). Nothing of size P x C is kept by the forward: it keeps one positive
-// logit per pixel while it runs; pass A remakes each tile's logits (one BLAS call) and keeps W
-// for pass B when C + 1 floats a pixel are no more than its embedding row (else B remakes it).
+// + inv^3 on (dS_g . x)).
+//
+// Sparse tiles: the loss reads s_{c,p} only at each pixel's own class and at the columns of
+// BANE's selected negatives (about a tenth of the pixels), and ds (so W) is nonzero only there.
+// So a tile takes each pixel's own logit as one dot product with its class's anchor (a lookup in
+// the transposed anchor table, one permute per 16 pixels where C < 32) and the negatives' whole
+// columns as one small product over their gathered columns; its gradient likewise is one anchor
+// row a pixel plus that product at the negatives. About C times fewer multiply-adds than dense
+// (C x n) tiles: each pass is bound by its read of the embedding. Nothing is kept between the
+// passes but one positive logit per pixel while the forward runs; pass B remakes its weights.
 //
 // Parallel shape: one pass = one region of work items claimed from a counter (items.h). An item
 // is a chunk of consecutive tiles with its own partial sums ((C, D), online log-sum-exp (C,)),
 // merged in chunk order afterwards; the chunks depend on the sizes only, so results are the same
 // on any number of threads. A tile holds (D + 2C) x n values of about 768 KiB (L2) and never
-// spans two images; BLAS runs single-threaded inside the region.
+// spans two images; BLAS runs single-threaded inside the region (float: gemm.h's kernels).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <immintrin.h>
@@ -40,8 +47,10 @@
 #include <cstring>
 #include <limits>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
+#include "gemm.h"
 #include "items.h"
 #include "memory.h"
 #include "parallel.h"
@@ -100,16 +109,87 @@ at::Tensor cols(const at::Tensor& x, const Tiles& tl, int64_t b, int64_t lo, int
 template <typename T>
 const T* ptr(const at::Tensor& t) { return t.template data_ptr<T>(); }
 
-// X (D, len) itself when contiguous, else copied into xb: MKL's products with a (D, len) operand
-// whose rows lie HW apart ran at 70 GFLOP/s a thread where a contiguous copy runs at 180-200
-// (19 x 256 x 668, this project's CPU), and the copy costs less than the difference.
+// The tiles' products: float through gemm.h's kernels where the CPU has them (one side is
+// class-sized, where BLAS is slow), else BLAS.
 template <typename T>
-at::Tensor contiguous_cols(const at::Tensor& X, T* xb) {
-  const int64_t D = X.size(0), len = X.size(1);
-  if (X.stride(0) == len) return X;
-  const T* src = ptr<T>(X);
-  for (int64_t d = 0; d < D; ++d) std::memcpy(xb + d * len, src + d * X.stride(0), len * sizeof(T));
-  return at::from_blob(xb, {D, len}, X.options());
+bool own_gemm() {
+  if constexpr (std::is_same_v<T, float>) return gemm::available();
+  return false;
+}
+
+// c (M x N, rows ldc apart) += A (M x len) B (N x len)^T, both with contiguous rows
+template <typename T>
+void add_products_t(const T* A, int64_t lda, const at::Tensor& B, int64_t M, T* c, int64_t ldc) {
+  const int64_t N = B.size(0), len = B.size(1);
+  if constexpr (std::is_same_v<T, float>) {
+    if (own_gemm<T>()) {
+      gemm::nt(M, N, len, A, lda, ptr<T>(B), B.stride(0), c, ldc);
+      return;
+    }
+  }
+  at::Tensor out = at::from_blob(c, {M, N}, {ldc, 1}, B.options());
+  out.addmm_(at::from_blob(const_cast<T*>(A), {M, len}, {lda, 1}, B.options()), B.t());
+}
+
+// out (M x N, rows ldo apart) = A (M x K, rows lda apart) B (K x N, rows ldb apart): false where
+// gemm.h's kernels do not run (then BLAS)
+inline bool own_mm(int64_t M, int64_t N, int64_t K, const float* a, int64_t lda, const float* b,
+                   int64_t ldb, float* out, int64_t ldo) {
+  if (!gemm::available()) return false;
+  gemm::mm(M, N, K, a, lda, b, ldb, out, ldo);
+  return true;
+}
+inline bool own_mm(int64_t, int64_t, int64_t, const double*, int64_t, const double*, int64_t,
+                   double*, int64_t) {
+  return false;
+}
+
+// Class-table lookups one permute per 16 pixels (gemm.h; float, C + 1 <= 32, AVX-512): false
+// where they do not run (then the run loops).
+inline bool fast_dots(int64_t D, int64_t len, const float* x, int64_t ld, const int32_t* gi,
+                      const float* T, int64_t Cp, float* u) {
+  if (Cp > gemm::kMaxTable || !gemm::available()) return false;
+  gemm::class_dots(D, len, x, ld, gi, T, Cp, u);
+  return true;
+}
+inline bool fast_dots(int64_t, int64_t, const double*, int64_t, const int32_t*, const double*,
+                      int64_t, double*) {
+  return false;
+}
+inline bool fast_row(int64_t len, const float* A, const float* B, const float* w, const float* s,
+                     const int32_t* gi, int64_t Cp, float* row) {
+  if (Cp > gemm::kMaxTable || !gemm::available()) return false;
+  gemm::class_row(len, A, B, w, s, gi, Cp, row);
+  return true;
+}
+inline bool fast_row(int64_t, const double*, const double*, const double*, const double*,
+                     const int32_t*, int64_t, double*) {
+  return false;
+}
+
+inline bool fast_sums(int64_t D, int64_t len, const float* x, int64_t ld, const int32_t* gi,
+                      const float* w, int64_t Cp, float* out) {
+  if (Cp > gemm::kMaxTable || !gemm::available()) return false;
+  gemm::class_sums(D, len, x, ld, gi, w, Cp, out, D);
+  return true;
+}
+inline bool fast_sums(int64_t, int64_t, const double*, int64_t, const int32_t*, const double*,
+                      int64_t, double*) {
+  return false;
+}
+
+// s[p] = 1 / max(|x_p|, eps) for a tile's columns (x: D rows ld apart), ones without normalize
+template <typename T>
+__attribute__((target_clones("avx512f", "avx2", "default")))
+void tile_norms(const T* __restrict__ x, int64_t ld, int64_t D, int64_t len, bool normalize,
+                T* __restrict__ s) {
+  for (int64_t p = 0; p < len; ++p) s[p] = 0;
+  for (int64_t d = 0; d < D; ++d) {
+    const T* r = x + d * ld;
+    for (int64_t p = 0; p < len; ++p) s[p] += r[p] * r[p];
+  }
+  for (int64_t p = 0; p < len; ++p)
+    s[p] = normalize ? T(1) / std::max(std::sqrt(s[p]), T(kEps)) : T(1);
 }
 
 // ---- inv_norms -------------------------------------------------------------------------------
@@ -124,15 +204,7 @@ at::Tensor inv_norms_cpu(const at::Tensor& x_) {
       int64_t b, lo, len;
       tl.tile(i, b, lo, len);
       const at::Tensor X = cols<T>(x, tl, b, lo, len);
-      const T* xp = ptr<T>(X);
-      const int64_t ld = X.stride(0);
-      T* op = o + b * tl.HW + lo;
-      std::fill(op, op + len, T(0));
-      for (int64_t d = 0; d < tl.D; ++d) {
-        const T* xr = xp + d * ld;
-        for (int64_t p = 0; p < len; ++p) op[p] += xr[p] * xr[p];
-      }
-      for (int64_t p = 0; p < len; ++p) op[p] = T(1) / std::max(std::sqrt(op[p]), T(kEps));
+      tile_norms<T>(ptr<T>(X), X.stride(0), tl.D, len, true, o + b * tl.HW + lo);
     });
   });
   return out;
@@ -191,28 +263,37 @@ void sums_tile(int64_t D, int64_t len, int64_t ld, const T* __restrict__ x,
   }
 }
 
-// The class sums' gradient on a tile, in two steps. Gt: their gradient G transposed, (D, C + 1)
-// with a zero column C; g: each pixel's class, C where ignored (read when the runs are short).
-// Radial factor: coef[p] += s_p^3 on_p (G_{g_p} . x_p).
+// u[p] = sum_d Tt[d, gc_p] x[d, p]: each pixel's dot product with its class's row of a table
+// given transposed, Tt (D, Cp) with a zero column C (ignored pixels; gc: each pixel's class, C
+// where ignored), by runs where they are long.
 template <typename T>
 __attribute__((target_clones("avx512f", "avx2", "default")))
-void sums_radial(int64_t D, int64_t len, int64_t ld, const T* __restrict__ x,
-                 const T* __restrict__ s, const T* __restrict__ on, const int64_t* g,
-                 const int64_t* at, const int64_t* cls, int64_t runs, const T* Gt, int64_t Cp,
-                 T* __restrict__ u, T* __restrict__ coef) {
+void class_dots(int64_t D, int64_t len, int64_t ld, const T* __restrict__ x, const int64_t* gc,
+                const int64_t* at, const int64_t* cls, int64_t runs, const T* Tt, int64_t Cp,
+                T* __restrict__ u) {
   const bool by_run = runs * kShortRun <= len;
   for (int64_t p = 0; p < len; ++p) u[p] = 0;
   for (int64_t d = 0; d < D; ++d) {
-    const T *xr = x + d * ld, *gr = Gt + d * Cp;
+    const T *xr = x + d * ld, *tr = Tt + d * Cp;
     if (!by_run) {
-      for (int64_t p = 0; p < len; ++p) u[p] += gr[g[p]] * xr[p];
+      for (int64_t p = 0; p < len; ++p) u[p] += tr[gc[p]] * xr[p];
       continue;
     }
     for (int64_t r = 0; r < runs; ++r) {
-      const T gv = gr[cls[r]];
-      for (int64_t p = at[r]; p < at[r + 1]; ++p) u[p] += gv * xr[p];
+      const T tv = tr[cls[r]];
+      for (int64_t p = at[r]; p < at[r + 1]; ++p) u[p] += tv * xr[p];
     }
   }
+}
+
+// The class sums' gradient on a tile, in two steps. Gt: their gradient G transposed, (D, C + 1)
+// with a zero column C; g: each pixel's class, C where ignored.
+// Radial factor: coef[p] += s_p^3 on_p (G_{g_p} . x_p).
+template <typename T>
+void sums_radial(int64_t D, int64_t len, int64_t ld, const T* x, const T* s, const T* on,
+                 const int64_t* g, const int64_t* at, const int64_t* cls, int64_t runs,
+                 const T* Gt, int64_t Cp, T* u, T* coef) {
+  class_dots<T>(D, len, ld, x, g, at, cls, runs, Gt, Cp, u);
   for (int64_t p = 0; p < len; ++p) coef[p] += u[p] * s[p] * s[p] * s[p] * on[p];
 }
 
@@ -341,6 +422,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> class_sums_cpu(const at::Tensor& 
       T* sums = part[k].data_ptr<T>();
       T *xb = buf.data_ptr<T>(), *e = xb + D * tl.n, *r = e + kmax * tl.n;
       std::vector<int64_t> at, cls;
+      std::vector<int32_t> gi(tl.n);
       TileClasses tc;
       for (int64_t i = tl.first(k); i < tl.first(k + 1); ++i) {
         int64_t b, lo, len;
@@ -348,13 +430,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> class_sums_cpu(const at::Tensor& 
         const at::Tensor X = cols<T>(x, tl, b, lo, len);
         const int64_t off = b * tl.HW + lo;
         T* s = iv + off;
+        if (own_gemm<T>() && C < gemm::kMaxTable) {     // masked lane sums, no copy
+          tile_norms<T>(ptr<T>(X), X.stride(0), D, len, normalize, s);
+          for (int64_t p = 0; p < len; ++p)
+            gi[p] = static_cast<int32_t>(g[off + p] >= 0 && g[off + p] < C ? g[off + p] : C);
+          if (fast_sums(D, len, ptr<T>(X), X.stride(0), gi.data(), s, C + 1, sums)) continue;
+        }
         copy_and_norms<T>(ptr<T>(X), X.stride(0), D, len, normalize, xb, s);
         const int64_t K = tc.make(g + off, len, C);
         if (K <= kmax) {
           tc.scaled_onehot(s, len, e);
-          at::Tensor R = at::from_blob(r, {K, D}, X.options());
-          at::mm_out(R, at::from_blob(e, {K, len}, X.options()),
-                     at::from_blob(xb, {D, len}, X.options()).t());
+          std::fill(r, r + K * D, T(0));
+          add_products_t<T>(e, len, at::from_blob(xb, {D, len}, X.options()), K, r, D);
           for (int64_t c = 0; c < K; ++c) {
             T* o = sums + tc.list[c] * D;
             const T* q = r + c * D;
@@ -442,34 +529,137 @@ T softplus(T v) { return v > T(20) ? v : std::log1p(std::exp(v)); }    // torch'
 template <typename T>
 T sigmoid(T v) { return T(1) / (T(1) + std::exp(-v)); }
 
-// S (C x len, row stride len, in buf) = a @ X, then column p scaled by f_p = inv_p / t.
+// out (M x N, rows ldo apart) = A (M x K) B (K x N), rows lda / ldb apart: gemm.h's kernels for
+// float, else BLAS.
 template <typename T>
-at::Tensor tile_logits(const at::Tensor& a, const at::Tensor& X, T* buf, const T* f, int64_t C,
-                       int64_t len) {
-  at::Tensor S = at::from_blob(buf, {C, len}, X.options());
-  at::mm_out(S, a, X);
-  for (int64_t c = 0; c < C; ++c) {
-    T* row = buf + c * len;
-    for (int64_t p = 0; p < len; ++p) row[p] *= f[p];
+void mm_into(int64_t M, int64_t N, int64_t K, const T* a, int64_t lda, const T* b, int64_t ldb,
+             T* out, int64_t ldo) {
+  if (M == 0 || N == 0) return;
+  if (own_mm(M, N, K, a, lda, b, ldb, out, ldo)) return;
+  const auto opt = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+  at::Tensor o = at::from_blob(out, {M, N}, {ldo, 1}, opt);
+  if (K == 0) {
+    o.zero_();
+    return;
   }
-  return S;
+  at::mm_out(o, at::from_blob(const_cast<T*>(a), {M, K}, {lda, 1}, opt),
+             at::from_blob(const_cast<T*>(b), {K, N}, {ldb, 1}, opt));
 }
 
-// Tile i of a pass over the logits: its image b, pixels [lo, lo + len), its columns (returned),
-// f = inv / t and on per pixel, and its logits in sb.
-// The columns are copied into xb (D x n), contiguous (contiguous_cols); the backward's products
-// read the copy too.
+// row[p] = wpos_p At[gc_p] + s_p Gt[gc_p] for the pixels of a tile (At, Gt: row d of the
+// anchors' and of the class sums' gradient tables, C + 1 entries, the last zero), by runs.
 template <typename T>
-at::Tensor logits_of_tile(const Tiles& tl, const at::Tensor& x, const at::Tensor& a, const T* iv,
-                          bool normalize, T inv_t, int64_t i, T* sb, T* f, T* on, T* xb,
-                          int64_t& b, int64_t& lo, int64_t& len) {
-  tl.tile(i, b, lo, len);
-  scales(iv, normalize, b * tl.HW + lo, len, f, on);
-  for (int64_t p = 0; p < len; ++p) f[p] *= inv_t;
-  const at::Tensor X = contiguous_cols<T>(cols<T>(x, tl, b, lo, len), xb);
-  tile_logits<T>(a, X, sb, f, a.size(0), len);
-  return X;
+__attribute__((target_clones("avx512f", "avx2", "default")))
+void class_row(int64_t len, const T* At, const T* Gt, const T* __restrict__ wpos,
+               const T* __restrict__ s, const int64_t* gc, const int64_t* at, const int64_t* cls,
+               int64_t runs, T* __restrict__ row) {
+  if (runs * kShortRun > len) {
+    for (int64_t p = 0; p < len; ++p) row[p] = wpos[p] * At[gc[p]] + s[p] * Gt[gc[p]];
+    return;
+  }
+  for (int64_t r = 0; r < runs; ++r) {
+    const T av = At[cls[r]], gv = Gt[cls[r]];
+    for (int64_t p = at[r]; p < at[r + 1]; ++p) row[p] = wpos[p] * av + s[p] * gv;
+  }
 }
+
+// A tile's logits where the loss reads them, s_{c,p} = inv_p (a_c . x_p) / t: each pixel's own
+// class's, pos_p (the dot product with its class's anchor, by runs of equal class), and the
+// whole column of each of the tile's BANE negatives (q: about a tenth of the pixels), sn
+// (C x nq) = a xn scaled, xn (D x nq) their gathered columns. Each pixel's gradient is likewise
+// one anchor's row plus, at the negatives, a product over all anchors: C times fewer
+// multiply-adds than a dense (C x n) tile, the pass bound by its read of the tile.
+template <typename T>
+struct SparseTile {
+  int64_t C, D;
+  bool only_own, normalize;
+  T inv_t;
+  const T *iv, *a, *aTp;                // inverse norms; anchors (C, D); (D, C + 1) transposed
+  const int64_t *g, *nc;
+  // the tile
+  int64_t b = 0, lo = 0, len = 0, off = 0, nq = 0, runs = 0, ld = 0;
+  const T* X = nullptr;                 // its (D, len) columns, rows ld apart
+  at::Tensor Xt;
+  std::vector<int64_t> at, cls, gc, q;
+  std::vector<int32_t> gi;              // gc as int32 (the permute lookups' indices)
+  T *f, *on, *pos, *wpos, *coef, *u, *row, *xn, *sn, *wn, *y;   // in the thread's scratch
+
+  static int64_t scratch(int64_t C, int64_t D, int64_t n) { return (2 * D + 2 * C + 7) * n; }
+  SparseTile(int64_t C_, int64_t D_, bool own, bool norm, T inv_t_, const T* iv_, const T* a_,
+             const T* aTp_, const int64_t* g_, const int64_t* nc_, T* buf, int64_t n)
+      : C(C_), D(D_), only_own(own), normalize(norm), inv_t(inv_t_), iv(iv_), a(a_), aTp(aTp_),
+        g(g_), nc(nc_) {
+    f = buf; on = f + n; pos = on + n; wpos = pos + n; coef = wpos + n; u = coef + n;
+    row = u + n; xn = row + n; sn = xn + D * n; wn = sn + C * n; y = wn + C * n;
+  }
+
+  // tile i: f = inv / t and on, the class runs, pos, the negatives and their logits
+  void logits(const Tiles& tl, const at::Tensor& x, int64_t i) {
+    tl.tile(i, b, lo, len);
+    off = b * tl.HW + lo;
+    Xt = cols<T>(x, tl, b, lo, len);
+    X = ptr<T>(Xt);
+    ld = Xt.stride(0);
+    scales(iv, normalize, off, len, f, on);
+    for (int64_t p = 0; p < len; ++p) f[p] *= inv_t;
+    gc.resize(len);
+    class_runs(g + off, len, C, at, cls, gc.data());
+    runs = static_cast<int64_t>(cls.size());
+    gi.resize(len);
+    for (int64_t p = 0; p < len; ++p) gi[p] = static_cast<int32_t>(gc[p]);
+    dots(aTp, pos);
+    for (int64_t p = 0; p < len; ++p) pos[p] *= f[p];
+    q.clear();
+    for (int64_t p = 0; p < len; ++p)
+      if (nc[off + p] >= 0) q.push_back(p);
+    nq = static_cast<int64_t>(q.size());
+    if (nq == 0) return;
+    for (int64_t d = 0; d < D; ++d) {
+      const T* xr = X + d * ld;
+      T* o = xn + d * nq;
+      for (int64_t j = 0; j < nq; ++j) o[j] = xr[q[j]];
+    }
+    mm_into<T>(C, nq, D, a, D, xn, nq, sn, nq);
+    for (int64_t c = 0; c < C; ++c)
+      for (int64_t j = 0; j < nq; ++j) sn[c * nq + j] *= f[q[j]];
+  }
+
+  // u[p] = sum_d Tt[d, g_p] x[d, p], Tt (D, C + 1) with a zero column C
+  void dots(const T* Tt, T* u) const {
+    if (!fast_dots(D, len, X, ld, gi.data(), Tt, C + 1, u))
+      class_dots<T>(D, len, ld, X, gc.data(), at.data(), cls.data(), runs, Tt, C + 1, u);
+  }
+
+  // The backward's weights (after logits): ds at each pixel's own class, ds_{g,p} =
+  // -G_g sigmoid(NL_g - s_{g,p}) (classes with negatives), and at the negatives' columns
+  // ds_{c,q} = G_c Sig_c exp(s_{c,q} - NL_c) too; W = ds inv / t, kept as wpos_p (0 at the
+  // negatives) and wn (C x nq); coef_p = inv_p^2 on_p (s . ds)_p.
+  void weights(const T* G, const T* nl, const T* wneg, const T* nl0) {
+    const T ninf = -std::numeric_limits<T>::infinity();
+    for (int64_t p = 0; p < len; ++p) {
+      const int64_t gp = gc[p];
+      wpos[p] = 0;
+      coef[p] = 0;
+      if (nc[off + p] >= 0 || gp >= C || nl[gp] == ninf) continue;
+      const T ds = -G[gp] * sigmoid(nl0[gp] - pos[p]);
+      coef[p] = pos[p] * ds;
+      wpos[p] = ds * f[p];
+    }
+    std::fill(wn, wn + C * nq, T(0));
+    for (int64_t j = 0; j < nq; ++j) {
+      const int64_t p = q[j], gp = gc[p];
+      for_negatives(nc[off + p], C, only_own, [&](int64_t c) {
+        wn[c * nq + j] = wneg[c] * std::exp(sn[c * nq + j] - nl0[c]);
+      });
+      if (gp < C && nl[gp] != ninf) wn[gp * nq + j] -= G[gp] * sigmoid(nl0[gp] - sn[gp * nq + j]);
+      T acc = 0;
+      for (int64_t c = 0; c < C; ++c) acc += sn[c * nq + j] * wn[c * nq + j];
+      coef[p] = acc;
+      for (int64_t c = 0; c < C; ++c) wn[c * nq + j] *= f[p];
+    }
+    for (int64_t p = 0; p < len; ++p) coef[p] *= iv[off + p] * iv[off + p] * on[p];
+  }
+};
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> anchor_forward_cpu(
     const at::Tensor& x_, const at::Tensor& inv_, const at::Tensor& anchors,
@@ -486,6 +676,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> anchor_forward_cpu(
   const at::Tensor gt = gt_.to(at::kLong).contiguous(), nc = negcls_.to(at::kLong).contiguous();
   const at::Tensor inv = inv_.to(acc).contiguous(), a = anchors.to(acc).contiguous();
   const auto opt = x.options().dtype(acc);
+  const at::Tensor aTp = padded_t(a, C, D, opt);
   at::Tensor loss = at::zeros({C}, opt), sig = at::zeros({C}, opt);
   at::Tensor nl = at::full({C}, -std::numeric_limits<double>::infinity(), opt);
   AT_DISPATCH_FLOATING_TYPES(acc, "anchor_contrast", [&] {
@@ -495,20 +686,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> anchor_forward_cpu(
     const int64_t *g = gt.data_ptr<int64_t>(), *ncp = nc.data_ptr<int64_t>();
     std::vector<T> pos(P, T(0));                 // s_{g_p, p}: the positive logit of each pixel
     std::vector<T> mx(K * C, ninf), se(K * C, T(0));   // per chunk: online log-sum-exp
-    // pass 1: the logits of every tile, the negatives' log-sum-exp per chunk, the positives
-    for_items<T>(K, P * C * D, (C + D) * tl.n + 2 * tl.n, [&](int64_t k, at::Tensor& buf) {
-      T *sb = buf.data_ptr<T>(), *f = sb + C * tl.n, *on = f + tl.n, *xb = on + tl.n;
+    // pass 1: each tile's logits, the negatives' log-sum-exp per chunk, the positives
+    for_items<T>(K, kScalar * P * D, SparseTile<T>::scratch(C, D, tl.n),
+                 [&](int64_t k, at::Tensor& buf) {
+      SparseTile<T> st(C, D, only_own, normalize, inv_t, iv, ptr<T>(a), ptr<T>(aTp), g, ncp,
+                       buf.data_ptr<T>(), tl.n);
       T *m = mx.data() + k * C, *e = se.data() + k * C;
       for (int64_t i = tl.first(k); i < tl.first(k + 1); ++i) {
-        int64_t b, lo, len;
-        logits_of_tile<T>(tl, x, a, iv, normalize, inv_t, i, sb, f, on, xb, b, lo, len);
-        const int64_t off = b * tl.HW + lo;
-        for (int64_t p = 0; p < len; ++p) {
-          const int64_t gp = g[off + p], q = ncp[off + p];
-          if (gp >= 0 && gp < C) pos[off + p] = sb[gp * len + p];
-          for_negatives(q, C, only_own,
-                        [&](int64_t c) { lse_add(m[c], e[c], sb[c * len + p], T(1)); });
-        }
+        st.logits(tl, x, i);
+        for (int64_t p = 0; p < st.len; ++p)
+          if (st.gc[p] < C) pos[st.off + p] = st.pos[p];
+        for (int64_t j = 0; j < st.nq; ++j)
+          for_negatives(ncp[st.off + st.q[j]], C, only_own, [&](int64_t c) {
+            lse_add(m[c], e[c], st.sn[c * st.nq + j], T(1));
+          });
       }
     });
     // merge the chunks in order: NL_c
@@ -541,64 +732,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> anchor_forward_cpu(
   return {loss, nl, sig, at::empty({0}, opt)};
 }
 
-// The backward's per-call constants, and what it does on one tile.
+// The backward's per-call constants.
 template <typename T>
-struct Backward {
-  int64_t C;
-  bool only_own, normalize;
-  const T *iv, *G, *nl;
-  const int64_t *g, *nc;
-  T inv_t;
+struct BackwardConsts {
   std::vector<T> wneg, nl0;                 // G_c Sig_c on each negative; NL (0: none)
-
-  Backward(int64_t C_, bool own, bool norm, const T* iv_, const T* G_, const T* nl_,
-           const T* sig, const int64_t* g_, const int64_t* nc_, T inv_t_)
-      : C(C_), only_own(own), normalize(norm), iv(iv_), G(G_), nl(nl_), g(g_), nc(nc_),
-        inv_t(inv_t_), wneg(C_), nl0(C_) {
+  BackwardConsts(int64_t C, const T* G, const T* nl, const T* sig) : wneg(C), nl0(C) {
     for (int64_t c = 0; c < C; ++c) {
       wneg[c] = G[c] * sig[c];
       nl0[c] = std::isinf(nl[c]) ? T(0) : nl[c];
     }
   }
-
-  // From tile (off, len)'s logits sb (C x len): W = ds inv / t in w (C x len) and each pixel's
-  // radial factor coef_p = inv_p^2 on_p (s . ds)_p (z . dz = s . ds).
-  void weights(const T* sb, const T* f, const T* on, int64_t off, int64_t len, T* w,
-               T* coef) const {
-    const T ninf = -std::numeric_limits<T>::infinity();
-    std::fill(w, w + C * len, T(0));
-    for (int64_t p = 0; p < len; ++p) {
-      const int64_t gp = g[off + p], q = nc[off + p];
-      for_negatives(q, C, only_own, [&](int64_t c) {
-        w[c * len + p] = wneg[c] * std::exp(sb[c * len + p] - nl0[c]);
-      });
-      if (gp >= 0 && gp < C && nl[gp] != ninf)
-        w[gp * len + p] -= G[gp] * sigmoid(nl0[gp] - sb[gp * len + p]);
-    }
-    std::fill(coef, coef + len, T(0));
-    for (int64_t c = 0; c < C; ++c) {
-      const T *sr = sb + c * len, *dr = w + c * len;
-      for (int64_t p = 0; p < len; ++p) coef[p] += sr[p] * dr[p];
-    }
-    for (int64_t c = 0; c < C; ++c) {
-      T* dr = w + c * len;
-      for (int64_t p = 0; p < len; ++p) dr[p] *= f[p];
-    }
-    for (int64_t p = 0; p < len; ++p) coef[p] *= iv[off + p] * iv[off + p] * on[p];
-  }
 };
 
-// What pass A keeps for pass B: each tile's W and coef, (C + 1) x len values at (off) (C + 1),
-// when C + 1 accumulator values are no larger than the pixel's embedding row (else nothing:
-// pass B remakes them, one more product).
-int64_t kept_size(const at::Tensor& x, int64_t C) {
-  const int64_t D = x.size(1), P = x.size(0) * x.size(2) * x.size(3);
-  const int64_t acc = static_cast<int64_t>(at::elementSize(acc_type(x)));
-  return (C + 1) * acc <= D * static_cast<int64_t>(x.element_size()) ? P * (C + 1) : 0;
-}
-
 // Pass A of the backward: the anchors' gradient da = W x^T (partials per chunk, merged in
-// order), and what pass B needs (kept_size).
+// order): each pixel's weight times its row into its class's row of da, by runs, and the
+// negatives' columns as one product. Nothing is kept for pass B: it remakes the same sparse
+// weights (a tenth of a dense tile's work) from its one read of the tile.
 std::tuple<at::Tensor, at::Tensor> anchor_da_cpu(
     const at::Tensor& grad_, const at::Tensor& x_, const at::Tensor& inv_,
     const at::Tensor& anchors, const at::Tensor& gt_, const at::Tensor& negcls_,
@@ -610,34 +759,35 @@ std::tuple<at::Tensor, at::Tensor> anchor_da_cpu(
   const Tiles tl(x, C, at::elementSize(acc));
   const int64_t D = tl.D, P = tl.B * tl.HW, K = std::max<int64_t>(tl.chunks, 1);
   const at::Tensor gt = gt_.to(at::kLong).contiguous(), nc = negcls_.to(at::kLong).contiguous();
+  const auto opt = x.options().dtype(acc);
   const at::Tensor inv = inv_.to(acc).contiguous(), a = anchors.to(acc).contiguous();
+  const at::Tensor aTp = padded_t(a, C, D, opt);
   const at::Tensor G = grad_.to(acc).contiguous(), nl = nl_.to(acc).contiguous();
   const at::Tensor sig = sig_.to(acc).contiguous();
-  at::Tensor kept = at::empty({kept_size(x, C)}, x.options().dtype(acc));
-  at::Tensor part = at::zeros({K, C, D}, x.options().dtype(acc));
+  at::Tensor part = at::zeros({K, C, D}, opt);
   AT_DISPATCH_FLOATING_TYPES(acc, "anchor_contrast_da", [&] {
     using T = scalar_t;
-    const Backward<T> bw(C, only_own, normalize, ptr<T>(inv), ptr<T>(G), ptr<T>(nl), ptr<T>(sig),
-                         gt.data_ptr<int64_t>(), nc.data_ptr<int64_t>(), T(1.0 / temperature));
-    T* kp = kept.numel() ? kept.data_ptr<T>() : nullptr;
-    for_items<T>(K, 2 * P * C * D, (2 * C + D) * tl.n + 3 * tl.n, [&](int64_t k, at::Tensor& buf) {
-      T *sb = buf.data_ptr<T>(), *w = sb + C * tl.n, *f = w + C * tl.n, *on = f + tl.n;
-      T *coef = on + tl.n, *xb = coef + tl.n;
-      at::Tensor da = part[k];
+    const BackwardConsts<T> bc(C, ptr<T>(G), ptr<T>(nl), ptr<T>(sig));
+    for_items<T>(K, 2 * kScalar * P * D, SparseTile<T>::scratch(C, D, tl.n),
+                 [&](int64_t k, at::Tensor& buf) {
+      SparseTile<T> st(C, D, only_own, normalize, T(1.0 / temperature), ptr<T>(inv), ptr<T>(a),
+                       ptr<T>(aTp), gt.data_ptr<int64_t>(), nc.data_ptr<int64_t>(),
+                       buf.data_ptr<T>(), tl.n);
+      T* da = part[k].data_ptr<T>();
       for (int64_t i = tl.first(k); i < tl.first(k + 1); ++i) {
-        int64_t b, lo, len;
-        const at::Tensor X = logits_of_tile<T>(tl, x, a, bw.iv, normalize, bw.inv_t, i, sb, f,
-                                               on, xb, b, lo, len);
-        const int64_t off = b * tl.HW + lo;
-        T* wt = kp ? kp + off * (C + 1) : w;           // W straight into what is kept
-        bw.weights(sb, f, on, off, len, wt, kp ? wt + C * len : coef);
-        da.addmm_(at::from_blob(wt, {C, len}, X.options()), X.t());
+        st.logits(tl, x, i);
+        st.weights(ptr<T>(G), ptr<T>(nl), bc.wneg.data(), bc.nl0.data());
+        if (!fast_sums(D, st.len, st.X, st.ld, st.gi.data(), st.wpos, C + 1, da))
+          sums_tile<T>(D, st.len, st.ld, st.X, st.wpos, st.gc.data(), st.at.data(),
+                       st.cls.data(), st.runs, C, da);
+        if (st.nq > 0)
+          add_products_t<T>(st.wn, st.nq, at::from_blob(st.xn, {D, st.nq}, opt), C, da, D);
       }
     });
   });
   at::Tensor da = part[0].clone();
   for (int64_t k = 1; k < K; ++k) da.add_(part[k]);                  // chunk order: fixed
-  return {da.to(anchors.scalar_type()), kept};
+  return {da.to(anchors.scalar_type()), at::empty({0}, opt)};
 }
 
 // o[p] = t[p] - x[p] c[p] for p < n, each element one fused multiply-add. Float rows on AVX-512
@@ -666,13 +816,14 @@ bool fms_streamed<float>(float* o, const float* t, const float* x, const float* 
 }
 
 // Pass B: each pixel's gradient written once, dx = a^T W + inv dS_g - x (coef + inv^3 on
-// (dS_g . x)): the anchor terms' (W, coef: kept by pass A or remade) and, given the gradient dS
-// (C, D) of the layer's unit class sums (empty: none), theirs.
+// (dS_g . x)): the anchor terms (W, coef remade as in pass A: one anchor row a pixel, a product
+// at the negatives) and, given the gradient dS (C, D) of the layer's unit class sums (empty:
+// none), theirs. kept: unused (pass A keeps nothing on the CPU).
 at::Tensor anchor_dx_cpu(
     const at::Tensor& grad_, const at::Tensor& x_, const at::Tensor& inv_,
     const at::Tensor& anchors, const at::Tensor& gt_, const at::Tensor& negcls_,
     const at::Tensor& nl_, const at::Tensor& sig_, const at::Tensor& /*logits: recomputed*/,
-    const at::Tensor& kept_, const at::Tensor& dsums, double temperature, bool only_own,
+    const at::Tensor& /*kept*/, const at::Tensor& dsums, double temperature, bool only_own,
     bool normalize) {
   const at::Tensor x = x_.contiguous();
   const auto acc = acc_type(x);
@@ -680,92 +831,52 @@ at::Tensor anchor_dx_cpu(
   const Tiles tl(x, C, at::elementSize(acc));
   const int64_t D = tl.D, P = tl.B * tl.HW;
   const at::Tensor gt = gt_.to(at::kLong).contiguous(), nc = negcls_.to(at::kLong).contiguous();
+  const auto opt = x.options().dtype(acc);
   const at::Tensor inv = inv_.to(acc).contiguous(), a = anchors.to(acc).contiguous();
-  const at::Tensor aT = a.t().contiguous();
+  const at::Tensor aTp = padded_t(a, C, D, opt);
   const at::Tensor G = grad_.to(acc).contiguous(), nl = nl_.to(acc).contiguous();
-  const at::Tensor sig = sig_.to(acc).contiguous(), kept = kept_.to(acc).contiguous();
-  TORCH_CHECK(kept.numel() == 0 || kept.numel() == P * (C + 1),
-              "anchor_contrast_dx: kept must be anchor_contrast_da's (", P * (C + 1), " values)");
+  const at::Tensor sig = sig_.to(acc).contiguous();
   const bool has_ds = dsums.numel() > 0;
-  // Up to kOneHotClasses classes the class sums' terms are products too: a^T W + dS^T E in one
-  // (E: the tile's one-hot rows scaled by inv) and u = dS x read at each pixel's class; above
-  // that the run loops (Gt).
-  // Tiles of at most kOneHotClasses classes take the class sums' terms as products too:
-  // a^T W + dS_t^T E and u = dS_t x read at each pixel's class, dS_t the rows of the tile's K
-  // classes, E their one-hot rows scaled by inv; other tiles the run loops (Gt).
-  const at::Tensor Gt = padded_t(dsums, C, D, x.options().dtype(acc));
-  const at::Tensor dS = has_ds ? dsums.to(acc).contiguous() : at::Tensor();
-  const int64_t kmax = has_ds ? std::min(C, kOneHotClasses) : 0;
-  at::Tensor grad = empty_large(x.sizes(), x.options().dtype(acc));
+  const at::Tensor Gt = padded_t(dsums, C, D, opt);        // zeros without dS
+  at::Tensor grad = empty_large(x.sizes(), opt);
   AT_DISPATCH_FLOATING_TYPES(acc, "anchor_contrast_dx", [&] {
     using T = scalar_t;
-    const Backward<T> bw(C, only_own, normalize, ptr<T>(inv), ptr<T>(G), ptr<T>(nl), ptr<T>(sig),
-                         gt.data_ptr<int64_t>(), nc.data_ptr<int64_t>(), T(1.0 / temperature));
-    const T* kp = kept.numel() ? kept.data_ptr<T>() : nullptr;
-    const T* dsp = has_ds ? ptr<T>(dS) : nullptr;
+    const BackwardConsts<T> bc(C, ptr<T>(G), ptr<T>(nl), ptr<T>(sig));
+    const T *aT = ptr<T>(aTp), *gtab = ptr<T>(Gt);
     T* out = grad.data_ptr<T>();
-    const int64_t work = (kp ? 1 : 2) * P * C * D + (has_ds ? 4 * kmax : kScalar) * P * D;
-    const int64_t scratch = (2 * C + kmax + 2 * D + 4) * tl.n + kmax * D;
-    for_items<T>(tl.count, work, scratch, [&](int64_t i, at::Tensor& buf) {
-      T *sb = buf.data_ptr<T>(), *w = sb + C * tl.n, *e = w + C * tl.n, *f = e + kmax * tl.n;
-      T *on = f + tl.n, *coef = on + tl.n, *u = coef + tl.n, *xb = u + tl.n, *ob = xb + D * tl.n;
-      T* dsb = ob + D * tl.n;
-      int64_t b, lo, len;
-      at::Tensor X;
-      if (kp) {
-        tl.tile(i, b, lo, len);
-        scales(bw.iv, normalize, b * tl.HW + lo, len, f, on);
-        X = cols<T>(x, tl, b, lo, len);
-        const T* wt = kp + (b * tl.HW + lo) * (C + 1);
-        std::copy(wt, wt + C * len, w);
-        std::copy(wt + C * len, wt + (C + 1) * len, coef);
-      } else {
-        X = logits_of_tile<T>(tl, x, a, bw.iv, normalize, bw.inv_t, i, sb, f, on, xb, b, lo,
-                              len);
-        bw.weights(sb, f, on, b * tl.HW + lo, len, w, coef);          // f = inv / t here
-        scales(bw.iv, normalize, b * tl.HW + lo, len, f, on);          // f = inv from here on
+    for_items<T>(tl.count, 3 * kScalar * P * D, SparseTile<T>::scratch(C, D, tl.n) + tl.n,
+                 [&](int64_t i, at::Tensor& buf) {
+      SparseTile<T> st(C, D, only_own, normalize, T(1.0 / temperature), ptr<T>(inv), ptr<T>(a),
+                       aT, gt.data_ptr<int64_t>(), nc.data_ptr<int64_t>(), buf.data_ptr<T>(),
+                       tl.n);
+      T* s = buf.data_ptr<T>() + SparseTile<T>::scratch(C, D, tl.n);
+      st.logits(tl, x, i);
+      st.weights(ptr<T>(G), ptr<T>(nl), bc.wneg.data(), bc.nl0.data());
+      const int64_t len = st.len, nq = st.nq;
+      T* on = st.on;
+      scales(st.iv, normalize, st.off, len, s, on);                 // s = inv
+      if (has_ds) {                           // the class sums' radial term: inv^3 on (dS_g . x)
+        st.dots(gtab, st.u);
+        for (int64_t p = 0; p < len; ++p) st.coef[p] += st.u[p] * s[p] * s[p] * s[p] * on[p];
       }
-      const int64_t off = b * tl.HW + lo;
-      const int64_t* g = bw.g + off;
-      TileClasses tc;
-      const int64_t K = has_ds ? tc.make(g, len, C) : 0;
-      if (has_ds && K <= kmax) {
-        X = contiguous_cols<T>(X, xb);                 // the products' operand
-        tc.scaled_onehot(f, len, e);
-        for (int64_t c = 0; c < K; ++c)
-          std::copy(dsp + tc.list[c] * D, dsp + (tc.list[c] + 1) * D, dsb + c * D);
-        const at::Tensor dSt = at::from_blob(dsb, {K, D}, X.options());
-        at::Tensor O = at::from_blob(ob, {D, len}, X.options());
-        at::mm_out(O, aT, at::from_blob(w, {C, len}, X.options()));
-        O.addmm_(dSt.t(), at::from_blob(e, {K, len}, X.options()));
-        at::Tensor U = at::from_blob(sb, {K, len}, X.options());
-        at::mm_out(U, dSt, X);                         // u_p = (dS x)_{g_p, p}
-        for (int64_t p = 0; p < len; ++p)
-          if (tc.idx[p] >= 0) coef[p] += sb[tc.idx[p] * len + p] * f[p] * f[p] * f[p] * on[p];
-        const T* xp = ptr<T>(X);
-        bool fenced = false;
-        for (int64_t d = 0; d < D; ++d) {
-          const T *xr = xp + d * X.stride(0), *t = ob + d * len;
-          T* o = out + (b * D + d) * tl.HW + lo;
-          if (fms_streamed(o, t, xr, coef, len)) {
-            fenced = true;
-            continue;
-          }
-          for (int64_t p = 0; p < len; ++p) o[p] = t[p] - xr[p] * coef[p];
+      if (nq > 0) mm_into<T>(D, nq, C, aT, C + 1, st.wn, nq, st.y, nq);   // a^T W at negatives
+      bool fenced = false;
+      for (int64_t d = 0; d < D; ++d) {
+        if (!fast_row(len, aT + d * (C + 1), gtab + d * (C + 1), st.wpos, s, st.gi.data(), C + 1,
+                      st.row))
+          class_row<T>(len, aT + d * (C + 1), gtab + d * (C + 1), st.wpos, s, st.gc.data(),
+                       st.at.data(), st.cls.data(), st.runs, st.row);
+        const T* yr = st.y + d * nq;
+        for (int64_t j = 0; j < nq; ++j) st.row[st.q[j]] += yr[j];
+        const T* xr = st.X + d * st.ld;
+        T* o = out + (st.b * D + d) * tl.HW + st.lo;
+        if (fms_streamed(o, st.row, xr, st.coef, len)) {
+          fenced = true;
+          continue;
         }
-        if (fenced) _mm_sfence();                      // the streamed rows visible to readers
-        return;
+        for (int64_t p = 0; p < len; ++p) o[p] = st.row[p] - xr[p] * st.coef[p];
       }
-      at::Tensor dst = grad.select(0, b).view({D, tl.HW}).narrow(1, lo, len);
-      at::mm_out(dst, aT, at::from_blob(w, {C, len}, X.options()));
-      std::vector<int64_t> at, cls, gc(len);
-      class_runs(g, len, C, at, cls, gc.data());
-      const int64_t runs = static_cast<int64_t>(cls.size());
-      if (has_ds)
-        sums_radial<T>(D, len, X.stride(0), ptr<T>(X), f, on, gc.data(), at.data(), cls.data(),
-                       runs, ptr<T>(Gt), C + 1, u, coef);
-      grad_out<T>(D, len, X.stride(0), ptr<T>(X), f, gc.data(), at.data(), cls.data(), runs,
-                  ptr<T>(Gt), C + 1, coef, true, out + b * D * tl.HW + lo, tl.HW);
+      if (fenced) _mm_sfence();                        // the streamed rows visible to readers
     });
   });
   return grad.to(x_.scalar_type());

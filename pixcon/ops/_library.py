@@ -526,9 +526,9 @@ def anchor_contrast_da(grad: Tensor, x: Tensor, inv: Tensor, anchors: Tensor, gt
                        negcls: Tensor, nl: Tensor, sigsum: Tensor, logits: Tensor,
                        temperature: float, only_own: bool,
                        normalize: bool) -> tuple[Tensor, Tensor]:
-    """Backward pass A: (the anchors' gradient (C, D), what pass B reuses). The Triton kernels
-    reread the kept logits (nothing more kept: an empty tensor); the CPU kernel keeps each
-    pixel's C + 1 backward weights when they are no larger than its embedding row."""
+    """Backward pass A: (the anchors' gradient (C, D), what pass B reuses: an empty tensor on
+    both devices). The Triton kernels reread the kept logits; the CPU kernel keeps nothing, pass
+    B remakes its sparse weights (one anchor row a pixel, a product at BANE's negatives)."""
     from pixcon_kernels.anchor import anchor_da
     da = anchor_da(grad, x, inv, anchors, gt, negcls, nl, sigsum, logits, temperature, only_own)
     return da.to(anchors.dtype), x.new_empty(0, dtype=_acc(x.dtype))
@@ -536,10 +536,7 @@ def anchor_contrast_da(grad: Tensor, x: Tensor, inv: Tensor, anchors: Tensor, gt
 
 @anchor_contrast_da.register_fake
 def _(grad, x, inv, anchors, gt, negcls, nl, sigsum, logits, temperature, only_own, normalize):
-    P, D = _pool_size(x)
-    C, size = anchors.shape[0], torch.finfo(_acc(x.dtype)).bits // 8
-    kept = P * (C + 1) if logits.numel() == 0 and (C + 1) * size <= D * x.element_size() else 0
-    return torch.empty_like(anchors), x.new_empty(kept, dtype=_acc(x.dtype))
+    return torch.empty_like(anchors), x.new_empty(0, dtype=_acc(x.dtype))
 
 
 @torch.library.custom_op("pixcon::anchor_contrast_dx", mutates_args=(), device_types="cuda")
