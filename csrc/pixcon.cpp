@@ -19,6 +19,7 @@ namespace pixcon {
 void set_num_threads(int64_t n) { thread_cap().store(std::max<int64_t>(n, 0)); }
 int64_t get_num_threads() { return thread_cap().load(); }
 void set_anchor_tile(int64_t n) { anchor_tile().store(std::max<int64_t>(n, 0)); }
+int64_t block_cache_bytes() { return BlockCache::get().held(); }
 void zero_fill_op(const at::Tensor& t) {
   TORCH_CHECK(t.device().is_cpu() && t.is_contiguous(), "zero_fill_: a contiguous CPU tensor");
   at::Tensor x = t;
@@ -42,4 +43,6 @@ TORCH_LIBRARY_FRAGMENT(pixcon, m) {
   // The zeroing of the CPU kernels' embedding-sized outputs (cpu/memory.h), for its tests: above
   // 32 MiB it discards the block's whole pages and memsets the partial ones at its ends.
   m.def("zero_fill_(Tensor(a!) self) -> ()", &pixcon::zero_fill_op);
+  // Bytes of freed large output blocks the kernels keep for reuse (cpu/memory.h's BlockCache).
+  m.def("block_cache_bytes() -> int", &pixcon::block_cache_bytes);
 }

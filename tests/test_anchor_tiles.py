@@ -246,3 +246,23 @@ def test_empty_maps(shape):
     assert terms.eq(0).all() and sums.eq(0).all() and sums.shape == (2, 4)
     (terms.sum() + sums.sum()).backward()
     assert x.grad.shape == shape
+
+
+def test_freed_gradient_blocks_are_reused():
+    """A freed gradient of 8 MiB or more goes back to the block cache (csrc/cpu/memory.h), and
+    the next one of its size takes it with its pages mapped: the cache holds it between the
+    steps, the second step's gradient is the same block, and it gives the same values."""
+    emb, gt, sel, err, a = case(B=1, D=256, h=96, w=96, C=4, dtype=torch.float32, regions=True)
+    nbytes = emb.numel() * 4
+    ptrs, grads, between = [], [], []
+    for _ in range(2):
+        x = emb.clone().requires_grad_()
+        tiles.anchor_terms(x, a, gt, sel, err, 4, 0.1).sum().backward()
+        ptrs.append(x.grad.data_ptr())
+        grads.append(x.grad.clone())
+        held = torch.ops.pixcon.block_cache_bytes()
+        del x                                               # the gradient goes back
+        between.append(torch.ops.pixcon.block_cache_bytes() - held)
+    assert between == [nbytes, nbytes]
+    assert ptrs[0] == ptrs[1]
+    assert torch.equal(grads[0], grads[1])
