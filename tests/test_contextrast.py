@@ -499,3 +499,21 @@ def test_bane_on_thick_error_regions_against_brute_force(reading):
         sel, e = bane_negatives(gt, pred, 3, ks=0.5, reading=reading, backend=be)
         assert torch.equal(e[0], err), be
         assert torch.equal(sel.reshape(-1), want), be
+
+
+@pytest.mark.parametrize("layers", [[(16, 24), (8, 12), (4, 6)], [(16, 24), (5, 7)],
+                                    [(12, 16), (6, 8)]], ids=["nested", "not-nested", "uneven"])
+def test_pyramid_labels_equal_each_layers_own(layers):
+    """The fused path takes the scores' argmax once, at the finest layer, and subsamples it for
+    the others where the nearest resizes nest: the same labels as each layer's own resize and
+    argmax (scores with ties included: the first maximum either way), and each layer's own
+    where they do not nest (5 x 7 of 32 x 48; 12 x 16 is not a whole factor of 32 x 48)."""
+    from pixcon.core import contextrast as steps
+    g = torch.Generator().manual_seed(3)
+    labels, _ = _scene(C=5)
+    scores = torch.randint(0, 3, (2, 5, 32, 48), generator=g).float()   # many ties
+    shapes = [(2, 8, h, w) for h, w in layers]
+    got = steps.pyramid_labels(shapes, labels, scores, 5, 255)
+    for shape, (gt, pr) in zip(shapes, got):
+        want_gt, want_pr = steps.layer_labels(shape, labels, scores, 5, 255)
+        assert torch.equal(gt, want_gt) and torch.equal(pr, want_pr)

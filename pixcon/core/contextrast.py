@@ -55,3 +55,27 @@ def layer_labels(shape, labels, pred_labels, num_classes, ignore_index):
     # max(dim).indices: the first maximum, as argmax, but a vector loop over the classes where
     # argmax across dim 1 is a strided scalar one (9 vs 46 ms at HRNet's first layer)
     return gt, (pr.max(dim=1).indices if pr.dim() == 4 else pr).reshape(-1)
+
+
+def pyramid_labels(shapes, labels, pred_labels, num_classes, ignore_index):
+    """:func:`layer_labels` of every layer of a pyramid (finest first). Scores' argmax is taken
+    once, at the first layer, and subsampled for the others where the nearest resizes nest
+    (whole factors from the scores to the first layer and from it to the layer: the same source
+    pixels, so the same labels); elsewhere each layer takes its own. Spares a read of the
+    scores (B x C x H' x W') per further layer."""
+    out, first = [], None
+    for shape in shapes:
+        h, w = shape[-2:]
+        if first is not None:
+            (h1, w1), pr1 = first
+            gt = cm.pixel_labels(labels, (h, w), num_classes, ignore_index)
+            out.append((gt, pr1[..., ::h1 // h, ::w1 // w].reshape(-1)))
+            continue
+        gt, pr = layer_labels(shape, labels, pred_labels, num_classes, ignore_index)
+        out.append((gt, pr))
+        H, W = pred_labels.shape[-2:]
+        nests = all(H % h == 0 and W % w == 0 and h % s[-2] == 0 and w % s[-1] == 0
+                    for s in shapes[1:])
+        if pred_labels.dim() == 4 and nests:
+            first = ((h, w), pr.view(shape[0], h, w))
+    return out

@@ -211,8 +211,9 @@ def _pa_fused(embs, labels, pred_labels, C, *, w_low, w_high, layer_weights, tem
     or scores, whose argmax each layer takes at its own resolution. ``rank_sum``: the sum over
     ranks of a tensor (cross_rank), None on one process."""
     gts, negs = [], []
-    for emb in embs:
-        gt, pr = steps.layer_labels(emb.shape, labels, pred_labels, C, ignore_index)
+    layer_labels = steps.pyramid_labels([e.shape for e in embs], labels, pred_labels, C,
+                                        ignore_index)
+    for emb, (gt, pr) in zip(embs, layer_labels):
         gts.append(gt)
         negs.append(steps.error_map(gt.view(emb.shape[0], *emb.shape[2:]),
                                     pr.view(emb.shape[0], *emb.shape[2:]), reading))
