@@ -51,7 +51,13 @@ def layer_labels(shape, labels, pred_labels, num_classes, ignore_index):
     labels as argmax then resize, each kept pixel's own argmax, at a fraction of the reads)."""
     h, w = shape[-2:]
     gt = cm.pixel_labels(labels, (h, w), num_classes, ignore_index)
-    pr = cm.resize_nearest(pred_labels, (h, w))
+    H, W = pred_labels.shape[-2:]
+    if pred_labels.dim() == 4 and H % h == 0 and W % w == 0:
+        # whole factors: the max over the strided view of the kept pixels, without copying them
+        # first (10 vs 16-22 ms at HRNet's first layer, 2 threads)
+        pr = pred_labels[..., ::H // h, ::W // w]
+    else:
+        pr = cm.resize_nearest(pred_labels, (h, w))
     # max(dim).indices: the first maximum, as argmax, but a vector loop over the classes where
     # argmax across dim 1 is a strided scalar one (9 vs 46 ms at HRNet's first layer)
     return gt, (pr.max(dim=1).indices if pr.dim() == 4 else pr).reshape(-1)
