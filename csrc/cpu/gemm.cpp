@@ -182,11 +182,34 @@ void class_sums(int64_t D, int64_t len, const float* x, int64_t ldx, const int32
   for (int64_t d = 0; d < D; ++d) {
     const float* xr = x + d * ldx;
     uint32_t touched = 0;
+    // a run of vectors of one class adds into two registers in turn (no chain through memory),
+    // moved into its class's accumulator when the class changes
+    __m512 run0 = _mm512_setzero_ps(), run1 = _mm512_setzero_ps();
+    int32_t rc = -1;
+    bool odd = false;
+    auto flush = [&]() {
+      if (rc >= 0) acc[rc] = _mm512_add_ps(acc[rc], _mm512_add_ps(run0, run1));
+      run0 = run1 = _mm512_setzero_ps();
+      rc = -1;
+    };
     for (int64_t p = 0; p < len; p += 16) {
       const __mmask16 mk = tail_mask(len - p);
       const __m512i g = _mm512_maskz_loadu_epi32(mk, gi + p);
       const __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(mk, w + p),
                                      _mm512_maskz_loadu_ps(mk, xr + p));
+      const int32_t c0 = gi[p];
+      if (_mm512_mask_cmpneq_epi32_mask(mk, g, _mm512_set1_epi32(c0)) == 0) {   // one class
+        if (c0 != rc) {
+          flush();
+          rc = c0;
+          touched |= uint32_t{1} << c0;
+        }
+        if (odd) run1 = _mm512_add_ps(run1, v);
+        else run0 = _mm512_add_ps(run0, v);
+        odd = !odd;
+        continue;
+      }
+      flush();
       for (__mmask16 rem = mk; rem;) {
         const int32_t c = gi[p + __builtin_ctz(rem)];
         const __mmask16 m = _mm512_mask_cmpeq_epi32_mask(rem, g, _mm512_set1_epi32(c));
@@ -195,6 +218,7 @@ void class_sums(int64_t D, int64_t len, const float* x, int64_t ldx, const int32
         rem &= static_cast<__mmask16>(~m);
       }
     }
+    flush();
     for (; touched; touched &= touched - 1) {
       const int c = __builtin_ctz(touched);
       if (c < Cp - 1) out[c * ldo + d] += _mm512_reduce_add_ps(acc[c]);
