@@ -226,7 +226,11 @@ def reco(B, D, h, w, C, K, Q, N, elt=F32) -> Op:
 
 
 def contextrast(B, D, layers, C, elt=F32) -> Op:
-    """Contextrast L_PA (pixcon_kernels.anchor + segment + edt), every layer of the pyramid."""
+    """Contextrast L_PA (pixcon_kernels.anchor + segment + edt), every layer of the pyramid.
+    The FLOPs a step must do: one dot product a pixel with its own class's anchor per pass (the
+    loss reads the other logits only at BANE's negatives, a data-dependent tenth of the pixels
+    not counted here: a lower bound, which the CPU kernels' sparse tiles follow); the Triton
+    kernels compute every pixel's C logits."""
     ks, off = [], []
     Cp = _pow2(C)
     for (h, w) in layers:
@@ -245,15 +249,15 @@ def contextrast(B, D, layers, C, elt=F32) -> Op:
             Kernel(f"BANE error map and selection {tag}", 2 * P * I64, 10 * P * I64, 0.0,
                    "int", launches=12, note="torch: one sort by (class, distance)"),
             Kernel(f"_logits_kernel {tag}", E + lab, E + lab + S, 2.0 * P * Cp * D, "tf32x3",
-                   must_flops=2.0 * P * C * D, programs=G * ncb, triton="_logits_kernel", **a8,
+                   must_flops=2.0 * P * D, programs=G * ncb, triton="_logits_kernel", **a8,
                    note="S = z . a / t stored once"),
             Kernel(f"_terms_kernel {tag}", 0, S + P * I32, 10.0 * P * Cp, programs=G2 * ncb,
                    triton="_terms_kernel", **a8),
             Kernel(f"_da_kernel {tag}", E + lab, E + lab + (D // 32) * S, 2.0 * P * Cp * D,
-                   "tf32x3", must_flops=2.0 * P * C * D, programs=G * ncb * _cdiv(D, 32),
+                   "tf32x3", must_flops=2.0 * P * D, programs=G * ncb * _cdiv(D, 32),
                    triton="_da_kernel", **a8, note="S reread per 32-wide D block"),
             Kernel(f"_dx_kernel {tag}", E, 3 * E + S + lab, 2.0 * P * Cp * D + 4.0 * P * D,
-                   "tf32x3", must_flops=2.0 * P * C * D, programs=T, triton="_dx_kernel", **a8,
+                   "tf32x3", must_flops=2.0 * P * D, programs=T, triton="_dx_kernel", **a8,
                    note="writes the NCHW gradient once, class sums' term folded in (x read "
                         "twice)"),
         ]
