@@ -112,12 +112,12 @@ const T* ptr(const at::Tensor& t) { return t.template data_ptr<T>(); }
 // The tiles' products: float through gemm.h's kernels where the CPU has them (one side is
 // class-sized, where BLAS is slow), else BLAS.
 template <typename T>
-bool own_gemm() {
-  if constexpr (std::is_same_v<T, float>) return gemm::available();
+bool own_gemm(int64_t table = 0) {
+  if constexpr (std::is_same_v<T, float>)
+    return table <= gemm::kMaxTable && gemm::available();
   return false;
 }
 
-// c (M x N, rows ldc apart) += A (M x len) B (N x len)^T, both with contiguous rows
 template <typename T>
 void add_products_t(const T* A, int64_t lda, const at::Tensor& B, int64_t M, T* c, int64_t ldc) {
   const int64_t N = B.size(0), len = B.size(1);
@@ -131,50 +131,47 @@ void add_products_t(const T* A, int64_t lda, const at::Tensor& B, int64_t M, T* 
   out.addmm_(at::from_blob(const_cast<T*>(A), {M, len}, {lda, 1}, B.options()), B.t());
 }
 
-// out (M x N, rows ldo apart) = A (M x K, rows lda apart) B (K x N, rows ldb apart): false where
-// gemm.h's kernels do not run (then BLAS)
-inline bool own_mm(int64_t M, int64_t N, int64_t K, const float* a, int64_t lda, const float* b,
-                   int64_t ldb, float* out, int64_t ldo) {
-  if (!gemm::available()) return false;
-  gemm::mm(M, N, K, a, lda, b, ldb, out, ldo);
-  return true;
-}
-inline bool own_mm(int64_t, int64_t, int64_t, const double*, int64_t, const double*, int64_t,
-                   double*, int64_t) {
+// out (M x N, rows ldo apart) = A (M x K, rows lda apart) B (K x N, rows ldb apart); the class
+// table lookups of gemm.h (float, C + 1 <= 32, AVX-512). Each is false where the kernel does not
+// run: the caller then takes BLAS or its run loops.
+template <typename T>
+bool own_mm(int64_t M, int64_t N, int64_t K, const T* a, int64_t lda, const T* b, int64_t ldb,
+            T* out, int64_t ldo) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (!own_gemm<T>()) return false;
+    gemm::mm(M, N, K, a, lda, b, ldb, out, ldo);
+    return true;
+  }
   return false;
 }
-
-// Class-table lookups one permute per 16 pixels (gemm.h; float, C + 1 <= 32, AVX-512): false
-// where they do not run (then the run loops).
-inline bool fast_dots(int64_t D, int64_t len, const float* x, int64_t ld, const int32_t* gi,
-                      const float* T, int64_t Cp, float* u) {
-  if (Cp > gemm::kMaxTable || !gemm::available()) return false;
-  gemm::class_dots(D, len, x, ld, gi, T, Cp, u);
-  return true;
-}
-inline bool fast_dots(int64_t, int64_t, const double*, int64_t, const int32_t*, const double*,
-                      int64_t, double*) {
+template <typename T>
+bool fast_dots(int64_t D, int64_t len, const T* x, int64_t ld, const int32_t* gi, const T* Tt,
+               int64_t Cp, T* u) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (!own_gemm<T>(Cp)) return false;
+    gemm::class_dots(D, len, x, ld, gi, Tt, Cp, u);
+    return true;
+  }
   return false;
 }
-inline bool fast_row(int64_t len, const float* A, const float* B, const float* w, const float* s,
-                     const int32_t* gi, int64_t Cp, float* row) {
-  if (Cp > gemm::kMaxTable || !gemm::available()) return false;
-  gemm::class_row(len, A, B, w, s, gi, Cp, row);
-  return true;
-}
-inline bool fast_row(int64_t, const double*, const double*, const double*, const double*,
-                     const int32_t*, int64_t, double*) {
+template <typename T>
+bool fast_row(int64_t len, const T* A, const T* B, const T* w, const T* s, const int32_t* gi,
+              int64_t Cp, T* row) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (!own_gemm<T>(Cp)) return false;
+    gemm::class_row(len, A, B, w, s, gi, Cp, row);
+    return true;
+  }
   return false;
 }
-
-inline bool fast_sums(int64_t D, int64_t len, const float* x, int64_t ld, const int32_t* gi,
-                      const float* w, int64_t Cp, float* out) {
-  if (Cp > gemm::kMaxTable || !gemm::available()) return false;
-  gemm::class_sums(D, len, x, ld, gi, w, Cp, out, D);
-  return true;
-}
-inline bool fast_sums(int64_t, int64_t, const double*, int64_t, const int32_t*, const double*,
-                      int64_t, double*) {
+template <typename T>
+bool fast_sums(int64_t D, int64_t len, const T* x, int64_t ld, const int32_t* gi, const T* w,
+               int64_t Cp, T* out) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (!own_gemm<T>(Cp)) return false;
+    gemm::class_sums(D, len, x, ld, gi, w, Cp, out, D);
+    return true;
+  }
   return false;
 }
 
@@ -430,7 +427,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> class_sums_cpu(const at::Tensor& 
         const at::Tensor X = cols<T>(x, tl, b, lo, len);
         const int64_t off = b * tl.HW + lo;
         T* s = iv + off;
-        if (own_gemm<T>() && C < gemm::kMaxTable) {     // masked lane sums, no copy
+        if (own_gemm<T>(C + 1)) {                       // masked lane sums, no copy
           tile_norms<T>(ptr<T>(X), X.stride(0), D, len, normalize, s);
           for (int64_t p = 0; p < len; ++p)
             gi[p] = static_cast<int32_t>(g[off + p] >= 0 && g[off + p] < C ? g[off + p] : C);
