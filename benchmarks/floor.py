@@ -46,8 +46,9 @@ def model(row: dict):
         return cm.cac(row["anchors"], row["negatives"], row["dim"])
     if op == "pixel_anchor_loss":
         return cm.contextrast(row["batch"], row["dim"], row["layers"], row["classes"])
-    if op == "distance_transform":
-        return cm.edt(*row["shape"])
+    if op == "distance_transform":         # bench_edt's maps: C = 0 binary (bool), else labels
+        C = row.get("classes", 19)
+        return cm.edt(*row["shape"], C=C, elt=8 if C else 1)
     if op == "u2pl_loss":
         B, D, h, w = row["shape"]
         # the pairs the run pushed (bench_u2pl.pushed_rows), else the rule of thumb (20 % of the
@@ -139,8 +140,9 @@ def paper_cases() -> list[dict]:
     rows.append({"op": "pixel_anchor_loss", "size": "hrnet", "batch": B, "dim": D,
                  "layers": layers, "classes": C})
     for size in ("pyramid", "large"):
-        for B, H, W, _ in bench_edt.SIZES[size]:
-            rows.append({"op": "distance_transform", "size": size, "shape": [B, H, W]})
+        for B, H, W, C in bench_edt.SIZES[size]:
+            rows.append({"op": "distance_transform", "size": size, "shape": [B, H, W],
+                         "classes": C})
     B, L, D, h, w, C, _, Q, N = bench_u2pl.SIZES["voc"]
     from tools.cost import U2PL_VOC               # its pushed rows, counted at the VOC inputs
     rows.append({"op": "u2pl_loss", "size": "voc", "shape": [B, D, h, w], "num_classes": C,

@@ -8,13 +8,13 @@ is one call), reading the labels in their own dtype:
                running min (up the column), over BLOCK_H-row tiles with the carry between
                tiles: H / BLOCK_H dependent steps per column, not H, and one program per
                (map, column block) -- many programs.
-  row pass:    D^2(x, y) = min_x' (x - x')^2 + [L(x', y) == L(x, y)] G(x', y)^2. Beyond the
-               nearest differing pixel of the row nothing is closer, so within each run of equal
-               labels [s, e] it is the lower envelope of the parabolas (x - x')^2 + G(x')^2 of
-               the run (Felzenszwalb & Huttenlocher: O(W) per row), and the run's ends add
-               (x - s + 1)^2 and (e + 1 - x)^2. One lane per row; parabola intersections are
-               compared exactly in int64 by cross-multiplication (no floats: equal to SciPy
-               bit for bit).
+  row pass:    D^2(x, y) = min_x' (x - x')^2 + [L(x', y) == L(x, y)] G(x', y)^2, parallel over
+               pixels: each pixel looks outward from x, d = 1, 2, ..., and stops once d^2
+               reaches the best it has found (a differing pixel at distance d, or its own
+               label's column distance): ceil(D) steps a pixel, a tile's as many as its
+               farthest pixel's, each a coalesced read of the tile shifted by d. Exact int32
+               arithmetic (equal to SciPy bit for bit). A map's work follows its distances: a
+               pixel with no differing pixel in the whole map walks its row (O(W)).
 
 Background pixels (L == background) get 0; a pixel with no differing pixel anywhere gets +inf.
 """
@@ -27,9 +27,8 @@ from ._utils import gpu_config, next_pow2
 # "no differing pixel along this column": a constexpr, since a plain module global read inside
 # @triton.jit compiles only under the interpreter (the compiler raises NameError)
 FAR = tl.constexpr(1 << 30)
-# FAR read back as a parabola's height: above any squared distance (G^2 + W^2 < 2^31), low
-# enough that the envelope's cross-products (heights times 2 W) stay inside int64
-BIG = tl.constexpr(1 << 40)
+# "no differing pixel found": above any squared distance (G^2 + d^2 <= 2 x 32767^2 < 2^31 - 1)
+NONE = tl.constexpr(2147483647)
 MAX_SIDE = 32767       # G^2 < FAR, stored in int32
 
 
@@ -94,90 +93,47 @@ def _edt_cols_kernel(lab_ptr, g_ptr, buf_ptr, col_tab_ptr, bg, BLOCK_H: tl.const
 
 
 @triton.jit
-def _key(g_ptr, row, v, ok):
-    """A_v = G^2(v) + v^2 (int64) of the parabola at x' = v of each lane (a column without a
-    differing pixel: BIG, so that any finite distance is below it)."""
-    f = tl.load(g_ptr + row + v, mask=ok, other=0).to(tl.int64)
-    f = tl.where(f >= FAR, BIG, f)
-    return f + v.to(tl.int64) * v
-
-
-@triton.jit
-def _edt_rows_kernel(lab_ptr, g_ptr, out_ptr, v_ptr, top_ptr, end_ptr, row_tab_ptr, R, Wmax, bg,
-                     SQUARED: tl.constexpr, EXACT: tl.constexpr, BLOCK_R: tl.constexpr):
-    """Lane r: row r of the ragged batch (table row (element offset, W)). Sweep 1 builds each
-    run's lower envelope (stack of parabola positions v[s..top], in scratch) and records the
-    run's top and end at its start s; sweep 2 walks each envelope and writes D^2 (or D)."""
-    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+def _edt_rows_kernel(lab_ptr, g_ptr, out_ptr, row_tab_ptr, R, bg, SQUARED: tl.constexpr,
+                     EXACT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_X: tl.constexpr):
+    """Program (i, j): rows i BLOCK_R .. of the ragged batch (table rows (element offset, W)),
+    pixels j BLOCK_X .. of each, one lane a pixel. Each pixel starts from its own column
+    distance and looks outward, d = 1, 2, ..., at x - d and x + d: a pixel of another label
+    there bounds D^2 by d^2, one of its own label by d^2 + G^2. Once d^2 reaches the best found,
+    nothing farther is closer, so a pixel takes ceil(D) steps and the tile as many as its
+    farthest pixel (a pixel with no differing pixel anywhere: its row's width). Neighbouring
+    lanes read neighbouring pixels: every step is one coalesced, cache-resident read of the
+    tile shifted by d. int32 throughout: G^2 < 2^30 and d^2 < 2^30, NONE (2^31 - 1) = none."""
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)[:, None]
+    x = tl.program_id(1) * BLOCK_X + tl.arange(0, BLOCK_X)[None, :]
     rm = r < R
     row = tl.load(row_tab_ptr + 2 * r, mask=rm, other=0)
     W = tl.load(row_tab_ptr + 2 * r + 1, mask=rm, other=0).to(tl.int32)
-    s = tl.full([BLOCK_R], -1, tl.int32)
-    k = tl.full([BLOCK_R], -1, tl.int32)
-    prev = tl.load(lab_ptr + row, mask=rm & (W > 0), other=0)
-    for x in range(0, Wmax):
-        on = rm & (x < W)
-        cur = tl.load(lab_ptr + row + x, mask=on, other=0)
-        new = on & ((s < 0) | (cur != prev))
-        tl.store(top_ptr + row + s, k, mask=new & (s >= 0))         # close the previous run
-        tl.store(end_ptr + row + s, x - 1 + s * 0, mask=new & (s >= 0))
-        s = tl.where(new, x, s)
-        k = tl.where(new, x - 1, k)
-        a_x = _key(g_ptr, row, x + s * 0, on)
-        # pop v[k] while the new parabola's intersection with it is left of z[k]
-        cont = on & (k > s)
-        while tl.max(cont.to(tl.int32), axis=0) > 0:
-            vk = tl.load(v_ptr + row + k, mask=cont, other=0)
-            vl = tl.load(v_ptr + row + k - 1, mask=cont, other=0)
-            a_k = _key(g_ptr, row, vk, cont)
-            a_l = _key(g_ptr, row, vl, cont)
-            pop = cont & ((a_x - a_k) * (vk - vl).to(tl.int64)
-                          <= (a_k - a_l) * (x - vk).to(tl.int64))
-            k = tl.where(pop, k - 1, k)
-            cont = pop & (k > s)
-        k = tl.where(on, k + 1, k)
-        tl.store(v_ptr + row + k, x + s * 0, mask=on)
-        prev = tl.where(on, cur, prev)
-    tl.store(top_ptr + row + s, k, mask=rm & (s >= 0))
-    tl.store(end_ptr + row + s, W - 1, mask=rm & (s >= 0))
-    # sweep 2: per run, walk the envelope left to right
-    s = tl.full([BLOCK_R], -1, tl.int32)
-    j = s
-    top = s
-    e = s
-    prev = tl.load(lab_ptr + row, mask=rm & (W > 0), other=0)
-    for x in range(0, Wmax):
-        on = rm & (x < W)
-        cur = tl.load(lab_ptr + row + x, mask=on, other=0)
-        new = on & ((s < 0) | (cur != prev))
-        s = tl.where(new, x, s)
-        j = tl.where(new, x, j)
-        top = tl.where(new, tl.load(top_ptr + row + x, mask=new, other=0), top)
-        e = tl.where(new, tl.load(end_ptr + row + x, mask=new, other=0), e)
-        # advance while the next parabola is lower at x: z[j + 1] < x, exactly
-        cont = on & (j < top)
-        while tl.max(cont.to(tl.int32), axis=0) > 0:
-            vj = tl.load(v_ptr + row + j, mask=cont, other=0)
-            vn = tl.load(v_ptr + row + j + 1, mask=cont, other=0)
-            adv = cont & (_key(g_ptr, row, vn, cont) - _key(g_ptr, row, vj, cont)
-                          < 2 * x * (vn - vj).to(tl.int64))
-            j = tl.where(adv, j + 1, j)
-            cont = adv & (j < top)
-        vj = tl.load(v_ptr + row + j, mask=on, other=0)
-        best = _key(g_ptr, row, vj, on) - vj.to(tl.int64) * vj + (x - vj).to(tl.int64) * (x - vj)
-        dl = (x - s + 1).to(tl.int64)
-        dr = (e + 1 - x).to(tl.int64)
-        best = tl.where(s > 0, tl.minimum(best, dl * dl), best)
-        best = tl.where(e < W - 1, tl.minimum(best, dr * dr), best)
-        best = tl.where(cur == bg, 0, best)
-        if EXACT:                    # float64 squared distances: exact (below 2^31 here)
-            val = best.to(tl.float64)
-        elif SQUARED:
-            val = best.to(tl.float32)
-        else:
-            val = tl.sqrt(best.to(tl.float32))
-        tl.store(out_ptr + row + x, tl.where(best >= BIG, float("inf"), val), mask=on)
-        prev = tl.where(on, cur, prev)
+    on = rm & (x < W)
+    lab = lab_ptr + row
+    gp = g_ptr + row
+    cur = tl.load(lab + x, mask=on, other=0)
+    g = tl.load(gp + x, mask=on, other=0)
+    best = tl.where(on & (cur != bg), tl.where(g >= FAR, NONE, g), 0)
+    d = tl.program_id(0) * 0 + 1
+    live = (d * d < best) & ((x >= d) | (x + d < W))
+    while tl.max(tl.max(live.to(tl.int32), axis=1), axis=0) > 0:
+        dd = d * d
+        for sign in tl.static_range(2):
+            xs = x + (2 * sign - 1) * d            # x - d, then x + d
+            ok = live & (xs >= 0) & (xs < W)
+            gs = tl.load(gp + xs, mask=ok, other=0)
+            same = tl.load(lab + xs, mask=ok, other=0) == cur
+            cand = tl.where(same, tl.where(gs >= FAR, NONE, gs + dd), dd)
+            best = tl.where(ok, tl.minimum(best, cand), best)
+        d += 1
+        live = live & (d * d < best) & ((x >= d) | (x + d < W))
+    if EXACT:                        # float64 squared distances: exact (below 2^31 here)
+        val = best.to(tl.float64)
+    elif SQUARED:
+        val = best.to(tl.float32)
+    else:
+        val = tl.sqrt(best.to(tl.float32))
+    tl.store(out_ptr + row + x, tl.where(best == NONE, float("inf"), val), mask=on)
 
 
 def _tables(shapes, device, BLOCK_W):
@@ -224,14 +180,15 @@ def distance_transform_ragged(flat: torch.Tensor, shapes, background: int, squar
     buf = torch.empty(n_cols * BLOCK_H * BLOCK_W, dtype=torch.int32, device=flat.device)
     _edt_cols_kernel[(n_cols,)](lab, g, buf, col_tab, background, BLOCK_H=BLOCK_H,
                                 BLOCK_W=BLOCK_W)
-    R = row_tab.shape[0]
-    scratch = torch.empty(3, flat.numel(), dtype=torch.int32, device=flat.device)
-    # GPU: a warp of rows a program; the interpreter: many (its cost is per program and step)
-    BLOCK_R = 32 if gpu_config() else 1024
-    _edt_rows_kernel[(triton.cdiv(R, BLOCK_R),)](
-        lab, g, out, scratch[0], scratch[1], scratch[2], row_tab, R, max(s[2] for s in shapes),
-        background, SQUARED=squared or exact, EXACT=exact, BLOCK_R=BLOCK_R,
-        num_warps=1 if gpu_config() else 4)
+    R, Wmax = row_tab.shape[0], max(s[2] for s in shapes)
+    # GPU: one warp a program, 32 pixels of a row by 2 rows (a program walks as far as its
+    # farthest pixel: small tiles walk less; two pixels a lane overlap their loads); the
+    # interpreter (its cost is per program and step): tiles of about 16,384 pixels
+    BLOCK_X = min(next_pow2(Wmax), 32 if gpu else 256)
+    BLOCK_R = (64 if gpu else 16384) // BLOCK_X
+    _edt_rows_kernel[(triton.cdiv(R, BLOCK_R), triton.cdiv(Wmax, BLOCK_X))](
+        lab, g, out, row_tab, R, background, SQUARED=squared or exact, EXACT=exact,
+        BLOCK_R=BLOCK_R, BLOCK_X=BLOCK_X, num_warps=1 if gpu else 4)
     return out
 
 

@@ -104,8 +104,8 @@ def test_tiled_grids_fill_the_gpu_at_the_papers_settings():
 
 def test_programs_per_sm_come_from_the_resource_table():
     """occupancy (RESOURCES.md, per architecture) x 64 warps / the launch's warps: the EDT row
-    pass (1 warp, occupancy 0.50) holds 32 programs a SM, the Contextrast logits (8 warps,
-    0.12) one; a kernel missing from the table is an error naming it."""
+    pass (1 warp, occupancy 0.50: the 32-block limit) holds 32 programs a SM, the Contextrast
+    logits (8 warps, 0.12) one; a kernel missing from the table is an error naming it."""
     assert cost.programs_per_sm("_edt_rows_kernel", "sm_90", 1) == 32
     assert cost.programs_per_sm("_logits_kernel", "sm_90", 8) == 1
     assert cost.programs_per_sm("_class_sums_kernel", "sm_80", 4) == 3
@@ -113,22 +113,37 @@ def test_programs_per_sm_come_from_the_resource_table():
         cost.programs_per_sm("_no_such_kernel", "sm_90", 4)
 
 
-def test_every_triton_kernel_has_its_grid_and_the_edt_rows_fill_little():
+def test_every_triton_kernel_has_its_grid_and_the_edt_rows_walk_their_distances():
     """Every kernel of the model that is a Triton launch has its grid (torch's own glue does
-    not); the EDT's row pass at 8 x 512 x 512: 4096 rows, 32 a program, 128 programs of one
-    warp on 132 SMs (fill 128 / 132): its time is its chain of 1024 dependent steps, far above
-    its bytes' time."""
+    not). The EDT's row pass at 8 x 512 x 512: 4096 rows in one-warp tiles of 2 x 32 pixels,
+    32,768 programs, 32 a SM on 132 SMs: 8 waves. Its steps are counted on bench_edt's maps:
+    each program walks its farthest pixel's ceil(D), so a tile's steps lie between its mean
+    and its maximum ceil(D), and the binary maps (longer distances) walk more than the
+    multi-label ones. Its time is within 3x of its own bytes (labels, G^2, the distances)."""
+    import torch
+    from benchmarks.bench_edt import make_maps
+    from pixcon.ops import distance_transform
     h100 = cost.GPUS["H100"]
     for op in cost.ops():
         for k in op.kernels:
             if k.name.startswith("_"):
                 assert k.programs is not None and (k.triton or k.per_sm), (op.name, k.name)
-    rows = next(k for k in cost.edt(8, 512, 512).kernels if k.name == "_edt_rows_kernel")
-    assert rows.programs == 128 and rows.slots(h100) == 32
-    assert rows.fill(h100) == pytest.approx(128 / 132) and rows.waves(h100) == 1
-    work = max(rows.moved / 3.35e12, rows.flops / 33.5e12) / rows.fill(h100)
-    assert work < 2 * 512 * 150 / 1.755e9
-    assert rows.time(h100) == pytest.approx(2 * 512 * 150 / 1.755e9 + 3e-6)
+    steps = {}
+    for C, elt in ((19, 8), (0, 1)):
+        rows = next(k for k in cost.edt(8, 512, 512, C=C, elt=elt).kernels
+                    if k.name == "_edt_rows_kernel")
+        assert rows.programs == 4096 // 2 * (512 // 32) and rows.slots(h100) == 32
+        assert rows.waves(h100) == 8
+        d = distance_transform(make_maps(8, 512, 512, C, 0), labels=C > 0,
+                               background=-1 if C else None).ceil()
+        lane_steps, mean = cost.edt_row_steps(((8, 512, 512),), C)
+        P = 8 * 512 * 512
+        assert float(d.mean()) <= lane_steps / P <= float(d.max()) and mean == lane_steps / P
+        steps[C] = lane_steps
+        assert rows.flops == cost.EDT_STEP_OPS * lane_steps
+        assert rows.time(h100) <= 3 * rows.moved / 3.35e12 + 3e-6
+        assert not torch.isinf(d).any()
+    assert steps[0] > steps[19]
 
 
 def test_official_gemms_run_at_the_stated_efficiency():

@@ -130,6 +130,26 @@ def test_tall_maps_cross_column_chunks(backend):
     assert np.array_equal(got, scipy_sq(m))
 
 
+@pytest.mark.parametrize("backend", BACKENDS[:2])
+def test_wide_rows_cross_row_programs(backend):
+    """W = 300 > the row pass's program width (256 pixels in the interpreter, 32 in the GPU
+    configuration): a pixel's outward search reads past its program's pixels, both ways, up to
+    the row's ends (sparse zeros, a run of foreground touching the left edge, and a
+    multi-label row whose nearest other label is 170 pixels away)."""
+    seed = int(np.random.SeedSequence().entropy % 2**32)     # fresh each run, named on failure
+    rng = np.random.default_rng(seed)
+    m = rng.random((3, 300)) > 0.05
+    m[1, :270] = True
+    m[1, 270] = False
+    got = run(torch.from_numpy(m[None]), backend, squared=True).numpy()[0]
+    assert np.array_equal(got, scipy_sq(m)), f"seed {seed}"
+    lab = torch.zeros(1, 2, 300, dtype=torch.int64)
+    lab[0, :, 170:] = 1
+    d2 = run(lab, backend, squared=True, labels=True)[0, 0]
+    want = torch.cat([torch.arange(170, 0, -1), torch.arange(1, 131)]).double() ** 2
+    assert torch.equal(d2, want)
+
+
 def test_four_dim_batch_and_dtypes():
     x = torch.rand(2, 3, 9, 10) < 0.6
     a = distance_transform(x)
@@ -206,10 +226,10 @@ def test_pyramid_in_one_call_equals_each_map(backend, dtype):
 def test_squared_distances_are_exact_above_float32s_integers(backend, tall):
     """Squared distances are float64, exact where float32 is not: on a 4100 x 2 map (or 2 x 4100)
     with one zero pixel, 4099^2 = 16801801 is odd and above 2^24 (float32 rounds it to
-    16801800); distances stay float32. Triton takes the tall map only (the wide one's 4100-step
-    row sweep takes minutes in the interpreter)."""
+    16801800); distances stay float32. Triton takes the tall map only (on the wide one the row pass
+    walks 4,099 steps outward from the far end: minutes in the interpreter)."""
     if backend == "triton" and not tall:
-        pytest.skip("the interpreter runs a row's sweep one pixel at a time")
+        pytest.skip("the interpreter runs the row pass's 4,099 outward steps one at a time")
     x = torch.ones(2, 4100, dtype=torch.bool)
     x[0, 0] = False
     want = (torch.arange(4100, dtype=torch.float64)[None] ** 2

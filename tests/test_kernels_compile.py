@@ -1,9 +1,9 @@
 """The GPU path without a GPU: every Triton kernel the test suite launched (recorded by
 conftest.py) and every launch the launchers make at the papers' full sizes in their GPU
-configuration (tools.aot.scenarios) is compiled for sm_80 and sm_90 in a separate
-process without TRITON_INTERPRET. A compile error, a register spill or shared memory over the
-hardware limit fails, naming kernel, setting, target and the compiler's message. Runs last
-(conftest.py orders it)."""
+configuration (tools.aot.scenarios) is compiled for sm_80 and sm_90 (the tests' interpreter
+tiles, compiled for errors only, for sm_90) in a separate process without TRITON_INTERPRET.
+A compile error, a register spill or shared memory over the hardware limit fails, naming
+kernel, setting, target and the compiler's message. Runs last (conftest.py orders it)."""
 import json
 import os
 import subprocess

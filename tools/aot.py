@@ -477,8 +477,8 @@ def dedupe(launches: list[dict], targets=(80, 90)) -> list[tuple[dict, int]]:
                 unique[k]["config"] = "gpu"
         else:
             unique[k] = dict(ln, also=[ln["setting"]], config=cfg)
-    # interpreter-configuration launches are compiled for errors only: one per kernel, tile
-    # constexprs and argument dtypes (their integer specialisations, == 1 and divisible by 16,
+    # interpreter-configuration launches are compiled for errors only, for one target: one per
+    # kernel, tile constexprs and argument dtypes (their integer specialisations, == 1 and divisible by 16,
     # multiply the compilations -- hundreds of shapes in the tests -- and decide no error)
     coarse: dict[str, dict] = {}
     for k in list(unique):
@@ -495,6 +495,8 @@ def dedupe(launches: list[dict], targets=(80, 90)) -> list[tuple[dict, int]]:
             coarse[ck] = ln
     for cc in targets:
         for ln in unique.values():
+            if ln["config"] == "interpreter" and cc != targets[-1]:
+                continue     # errors only: one target is enough (the last, the newest)
             try:
                 key = _bind(ln, cc)[-1]
             except Exception as e:  # noqa: BLE001 - binding errors surface as compile rows
@@ -635,8 +637,8 @@ def main(argv=None) -> int:
                f"specialization; settings name the launch that first produced it (+ how many "
                f"more share it). `config`: `gpu` = the launcher's GPU choice (checked: no spill, "
                f"shared memory within the limit), `interpreter` = the CPU-test tiles, compiled "
-               f"for errors only (no GPU runs them; one per kernel, tiles and dtypes). Spill "
-               f"B = ptxas spill stores + loads. "
+               f"for errors only, on sm_90 (no GPU runs them; one per kernel, tiles and "
+               f"dtypes). Spill B = ptxas spill stores + loads. "
                f"Occupancy is theoretical (registers, shared memory, warps). `16-B loads`: "
                f"ld.global.v4 of 32-bit or .v2 of 64-bit words in the PTX. Dot units: the "
                f"class sums' one-hot dot is exact fp32 (`input_precision=\"ieee\"`, FMA "

@@ -383,34 +383,82 @@ def u2pl(B, D, h, w, C, Q, N, pushed, elt=F32) -> Op:
 
 
 CLOCK = 1.755e9          # H100 SXM boost clock, for the EDT's dependent steps
+EDT_STEP_OPS = 30        # integer ops of one lane's outward step (two sides: address, two loads,
+                         # compare, selects, add, min) ~ its 2 x (label + 4) bytes from L1
+EDT_STEP_CYCLES = 150    # one step's dependent chain: L1 hits, the min, the warp's vote
+EDT_PROLOGUE_CYCLES = 1500   # a row program's table, labels and G^2 loads (dependent) and store
 
 
-def edt_kernels(maps, elt, what=None) -> list[Kernel]:
+def edt_row_tiles(W: int) -> tuple[int, int]:
+    """The row pass's GPU tile (pixcon_kernels.edt's launcher): (rows, pixels) of a one-warp
+    program."""
+    bx = min(_pow2(W), 32)
+    return 64 // bx, bx
+
+
+@functools.lru_cache(maxsize=None)
+def edt_row_steps(maps: tuple, C: int, seed: int = 0) -> tuple[float, float]:
+    """(lane-steps, a program's mean steps) of the row pass on bench_edt's maps of these
+    shapes (C = 0: its binary speckle-with-blobs masks; C > 0: its multi-label error-like maps):
+    each program walks d = 1 .. its farthest pixel's ceil(D) (an upper bound within one step;
+    a pixel with no boundary in its map walks to its row's far end), all its lanes along. The
+    distances come from pixcon's own CPU transform of those maps: the work is data-dependent,
+    so the model measures the data it is quoted for."""
+    import torch
+    from benchmarks.bench_edt import make_maps
+    from pixcon.ops import distance_transform
+    Wm = max(W for _, _, W in maps)
+    R, X = edt_row_tiles(Wm)
+    lane_steps, programs = 0.0, 0
+    for B, H, W in maps:
+        m = make_maps(B, H, W, C, seed)
+        d = distance_transform(m, labels=C > 0, background=-1 if C else None)
+        far = torch.maximum(torch.arange(W), W - 1 - torch.arange(W)).float()
+        d = torch.where(torch.isinf(d), far.expand_as(d), d).ceil()
+        # pad to whole tiles: rows of all maps run on one grid, columns to X
+        rows = d.reshape(B * H, W)
+        rows = torch.nn.functional.pad(rows, (0, -W % X, 0, -(B * H) % R))
+        t = rows.reshape(-1, R, rows.shape[1] // X, X).amax(dim=(1, 3))
+        lane_steps += float(t.sum()) * R * X
+        programs += t.numel()
+    return lane_steps, lane_steps / (R * X * programs)
+
+
+def edt_kernels(maps, elt, what=None, C=19) -> list[Kernel]:
     """The EDT's two passes over maps [(B, H, W), ...] in one ragged launch each
     (pixcon_kernels.edt): the column pass one program (4 warps) per map and 32 columns, walking
     2 x ceil(H / 32) dependent 32-row tile steps (~2000 cycles each: two loads, a scan, two
-    barriers); the row pass one lane per row, 32 rows (one warp) a program, walking 2 W
-    dependent steps (~150 cycles: a few dependent L1 loads). Latency-bound: each pass takes
-    at least its longest program's chain."""
+    barriers); the row pass parallel over pixels, one warp of 2 x 32 pixels a program, each
+    program walking as many outward steps as its farthest pixel's distance on bench_edt's maps
+    of these shapes (``edt_row_steps``), each step's neighbours read from L1; its chain is the
+    prologue's dependent loads and its steps (a slot runs its wave's programs one after another:
+    the mean program's chain per wave). The row pass must read the labels and G^2 and write the
+    distances: its own floor."""
     P = sum(B * H * W for B, H, W in maps)
     Hm, Wm = max(H for _, H, _ in maps), max(W for _, _, W in maps)
     cols = sum(B * _cdiv(W, 32) for B, _, W in maps)
-    rows = _cdiv(sum(B * H for B, H, _ in maps), 32)
+    R, X = edt_row_tiles(Wm)
+    rows = _cdiv(sum(B * H for B, H, _ in maps), R) * _cdiv(Wm, X)
+    lane_steps, mean_steps = edt_row_steps(tuple(maps), C)
     tag = f" ({what})" if what else ""
     return [
         Kernel(f"_edt_cols_kernel{tag}", P * elt, 4 * P * elt + 3 * P * I32, 12.0 * P, "int",
                latency=2 * _cdiv(Hm, 32) * 2000 / CLOCK, programs=cols,
                triton="_edt_cols_kernel",
                note=f"2 x {_cdiv(Hm, 32)} dependent 32-row tile steps per column block"),
-        Kernel(f"_edt_rows_kernel{tag}", P * F32, 2 * P * elt + 10 * P * I32, 60.0 * P, "int",
-               latency=2 * Wm * 150 / CLOCK, programs=rows, triton="_edt_rows_kernel", warps=1,
-               note=f"lower envelopes, O(W) a row: 2 x {Wm} dependent steps per lane (row)"),
+        Kernel(f"_edt_rows_kernel{tag}", P * F32, P * (elt + I32 + F32),
+               EDT_STEP_OPS * lane_steps, "int", must_flops=0.0,
+               latency=(EDT_PROLOGUE_CYCLES + mean_steps * EDT_STEP_CYCLES) / CLOCK,
+               programs=rows, triton="_edt_rows_kernel", warps=1,
+               note=f"outward search: {lane_steps / P:.1f} lane-steps a pixel (one-warp tiles "
+                    f"of {R}x{X}: {mean_steps:.1f} steps a program)"),
     ]
 
 
-def edt(B, H, W, elt=I64) -> Op:
-    """The EDT of B maps (labels read as they are, int64 here): latency-bound passes."""
-    return Op("distance_transform", f"{B}x{H}x{W} (int64 labels)", edt_kernels([(B, H, W)], elt),
+def edt(B, H, W, C=19, elt=I64) -> Op:
+    """The EDT of B maps (labels read as they are) of bench_edt's kind C (0: binary)."""
+    kind = "binary, bool" if C == 0 else f"{C} labels, int64"
+    return Op("distance_transform", f"{B}x{H}x{W} ({kind})", edt_kernels([(B, H, W)], elt, C=C),
               must_flops_unit="int", note="the official code runs SciPy on the host: not "
                                           "modelled")
 
@@ -430,7 +478,7 @@ MODELS = {
     "contextrast": lambda: [contextrast(**CONTEXTRAST_HRNET)],
     "u2pl": lambda: [u2pl(**U2PL_VOC)],
 }
-PRIMITIVES = {"edt": lambda: [edt(**EDT)]}
+PRIMITIVES = {"edt": lambda: [edt(**EDT), edt(**EDT, C=0, elt=1)]}
 
 
 def ops() -> list[Op]:
