@@ -20,8 +20,9 @@ Keys are split across programs so that a few anchors (ContrastiveSeg's 1,024 aga
 program without a valid anchor (or key) runs no tile; a key tile outside every row's negatives
 (pass 1) or the positive band (pass 2) is skipped. The gradient accumulators hold at most 256
 columns of D (a D block; D = 512 is two, each recomputing the logits) so that no D up to 512
-spills. fp32 inputs use 3xTF32 dots ("tf32x3", fp32-level accuracy on tensor cores), fp16/bf16
-native dots with fp32 accumulation, fp64 exact dots. Bottleneck: the logits GEMMs (forward
+spills. fp32 inputs use 3xTF32 dots ("tf32x3", fp32-level accuracy on tensor cores; opt-in
+``precision``: one TF32 product or bf16 operands, for the logits and the gradient GEMMs alike),
+fp16/bf16 native dots with fp32 accumulation, fp64 exact dots. Bottleneck: the logits GEMMs (forward
 1 + 1/C passes, backward 2 recomputes (4 at D = 512) and 2 gradient GEMMs); floor: 2 M N D FLOPs
 per GEMM at the tensor-core rate, inputs read once. The D-chunk loads are pipelined two deep
 (``num_stages=2``) where D is a whole number of 32-wide chunks (``_stages``).
@@ -30,12 +31,35 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import acc_dtype, gpu_config, next_pow2, torch_acc_dtype
+from ._utils import acc_dtype, gpu_config, interpreting, next_pow2, torch_acc_dtype
+
+
+@triton.jit
+def _keep_bits(x, DROP: tl.constexpr, NEAREST: tl.constexpr):
+    """fp32 x with its DROP lowest mantissa bits cleared: rounded to nearest even (NEAREST) or
+    truncated. DROP = 16: bf16's value; 13: TF32's."""
+    b = x.to(tl.float32).to(tl.int32, bitcast=True)
+    if NEAREST:
+        b = b + ((1 << (DROP - 1)) - 1) + ((b >> DROP) & 1)
+    return ((b >> DROP) << DROP).to(tl.float32, bitcast=True)
 
 
 @triton.jit
 def _dot(a, b, PREC: tl.constexpr):
-    return tl.dot(a, b, input_precision=PREC)
+    """a @ b, fp32 accumulation, at the launch's precision: "tf32x3" (fp32-level accuracy from
+    three TF32 products), "ieee", "tf32" (one TF32 product) or "bf16" (operands rounded to bf16).
+    The interpreter has no bf16 and multiplies "tf32" in full fp32, so its launches say
+    "tf32_emulated" / "bf16_emulated": the operands' bits are cut the same way (TF32: truncated,
+    the hardware's worst case; bf16: rounded to nearest even) and multiplied exactly."""
+    if PREC == "bf16":
+        out = tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
+    elif PREC == "bf16_emulated":
+        out = tl.dot(_keep_bits(a, 16, True), _keep_bits(b, 16, True), input_precision="ieee")
+    elif PREC == "tf32_emulated":
+        out = tl.dot(_keep_bits(a, 13, False), _keep_bits(b, 13, False), input_precision="ieee")
+    else:
+        out = tl.dot(a, b, input_precision=PREC)
+    return out
 
 
 @triton.jit
@@ -225,14 +249,28 @@ def _tiled_bwd_dk_kernel(a_ptr, k_ptr, ya_ptr, plo_ptr, phi_ptr, kv0_ptr, nl_ptr
     tl.store(dk_ptr + out, acc * inv_t, mask=(cols < N)[:, None] & (dcol < D)[None, :])
 
 
-def _precision(dtype):
-    """Dot precision of the logits (operands in the input dtype; only fp32 needs 3xTF32)."""
-    return "tf32x3" if dtype == torch.float32 else "ieee"
+PRECISIONS = ("fp32", "tf32", "bf16")
 
 
-def _grad_precision(dtype):
-    """Dot precision of the gradient GEMMs (ds and the rows are fp32, fp64 for fp64 inputs)."""
-    return "ieee" if dtype == torch.float64 else "tf32x3"
+def _precision(dtype, precision="fp32"):
+    """Dot precision of the logits: fp32 inputs 3xTF32 by default (fp32-level accuracy), one
+    TF32 product or bf16 operands when asked (``precision``, the losses' opt-in); half inputs
+    multiply natively, fp64 exactly."""
+    if dtype != torch.float32:
+        return "ieee"
+    if precision == "fp32":
+        return "tf32x3"
+    return precision + ("_emulated" if interpreting() else "")
+
+
+def _grad_precision(dtype, precision="fp32"):
+    """Dot precision of the gradient GEMMs (ds and the rows are fp32, fp64 for fp64 inputs):
+    the logits' for fp32 inputs with a ``precision`` other than fp32, else 3xTF32."""
+    if dtype == torch.float64:
+        return "ieee"
+    if dtype == torch.float32 and precision != "fp32":
+        return _precision(dtype, precision)
+    return "tf32x3"
 
 
 def _config(D, dtype, backward, gpu=None):
@@ -306,9 +344,10 @@ def _ranges(ya, yk):
     return plo, phi, kv0
 
 
-def tiled_forward(a, ya, k, yk, temperature, in_batch, positives=True):
+def tiled_forward(a, ya, k, yk, temperature, in_batch, positives=True, precision="fp32"):
     """a (M, D), k (N, D), labels (M,), (N,), rows sorted by label; k is a when in_batch.
-    Returns (terms, npos int32, nl, w); positives=False skips pass 2 (terms, npos, w zero)."""
+    Returns (terms, npos int32, nl, w); positives=False skips pass 2 (terms, npos, w zero);
+    precision: of the logits' products for fp32 inputs (PRECISIONS)."""
     a, k = a.contiguous(), k.contiguous()
     M, D = a.shape
     N = k.shape[0]
@@ -322,7 +361,7 @@ def tiled_forward(a, ya, k, yk, temperature, in_batch, positives=True):
     bm, bn, bd, nw = _config(D, a.dtype, False)
     tiles = triton.cdiv(M, bm)
     S, CH = _splits(tiles, N, bn)
-    meta = dict(ACC=acc_dtype(a.dtype), PREC=_precision(a.dtype), BLOCK_M=bm, BLOCK_N=bn,
+    meta = dict(ACC=acc_dtype(a.dtype), PREC=_precision(a.dtype, precision), BLOCK_M=bm, BLOCK_N=bn,
                 BLOCK_D=bd, num_warps=nw, num_stages=_stages(D, bd), maxnreg=255)
     part_m = torch.empty(S, M, dtype=acc, device=dev)
     part_l = torch.empty(S, M, dtype=acc, device=dev)
@@ -348,7 +387,7 @@ def tiled_forward(a, ya, k, yk, temperature, in_batch, positives=True):
 
 
 def tiled_backward(grad, a, ya, k, yk, nl, w, npos, temperature, in_batch, key_grad,
-                   grad_nl=None):
+                   grad_nl=None, precision="fp32"):
     """Gradients (da, dk) of sum(grad * terms + grad_nl * nl) in the accumulation dtype; dk is
     None unless key_grad (in-batch: da already holds both sides). Rows sorted by label."""
     a, k = a.contiguous(), k.contiguous()
@@ -370,8 +409,8 @@ def tiled_backward(grad, a, ya, k, yk, nl, w, npos, temperature, in_batch, key_g
     bdo = _d_block(D)
     nd = triton.cdiv(D, bdo)
     args = (a, k, ya, plo, phi, kv0, nl.contiguous(), cw, c)
-    meta = dict(IN_BATCH=in_batch, ACC=acc_dtype(a.dtype), PREC=_precision(a.dtype),
-                PREC_G=_grad_precision(a.dtype), BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd,
+    meta = dict(IN_BATCH=in_batch, ACC=acc_dtype(a.dtype), PREC=_precision(a.dtype, precision),
+                PREC_G=_grad_precision(a.dtype, precision), BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd,
                 BLOCK_DO=bdo, num_warps=nw, num_stages=_stages(D, bd), maxnreg=255)
     tiles_a = triton.cdiv(M, bm)
     S, CH = _splits(tiles_a * nd, N, bn)

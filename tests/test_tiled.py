@@ -255,3 +255,72 @@ def test_triton_split_plan():
             os.environ["PIXCON_LAUNCH_CONFIG"] = old
     assert tiled._d_block(128) == 128 and tiled._d_block(256) == 256
     assert tiled._d_block(512) == 256 and tiled._d_block(40) == 64
+
+
+# --- precision= (opt-in tensor-core products for fp32 rows) ------------------------------------
+@pytest.mark.interpret
+@pytest.mark.parametrize("precision, u", [("tf32", 2.0 ** -10), ("bf16", 2.0 ** -8)])
+def test_triton_precision_within_its_stated_bound(precision, u):
+    """precision="tf32" / "bf16" on the Triton kernels (the interpreter cuts the operands' bits
+    as the GPU does: TF32 truncated to 10 stored bits, its worst case, bf16 rounded to 7). Each
+    operand moves by at most u relative (2^-10, 2^-8), so on unit rows a logit moves by at most
+    eps = (2u + u^2) / t, NL (a log-sum-exp: 1-Lipschitz) by eps, a term (softplus of
+    NL - s) by 2 eps; + 2e-5 for fp32 sums in another order. The gradients' weights
+    e^{s - NL} move by a factor within e^{+-2 eps} and each product by 2u more: norm-wise
+    within 4 eps + 4u of the fp32 gradient here (no cancellation in these sums: measured
+    at about a tenth of eps + 2u, the terms at 1-4% of their bound, on three seeds). The
+    default stays at fp32 accuracy, and the opt-in is really taken: its error is ten times the
+    default's at least."""
+    dev = triton_device()
+    t = 0.2
+    a, y = rows(61, 48, 4, 71, torch.float32)
+    k, yk = rows(150, 48, 5, 72, torch.float32)
+    a, y, k, yk = a.to(dev), y.to(dev), k.to(dev), yk.to(dev)
+
+    def go(backend, prec="fp32"):
+        ins = [a.clone().requires_grad_(), k.clone().requires_grad_()]
+        tm, n, nl = supervised_contrast(ins[0], y, ins[1], yk, temperature=t, backend=backend,
+                                        with_lse=True, precision=prec)
+        fin = torch.isfinite(nl)
+        gt = torch.linspace(-1, 1, 61, device=dev)
+        grads = torch.autograd.grad((gt * tm).sum() + torch.where(fin, nl, 0.0).sum(), ins)
+        return tm.cpu().double(), nl.cpu().double(), [g.cpu().double() for g in grads]
+
+    t0, nl0, g0 = go("reference")
+    tf, nlf, gf = go("triton")
+    tp, nlp, gp = go("triton", precision)
+    eps = (2 * u + u * u) / t
+    fin = torch.isfinite(nl0)
+    assert torch.equal(torch.isfinite(nlp), fin)
+    dnl = (nlp[fin] - nl0[fin]).abs().max().item()
+    dterm = (tp - t0).abs().max().item()
+    assert dnl <= eps + 2e-5 and dterm <= 2 * eps + 2e-5, (dnl, dterm, eps)
+    assert dterm > 10 * (tf - t0).abs().max().item() + 1e-6, "the precision was not taken"
+    for x, xf, w in zip(gp, gf, g0):
+        rel = ((x - w).norm() / w.norm()).item()
+        assert rel <= 4 * eps + 4 * u, (rel, eps)
+        assert ((xf - w).norm() / w.norm()).item() < 1e-4
+
+
+def test_precision_is_checked_and_the_cpu_kernel_multiplies_in_fp32():
+    """A precision outside ("fp32", "tf32", "bf16") is an error naming it, on every loss that
+    takes one; the CPU kernel and the reference compute in fp32 whatever it says (the same
+    bits)."""
+    from pixcon.ops import dense_contrast_loss, directional_contrast_loss, pixel_contrast_loss
+    a, y = rows(40, 16, 3, 5, torch.float32)
+    emb = torch.randn(2, 16, 5, 6)
+    lab = torch.randint(0, 3, (2, 5, 6))
+    calls = [lambda p: supervised_contrast(a, y, temperature=0.1, precision=p),
+             lambda p: dense_contrast_loss(emb, lab, precision=p),
+             lambda p: pixel_contrast_loss(emb, lab, lab, max_views=2, precision=p),
+             lambda p: directional_contrast_loss(a, a, torch.randn(40, 3), torch.randn(40, 3),
+                                                 a, y, precision=p)]
+    for call in calls:
+        with pytest.raises(ValueError, match="precision must be one of"):
+            call("fp16")
+    backends = ["reference"] + (["native"] if pixcon.HAS_C else [])
+    for be in backends:
+        want = supervised_contrast(a, y, temperature=0.1, backend=be)
+        for p in ("tf32", "bf16"):
+            got = supervised_contrast(a, y, temperature=0.1, backend=be, precision=p)
+            assert all(torch.equal(g, w) for g, w in zip(got, want)), (be, p)

@@ -207,9 +207,9 @@ def _contextrast(rec, B, D, sizes, C, dtype, tag):
             anchor.unit_sums_backward(a, x, inv, gt, normalize)
 
 
-def _tiled(rec, M, N, D, C, dtype, tag, positives=True):
+def _tiled(rec, M, N, D, C, dtype, tag, positives=True, precision="fp32"):
     """The tiled contrast at M anchors x N keys (N None: in-batch, keys = anchors); positives
-    False: the negatives' log-sum-exp alone (CAC)."""
+    False: the negatives' log-sum-exp alone (CAC); precision: the opt-in products."""
     from pixcon_kernels import tiled
     gen = torch.Generator().manual_seed(0)
     rec.setting = tag
@@ -218,9 +218,9 @@ def _tiled(rec, M, N, D, C, dtype, tag, positives=True):
     in_batch = N is None
     k, yk = (a, ya) if in_batch else (torch.randn(N, D, generator=gen).to(dtype),
                                       _labels(N, C, gen))
-    _, npos, nl, w = tiled.tiled_forward(a, ya, k, yk, 0.1, in_batch, positives)
+    _, npos, nl, w = tiled.tiled_forward(a, ya, k, yk, 0.1, in_batch, positives, precision)
     tiled.tiled_backward(torch.ones(M), a, ya, k, yk, nl, w, npos, 0.1, in_batch,
-                         not in_batch, None if positives else torch.ones(M))
+                         not in_batch, None if positives else torch.ones(M), precision)
 
 
 def _edt(rec, shape, tag):
@@ -302,6 +302,10 @@ def scenarios(quick: bool = False):
             _tiled(r, 1024, N, 512, 19, dt, f"tiled D=512 {N or 'in-batch'} {n}")
             for N in (None, 38000) for dt, n in ((torch.float32, "fp32"),
                                                  (torch.bfloat16, "bf16"))]),
+        ("tiled precision= tf32 / bf16 (in-batch D=256, bank D=512)", lambda r: [
+            _tiled(r, 1024, N, D, 19, torch.float32, f"tiled {p} D={D} {N or 'in-batch'}",
+                   precision=p)
+            for p in ("tf32", "bf16") for N, D in ((None, 256), (38000, 512))]),
         ("tiled fp64 / odd D", lambda r: (
             _tiled(r, 256, None, 64, 19, torch.float64, "tiled fp64"),
             _tiled(r, 300, 700, 40, 19, torch.float32, "tiled D=40 bank"))),

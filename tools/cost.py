@@ -43,6 +43,8 @@ GPUS = {  # nominal peaks (NVIDIA datasheets), dense; "int": 32-bit integer ops
                  int=19.5e12, fp64=19.5e12, sms=108),
 }
 LAUNCH_S = 3e-6          # launch and tail of one kernel (or one small torch op)
+SYNC_S = 10e-6           # a host sync (.item(), nonzero, a host-made index copied over): the
+                         # queue drains, a round trip, the next launch starts cold (stated)
 OFFICIAL_GEMM_EFFICIENCY = 0.7   # cuBLAS fp32 GEMMs: a stated share of the peak, not measured
 ARCH = {"H100": "sm_90", "A100": "sm_80"}
 RESOURCES = Path(__file__).resolve().parents[1] / "pixcon_kernels" / "RESOURCES.md"
@@ -278,7 +280,7 @@ def contextrast(B, D, layers, C, elt=F32) -> Op:
 
 
 def _tiled(name, setting, M, N, D, sweeps_fwd, grad_gemms, recomputes, elt=F32,
-           glue=None, official=None, key_grad=True) -> Op:
+           glue=None, official=None, key_grad=True, precision="fp32") -> Op:
     """The tiled contrast (pixcon_kernels.tiled): key tiles streamed past anchor tiles that run
     concurrently (the key tile in L2 serves them all: keys counted once per sweep); the keys are
     split across programs (the launcher's own plan, ``tiled.launch_plan``: the grids below),
@@ -286,11 +288,13 @@ def _tiled(name, setting, M, N, D, sweeps_fwd, grad_gemms, recomputes, elt=F32,
     are merged by torch: counted as the gradient's bytes once more. The gradient programs hold
     at most 256 columns of D: above that the logits are recomputed once per D block.
     Programs per SM from RESOURCES.md: the forward kernels 2 (4 warps, up to 255 registers),
-    the gradient kernels 1 (8 warps, about 240), read from the table."""
+    the gradient kernels 1 (8 warps, about 240), read from the table. precision: the opt-in
+    products of fp32 rows (one TF32 product, or bf16 operands, instead of three TF32)."""
     from pixcon_kernels.tiled import launch_plan
     plan = launch_plan(M, N, D, elt == 8, gpu=True)
     G = 2.0 * M * N * D
-    unit = "tf32x3" if elt == F32 else "bf16"
+    unit = {"fp32": "tf32x3", "tf32": "tf32", "bf16": "bf16"}[precision] if elt == F32 \
+        else "bf16"
     A, Kb = M * D * elt, N * D * elt
     nd = plan["d_blocks"]
     rec = recomputes + (nd - 1) * (2 if key_grad else 1)
@@ -311,14 +315,30 @@ def _tiled(name, setting, M, N, D, sweeps_fwd, grad_gemms, recomputes, elt=F32,
 
 
 def contrastiveseg(B, D, h, w, C, M, bank, elt=F32) -> list[Op]:
+    """ContrastiveSeg at its Cityscapes setting, in-batch and with its bank. The fused path
+    samples its M anchors from the labels and predictions at feature resolution and gathers
+    only their rows (never the whole embedding): torch glue on the GPU (the sampler's two
+    stable sorts of P int64 (key, index) pairs, 8 radix passes each reading and writing 32 B a
+    pixel, about 12 more P-length passes; the rows' D elements each a 32-byte sector of the
+    NCHW map). The official code samples per image (a unique(), a count read back per class)
+    and per kept (image, class) (two nonzero() and two CPU randperm() copied over, a row
+    copy): every class present in every image (the benchmark's labels), B C pairs, about 16
+    launches and 4 host syncs each."""
     P = B * h * w
     E = P * D * elt
-    glue = [Kernel("torch glue (anchor sampling, sort by label, gather rows)", E + P * I64,
-                   E + 8 * P * I64, 0.0, launches=30)]
+    rows = M * D * elt
+    glue = [Kernel("torch glue (anchor sampling: two sorts of the pixels; gather M rows)",
+                   2 * P * I64 + rows, 2 * P * I64 + 2 * 8 * P * 32 + 12 * 2 * P * I64
+                   + M * D * SECTOR, 0.0, launches=30, gathered=rows)]
+    sampler = Kernel("official sampler: per image unique() and class counts read back, per "
+                     "(image, class) nonzero() x 2, randperm() x 2 on the host, row copy", 0,
+                     2 * E + B * C * 4 * P // B * I64, 0.0, launches=B * (5 + 2 * C) + 16 * B * C,
+                     latency=(B * (1 + C) + 4 * B * C) * SYNC_S)
     ops = []
     for N, tag, key_grad in ((M, "in-batch", True), (bank, f"bank {C}x{bank // C}", False)):
-        official = [Kernel("anchors x keys logits, masks, softmax, grads (materialised)", 0,
-                           E + 10 * M * N * F32 + (M + N) * D * F32, 3 * 2.0 * M * N * D,
+        official = [sampler,
+                    Kernel("anchors x keys logits, masks, softmax, grads (materialised)", 0,
+                           10 * M * N * F32 + (M + N) * D * F32, 3 * 2.0 * M * N * D,
                            "fma", launches=40, efficiency=OFFICIAL_GEMM_EFFICIENCY)]
         ops.append(_tiled("pixel_contrast_loss", f"Cityscapes {tag}: {M} anchors x {N} keys, "
                           f"D={D}", M, N, D, 1 + 1 / C, 2 if key_grad else 1, 2 if key_grad
@@ -334,9 +354,10 @@ def cac(n, N, D, elt=F32) -> Op:
                   n, N, D, 1, 1, 1, elt, official=official, key_grad=False)
 
 
-def dense(n, D, C, elt=F32) -> Op:
-    op = _tiled("dense_contrast_loss", f"{n} pixels, D={D}, in-batch", n, n, D, 1 + 1 / C, 2, 2,
-                elt)
+def dense(n, D, C, elt=F32, precision="fp32") -> Op:
+    tag = "" if precision == "fp32" else f", precision={precision}"
+    op = _tiled("dense_contrast_loss", f"{n} pixels, D={D}, in-batch{tag}", n, n, D, 1 + 1 / C,
+                2, 2, elt, precision=precision)
     op.note = (f"no official code runs it: the n x n logits alone are {n * n * F32 / 2**30:.0f} "
                f"GiB")
     return op
@@ -473,7 +494,8 @@ def _reco_ops():
 # model here is an error), then the shared primitives that have a benchmark of their own.
 MODELS = {
     "reco": _reco_ops,
-    "contrastiveseg": lambda: contrastiveseg(**CONTRASTIVESEG_CS) + [dense(**DENSE)],
+    "contrastiveseg": lambda: contrastiveseg(**CONTRASTIVESEG_CS) + [
+        dense(**DENSE), dense(**DENSE, precision="bf16")],
     "cac": lambda: [cac(**CAC_CS)],
     "contextrast": lambda: [contextrast(**CONTEXTRAST_HRNET)],
     "u2pl": lambda: [u2pl(**U2PL_VOC)],

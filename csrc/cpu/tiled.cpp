@@ -551,12 +551,20 @@ std::tuple<at::Tensor, at::Tensor> backward_impl(const Plan& p, const at::Tensor
 
 }  // namespace
 
+// precision: the GPU kernels' opt-in for their tensor-core products ("fp32", "tf32", "bf16");
+// this kernel multiplies in fp32 (fp64 for fp64 rows) whatever it says.
+static void check_precision(c10::string_view precision) {
+  TORCH_CHECK(precision == "fp32" || precision == "tf32" || precision == "bf16",
+              "tiled_contrast: precision must be 'fp32', 'tf32' or 'bf16', got '", precision, "'");
+}
+
 // Forward: (terms (M,), npos (M,) int64, NL (M,), W (M,)) in the callers' row order, float32
 // (float64 for float64 anchors). k, yk None: in-batch (keys = anchors, r not its own positive).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> tiled_contrast_cpu(
     const at::Tensor& a, const at::Tensor& ya, const c10::optional<at::Tensor>& k,
     const c10::optional<at::Tensor>& yk, double temperature, bool positives,
-    at::IntArrayRef block) {
+    at::IntArrayRef block, c10::string_view precision) {
+  check_precision(precision);
   Plan p = make_plan(a, ya, k, yk, block);
   auto out = p.A.scalar_type() == at::kDouble ? forward_impl<double>(p, temperature, positives)
                                                 : forward_impl<float>(p, temperature, positives);
@@ -570,7 +578,8 @@ std::tuple<at::Tensor, at::Tensor> tiled_contrast_backward_cpu(
     const at::Tensor& grad, const at::Tensor& grad_nl, const at::Tensor& a, const at::Tensor& ya,
     const c10::optional<at::Tensor>& k, const c10::optional<at::Tensor>& yk, const at::Tensor& nl,
     const at::Tensor& w, const at::Tensor& npos, double temperature, bool key_grad,
-    at::IntArrayRef block) {
+    at::IntArrayRef block, c10::string_view precision) {
+  check_precision(precision);
   Plan p = make_plan(a, ya, k, yk, block);
   auto out = p.A.scalar_type() == at::kDouble
                  ? backward_impl<double>(p, grad, grad_nl, nl, w, npos, temperature, key_grad)

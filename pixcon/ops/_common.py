@@ -191,6 +191,16 @@ def check_temperature(op: str, name: str, v):
                          f"logits' 1/{name} factor leaves float32's range), got {v!r}")
 
 
+PRECISIONS = ("fp32", "tf32", "bf16")   # the tiled contrast's products (pixcon_kernels.tiled)
+
+
+def check_precision(op: str, precision):
+    """The tiled contrast's opt-in precision: one of PRECISIONS."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"{op}: precision must be one of {PRECISIONS} ('fp32': fp32-level "
+                         f"accuracy, the default), got {precision!r}")
+
+
 def _check_binary_mask(op, mask, check_values):
     """A numeric mask must hold only 0 and 1: a confidence map passed as the mask would count
     every non-zero pixel as valid. Read back on CPU (value checks on), a device assert on CUDA."""

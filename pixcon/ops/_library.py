@@ -600,15 +600,19 @@ torch.library.register_autograd("pixcon::anchor_contrast", _anchor_backward,
 # serves CPU tensors inside ``triton_on_cpu()`` (the tests' one scoped switch).
 @torch.library.custom_op("pixcon::tiled_contrast", mutates_args=(), device_types="cuda")
 def tiled_contrast_op(a: Tensor, ya: Tensor, k: Optional[Tensor], yk: Optional[Tensor],
-                      temperature: float, positives: bool, block: list[int]
-                      ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                      temperature: float, positives: bool, block: list[int],
+                      precision: str = "fp32") -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(terms, npos int64, nl, w), per anchor in the callers' order; k, yk None: in-batch (keys
     = anchors, r not its own positive); positives=False: only nl (terms, npos, w zero). block:
-    [BLOCK_M, BLOCK_N] tile sizes of the CPU kernel ([] = its own choice; Triton ignores it)."""
+    [BLOCK_M, BLOCK_N] tile sizes of the CPU kernel ([] = its own choice; Triton ignores it).
+    precision: of the products for fp32 inputs on tensor cores, "fp32" (3xTF32), "tf32" or
+    "bf16" (pixcon_kernels.tiled.PRECISIONS); the CPU kernel multiplies in fp32 whatever it
+    says."""
     from pixcon_kernels.tiled import tiled_forward
     in_batch = k is None
     pa, a_s, ya_s, _, k_s, yk_s = _by_label(a, ya, k, yk)
-    terms, npos, nl, w = tiled_forward(a_s, ya_s, k_s, yk_s, temperature, in_batch, positives)
+    terms, npos, nl, w = tiled_forward(a_s, ya_s, k_s, yk_s, temperature, in_batch, positives,
+                                       precision)
     return (_unsort(terms, pa), _unsort(npos.to(torch.int64), pa), _unsort(nl, pa),
             _unsort(w, pa))
 
@@ -616,15 +620,16 @@ def tiled_contrast_op(a: Tensor, ya: Tensor, k: Optional[Tensor], yk: Optional[T
 @torch.library.custom_op("pixcon::tiled_contrast_backward", mutates_args=(), device_types="cuda")
 def tiled_contrast_backward(grad: Tensor, grad_nl: Tensor, a: Tensor, ya: Tensor,
                             k: Optional[Tensor], yk: Optional[Tensor], nl: Tensor, w: Tensor,
-                            npos: Tensor, temperature: float, key_grad: bool, block: list[int]
-                            ) -> tuple[Tensor, Tensor]:
+                            npos: Tensor, temperature: float, key_grad: bool, block: list[int],
+                            precision: str = "fp32") -> tuple[Tensor, Tensor]:
     """(da, dk) of sum(grad * terms + grad_nl * nl); dk is empty unless key_grad (in-batch: da
     holds both sides)."""
     from pixcon_kernels.tiled import tiled_backward
     in_batch = k is None
     pa, a_s, ya_s, pk, k_s, yk_s = _by_label(a, ya, k, yk)
     da, dk = tiled_backward(grad[pa], a_s, ya_s, k_s, yk_s, nl[pa], w[pa], npos[pa].to(torch.int32),
-                            temperature, in_batch, key_grad and not in_batch, grad_nl[pa])
+                            temperature, in_batch, key_grad and not in_batch, grad_nl[pa],
+                            precision)
     dk = a.new_empty(0) if dk is None else _unsort(dk, pk).to(k.dtype)
     return _unsort(da, pa).to(a.dtype), dk
 
@@ -647,23 +652,23 @@ def _unsort(x, perm):
 
 
 @tiled_contrast_op.register_fake
-def _(a, ya, k, yk, temperature, positives, block):
+def _(a, ya, k, yk, temperature, positives, block, precision="fp32"):
     M, dt = a.shape[0], _acc(a.dtype)
     return (a.new_empty(M, dtype=dt), a.new_empty(M, dtype=torch.int64),
             a.new_empty(M, dtype=dt), a.new_empty(M, dtype=dt))
 
 
 @tiled_contrast_backward.register_fake
-def _(grad, grad_nl, a, ya, k, yk, nl, w, npos, temperature, key_grad, block):
+def _(grad, grad_nl, a, ya, k, yk, nl, w, npos, temperature, key_grad, block, precision="fp32"):
     return torch.empty_like(a), (torch.empty_like(k) if key_grad and k is not None
                                  else a.new_empty(0))
 
 
 def _tiled_setup(ctx, inputs, output):
-    a, ya, k, yk, temperature, positives, block = inputs
+    a, ya, k, yk, temperature, positives, block, precision = inputs
     _, npos, nl, w = output
     ctx.save_for_backward(a, ya, k, yk, nl, w, npos)
-    ctx.temperature, ctx.block = temperature, block
+    ctx.temperature, ctx.block, ctx.precision = temperature, block, precision
     _remember_scope(ctx)
 
 
@@ -674,8 +679,8 @@ def _tiled_backward(ctx, g_terms, g_npos, g_nl, g_w):
     key_grad = k is not None and ctx.needs_input_grad[2]
     with _scope(ctx):
         da, dk = tiled_contrast_backward(g_terms, g_nl, a, ya, k, yk, nl, w, npos,
-                                         ctx.temperature, key_grad, ctx.block)
-    return da, None, (dk if key_grad else None), None, None, None, None
+                                         ctx.temperature, key_grad, ctx.block, ctx.precision)
+    return da, None, (dk if key_grad else None), None, None, None, None, None
 
 
 torch.library.register_autograd("pixcon::tiled_contrast", _tiled_backward,

@@ -27,7 +27,8 @@ def directional_contrast_loss(feat1, feat2, logits1, logits2, negatives, negativ
                               reduction: str = "mean", backend: str = "auto",
                               official_numerics: bool = False, directional: bool = True,
                               positive_filtering: bool = True, negative_sampling: bool = True,
-                              alignment: str = "contrastive", check_values: bool | None = None):
+                              alignment: str = "contrastive", check_values: bool | None = None,
+                              precision: str = "fp32"):
     """CAC's directional contrastive loss L1 + L2 (official ``loss1 + loss2``).
 
     Args:
@@ -62,6 +63,10 @@ def directional_contrast_loss(feat1, feat2, logits1, logits2, negatives, negativ
             :class:`pixcon.nn.DirectionalContrastLoss` and :func:`pixcon.data.overlapping_crops`.
         check_values: check that the features, the logits and the bank hold no NaN or Inf (a
             host sync; default on for CPU tensors, off for CUDA, env PIXCON_CHECK_VALUES).
+        precision: the bank products of fp32 features on a GPU's tensor cores: "fp32" (the
+            default: fp32-level accuracy), "tf32" or "bf16" (see
+            :func:`pixcon.ops.supervised_contrast` for the error). CPU kernels and the reference
+            multiply in fp32 whatever it says.
 
     Returns the scalar loss (float32; float64 for float64 features); nothing selected gives a
     zero connected to both features' graphs.
@@ -99,6 +104,7 @@ def directional_contrast_loss(feat1, feat2, logits1, logits2, negatives, negativ
             or not 0 <= pos_threshold < 1:
         raise ValueError(f"{op}: pos_threshold must be in [0, 1), got {pos_threshold!r}")
     chk.check_temperature(op, "temperature", temperature)
+    chk.check_precision(op, precision)
     if reduction not in ("mean", "none"):
         raise ValueError(f"{op}: reduction must be 'mean' or 'none', got {reduction!r}")
     for name, v in (("directional", directional), ("positive_filtering", positive_filtering),
@@ -130,11 +136,12 @@ def directional_contrast_loss(feat1, feat2, logits1, logits2, negatives, negativ
             feat1, feat2, logits1, logits2, negatives, negative_labels,
             official_numerics=official_numerics, **kw)
     with lib.kernels(be, dev):
-        return _cac_fused(feat1, feat2, logits1, logits2, negatives, negative_labels, **kw)
+        return _cac_fused(feat1, feat2, logits1, logits2, negatives, negative_labels,
+                          precision=precision, **kw)
 
 
 def _cac_fused(feat1, feat2, logits1, logits2, negatives, negative_labels, *, pos_threshold,
-               temperature, reduction, negative_sampling, alignment, **switches):
+               temperature, reduction, negative_sampling, alignment, precision, **switches):
     """Both directions on the device's kernels (pixcon::tiled_contrast's pass 1 for NL)."""
     c1, y1 = ref.confidence(logits1)
     c2, y2 = ref.confidence(logits2)
@@ -149,7 +156,8 @@ def _cac_fused(feat1, feat2, logits1, logits2, negatives, negative_labels, *, po
             a = fa.to(dt) if lib.compiled_cpu(fa.device) else fa
             ya, yk = ref.sampling_labels(ya, negative_labels, negative_sampling)
             nl = contrast(a, torch.where(d, ya, -1).to(torch.int64), bank.to(a.dtype),
-                          yk.to(torch.int64), temperature, positives=False)[2]
+                          yk.to(torch.int64), temperature, positives=False,
+                          precision=precision)[2]
             pos = (fa.to(dt) * ft.detach().to(dt)).sum(dim=1) / temperature
             ell = torch.where(d, F.softplus(nl - pos), 0.0)
         out.append(ell if reduction == "none" else ell.sum() / (d.sum() + 1e-12))

@@ -171,7 +171,8 @@ def _check_values(op, emb, labels, ignore_index):
 def pixel_contrast_loss(emb, labels, predict, *, ignore_index: int = 255, max_samples: int = 1024,
                         max_views: int = 100, temperature: float = 0.1,
                         base_temperature: float = 0.07, memory=None, seed: int | None = None,
-                        backend: str = "auto", check_values: bool | None = None):
+                        backend: str = "auto", check_values: bool | None = None,
+                        precision: str = "fp32"):
     """ContrastiveSeg's pixel contrast loss (the official in-batch ``PixelContrastLoss``, and its
     memory-bank form), with the official sampler and per-positive denominator.
 
@@ -197,6 +198,10 @@ def pixel_contrast_loss(emb, labels, predict, *, ignore_index: int = 255, max_sa
             backward) or "triton".
         check_values: NaN and label checks and the n_view = 0 check as a clear error (a host
             sync; default on for CPU tensors, off for CUDA, where n_view = 0 is a device assert).
+        precision: the products of fp32 embeddings on a GPU's tensor cores: "fp32" (the
+            default: fp32-level accuracy), "tf32" or "bf16" (faster; see
+            :func:`pixcon.ops.supervised_contrast` for the error). CPU kernels and the reference
+            multiply in fp32 whatever it says.
 
     Returns the scalar loss (float32; float64 for float64 emb). Defined where the official code
     fails: no kept class gives a zero connected to emb's graph (official: crash on None);
@@ -207,6 +212,7 @@ def pixel_contrast_loss(emb, labels, predict, *, ignore_index: int = 255, max_sa
     _check_common(op, emb, labels, ignore_index, temperature, base_temperature)
     chk.check_positive_int(op, "max_samples", max_samples, upper=2**24)
     chk.check_positive_int(op, "max_views", max_views)
+    chk.check_precision(op, precision)
     B, D, h, w = emb.shape
     pred = _predictions(op, predict, B, h, w, check_values)
     if pred.device != emb.device:
@@ -233,11 +239,11 @@ def pixel_contrast_loss(emb, labels, predict, *, ignore_index: int = 255, max_sa
             memory=mem, seed=seed)
     with lib.kernels(be, emb.device):
         return _pixel_contrast_fused(emb, gt, pred, mem, max_samples, max_views, temperature,
-                                     base_temperature, seed, check_values, warn)
+                                     base_temperature, seed, check_values, warn, precision)
 
 
 def _pixel_contrast_fused(emb, gt, pred, mem, max_samples, max_views, temperature,
-                          base_temperature, seed, check_values, warn):
+                          base_temperature, seed, check_values, warn, precision):
     op = "pixel_contrast_loss"
     index, y, T, n_view = sample_anchors(gt, pred, max_samples=max_samples,
                                          max_views=max_views, seed=seed)
@@ -254,13 +260,14 @@ def _pixel_contrast_fused(emb, gt, pred, mem, max_samples, max_views, temperatur
     if cpu:
         z = z.to(torch.promote_types(emb.dtype, torch.float32))
     keys, key_labels = (None, None) if mem is None else (mem[0].to(z.dtype), mem[1])
-    terms, npos, _ = contrast(z, y, keys, key_labels, temperature)
+    terms, npos, _ = contrast(z, y, keys, key_labels, temperature, precision=precision)
     return steps.mean_over_anchors(terms, npos, y, temperature / base_temperature)
 
 
 def dense_contrast_loss(emb, labels, *, ignore_index: int = 255, temperature: float = 0.1,
                         base_temperature: float = 0.07, cross_rank: bool = False,
-                        backend: str = "auto", check_values: bool | None = None):
+                        backend: str = "auto", check_values: bool | None = None,
+                        precision: str = "fp32"):
     """ContrastiveSeg's per-positive supervised contrast over every valid pixel of the batch: no
     sampling, anchors = keys = all pixels, O(N D) memory in forward and backward (tiles,
     recompute; never N x N).
@@ -278,6 +285,7 @@ def dense_contrast_loss(emb, labels, *, ignore_index: int = 255, temperature: fl
     rank's own pixels)."""
     op = "dense_contrast_loss"
     _check_common(op, emb, labels, ignore_index, temperature, base_temperature)
+    chk.check_precision(op, precision)
     B, D, h, w = emb.shape
     be = _backend(backend, emb.device, op)
     lab = cm.pixel_labels(labels, (h, w), LABEL_LIMIT, ignore_index)
@@ -293,7 +301,7 @@ def dense_contrast_loss(emb, labels, *, ignore_index: int = 255, temperature: fl
         if be == "reference":
             return _dense_cross_rank(emb, lab, temperature, base_temperature, be)
         with lib.kernels(be, emb.device):
-            return _dense_cross_rank(emb, lab, temperature, base_temperature, be)
+            return _dense_cross_rank(emb, lab, temperature, base_temperature, be, precision)
     if checks:
         _check_values(op, emb, labels, ignore_index)
     if be == "reference":
@@ -305,11 +313,11 @@ def dense_contrast_loss(emb, labels, *, ignore_index: int = 255, temperature: fl
         z = prim.pixel_rows_at(emb, order)
         if lib.compiled_cpu(emb.device):
             z = z.to(torch.promote_types(emb.dtype, torch.float32))
-        terms, npos, _ = contrast(z, lab, None, None, temperature)
+        terms, npos, _ = contrast(z, lab, None, None, temperature, precision=precision)
     return steps.mean_over_anchors(terms, npos, lab, temperature / base_temperature)
 
 
-def _dense_cross_rank(emb, lab, temperature, base_temperature, be):
+def _dense_cross_rank(emb, lab, temperature, base_temperature, be, precision="fp32"):
     """This rank's pixels as anchors against all ranks' pixels as keys. The keys include each
     anchor itself (a positive of its own label, never a negative): its term is taken out of
     the per-positive sum afterwards, exactly, from the differentiable NL the primitive returns.
@@ -324,7 +332,8 @@ def _dense_cross_rank(emb, lab, temperature, base_temperature, be):
         terms, npos, nl = supervised_contrast(z, lab, keys, key_labels, temperature=temperature,
                                               backend=be, with_lse=True)
     else:
-        terms, npos, nl = contrast(z, lab, keys, key_labels.to(torch.int64), temperature)
+        terms, npos, nl = contrast(z, lab, keys, key_labels.to(torch.int64), temperature,
+                                   precision=precision)
     self_term = F.softplus(nl - (z.to(acc) * z.to(acc)).sum(dim=1) / temperature)
     npos = npos - (lab >= 0).to(npos.dtype)                      # the anchor's own key
     terms = torch.where(npos > 0, (terms * (npos + 1) - self_term) / npos.clamp(min=1), 0.0)

@@ -31,8 +31,8 @@ import torch
 from ..reference import common as ref_common
 from ..reference import contrastiveseg as ref
 from . import _library
-from ._common import FLOAT_DTYPES, INT_DTYPES, check_index_space, check_temperature, \
-    check_tensor, resolve_backend
+from ._common import FLOAT_DTYPES, INT_DTYPES, check_index_space, check_precision, \
+    check_temperature, check_tensor, resolve_backend
 
 PARALLEL_WORK = 2**27     # multiply-adds below which a CPU pass runs on one thread (tiled.cpp)
 
@@ -64,9 +64,11 @@ def _check(anchors, anchor_labels, keys, key_labels, temperature, op):
         check_index_space(op, "keys", keys.shape[0])
 
 
-def _run(anchors, anchor_labels, keys, key_labels, temperature, backend, block, positives, op):
+def _run(anchors, anchor_labels, keys, key_labels, temperature, backend, block, positives, op,
+         precision):
     """(terms, npos, nl) on the chosen backend; nl differentiable."""
     _check(anchors, anchor_labels, keys, key_labels, temperature, op)
+    check_precision(op, precision)
     be = resolve_backend(backend, anchors.device, op, ("reference", "native", "triton"))
     ya = anchor_labels.to(torch.int64)
     yk = None if key_labels is None else key_labels.to(torch.int64)
@@ -78,21 +80,23 @@ def _run(anchors, anchor_labels, keys, key_labels, temperature, backend, block, 
             return None, None, nl
         return (*ref.contrast_terms(anchors.to(acc), ya, k, yk, temperature=temperature), nl)
     with _library.kernels(be, anchors.device):
-        return contrast(anchors, ya, keys, yk, temperature, positives=positives, block=block)
+        return contrast(anchors, ya, keys, yk, temperature, positives=positives, block=block,
+                        precision=precision)
 
 
 def contrast(anchors, anchor_labels, keys, key_labels, temperature, *, positives=True,
-             block=None):
+             block=None, precision="fp32"):
     """(terms, npos, nl) of the op pixcon::tiled_contrast on the device's kernels: the fused
     form a loss calls inside its kernels() scope (checked arguments, int64 labels)."""
     block = [] if block is None else [int(b) for b in block]
     terms, npos, nl, _ = _library.tiled_contrast_op(anchors, anchor_labels, keys, key_labels,
-                                                    float(temperature), positives, block)
+                                                    float(temperature), positives, block,
+                                                    precision)
     return terms, npos, nl
 
 
 def supervised_contrast(anchors, anchor_labels, keys=None, key_labels=None, *, temperature,
-                        backend="auto", block=None, with_lse=False):
+                        backend="auto", block=None, with_lse=False, precision="fp32"):
     """Per-anchor terms (M,) and positive counts (M,) int64 of the per-positive contrast above.
 
     anchors (M, D) float, anchor_labels (M,) int (-1 = absent); keys (K, D) and key_labels (K,),
@@ -100,19 +104,24 @@ def supervised_contrast(anchors, anchor_labels, keys=None, key_labels=None, *, t
     anchors without a label or a positive. Float32 (float64 for float64 anchors).
     with_lse: also return NL (M,), differentiable (see :func:`negative_logsumexp`).
     block: (BLOCK_M, BLOCK_N) tile sizes of the CPU kernel, None for its own choice (tests use
-    small ones to cross tile boundaries)."""
+    small ones to cross tile boundaries).
+    precision: the products of fp32 rows on a GPU's tensor cores: "fp32" (the default: three
+    TF32 products, fp32-level accuracy), "tf32" (one) or "bf16" (rows rounded to bf16), fp32
+    accumulation, for the logits and the gradients alike. With unit rows the logits move by at
+    most 2^-9 / t (tf32) or 2^-7 / t (bf16), each term by twice that. The CPU kernel and the
+    reference multiply in fp32 whatever it says; half and fp64 rows in their own dtype."""
     terms, npos, nl = _run(anchors, anchor_labels, keys, key_labels, temperature, backend, block,
-                           True, "supervised_contrast")
+                           True, "supervised_contrast", precision)
     return (terms, npos, nl) if with_lse else (terms, npos)
 
 
 def negative_logsumexp(anchors, anchor_labels, keys, key_labels, *, temperature, backend="auto",
-                       block=None):
+                       block=None, precision="fp32"):
     """NL_r = log sum over keys whose label differs from anchor r's of exp(a_r . k / t): (M,),
     -inf where there is no such key or the anchor's label is -1; differentiable w.r.t. anchors
     (and keys when they require grad). Pass 1 of the tiled contrast alone, in O((M + K) D)
-    memory: the denominator of CAC's loss."""
+    memory: the denominator of CAC's loss. precision: as :func:`supervised_contrast`."""
     if keys is None:
         raise ValueError("negative_logsumexp: keys are required")
     return _run(anchors, anchor_labels, keys, key_labels, temperature, backend, block, False,
-                "negative_logsumexp")[2]
+                "negative_logsumexp", precision)[2]
