@@ -6,8 +6,9 @@ is one call), reading the labels in their own dtype:
                L(x, y). Runs of equal labels are found with scans: the start of y's run is a
                running max of the rows where the label changes (down the column), its end a
                running min (up the column), over BLOCK_H-row tiles with the carry between
-               tiles: H / BLOCK_H dependent steps per column, not H, and one program per
-               (map, column block) -- many programs.
+               tiles, one program per (map, column block, segment of rows): each segment
+               first finds the nearest change past its ends (a look a tile at a time), so a
+               column's segments run at once: 2 SEG / BLOCK_H dependent tile steps, not 2 H.
   row pass:    D^2(x, y) = min_x' (x - x')^2 + [L(x', y) == L(x, y)] G(x', y)^2, parallel over
                pixels: each pixel looks outward from x, d = 1, 2, ..., and stops once d^2
                reaches the best it has found (a differing pixel at distance d, or its own
@@ -30,6 +31,17 @@ FAR = tl.constexpr(1 << 30)
 # "no differing pixel found": above any squared distance (G^2 + d^2 <= 2 x 32767^2 < 2^31 - 1)
 NONE = tl.constexpr(2147483647)
 MAX_SIDE = 32767       # G^2 < FAR, stored in int32
+COL_SEGMENT = 128      # GPU: the fewest rows a column-pass program sweeps (2 x 4 tile steps)
+SMS = 132              # an H100 SXM: column programs aim at about four a SM
+
+
+def col_segment(n_cols: int, H: int) -> int:
+    """Rows a column-pass program sweeps on a GPU: segments of at least COL_SEGMENT rows, only
+    as many as it takes for the column blocks to reach about four programs a SM (a map whose
+    column blocks alone fill the GPU keeps whole columns: more segments would add waves, not
+    overlap)."""
+    n_seg = max(1, min(4 * SMS // max(n_cols, 1), triton.cdiv(H, COL_SEGMENT)))
+    return triton.cdiv(triton.cdiv(H, n_seg), 32) * 32
 
 
 @triton.jit
@@ -48,11 +60,20 @@ def _run_ends(mark, y, carry, buf, x, STRIDE: tl.constexpr, REVERSE: tl.constexp
 
 
 @triton.jit
-def _edt_cols_kernel(lab_ptr, g_ptr, buf_ptr, col_tab_ptr, bg, BLOCK_H: tl.constexpr,
+def _any(mask):
+    """Scalar: some element of a [1, BLOCK_W] mask is set."""
+    return tl.max(tl.max(mask.to(tl.int32), axis=1), axis=0) > 0
+
+
+@triton.jit
+def _edt_cols_kernel(lab_ptr, g_ptr, buf_ptr, col_tab_ptr, bg, SEG, BLOCK_H: tl.constexpr,
                      BLOCK_W: tl.constexpr):
-    """Program p: columns x0 .. x0 + BLOCK_W of the map at element offset `base` (H x W), from
-    its table row (base, H, W, x0), in tiles of BLOCK_H rows (the carry between tiles is the
-    only dependence). Writes G^2 (saturated to FAR; 0 on background)."""
+    """Program (p, s): columns x0 .. x0 + BLOCK_W of the map at element offset `base` (H x W),
+    from its table row p (base, H, W, x0), rows [s SEG, (s + 1) SEG) of it, in tiles of BLOCK_H
+    rows. A segment first looks past its ends, a tile at a time, for each column's nearest row
+    where the label changes (usually within one tile; a column without any walks to the map's
+    edge), so the segments of a column run at once; inside the segment the carry between tiles
+    is the only dependence. Writes G^2 (saturated to FAR; 0 on background)."""
     t = col_tab_ptr + tl.program_id(0) * 4
     base = tl.load(t)
     H = tl.load(t + 1).to(tl.int32)
@@ -62,12 +83,30 @@ def _edt_cols_kernel(lab_ptr, g_ptr, buf_ptr, col_tab_ptr, bg, BLOCK_H: tl.const
     xm = x < W
     lab = lab_ptr + base + x
     gp = g_ptr + base + x
-    buf = buf_ptr + tl.program_id(0).to(tl.int64) * BLOCK_H * BLOCK_W   # [BLOCK_H, BLOCK_W]
-    # down: distance to the nearest differing pixel above = y - (start of y's run) + 1
+    prog = tl.program_id(1).to(tl.int64) * tl.num_programs(0) + tl.program_id(0)
+    buf = buf_ptr + prog * BLOCK_H * BLOCK_W                 # [BLOCK_H, BLOCK_W] scratch
+    y_lo = tl.program_id(1) * SEG
+    y_hi = tl.minimum(y_lo + SEG, H)
+    # above the segment: the last row y < y_lo with L(y) != L(y - 1), per column (-1: none)
     carry = tl.full([1, BLOCK_W], -1, tl.int32)
-    for y0 in range(0, H, BLOCK_H):
+    todo = xm & (y_lo < H)
+    top = y_lo
+    go = _any(todo) & (top > 0)
+    while go:
+        y = (top - BLOCK_H + tl.arange(0, BLOCK_H))[:, None]
+        m = (y >= 1) & todo
+        off = y.to(tl.int64) * W
+        cur = tl.load(lab + off, mask=m, other=0)
+        above = tl.load(lab + off - W, mask=m, other=0)
+        last = tl.max(tl.where(m & (cur != above), y, -1), axis=0)[None, :]
+        carry = tl.where(todo, last, carry)
+        todo = todo & (last < 0)
+        top -= BLOCK_H
+        go = _any(todo) & (top > 0)
+    # down: distance to the nearest differing pixel above = y - (start of y's run) + 1
+    for y0 in range(y_lo, y_hi, BLOCK_H):
         y = (y0 + tl.arange(0, BLOCK_H))[:, None]
-        m = (y < H) & xm
+        m = (y < y_hi) & xm
         off = y.to(tl.int64) * W
         cur = tl.load(lab + off, mask=m, other=0)
         above = tl.load(lab + off - W, mask=m & (y >= 1), other=0)
@@ -75,11 +114,26 @@ def _edt_cols_kernel(lab_ptr, g_ptr, buf_ptr, col_tab_ptr, bg, BLOCK_H: tl.const
         start = _run_ends(change, y, carry, buf, xl, BLOCK_W, False)
         carry = tl.max(start, axis=0)[None, :]
         tl.store(gp + off, tl.where(start >= 0, y - start + 1, FAR), mask=m)
-    # up: distance to the nearest differing pixel below = (end of y's run) + 1 - y; G^2
+    # below the segment: the first row y >= y_hi with L(y) != L(y + 1) (2^30: none)
     carry = tl.full([1, BLOCK_W], 1 << 30, tl.int32)
-    for i in range(0, H, BLOCK_H):
-        y = (H - i - BLOCK_H + tl.arange(0, BLOCK_H))[:, None]      # tiles from the bottom
-        m = (y >= 0) & (y < H) & xm
+    todo = xm & (y_lo < H)
+    bot = y_hi
+    go = _any(todo) & (bot + 1 < H)
+    while go:
+        y = (bot + tl.arange(0, BLOCK_H))[:, None]
+        m = (y + 1 < H) & todo
+        off = y.to(tl.int64) * W
+        cur = tl.load(lab + off, mask=m, other=0)
+        below = tl.load(lab + off + W, mask=m, other=0)
+        first = tl.min(tl.where(m & (cur != below), y, 1 << 30), axis=0)[None, :]
+        carry = tl.where(todo, first, carry)
+        todo = todo & (first >= 1 << 30)
+        bot += BLOCK_H
+        go = _any(todo) & (bot + 1 < H)
+    # up: distance to the nearest differing pixel below = (end of y's run) + 1 - y; G^2
+    for i in range(0, y_hi - y_lo, BLOCK_H):
+        y = (y_hi - i - BLOCK_H + tl.arange(0, BLOCK_H))[:, None]      # tiles from the bottom
+        m = (y >= y_lo) & (y < y_hi) & xm
         off = y.to(tl.int64) * W
         cur = tl.load(lab + off, mask=m, other=0)
         below = tl.load(lab + off + W, mask=m & (y + 1 < H), other=0)
@@ -170,16 +224,18 @@ def distance_transform_ragged(flat: torch.Tensor, shapes, background: int, squar
     if lab.dtype == torch.bool:
         lab = lab.view(torch.uint8)
     g = torch.empty(flat.numel(), dtype=torch.int32, device=flat.device)
-    # GPU: 32 x 32 tiles, one program per (map, 32 columns) (64-row tiles take 255 registers
-    # with triton 3.6); the interpreter: whole maps
+    # GPU: 32 x 32 tiles, one program per (map, 32 columns, segment of SEG rows: col_segment)
+    # (64-row tiles take 255 registers with triton 3.6); the interpreter: whole maps
     gpu = gpu_config()
+    Hmax = max(s[1] for s in shapes)
     BLOCK_W = 32 if gpu else min(next_pow2(max(s[2] for s in shapes)), 256)
-    BLOCK_H = 32 if gpu else min(next_pow2(max(s[1] for s in shapes)), 256)
+    BLOCK_H = 32 if gpu else min(next_pow2(Hmax), 256)
     col_tab, row_tab = _tables(shapes, flat.device, BLOCK_W)
-    n_cols = col_tab.shape[0]
-    buf = torch.empty(n_cols * BLOCK_H * BLOCK_W, dtype=torch.int32, device=flat.device)
-    _edt_cols_kernel[(n_cols,)](lab, g, buf, col_tab, background, BLOCK_H=BLOCK_H,
-                                BLOCK_W=BLOCK_W)
+    SEG = col_segment(col_tab.shape[0], Hmax) if gpu else Hmax
+    n_cols, n_seg = col_tab.shape[0], triton.cdiv(Hmax, SEG)
+    buf = torch.empty(n_cols * n_seg * BLOCK_H * BLOCK_W, dtype=torch.int32, device=flat.device)
+    _edt_cols_kernel[(n_cols, n_seg)](lab, g, buf, col_tab, background, SEG, BLOCK_H=BLOCK_H,
+                                      BLOCK_W=BLOCK_W)
     R, Wmax = row_tab.shape[0], max(s[2] for s in shapes)
     # GPU: one warp a program, 32 pixels of a row by 2 rows (a program walks as far as its
     # farthest pixel: small tiles walk less; two pixels a lane overlap their loads); the

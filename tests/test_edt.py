@@ -131,6 +131,18 @@ def test_tall_maps_cross_column_chunks(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS[:2])
+def test_tall_maps_of_every_generator(backend):
+    """H = 300: in the GPU configuration three column segments of 128 rows, each looking past
+    its ends for the nearest change (a whole column without one: all foreground, a single
+    column or row, the border); every generator of the spec at that shape, against SciPy."""
+    seed = int(np.random.SeedSequence().entropy % 2**32)     # fresh each run, named on failure
+    ms = masks(np.random.default_rng(seed), 300, 5)
+    got = run(torch.from_numpy(np.stack(list(ms.values()))), backend, squared=True).numpy()
+    for i, (name, m) in enumerate(ms.items()):
+        assert np.array_equal(got[i], scipy_sq(m)), f"{name}, seed {seed}"
+
+
+@pytest.mark.parametrize("backend", BACKENDS[:2])
 def test_wide_rows_cross_row_programs(backend):
     """W = 300 > the row pass's program width (256 pixels in the interpreter, 32 in the GPU
     configuration): a pixel's outward search reads past its program's pixels, both ways, up to
