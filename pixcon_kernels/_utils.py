@@ -6,6 +6,10 @@ import triton
 import triton.language as tl
 
 
+SMS = 132                 # an H100 SXM: launchers that split work aim at about four programs a SM
+PROGRAMS = 4 * SMS
+
+
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import gpu_config, next_pow2
+from ._utils import PROGRAMS, gpu_config, next_pow2
 
 # "no differing pixel along this column": a constexpr, since a plain module global read inside
 # @triton.jit compiles only under the interpreter (the compiler raises NameError)
@@ -32,15 +32,14 @@ FAR = tl.constexpr(1 << 30)
 NONE = tl.constexpr(2147483647)
 MAX_SIDE = 32767       # G^2 < FAR, stored in int32
 COL_SEGMENT = 128      # GPU: the fewest rows a column-pass program sweeps (2 x 4 tile steps)
-SMS = 132              # an H100 SXM: column programs aim at about four a SM
 
 
 def col_segment(n_cols: int, H: int) -> int:
     """Rows a column-pass program sweeps on a GPU: segments of at least COL_SEGMENT rows, only
-    as many as it takes for the column blocks to reach about four programs a SM (a map whose
+    as many as it takes for the column blocks to reach PROGRAMS (about four a SM; a map whose
     column blocks alone fill the GPU keeps whole columns: more segments would add waves, not
     overlap)."""
-    n_seg = max(1, min(4 * SMS // max(n_cols, 1), triton.cdiv(H, COL_SEGMENT)))
+    n_seg = max(1, min(PROGRAMS // max(n_cols, 1), triton.cdiv(H, COL_SEGMENT)))
     return triton.cdiv(triton.cdiv(H, n_seg), 32) * 32
 
 

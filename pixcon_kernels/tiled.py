@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import acc_dtype, gpu_config, interpreting, next_pow2, torch_acc_dtype
+from ._utils import PROGRAMS, acc_dtype, gpu_config, interpreting, next_pow2, torch_acc_dtype
 
 
 @triton.jit
@@ -295,9 +295,6 @@ def _stages(D, block_d):
     and occupancy, shared memory 8 -> 12-20 KiB, no spill with triton 3.6-3.9); one stage
     otherwise (D = 40 spilled 24-32 bytes on sm_80 with two)."""
     return 2 if D % block_d == 0 and D >= 2 * block_d else 1
-
-SMS = 132                 # an H100 SXM; the splits aim at about four programs per SM
-PROGRAMS = 4 * SMS
 
 
 def _splits(tiles, n, block, gpu=None):
