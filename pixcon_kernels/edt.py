@@ -43,6 +43,14 @@ def col_segment(n_cols: int, H: int) -> int:
     return triton.cdiv(triton.cdiv(H, n_seg), 32) * 32
 
 
+def row_tile(W: int, gpu: bool = True) -> tuple[int, int]:
+    """(rows, pixels) of a row-pass program. GPU: one warp, 32 pixels of a row by 2 rows (a
+    program walks as far as its farthest pixel: small tiles walk less; two pixels a lane overlap
+    their loads); the interpreter (its cost is per program and step): about 16,384 pixels."""
+    bx = min(next_pow2(W), 32 if gpu else 256)
+    return (64 if gpu else 16384) // bx, bx
+
+
 @triton.jit
 def _run_ends(mark, y, carry, buf, x, STRIDE: tl.constexpr, REVERSE: tl.constexpr):
     """Per column of a [BLOCK_H, BLOCK_W] tile: the nearest marked row at or above each row
@@ -60,7 +68,7 @@ def _run_ends(mark, y, carry, buf, x, STRIDE: tl.constexpr, REVERSE: tl.constexp
 
 @triton.jit
 def _any(mask):
-    """Scalar: some element of a [1, BLOCK_W] mask is set."""
+    """Scalar: some element of a 2-D mask is set."""
     return tl.max(tl.max(mask.to(tl.int32), axis=1), axis=0) > 0
 
 
@@ -169,7 +177,7 @@ def _edt_rows_kernel(lab_ptr, g_ptr, out_ptr, row_tab_ptr, R, bg, SQUARED: tl.co
     best = tl.where(on & (cur != bg), tl.where(g >= FAR, NONE, g), 0)
     d = tl.program_id(0) * 0 + 1
     live = (d * d < best) & ((x >= d) | (x + d < W))
-    while tl.max(tl.max(live.to(tl.int32), axis=1), axis=0) > 0:
+    while _any(live):
         dd = d * d
         for sign in tl.static_range(2):
             xs = x + (2 * sign - 1) * d            # x - d, then x + d
@@ -236,11 +244,7 @@ def distance_transform_ragged(flat: torch.Tensor, shapes, background: int, squar
     _edt_cols_kernel[(n_cols, n_seg)](lab, g, buf, col_tab, background, SEG, BLOCK_H=BLOCK_H,
                                       BLOCK_W=BLOCK_W)
     R, Wmax = row_tab.shape[0], max(s[2] for s in shapes)
-    # GPU: one warp a program, 32 pixels of a row by 2 rows (a program walks as far as its
-    # farthest pixel: small tiles walk less; two pixels a lane overlap their loads); the
-    # interpreter (its cost is per program and step): tiles of about 16,384 pixels
-    BLOCK_X = min(next_pow2(Wmax), 32 if gpu else 256)
-    BLOCK_R = (64 if gpu else 16384) // BLOCK_X
+    BLOCK_R, BLOCK_X = row_tile(Wmax, gpu)
     _edt_rows_kernel[(triton.cdiv(R, BLOCK_R), triton.cdiv(Wmax, BLOCK_X))](
         lab, g, out, row_tab, R, background, SQUARED=squared or exact, EXACT=exact,
         BLOCK_R=BLOCK_R, BLOCK_X=BLOCK_X, num_warps=1 if gpu else 4)

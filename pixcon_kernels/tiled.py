@@ -249,9 +249,6 @@ def _tiled_bwd_dk_kernel(a_ptr, k_ptr, ya_ptr, plo_ptr, phi_ptr, kv0_ptr, nl_ptr
     tl.store(dk_ptr + out, acc * inv_t, mask=(cols < N)[:, None] & (dcol < D)[None, :])
 
 
-PRECISIONS = ("fp32", "tf32", "bf16")
-
-
 def _precision(dtype, precision="fp32"):
     """Dot precision of the logits: fp32 inputs 3xTF32 by default (fp32-level accuracy), one
     TF32 product or bf16 operands when asked (``precision``, the losses' opt-in); half inputs
@@ -344,7 +341,7 @@ def _ranges(ya, yk):
 def tiled_forward(a, ya, k, yk, temperature, in_batch, positives=True, precision="fp32"):
     """a (M, D), k (N, D), labels (M,), (N,), rows sorted by label; k is a when in_batch.
     Returns (terms, npos int32, nl, w); positives=False skips pass 2 (terms, npos, w zero);
-    precision: of the logits' products for fp32 inputs (PRECISIONS)."""
+    precision: of the logits' products for fp32 inputs (pixcon.ops._common.PRECISIONS)."""
     a, k = a.contiguous(), k.contiguous()
     M, D = a.shape
     N = k.shape[0]

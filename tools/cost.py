@@ -419,13 +419,6 @@ EDT_TILE_CYCLES = 2000   # a column-pass scan step: two loads, a scan, two barri
 EDT_LOOK_CYCLES = 1000   # a look past a segment's end: two loads and a reduction
 
 
-def edt_row_tiles(W: int) -> tuple[int, int]:
-    """The row pass's GPU tile (pixcon_kernels.edt's launcher): (rows, pixels) of a one-warp
-    program."""
-    bx = min(_pow2(W), 32)
-    return 64 // bx, bx
-
-
 @functools.lru_cache(maxsize=None)
 def edt_row_steps(maps: tuple, C: int, seed: int = 0) -> tuple[float, float]:
     """(lane-steps, a program's mean steps) of the row pass on bench_edt's maps of these
@@ -437,8 +430,9 @@ def edt_row_steps(maps: tuple, C: int, seed: int = 0) -> tuple[float, float]:
     import torch
     from benchmarks.bench_edt import make_maps
     from pixcon.ops import distance_transform
+    from pixcon_kernels.edt import row_tile
     Wm = max(W for _, _, W in maps)
-    R, X = edt_row_tiles(Wm)
+    R, X = row_tile(Wm)
     lane_steps, programs = 0.0, 0
     for B, H, W in maps:
         m = make_maps(B, H, W, C, seed)
@@ -498,16 +492,18 @@ def edt_kernels(maps, elt, what=None, C=19) -> list[Kernel]:
     (pixcon_kernels.edt): the column pass one program (4 warps) per map, 32 columns and
     COL_SEGMENT rows, walking 2 x COL_SEGMENT / 32 dependent 32-row tile steps (~2000 cycles
     each: two loads, a scan, two barriers) after its looks past the segment's ends
-    (``edt_col_chain``: the longest program's chain, measured on the maps); the row pass parallel over pixels, one warp of 2 x 32 pixels a program, each
+    (``edt_col_chain``: the longest program's chain, measured on the maps); the row pass
+    parallel over pixels, one warp of 2 x 32 pixels a program (``edt.row_tile``), each
     program walking as many outward steps as its farthest pixel's distance on bench_edt's maps
     of these shapes (``edt_row_steps``), each step's neighbours read from L1; its chain is the
     prologue's dependent loads and its steps (a slot runs its wave's programs one after another:
     the mean program's chain per wave). The row pass must read the labels and G^2 and write the
     distances: its own floor."""
+    from pixcon_kernels.edt import row_tile
     P = sum(B * H * W for B, H, W in maps)
     Hm, Wm = max(H for _, H, _ in maps), max(W for _, _, W in maps)
     cols, col_chain, seg = edt_col_chain(tuple(maps), C)
-    R, X = edt_row_tiles(Wm)
+    R, X = row_tile(Wm)
     rows = _cdiv(sum(B * H for B, H, _ in maps), R) * _cdiv(Wm, X)
     lane_steps, mean_steps = edt_row_steps(tuple(maps), C)
     tag = f" ({what})" if what else ""

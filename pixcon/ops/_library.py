@@ -606,7 +606,7 @@ def tiled_contrast_op(a: Tensor, ya: Tensor, k: Optional[Tensor], yk: Optional[T
     = anchors, r not its own positive); positives=False: only nl (terms, npos, w zero). block:
     [BLOCK_M, BLOCK_N] tile sizes of the CPU kernel ([] = its own choice; Triton ignores it).
     precision: of the products for fp32 inputs on tensor cores, "fp32" (3xTF32), "tf32" or
-    "bf16" (pixcon_kernels.tiled.PRECISIONS); the CPU kernel multiplies in fp32 whatever it
+    "bf16" (pixcon.ops._common.PRECISIONS); the CPU kernel multiplies in fp32 whatever it
     says."""
     from pixcon_kernels.tiled import tiled_forward
     in_batch = k is None
